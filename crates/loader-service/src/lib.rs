@@ -1,0 +1,487 @@
+//! Loads models: runs the eight steps of `steps` for each load, from finding the files to
+//! registering the finished pipeline, with one load per model at a time (single flight), loads
+//! independent of the callers that asked for them, and cancellation between chunks.
+//!
+//! Collaborators: `state-manager` (every state change goes through its table),
+//! `resource-manager` (the budget is reserved before a byte is read), `pipeline-manager` (where a
+//! finished load is stored). This crate never speaks gRPC and never unloads a model; the facade
+//! does that.
+
+mod error;
+mod plan;
+mod read;
+mod request;
+mod source;
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use dashmap::{DashMap, mapref::entry::Entry};
+use pipeline_manager::{Component, Pipeline, PipelineManager, ResidentTensor};
+use resource_manager::{DeviceId, ResourceManager};
+use state_manager::{InvalidTransition, LoadFacts, ModelState, StateManager, Transition};
+use steps::{BYTE_PROGRESS_INTERVAL, ByteProgress, ModelLoadProgress, ModelLoadStep, ProgressSink, emit_step};
+use tokio::sync::{Semaphore, broadcast};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
+
+pub use crate::{
+    error::LoadError,
+    plan::{Layout, MAX_HEADER_BYTES},
+    read::CHUNK_BYTES,
+    request::{DEFAULT_REVISION, InvalidRequest, LoadRequest, ModelId, Revision, TargetDtype},
+    source::SourceConfig,
+};
+
+/// How many loads run at once unless configured.
+pub const DEFAULT_MAX_CONCURRENT_LOADS: usize = 2;
+/// How many progress messages a LoadModel caller may fall behind before it is resynchronised.
+const LOAD_STREAM_CAPACITY: usize = 256;
+
+/// How loads are done.
+#[derive(Debug, Clone)]
+pub struct LoaderConfig {
+    pub sources: SourceConfig,
+    /// Converts float tensors to this dtype when a request names none.
+    pub default_dtype: Option<TargetDtype>,
+    pub max_concurrent_loads: usize,
+    /// Threads reading one load's tensors.
+    pub read_threads: usize,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        Self {
+            sources: SourceConfig::default(),
+            default_dtype: None,
+            max_concurrent_loads: DEFAULT_MAX_CONCURRENT_LOADS,
+            read_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+/// How a load ended, shared by every stream of it.
+pub type LoadOutcome = Result<(), Arc<LoadError>>;
+
+/// What a LoadModel caller receives.
+#[derive(Debug, Clone)]
+pub enum LoadUpdate {
+    Progress(ModelLoadProgress),
+    /// The last update of a stream.
+    Done(LoadOutcome),
+}
+
+/// One load in flight: its cancellation, its latest message, and the fan-out to its callers.
+pub struct LoadHandle {
+    model_id: ModelId,
+    /// A child of the service's root token: shutdown cancels every load.
+    cancel: CancellationToken,
+    state: Arc<StateManager>,
+    /// The latest message and the outcome are read and the broadcast subscribed under this one
+    /// lock, so a joiner gets the latest message and then every later one, never a gap.
+    stream: Mutex<LoadStream>,
+}
+
+struct LoadStream {
+    latest: Option<ModelLoadProgress>,
+    outcome: Option<LoadOutcome>,
+    tx: broadcast::Sender<LoadUpdate>,
+}
+
+impl LoadHandle {
+    fn new(model_id: ModelId, cancel: CancellationToken, state: Arc<StateManager>) -> Self {
+        let (tx, _) = broadcast::channel(LOAD_STREAM_CAPACITY);
+        Self { model_id, cancel, state, stream: Mutex::new(LoadStream { latest: None, outcome: None, tx }) }
+    }
+
+    fn stream(&self) -> MutexGuard<'_, LoadStream> {
+        // Each update under this lock is a single assignment or send: a panic elsewhere cannot
+        // leave it half-done, so a poisoned lock is still consistent.
+        self.stream.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn model_id(&self) -> &ModelId {
+        &self.model_id
+    }
+
+    /// Asks the load to stop at its next check (between chunks).
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    /// A stream of this load: the latest message first, then every later one, then the outcome.
+    pub fn subscribe(self: &Arc<Self>) -> LoadSubscription {
+        let stream = self.stream();
+        let mut pending = VecDeque::new();
+        pending.extend(stream.latest.clone().map(LoadUpdate::Progress));
+        pending.extend(stream.outcome.clone().map(LoadUpdate::Done));
+        let rx = stream.outcome.is_none().then(|| stream.tx.subscribe());
+        drop(stream);
+        LoadSubscription { pending, rx, handle: Some(self.clone()), finished: false }
+    }
+
+    /// Waits for the load to end.
+    pub async fn finished(self: &Arc<Self>) -> LoadOutcome {
+        let mut sub = self.subscribe();
+        while let Some(update) = sub.next().await {
+            if let LoadUpdate::Done(outcome) = update {
+                return outcome;
+            }
+        }
+        Err(Arc::new(LoadError::Internal { model_id: self.model_id.to_string(), reason: "load vanished".into() }))
+    }
+
+    fn finish(&self, outcome: LoadOutcome) {
+        let mut stream = self.stream();
+        stream.outcome = Some(outcome.clone());
+        let _ = stream.tx.send(LoadUpdate::Done(outcome));
+    }
+}
+
+impl ProgressSink for LoadHandle {
+    fn send(&self, progress: ModelLoadProgress) {
+        let mut stream = self.stream();
+        stream.latest = Some(progress.clone());
+        // No receiver is fine: the load does not depend on anyone listening.
+        let _ = stream.tx.send(LoadUpdate::Progress(progress.clone()));
+        drop(stream);
+        self.state.record_progress(progress);
+    }
+}
+
+/// The updates of one load as one caller sees them.
+pub struct LoadSubscription {
+    pending: VecDeque<LoadUpdate>,
+    rx: Option<broadcast::Receiver<LoadUpdate>>,
+    handle: Option<Arc<LoadHandle>>,
+    finished: bool,
+}
+
+impl LoadSubscription {
+    /// A stream of one message: the model is already loaded.
+    fn already_loaded(model_id: &ModelId) -> Self {
+        let done = ModelLoadProgress::new(model_id.as_str(), ModelLoadStep::Finalize).with_detail("already loaded");
+        Self {
+            pending: VecDeque::from([LoadUpdate::Progress(done), LoadUpdate::Done(Ok(()))]),
+            rx: None,
+            handle: None,
+            finished: false,
+        }
+    }
+
+    /// The next update; `None` after `Done`.
+    pub async fn next(&mut self) -> Option<LoadUpdate> {
+        if self.finished {
+            return None;
+        }
+        let update = match self.pending.pop_front() {
+            Some(update) => Some(update),
+            None => self.receive().await,
+        };
+        if matches!(update, Some(LoadUpdate::Done(_)) | None) {
+            self.finished = true;
+        }
+        update
+    }
+
+    async fn receive(&mut self) -> Option<LoadUpdate> {
+        let handle = self.handle.clone()?;
+        loop {
+            let rx = self.rx.as_mut()?;
+            match rx.recv().await {
+                Ok(update) => return Some(update),
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    // Fell behind: start again from the latest message (progress is a level, not a
+                    // log; the outcome is never lost because it is kept in the handle).
+                    let fresh = handle.subscribe();
+                    self.pending = fresh.pending;
+                    self.rx = fresh.rx;
+                    if let Some(update) = self.pending.pop_front() {
+                        return Some(update);
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return handle.stream().outcome.clone().map(LoadUpdate::Done),
+            }
+        }
+    }
+}
+
+/// Runs loads. Shared as `Arc<LoaderService>`: loads are spawned tasks that outlive their callers.
+pub struct LoaderService {
+    config: LoaderConfig,
+    state: Arc<StateManager>,
+    resources: ResourceManager,
+    pipelines: Arc<PipelineManager>,
+    /// The load in flight per model. Its entry lock is taken before the state manager's, never
+    /// after, and makes "join or start" one atomic step (single flight).
+    inflight: DashMap<String, Arc<LoadHandle>>,
+    /// Bounds the loads that read at once; later ones wait (cancellable) after INIT.
+    permits: Arc<Semaphore>,
+    /// Parent of every load's token; cancelled on shutdown.
+    root: CancellationToken,
+    /// Every spawned load, so shutdown can wait for them to end.
+    tracker: TaskTracker,
+    shutting_down: AtomicBool,
+}
+
+impl LoaderService {
+    pub fn new(
+        config: LoaderConfig,
+        state: Arc<StateManager>,
+        resources: ResourceManager,
+        pipelines: Arc<PipelineManager>,
+    ) -> Arc<Self> {
+        let permits = Arc::new(Semaphore::new(config.max_concurrent_loads.max(1)));
+        Arc::new(Self {
+            config,
+            state,
+            resources,
+            pipelines,
+            inflight: DashMap::new(),
+            permits,
+            root: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            shutting_down: AtomicBool::new(false),
+        })
+    }
+
+    pub fn config(&self) -> &LoaderConfig {
+        &self.config
+    }
+
+    /// Starts a load, or joins the one in flight, or answers "already loaded"; waits for an
+    /// unload in progress first. Errors here are about the request itself (nothing began).
+    pub async fn load(self: &Arc<Self>, request: LoadRequest) -> Result<LoadSubscription, LoadError> {
+        let device = self.resources.resolve(request.device)?;
+        let id = request.model_id.clone();
+        loop {
+            if self.is_shutting_down() {
+                return Err(LoadError::ShuttingDown);
+            }
+            let wait_for = match self.inflight.entry(id.to_string()) {
+                Entry::Occupied(load) => return Ok(load.get().subscribe()),
+                Entry::Vacant(slot) => {
+                    match self.state.apply(id.as_str(), Transition::StartLoad { device: device.to_string() }) {
+                        Ok(_) => {
+                            let handle =
+                                Arc::new(LoadHandle::new(id.clone(), self.root.child_token(), self.state.clone()));
+                            let subscription = handle.subscribe();
+                            slot.insert(handle.clone());
+                            let span = tracing::info_span!("load", model_id = %id);
+                            self.tracker.spawn(self.clone().run(handle, request.clone(), device).instrument(span));
+                            return Ok(subscription);
+                        }
+                        Err(InvalidTransition { current: ModelState::Loaded, .. }) => {
+                            return Ok(LoadSubscription::already_loaded(&id));
+                        }
+                        // Unloading (or a load that is just ending): wait for the state to change.
+                        Err(InvalidTransition { current, .. }) => current,
+                    }
+                }
+            };
+            self.state.wait_while(id.as_str(), wait_for).await;
+        }
+    }
+
+    /// Cancels the load of `model_id` if one is in flight; true if there was one.
+    pub fn cancel(&self, model_id: &ModelId) -> bool {
+        self.in_flight(model_id).inspect(|h| h.cancel()).is_some()
+    }
+
+    pub fn in_flight(&self, model_id: &ModelId) -> Option<Arc<LoadHandle>> {
+        self.inflight.get(model_id.as_str()).map(|h| h.clone())
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Refuses new loads, cancels those in flight and waits for them to end.
+    pub async fn shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+        self.root.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    /// The spawned task of one load: runs the steps, records the outcome, ends every stream.
+    async fn run(self: Arc<Self>, handle: Arc<LoadHandle>, request: LoadRequest, device: DeviceId) {
+        let id = request.model_id.clone();
+        let (transition, outcome) = match self.steps(&handle, request, device).await {
+            Ok(facts) => (Transition::LoadSucceeded(facts), Ok(())),
+            Err(e) => {
+                let e = match e {
+                    LoadError::Cancelled { .. } if self.root.is_cancelled() => LoadError::ShuttingDown,
+                    e => e,
+                };
+                let transition = match e {
+                    LoadError::Cancelled { .. } | LoadError::ShuttingDown => {
+                        tracing::info!(reason = %e, "load cancelled");
+                        Transition::LoadCancelled
+                    }
+                    _ => {
+                        tracing::warn!(kind = e.kind(), cause = %e, "load failed");
+                        Transition::LoadFailed { reason: e.to_string() }
+                    }
+                };
+                (transition, Err(Arc::new(e)))
+            }
+        };
+        let outcome = match self.state.apply(id.as_str(), transition) {
+            Ok(_) => outcome,
+            // The table refusing the end of a load is a bug in its callers, not bad input.
+            Err(invalid) => {
+                tracing::error!(cause = %invalid, "state transition refused at the end of a load");
+                Err(Arc::new(LoadError::Internal { model_id: id.to_string(), reason: invalid.to_string() }))
+            }
+        };
+        handle.finish(outcome);
+        self.inflight.remove(id.as_str());
+    }
+
+    async fn steps(self: &Arc<Self>, handle: &Arc<LoadHandle>, request: LoadRequest, device: DeviceId) -> Result<LoadFacts, LoadError> {
+        let id = request.model_id.clone();
+        let cancelled = || LoadError::Cancelled { model_id: id.to_string() };
+        emit_step(id.as_str(), ModelLoadStep::Init, &handle.cancel, handle.as_ref()).map_err(|_| cancelled())?;
+        let _permit = tokio::select! {
+            permit = self.permits.clone().acquire_owned() => permit.map_err(|_| LoadError::ShuttingDown)?,
+            () = handle.cancel.cancelled() => return Err(cancelled()),
+        };
+        let (this, handle) = (self.clone(), handle.clone());
+        tokio::task::spawn_blocking(move || this.steps_blocking(&handle, &request, device))
+            .await
+            .map_err(|e| LoadError::Internal { model_id: id.to_string(), reason: format!("load task failed: {e}") })?
+    }
+
+    /// Steps 2..=8, on a blocking thread: file I/O and tensor work never run on the async workers.
+    fn steps_blocking(&self, handle: &LoadHandle, request: &LoadRequest, device: DeviceId) -> Result<LoadFacts, LoadError> {
+        let id = &request.model_id;
+        let cancel = &handle.cancel;
+        let step = |s| emit_step(id.as_str(), s, cancel, handle).map_err(|_| LoadError::Cancelled { model_id: id.to_string() });
+        let note = |s, detail: String| handle.send(ModelLoadProgress::new(id.as_str(), s).with_detail(detail));
+
+        step(ModelLoadStep::CacheCheck)?;
+        let located = source::locate(&self.config.sources, id, &request.revision)?;
+        note(ModelLoadStep::CacheCheck, located.description.clone());
+
+        step(ModelLoadStep::BuildStrategies)?;
+        let plan = plan::build(id, &located)?;
+        let target = request.dtype.or(self.config.default_dtype);
+        let needed = plan.resident_bytes(target);
+        let reservation = self.resources.reserve(device, id.as_str(), needed)?;
+        note(ModelLoadStep::BuildStrategies, format!("{}; {needed} bytes reserved on {device}", plan.describe()));
+
+        step(ModelLoadStep::LoadWeights)?;
+        let files = plan
+            .files()
+            .map(|f| {
+                located.open(id, &f.path)?.ok_or_else(|| LoadError::NotFound {
+                    model_id: id.to_string(),
+                    reason: format!("{} vanished", f.display),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let total = plan.read_bytes();
+        let mut bytes = ByteProgress::new(id.as_str(), ModelLoadStep::LoadWeights, total, handle);
+        let tensors = read::read_all(id, &plan, &files, self.config.read_threads, cancel, BYTE_PROGRESS_INTERVAL, |done, file| {
+            bytes.update(done, file)
+        })?;
+        drop(files);
+
+        step(ModelLoadStep::LoadComplete)?;
+        note(ModelLoadStep::LoadComplete, format!("{} tensors, {total} bytes read and checked", tensors.len()));
+
+        step(ModelLoadStep::MoveToDevice)?;
+        let candle_device = self.resources.candle_device(device)?;
+        let tensors = match device {
+            DeviceId::Cpu => {
+                note(ModelLoadStep::MoveToDevice, "cpu: the tensors are already in host memory, nothing to copy".into());
+                tensors
+            }
+            DeviceId::Cuda(_) => tensors
+                .into_iter()
+                .map(|mut t| {
+                    if cancel.is_cancelled() {
+                        return Err(LoadError::Cancelled { model_id: id.to_string() });
+                    }
+                    t.tensor = t.tensor.to_device(&candle_device).map_err(|e| place_error(id, device, e))?;
+                    Ok(t)
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+
+        step(ModelLoadStep::ApplyOptimizations)?;
+        let mut converted = 0usize;
+        let tensors = tensors
+            .into_iter()
+            .map(|mut t| {
+                if let Some(target) = target.map(TargetDtype::candle)
+                    && t.tensor.dtype().is_float()
+                    && t.tensor.dtype() != target
+                {
+                    if cancel.is_cancelled() {
+                        return Err(LoadError::Cancelled { model_id: id.to_string() });
+                    }
+                    t.tensor = t.tensor.to_dtype(target).map_err(|e| place_error(id, device, e))?;
+                    converted += 1;
+                }
+                Ok(t)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        note(
+            ModelLoadStep::ApplyOptimizations,
+            match target {
+                Some(t) if converted > 0 => format!("converted {converted} tensors to {t}"),
+                _ => "no dtype conversion".into(),
+            },
+        );
+
+        step(ModelLoadStep::Finalize)?;
+        // The reader numbers components in plan order; the pipeline keys them by name.
+        let names: Vec<String> = plan.components.iter().map(|c| c.name.clone()).collect();
+        let mut components: BTreeMap<String, Component> = plan
+            .components
+            .into_iter()
+            .map(|c| (c.name.clone(), Component { name: c.name, config: c.config, tensors: Vec::new() }))
+            .collect();
+        for t in tensors {
+            let component = components.get_mut(&names[t.component]).ok_or_else(|| LoadError::Internal {
+                model_id: id.to_string(),
+                reason: "tensor of an unknown component".into(),
+            })?;
+            component.tensors.push(ResidentTensor { name: t.name, tensor: t.tensor });
+        }
+        for c in components.values_mut() {
+            c.tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        let weight_bytes: u64 = components.values().flat_map(|c| &c.tensors).map(ResidentTensor::size_bytes).sum();
+        let pipeline = Pipeline {
+            model_id: id.to_string(),
+            components,
+            device,
+            revision: located.revision.clone(),
+            allocation: reservation.commit(weight_bytes),
+        };
+        let facts = LoadFacts {
+            device: device.to_string(),
+            dtype: pipeline.dtype_summary(),
+            revision: located.revision,
+            weight_bytes,
+            sample_size: pipeline.sample_size(),
+            source: Some(located.source),
+        };
+        if let Some(stale) = self.pipelines.insert(pipeline) {
+            tracing::error!(model_id = %stale.model_id, "a pipeline was replaced by a new load of the same model");
+        }
+        Ok(facts)
+    }
+}
+
+fn place_error(id: &ModelId, device: DeviceId, e: candle_core::Error) -> LoadError {
+    LoadError::PlaceOnDevice { model_id: id.to_string(), device: device.to_string(), reason: e.to_string() }
+}

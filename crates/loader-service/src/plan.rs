@@ -1,0 +1,373 @@
+//! Step 3 (BUILD_STRATEGIES): which files a load reads, in which layout, and every tensor's place
+//! in them, from the safetensors headers, validated before any offset is trusted.
+//!
+//! Layouts: a single `model.safetensors`; shards listed by `model.safetensors.index.json`; a
+//! diffusers-style pipeline (`model_index.json` + one folder per component, each single-file or
+//! sharded). Pickle weights (`*.bin`, `*.pt`, `*.ckpt`) are never opened.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fs::File,
+    io::Read,
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+};
+
+use candle_core::DType;
+use safetensors::{Dtype, tensor::Metadata};
+
+use crate::{
+    error::LoadError,
+    request::{ModelId, TargetDtype},
+    source::Located,
+};
+
+/// The largest safetensors header we read (the format's own limit).
+pub const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
+/// The largest JSON side file (config, index) we read.
+const MAX_JSON_BYTES: u64 = 64 * 1024 * 1024;
+const PICKLE_SUFFIXES: [&str; 5] = [".bin", ".pt", ".pth", ".ckpt", ".pkl"];
+
+/// How the model's weights are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::Display)]
+pub enum Layout {
+    #[strum(serialize = "single-file safetensors")]
+    SingleFile,
+    #[strum(serialize = "sharded safetensors")]
+    Sharded,
+    #[strum(serialize = "diffusers pipeline")]
+    Pipeline,
+}
+
+/// Everything a load will read, in order.
+#[derive(Debug)]
+pub struct LoadPlan {
+    pub layout: Layout,
+    pub components: Vec<ComponentPlan>,
+}
+
+/// One component (or the whole model, with an empty name).
+#[derive(Debug)]
+pub struct ComponentPlan {
+    pub name: String,
+    pub config: Option<serde_json::Value>,
+    pub files: Vec<FilePlan>,
+}
+
+/// One safetensors file, its header validated.
+#[derive(Debug)]
+pub struct FilePlan {
+    /// Canonical path, confined to the source root.
+    pub path: PathBuf,
+    /// Relative to the model folder, for messages.
+    pub display: String,
+    /// Sorted by offset.
+    pub tensors: Vec<TensorPlan>,
+}
+
+/// One tensor: where its bytes are and what they hold.
+#[derive(Debug, Clone)]
+pub struct TensorPlan {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    /// Absolute offset of its first byte in the file.
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl TensorPlan {
+    /// Bytes it will occupy once converted to `target` (floats only; integers are never converted).
+    pub fn resident_bytes(&self, target: Option<TargetDtype>) -> u64 {
+        match target {
+            Some(t) if self.dtype.is_float() => {
+                (self.shape.iter().product::<usize>() * t.candle().size_in_bytes()) as u64
+            }
+            _ => self.len,
+        }
+    }
+}
+
+impl LoadPlan {
+    pub fn files(&self) -> impl Iterator<Item = &FilePlan> {
+        self.components.iter().flat_map(|c| c.files.iter())
+    }
+
+    /// Bytes read from the files.
+    pub fn read_bytes(&self) -> u64 {
+        self.files().flat_map(|f| &f.tensors).map(|t| t.len).sum()
+    }
+
+    /// Bytes resident after conversion to `target`: what the budget must hold.
+    pub fn resident_bytes(&self, target: Option<TargetDtype>) -> u64 {
+        self.files().flat_map(|f| &f.tensors).map(|t| t.resident_bytes(target)).sum()
+    }
+
+    /// The step's detail: "strategy: sharded safetensors, 2 files, 4.3 GB".
+    pub fn describe(&self) -> String {
+        let files = self.files().count();
+        let gb = self.read_bytes() as f64 / 1e9;
+        let mut s = format!("strategy: {}, {files} file{}, {gb:.3} GB", self.layout, if files == 1 { "" } else { "s" });
+        if self.layout == Layout::Pipeline {
+            let names: Vec<_> = self.components.iter().map(|c| c.name.as_str()).collect();
+            s.push_str(&format!(" ({})", names.join(", ")));
+        }
+        s
+    }
+}
+
+/// Builds the plan for the model in `located`.
+pub fn build(id: &ModelId, located: &Located) -> Result<LoadPlan, LoadError> {
+    let planner = Planner { id, located };
+    let index = located.dir.join("model_index.json");
+    if let Some(model_index) = planner.read_json(&index)? {
+        return planner.pipeline(&model_index);
+    }
+    let (layout, files) = planner.weights_in(&located.dir)?.ok_or_else(|| LoadError::NotFound {
+        model_id: id.to_string(),
+        reason: "no safetensors weights in its folder".into(),
+    })?;
+    let config = planner.read_json(&located.dir.join("config.json"))?;
+    Ok(LoadPlan { layout, components: vec![ComponentPlan { name: String::new(), config, files }] })
+}
+
+struct Planner<'a> {
+    id: &'a ModelId,
+    located: &'a Located,
+}
+
+impl Planner<'_> {
+    fn corrupt(&self, file: &str, reason: impl Into<String>) -> LoadError {
+        LoadError::Corrupt { model_id: self.id.to_string(), file: file.to_owned(), reason: reason.into() }
+    }
+
+    fn read_error(&self, file: &str, source: std::io::Error) -> LoadError {
+        LoadError::ReadWeights { model_id: self.id.to_string(), file: file.to_owned(), source }
+    }
+
+    /// A JSON side file, if it exists.
+    fn read_json(&self, path: &Path) -> Result<Option<serde_json::Value>, LoadError> {
+        let display = self.located.display(path);
+        let Some(file) = self.located.open(self.id, path)? else { return Ok(None) };
+        let mut text = Vec::new();
+        file.take(MAX_JSON_BYTES).read_to_end(&mut text).map_err(|e| self.read_error(&display, e))?;
+        serde_json::from_slice(&text).map(Some).map_err(|e| LoadError::BadConfig {
+            model_id: self.id.to_string(),
+            file: display,
+            reason: e.to_string(),
+        })
+    }
+
+    fn pipeline(&self, model_index: &serde_json::Value) -> Result<LoadPlan, LoadError> {
+        let entries = model_index.as_object().ok_or_else(|| LoadError::BadConfig {
+            model_id: self.id.to_string(),
+            file: "model_index.json".into(),
+            reason: "not a JSON object".into(),
+        })?;
+        let mut components = Vec::new();
+        for (name, value) in entries {
+            // Components are `"unet": ["diffusers", "UNet2DConditionModel"]`; keys starting with
+            // '_' are pipeline metadata. A component name is a folder: check it like an id part.
+            let is_component = value.as_array().is_some_and(|a| a.len() == 2 && a.iter().all(|v| v.is_string()));
+            if name.starts_with('_') || !is_component || ModelId::parse(name).is_err() || name.contains('/') {
+                continue;
+            }
+            let dir = self.located.dir.join(name);
+            if self.located.confine(self.id, &dir)?.is_none_or(|d| !d.is_dir()) {
+                continue;
+            }
+            // Components without weights (scheduler, tokenizer) are configuration only.
+            let Some((_, files)) = self.weights_in(&dir)? else { continue };
+            let config = self.read_json(&dir.join("config.json"))?;
+            components.push(ComponentPlan { name: name.clone(), config, files });
+        }
+        if components.is_empty() {
+            return Err(LoadError::NotFound {
+                model_id: self.id.to_string(),
+                reason: "model_index.json names no component with safetensors weights".into(),
+            });
+        }
+        components.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(LoadPlan { layout: Layout::Pipeline, components })
+    }
+
+    /// The safetensors files of one folder and their layout; `None` if it has no weights at all;
+    /// an error if it has only pickle weights.
+    fn weights_in(&self, dir: &Path) -> Result<Option<(Layout, Vec<FilePlan>)>, LoadError> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .map_err(|e| self.read_error(&self.located.display(dir), e))?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        let has = |n: &str| names.iter().any(|x| x == n);
+
+        for index in ["model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json"] {
+            if has(index) {
+                return self.sharded(dir, index).map(|files| Some((Layout::Sharded, files)));
+            }
+        }
+        for single in ["model.safetensors", "diffusion_pytorch_model.safetensors"] {
+            if has(single) {
+                return Ok(Some((Layout::SingleFile, vec![self.header(&dir.join(single))?])));
+            }
+        }
+        // Other names: every safetensors file except precision variants (`x.fp16.safetensors`).
+        let others: Vec<_> = names
+            .iter()
+            .filter(|n| n.ends_with(".safetensors") && !n.trim_end_matches(".safetensors").contains('.'))
+            .collect();
+        if !others.is_empty() {
+            let files = others.iter().map(|n| self.header(&dir.join(n))).collect::<Result<Vec<_>, _>>()?;
+            let layout = if files.len() == 1 { Layout::SingleFile } else { Layout::Sharded };
+            self.check_unique(&files)?;
+            return Ok(Some((layout, files)));
+        }
+        let pickles: Vec<_> = names.iter().filter(|n| PICKLE_SUFFIXES.iter().any(|s| n.ends_with(s))).collect();
+        if !pickles.is_empty() {
+            return Err(LoadError::PickleOnly {
+                model_id: self.id.to_string(),
+                files: pickles.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+            });
+        }
+        Ok(None)
+    }
+
+    fn sharded(&self, dir: &Path, index_name: &str) -> Result<Vec<FilePlan>, LoadError> {
+        let index_path = dir.join(index_name);
+        let display = self.located.display(&index_path);
+        let index = self.read_json(&index_path)?.unwrap_or_default();
+        let weight_map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| LoadError::BadConfig {
+            model_id: self.id.to_string(),
+            file: display.clone(),
+            reason: "no \"weight_map\" object".into(),
+        })?;
+        let mut expected: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for (tensor, shard) in weight_map {
+            let shard = shard.as_str().filter(|s| is_plain_file_name(s)).ok_or_else(|| LoadError::BadConfig {
+                model_id: self.id.to_string(),
+                file: display.clone(),
+                reason: format!("tensor {tensor} maps to an invalid shard name"),
+            })?;
+            expected.entry(shard).or_default().insert(tensor);
+        }
+        let mut files = Vec::new();
+        for (shard, tensors) in expected {
+            let path = dir.join(shard);
+            let plan = self.header(&path)?;
+            let present: BTreeSet<&str> = plan.tensors.iter().map(|t| t.name.as_str()).collect();
+            if let Some(missing) = tensors.iter().find(|t| !present.contains(*t)) {
+                return Err(self.corrupt(&plan.display, format!("tensor {missing} listed in {display} is missing")));
+            }
+            files.push(plan);
+        }
+        self.check_unique(&files)?;
+        Ok(files)
+    }
+
+    fn check_unique(&self, files: &[FilePlan]) -> Result<(), LoadError> {
+        let mut seen = HashMap::new();
+        for f in files {
+            for t in &f.tensors {
+                if let Some(other) = seen.insert(t.name.as_str(), f.display.as_str()) {
+                    return Err(self.corrupt(&f.display, format!("tensor {} is also in {other}", t.name)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads and validates one file's header: its size, JSON, dtypes, shapes and offsets, and that
+    /// the data section ends exactly at the end of the file.
+    fn header(&self, path: &Path) -> Result<FilePlan, LoadError> {
+        let display = self.located.display(path);
+        let file = self.located.open(self.id, path)?.ok_or_else(|| LoadError::NotFound {
+            model_id: self.id.to_string(),
+            reason: format!("{display} is missing"),
+        })?;
+        let plan = read_header(&file, &display).map_err(|e| match e {
+            HeaderError::Io(source) => self.read_error(&display, source),
+            HeaderError::Corrupt(reason) => self.corrupt(&display, reason),
+            HeaderError::Unsupported { tensor, dtype } => LoadError::UnsupportedDtype {
+                model_id: self.id.to_string(),
+                file: display.clone(),
+                tensor,
+                dtype,
+            },
+        })?;
+        Ok(FilePlan { path: path.to_owned(), display, ..plan })
+    }
+}
+
+fn is_plain_file_name(s: &str) -> bool {
+    !s.is_empty() && !s.contains('/') && !s.contains('\\') && s != "." && s != ".." && s.ends_with(".safetensors")
+}
+
+enum HeaderError {
+    Io(std::io::Error),
+    Corrupt(String),
+    Unsupported { tensor: String, dtype: String },
+}
+
+/// Parses a safetensors header with the `safetensors` crate's own validation (contiguous,
+/// non-overlapping offsets; shape × dtype = byte length), plus the checks it can only do with the
+/// whole buffer: the header fits in the file and the data ends exactly at the end of the file.
+fn read_header(file: &File, display: &str) -> Result<FilePlan, HeaderError> {
+    let file_bytes = file.metadata().map_err(HeaderError::Io)?.len();
+    let mut len = [0u8; 8];
+    if file_bytes < 8 {
+        return Err(HeaderError::Corrupt(format!("{file_bytes} bytes is too short for a safetensors header")));
+    }
+    file.read_exact_at(&mut len, 0).map_err(HeaderError::Io)?;
+    let header_len = u64::from_le_bytes(len);
+    if header_len > MAX_HEADER_BYTES {
+        return Err(HeaderError::Corrupt(format!("header length {header_len} exceeds the limit of {MAX_HEADER_BYTES}")));
+    }
+    if 8 + header_len > file_bytes {
+        return Err(HeaderError::Corrupt(format!(
+            "header length {header_len} is larger than the file ({file_bytes} bytes): truncated?"
+        )));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact_at(&mut header, 8).map_err(HeaderError::Io)?;
+    let metadata: Metadata =
+        serde_json::from_slice(&header).map_err(|e| HeaderError::Corrupt(format!("invalid header: {e}")))?;
+    let data_start = 8 + header_len;
+    let data_len = metadata.data_len() as u64;
+    if data_start + data_len != file_bytes {
+        return Err(HeaderError::Corrupt(format!(
+            "the header describes {data_len} bytes of data but the file holds {}: truncated or padded",
+            file_bytes - data_start
+        )));
+    }
+    let mut tensors = Vec::new();
+    for name in metadata.offset_keys() {
+        let info = metadata.info(&name).ok_or_else(|| HeaderError::Corrupt(format!("tensor {name} vanished")))?;
+        let dtype = candle_dtype(info.dtype)
+            .ok_or_else(|| HeaderError::Unsupported { tensor: name.clone(), dtype: format!("{:?}", info.dtype) })?;
+        let (start, end) = info.data_offsets;
+        tensors.push(TensorPlan {
+            name,
+            dtype,
+            shape: info.shape.clone(),
+            offset: data_start + start as u64,
+            len: (end - start) as u64,
+        });
+    }
+    Ok(FilePlan { path: PathBuf::new(), display: display.to_owned(), tensors })
+}
+
+/// The candle dtype that holds a safetensors dtype; `None` for those candle cannot hold.
+fn candle_dtype(dtype: Dtype) -> Option<DType> {
+    Some(match dtype {
+        Dtype::BOOL | Dtype::U8 => DType::U8,
+        Dtype::U32 => DType::U32,
+        Dtype::I16 => DType::I16,
+        Dtype::I32 => DType::I32,
+        Dtype::I64 => DType::I64,
+        Dtype::F16 => DType::F16,
+        Dtype::BF16 => DType::BF16,
+        Dtype::F32 => DType::F32,
+        Dtype::F64 => DType::F64,
+        _ => return None,
+    })
+}

@@ -1,0 +1,200 @@
+//! Step 4 (LOAD_WEIGHTS): reads every planned tensor straight into its final, typed buffer with
+//! positioned reads, on a few threads, checking cancellation between chunks and counting bytes
+//! for the progress bar.
+
+use std::{
+    fs::File,
+    os::unix::fs::FileExt,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use candle_core::{DType, Device, Shape, Tensor, WithDType};
+use tokio_util::sync::CancellationToken;
+
+use crate::{error::LoadError, plan::LoadPlan, request::ModelId};
+
+// Tensors are read as raw bytes into typed buffers: the file is little-endian, so the host must be.
+#[cfg(target_endian = "big")]
+compile_error!("safetensors data is little-endian; this loader reads it in place and needs a little-endian host");
+
+/// Bytes read between two cancellation checks and progress updates.
+pub const CHUNK_BYTES: usize = 8 * 1024 * 1024;
+
+/// One tensor read back, with its place in the plan.
+pub struct ReadTensor {
+    pub component: usize,
+    pub name: String,
+    pub tensor: Tensor,
+}
+
+struct Job<'a> {
+    component: usize,
+    file: usize,
+    tensor: &'a crate::plan::TensorPlan,
+}
+
+/// Reads every tensor of the plan on `threads` threads. `on_progress(done)` is called from this
+/// thread about every `interval` while reading, and once at the end.
+pub fn read_all(
+    id: &ModelId,
+    plan: &LoadPlan,
+    files: &[File],
+    threads: usize,
+    cancel: &CancellationToken,
+    interval: Duration,
+    mut on_progress: impl FnMut(u64, &str),
+) -> Result<Vec<ReadTensor>, LoadError> {
+    let mut jobs = Vec::new();
+    let mut file_names = Vec::new();
+    for (ci, component) in plan.components.iter().enumerate() {
+        for file in &component.files {
+            let fi = file_names.len();
+            file_names.push(file.display.as_str());
+            jobs.extend(file.tensors.iter().map(|tensor| Job { component: ci, file: fi, tensor }));
+        }
+    }
+    // Largest first, so one big tensor does not start last and leave the other threads idle.
+    jobs.sort_by(|a, b| b.tensor.len.cmp(&a.tensor.len));
+
+    let next = AtomicUsize::new(0);
+    let done_bytes = AtomicU64::new(0);
+    let current_file = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let first_error: Mutex<Option<LoadError>> = Mutex::new(None);
+    let results: Mutex<Vec<ReadTensor>> = Mutex::new(Vec::with_capacity(jobs.len()));
+    let threads = threads.clamp(1, jobs.len().max(1));
+
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    loop {
+                        if failed.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        let Some(job) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) else { return };
+                        current_file.store(job.file, Ordering::Relaxed);
+                        match read_tensor(id, file_names[job.file], &files[job.file], job.tensor, cancel, &done_bytes) {
+                            Ok(tensor) => results.lock().unwrap_or_else(|p| p.into_inner()).push(ReadTensor {
+                                component: job.component,
+                                name: job.tensor.name.clone(),
+                                tensor,
+                            }),
+                            Err(e) => {
+                                failed.store(true, Ordering::Relaxed);
+                                first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                                return;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        // This thread reports progress while the workers read.
+        while !workers.iter().all(|w| w.is_finished()) {
+            on_progress(done_bytes.load(Ordering::Relaxed), file_names.get(current_file.load(Ordering::Relaxed)).unwrap_or(&""));
+            std::thread::park_timeout(interval);
+        }
+    });
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    on_progress(done_bytes.load(Ordering::Relaxed), file_names.last().unwrap_or(&""));
+    Ok(results.into_inner().unwrap_or_else(|p| p.into_inner()))
+}
+
+fn read_tensor(
+    id: &ModelId,
+    display: &str,
+    file: &File,
+    plan: &crate::plan::TensorPlan,
+    cancel: &CancellationToken,
+    done: &AtomicU64,
+) -> Result<Tensor, LoadError> {
+    let shape = Shape::from(plan.shape.clone());
+    let read = |buf: &mut [u8]| read_chunked(id, display, file, plan.offset, buf, cancel, done);
+    match plan.dtype {
+        DType::U8 => typed::<u8>(plan.len, shape, read),
+        DType::U32 => typed::<u32>(plan.len, shape, read),
+        DType::I16 => typed::<i16>(plan.len, shape, read),
+        DType::I32 => typed::<i32>(plan.len, shape, read),
+        DType::I64 => typed::<i64>(plan.len, shape, read),
+        DType::F16 => typed::<half::f16>(plan.len, shape, read),
+        DType::BF16 => typed::<half::bf16>(plan.len, shape, read),
+        DType::F32 => typed::<f32>(plan.len, shape, read),
+        DType::F64 => typed::<f64>(plan.len, shape, read),
+        other => Err(TypedError::Load(LoadError::UnsupportedDtype {
+            model_id: id.to_string(),
+            file: display.to_owned(),
+            tensor: plan.name.clone(),
+            dtype: format!("{other:?}"),
+        })),
+    }
+    .map_err(|e| match e {
+        TypedError::Load(e) => e,
+        TypedError::Candle(e) => LoadError::Corrupt {
+            model_id: id.to_string(),
+            file: display.to_owned(),
+            reason: format!("tensor {}: {e}", plan.name),
+        },
+    })
+}
+
+enum TypedError {
+    Load(LoadError),
+    Candle(candle_core::Error),
+}
+
+impl From<LoadError> for TypedError {
+    fn from(e: LoadError) -> Self {
+        Self::Load(e)
+    }
+}
+
+/// Allocates the tensor's final buffer as `Vec<T>` (so it is aligned for `T`), reads the file's
+/// bytes straight into it, and hands it to candle without another copy.
+fn typed<T: WithDType + bytemuck::Pod>(
+    len: u64,
+    shape: Shape,
+    read: impl FnOnce(&mut [u8]) -> Result<(), LoadError>,
+) -> Result<Tensor, TypedError> {
+    let elems = len as usize / size_of::<T>();
+    let mut data = vec![T::zeroed(); elems];
+    read(bytemuck::cast_slice_mut(&mut data))?;
+    Tensor::from_vec(data, shape, &Device::Cpu).map_err(TypedError::Candle)
+}
+
+fn read_chunked(
+    id: &ModelId,
+    display: &str,
+    file: &File,
+    offset: u64,
+    buf: &mut [u8],
+    cancel: &CancellationToken,
+    done: &AtomicU64,
+) -> Result<(), LoadError> {
+    let mut at = 0usize;
+    for chunk in buf.chunks_mut(CHUNK_BYTES) {
+        if cancel.is_cancelled() {
+            return Err(LoadError::Cancelled { model_id: id.to_string() });
+        }
+        file.read_exact_at(chunk, offset + at as u64).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::UnexpectedEof {
+                LoadError::Corrupt {
+                    model_id: id.to_string(),
+                    file: display.to_owned(),
+                    reason: "the file ended before its last tensor: truncated while loading?".into(),
+                }
+            } else {
+                LoadError::ReadWeights { model_id: id.to_string(), file: display.to_owned(), source }
+            }
+        })?;
+        at += chunk.len();
+        done.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+    }
+    Ok(())
+}

@@ -1,0 +1,190 @@
+//! Step 2 (CACHE_CHECK): where a model's files are. The local model root first, then the
+//! Hugging Face cache (the standard `models--org--name/{refs,snapshots,blobs}` layout, shared with
+//! Python's `huggingface_hub`). Nothing outside these two roots is ever opened.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+use state_manager::ModelSource;
+
+use crate::{
+    error::LoadError,
+    request::{ModelId, Revision},
+};
+
+/// Where models may be read from.
+#[derive(Debug, Clone, Default)]
+pub struct SourceConfig {
+    /// Folders of models, one per id (`<root>/<name>` or `<root>/<org>/<name>`).
+    pub model_root: Option<PathBuf>,
+    /// The Hugging Face hub cache (`.../huggingface/hub`).
+    pub hf_cache: Option<PathBuf>,
+    /// Never reach the hub (this build reads local files only either way).
+    pub offline: bool,
+}
+
+/// A model's folder, found and confined to the root it was found in.
+#[derive(Debug, Clone)]
+pub struct Located {
+    /// The folder holding the model's files (a snapshot for the cache).
+    pub dir: PathBuf,
+    /// The canonical root every file must stay inside.
+    pub root: PathBuf,
+    pub source: ModelSource,
+    /// The resolved commit for the cache; empty for the model root.
+    pub revision: String,
+    /// For the step's detail.
+    pub description: String,
+}
+
+impl Located {
+    /// Opens `path` (inside the model's folder) if, with every symlink followed, it stays inside
+    /// the root; `Ok(None)` if it does not exist.
+    pub fn open(&self, model_id: &ModelId, path: &Path) -> Result<Option<File>, LoadError> {
+        let Some(real) = self.confine(model_id, path)? else { return Ok(None) };
+        File::open(&real)
+            .map(Some)
+            .map_err(|source| LoadError::ReadWeights { model_id: model_id.to_string(), file: self.display(path), source })
+    }
+
+    /// The canonical path of `path` if it exists and stays inside the root.
+    pub fn confine(&self, model_id: &ModelId, path: &Path) -> Result<Option<PathBuf>, LoadError> {
+        let real = match path.canonicalize() {
+            Ok(real) => real,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(LoadError::ReadWeights { model_id: model_id.to_string(), file: self.display(path), source });
+            }
+        };
+        if !real.starts_with(&self.root) {
+            return Err(LoadError::PathEscapes { model_id: model_id.to_string(), path: self.display(path).into() });
+        }
+        Ok(Some(real))
+    }
+
+    /// `path` relative to the model's folder, for messages (never an absolute path of the host).
+    pub fn display(&self, path: &Path) -> String {
+        path.strip_prefix(&self.dir).unwrap_or(path).display().to_string()
+    }
+}
+
+/// Finds the model: the model root, else the HF cache snapshot for the revision.
+pub fn locate(config: &SourceConfig, id: &ModelId, revision: &Revision) -> Result<Located, LoadError> {
+    if let Some(root) = &config.model_root
+        && let Some(found) = in_model_root(root, id)?
+    {
+        return Ok(found);
+    }
+    if let Some(cache) = &config.hf_cache
+        && let Some(found) = in_hf_cache(cache, id, revision)?
+    {
+        return Ok(found);
+    }
+    let hub = if config.offline { "offline mode" } else { "hub downloads are not available in this build" };
+    Err(LoadError::NotFound {
+        model_id: id.to_string(),
+        reason: format!("not in the model root, not in the HF cache at revision {}, and {hub}", revision.as_str()),
+    })
+}
+
+fn in_model_root(root: &Path, id: &ModelId) -> Result<Option<Located>, LoadError> {
+    let Ok(root) = root.canonicalize() else { return Ok(None) };
+    let dir = root.join(id.as_str());
+    let located = Located {
+        dir: dir.clone(),
+        root: root.clone(),
+        source: ModelSource::Local,
+        revision: String::new(),
+        description: format!("found in the model root: {id}"),
+    };
+    match located.confine(id, &dir)? {
+        Some(real) if real.is_dir() => Ok(Some(Located { dir: real, ..located })),
+        _ => Ok(None),
+    }
+}
+
+fn in_hf_cache(cache: &Path, id: &ModelId, revision: &Revision) -> Result<Option<Located>, LoadError> {
+    let Ok(cache) = cache.canonicalize() else { return Ok(None) };
+    let (org, name) = id.split();
+    let repo_dir = cache.join(match org {
+        Some(org) => format!("models--{org}--{name}"),
+        None => format!("models--{name}"),
+    });
+    let commit = if revision.is_commit() {
+        revision.as_str().to_owned()
+    } else {
+        match std::fs::read_to_string(repo_dir.join("refs").join(revision.as_str())) {
+            Ok(commit) => commit.trim().to_owned(),
+            Err(_) => return Ok(None),
+        }
+    };
+    if !(commit.len() == 40 && commit.bytes().all(|b| b.is_ascii_hexdigit())) {
+        return Err(LoadError::NotFound {
+            model_id: id.to_string(),
+            reason: format!("the HF cache ref {} does not hold a commit", revision.as_str()),
+        });
+    }
+    let dir = repo_dir.join("snapshots").join(&commit);
+    let located = Located {
+        dir: dir.clone(),
+        root: cache,
+        source: ModelSource::Cache,
+        revision: commit.clone(),
+        description: format!("cache hit: snapshot {commit}"),
+    };
+    match located.confine(id, &dir)? {
+        Some(real) if real.is_dir() => Ok(Some(Located { dir: real, ..located })),
+        _ => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> ModelId {
+        ModelId::parse(s).expect("valid id")
+    }
+
+    /// The model root wins over the cache; the cache resolves refs to snapshots; nothing is NOT_FOUND.
+    #[test]
+    fn locates_in_root_then_cache() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = tmp.path().join("models");
+        let cache = tmp.path().join("hub");
+        std::fs::create_dir_all(root.join("org/local")).expect("mkdir");
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        let repo = cache.join("models--org--cached");
+        std::fs::create_dir_all(repo.join("snapshots").join(commit)).expect("mkdir");
+        std::fs::create_dir_all(repo.join("refs")).expect("mkdir");
+        std::fs::write(repo.join("refs/main"), commit).expect("write");
+        let config = SourceConfig { model_root: Some(root), hf_cache: Some(cache), offline: true };
+
+        let local = locate(&config, &id("org/local"), &Revision::default()).expect("local");
+        assert_eq!(local.source, ModelSource::Local);
+        let cached = locate(&config, &id("org/cached"), &Revision::default()).expect("cached");
+        assert_eq!((cached.source, cached.revision.as_str()), (ModelSource::Cache, commit));
+        let by_commit = locate(&config, &id("org/cached"), &Revision::parse(commit).expect("rev")).expect("by commit");
+        assert_eq!(by_commit.revision, commit);
+        let missing = locate(&config, &id("org/missing"), &Revision::default()).expect_err("missing");
+        assert!(matches!(missing, LoadError::NotFound { .. }), "{missing}");
+        let other_rev = locate(&config, &id("org/cached"), &Revision::parse("v2").expect("rev"));
+        assert!(matches!(other_rev, Err(LoadError::NotFound { .. })));
+    }
+
+    /// A model folder that is a symlink leading out of the model root is refused.
+    #[test]
+    fn symlink_out_of_root_is_refused() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = tmp.path().join("models");
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir_all(&root).expect("mkdir");
+        std::fs::create_dir_all(&outside).expect("mkdir");
+        std::os::unix::fs::symlink(&outside, root.join("escape")).expect("symlink");
+        let config = SourceConfig { model_root: Some(root), ..SourceConfig::default() };
+        let err = locate(&config, &id("escape"), &Revision::default()).expect_err("refused");
+        assert!(matches!(err, LoadError::PathEscapes { .. }), "{err}");
+    }
+}

@@ -1,0 +1,285 @@
+//! Storage of loaded pipelines: each model's components, their tensors as resident on the device,
+//! their `config.json`, and the facts read from it (`sample_size`).
+//!
+//! A [`Pipeline`] owns its tensors and its [`ModelAllocation`]: removing it from the store drops
+//! both at once, which is what gives the memory back. This crate never reads weight files; the
+//! loader hands it finished pipelines.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use candle_core::{DType, Tensor};
+use dashmap::DashMap;
+use resource_manager::{DeviceId, ModelAllocation};
+use sha2::{Digest, Sha256};
+
+/// One tensor as resident on its device.
+#[derive(Debug)]
+pub struct ResidentTensor {
+    /// The name in its file (without the component prefix).
+    pub name: String,
+    pub tensor: Tensor,
+}
+
+impl ResidentTensor {
+    /// The tensor's dtype as safetensors spells it ("F32", "BF16", ...).
+    pub fn dtype_name(&self) -> &'static str {
+        dtype_name(self.tensor.dtype())
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        (self.tensor.elem_count() * self.tensor.dtype().size_in_bytes()) as u64
+    }
+}
+
+/// The safetensors spelling of a candle dtype.
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::U8 => "U8",
+        DType::U32 => "U32",
+        DType::I16 => "I16",
+        DType::I32 => "I32",
+        DType::I64 => "I64",
+        DType::BF16 => "BF16",
+        DType::F16 => "F16",
+        DType::F32 => "F32",
+        DType::F64 => "F64",
+        _ => "OTHER",
+    }
+}
+
+/// One component of a pipeline (`unet`, `vae`, ...), or the whole model for a plain repo.
+#[derive(Debug)]
+pub struct Component {
+    /// The component's folder; empty for a plain (non-pipeline) model.
+    pub name: String,
+    /// Its parsed `config.json`, when it has one.
+    pub config: Option<serde_json::Value>,
+    /// Sorted by name.
+    pub tensors: Vec<ResidentTensor>,
+}
+
+/// A loaded model: everything resident for it, and the memory it holds.
+#[derive(Debug)]
+pub struct Pipeline {
+    pub model_id: String,
+    /// Keyed by component name.
+    pub components: BTreeMap<String, Component>,
+    pub device: DeviceId,
+    pub revision: String,
+    /// The accounting of its bytes; dropped together with the tensors.
+    pub allocation: ModelAllocation,
+}
+
+/// What ListTensors shows of one tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// Prefixed with the component (`unet/conv.weight`) for pipelines.
+    pub name: String,
+    pub dtype: &'static str,
+    pub shape: Vec<u64>,
+    pub size_bytes: u64,
+    /// Hex sha256 of the resident bytes (little-endian), when asked for.
+    pub sha256: Option<String>,
+}
+
+/// The tensor's bytes could not be read back from its device.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read tensor {name} back from its device: {source}")]
+pub struct ReadBackError {
+    pub name: String,
+    #[source]
+    pub source: candle_core::Error,
+}
+
+impl Pipeline {
+    /// Bytes of every resident tensor.
+    pub fn weight_bytes(&self) -> u64 {
+        self.tensors().map(|(_, t)| t.size_bytes()).sum()
+    }
+
+    /// Every tensor with its component.
+    pub fn tensors(&self) -> impl Iterator<Item = (&Component, &ResidentTensor)> {
+        self.components.values().flat_map(|c| c.tensors.iter().map(move |t| (c, t)))
+    }
+
+    /// `sample_size` from the `unet` component's config for pipelines, else the model's config.
+    pub fn sample_size(&self) -> Option<u32> {
+        let config = match self.components.get("unet") {
+            Some(unet) => unet.config.as_ref(),
+            None => self.components.get("").and_then(|c| c.config.as_ref()),
+        }?;
+        let value = config.get("sample_size")?;
+        // diffusers writes an int; some configs give [h, w]: report the first.
+        let n = value.as_u64().or_else(|| value.as_array()?.first()?.as_u64())?;
+        u32::try_from(n).ok()
+    }
+
+    /// The dtype of the floating-point tensors ("F32", "BF16"), "mixed" when they differ, or the
+    /// single dtype of a model without floats.
+    pub fn dtype_summary(&self) -> String {
+        let floats: std::collections::BTreeSet<_> = self
+            .tensors()
+            .map(|(_, t)| t.tensor.dtype())
+            .filter(|d| d.is_float())
+            .map(dtype_name)
+            .collect();
+        match floats.len() {
+            0 => self.tensors().next().map_or("", |(_, t)| t.dtype_name()).to_owned(),
+            1 => floats.into_iter().next().unwrap_or_default().to_owned(),
+            _ => "mixed".to_owned(),
+        }
+    }
+
+    /// What is resident, sorted by full name; checksums read every byte back from the device.
+    pub fn tensor_infos(&self, with_checksums: bool) -> Result<Vec<TensorInfo>, ReadBackError> {
+        let mut infos = self
+            .tensors()
+            .map(|(component, t)| {
+                let name =
+                    if component.name.is_empty() { t.name.clone() } else { format!("{}/{}", component.name, t.name) };
+                let sha256 = if with_checksums {
+                    let bytes = resident_bytes(&t.tensor)
+                        .map_err(|source| ReadBackError { name: name.clone(), source })?;
+                    Some(hex::encode(Sha256::digest(&bytes)))
+                } else {
+                    None
+                };
+                Ok(TensorInfo {
+                    dtype: t.dtype_name(),
+                    shape: t.tensor.dims().iter().map(|&d| d as u64).collect(),
+                    size_bytes: t.size_bytes(),
+                    sha256,
+                    name,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        infos.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(infos)
+    }
+}
+
+/// The tensor's bytes as resident, little-endian, in row-major order.
+pub fn resident_bytes(tensor: &Tensor) -> candle_core::Result<Vec<u8>> {
+    let flat = tensor.flatten_all()?;
+    fn bytes<T: candle_core::WithDType + bytemuck::Pod>(t: &Tensor) -> candle_core::Result<Vec<u8>> {
+        Ok(bytemuck::cast_slice(&t.to_vec1::<T>()?).to_vec())
+    }
+    match flat.dtype() {
+        DType::U8 => flat.to_vec1::<u8>(),
+        DType::U32 => bytes::<u32>(&flat),
+        DType::I16 => bytes::<i16>(&flat),
+        DType::I32 => bytes::<i32>(&flat),
+        DType::I64 => bytes::<i64>(&flat),
+        DType::BF16 => bytes::<half::bf16>(&flat),
+        DType::F16 => bytes::<half::f16>(&flat),
+        DType::F32 => bytes::<f32>(&flat),
+        DType::F64 => bytes::<f64>(&flat),
+        other => Err(candle_core::Error::Msg(format!("no byte view of {other:?}"))),
+    }
+}
+
+/// The loaded pipelines, by model id.
+#[derive(Debug, Default)]
+pub struct PipelineManager {
+    pipelines: DashMap<String, Arc<Pipeline>>,
+}
+
+impl PipelineManager {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Stores a finished pipeline; a previous one of the same model (there should be none) is
+    /// returned to the caller to drop.
+    pub fn insert(&self, pipeline: Pipeline) -> Option<Arc<Pipeline>> {
+        self.pipelines.insert(pipeline.model_id.clone(), Arc::new(pipeline))
+    }
+
+    pub fn get(&self, model_id: &str) -> Option<Arc<Pipeline>> {
+        self.pipelines.get(model_id).map(|p| p.clone())
+    }
+
+    /// Takes the pipeline out of the store. Its memory returns when the last holder (a
+    /// ListTensors in progress, at most) drops it.
+    pub fn remove(&self, model_id: &str) -> Option<Arc<Pipeline>> {
+        self.pipelines.remove(model_id).map(|(_, p)| p)
+    }
+
+    pub fn len(&self) -> usize {
+        self.pipelines.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pipelines.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+    use resource_manager::{DeviceRequest, MemoryBudget, ResourceManager};
+
+    use super::*;
+
+    fn pipeline(components: Vec<Component>) -> (ResourceManager, Pipeline) {
+        let rm = ResourceManager::with_cpu_capacity(1 << 30, MemoryBudget::Bytes(1 << 20), DeviceRequest::Cpu)
+            .expect("cpu");
+        let allocation = rm.reserve(DeviceId::Cpu, "m", 0).expect("fits").commit(64);
+        let pipeline = Pipeline {
+            model_id: "m".into(),
+            components: components.into_iter().map(|c| (c.name.clone(), c)).collect(),
+            device: DeviceId::Cpu,
+            revision: String::new(),
+            allocation,
+        };
+        (rm, pipeline)
+    }
+
+    fn tensor(name: &str, values: Vec<f32>) -> ResidentTensor {
+        let n = values.len();
+        ResidentTensor { name: name.into(), tensor: Tensor::from_vec(values, n, &Device::Cpu).expect("tensor") }
+    }
+
+    /// sample_size comes from the unet's config in a pipeline; names carry the component prefix;
+    /// checksums are of the little-endian bytes.
+    #[test]
+    fn pipeline_facts_and_tensor_infos() {
+        let (_rm, p) = pipeline(vec![
+            Component {
+                name: "unet".into(),
+                config: Some(serde_json::json!({"sample_size": 32})),
+                tensors: vec![tensor("w", vec![1.0, 2.0])],
+            },
+            Component { name: "vae".into(), config: Some(serde_json::json!({"sample_size": 256})), tensors: vec![] },
+        ]);
+        assert_eq!(p.sample_size(), Some(32));
+        assert_eq!(p.weight_bytes(), 8);
+        assert_eq!(p.dtype_summary(), "F32");
+        let infos = p.tensor_infos(true).expect("read back");
+        let mut le = Vec::new();
+        le.extend_from_slice(&1.0f32.to_le_bytes());
+        le.extend_from_slice(&2.0f32.to_le_bytes());
+        assert_eq!(
+            infos,
+            vec![TensorInfo {
+                name: "unet/w".into(),
+                dtype: "F32",
+                shape: vec![2],
+                size_bytes: 8,
+                sha256: Some(hex::encode(Sha256::digest(&le))),
+            }]
+        );
+    }
+
+    /// Removing a pipeline drops its allocation: the accounting goes back to zero.
+    #[test]
+    fn removing_frees_the_accounting() {
+        let (rm, p) = pipeline(vec![Component { name: String::new(), config: None, tensors: vec![] }]);
+        let store = PipelineManager::new();
+        store.insert(p);
+        assert_eq!(rm.usage()[0].used_bytes, 64);
+        drop(store.remove("m"));
+        assert_eq!(rm.usage()[0].used_bytes, 0);
+        assert!(store.is_empty());
+    }
+}

@@ -1,0 +1,17 @@
+//! Generates the tonic/prost code and the descriptor set (for reflection) from the workspace proto.
+
+use std::{env, path::PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
+    let file = root.join("modelloader/v1/model_loader.proto");
+    println!("cargo:rerun-if-changed={}", file.display());
+    // A vendored protoc, so building needs no system protobuf compiler.
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    let descriptor = PathBuf::from(env::var("OUT_DIR")?).join("model_loader_descriptor.bin");
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(&descriptor)
+        .compile_with_config(config, &[file], &[root])?;
+    Ok(())
+}

@@ -1,0 +1,344 @@
+//! The per-model state machine: UNLOADED, LOADING, LOADED, UNLOADING, FAILED, and the explicit
+//! table of transitions between them.
+//!
+//! Each model has one [`ModelStatus`] record; every change to it is one atomic check-and-set under
+//! the record's map entry, and is published as a [`StateEvent`] to every subscriber, in the order
+//! it happened. This crate knows nothing of loading, memory or gRPC: callers say what happened
+//! ([`Transition`]) and the table says whether it may.
+
+use dashmap::DashMap;
+use steps::ModelLoadProgress;
+use tokio::sync::{Notify, broadcast};
+
+/// Where a model is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::Display, strum::IntoStaticStr)]
+#[strum(serialize_all = "SCREAMING_SNAKE_CASE")]
+pub enum ModelState {
+    Unloaded,
+    Loading,
+    Loaded,
+    Unloading,
+    Failed,
+}
+
+/// Where a loaded model's files came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::Display)]
+#[strum(serialize_all = "lowercase")]
+pub enum ModelSource {
+    /// A folder under the model root.
+    Local,
+    /// A snapshot in the Hugging Face cache.
+    Cache,
+    /// Downloaded from the hub.
+    Hub,
+}
+
+/// Facts about a model's current or last load, shown in its status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadFacts {
+    /// The device name ("cpu", "cuda:0").
+    pub device: String,
+    /// The dtype of the resident floating-point tensors ("F32", "BF16", "mixed").
+    pub dtype: String,
+    /// The resolved revision (a commit for the HF cache; empty for the model root).
+    pub revision: String,
+    pub weight_bytes: u64,
+    pub sample_size: Option<u32>,
+    pub source: Option<ModelSource>,
+}
+
+/// What is known of one model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelStatus {
+    pub model_id: String,
+    pub state: ModelState,
+    /// The latest progress message of the current or last load.
+    pub last_progress: Option<ModelLoadProgress>,
+    /// Why the last load failed (state FAILED).
+    pub error: Option<String>,
+    pub facts: LoadFacts,
+}
+
+impl ModelStatus {
+    /// The status of a model nobody has loaded yet.
+    pub fn unloaded(model_id: &str) -> Self {
+        Self {
+            model_id: model_id.to_owned(),
+            state: ModelState::Unloaded,
+            last_progress: None,
+            error: None,
+            facts: LoadFacts::default(),
+        }
+    }
+}
+
+/// Something that happened to a model; the table decides whether it may happen now.
+#[derive(Debug, Clone)]
+pub enum Transition {
+    /// A load begins on `device` (from UNLOADED or FAILED).
+    StartLoad { device: String },
+    /// The load finished: the model is resident.
+    LoadSucceeded(LoadFacts),
+    /// The load failed; the reason is kept for GetModel.
+    LoadFailed { reason: String },
+    /// The load was cancelled: nothing of it stays.
+    LoadCancelled,
+    /// An unload begins (from LOADED).
+    StartUnload,
+    /// The unload finished: the memory is back.
+    UnloadFinished,
+    /// The failure of the last load is forgotten (an unload of a FAILED model).
+    ClearFailure,
+}
+
+impl Transition {
+    /// The transition table: the state a model moves to from `from`, or `None` when the
+    /// transition is not allowed there. Every state is reachable and can be left.
+    pub fn target(&self, from: ModelState) -> Option<ModelState> {
+        use ModelState as S;
+        match (self, from) {
+            (Self::StartLoad { .. }, S::Unloaded | S::Failed) => Some(S::Loading),
+            (Self::LoadSucceeded(_), S::Loading) => Some(S::Loaded),
+            (Self::LoadFailed { .. }, S::Loading) => Some(S::Failed),
+            (Self::LoadCancelled, S::Loading) => Some(S::Unloaded),
+            (Self::StartUnload, S::Loaded) => Some(S::Unloading),
+            (Self::UnloadFinished, S::Unloading) => Some(S::Unloaded),
+            (Self::ClearFailure, S::Failed) => Some(S::Unloaded),
+            _ => None,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Self::StartLoad { .. } => "start load",
+            Self::LoadSucceeded(_) => "load succeeded",
+            Self::LoadFailed { .. } => "load failed",
+            Self::LoadCancelled => "load cancelled",
+            Self::StartUnload => "start unload",
+            Self::UnloadFinished => "unload finished",
+            Self::ClearFailure => "clear failure",
+        }
+    }
+}
+
+/// A transition the table does not allow from the model's current state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("model {model_id}: cannot {transition} while {current}")]
+pub struct InvalidTransition {
+    pub model_id: String,
+    pub transition: &'static str,
+    /// The state the model is in, so the caller can decide what to do instead.
+    pub current: ModelState,
+}
+
+/// A change published to subscribers, in the order it happened for each model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateEvent {
+    Status(ModelStatus),
+    Progress(ModelLoadProgress),
+}
+
+/// The records of every tracked model and the stream of their changes.
+pub struct StateManager {
+    /// One record per model ever tracked. A record's entry lock is what makes a transition one
+    /// atomic check-and-set; it is never held across an `.await`.
+    records: DashMap<String, ModelStatus>,
+    /// Every change, published while the entry lock is held, so each model's events are ordered.
+    events: broadcast::Sender<StateEvent>,
+    /// Woken on every transition, for callers that wait for a state to be left (an unload).
+    changed: Notify,
+}
+
+impl StateManager {
+    /// `event_capacity` is how many events a slow subscriber may fall behind before it lags.
+    pub fn new(event_capacity: usize) -> Self {
+        let (events, _) = broadcast::channel(event_capacity.max(1));
+        Self { records: DashMap::new(), events, changed: Notify::new() }
+    }
+
+    /// Applies `transition` if the table allows it from the model's current state (a model never
+    /// seen is UNLOADED), publishes the new status and returns it.
+    pub fn apply(&self, model_id: &str, transition: Transition) -> Result<ModelStatus, InvalidTransition> {
+        let mut entry = self.records.entry(model_id.to_owned()).or_insert_with(|| ModelStatus::unloaded(model_id));
+        let record = entry.value_mut();
+        let Some(next) = transition.target(record.state) else {
+            return Err(InvalidTransition {
+                model_id: model_id.to_owned(),
+                transition: transition.name(),
+                current: record.state,
+            });
+        };
+        record.state = next;
+        match transition {
+            Transition::StartLoad { device } => {
+                record.error = None;
+                record.last_progress = None;
+                record.facts = LoadFacts { device, ..LoadFacts::default() };
+            }
+            Transition::LoadSucceeded(facts) => record.facts = facts,
+            Transition::LoadFailed { reason } => {
+                record.error = Some(reason);
+                record.facts.weight_bytes = 0;
+            }
+            Transition::LoadCancelled | Transition::UnloadFinished => record.facts.weight_bytes = 0,
+            Transition::ClearFailure => record.error = None,
+            Transition::StartUnload => {}
+        }
+        let status = record.clone();
+        // No subscriber is not an error: nobody is watching.
+        let _ = self.events.send(StateEvent::Status(status.clone()));
+        drop(entry);
+        self.changed.notify_waiters();
+        Ok(status)
+    }
+
+    /// Records and publishes a progress message of a model that is LOADING; progress of a load
+    /// that already ended is dropped (it cannot overtake the terminal status).
+    pub fn record_progress(&self, progress: ModelLoadProgress) {
+        if let Some(mut record) = self.records.get_mut(&progress.model_id)
+            && record.state == ModelState::Loading
+        {
+            record.last_progress = Some(progress.clone());
+            let _ = self.events.send(StateEvent::Progress(progress));
+        }
+    }
+
+    /// The model's status; `None` for a model never tracked.
+    pub fn get(&self, model_id: &str) -> Option<ModelStatus> {
+        self.records.get(model_id).map(|r| r.clone())
+    }
+
+    pub fn state(&self, model_id: &str) -> ModelState {
+        self.records.get(model_id).map_or(ModelState::Unloaded, |r| r.state)
+    }
+
+    /// Every tracked model's status, sorted by id.
+    pub fn all(&self) -> Vec<ModelStatus> {
+        let mut all: Vec<_> = self.records.iter().map(|r| r.clone()).collect();
+        all.sort_by(|a, b| a.model_id.cmp(&b.model_id));
+        all
+    }
+
+    /// Subscribes to every later change. Subscribe before taking a snapshot, so nothing falls
+    /// between the two (an event may then appear in both, never in neither).
+    pub fn subscribe(&self) -> broadcast::Receiver<StateEvent> {
+        self.events.subscribe()
+    }
+
+    /// Waits until the model is not in `state` (e.g. until an unload has finished).
+    pub async fn wait_while(&self, model_id: &str, state: ModelState) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.state(model_id) != state {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_states() -> [ModelState; 5] {
+        use ModelState as S;
+        [S::Unloaded, S::Loading, S::Loaded, S::Unloading, S::Failed]
+    }
+
+    fn all_transitions() -> Vec<Transition> {
+        vec![
+            Transition::StartLoad { device: "cpu".into() },
+            Transition::LoadSucceeded(LoadFacts::default()),
+            Transition::LoadFailed { reason: "x".into() },
+            Transition::LoadCancelled,
+            Transition::StartUnload,
+            Transition::UnloadFinished,
+            Transition::ClearFailure,
+        ]
+    }
+
+    /// The table has no dead states: every state can be entered and left.
+    #[test]
+    fn every_state_is_entered_and_left() {
+        for state in all_states() {
+            let entered = all_states()
+                .iter()
+                .any(|&from| all_transitions().iter().any(|t| t.target(from) == Some(state)));
+            let left = all_transitions().iter().any(|t| t.target(state).is_some_and(|to| to != state));
+            assert!(entered, "{state} cannot be entered");
+            assert!(left, "{state} cannot be left");
+        }
+    }
+
+    /// A second StartLoad while loading is refused and reports the current state.
+    #[test]
+    fn second_start_load_is_refused() {
+        let m = StateManager::new(16);
+        m.apply("a", Transition::StartLoad { device: "cpu".into() }).expect("first load starts");
+        let err = m.apply("a", Transition::StartLoad { device: "cpu".into() }).expect_err("second is refused");
+        assert_eq!(err.current, ModelState::Loading);
+    }
+
+    /// A full life: load, succeed, unload; a failure is kept with its reason and then retried.
+    #[test]
+    fn life_cycle_and_failure() {
+        let m = StateManager::new(16);
+        let mut rx = m.subscribe();
+        m.apply("a", Transition::StartLoad { device: "cpu".into() }).expect("start");
+        m.record_progress(ModelLoadProgress::new("a", steps::ModelLoadStep::Init));
+        let facts = LoadFacts { weight_bytes: 10, ..LoadFacts::default() };
+        assert_eq!(m.apply("a", Transition::LoadSucceeded(facts)).expect("ok").facts.weight_bytes, 10);
+        m.apply("a", Transition::StartUnload).expect("unload");
+        assert_eq!(m.apply("a", Transition::UnloadFinished).expect("done").facts.weight_bytes, 0);
+        m.apply("a", Transition::StartLoad { device: "cpu".into() }).expect("start again");
+        let failed = m.apply("a", Transition::LoadFailed { reason: "bad file".into() }).expect("fail");
+        assert_eq!(failed.error.as_deref(), Some("bad file"));
+        assert_eq!(m.apply("a", Transition::StartLoad { device: "cpu".into() }).expect("retry").error, None);
+
+        let mut states = Vec::new();
+        while let Ok(ev) = rx.try_recv() {
+            states.push(match ev {
+                StateEvent::Status(s) => s.state.to_string(),
+                StateEvent::Progress(p) => format!("step {}", p.step.number()),
+            });
+        }
+        assert_eq!(
+            states,
+            ["LOADING", "step 1", "LOADED", "UNLOADING", "UNLOADED", "LOADING", "FAILED", "LOADING"]
+        );
+    }
+
+    /// Progress of a model that is not loading is dropped.
+    #[test]
+    fn late_progress_is_dropped() {
+        let m = StateManager::new(16);
+        m.apply("a", Transition::StartLoad { device: "cpu".into() }).expect("start");
+        m.apply("a", Transition::LoadCancelled).expect("cancel");
+        let mut rx = m.subscribe();
+        m.record_progress(ModelLoadProgress::new("a", steps::ModelLoadStep::LoadWeights));
+        assert!(rx.try_recv().is_err());
+        assert_eq!(m.get("a").map(|s| s.state), Some(ModelState::Unloaded));
+    }
+
+    /// wait_while returns once the state is left.
+    #[tokio::test]
+    async fn wait_while_wakes_on_change() {
+        let m = std::sync::Arc::new(StateManager::new(16));
+        m.apply("a", Transition::StartLoad { device: "cpu".into() }).expect("start");
+        m.apply("a", Transition::LoadSucceeded(LoadFacts::default())).expect("ok");
+        m.apply("a", Transition::StartUnload).expect("unload");
+        let waiter = tokio::spawn({
+            let m = m.clone();
+            async move { m.wait_while("a", ModelState::Unloading).await }
+        });
+        tokio::task::yield_now().await;
+        m.apply("a", Transition::UnloadFinished).expect("done");
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .expect("no panic");
+    }
+}
