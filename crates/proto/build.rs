@@ -10,8 +10,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     let descriptor = PathBuf::from(env::var("OUT_DIR")?).join("model_loader_descriptor.bin");
-    tonic_prost_build::configure()
-        .file_descriptor_set_path(&descriptor)
-        .compile_with_config(config, &[file], &[root])?;
+    tonic_prost_build::configure().file_descriptor_set_path(&descriptor).compile_with_config(
+        config,
+        &[file],
+        &[root],
+    )?;
     Ok(())
 }

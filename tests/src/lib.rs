@@ -1,1 +1,141 @@
-//! placeholder
+//! Workspace-level tests of model-loader: the fixture model builder, a helper that runs the server
+//! in process on `127.0.0.1:0`, helpers that start the real binary, and gRPC client helpers.
+//!
+//! The tests themselves live in `tests/tests/`; nothing here downloads anything.
+
+pub mod binary;
+pub mod fixture;
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use model_manager::ManagerConfig;
+use proto::v1::{self as pb, model_loader_client::ModelLoaderClient};
+use server::{LogFormat, ServerConfig};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tokio_stream::StreamExt;
+use tonic::{Status, transport::Channel};
+
+/// The longest any single wait in a test may take before the test fails instead of hanging.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// A server configuration for tests: the given model root, no HF cache, everything else default.
+pub fn config(model_root: &Path) -> ServerConfig {
+    let mut manager = ManagerConfig::default();
+    manager.loader.sources.model_root = Some(model_root.to_owned());
+    manager.loader.sources.offline = true;
+    ServerConfig {
+        listen: ([127, 0, 0, 1], 0).into(),
+        manager,
+        preload: Vec::new(),
+        shutdown_grace: Duration::from_secs(10),
+        log_format: LogFormat::Text,
+    }
+}
+
+/// A server running in this process on `127.0.0.1:0`.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    /// Binds port 0 and serves `config` until [`TestServer::stop`].
+    pub async fn start(config: ServerConfig) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(config, listener, async {
+            let _ = stopped.await;
+        }));
+        Self { addr, stop: Some(stop), task: Some(task) }
+    }
+
+    pub async fn client(&self) -> ModelLoaderClient<Channel> {
+        connect(self.addr).await
+    }
+
+    pub fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr)).expect("uri").connect_lazy()
+    }
+
+    /// Shuts the server down and surfaces its error or panic in the test.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            match tokio::time::timeout(WAIT, task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => panic!("server failed: {e:#}"),
+                Ok(Err(join)) => std::panic::resume_unwind(join.into_panic()),
+                Err(_) => panic!("server did not stop within {WAIT:?}"),
+            }
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// A client of the server at `addr` (connects lazily; the listener is already bound).
+pub async fn connect(addr: SocketAddr) -> ModelLoaderClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{addr}")).expect("uri").connect_lazy();
+    ModelLoaderClient::new(channel).max_decoding_message_size(64 << 20)
+}
+
+/// A LoadModel request for `id` with defaults.
+pub fn load(id: &str) -> pb::LoadModelRequest {
+    pb::LoadModelRequest { model_id: id.into(), ..Default::default() }
+}
+
+/// Runs LoadModel to its end: every message received and how the stream ended.
+pub async fn load_all(
+    client: &mut ModelLoaderClient<Channel>,
+    request: pb::LoadModelRequest,
+) -> (Vec<pb::ModelLoadProgress>, Result<(), Status>) {
+    let mut stream = match tokio::time::timeout(WAIT, client.load_model(request)).await.expect("LoadModel answers") {
+        Ok(response) => response.into_inner(),
+        Err(status) => return (Vec::new(), Err(status)),
+    };
+    let mut messages = Vec::new();
+    loop {
+        match tokio::time::timeout(WAIT, stream.next()).await.expect("the load stream moves") {
+            Some(Ok(m)) => messages.push(m),
+            Some(Err(status)) => return (messages, Err(status)),
+            None => return (messages, Ok(())),
+        }
+    }
+}
+
+/// GetModel's state for `id`.
+pub async fn state_of(client: &mut ModelLoaderClient<Channel>, id: &str) -> pb::ModelState {
+    let status = client.get_model(pb::GetModelRequest { model_id: id.into() }).await.expect("GetModel").into_inner();
+    status.state()
+}
+
+/// The CPU entry of GetResources.
+pub async fn cpu_resources(client: &mut ModelLoaderClient<Channel>) -> pb::DeviceResources {
+    let devices = client.get_resources(pb::GetResourcesRequest {}).await.expect("GetResources").into_inner().devices;
+    devices.into_iter().find(|d| d.name == "cpu").expect("a cpu device")
+}
+
+/// This process's resident set size in bytes (VmRSS).
+pub fn rss_bytes(pid: Option<u32>) -> u64 {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/status"),
+        None => "/proc/self/status".into(),
+    };
+    let status = std::fs::read_to_string(path).expect("read /proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS line");
+    kib * 1024
+}

@@ -18,7 +18,9 @@ pub enum LoadError {
     NotFound { model_id: String, reason: String },
     #[error("model {model_id}: refusing to open {path}: it leads outside the model root and the HF cache")]
     PathEscapes { model_id: String, path: PathBuf },
-    #[error("model {model_id} has only pickle weights ({files}); they are refused, never unpickled: convert them to safetensors")]
+    #[error(
+        "model {model_id} has only pickle weights ({files}); they are refused, never unpickled: convert them to safetensors"
+    )]
     PickleOnly { model_id: String, files: String },
     #[error("model {model_id}: {file}: tensor {tensor} has dtype {dtype}, which this server cannot hold")]
     UnsupportedDtype { model_id: String, file: String, tensor: String, dtype: String },

@@ -205,7 +205,9 @@ impl LoadSubscription {
                         return Some(update);
                     }
                 }
-                Err(broadcast::error::RecvError::Closed) => return handle.stream().outcome.clone().map(LoadUpdate::Done),
+                Err(broadcast::error::RecvError::Closed) => {
+                    return handle.stream().outcome.clone().map(LoadUpdate::Done);
+                }
             }
         }
     }
@@ -297,6 +299,16 @@ impl LoaderService {
         self.inflight.get(model_id.as_str()).map(|h| h.clone())
     }
 
+    /// Whether the model can be found (model root or HF cache) at its default revision.
+    pub fn exists(&self, model_id: &ModelId) -> bool {
+        source::locate(&self.config.sources, model_id, &Revision::default()).is_ok()
+    }
+
+    /// The models in the model root.
+    pub fn local_models(&self) -> Vec<ModelId> {
+        source::local_models(&self.config.sources)
+    }
+
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
     }
@@ -344,7 +356,12 @@ impl LoaderService {
         self.inflight.remove(id.as_str());
     }
 
-    async fn steps(self: &Arc<Self>, handle: &Arc<LoadHandle>, request: LoadRequest, device: DeviceId) -> Result<LoadFacts, LoadError> {
+    async fn steps(
+        self: &Arc<Self>,
+        handle: &Arc<LoadHandle>,
+        request: LoadRequest,
+        device: DeviceId,
+    ) -> Result<LoadFacts, LoadError> {
         let id = request.model_id.clone();
         let cancelled = || LoadError::Cancelled { model_id: id.to_string() };
         emit_step(id.as_str(), ModelLoadStep::Init, &handle.cancel, handle.as_ref()).map_err(|_| cancelled())?;
@@ -352,17 +369,24 @@ impl LoaderService {
             permit = self.permits.clone().acquire_owned() => permit.map_err(|_| LoadError::ShuttingDown)?,
             () = handle.cancel.cancelled() => return Err(cancelled()),
         };
-        let (this, handle) = (self.clone(), handle.clone());
-        tokio::task::spawn_blocking(move || this.steps_blocking(&handle, &request, device))
+        let (this, handle, span) = (self.clone(), handle.clone(), tracing::Span::current());
+        tokio::task::spawn_blocking(move || span.in_scope(|| this.steps_blocking(&handle, &request, device)))
             .await
             .map_err(|e| LoadError::Internal { model_id: id.to_string(), reason: format!("load task failed: {e}") })?
     }
 
     /// Steps 2..=8, on a blocking thread: file I/O and tensor work never run on the async workers.
-    fn steps_blocking(&self, handle: &LoadHandle, request: &LoadRequest, device: DeviceId) -> Result<LoadFacts, LoadError> {
+    fn steps_blocking(
+        &self,
+        handle: &LoadHandle,
+        request: &LoadRequest,
+        device: DeviceId,
+    ) -> Result<LoadFacts, LoadError> {
         let id = &request.model_id;
         let cancel = &handle.cancel;
-        let step = |s| emit_step(id.as_str(), s, cancel, handle).map_err(|_| LoadError::Cancelled { model_id: id.to_string() });
+        let step = |s| {
+            emit_step(id.as_str(), s, cancel, handle).map_err(|_| LoadError::Cancelled { model_id: id.to_string() })
+        };
         let note = |s, detail: String| handle.send(ModelLoadProgress::new(id.as_str(), s).with_detail(detail));
 
         step(ModelLoadStep::CacheCheck)?;
@@ -388,9 +412,15 @@ impl LoaderService {
             .collect::<Result<Vec<_>, _>>()?;
         let total = plan.read_bytes();
         let mut bytes = ByteProgress::new(id.as_str(), ModelLoadStep::LoadWeights, total, handle);
-        let tensors = read::read_all(id, &plan, &files, self.config.read_threads, cancel, BYTE_PROGRESS_INTERVAL, |done, file| {
-            bytes.update(done, file)
-        })?;
+        let tensors = read::read_all(
+            id,
+            &plan,
+            &files,
+            self.config.read_threads,
+            cancel,
+            BYTE_PROGRESS_INTERVAL,
+            |done, file| bytes.update(done, file),
+        )?;
         drop(files);
 
         step(ModelLoadStep::LoadComplete)?;
@@ -400,7 +430,10 @@ impl LoaderService {
         let candle_device = self.resources.candle_device(device)?;
         let tensors = match device {
             DeviceId::Cpu => {
-                note(ModelLoadStep::MoveToDevice, "cpu: the tensors are already in host memory, nothing to copy".into());
+                note(
+                    ModelLoadStep::MoveToDevice,
+                    "cpu: the tensors are already in host memory, nothing to copy".into(),
+                );
                 tensors
             }
             DeviceId::Cuda(_) => tensors

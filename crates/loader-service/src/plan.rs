@@ -287,12 +287,9 @@ impl Planner<'_> {
         let plan = read_header(&file, &display).map_err(|e| match e {
             HeaderError::Io(source) => self.read_error(&display, source),
             HeaderError::Corrupt(reason) => self.corrupt(&display, reason),
-            HeaderError::Unsupported { tensor, dtype } => LoadError::UnsupportedDtype {
-                model_id: self.id.to_string(),
-                file: display.clone(),
-                tensor,
-                dtype,
-            },
+            HeaderError::Unsupported { tensor, dtype } => {
+                LoadError::UnsupportedDtype { model_id: self.id.to_string(), file: display.clone(), tensor, dtype }
+            }
         })?;
         Ok(FilePlan { path: path.to_owned(), display, ..plan })
     }
@@ -320,7 +317,9 @@ fn read_header(file: &File, display: &str) -> Result<FilePlan, HeaderError> {
     file.read_exact_at(&mut len, 0).map_err(HeaderError::Io)?;
     let header_len = u64::from_le_bytes(len);
     if header_len > MAX_HEADER_BYTES {
-        return Err(HeaderError::Corrupt(format!("header length {header_len} exceeds the limit of {MAX_HEADER_BYTES}")));
+        return Err(HeaderError::Corrupt(format!(
+            "header length {header_len} exceeds the limit of {MAX_HEADER_BYTES}"
+        )));
     }
     if 8 + header_len > file_bytes {
         return Err(HeaderError::Corrupt(format!(

@@ -67,6 +67,7 @@ pub fn read_all(
     let first_error: Mutex<Option<LoadError>> = Mutex::new(None);
     let results: Mutex<Vec<ReadTensor>> = Mutex::new(Vec::with_capacity(jobs.len()));
     let threads = threads.clamp(1, jobs.len().max(1));
+    on_progress(0, file_names.first().unwrap_or(&""));
 
     std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
@@ -96,7 +97,10 @@ pub fn read_all(
             .collect();
         // This thread reports progress while the workers read.
         while !workers.iter().all(|w| w.is_finished()) {
-            on_progress(done_bytes.load(Ordering::Relaxed), file_names.get(current_file.load(Ordering::Relaxed)).unwrap_or(&""));
+            on_progress(
+                done_bytes.load(Ordering::Relaxed),
+                file_names.get(current_file.load(Ordering::Relaxed)).unwrap_or(&""),
+            );
             std::thread::park_timeout(interval);
         }
     });

@@ -44,9 +44,11 @@ impl Located {
     /// the root; `Ok(None)` if it does not exist.
     pub fn open(&self, model_id: &ModelId, path: &Path) -> Result<Option<File>, LoadError> {
         let Some(real) = self.confine(model_id, path)? else { return Ok(None) };
-        File::open(&real)
-            .map(Some)
-            .map_err(|source| LoadError::ReadWeights { model_id: model_id.to_string(), file: self.display(path), source })
+        File::open(&real).map(Some).map_err(|source| LoadError::ReadWeights {
+            model_id: model_id.to_string(),
+            file: self.display(path),
+            source,
+        })
     }
 
     /// The canonical path of `path` if it exists and stays inside the root.
@@ -55,7 +57,11 @@ impl Located {
             Ok(real) => real,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => {
-                return Err(LoadError::ReadWeights { model_id: model_id.to_string(), file: self.display(path), source });
+                return Err(LoadError::ReadWeights {
+                    model_id: model_id.to_string(),
+                    file: self.display(path),
+                    source,
+                });
             }
         };
         if !real.starts_with(&self.root) {
@@ -187,4 +193,46 @@ mod tests {
         let err = locate(&config, &id("escape"), &Revision::default()).expect_err("refused");
         assert!(matches!(err, LoadError::PathEscapes { .. }), "{err}");
     }
+}
+
+/// The ids of the models in the model root: folders (`name` or `org/name`) holding a config,
+/// a pipeline index or safetensors files.
+pub fn local_models(config: &SourceConfig) -> Vec<ModelId> {
+    let Some(root) = &config.model_root else { return Vec::new() };
+    let mut found = Vec::new();
+    for (name, path) in subdirs(root) {
+        if looks_like_model(&path) {
+            found.extend(ModelId::parse(&name).ok());
+        } else {
+            for (inner, inner_path) in subdirs(&path) {
+                if looks_like_model(&inner_path) {
+                    found.extend(ModelId::parse(&format!("{name}/{inner}")).ok());
+                }
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+fn subdirs(dir: &Path) -> Vec<(String, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    entries
+        .filter_map(|e| {
+            let e = e.ok()?;
+            // Symlinked folders are listed only if they are folders; loading checks confinement.
+            let path = e.path();
+            path.is_dir().then(|| Some((e.file_name().into_string().ok()?, path)))?
+        })
+        .collect()
+}
+
+fn looks_like_model(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).any(|n| {
+        n == "config.json"
+            || n == "model_index.json"
+            || n.ends_with(".safetensors")
+            || n.ends_with(".safetensors.index.json")
+    })
 }

@@ -1,1 +1,298 @@
-//! placeholder
+//! The facade (seed 004): [`ModelManager`] owns the state manager, the resource manager, the
+//! pipeline manager and the loader service, and is all the server talks to.
+//!
+//! It assembles answers from the four (a status is the state plus the pipeline's facts), and owns
+//! what spans them: unloading (state, pipeline and memory together), watching, and shutdown.
+//! It never speaks gRPC and never reads model files itself.
+
+use std::{collections::VecDeque, sync::Arc};
+
+use loader_service::{LoaderConfig, LoaderService};
+use pipeline_manager::{PipelineManager, ReadBackError, TensorInfo};
+use resource_manager::{DeviceRequest, DeviceUsage, MemoryBudget, ResourceError, ResourceManager};
+use state_manager::{InvalidTransition, ModelState, StateEvent, StateManager, Transition};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+pub use loader_service::{
+    DEFAULT_MAX_CONCURRENT_LOADS, InvalidRequest, LoadError, LoadOutcome, LoadRequest, LoadSubscription, LoadUpdate,
+    ModelId, Revision, SourceConfig, TargetDtype,
+};
+pub use pipeline_manager;
+pub use resource_manager;
+pub use state_manager::{self, LoadFacts, ModelSource, ModelStatus};
+pub use steps;
+
+/// How many status and progress events a slow watcher may fall behind before it is given a
+/// fresh snapshot.
+pub const DEFAULT_EVENT_CAPACITY: usize = 4096;
+
+/// Everything the facade needs to build the four managers.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    pub loader: LoaderConfig,
+    pub budget: MemoryBudget,
+    pub default_device: DeviceRequest,
+    /// See [`DEFAULT_EVENT_CAPACITY`].
+    pub event_capacity: usize,
+    /// Overrides the CPU capacity read from the machine (tests).
+    pub cpu_capacity: Option<u64>,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        Self {
+            loader: LoaderConfig::default(),
+            budget: MemoryBudget::default(),
+            default_device: DeviceRequest::Cpu,
+            event_capacity: DEFAULT_EVENT_CAPACITY,
+            cpu_capacity: None,
+        }
+    }
+}
+
+/// Why a request to the facade failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ManagerError {
+    #[error(transparent)]
+    Load(Arc<LoadError>),
+    #[error("model {model_id} is not loaded (it is {state})")]
+    NotLoaded { model_id: String, state: ModelState },
+    #[error(transparent)]
+    ReadBack(Arc<ReadBackError>),
+}
+
+impl ManagerError {
+    /// A stable name per variant, for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Load(e) => e.kind(),
+            Self::NotLoaded { .. } => "not_loaded",
+            Self::ReadBack(_) => "read_back",
+        }
+    }
+}
+
+impl From<LoadError> for ManagerError {
+    fn from(e: LoadError) -> Self {
+        Self::Load(Arc::new(e))
+    }
+}
+
+impl From<InvalidRequest> for ManagerError {
+    fn from(e: InvalidRequest) -> Self {
+        LoadError::from(e).into()
+    }
+}
+
+impl From<ResourceError> for ManagerError {
+    fn from(e: ResourceError) -> Self {
+        LoadError::from(e).into()
+    }
+}
+
+/// What an unload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unloaded {
+    pub was_loaded: bool,
+    pub freed_bytes: u64,
+}
+
+/// The facade over the four managers.
+pub struct ModelManager {
+    state: Arc<StateManager>,
+    resources: ResourceManager,
+    pipelines: Arc<PipelineManager>,
+    loader: Arc<LoaderService>,
+    /// Cancelled at shutdown: ends every watch stream.
+    shutdown: CancellationToken,
+}
+
+impl ModelManager {
+    pub fn new(config: ManagerConfig) -> Result<Self, ManagerError> {
+        let state = Arc::new(StateManager::new(config.event_capacity));
+        let resources = match config.cpu_capacity {
+            Some(capacity) => ResourceManager::with_cpu_capacity(capacity, config.budget, config.default_device),
+            None => ResourceManager::new(config.budget, config.default_device),
+        }?;
+        let pipelines = Arc::new(PipelineManager::new());
+        let loader = LoaderService::new(config.loader, state.clone(), resources.clone(), pipelines.clone());
+        Ok(Self { state, resources, pipelines, loader, shutdown: CancellationToken::new() })
+    }
+
+    /// Starts or joins a load (see [`LoaderService::load`]).
+    pub async fn load(&self, request: LoadRequest) -> Result<LoadSubscription, ManagerError> {
+        Ok(self.loader.load(request).await?)
+    }
+
+    /// Cancels the model's load in flight; true if there was one.
+    pub fn cancel(&self, model_id: &ModelId) -> bool {
+        self.loader.cancel(model_id)
+    }
+
+    /// Frees the model: cancels its load if it is loading, drops its pipeline (tensors and
+    /// accounting together) if it is loaded, forgets its failure if it failed. Idempotent.
+    pub async fn unload(&self, model_id: &ModelId) -> Result<Unloaded, ManagerError> {
+        let id = model_id.as_str();
+        loop {
+            if let Some(load) = self.loader.in_flight(model_id) {
+                load.cancel();
+                let _ = load.finished().await;
+                // The load may have finished before it saw the cancel: look again.
+                continue;
+            }
+            match self.state.apply(id, Transition::StartUnload) {
+                Ok(_) => {
+                    let freed_bytes = self.pipelines.remove(id).map_or(0, |p| p.weight_bytes());
+                    self.state.apply(id, Transition::UnloadFinished).map_err(internal)?;
+                    tracing::info!(model_id = id, freed_bytes, "model unloaded");
+                    return Ok(Unloaded { was_loaded: true, freed_bytes });
+                }
+                Err(InvalidTransition { current: ModelState::Failed, .. }) => {
+                    // Another caller may clear it first; either way it ends UNLOADED.
+                    let _ = self.state.apply(id, Transition::ClearFailure);
+                    return Ok(Unloaded { was_loaded: false, freed_bytes: 0 });
+                }
+                Err(InvalidTransition { current: ModelState::Unloaded, .. }) => {
+                    return Ok(Unloaded { was_loaded: false, freed_bytes: 0 });
+                }
+                // Another unload is under way, or a load has just begun: wait, then look again.
+                Err(InvalidTransition { current, .. }) => {
+                    if current == ModelState::Loading {
+                        tokio::task::yield_now().await;
+                    } else {
+                        self.state.wait_while(id, current).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The model's status: tracked, or UNLOADED if it can be found; NOT_FOUND otherwise.
+    pub fn get(&self, model_id: &ModelId) -> Result<ModelStatus, ManagerError> {
+        if let Some(status) = self.state.get(model_id.as_str()) {
+            return Ok(status);
+        }
+        if self.loader.exists(model_id) {
+            return Ok(ModelStatus::unloaded(model_id.as_str()));
+        }
+        Err(LoadError::NotFound {
+            model_id: model_id.to_string(),
+            reason: "not in the model root or the HF cache, and never loaded".into(),
+        }
+        .into())
+    }
+
+    /// Every model of the model root and every tracked model, sorted by id.
+    pub fn list(&self) -> Vec<ModelStatus> {
+        let mut all = self.state.all();
+        for id in self.loader.local_models() {
+            if !all.iter().any(|s| s.model_id == id.as_str()) {
+                all.push(ModelStatus::unloaded(id.as_str()));
+            }
+        }
+        all.sort_by(|a, b| a.model_id.cmp(&b.model_id));
+        all
+    }
+
+    pub fn resources(&self) -> Vec<DeviceUsage> {
+        self.resources.usage()
+    }
+
+    /// What is resident for a LOADED model; checksums are computed on a blocking thread.
+    pub async fn tensors(&self, model_id: &ModelId, with_checksums: bool) -> Result<Vec<TensorInfo>, ManagerError> {
+        let Some(pipeline) = self.pipelines.get(model_id.as_str()) else {
+            return Err(ManagerError::NotLoaded {
+                model_id: model_id.to_string(),
+                state: self.state.state(model_id.as_str()),
+            });
+        };
+        tokio::task::spawn_blocking(move || pipeline.tensor_infos(with_checksums))
+            .await
+            .map_err(|e| {
+                ManagerError::from(LoadError::Internal { model_id: model_id.to_string(), reason: e.to_string() })
+            })?
+            .map_err(|e| ManagerError::ReadBack(Arc::new(e)))
+    }
+
+    /// A snapshot of one model (or of all, for `None`), then every later change.
+    pub fn watch(self: &Arc<Self>, model_id: Option<ModelId>) -> WatchSubscription {
+        let rx = self.state.subscribe();
+        let pending = self.snapshot(model_id.as_ref()).into();
+        WatchSubscription { manager: self.clone(), filter: model_id, rx, pending }
+    }
+
+    fn snapshot(&self, model_id: Option<&ModelId>) -> Vec<StateEvent> {
+        let statuses = match model_id {
+            Some(id) => vec![self.state.get(id.as_str()).unwrap_or_else(|| ModelStatus::unloaded(id.as_str()))],
+            None => self.list(),
+        };
+        statuses.into_iter().map(StateEvent::Status).collect()
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.loader.is_shutting_down()
+    }
+
+    /// Refuses new loads, cancels those in flight and waits for them, drops every model, and
+    /// ends every watch stream.
+    pub async fn shutdown(&self) {
+        self.loader.shutdown().await;
+        for status in self.state.all() {
+            if status.state == ModelState::Loaded
+                && let Ok(id) = ModelId::parse(&status.model_id)
+            {
+                let _ = self.unload(&id).await;
+            }
+        }
+        self.shutdown.cancel();
+    }
+}
+
+fn internal(e: InvalidTransition) -> ManagerError {
+    tracing::error!(cause = %e, "state transition refused during an unload");
+    LoadError::Internal { model_id: e.model_id.clone(), reason: e.to_string() }.into()
+}
+
+/// The events one WatchModels caller receives.
+pub struct WatchSubscription {
+    manager: Arc<ModelManager>,
+    filter: Option<ModelId>,
+    rx: broadcast::Receiver<StateEvent>,
+    pending: VecDeque<StateEvent>,
+}
+
+impl WatchSubscription {
+    /// The next event; a watcher that fell behind gets a fresh snapshot instead of a gap.
+    /// `None` once the server shuts down.
+    pub async fn next(&mut self) -> Option<StateEvent> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Some(event);
+            }
+            let received = tokio::select! {
+                received = self.rx.recv() => received,
+                () = self.manager.shutdown.cancelled() => return None,
+            };
+            match received {
+                Ok(event) if self.wanted(&event) => return Some(event),
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::debug!(missed, "watcher fell behind; sending a fresh snapshot");
+                    self.rx = self.rx.resubscribe();
+                    self.pending = self.manager.snapshot(self.filter.as_ref()).into();
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    fn wanted(&self, event: &StateEvent) -> bool {
+        let Some(filter) = &self.filter else { return true };
+        let id = match event {
+            StateEvent::Status(s) => &s.model_id,
+            StateEvent::Progress(p) => &p.model_id,
+        };
+        id == filter.as_str()
+    }
+}

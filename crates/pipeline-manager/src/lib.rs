@@ -117,12 +117,8 @@ impl Pipeline {
     /// The dtype of the floating-point tensors ("F32", "BF16"), "mixed" when they differ, or the
     /// single dtype of a model without floats.
     pub fn dtype_summary(&self) -> String {
-        let floats: std::collections::BTreeSet<_> = self
-            .tensors()
-            .map(|(_, t)| t.tensor.dtype())
-            .filter(|d| d.is_float())
-            .map(dtype_name)
-            .collect();
+        let floats: std::collections::BTreeSet<_> =
+            self.tensors().map(|(_, t)| t.tensor.dtype()).filter(|d| d.is_float()).map(dtype_name).collect();
         match floats.len() {
             0 => self.tensors().next().map_or("", |(_, t)| t.dtype_name()).to_owned(),
             1 => floats.into_iter().next().unwrap_or_default().to_owned(),
@@ -138,8 +134,8 @@ impl Pipeline {
                 let name =
                     if component.name.is_empty() { t.name.clone() } else { format!("{}/{}", component.name, t.name) };
                 let sha256 = if with_checksums {
-                    let bytes = resident_bytes(&t.tensor)
-                        .map_err(|source| ReadBackError { name: name.clone(), source })?;
+                    let bytes =
+                        resident_bytes(&t.tensor).map_err(|source| ReadBackError { name: name.clone(), source })?;
                     Some(hex::encode(Sha256::digest(&bytes)))
                 } else {
                     None
@@ -222,8 +218,8 @@ mod tests {
     use super::*;
 
     fn pipeline(components: Vec<Component>) -> (ResourceManager, Pipeline) {
-        let rm = ResourceManager::with_cpu_capacity(1 << 30, MemoryBudget::Bytes(1 << 20), DeviceRequest::Cpu)
-            .expect("cpu");
+        let rm =
+            ResourceManager::with_cpu_capacity(1 << 30, MemoryBudget::Bytes(1 << 20), DeviceRequest::Cpu).expect("cpu");
         let allocation = rm.reserve(DeviceId::Cpu, "m", 0).expect("fits").commit(64);
         let pipeline = Pipeline {
             model_id: "m".into(),

@@ -357,10 +357,7 @@ mod tests {
         }
         let m = manager(1000, MemoryBudget::Bytes(100));
         assert_eq!(m.resolve(None), Ok(DeviceId::Cpu));
-        assert!(matches!(
-            m.resolve(Some(DeviceRequest::Cuda(Some(0)))),
-            Err(ResourceError::DeviceUnavailable { .. })
-        ));
+        assert!(matches!(m.resolve(Some(DeviceRequest::Cuda(Some(0)))), Err(ResourceError::DeviceUnavailable { .. })));
     }
 
     /// Budgets parse as sizes or percentages.
@@ -383,7 +380,13 @@ mod tests {
         let err = m.reserve(DeviceId::Cpu, "b", 50).expect_err("over budget");
         assert_eq!(
             err,
-            ResourceError::OverBudget { device: DeviceId::Cpu, model_id: "b".into(), needed: 50, free: 40, budget: 100 }
+            ResourceError::OverBudget {
+                device: DeviceId::Cpu,
+                model_id: "b".into(),
+                needed: 50,
+                free: 40,
+                budget: 100
+            }
         );
         assert!(err.to_string().contains("needs 50 bytes, 40 bytes free"));
         let alloc = a.commit(55);

@@ -1,1 +1,138 @@
-//! placeholder
+//! The `model-loader` server: the tonic service over the [`ModelManager`] facade, gRPC health and
+//! reflection, configuration from flags, logs, and graceful shutdown.
+//!
+//! This is the only crate that knows tonic's server side or parses flags. It holds no model
+//! logic: every request is converted, handed to the facade, and its answer converted back.
+
+pub mod cli;
+mod convert;
+mod service;
+mod status;
+
+use std::{future::Future, sync::Arc};
+
+use anyhow::Context;
+use model_manager::ModelManager;
+use proto::v1::model_loader_server::ModelLoaderServer;
+use tokio::net::TcpListener;
+use tonic::transport::{Server, server::TcpIncoming};
+use tonic_health::server::HealthReporter;
+
+pub use crate::{
+    cli::{Cli, LogFormat, ServerConfig},
+    service::ModelLoaderService,
+};
+
+/// Installs the global log subscriber: `RUST_LOG` filters (default `info`); JSON for clusters.
+pub fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::{EnvFilter, fmt};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler succeeds at start-up");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains: readiness NOT_SERVING, new loads
+/// refused, loads in flight cancelled (their streams end), watch streams ended, models dropped,
+/// connections closed, all within the configured grace.
+pub async fn run(
+    config: ServerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let manager = Arc::new(ModelManager::new(config.manager.clone()).context("building the model manager")?);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_not_serving::<ModelLoaderServer<ModelLoaderService>>().await;
+    let preload = tokio::spawn(preload(manager.clone(), health.clone(), config.preload.clone()));
+
+    // Both reflection versions know every service (grpcurl 1.8 speaks only v1alpha).
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().context("building reflection v1")?;
+    let reflection_v1alpha = reflection().build_v1alpha().context("building reflection v1alpha")?;
+
+    let addr = listener.local_addr().context("reading the listening address")?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(ModelLoaderServer::new(ModelLoaderService::new(manager.clone())))
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
+            let _ = stop_rx.await;
+        });
+    let mut server = tokio::spawn(server);
+    tracing::info!(%addr, "serving modelloader.v1.ModelLoader");
+
+    tokio::select! {
+        result = &mut server => return result.context("server task")?.context("serving"),
+        () = shutdown => {}
+    }
+
+    let deadline = tokio::time::Instant::now() + config.shutdown_grace;
+    tracing::info!(grace = ?config.shutdown_grace, "shutting down");
+    health.set_not_serving::<ModelLoaderServer<ModelLoaderService>>().await;
+    preload.abort();
+    if tokio::time::timeout_at(deadline, manager.shutdown()).await.is_err() {
+        tracing::warn!("loads did not end within the shutdown grace");
+    }
+    let _ = stop_tx.send(());
+    match tokio::time::timeout_at(deadline, &mut server).await {
+        Ok(result) => result.context("server task")?.context("serving")?,
+        Err(_) => {
+            tracing::warn!("connections still open at the end of the shutdown grace; closing them");
+            server.abort();
+        }
+    }
+    tracing::info!("shut down");
+    Ok(())
+}
+
+/// Loads the `--preload` models, then turns readiness SERVING. A preload that fails leaves
+/// readiness NOT_SERVING (the error is in GetModel and the log).
+async fn preload(manager: Arc<ModelManager>, health: HealthReporter, models: Vec<model_manager::ModelId>) {
+    let mut all_loaded = true;
+    for id in models {
+        let request = model_manager::LoadRequest::new(id.clone());
+        let outcome = match manager.load(request).await {
+            Ok(mut sub) => {
+                let mut outcome = Ok(());
+                while let Some(update) = sub.next().await {
+                    if let model_manager::LoadUpdate::Done(done) = update {
+                        outcome = done.map_err(|e| e.to_string());
+                    }
+                }
+                outcome
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(cause) = outcome {
+            tracing::error!(model_id = %id, %cause, "preload failed; readiness stays NOT_SERVING");
+            all_loaded = false;
+        }
+    }
+    if all_loaded {
+        health.set_serving::<ModelLoaderServer<ModelLoaderService>>().await;
+    }
+}

@@ -180,7 +180,8 @@ impl StateManager {
                 record.error = Some(reason);
                 record.facts.weight_bytes = 0;
             }
-            Transition::LoadCancelled | Transition::UnloadFinished => record.facts.weight_bytes = 0,
+            // Nothing of the model stays resident: its facts went with it.
+            Transition::LoadCancelled | Transition::UnloadFinished => record.facts = LoadFacts::default(),
             Transition::ClearFailure => record.error = None,
             Transition::StartUnload => {}
         }
@@ -264,9 +265,8 @@ mod tests {
     #[test]
     fn every_state_is_entered_and_left() {
         for state in all_states() {
-            let entered = all_states()
-                .iter()
-                .any(|&from| all_transitions().iter().any(|t| t.target(from) == Some(state)));
+            let entered =
+                all_states().iter().any(|&from| all_transitions().iter().any(|t| t.target(from) == Some(state)));
             let left = all_transitions().iter().any(|t| t.target(state).is_some_and(|to| to != state));
             assert!(entered, "{state} cannot be entered");
             assert!(left, "{state} cannot be left");
@@ -292,7 +292,7 @@ mod tests {
         let facts = LoadFacts { weight_bytes: 10, ..LoadFacts::default() };
         assert_eq!(m.apply("a", Transition::LoadSucceeded(facts)).expect("ok").facts.weight_bytes, 10);
         m.apply("a", Transition::StartUnload).expect("unload");
-        assert_eq!(m.apply("a", Transition::UnloadFinished).expect("done").facts.weight_bytes, 0);
+        assert_eq!(m.apply("a", Transition::UnloadFinished).expect("done").facts, LoadFacts::default());
         m.apply("a", Transition::StartLoad { device: "cpu".into() }).expect("start again");
         let failed = m.apply("a", Transition::LoadFailed { reason: "bad file".into() }).expect("fail");
         assert_eq!(failed.error.as_deref(), Some("bad file"));
@@ -305,10 +305,7 @@ mod tests {
                 StateEvent::Progress(p) => format!("step {}", p.step.number()),
             });
         }
-        assert_eq!(
-            states,
-            ["LOADING", "step 1", "LOADED", "UNLOADING", "UNLOADED", "LOADING", "FAILED", "LOADING"]
-        );
+        assert_eq!(states, ["LOADING", "step 1", "LOADED", "UNLOADING", "UNLOADED", "LOADING", "FAILED", "LOADING"]);
     }
 
     /// Progress of a model that is not loading is dropped.
@@ -336,9 +333,6 @@ mod tests {
         });
         tokio::task::yield_now().await;
         m.apply("a", Transition::UnloadFinished).expect("done");
-        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
-            .await
-            .expect("woken")
-            .expect("no panic");
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.expect("woken").expect("no panic");
     }
 }

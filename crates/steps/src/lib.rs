@@ -137,11 +137,7 @@ pub fn emit_step(
 }
 
 /// [`emit_step`] with a `detail` (and possibly byte fields) already filled in.
-pub fn emit(
-    progress: ModelLoadProgress,
-    cancel: &CancellationToken,
-    sink: &dyn ProgressSink,
-) -> Result<(), Cancelled> {
+pub fn emit(progress: ModelLoadProgress, cancel: &CancellationToken, sink: &dyn ProgressSink) -> Result<(), Cancelled> {
     if cancel.is_cancelled() {
         return Err(Cancelled);
     }
@@ -191,9 +187,7 @@ impl<'a> ByteProgress<'a> {
             self.last_sent = Some((now, done));
             tracing::debug!(model_id = self.model_id, step = self.step.number(), done, total = self.total, "bytes");
             self.sink.send(
-                ModelLoadProgress::new(self.model_id, self.step)
-                    .with_detail(detail)
-                    .with_bytes(done, self.total),
+                ModelLoadProgress::new(self.model_id, self.step).with_detail(detail).with_bytes(done, self.total),
             );
         }
     }

@@ -1,0 +1,190 @@
+//! The command line: every flag is also an environment variable `MODEL_LOADER_<FLAG>`; the
+//! Hugging Face ones also honour the usual `HF_*` variables. Parsed once into a [`ServerConfig`].
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Parser, ValueEnum};
+use model_manager::{
+    DEFAULT_EVENT_CAPACITY, ManagerConfig, SourceConfig, TargetDtype,
+    resource_manager::{DeviceRequest, MemoryBudget},
+};
+
+/// Where the server listens unless told otherwise.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+/// The bundled demo models, relative to the working directory (the repository root for
+/// `cargo run`).
+pub const DEFAULT_MODEL_ROOT: &str = "models";
+pub const DEFAULT_SHUTDOWN_GRACE: &str = "10s";
+
+/// model-loader: a gRPC service that loads safetensors models onto a device, keeps them
+/// resident, and streams every load's eight steps to its clients.
+#[derive(Debug, Parser)]
+#[command(name = "model-loader", version)]
+pub struct Cli {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "MODEL_LOADER_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+
+    /// Folder of local models, one folder per model id (`name` or `org/name`).
+    #[arg(long, env = "MODEL_LOADER_MODEL_ROOT", default_value = DEFAULT_MODEL_ROOT)]
+    pub model_root: PathBuf,
+
+    /// The Hugging Face hub cache [default: $HF_HUB_CACHE, else $HF_HOME/hub, else
+    /// ~/.cache/huggingface/hub].
+    #[arg(long, env = "MODEL_LOADER_HF_CACHE")]
+    pub hf_cache: Option<PathBuf>,
+
+    /// Never contact the hub (also set by HF_HUB_OFFLINE=1).
+    #[arg(long, env = "MODEL_LOADER_OFFLINE")]
+    pub offline: bool,
+
+    /// Device loads go to unless a request names one: "cpu", "cuda" or "cuda:N".
+    #[arg(long, env = "MODEL_LOADER_DEVICE", default_value = "cpu")]
+    pub device: String,
+
+    /// Convert floating-point tensors to this dtype unless a request names one [default: as stored].
+    #[arg(long, env = "MODEL_LOADER_DTYPE")]
+    pub dtype: Option<String>,
+
+    /// Most memory models may hold on a device: bytes ("8GiB", "500MB") or a share ("75%")
+    /// [default: 80% of the memory available at start-up].
+    #[arg(long, env = "MODEL_LOADER_MEMORY_BUDGET")]
+    pub memory_budget: Option<String>,
+
+    /// What to do when a load does not fit the budget.
+    #[arg(long, env = "MODEL_LOADER_EVICT", value_enum, default_value_t = Evict::None)]
+    pub evict: Evict,
+
+    /// Loads that read weights at once; later ones wait their turn.
+    #[arg(long, env = "MODEL_LOADER_MAX_CONCURRENT_LOADS", default_value_t = model_manager::DEFAULT_MAX_CONCURRENT_LOADS)]
+    pub max_concurrent_loads: usize,
+
+    /// Models to load at start-up (repeatable); readiness turns SERVING once they are loaded.
+    #[arg(long, env = "MODEL_LOADER_PRELOAD", value_delimiter = ',')]
+    pub preload: Vec<String>,
+
+    /// Log format.
+    #[arg(long, env = "MODEL_LOADER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// How long shutdown may take before remaining connections are dropped.
+    #[arg(long, env = "MODEL_LOADER_SHUTDOWN_GRACE", default_value = DEFAULT_SHUTDOWN_GRACE, value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// What to do when a load does not fit the budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Evict {
+    /// Refuse the load with RESOURCE_EXHAUSTED.
+    None,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Everything the server needs, validated.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub manager: ManagerConfig,
+    pub preload: Vec<model_manager::ModelId>,
+    pub shutdown_grace: Duration,
+    pub log_format: LogFormat,
+}
+
+impl Cli {
+    /// Validates the flags into a [`ServerConfig`]; `env` looks up the HF variables.
+    pub fn into_config(self, env: impl Fn(&str) -> Option<String>) -> Result<ServerConfig, String> {
+        let default_device: DeviceRequest = self.device.parse().map_err(|e| format!("--device: {e}"))?;
+        let default_dtype =
+            self.dtype.as_deref().map(str::parse::<TargetDtype>).transpose().map_err(|e| format!("--dtype: {e}"))?;
+        let budget = match &self.memory_budget {
+            Some(b) => b.parse::<MemoryBudget>().map_err(|e| format!("--memory-budget: {e}"))?,
+            None => MemoryBudget::default(),
+        };
+        let preload = self
+            .preload
+            .iter()
+            .map(|id| model_manager::ModelId::parse(id).map_err(|e| format!("--preload: {e}")))
+            .collect::<Result<_, _>>()?;
+        let offline =
+            self.offline || env("HF_HUB_OFFLINE").is_some_and(|v| matches!(v.as_str(), "1" | "true" | "yes" | "on"));
+        let hf_cache = self.hf_cache.or_else(|| default_hf_cache(&env));
+        let mut manager = ManagerConfig {
+            budget,
+            default_device,
+            event_capacity: DEFAULT_EVENT_CAPACITY,
+            ..ManagerConfig::default()
+        };
+        manager.loader.sources = SourceConfig { model_root: Some(self.model_root), hf_cache, offline };
+        manager.loader.default_dtype = default_dtype;
+        manager.loader.max_concurrent_loads = self.max_concurrent_loads.max(1);
+        Ok(ServerConfig {
+            listen: self.listen,
+            manager,
+            preload,
+            shutdown_grace: self.shutdown_grace,
+            log_format: self.log_format,
+        })
+    }
+}
+
+/// `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub` (as huggingface_hub).
+fn default_hf_cache(env: &impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    if let Some(cache) = env("HF_HUB_CACHE") {
+        return Some(cache.into());
+    }
+    if let Some(home) = env("HF_HOME") {
+        return Some(PathBuf::from(home).join("hub"));
+    }
+    let base =
+        env("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("huggingface").join("hub"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<ServerConfig, String> {
+        let cli = Cli::try_parse_from(std::iter::once("model-loader").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        cli.into_config(|name| match name {
+            "HF_HOME" => Some("/hf".into()),
+            "HF_HUB_OFFLINE" => Some("1".into()),
+            _ => None,
+        })
+    }
+
+    /// With no flags the server listens on the default address with the bundled model root.
+    #[test]
+    fn defaults() {
+        let config = parse(&[]).expect("defaults are valid");
+        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.manager.loader.sources.model_root, Some(PathBuf::from("models")));
+        assert_eq!(config.manager.loader.sources.hf_cache, Some(PathBuf::from("/hf/hub")));
+        assert!(config.manager.loader.sources.offline, "HF_HUB_OFFLINE=1 is honoured");
+        assert_eq!(config.shutdown_grace, Duration::from_secs(10));
+    }
+
+    /// Flags are validated into typed values; bad ones are refused with the flag's name.
+    #[test]
+    fn flags_are_validated() {
+        let config =
+            parse(&["--dtype", "bf16", "--memory-budget", "2GiB", "--preload", "a/b,c", "--shutdown-grace", "3s"])
+                .expect("valid");
+        assert_eq!(config.manager.loader.default_dtype, Some(TargetDtype::BF16));
+        assert_eq!(config.manager.budget, MemoryBudget::Bytes(2 << 30));
+        assert_eq!(config.preload.len(), 2);
+        assert!(parse(&["--device", "gpu"]).expect_err("bad device").contains("--device"));
+        assert!(parse(&["--dtype", "int4"]).expect_err("bad dtype").contains("--dtype"));
+        assert!(parse(&["--preload", "../x"]).expect_err("bad id").contains("--preload"));
+        assert!(parse(&["--memory-budget", "lots"]).is_err());
+    }
+}

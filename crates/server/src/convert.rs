@@ -1,0 +1,119 @@
+//! Conversions at the edge: proto requests into validated domain types (INVALID_ARGUMENT when
+//! they are not), domain values into proto messages.
+
+use model_manager::{
+    LoadRequest, ModelId, ModelSource, ModelStatus, Revision, TargetDtype,
+    pipeline_manager::TensorInfo,
+    resource_manager::{DeviceRequest, DeviceUsage},
+    state_manager::{ModelState, StateEvent},
+    steps::{ModelLoadPhase, ModelLoadProgress},
+};
+use proto::v1 as pb;
+use tonic::Status;
+
+fn invalid(e: impl ToString) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+pub fn model_id(id: &str) -> Result<ModelId, Status> {
+    ModelId::parse(id).map_err(invalid)
+}
+
+pub fn load_request(r: pb::LoadModelRequest) -> Result<LoadRequest, Status> {
+    Ok(LoadRequest {
+        model_id: model_id(&r.model_id)?,
+        revision: match r.revision.as_deref() {
+            None | Some("") => Revision::default(),
+            Some(rev) => Revision::parse(rev).map_err(invalid)?,
+        },
+        device: match r.device.as_deref() {
+            None | Some("") => None,
+            Some(d) => Some(d.parse::<DeviceRequest>().map_err(invalid)?),
+        },
+        dtype: match r.dtype.as_deref() {
+            None | Some("") => None,
+            Some(d) => Some(d.parse::<TargetDtype>().map_err(invalid)?),
+        },
+    })
+}
+
+pub fn progress(p: ModelLoadProgress) -> pb::ModelLoadProgress {
+    pb::ModelLoadProgress {
+        step: p.step.number(),
+        total: p.total(),
+        phase: phase(p.phase()) as i32,
+        message: p.message().to_owned(),
+        model_id: p.model_id,
+        detail: p.detail,
+        bytes_done: p.bytes_done,
+        bytes_total: p.bytes_total,
+    }
+}
+
+fn phase(p: ModelLoadPhase) -> pb::ModelLoadPhase {
+    match p {
+        ModelLoadPhase::Initialization => pb::ModelLoadPhase::Initialization,
+        ModelLoadPhase::Loading => pb::ModelLoadPhase::Loading,
+        ModelLoadPhase::Device => pb::ModelLoadPhase::Device,
+        ModelLoadPhase::Optimization => pb::ModelLoadPhase::Optimization,
+        ModelLoadPhase::Finalization => pb::ModelLoadPhase::Finalization,
+    }
+}
+
+pub fn status(s: ModelStatus) -> pb::ModelStatus {
+    let state = match s.state {
+        ModelState::Unloaded => pb::ModelState::Unloaded,
+        ModelState::Loading => pb::ModelState::Loading,
+        ModelState::Loaded => pb::ModelState::Loaded,
+        ModelState::Unloading => pb::ModelState::Unloading,
+        ModelState::Failed => pb::ModelState::Failed,
+    };
+    let source = match s.facts.source {
+        None => pb::ModelSource::Unspecified,
+        Some(ModelSource::Local) => pb::ModelSource::Local,
+        Some(ModelSource::Cache) => pb::ModelSource::Cache,
+        Some(ModelSource::Hub) => pb::ModelSource::Hub,
+    };
+    pb::ModelStatus {
+        model_id: s.model_id,
+        state: state as i32,
+        last_progress: s.last_progress.map(progress),
+        device: s.facts.device,
+        dtype: s.facts.dtype,
+        revision: s.facts.revision,
+        weight_bytes: s.facts.weight_bytes,
+        sample_size: s.facts.sample_size,
+        error: s.error.unwrap_or_default(),
+        source: source as i32,
+    }
+}
+
+pub fn event(e: StateEvent) -> pb::ModelEvent {
+    pb::ModelEvent {
+        event: Some(match e {
+            StateEvent::Status(s) => pb::model_event::Event::Status(status(s)),
+            StateEvent::Progress(p) => pb::model_event::Event::Progress(progress(p)),
+        }),
+    }
+}
+
+pub fn device(d: DeviceUsage) -> pb::DeviceResources {
+    pb::DeviceResources {
+        name: d.device.to_string(),
+        total_bytes: d.total_bytes,
+        used_bytes: d.used_bytes,
+        reserved_bytes: d.reserved_bytes,
+        budget_bytes: d.budget_bytes,
+        models: d.models.into_iter().map(|(model_id, bytes)| pb::ModelResources { model_id, bytes }).collect(),
+    }
+}
+
+pub fn tensor(t: TensorInfo) -> pb::TensorInfo {
+    pb::TensorInfo {
+        name: t.name,
+        dtype: t.dtype.to_owned(),
+        shape: t.shape,
+        size_bytes: t.size_bytes,
+        sha256: t.sha256.unwrap_or_default(),
+    }
+}

@@ -1,0 +1,111 @@
+//! The `modelloader.v1.ModelLoader` service: converts requests, calls the facade, converts back.
+
+use std::{pin::Pin, sync::Arc};
+
+use futures::{Stream, stream};
+use model_manager::{LoadUpdate, ModelManager};
+use proto::v1::{self as pb, model_loader_server::ModelLoader};
+use tonic::{Request, Response, Status};
+
+use crate::{convert, status};
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The gRPC face of a [`ModelManager`].
+pub struct ModelLoaderService {
+    manager: Arc<ModelManager>,
+}
+
+impl ModelLoaderService {
+    pub fn new(manager: Arc<ModelManager>) -> Self {
+        Self { manager }
+    }
+}
+
+#[tonic::async_trait]
+impl ModelLoader for ModelLoaderService {
+    type LoadModelStream = ResponseStream<pb::ModelLoadProgress>;
+    type WatchModelsStream = ResponseStream<pb::ModelEvent>;
+
+    async fn load_model(
+        &self,
+        request: Request<pb::LoadModelRequest>,
+    ) -> Result<Response<Self::LoadModelStream>, Status> {
+        let request = convert::load_request(request.into_inner())?;
+        let subscription = self.manager.load(request).await.map_err(|e| status::from_manager(&e))?;
+        // The stream only listens: dropping it (the client left) does not touch the load.
+        let stream = stream::unfold(subscription, |mut sub| async move {
+            match sub.next().await? {
+                LoadUpdate::Progress(p) => Some((Ok(convert::progress(p)), sub)),
+                LoadUpdate::Done(Ok(())) => None,
+                LoadUpdate::Done(Err(e)) => Some((Err(status::from_load(&e)), sub)),
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn watch_models(
+        &self,
+        request: Request<pb::WatchModelsRequest>,
+    ) -> Result<Response<Self::WatchModelsStream>, Status> {
+        let id = request.into_inner().model_id;
+        let filter = if id.is_empty() { None } else { Some(convert::model_id(&id)?) };
+        let subscription = self.manager.watch(filter);
+        let stream = stream::unfold(subscription, |mut sub| async move {
+            let event = sub.next().await?;
+            Some((Ok(convert::event(event)), sub))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn cancel_load(
+        &self,
+        request: Request<pb::CancelLoadRequest>,
+    ) -> Result<Response<pb::CancelLoadResponse>, Status> {
+        let id = convert::model_id(&request.into_inner().model_id)?;
+        let was_loading = self.manager.cancel(&id);
+        tracing::info!(model_id = %id, was_loading, "cancel requested");
+        Ok(Response::new(pb::CancelLoadResponse { was_loading }))
+    }
+
+    async fn unload_model(
+        &self,
+        request: Request<pb::UnloadModelRequest>,
+    ) -> Result<Response<pb::UnloadModelResponse>, Status> {
+        let id = convert::model_id(&request.into_inner().model_id)?;
+        let unloaded = self.manager.unload(&id).await.map_err(|e| status::from_manager(&e))?;
+        Ok(Response::new(pb::UnloadModelResponse {
+            was_loaded: unloaded.was_loaded,
+            freed_bytes: unloaded.freed_bytes,
+        }))
+    }
+
+    async fn get_model(&self, request: Request<pb::GetModelRequest>) -> Result<Response<pb::ModelStatus>, Status> {
+        let id = convert::model_id(&request.into_inner().model_id)?;
+        let status = self.manager.get(&id).map_err(|e| status::from_manager(&e))?;
+        Ok(Response::new(convert::status(status)))
+    }
+
+    async fn list_models(&self, _: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let models = self.manager.list().into_iter().map(convert::status).collect();
+        Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+
+    async fn get_resources(
+        &self,
+        _: Request<pb::GetResourcesRequest>,
+    ) -> Result<Response<pb::GetResourcesResponse>, Status> {
+        let devices = self.manager.resources().into_iter().map(convert::device).collect();
+        Ok(Response::new(pb::GetResourcesResponse { devices }))
+    }
+
+    async fn list_tensors(
+        &self,
+        request: Request<pb::ListTensorsRequest>,
+    ) -> Result<Response<pb::ListTensorsResponse>, Status> {
+        let request = request.into_inner();
+        let id = convert::model_id(&request.model_id)?;
+        let tensors = self.manager.tensors(&id, request.with_checksums).await.map_err(|e| status::from_manager(&e))?;
+        Ok(Response::new(pb::ListTensorsResponse { tensors: tensors.into_iter().map(convert::tensor).collect() }))
+    }
+}

