@@ -34,6 +34,13 @@ impl TensorSpec {
         }
     }
 
+    /// A large F32 tensor, quick to build: a 1 MiB block of deterministic values, repeated.
+    pub fn f32_large(name: &str, elems: usize, seed: u64) -> Self {
+        let block = Self::f32(name, &[elems.min(1 << 18)], seed).data;
+        let data: Vec<u8> = block.iter().copied().cycle().take(elems * 4).collect();
+        Self { name: name.into(), dtype: Dtype::F32, shape: vec![elems], data }
+    }
+
     /// A BF16 tensor of deterministic values.
     pub fn bf16(name: &str, shape: &[usize], seed: u64) -> Self {
         let f = Self::f32(name, shape, seed);
@@ -156,6 +163,28 @@ pub fn sharded_model(dir: &Path, tensors: &[TensorSpec], shards: usize) -> anyho
 /// `count` F32 tensors of `elems` elements each, seeded by index.
 pub fn f32_tensors(prefix: &str, count: usize, elems: usize) -> Vec<TensorSpec> {
     (0..count).map(|i| TensorSpec::f32(&format!("{prefix}.{i}.weight"), &[elems], i as u64 + 1)).collect()
+}
+
+/// A model of about `mib` MiB in `shards` files of `per_shard` F32 tensors each, written one shard
+/// at a time so the builder never holds more than a shard in memory.
+pub fn large_sharded_model(dir: &Path, mib: usize, shards: usize, per_shard: usize) -> anyhow::Result<Expected> {
+    write_json(&dir.join("config.json"), &json!({"model_type": "test"}))?;
+    let elems = mib * (1 << 20) / 4 / (shards * per_shard);
+    let mut weight_map = serde_json::Map::new();
+    let mut expected = Expected::default();
+    for s in 0..shards {
+        let name = format!("model-{:05}-of-{:05}.safetensors", s + 1, shards);
+        let tensors: Vec<_> = (0..per_shard)
+            .map(|i| TensorSpec::f32_large(&format!("layers.{s}.{i}.weight"), elems, (s * per_shard + i) as u64 + 1))
+            .collect();
+        write_safetensors(&dir.join(&name), &tensors)?;
+        for t in &tensors {
+            weight_map.insert(t.name.clone(), json!(name));
+        }
+        expected.add("", &tensors);
+    }
+    write_json(&dir.join("model.safetensors.index.json"), &json!({"metadata": {}, "weight_map": weight_map}))?;
+    Ok(expected)
 }
 
 /// The bundled demo: a tiny diffusers-style pipeline (`unet` with `sample_size` 32, `vae`, and a

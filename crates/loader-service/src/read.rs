@@ -69,34 +69,37 @@ pub fn read_all(
     let threads = threads.clamp(1, jobs.len().max(1));
     on_progress(0, file_names.first().unwrap_or(&""));
 
+    // Workers wake the reporting thread when they stop, so a cancel or an error ends the step at
+    // once instead of at the next progress tick.
+    let reporter = std::thread::current();
+    let running = AtomicUsize::new(threads);
     std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    loop {
-                        if failed.load(Ordering::Relaxed) {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                let _wake = WakeOnDrop(&reporter, &running);
+                loop {
+                    if failed.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let Some(job) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) else { return };
+                    current_file.store(job.file, Ordering::Relaxed);
+                    match read_tensor(id, file_names[job.file], &files[job.file], job.tensor, cancel, &done_bytes) {
+                        Ok(tensor) => results.lock().unwrap_or_else(|p| p.into_inner()).push(ReadTensor {
+                            component: job.component,
+                            name: job.tensor.name.clone(),
+                            tensor,
+                        }),
+                        Err(e) => {
+                            failed.store(true, Ordering::Relaxed);
+                            first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
                             return;
                         }
-                        let Some(job) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) else { return };
-                        current_file.store(job.file, Ordering::Relaxed);
-                        match read_tensor(id, file_names[job.file], &files[job.file], job.tensor, cancel, &done_bytes) {
-                            Ok(tensor) => results.lock().unwrap_or_else(|p| p.into_inner()).push(ReadTensor {
-                                component: job.component,
-                                name: job.tensor.name.clone(),
-                                tensor,
-                            }),
-                            Err(e) => {
-                                failed.store(true, Ordering::Relaxed);
-                                first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
-                                return;
-                            }
-                        }
                     }
-                })
-            })
-            .collect();
+                }
+            });
+        }
         // This thread reports progress while the workers read.
-        while !workers.iter().all(|w| w.is_finished()) {
+        while running.load(Ordering::Acquire) > 0 {
             on_progress(
                 done_bytes.load(Ordering::Relaxed),
                 file_names.get(current_file.load(Ordering::Relaxed)).unwrap_or(&""),
@@ -109,6 +112,16 @@ pub fn read_all(
     }
     on_progress(done_bytes.load(Ordering::Relaxed), file_names.last().unwrap_or(&""));
     Ok(results.into_inner().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// Counts a worker out and wakes the reporting thread, however the worker stops.
+struct WakeOnDrop<'a>(&'a std::thread::Thread, &'a AtomicUsize);
+
+impl Drop for WakeOnDrop<'_> {
+    fn drop(&mut self) {
+        self.1.fetch_sub(1, Ordering::Release);
+        self.0.unpark();
+    }
 }
 
 fn read_tensor(

@@ -1,0 +1,426 @@
+//! Bad input of every kind gets its exact gRPC code, a message that names the reason, and leaves
+//! the server healthy: malformed ids, revisions, devices and dtypes, unknown models, pickle-only
+//! models, corrupt safetensors files, symlinks out of the model root, and ListTensors of a model
+//! that is not loaded.
+
+use std::path::Path;
+
+use proto::v1::{self as pb, model_loader_client::ModelLoaderClient};
+use serde_json::json;
+use tempfile::TempDir;
+use tests::{TestServer, fixture};
+use tonic::{Code, Status, transport::Channel};
+
+type Client = ModelLoaderClient<Channel>;
+
+/// The model every server in this file also has, to show it still loads after bad input.
+const GOOD: &str = "good";
+
+/// Ids the hub's rules refuse; none may reach the file system.
+fn malformed_ids() -> Vec<String> {
+    vec!["".into(), "../x".into(), "/abs".into(), "a//b".into(), "a\u{1}b".into(), "a".repeat(200), "a/b/c".into()]
+}
+
+/// A model root holding the good model; the test adds what it needs.
+fn model_root() -> TempDir {
+    let root = tempfile::tempdir().expect("tempdir");
+    fixture::single_file_model(&root.path().join(GOOD), &fixture::f32_tensors("layer", 4, 256)).expect("good model");
+    root
+}
+
+async fn start(root: &Path) -> (TestServer, Client) {
+    let server = TestServer::start(tests::config(root)).await;
+    let client = server.client().await;
+    (server, client)
+}
+
+/// Asserts `result` failed with `code`, and returns the status.
+fn expect_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, what: &str) -> Status {
+    let status = result.expect_err(&format!("{what} must fail with {code:?}"));
+    assert_eq!(status.code(), code, "{what}: {status:?}");
+    status
+}
+
+/// The server still answers and still loads: GetResources answers, the good model loads to
+/// LOADED, its tensors are listed, and it unloads again.
+async fn assert_healthy(client: &mut Client) {
+    let cpu = tests::cpu_resources(client).await;
+    assert!(cpu.budget_bytes > 0, "{cpu:?}");
+    let (messages, end) = tests::load_all(client, tests::load(GOOD)).await;
+    end.expect("the good model loads");
+    assert_eq!(messages.last().map(|m| m.step), Some(8), "{messages:?}");
+    assert_eq!(tests::state_of(client, GOOD).await, pb::ModelState::Loaded);
+    let tensors = client
+        .list_tensors(pb::ListTensorsRequest { model_id: GOOD.into(), with_checksums: false })
+        .await
+        .expect("ListTensors of the good model")
+        .into_inner()
+        .tensors;
+    assert_eq!(tensors.len(), 4);
+    let unloaded =
+        client.unload_model(pb::UnloadModelRequest { model_id: GOOD.into() }).await.expect("unload").into_inner();
+    assert!(unloaded.was_loaded);
+    assert_eq!(tests::state_of(client, GOOD).await, pb::ModelState::Unloaded);
+}
+
+/// GetModel of `id`: FAILED, with an error that contains every one of `needles`.
+async fn assert_failed_with(client: &mut Client, id: &str, needles: &[&str]) -> pb::ModelStatus {
+    let status = client.get_model(pb::GetModelRequest { model_id: id.into() }).await.expect("GetModel").into_inner();
+    assert_eq!(status.state(), pb::ModelState::Failed, "{status:?}");
+    assert!(!status.error.is_empty(), "a FAILED model says why: {status:?}");
+    for needle in needles {
+        assert!(status.error.contains(needle), "error {:?} should name {needle:?}", status.error);
+    }
+    assert_eq!(status.weight_bytes, 0, "nothing of a failed load is resident: {status:?}");
+    status
+}
+
+/// Nothing is resident or reserved on the CPU.
+async fn assert_nothing_resident(client: &mut Client) {
+    let cpu = tests::cpu_resources(client).await;
+    assert_eq!((cpu.used_bytes, cpu.reserved_bytes), (0, 0), "{cpu:?}");
+    assert!(cpu.models.is_empty(), "{cpu:?}");
+}
+
+/// Every id the server tracks or lists.
+async fn listed_ids(client: &mut Client) -> Vec<String> {
+    let models = client.list_models(pb::ListModelsRequest {}).await.expect("ListModels").into_inner().models;
+    models.into_iter().map(|m| m.model_id).collect()
+}
+
+/// LoadModel of malformed ids (empty, `../x`, `/abs`, `a//b`, a control character, 200
+/// characters, `a/b/c`) is INVALID_ARGUMENT, and none of them is tracked afterwards.
+#[tokio::test]
+async fn load_of_malformed_ids_is_invalid_argument() {
+    let root = model_root();
+    let (server, mut client) = start(root.path()).await;
+    for id in malformed_ids() {
+        let (messages, end) = tests::load_all(&mut client, tests::load(&id)).await;
+        expect_code(end, Code::InvalidArgument, &format!("LoadModel {id:?}"));
+        assert!(messages.is_empty(), "no step runs for {id:?}: {messages:?}");
+    }
+    assert_eq!(listed_ids(&mut client).await, vec![GOOD.to_owned()], "no malformed id is tracked");
+    assert_healthy(&mut client).await;
+    drop(client);
+    server.stop().await;
+}
+
+/// GetModel, UnloadModel, CancelLoad, ListTensors and WatchModels refuse malformed ids with
+/// INVALID_ARGUMENT too.
+#[tokio::test]
+async fn other_rpcs_refuse_malformed_ids() {
+    let root = model_root();
+    let (server, mut client) = start(root.path()).await;
+    for id in ["../x", "a\u{1}b", "a/b/c"] {
+        let model_id = id.to_owned();
+        let what = |rpc: &str| format!("{rpc} {id:?}");
+        expect_code(
+            client.get_model(pb::GetModelRequest { model_id: model_id.clone() }).await,
+            Code::InvalidArgument,
+            &what("GetModel"),
+        );
+        expect_code(
+            client.unload_model(pb::UnloadModelRequest { model_id: model_id.clone() }).await,
+            Code::InvalidArgument,
+            &what("UnloadModel"),
+        );
+        expect_code(
+            client.cancel_load(pb::CancelLoadRequest { model_id: model_id.clone() }).await,
+            Code::InvalidArgument,
+            &what("CancelLoad"),
+        );
+        expect_code(
+            client.list_tensors(pb::ListTensorsRequest { model_id: model_id.clone(), with_checksums: true }).await,
+            Code::InvalidArgument,
+            &what("ListTensors"),
+        );
+        expect_code(
+            client.watch_models(pb::WatchModelsRequest { model_id }).await.map(|_| ()),
+            Code::InvalidArgument,
+            &what("WatchModels"),
+        );
+    }
+    assert_eq!(listed_ids(&mut client).await, vec![GOOD.to_owned()], "no malformed id is tracked");
+    assert_healthy(&mut client).await;
+    drop(client);
+    server.stop().await;
+}
+
+/// Malformed revisions are INVALID_ARGUMENT and start no load.
+#[tokio::test]
+async fn bad_revision_is_invalid_argument() {
+    let root = model_root();
+    let (server, mut client) = start(root.path()).await;
+    let long = "r".repeat(300);
+    for revision in ["../main", "/main", "main/", "a b", "x//y", "main\n", long.as_str()] {
+        let request = pb::LoadModelRequest { revision: Some(revision.into()), ..tests::load(GOOD) };
+        let (messages, end) = tests::load_all(&mut client, request).await;
+        let status = expect_code(end, Code::InvalidArgument, &format!("revision {revision:?}"));
+        assert!(status.message().contains("revision"), "{status:?}");
+        assert!(messages.is_empty(), "{messages:?}");
+        assert_eq!(tests::state_of(&mut client, GOOD).await, pb::ModelState::Unloaded, "no load began");
+    }
+    assert_healthy(&mut client).await;
+    drop(client);
+    server.stop().await;
+}
+
+/// Malformed device strings are INVALID_ARGUMENT and start no load.
+#[tokio::test]
+async fn bad_device_is_invalid_argument() {
+    let root = model_root();
+    let (server, mut client) = start(root.path()).await;
+    for device in ["gpu", "tpu:0", "cuda:", "cuda:x", "cuda:-1", "cuda:1:2", "cpu0", " cpu"] {
+        let request = pb::LoadModelRequest { device: Some(device.into()), ..tests::load(GOOD) };
+        let (messages, end) = tests::load_all(&mut client, request).await;
+        let status = expect_code(end, Code::InvalidArgument, &format!("device {device:?}"));
+        assert!(status.message().contains("device"), "{status:?}");
+        assert!(messages.is_empty(), "{messages:?}");
+        assert_eq!(tests::state_of(&mut client, GOOD).await, pb::ModelState::Unloaded, "no load began");
+    }
+    assert_healthy(&mut client).await;
+    drop(client);
+    server.stop().await;
+}
+
+/// Malformed or unsupported dtype strings are INVALID_ARGUMENT and start no load.
+#[tokio::test]
+async fn bad_dtype_is_invalid_argument() {
+    let root = model_root();
+    let (server, mut client) = start(root.path()).await;
+    for dtype in ["int8", "f64", "float", "f 16", "bf", "q4_0"] {
+        let request = pb::LoadModelRequest { dtype: Some(dtype.into()), ..tests::load(GOOD) };
+        let (messages, end) = tests::load_all(&mut client, request).await;
+        let status = expect_code(end, Code::InvalidArgument, &format!("dtype {dtype:?}"));
+        assert!(status.message().contains("dtype"), "{status:?}");
+        assert!(messages.is_empty(), "{messages:?}");
+        assert_eq!(tests::state_of(&mut client, GOOD).await, pb::ModelState::Unloaded, "no load began");
+    }
+    assert_healthy(&mut client).await;
+    drop(client);
+    server.stop().await;
+}
+
+/// A CUDA device in a build without CUDA is FAILED_PRECONDITION, not a crash, and loads nothing.
+#[tokio::test]
+async fn cuda_without_cuda_is_failed_precondition() {
+    let root = model_root();
+    let (server, mut client) = start(root.path()).await;
+    for device in ["cuda:0", "cuda"] {
+        let request = pb::LoadModelRequest { device: Some(device.into()), ..tests::load(GOOD) };
+        let (messages, end) = tests::load_all(&mut client, request).await;
+        let status = expect_code(end, Code::FailedPrecondition, &format!("device {device:?}"));
+        assert!(status.message().contains("cuda"), "the message names the device: {status:?}");
+        assert!(messages.is_empty(), "{messages:?}");
+        // The request is refused before a load begins: the model is untouched, not FAILED.
+        assert_eq!(tests::state_of(&mut client, GOOD).await, pb::ModelState::Unloaded);
+        assert_nothing_resident(&mut client).await;
+    }
+    assert_healthy(&mut client).await;
+    drop(client);
+    server.stop().await;
+}
+
+/// Loading an unknown model is NOT_FOUND, after the steps it reached, and leaves it FAILED.
+#[tokio::test]
+async fn unknown_model_is_not_found() {
+    let root = model_root();
+    let (server, mut client) = start(root.path()).await;
+    for id in ["nope", "org/nope"] {
+        expect_code(
+            client.get_model(pb::GetModelRequest { model_id: id.into() }).await,
+            Code::NotFound,
+            &format!("GetModel {id:?} before any load"),
+        );
+        let (messages, end) = tests::load_all(&mut client, tests::load(id)).await;
+        let status = expect_code(end, Code::NotFound, &format!("LoadModel {id:?}"));
+        assert!(status.message().contains(id), "the message names the model: {status:?}");
+        // The load began (INIT) and stopped where it looked for the files (CACHE_CHECK).
+        assert_eq!(messages.first().map(|m| m.step), Some(1), "{messages:?}");
+        assert_eq!(messages.last().map(|m| m.step), Some(2), "{messages:?}");
+        assert_failed_with(&mut client, id, &[id, "not found"]).await;
+    }
+    assert_nothing_resident(&mut client).await;
+    assert_healthy(&mut client).await;
+    drop(client);
+    server.stop().await;
+}
+
+/// A model with only pickle weights (`pytorch_model.bin`) is FAILED_PRECONDITION; the file is
+/// never opened.
+#[tokio::test]
+async fn pickle_only_model_is_failed_precondition() {
+    let root = model_root();
+    let dir = root.path().join("pickled");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("config.json"), r#"{"model_type": "test"}"#).expect("config");
+    // Not a pickle at all: anything that tried to unpickle it would fail with another code.
+    std::fs::write(dir.join("pytorch_model.bin"), b"\x00 this is not a pickle \xff\xfe").expect("bin");
+    let (server, mut client) = start(root.path()).await;
+
+    let (_, end) = tests::load_all(&mut client, tests::load("pickled")).await;
+    let status = expect_code(end, Code::FailedPrecondition, "LoadModel of a pickle-only model");
+    assert!(status.message().contains("pytorch_model.bin"), "the message names the file: {status:?}");
+    assert!(status.message().contains("pickled"), "the message names the model: {status:?}");
+    assert_failed_with(&mut client, "pickled", &["pytorch_model.bin", "pickle"]).await;
+    assert_nothing_resident(&mut client).await;
+    assert_healthy(&mut client).await;
+    drop(client);
+    server.stop().await;
+}
+
+// ---- corrupt safetensors ----------------------------------------------------------------------
+
+/// A safetensors file from raw parts: the 8-byte little-endian header length, the header, the data.
+fn raw_safetensors(header: &[u8], data: &[u8]) -> Vec<u8> {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    bytes.extend_from_slice(data);
+    bytes
+}
+
+/// A safetensors file whose JSON header is `header`, as given (offsets are not checked here).
+fn raw_with_json(header: &serde_json::Value, data: &[u8]) -> Vec<u8> {
+    raw_safetensors(&serde_json::to_vec(header).expect("header JSON"), data)
+}
+
+/// The bytes of a valid safetensors file of the tensors the corrupt model should hold.
+fn valid_bytes() -> Vec<u8> {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("model.safetensors");
+    fixture::write_safetensors(&path, &fixture::f32_tensors("w", 3, 64)).expect("valid file");
+    std::fs::read(&path).expect("read the valid file")
+}
+
+/// Writes `corrupt` as `bad/model.safetensors` and checks that loading it is DATA_LOSS naming the
+/// file, that the model is FAILED with that reason and nothing of it is resident, that the server
+/// is still healthy, and that once the file is repaired a new load succeeds.
+async fn assert_data_loss(corrupt: Vec<u8>, reason: &str) {
+    let root = model_root();
+    let dir = root.path().join("bad");
+    fixture::single_file_model(&dir, &fixture::f32_tensors("w", 3, 64)).expect("model");
+    let file = dir.join("model.safetensors");
+    std::fs::write(&file, corrupt).expect("write the corrupt file");
+    let (server, mut client) = start(root.path()).await;
+
+    let (messages, end) = tests::load_all(&mut client, tests::load("bad")).await;
+    let status = expect_code(end, Code::DataLoss, &format!("LoadModel of a file with {reason}"));
+    assert!(status.message().contains("model.safetensors"), "{reason}: the message names the file: {status:?}");
+    assert!(status.message().contains("bad"), "{reason}: the message names the model: {status:?}");
+    // Headers are validated while planning (BUILD_STRATEGIES), before any byte is read.
+    assert_eq!(messages.last().map(|m| m.step), Some(3), "{reason}: {messages:?}");
+    assert_failed_with(&mut client, "bad", &["model.safetensors", "corrupt"]).await;
+    expect_code(
+        client.list_tensors(pb::ListTensorsRequest { model_id: "bad".into(), with_checksums: false }).await,
+        Code::FailedPrecondition,
+        "ListTensors of a FAILED model",
+    );
+    assert_nothing_resident(&mut client).await;
+    assert_healthy(&mut client).await;
+
+    // Repaired, it loads: a failed load leaves nothing behind that blocks a retry.
+    std::fs::write(&file, valid_bytes()).expect("repair the file");
+    let (messages, end) = tests::load_all(&mut client, tests::load("bad")).await;
+    end.expect("the repaired model loads");
+    assert_eq!(messages.last().map(|m| m.step), Some(8), "{messages:?}");
+    let model = client.get_model(pb::GetModelRequest { model_id: "bad".into() }).await.expect("GetModel").into_inner();
+    assert_eq!(model.state(), pb::ModelState::Loaded, "{model:?}");
+    assert!(model.error.is_empty(), "a successful retry clears the error: {model:?}");
+    assert_eq!(model.weight_bytes, 3 * 64 * 4);
+    drop(client);
+    server.stop().await;
+}
+
+/// A truncated safetensors file (its last bytes cut off) is DATA_LOSS naming the file.
+#[tokio::test]
+async fn truncated_safetensors_is_data_loss() {
+    let mut bytes = valid_bytes();
+    bytes.truncate(bytes.len() - 5);
+    assert_data_loss(bytes, "its last bytes cut off").await;
+}
+
+/// A header length larger than the file is DATA_LOSS naming the file.
+#[tokio::test]
+async fn header_length_beyond_the_file_is_data_loss() {
+    let mut bytes = raw_with_json(&json!({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}), &[0; 16]);
+    bytes[..8].copy_from_slice(&10_000u64.to_le_bytes());
+    assert_data_loss(bytes, "a header length beyond the file").await;
+}
+
+/// A header that is not JSON is DATA_LOSS naming the file.
+#[tokio::test]
+async fn header_that_is_not_json_is_data_loss() {
+    assert_data_loss(raw_safetensors(b"this is {not json at all", &[0; 16]), "a header that is not JSON").await;
+}
+
+/// Data offsets that end beyond the data are DATA_LOSS naming the file.
+#[tokio::test]
+async fn offsets_out_of_bounds_are_data_loss() {
+    // Shapes and offsets agree and are contiguous; only the data is 8 bytes short of the last end.
+    let header = json!({
+        "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+        "b": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]},
+    });
+    assert_data_loss(raw_with_json(&header, &[0; 24]), "offsets beyond the data").await;
+}
+
+/// Two tensors sharing bytes are DATA_LOSS naming the file.
+#[tokio::test]
+async fn overlapping_offsets_are_data_loss() {
+    let header = json!({
+        "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+        "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]},
+    });
+    assert_data_loss(raw_with_json(&header, &[0; 24]), "overlapping offsets").await;
+}
+
+/// A tensor whose shape × dtype size differs from its byte length is DATA_LOSS naming the file.
+#[tokio::test]
+async fn shape_times_dtype_not_byte_length_is_data_loss() {
+    let header = json!({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}});
+    assert_data_loss(raw_with_json(&header, &[0; 16]), "shape × dtype ≠ byte length").await;
+}
+
+/// A symlink in the model root to a model folder outside it is PERMISSION_DENIED; nothing loads.
+#[tokio::test]
+async fn symlink_out_of_the_model_root_is_refused() {
+    let root = model_root();
+    let outside = tempfile::tempdir().expect("tempdir outside the root");
+    let target = outside.path().join("secret");
+    fixture::single_file_model(&target, &fixture::f32_tensors("s", 2, 32)).expect("model outside the root");
+    std::os::unix::fs::symlink(&target, root.path().join("escape")).expect("symlink");
+    let (server, mut client) = start(root.path()).await;
+
+    let (_, end) = tests::load_all(&mut client, tests::load("escape")).await;
+    let status = expect_code(end, Code::PermissionDenied, "LoadModel through a symlink out of the root");
+    assert!(status.message().contains("escape"), "the message names the model: {status:?}");
+    let failed = assert_failed_with(&mut client, "escape", &["outside the model root"]).await;
+    assert!(!failed.error.contains(&outside.path().display().to_string()), "no host path leaks: {failed:?}");
+    expect_code(
+        client.list_tensors(pb::ListTensorsRequest { model_id: "escape".into(), with_checksums: false }).await,
+        Code::FailedPrecondition,
+        "ListTensors of the refused model",
+    );
+    assert_nothing_resident(&mut client).await;
+    assert_healthy(&mut client).await;
+    drop(client);
+    server.stop().await;
+}
+
+/// ListTensors of a model that is not loaded (never loaded, or unloaded) is FAILED_PRECONDITION.
+#[tokio::test]
+async fn list_tensors_of_a_model_not_loaded_is_failed_precondition() {
+    let root = model_root();
+    let (server, mut client) = start(root.path()).await;
+    let request = || pb::ListTensorsRequest { model_id: GOOD.into(), with_checksums: true };
+    let status =
+        expect_code(client.list_tensors(request()).await, Code::FailedPrecondition, "ListTensors before any load");
+    assert!(status.message().contains(GOOD), "the message names the model: {status:?}");
+    assert!(status.message().contains("not loaded"), "{status:?}");
+
+    // Loaded, then unloaded again: refused again.
+    assert_healthy(&mut client).await;
+    expect_code(client.list_tensors(request()).await, Code::FailedPrecondition, "ListTensors after an unload");
+    drop(client);
+    server.stop().await;
+}

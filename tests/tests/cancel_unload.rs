@@ -1,0 +1,94 @@
+//! Cancelling loads and unloading models: streams end, state and accounting go back to zero, and
+//! the memory really returns.
+
+use std::time::Instant;
+
+use proto::v1::{self as pb, model_loader_client::ModelLoaderClient};
+use tests::{TestServer, WAIT, config, cpu_resources, fixture, load, load_all, state_of};
+use tokio_stream::StreamExt;
+use tonic::{Code, Streaming, transport::Channel};
+
+/// Starts a load and returns its stream once the load is reading weights (step 4, bytes moving).
+async fn load_until_step4(client: &mut ModelLoaderClient<Channel>, id: &str) -> Streaming<pb::ModelLoadProgress> {
+    let mut stream = client.load_model(load(id)).await.expect("load").into_inner();
+    loop {
+        let m = tokio::time::timeout(WAIT, stream.next()).await.expect("moves").expect("open").expect("ok");
+        if m.step == 4 && m.bytes_done > 0 {
+            assert!(m.bytes_done < m.bytes_total, "the load finished step 4 before the test could act");
+            return stream;
+        }
+        assert!(m.step <= 4, "the load went past step 4: {m:?}");
+    }
+}
+
+/// Drains a stream and returns how it ended.
+async fn end_of(mut stream: Streaming<pb::ModelLoadProgress>) -> Result<(), tonic::Status> {
+    while let Some(item) = tokio::time::timeout(WAIT, stream.next()).await.expect("stream moves") {
+        item?;
+    }
+    Ok(())
+}
+
+/// CancelLoad during step 4 of a large model ends every stream of it with CANCELLED promptly,
+/// leaves the model UNLOADED and gives its reservation back.
+#[tokio::test]
+async fn cancel_during_step_4_ends_every_stream() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    fixture::large_sharded_model(&tmp.path().join("big"), 768, 3, 4).expect("fixture");
+    let server = TestServer::start(config(tmp.path())).await;
+    let mut client = server.client().await;
+
+    let stream = load_until_step4(&mut client, "big").await;
+    let joiner = server.client().await.load_model(load("big")).await.expect("join").into_inner();
+    let started = Instant::now();
+    let cancel = client.cancel_load(pb::CancelLoadRequest { model_id: "big".into() }).await.expect("cancel");
+    assert!(cancel.into_inner().was_loading);
+    let end = end_of(stream).await;
+    let took = started.elapsed();
+    assert_eq!(end.expect_err("cancelled").code(), Code::Cancelled);
+    assert_eq!(end_of(joiner).await.expect_err("cancelled").code(), Code::Cancelled);
+    eprintln!("CancelLoad to the end of the stream: {:.1} ms", took.as_secs_f64() * 1e3);
+
+    assert_eq!(state_of(&mut client, "big").await, pb::ModelState::Unloaded);
+    let cpu = cpu_resources(&mut client).await;
+    assert_eq!((cpu.used_bytes, cpu.reserved_bytes), (0, 0));
+    let again = client.cancel_load(pb::CancelLoadRequest { model_id: "big".into() }).await.expect("cancel again");
+    assert!(!again.into_inner().was_loading, "nothing is loading any more");
+    server.stop().await;
+}
+
+/// Unloading a model that is loading cancels the load and leaves it UNLOADED.
+#[tokio::test]
+async fn unloading_a_loading_model_cancels_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    fixture::large_sharded_model(&tmp.path().join("big"), 512, 2, 4).expect("fixture");
+    let server = TestServer::start(config(tmp.path())).await;
+    let mut client = server.client().await;
+
+    let stream = load_until_step4(&mut client, "big").await;
+    let unloaded = client.unload_model(pb::UnloadModelRequest { model_id: "big".into() }).await.expect("unload");
+    assert!(!unloaded.into_inner().was_loaded);
+    assert_eq!(end_of(stream).await.expect_err("cancelled").code(), Code::Cancelled);
+    assert_eq!(state_of(&mut client, "big").await, pb::ModelState::Unloaded);
+    let cpu = cpu_resources(&mut client).await;
+    assert_eq!((cpu.used_bytes, cpu.reserved_bytes), (0, 0));
+    server.stop().await;
+}
+
+/// A model over the memory budget is refused with RESOURCE_EXHAUSTED at step 3, before step 4.
+#[tokio::test]
+async fn over_budget_is_refused_before_reading() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    fixture::large_sharded_model(&tmp.path().join("big"), 16, 2, 2).expect("fixture");
+    let mut cfg = config(tmp.path());
+    cfg.manager.budget = model_manager::resource_manager::MemoryBudget::Bytes(1 << 20);
+    let server = TestServer::start(cfg).await;
+    let mut client = server.client().await;
+    let (messages, end) = load_all(&mut client, load("big")).await;
+    let status = end.expect_err("over budget");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.message().contains("needs 16777216 bytes"), "{}", status.message());
+    assert_eq!(messages.iter().map(|m| m.step).max(), Some(3), "nothing was read");
+    assert_eq!(state_of(&mut client, "big").await, pb::ModelState::Failed);
+    server.stop().await;
+}

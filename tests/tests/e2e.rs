@@ -1,0 +1,180 @@
+//! End to end: the real `model-loader` binary, driven by the real `grpcurl` with the README's own
+//! command lines, and by a gRPC client through SIGTERM.
+
+use std::time::Duration;
+
+use proto::v1 as pb;
+use serde_json::Value;
+use tests::{
+    WAIT,
+    binary::{Binary, grpcurl, sh},
+    connect, fixture, load,
+};
+use tokio_stream::StreamExt;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+/// The grpcurl lines of the README, in order.
+fn readme_grpcurl_lines() -> Vec<String> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).expect("README");
+    readme.lines().map(str::trim).filter(|l| l.starts_with("grpcurl ")).map(str::to_owned).collect()
+}
+
+fn steps_of(messages: &[Value]) -> Vec<u64> {
+    let mut steps: Vec<u64> = messages.iter().filter_map(|m| m["step"].as_u64()).collect();
+    steps.dedup();
+    steps
+}
+
+/// Every grpcurl command printed in the README works as written against the real binary serving
+/// the bundled demo model, and the log holds one step line per step.
+#[tokio::test]
+async fn readme_grpcurl_commands_work() {
+    let models = fixture::repo_models_dir();
+    let server = Binary::start(&["--model-root", models.to_str().expect("utf-8 path")], &[]).await;
+    let lines = readme_grpcurl_lines();
+    assert!(lines.len() >= 10, "the README shows the grpcurl commands: {lines:?}");
+    let addr = server.addr.to_string();
+
+    for line in &lines {
+        let line = line.replace("127.0.0.1:50051", &addr);
+        let method = line.split_whitespace().last().expect("a method").to_owned();
+        let is_watch = method.ends_with("/WatchModels");
+        // WatchModels never ends by itself: give it two seconds and read what it printed.
+        let out = sh(&if is_watch { format!("timeout 2 {line}") } else { line.clone() }).await;
+        assert!(out.success || is_watch, "{line}\nfailed: {}{}", out.stdout, out.stderr);
+        let text = &out.stdout;
+        match method.rsplit('/').next().expect("name") {
+            "LoadModel" => {
+                let messages = out.messages();
+                assert_eq!(steps_of(&messages), (1..=8).collect::<Vec<_>>(), "{text}");
+                assert!(messages.iter().all(|m| m["total"] == 8));
+                let bytes: Vec<_> = messages.iter().filter(|m| m["bytesTotal"].is_string()).collect();
+                assert!(!bytes.is_empty(), "byte progress inside step 4");
+                assert!(bytes.iter().all(|m| m["step"] == 4));
+                assert_eq!(bytes.last().map(|m| m["bytesDone"].clone()), bytes.last().map(|m| m["bytesTotal"].clone()));
+            }
+            "GetModel" => {
+                let status = &out.messages()[0];
+                assert_eq!(status["state"], "MODEL_STATE_LOADED", "{text}");
+                assert_eq!(status["sampleSize"], 32, "{text}");
+            }
+            "ListTensors" => {
+                let tensors = out.messages()[0]["tensors"].as_array().expect("tensors").clone();
+                assert_eq!(tensors.len(), 18, "{text}");
+                assert!(tensors.iter().all(|t| t["sha256"].as_str().is_some_and(|s| s.len() == 64)));
+            }
+            "GetResources" => {
+                let cpu = &out.messages()[0]["devices"][0];
+                assert_eq!(cpu["name"], "cpu");
+                assert_eq!(cpu["usedBytes"], "2839824", "{text}");
+            }
+            "ListModels" => assert!(text.contains("\"demo/tiny-sd\""), "{text}"),
+            "UnloadModel" => assert_eq!(out.messages()[0]["wasLoaded"], true, "{text}"),
+            "list" => {
+                for service in [
+                    "modelloader.v1.ModelLoader",
+                    "grpc.health.v1.Health",
+                    "grpc.reflection.v1.ServerReflection",
+                    "grpc.reflection.v1alpha.ServerReflection",
+                ] {
+                    assert!(text.lines().any(|l| l == service), "{service} missing from:\n{text}");
+                }
+            }
+            "Check" => assert_eq!(out.messages()[0]["status"], "SERVING", "{text}"),
+            "WatchModels" => {
+                let first = &out.messages()[0];
+                assert!(first["status"]["modelId"].is_string(), "a snapshot comes first: {text}");
+            }
+            "CancelLoad" => assert!(out.messages()[0].get("wasLoading").is_none_or(|v| v == false), "{text}"),
+            _ if line.contains(" describe ") => {
+                assert!(text.contains("// Loads, watches, cancels and unloads models"), "proto comments: {text}");
+                assert!(text.contains("rpc LoadModel"), "{text}");
+            }
+            other => panic!("the README shows a grpcurl command this test does not check: {other}"),
+        }
+    }
+
+    // One step line per step, in the exact format.
+    let log = server.log();
+    for (n, phase, msg) in [
+        (1, "initialization", "Initializing model loader..."),
+        (2, "initialization", "Checking model cache..."),
+        (3, "initialization", "Building loading strategies..."),
+        (4, "loading", "Loading model weights..."),
+        (5, "loading", "Model weights loaded"),
+        (6, "device", "Moving model to device..."),
+        (7, "optimization", "Applying optimizations..."),
+        (8, "finalization", "Finalizing model..."),
+    ] {
+        let line = format!("demo/tiny-sd step={n}/8 phase={phase} msg=\"{msg}\"");
+        let count = log.iter().filter(|l| l.ends_with(&line)).count();
+        assert_eq!(count, 1, "{line:?} appears {count} times in:\n{}", log.join("\n"));
+    }
+}
+
+/// A malformed request through grpcurl gets INVALID_ARGUMENT, and the server keeps serving.
+#[tokio::test]
+async fn grpcurl_sees_error_codes() {
+    let models = fixture::repo_models_dir();
+    let server = Binary::start(&["--model-root", models.to_str().expect("utf-8 path")], &[]).await;
+    let addr = server.addr.to_string();
+    let out = grpcurl(&["-plaintext", "-d", r#"{"model_id":"../x"}"#, &addr, "modelloader.v1.ModelLoader/LoadModel"]).await;
+    assert!(!out.success);
+    assert!(out.stderr.contains("Code: InvalidArgument"), "{}", out.stderr);
+    let out = grpcurl(&["-plaintext", "-d", r#"{"model_id":"no/such"}"#, &addr, "modelloader.v1.ModelLoader/LoadModel"]).await;
+    assert!(out.stderr.contains("Code: NotFound"), "{}", out.stderr);
+    let out = grpcurl(&["-plaintext", &addr, "grpc.health.v1.Health/Check"]).await;
+    assert!(out.stdout.contains("SERVING"), "{}", out.stdout);
+}
+
+/// SIGTERM during a load: readiness turns NOT_SERVING, the load's stream ends, and the process
+/// exits 0 within --shutdown-grace.
+#[tokio::test]
+async fn sigterm_during_a_load_drains_and_exits() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    fixture::large_sharded_model(&tmp.path().join("big"), 768, 3, 4).expect("fixture");
+    let grace = Duration::from_secs(5);
+    let mut server = Binary::start(
+        &["--model-root", tmp.path().to_str().expect("utf-8 path"), "--shutdown-grace", "5s"],
+        &[],
+    )
+    .await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr)).expect("uri").connect_lazy();
+    let mut health = HealthClient::new(channel);
+    let mut readiness = health
+        .watch(HealthCheckRequest { service: "modelloader.v1.ModelLoader".into() })
+        .await
+        .expect("health watch")
+        .into_inner();
+    let first = tokio::time::timeout(WAIT, readiness.next()).await.expect("health").expect("open").expect("ok");
+    assert_eq!(first.status(), ServingStatus::Serving);
+
+    let mut client = connect(server.addr).await;
+    let mut stream = client.load_model(load("big")).await.expect("load").into_inner();
+    loop {
+        let m: pb::ModelLoadProgress =
+            tokio::time::timeout(WAIT, stream.next()).await.expect("moves").expect("open").expect("ok");
+        if m.step == 4 && m.bytes_done > 0 {
+            break;
+        }
+    }
+    server.sigterm();
+    let next = tokio::time::timeout(WAIT, readiness.next()).await.expect("health moves");
+    let next = next.expect("the health stream reports before it ends").expect("ok");
+    assert_eq!(next.status(), ServingStatus::NotServing);
+    // The load's stream ends (with an error: the load was cancelled by the shutdown).
+    let mut ended_with = None;
+    while let Some(item) = tokio::time::timeout(WAIT, stream.next()).await.expect("stream moves") {
+        if let Err(status) = item {
+            ended_with = Some(status.code());
+            break;
+        }
+    }
+    assert!(
+        ended_with == Some(tonic::Code::Unavailable),
+        "the stream ends with UNAVAILABLE: {ended_with:?}"
+    );
+    let exit = server.wait_exit(grace + Duration::from_secs(2)).await;
+    assert!(exit.success(), "exit status {exit:?}");
+    assert!(server.log().iter().any(|l| l.contains("shut down")), "{}", server.log().join("\n"));
+}
