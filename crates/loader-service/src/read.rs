@@ -58,7 +58,7 @@ pub fn read_all(
         }
     }
     // Largest first, so one big tensor does not start last and leave the other threads idle.
-    jobs.sort_by(|a, b| b.tensor.len.cmp(&a.tensor.len));
+    jobs.sort_by_key(|job| std::cmp::Reverse(job.tensor.len));
 
     let next = AtomicUsize::new(0);
     let done_bytes = AtomicU64::new(0);

@@ -146,6 +146,48 @@ fn in_hf_cache(cache: &Path, id: &ModelId, revision: &Revision) -> Result<Option
     }
 }
 
+/// The ids of the models in the model root: folders (`name` or `org/name`) holding a config,
+/// a pipeline index or safetensors files.
+pub fn local_models(config: &SourceConfig) -> Vec<ModelId> {
+    let Some(root) = &config.model_root else { return Vec::new() };
+    let mut found = Vec::new();
+    for (name, path) in subdirs(root) {
+        if looks_like_model(&path) {
+            found.extend(ModelId::parse(&name).ok());
+        } else {
+            for (inner, inner_path) in subdirs(&path) {
+                if looks_like_model(&inner_path) {
+                    found.extend(ModelId::parse(&format!("{name}/{inner}")).ok());
+                }
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+fn subdirs(dir: &Path) -> Vec<(String, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    entries
+        .filter_map(|e| {
+            let e = e.ok()?;
+            // Symlinked folders are listed only if they are folders; loading checks confinement.
+            let path = e.path();
+            path.is_dir().then(|| Some((e.file_name().into_string().ok()?, path)))?
+        })
+        .collect()
+}
+
+fn looks_like_model(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).any(|n| {
+        n == "config.json"
+            || n == "model_index.json"
+            || n.ends_with(".safetensors")
+            || n.ends_with(".safetensors.index.json")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,46 +235,4 @@ mod tests {
         let err = locate(&config, &id("escape"), &Revision::default()).expect_err("refused");
         assert!(matches!(err, LoadError::PathEscapes { .. }), "{err}");
     }
-}
-
-/// The ids of the models in the model root: folders (`name` or `org/name`) holding a config,
-/// a pipeline index or safetensors files.
-pub fn local_models(config: &SourceConfig) -> Vec<ModelId> {
-    let Some(root) = &config.model_root else { return Vec::new() };
-    let mut found = Vec::new();
-    for (name, path) in subdirs(root) {
-        if looks_like_model(&path) {
-            found.extend(ModelId::parse(&name).ok());
-        } else {
-            for (inner, inner_path) in subdirs(&path) {
-                if looks_like_model(&inner_path) {
-                    found.extend(ModelId::parse(&format!("{name}/{inner}")).ok());
-                }
-            }
-        }
-    }
-    found.sort();
-    found
-}
-
-fn subdirs(dir: &Path) -> Vec<(String, PathBuf)> {
-    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
-    entries
-        .filter_map(|e| {
-            let e = e.ok()?;
-            // Symlinked folders are listed only if they are folders; loading checks confinement.
-            let path = e.path();
-            path.is_dir().then(|| Some((e.file_name().into_string().ok()?, path)))?
-        })
-        .collect()
-}
-
-fn looks_like_model(dir: &Path) -> bool {
-    let Ok(entries) = std::fs::read_dir(dir) else { return false };
-    entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).any(|n| {
-        n == "config.json"
-            || n == "model_index.json"
-            || n.ends_with(".safetensors")
-            || n.ends_with(".safetensors.index.json")
-    })
 }

@@ -202,6 +202,8 @@ impl ModelManager {
     /// What is resident for a LOADED model; checksums are computed on a blocking thread.
     pub async fn tensors(&self, model_id: &ModelId, with_checksums: bool) -> Result<Vec<TensorInfo>, ManagerError> {
         let Some(pipeline) = self.pipelines.get(model_id.as_str()) else {
+            // A model that exists nowhere is NOT_FOUND; one that merely is not loaded is not.
+            self.get(model_id)?;
             return Err(ManagerError::NotLoaded {
                 model_id: model_id.to_string(),
                 state: self.state.state(model_id.as_str()),
