@@ -41,8 +41,14 @@ pub struct Binary {
 impl Binary {
     /// Starts the binary on `127.0.0.1:0` with `args` and waits until it says where it listens.
     pub async fn start(args: &[&str], envs: &[(&str, &str)]) -> Self {
+        Self::start_in(&std::env::temp_dir(), args, envs).await
+    }
+
+    /// As [`Binary::start`], in the working directory `dir`.
+    pub async fn start_in(dir: &std::path::Path, args: &[&str], envs: &[(&str, &str)]) -> Self {
         let mut command = Command::new(binary_path());
         command
+            .current_dir(dir)
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
             .env_remove("RUST_LOG")

@@ -25,12 +25,13 @@ fn steps_of(messages: &[Value]) -> Vec<u64> {
     steps
 }
 
-/// Every grpcurl command printed in the README works as written against the real binary serving
-/// the bundled demo model, and the log holds one step line per step.
+/// Every grpcurl command printed in the README works as written against the real binary started
+/// from the repository root with no flags but the port (so with the bundled demo model), and the
+/// log holds one step line per step.
 #[tokio::test]
 async fn readme_grpcurl_commands_work() {
-    let models = fixture::repo_models_dir();
-    let server = Binary::start(&["--model-root", models.to_str().expect("utf-8 path")], &[]).await;
+    let repo_root = fixture::repo_models_dir().join("..");
+    let server = Binary::start_in(&repo_root, &[], &[]).await;
     let lines = readme_grpcurl_lines();
     assert!(lines.len() >= 10, "the README shows the grpcurl commands: {lines:?}");
     let addr = server.addr.to_string();
@@ -118,10 +119,13 @@ async fn grpcurl_sees_error_codes() {
     let models = fixture::repo_models_dir();
     let server = Binary::start(&["--model-root", models.to_str().expect("utf-8 path")], &[]).await;
     let addr = server.addr.to_string();
-    let out = grpcurl(&["-plaintext", "-d", r#"{"model_id":"../x"}"#, &addr, "modelloader.v1.ModelLoader/LoadModel"]).await;
+    let out =
+        grpcurl(&["-plaintext", "-d", r#"{"model_id":"../x"}"#, &addr, "modelloader.v1.ModelLoader/LoadModel"]).await;
     assert!(!out.success);
     assert!(out.stderr.contains("Code: InvalidArgument"), "{}", out.stderr);
-    let out = grpcurl(&["-plaintext", "-d", r#"{"model_id":"no/such"}"#, &addr, "modelloader.v1.ModelLoader/LoadModel"]).await;
+    let out =
+        grpcurl(&["-plaintext", "-d", r#"{"model_id":"no/such"}"#, &addr, "modelloader.v1.ModelLoader/LoadModel"])
+            .await;
     assert!(out.stderr.contains("Code: NotFound"), "{}", out.stderr);
     let out = grpcurl(&["-plaintext", &addr, "grpc.health.v1.Health/Check"]).await;
     assert!(out.stdout.contains("SERVING"), "{}", out.stdout);
@@ -134,12 +138,10 @@ async fn sigterm_during_a_load_drains_and_exits() {
     let tmp = tempfile::tempdir().expect("tmp");
     fixture::large_sharded_model(&tmp.path().join("big"), 768, 3, 4).expect("fixture");
     let grace = Duration::from_secs(5);
-    let mut server = Binary::start(
-        &["--model-root", tmp.path().to_str().expect("utf-8 path"), "--shutdown-grace", "5s"],
-        &[],
-    )
-    .await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr)).expect("uri").connect_lazy();
+    let mut server =
+        Binary::start(&["--model-root", tmp.path().to_str().expect("utf-8 path"), "--shutdown-grace", "5s"], &[]).await;
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{}", server.addr)).expect("uri").connect_lazy();
     let mut health = HealthClient::new(channel);
     let mut readiness = health
         .watch(HealthCheckRequest { service: "modelloader.v1.ModelLoader".into() })
@@ -170,10 +172,7 @@ async fn sigterm_during_a_load_drains_and_exits() {
             break;
         }
     }
-    assert!(
-        ended_with == Some(tonic::Code::Unavailable),
-        "the stream ends with UNAVAILABLE: {ended_with:?}"
-    );
+    assert!(ended_with == Some(tonic::Code::Unavailable), "the stream ends with UNAVAILABLE: {ended_with:?}");
     let exit = server.wait_exit(grace + Duration::from_secs(2)).await;
     assert!(exit.success(), "exit status {exit:?}");
     assert!(server.log().iter().any(|l| l.contains("shut down")), "{}", server.log().join("\n"));
