@@ -146,79 +146,55 @@ async fn other_rpcs_refuse_malformed_ids() {
     server.stop().await;
 }
 
-/// Malformed revisions are INVALID_ARGUMENT and start no load.
-#[tokio::test]
-async fn bad_revision_is_invalid_argument() {
+/// Sends each request for the good model and checks it is refused with `code`, a message naming
+/// `word`, no progress message and no load begun (the model stays UNLOADED, nothing resident).
+async fn assert_refused_before_loading(requests: Vec<pb::LoadModelRequest>, code: Code, word: &str) {
     let root = model_root();
     let (server, mut client) = start(root.path()).await;
-    let long = "r".repeat(300);
-    for revision in ["../main", "/main", "main/", "a b", "x//y", "main\n", long.as_str()] {
-        let request = pb::LoadModelRequest { revision: Some(revision.into()), ..tests::load(GOOD) };
+    for request in requests {
+        let what = format!("{request:?}");
         let (messages, end) = tests::load_all(&mut client, request).await;
-        let status = expect_code(end, Code::InvalidArgument, &format!("revision {revision:?}"));
-        assert!(status.message().contains("revision"), "{status:?}");
+        let status = expect_code(end, code, &what);
+        assert!(status.message().contains(word), "the message names the {word}: {status:?}");
         assert!(messages.is_empty(), "{messages:?}");
         assert_eq!(tests::state_of(&mut client, GOOD).await, pb::ModelState::Unloaded, "no load began");
-    }
-    assert_healthy(&mut client).await;
-    drop(client);
-    server.stop().await;
-}
-
-/// Malformed device strings are INVALID_ARGUMENT and start no load.
-#[tokio::test]
-async fn bad_device_is_invalid_argument() {
-    let root = model_root();
-    let (server, mut client) = start(root.path()).await;
-    for device in ["gpu", "tpu:0", "cuda:", "cuda:x", "cuda:-1", "cuda:1:2", "cpu0", " cpu"] {
-        let request = pb::LoadModelRequest { device: Some(device.into()), ..tests::load(GOOD) };
-        let (messages, end) = tests::load_all(&mut client, request).await;
-        let status = expect_code(end, Code::InvalidArgument, &format!("device {device:?}"));
-        assert!(status.message().contains("device"), "{status:?}");
-        assert!(messages.is_empty(), "{messages:?}");
-        assert_eq!(tests::state_of(&mut client, GOOD).await, pb::ModelState::Unloaded, "no load began");
-    }
-    assert_healthy(&mut client).await;
-    drop(client);
-    server.stop().await;
-}
-
-/// Malformed or unsupported dtype strings are INVALID_ARGUMENT and start no load.
-#[tokio::test]
-async fn bad_dtype_is_invalid_argument() {
-    let root = model_root();
-    let (server, mut client) = start(root.path()).await;
-    for dtype in ["int8", "f64", "float", "f 16", "bf", "q4_0"] {
-        let request = pb::LoadModelRequest { dtype: Some(dtype.into()), ..tests::load(GOOD) };
-        let (messages, end) = tests::load_all(&mut client, request).await;
-        let status = expect_code(end, Code::InvalidArgument, &format!("dtype {dtype:?}"));
-        assert!(status.message().contains("dtype"), "{status:?}");
-        assert!(messages.is_empty(), "{messages:?}");
-        assert_eq!(tests::state_of(&mut client, GOOD).await, pb::ModelState::Unloaded, "no load began");
-    }
-    assert_healthy(&mut client).await;
-    drop(client);
-    server.stop().await;
-}
-
-/// A CUDA device in a build without CUDA is FAILED_PRECONDITION, not a crash, and loads nothing.
-#[tokio::test]
-async fn cuda_without_cuda_is_failed_precondition() {
-    let root = model_root();
-    let (server, mut client) = start(root.path()).await;
-    for device in ["cuda:0", "cuda"] {
-        let request = pb::LoadModelRequest { device: Some(device.into()), ..tests::load(GOOD) };
-        let (messages, end) = tests::load_all(&mut client, request).await;
-        let status = expect_code(end, Code::FailedPrecondition, &format!("device {device:?}"));
-        assert!(status.message().contains("cuda"), "the message names the device: {status:?}");
-        assert!(messages.is_empty(), "{messages:?}");
-        // The request is refused before a load begins: the model is untouched, not FAILED.
-        assert_eq!(tests::state_of(&mut client, GOOD).await, pb::ModelState::Unloaded);
         assert_nothing_resident(&mut client).await;
     }
     assert_healthy(&mut client).await;
     drop(client);
     server.stop().await;
+}
+
+/// Malformed revisions are INVALID_ARGUMENT and start no load.
+#[tokio::test]
+async fn bad_revision_is_invalid_argument() {
+    let long = "r".repeat(300);
+    let requests = ["../main", "/main", "main/", "a b", "x//y", "main\n", long.as_str()]
+        .map(|r| pb::LoadModelRequest { revision: Some(r.into()), ..tests::load(GOOD) });
+    assert_refused_before_loading(requests.into(), Code::InvalidArgument, "revision").await;
+}
+
+/// Malformed device strings are INVALID_ARGUMENT and start no load.
+#[tokio::test]
+async fn bad_device_is_invalid_argument() {
+    let requests = ["gpu", "tpu:0", "cuda:", "cuda:x", "cuda:-1", "cuda:1:2", "cpu0", " cpu"]
+        .map(|d| pb::LoadModelRequest { device: Some(d.into()), ..tests::load(GOOD) });
+    assert_refused_before_loading(requests.into(), Code::InvalidArgument, "device").await;
+}
+
+/// Malformed or unsupported dtype strings are INVALID_ARGUMENT and start no load.
+#[tokio::test]
+async fn bad_dtype_is_invalid_argument() {
+    let requests = ["int8", "f64", "float", "f 16", "bf", "q4_0"]
+        .map(|d| pb::LoadModelRequest { dtype: Some(d.into()), ..tests::load(GOOD) });
+    assert_refused_before_loading(requests.into(), Code::InvalidArgument, "dtype").await;
+}
+
+/// A CUDA device in a build without CUDA is FAILED_PRECONDITION, not a crash, and loads nothing.
+#[tokio::test]
+async fn cuda_without_cuda_is_failed_precondition() {
+    let requests = ["cuda:0", "cuda"].map(|d| pb::LoadModelRequest { device: Some(d.into()), ..tests::load(GOOD) });
+    assert_refused_before_loading(requests.into(), Code::FailedPrecondition, "cuda").await;
 }
 
 /// Loading an unknown model is NOT_FOUND, after the steps it reached, and leaves it FAILED.
