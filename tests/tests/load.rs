@@ -185,3 +185,42 @@ async fn late_joiner_starts_from_the_latest_message() {
     }
     panic!("the load always finished before the joiner joined");
 }
+
+/// A model in the HF cache layout (refs/main → snapshots/<commit>, files symlinked to blobs/)
+/// loads with source CACHE and the resolved commit as its revision; a revision the cache lacks is
+/// NOT_FOUND.
+#[tokio::test]
+async fn loads_from_the_hf_cache() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let staging = tmp.path().join("staging");
+    let expected = fixture::single_file_model(&staging, &fixture::f32_tensors("w", 3, 100)).expect("fixture");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let repo = tmp.path().join("hub/models--org--cached");
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(repo.join("blobs")).expect("blobs");
+    std::fs::create_dir_all(repo.join("refs")).expect("refs");
+    std::fs::create_dir_all(&snapshot).expect("snapshot");
+    std::fs::write(repo.join("refs/main"), commit).expect("ref");
+    for file in ["config.json", "model.safetensors"] {
+        let blob = format!("blob-{file}");
+        std::fs::rename(staging.join(file), repo.join("blobs").join(&blob)).expect("move to blobs");
+        std::os::unix::fs::symlink(format!("../../blobs/{blob}"), snapshot.join(file)).expect("symlink");
+    }
+    let mut cfg = config(&tmp.path().join("empty-root"));
+    cfg.manager.loader.sources.hf_cache = Some(tmp.path().join("hub"));
+    let server = TestServer::start(cfg).await;
+    let mut client = server.client().await;
+
+    let (messages, end) = load_all(&mut client, load("org/cached")).await;
+    end.expect("loads from the cache");
+    assert!(messages.iter().any(|m| m.detail == format!("cache hit: snapshot {commit}")), "{messages:?}");
+    let status =
+        client.get_model(pb::GetModelRequest { model_id: "org/cached".into() }).await.expect("get").into_inner();
+    assert_eq!((status.source(), status.revision.as_str()), (pb::ModelSource::Cache, commit));
+    assert_eq!(checksums(&mut client, "org/cached").await, expected.tensors);
+
+    let request = pb::LoadModelRequest { revision: Some("v2".into()), ..load("org/other") };
+    let (_, end) = load_all(&mut client, request).await;
+    assert_eq!(end.expect_err("not cached").code(), tonic::Code::NotFound);
+    server.stop().await;
+}
