@@ -60,14 +60,14 @@ enum Op {
 }
 
 const WEIGHTS: [(Op, u32); 8] = [
-    (Op::Load, 28),
+    (Op::Load, 30),
     (Op::LoadAndLeave, 4),
-    (Op::Unload, 14),
-    (Op::Cancel, 16),
-    (Op::Watch, 10),
-    (Op::GetModel, 12),
-    (Op::GetResources, 12),
-    (Op::ListModels, 4),
+    (Op::Unload, 10),
+    (Op::Cancel, 8),
+    (Op::Watch, 12),
+    (Op::GetModel, 14),
+    (Op::GetResources, 14),
+    (Op::ListModels, 8),
 ];
 
 fn pick(rng: &mut StdRng) -> Op {
@@ -669,6 +669,8 @@ async fn random_concurrent_operations_keep_the_invariants() {
     );
     // Every load the watcher saw start ended, one way or the other (the final unloads included).
     assert_eq!(report.loads_started, report.loads_completed + report.loads_cancelled, "every load ended");
-    assert!(report.loads_completed > 0 && report.loads_cancelled > 0, "the run exercised loads and cancels");
+    if ops >= DEFAULT_OPS {
+        assert!(report.loads_completed > 0 && report.loads_cancelled > 0, "the run exercised loads and cancels");
+    }
     server.stop().await;
 }

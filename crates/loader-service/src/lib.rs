@@ -344,6 +344,10 @@ impl LoaderService {
                 (transition, Err(Arc::new(e)))
             }
         };
+        // The end state, the outcome and leaving the in-flight map happen under the map entry's
+        // lock (taken before the state manager's, as in `load`), so a new LoadModel either joins
+        // this load before it ends or starts a new one after: never joins a load already over.
+        let slot = self.inflight.entry(id.to_string());
         let outcome = match self.state.apply(id.as_str(), transition) {
             Ok(_) => outcome,
             // The table refusing the end of a load is a bug in its callers, not bad input.
@@ -353,7 +357,9 @@ impl LoaderService {
             }
         };
         handle.finish(outcome);
-        self.inflight.remove(id.as_str());
+        if let Entry::Occupied(slot) = slot {
+            slot.remove();
+        }
     }
 
     async fn steps(
