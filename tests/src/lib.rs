@@ -5,6 +5,7 @@
 
 pub mod binary;
 pub mod fixture;
+pub mod hub;
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 

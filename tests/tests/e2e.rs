@@ -117,7 +117,7 @@ async fn readme_grpcurl_commands_work() {
 #[tokio::test]
 async fn grpcurl_sees_error_codes() {
     let models = fixture::repo_models_dir();
-    let server = Binary::start(&["--model-root", models.to_str().expect("utf-8 path")], &[]).await;
+    let server = Binary::start(&["--model-root", models.to_str().expect("utf-8 path"), "--offline"], &[]).await;
     let addr = server.addr.to_string();
     let out =
         grpcurl(&["-plaintext", "-d", r#"{"model_id":"../x"}"#, &addr, "modelloader.v1.ModelLoader/LoadModel"]).await;
@@ -176,4 +176,35 @@ async fn sigterm_during_a_load_drains_and_exits() {
     let exit = server.wait_exit(grace + Duration::from_secs(2)).await;
     assert!(exit.success(), "exit status {exit:?}");
     assert!(server.log().iter().any(|l| l.contains("shut down")), "{}", server.log().join("\n"));
+}
+
+/// A token given to the binary reaches the hub as `Authorization: Bearer …` and appears in no log
+/// line, even at trace level.
+#[tokio::test]
+async fn the_hub_token_is_sent_and_never_logged() {
+    use tests::hub::{Access, HubRepo, TestHub};
+    let tmp = tempfile::tempdir().expect("tmp");
+    fixture::single_file_model(&tmp.path().join("repo"), &fixture::f32_tensors("w", 2, 256)).expect("fixture");
+    let token = "hf_secret_token_4f9a0c";
+    let repo = HubRepo::from_dir("org/private", &tmp.path().join("repo"))
+        .expect("repo")
+        .with_access(Access::Token(token.into()));
+    let hub = TestHub::start([repo]).await;
+    let cache = tmp.path().join("cache");
+    let server = Binary::start(
+        &[
+            "--model-root",
+            tmp.path().join("models").to_str().expect("utf-8"),
+            "--hf-cache",
+            cache.to_str().expect("utf-8"),
+        ],
+        &[("HF_ENDPOINT", hub.url()), ("HF_TOKEN", token), ("RUST_LOG", "trace")],
+    )
+    .await;
+    let (_, end) = tests::load_all(&mut connect(server.addr).await, load("org/private")).await;
+    end.expect("the private repo loads with the token");
+    assert!(hub.authorizations().iter().any(|a| a == &format!("Bearer {token}")), "{:?}", hub.authorizations());
+    let log = server.log();
+    assert!(log.len() > 20, "trace logging is on");
+    assert!(!log.iter().any(|l| l.contains(token)), "the token was logged");
 }

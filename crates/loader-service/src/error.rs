@@ -35,6 +35,8 @@ pub enum LoadError {
         #[source]
         source: io::Error,
     },
+    #[error("model {model_id}: the hub failed ({failure}): {reason}")]
+    Hub { model_id: String, failure: HubFailure, reason: String },
     #[error("model {model_id}: cannot place tensors on {device}: {reason}")]
     PlaceOnDevice { model_id: String, device: String, reason: String },
     #[error("model {model_id}: load cancelled")]
@@ -61,9 +63,37 @@ impl LoadError {
             Self::BadConfig { .. } => "bad_config",
             Self::ReadWeights { .. } => "read_weights",
             Self::PlaceOnDevice { .. } => "place_on_device",
+            Self::Hub { failure, .. } => failure.kind(),
             Self::Cancelled { .. } => "cancelled",
             Self::ShuttingDown => "shutting_down",
             Self::Internal { .. } => "internal",
+        }
+    }
+}
+
+/// How a hub request failed, for the gRPC code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::Display)]
+#[strum(serialize_all = "snake_case")]
+pub enum HubFailure {
+    /// Unknown repo, revision or file.
+    NotFound,
+    /// 401: no token, or a token the hub rejected.
+    Unauthenticated,
+    /// 403, or a gated repo.
+    PermissionDenied,
+    /// 5xx, timeouts, refused connections (after hf-hub's bounded retries).
+    Unavailable,
+    Other,
+}
+
+impl HubFailure {
+    pub fn kind(self) -> &'static str {
+        match self {
+            Self::NotFound => "hub_not_found",
+            Self::Unauthenticated => "hub_unauthenticated",
+            Self::PermissionDenied => "hub_permission_denied",
+            Self::Unavailable => "hub_unavailable",
+            Self::Other => "hub_other",
         }
     }
 }

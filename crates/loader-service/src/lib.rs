@@ -8,6 +8,7 @@
 //! does that.
 
 mod error;
+mod hub;
 mod plan;
 mod read;
 mod request;
@@ -23,15 +24,17 @@ use std::{
 
 use dashmap::{DashMap, mapref::entry::Entry};
 use pipeline_manager::{Component, Pipeline, PipelineManager, ResidentTensor};
-use resource_manager::{DeviceId, ResourceManager};
-use state_manager::{InvalidTransition, LoadFacts, ModelState, StateManager, Transition};
+use resource_manager::{DeviceId, Reservation, ResourceManager};
+use state_manager::{InvalidTransition, LoadFacts, ModelSource, ModelState, StateManager, Transition};
 use steps::{BYTE_PROGRESS_INTERVAL, ByteProgress, ModelLoadProgress, ModelLoadStep, ProgressSink, emit_step};
 use tokio::sync::{Semaphore, broadcast};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
+use crate::hub::Hub;
 pub use crate::{
-    error::LoadError,
+    error::{HubFailure, LoadError},
+    hub::HubConfig,
     plan::{Layout, MAX_HEADER_BYTES},
     read::CHUNK_BYTES,
     request::{DEFAULT_REVISION, InvalidRequest, LoadRequest, ModelId, Revision, TargetDtype},
@@ -136,6 +139,11 @@ impl LoadHandle {
         Err(Arc::new(LoadError::Internal { model_id: self.model_id.to_string(), reason: "load vanished".into() }))
     }
 
+    /// A message of the current step with a `detail`; not logged at info (the step was).
+    fn note(&self, step: ModelLoadStep, detail: String) {
+        self.send(ModelLoadProgress::new(self.model_id.as_str(), step).with_detail(detail));
+    }
+
     fn finish(&self, outcome: LoadOutcome) {
         let mut stream = self.stream();
         stream.outcome = Some(outcome.clone());
@@ -229,6 +237,22 @@ pub struct LoaderService {
     /// Every spawned load, so shutdown can wait for them to end.
     tracker: TaskTracker,
     shutting_down: AtomicBool,
+    /// The hub, unless offline or without an HF cache to download into.
+    hub: Option<Arc<Hub>>,
+}
+
+/// A hub and what must be downloaded from it for one load.
+type Downloads = (Arc<Hub>, hub::RemoteSnapshot, Vec<hub::RemoteFile>);
+
+/// An upper bound of a download's resident bytes from the hub's file sizes (a safetensors file is
+/// its tensors plus a small header), before any header is read: floats converted to a wider
+/// dtype may double (from 16 bits to F32).
+fn estimate_resident_bytes(files: &[hub::RemoteFile], target: Option<TargetDtype>) -> u64 {
+    let weights: u64 = files.iter().filter(|f| f.path.ends_with(".safetensors")).map(|f| f.size).sum();
+    match target {
+        Some(TargetDtype::F32) => weights * 2,
+        _ => weights,
+    }
 }
 
 impl LoaderService {
@@ -237,9 +261,15 @@ impl LoaderService {
         state: Arc<StateManager>,
         resources: ResourceManager,
         pipelines: Arc<PipelineManager>,
-    ) -> Arc<Self> {
+    ) -> Result<Arc<Self>, LoadError> {
         let permits = Arc::new(Semaphore::new(config.max_concurrent_loads.max(1)));
-        Arc::new(Self {
+        let hub = match (&config.sources.hf_cache, config.sources.offline) {
+            (Some(cache), false) => Some(Arc::new(Hub::new(&config.sources.hub, cache).map_err(|reason| {
+                LoadError::Internal { model_id: String::new(), reason: format!("configuring the hub client: {reason}") }
+            })?)),
+            _ => None,
+        };
+        Ok(Arc::new(Self {
             config,
             state,
             resources,
@@ -249,7 +279,8 @@ impl LoaderService {
             root: CancellationToken::new(),
             tracker: TaskTracker::new(),
             shutting_down: AtomicBool::new(false),
-        })
+            hub,
+        }))
     }
 
     pub fn config(&self) -> &LoaderConfig {
@@ -370,43 +401,149 @@ impl LoaderService {
     ) -> Result<LoadFacts, LoadError> {
         let id = request.model_id.clone();
         let cancelled = || LoadError::Cancelled { model_id: id.to_string() };
-        emit_step(id.as_str(), ModelLoadStep::Init, &handle.cancel, handle.as_ref()).map_err(|_| cancelled())?;
+        let step = |s| emit_step(id.as_str(), s, &handle.cancel, handle.as_ref()).map_err(|_| cancelled());
+        step(ModelLoadStep::Init)?;
         let _permit = tokio::select! {
             permit = self.permits.clone().acquire_owned() => permit.map_err(|_| LoadError::ShuttingDown)?,
             () = handle.cancel.cancelled() => return Err(cancelled()),
         };
+
+        step(ModelLoadStep::CacheCheck)?;
+        let (located, downloads) = self.locate(&request).await?;
+        handle.note(ModelLoadStep::CacheCheck, located.description.clone());
+
+        // A download reserves an estimate from the hub's file sizes before its first byte, then
+        // LOAD_WEIGHTS downloads; the exact figure replaces the estimate once headers are read.
+        let reserved = match downloads {
+            Some((hub, snapshot, missing)) => {
+                step(ModelLoadStep::BuildStrategies)?;
+                let target = request.dtype.or(self.config.default_dtype);
+                let estimate = estimate_resident_bytes(&snapshot.needed, target);
+                let reservation = self.resources.reserve(device, id.as_str(), estimate)?;
+                let bytes: u64 = missing.iter().map(|f| f.size).sum();
+                handle.note(
+                    ModelLoadStep::BuildStrategies,
+                    format!("download {} files, {bytes} bytes; {estimate} bytes reserved on {device}", missing.len()),
+                );
+                step(ModelLoadStep::LoadWeights)?;
+                self.download(handle, &hub, &id, &snapshot.commit, &missing, bytes).await?;
+                write_ref(&hub, &id, &request.revision, &snapshot.commit);
+                Some(reservation)
+            }
+            None => None,
+        };
+
         let (this, handle, span) = (self.clone(), handle.clone(), tracing::Span::current());
-        tokio::task::spawn_blocking(move || span.in_scope(|| this.steps_blocking(&handle, &request, device)))
-            .await
-            .map_err(|e| LoadError::Internal { model_id: id.to_string(), reason: format!("load task failed: {e}") })?
+        tokio::task::spawn_blocking(move || {
+            span.in_scope(|| this.steps_blocking(&handle, &request, device, located, reserved))
+        })
+        .await
+        .map_err(|e| LoadError::Internal { model_id: id.to_string(), reason: format!("load task failed: {e}") })?
     }
 
-    /// Steps 2..=8, on a blocking thread: file I/O and tensor work never run on the async workers.
+    /// Step 2: the model root; else, offline or without a hub, the HF cache; else the hub, which
+    /// resolves the revision to a commit and says which files are missing from the cache. A hub
+    /// that cannot be reached falls back to a cached snapshot of the revision.
+    async fn locate(&self, request: &LoadRequest) -> Result<(source::Located, Option<Downloads>), LoadError> {
+        let sources = &self.config.sources;
+        let (id, revision) = (&request.model_id, &request.revision);
+        let (Some(hub), Some(cache)) = (&self.hub, &sources.hf_cache) else {
+            return Ok((source::locate(sources, id, revision)?, None));
+        };
+        if let Some(local) = source::locate_in_root(sources, id)? {
+            return Ok((local, None));
+        }
+        let snapshot = match hub.resolve(id, revision).await {
+            Ok(snapshot) => snapshot,
+            Err(LoadError::Hub { failure: HubFailure::Unavailable, reason, .. })
+                if let Some(mut cached) = source::in_hf_cache(cache, id, revision)? =>
+            {
+                cached.description = format!("hub unreachable ({reason}); {}", cached.description);
+                return Ok((cached, None));
+            }
+            Err(e) => return Err(e),
+        };
+        let missing = hub.missing(id, &snapshot);
+        if missing.is_empty() {
+            write_ref(hub, id, revision, &snapshot.commit);
+            let description = format!("cache hit: snapshot {}", snapshot.commit);
+            return Ok((source::cache_snapshot(cache, id, &snapshot.commit, ModelSource::Cache, description)?, None));
+        }
+        let bytes: u64 = missing.iter().map(|f| f.size).sum();
+        let description = format!("cache miss: {} files, {bytes} bytes to download", missing.len());
+        let located = source::cache_snapshot(cache, id, &snapshot.commit, ModelSource::Hub, description)?;
+        Ok((located, Some((hub.clone(), snapshot, missing))))
+    }
+
+    /// Downloads the missing files with byte progress over all of them (step 4).
+    async fn download(
+        &self,
+        handle: &LoadHandle,
+        hub: &Hub,
+        id: &ModelId,
+        commit: &str,
+        missing: &[hub::RemoteFile],
+        total: u64,
+    ) -> Result<(), LoadError> {
+        let counter = Arc::new(hub::DownloadCounter::default());
+        let mut bytes = ByteProgress::new(id.as_str(), ModelLoadStep::LoadWeights, total, handle);
+        bytes.update(0, missing.first().map_or("", |f| f.path.as_str()));
+        let download = hub.download(id, commit, missing, &handle.cancel, &counter);
+        tokio::pin!(download);
+        let mut tick = tokio::time::interval(BYTE_PROGRESS_INTERVAL);
+        loop {
+            tokio::select! {
+                result = &mut download => {
+                    result?;
+                    bytes.update(total, missing.last().map_or("", |f| f.path.as_str()));
+                    return Ok(());
+                }
+                _ = tick.tick() => bytes.update(counter.done.load(std::sync::atomic::Ordering::Relaxed), &counter.file()),
+            }
+        }
+    }
+
+    /// Steps 3..=8 (the rest of 4 after a download), on a blocking thread: file I/O and tensor
+    /// work never run on the async workers.
     fn steps_blocking(
         &self,
         handle: &LoadHandle,
         request: &LoadRequest,
         device: DeviceId,
+        located: source::Located,
+        reserved: Option<Reservation>,
     ) -> Result<LoadFacts, LoadError> {
         let id = &request.model_id;
         let cancel = &handle.cancel;
         let step = |s| {
             emit_step(id.as_str(), s, cancel, handle).map_err(|_| LoadError::Cancelled { model_id: id.to_string() })
         };
-        let note = |s, detail: String| handle.send(ModelLoadProgress::new(id.as_str(), s).with_detail(detail));
+        let note = |s, detail: String| handle.note(s, detail);
 
-        step(ModelLoadStep::CacheCheck)?;
-        let located = source::locate(&self.config.sources, id, &request.revision)?;
-        note(ModelLoadStep::CacheCheck, located.description.clone());
-
-        step(ModelLoadStep::BuildStrategies)?;
+        let downloaded = reserved.is_some();
+        if !downloaded {
+            step(ModelLoadStep::BuildStrategies)?;
+        }
         let plan = plan::build(id, &located)?;
         let target = request.dtype.or(self.config.default_dtype);
         let needed = plan.resident_bytes(target);
-        let reservation = self.resources.reserve(device, id.as_str(), needed)?;
-        note(ModelLoadStep::BuildStrategies, format!("{}; {needed} bytes reserved on {device}", plan.describe()));
+        let reservation = match reserved {
+            Some(mut estimate) => {
+                estimate.resize(needed)?;
+                note(ModelLoadStep::LoadWeights, format!("{}; {needed} bytes reserved on {device}", plan.describe()));
+                estimate
+            }
+            None => {
+                let reservation = self.resources.reserve(device, id.as_str(), needed)?;
+                note(
+                    ModelLoadStep::BuildStrategies,
+                    format!("{}; {needed} bytes reserved on {device}", plan.describe()),
+                );
+                step(ModelLoadStep::LoadWeights)?;
+                reservation
+            }
+        };
 
-        step(ModelLoadStep::LoadWeights)?;
         let files = plan
             .files()
             .map(|f| {
@@ -518,6 +655,13 @@ impl LoaderService {
             tracing::error!(model_id = %stale.model_id, "a pipeline was replaced by a new load of the same model");
         }
         Ok(facts)
+    }
+}
+
+/// Records the revision's commit in the cache; a failure costs only offline lookups later.
+fn write_ref(hub: &Hub, id: &ModelId, revision: &Revision, commit: &str) {
+    if let Err(e) = hub.write_ref(id, revision, commit) {
+        tracing::warn!(cause = %e, revision = revision.as_str(), "cannot record the revision in the HF cache");
     }
 }
 

@@ -11,6 +11,7 @@ use state_manager::ModelSource;
 
 use crate::{
     error::LoadError,
+    hub::{HubConfig, repo_folder},
     request::{ModelId, Revision},
 };
 
@@ -21,8 +22,10 @@ pub struct SourceConfig {
     pub model_root: Option<PathBuf>,
     /// The Hugging Face hub cache (`.../huggingface/hub`).
     pub hf_cache: Option<PathBuf>,
-    /// Never reach the hub (this build reads local files only either way).
+    /// Never reach the hub.
     pub offline: bool,
+    /// How to reach the hub when not offline.
+    pub hub: HubConfig,
 }
 
 /// A model's folder, found and confined to the root it was found in.
@@ -76,23 +79,61 @@ impl Located {
     }
 }
 
-/// Finds the model: the model root, else the HF cache snapshot for the revision.
+/// Finds the model without the hub: the model root, else the HF cache snapshot the revision's
+/// ref (or commit) names.
 pub fn locate(config: &SourceConfig, id: &ModelId, revision: &Revision) -> Result<Located, LoadError> {
+    locate_local(config, id, revision)?.ok_or_else(|| not_found(config, id, revision))
+}
+
+/// The model root, else the HF cache; `None` when neither has the model.
+pub fn locate_local(config: &SourceConfig, id: &ModelId, revision: &Revision) -> Result<Option<Located>, LoadError> {
     if let Some(root) = &config.model_root
         && let Some(found) = in_model_root(root, id)?
     {
-        return Ok(found);
+        return Ok(Some(found));
     }
-    if let Some(cache) = &config.hf_cache
-        && let Some(found) = in_hf_cache(cache, id, revision)?
-    {
-        return Ok(found);
+    match &config.hf_cache {
+        Some(cache) => in_hf_cache(cache, id, revision),
+        None => Ok(None),
     }
-    let hub = if config.offline { "offline mode" } else { "hub downloads are not available in this build" };
-    Err(LoadError::NotFound {
+}
+
+/// The model root only.
+pub fn locate_in_root(config: &SourceConfig, id: &ModelId) -> Result<Option<Located>, LoadError> {
+    match &config.model_root {
+        Some(root) => in_model_root(root, id),
+        None => Ok(None),
+    }
+}
+
+pub fn not_found(config: &SourceConfig, id: &ModelId, revision: &Revision) -> LoadError {
+    let hub = if config.offline { "offline mode: the hub is not asked" } else { "no hub is configured" };
+    LoadError::NotFound {
         model_id: id.to_string(),
         reason: format!("not in the model root, not in the HF cache at revision {}, and {hub}", revision.as_str()),
-    })
+    }
+}
+
+/// The cache's snapshot of `commit` (its folder may not exist yet: a download fills it).
+pub fn cache_snapshot(
+    cache: &Path,
+    id: &ModelId,
+    commit: &str,
+    source: ModelSource,
+    description: String,
+) -> Result<Located, LoadError> {
+    std::fs::create_dir_all(cache).map_err(|source| LoadError::ReadWeights {
+        model_id: id.to_string(),
+        file: "the HF cache".into(),
+        source,
+    })?;
+    let root = cache.canonicalize().map_err(|source| LoadError::ReadWeights {
+        model_id: id.to_string(),
+        file: "the HF cache".into(),
+        source,
+    })?;
+    let dir = root.join(repo_folder(id)).join("snapshots").join(commit);
+    Ok(Located { dir, root, source, revision: commit.to_owned(), description })
 }
 
 fn in_model_root(root: &Path, id: &ModelId) -> Result<Option<Located>, LoadError> {
@@ -111,13 +152,9 @@ fn in_model_root(root: &Path, id: &ModelId) -> Result<Option<Located>, LoadError
     }
 }
 
-fn in_hf_cache(cache: &Path, id: &ModelId, revision: &Revision) -> Result<Option<Located>, LoadError> {
+pub fn in_hf_cache(cache: &Path, id: &ModelId, revision: &Revision) -> Result<Option<Located>, LoadError> {
     let Ok(cache) = cache.canonicalize() else { return Ok(None) };
-    let (org, name) = id.split();
-    let repo_dir = cache.join(match org {
-        Some(org) => format!("models--{org}--{name}"),
-        None => format!("models--{name}"),
-    });
+    let repo_dir = cache.join(repo_folder(id));
     let commit = if revision.is_commit() {
         revision.as_str().to_owned()
     } else {
@@ -208,7 +245,8 @@ mod tests {
         std::fs::create_dir_all(repo.join("snapshots").join(commit)).expect("mkdir");
         std::fs::create_dir_all(repo.join("refs")).expect("mkdir");
         std::fs::write(repo.join("refs/main"), commit).expect("write");
-        let config = SourceConfig { model_root: Some(root), hf_cache: Some(cache), offline: true };
+        let config =
+            SourceConfig { model_root: Some(root), hf_cache: Some(cache), offline: true, ..SourceConfig::default() };
 
         let local = locate(&config, &id("org/local"), &Revision::default()).expect("local");
         assert_eq!(local.source, ModelSource::Local);

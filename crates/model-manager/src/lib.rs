@@ -15,8 +15,8 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 pub use loader_service::{
-    DEFAULT_MAX_CONCURRENT_LOADS, InvalidRequest, LoadError, LoadOutcome, LoadRequest, LoadSubscription, LoadUpdate,
-    ModelId, Revision, SourceConfig, TargetDtype,
+    DEFAULT_MAX_CONCURRENT_LOADS, HubConfig, HubFailure, InvalidRequest, LoadError, LoadOutcome, LoadRequest,
+    LoadSubscription, LoadUpdate, ModelId, Revision, SourceConfig, TargetDtype,
 };
 pub use pipeline_manager;
 pub use resource_manager;
@@ -116,7 +116,7 @@ impl ModelManager {
             None => ResourceManager::new(config.budget, config.default_device),
         }?;
         let pipelines = Arc::new(PipelineManager::new());
-        let loader = LoaderService::new(config.loader, state.clone(), resources.clone(), pipelines.clone());
+        let loader = LoaderService::new(config.loader, state.clone(), resources.clone(), pipelines.clone())?;
         Ok(Self { state, resources, pipelines, loader, shutdown: CancellationToken::new() })
     }
 

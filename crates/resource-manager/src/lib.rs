@@ -274,6 +274,30 @@ impl Reservation {
         self.memory.id
     }
 
+    /// Changes the reserved bytes to `bytes` (an estimate replaced by the exact figure): shrinking
+    /// always succeeds, growing only within the budget.
+    pub fn resize(&mut self, bytes: u64) -> Result<(), ResourceError> {
+        let mut ledger = self.memory.ledger();
+        if bytes > self.bytes {
+            let free = self.memory.budget.saturating_sub(ledger.committed());
+            let more = bytes - self.bytes;
+            if more > free {
+                return Err(ResourceError::OverBudget {
+                    device: self.memory.id,
+                    model_id: self.model_id.clone(),
+                    needed: bytes,
+                    free: free + self.bytes,
+                    budget: self.memory.budget,
+                });
+            }
+            *ledger.reserved.entry(self.model_id.clone()).or_default() += more;
+        } else {
+            release(&mut ledger.reserved, &self.model_id, self.bytes - bytes);
+        }
+        self.bytes = bytes;
+        Ok(())
+    }
+
     /// Replaces the reservation by the model's real bytes, held until the allocation is dropped.
     pub fn commit(mut self, actual_bytes: u64) -> ModelAllocation {
         let mut ledger = self.memory.ledger();
@@ -393,7 +417,12 @@ mod tests {
         let usage = &m.usage()[0];
         assert_eq!((usage.used_bytes, usage.reserved_bytes), (55, 0));
         assert_eq!(usage.models, vec![("a".to_owned(), 55)]);
-        let b = m.reserve(DeviceId::Cpu, "b", 45).expect("fits now");
+        let mut b = m.reserve(DeviceId::Cpu, "b", 45).expect("fits now");
+        assert_eq!(m.usage()[0].reserved_bytes, 45);
+        b.resize(20).expect("shrinking always fits");
+        assert_eq!(m.usage()[0].reserved_bytes, 20);
+        assert!(matches!(b.resize(46), Err(ResourceError::OverBudget { needed: 46, free: 45, .. })));
+        b.resize(45).expect("growing within the budget");
         assert_eq!(m.usage()[0].reserved_bytes, 45);
         drop(b);
         drop(alloc);

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 use model_manager::{
-    DEFAULT_EVENT_CAPACITY, ManagerConfig, SourceConfig, TargetDtype,
+    DEFAULT_EVENT_CAPACITY, HubConfig, ManagerConfig, SourceConfig, TargetDtype,
     resource_manager::{DeviceRequest, MemoryBudget},
 };
 
@@ -33,6 +33,14 @@ pub struct Cli {
     /// ~/.cache/huggingface/hub].
     #[arg(long, env = "MODEL_LOADER_HF_CACHE")]
     pub hf_cache: Option<PathBuf>,
+
+    /// The Hugging Face Hub's base URL [default: $HF_ENDPOINT, else https://huggingface.co].
+    #[arg(long, env = "MODEL_LOADER_HF_ENDPOINT")]
+    pub hf_endpoint: Option<String>,
+
+    /// Token for the hub, sent as `Authorization: Bearer` [default: $HF_TOKEN]. Never logged.
+    #[arg(long, env = "MODEL_LOADER_HF_TOKEN", hide_env_values = true)]
+    pub hf_token: Option<String>,
 
     /// Never contact the hub (also set by HF_HUB_OFFLINE=1).
     #[arg(long, env = "MODEL_LOADER_OFFLINE")]
@@ -122,7 +130,11 @@ impl Cli {
             event_capacity: DEFAULT_EVENT_CAPACITY,
             ..ManagerConfig::default()
         };
-        manager.loader.sources = SourceConfig { model_root: Some(self.model_root), hf_cache, offline };
+        let hub = HubConfig {
+            endpoint: self.hf_endpoint.or_else(|| env("HF_ENDPOINT")).filter(|e| !e.is_empty()),
+            token: self.hf_token.or_else(|| env("HF_TOKEN")).filter(|t| !t.is_empty()),
+        };
+        manager.loader.sources = SourceConfig { model_root: Some(self.model_root), hf_cache, offline, hub };
         manager.loader.default_dtype = default_dtype;
         manager.loader.max_concurrent_loads = self.max_concurrent_loads.max(1);
         Ok(ServerConfig {

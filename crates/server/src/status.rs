@@ -1,7 +1,7 @@
 //! The one table mapping errors to gRPC status codes. Nothing is logged here: errors are logged
 //! where they are handled.
 
-use model_manager::{LoadError, ManagerError, resource_manager::ResourceError};
+use model_manager::{HubFailure, LoadError, ManagerError, resource_manager::ResourceError};
 use tonic::{Code, Status};
 
 /// The gRPC status for a facade error.
@@ -23,6 +23,13 @@ pub fn from_load(e: &LoadError) -> Status {
         LoadError::PathEscapes { .. } => Code::PermissionDenied,
         LoadError::PickleOnly { .. } | LoadError::UnsupportedDtype { .. } => Code::FailedPrecondition,
         LoadError::Corrupt { .. } | LoadError::BadConfig { .. } => Code::DataLoss,
+        LoadError::Hub { failure, .. } => match failure {
+            HubFailure::NotFound => Code::NotFound,
+            HubFailure::Unauthenticated => Code::Unauthenticated,
+            HubFailure::PermissionDenied => Code::PermissionDenied,
+            HubFailure::Unavailable => Code::Unavailable,
+            HubFailure::Other => Code::Internal,
+        },
         LoadError::Cancelled { .. } => Code::Cancelled,
         LoadError::ShuttingDown => Code::Unavailable,
         LoadError::ReadWeights { .. } | LoadError::PlaceOnDevice { .. } | LoadError::Internal { .. } => Code::Internal,

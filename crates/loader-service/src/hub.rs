@@ -1,0 +1,408 @@
+//! The Hugging Face Hub as a source, through `hf-hub`: resolve a revision to its commit, list the
+//! files a load needs, and download the missing ones into the HF cache (the layout Python's
+//! `huggingface_hub` shares) with byte progress, cancellation and sha256 verification.
+//!
+//! Files land atomically (hf-hub writes `<blob>.incomplete` and renames it); an LFS file whose
+//! bytes do not hash to the hub's sha256 is removed again before the load fails with DATA_LOSS.
+
+use std::{
+    collections::BTreeMap,
+    io::Read,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use futures::StreamExt;
+use hf_hub::{
+    HFClient, HFError,
+    progress::{DownloadEvent, ProgressEvent, ProgressHandler},
+    repository::RepoTreeEntry,
+};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    error::{HubFailure, LoadError},
+    request::{ModelId, Revision},
+};
+
+/// Where and how to reach the hub.
+#[derive(Clone, Default)]
+pub struct HubConfig {
+    /// The hub's base URL (`HF_ENDPOINT`); `None` is huggingface.co.
+    pub endpoint: Option<String>,
+    /// The token sent as `Authorization: Bearer` (`HF_TOKEN`). Never logged.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for HubConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubConfig")
+            .field("endpoint", &self.endpoint)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// One file of a repo at a commit.
+#[derive(Debug, Clone)]
+pub struct RemoteFile {
+    pub path: String,
+    pub size: u64,
+    /// The LFS sha256 of its content, when the hub gives one.
+    pub sha256: Option<String>,
+}
+
+/// A revision resolved on the hub: its commit and the files a load of it needs.
+#[derive(Debug, Clone)]
+pub struct RemoteSnapshot {
+    pub commit: String,
+    pub needed: Vec<RemoteFile>,
+}
+
+/// A client of the hub writing into one HF cache.
+pub struct Hub {
+    client: HFClient,
+    cache: PathBuf,
+}
+
+impl Hub {
+    pub fn new(config: &HubConfig, cache: &Path) -> Result<Self, String> {
+        let mut builder = HFClient::builder().cache_dir(cache).cache_enabled(true).retry_max_attempts(3);
+        if let Some(endpoint) = &config.endpoint {
+            builder = builder.endpoint(endpoint.trim_end_matches('/'));
+        }
+        if let Some(token) = &config.token {
+            builder = builder.token(token);
+        }
+        let client = builder.build().map_err(|e| e.to_string())?;
+        Ok(Self { client, cache: cache.to_owned() })
+    }
+
+    fn repo(&self, id: &ModelId) -> hf_hub::repository::HFRepository<hf_hub::repository::RepoTypeModel> {
+        let (org, name) = id.split();
+        self.client.model(org.unwrap_or(""), name)
+    }
+
+    /// Resolves `revision` to its commit and lists the files a load needs (see [`needed_files`]).
+    pub async fn resolve(&self, id: &ModelId, revision: &Revision) -> Result<RemoteSnapshot, LoadError> {
+        let repo = self.repo(id);
+        let info = repo.info().revision(revision.as_str().to_owned()).send().await.map_err(|e| hub_error(id, e))?;
+        let commit = info.sha.filter(|s| is_commit(s)).ok_or_else(|| LoadError::Hub {
+            model_id: id.to_string(),
+            failure: HubFailure::Other,
+            reason: format!("the hub gave no commit for revision {}", revision.as_str()),
+        })?;
+        let tree = repo.list_tree().revision(commit.clone()).recursive(true).send().map_err(|e| hub_error(id, e))?;
+        let mut files = Vec::new();
+        let mut tree = std::pin::pin!(tree);
+        while let Some(entry) = tree.next().await {
+            if let RepoTreeEntry::File { path, size, lfs, .. } = entry.map_err(|e| hub_error(id, e))? {
+                let sha256 = lfs.and_then(|l| l.sha256).filter(|s| s.len() == 64);
+                files.push(RemoteFile { path, size, sha256 });
+            }
+        }
+        let needed = needed_files(id, &files)?;
+        Ok(RemoteSnapshot { commit, needed })
+    }
+
+    /// The snapshot folder of `commit` in the cache.
+    pub fn snapshot_dir(&self, id: &ModelId, commit: &str) -> PathBuf {
+        self.cache.join(repo_folder(id)).join("snapshots").join(commit)
+    }
+
+    /// Records that `revision` names `commit` (`refs/<revision>`), as huggingface_hub does, so an
+    /// offline load (ours or Python's) finds the snapshot. Written to a temporary file and renamed.
+    pub fn write_ref(&self, id: &ModelId, revision: &Revision, commit: &str) -> std::io::Result<()> {
+        if revision.is_commit() {
+            return Ok(());
+        }
+        let path = self.cache.join(repo_folder(id)).join("refs").join(revision.as_str());
+        if std::fs::read_to_string(&path).is_ok_and(|c| c.trim() == commit) {
+            return Ok(());
+        }
+        let parent = path.parent().ok_or_else(|| std::io::Error::other("a ref has a folder"))?;
+        std::fs::create_dir_all(parent)?;
+        let tmp = parent.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("ref")));
+        std::fs::write(&tmp, commit)?;
+        std::fs::rename(&tmp, &path)
+    }
+
+    /// The needed files not yet in the cache's snapshot.
+    pub fn missing(&self, id: &ModelId, snapshot: &RemoteSnapshot) -> Vec<RemoteFile> {
+        let dir = self.snapshot_dir(id, &snapshot.commit);
+        snapshot.needed.iter().filter(|f| !dir.join(&f.path).is_file()).cloned().collect()
+    }
+
+    /// Downloads `files` of `commit` into the cache, counting bytes done over all of them in
+    /// `counter`, stopping when `cancel` fires. Each LFS file is verified against its sha256; a
+    /// mismatch removes it and fails with DATA_LOSS.
+    pub async fn download(
+        &self,
+        id: &ModelId,
+        commit: &str,
+        files: &[RemoteFile],
+        cancel: &CancellationToken,
+        counter: &Arc<DownloadCounter>,
+    ) -> Result<(), LoadError> {
+        let repo = self.repo(id);
+        let mut done_before = 0;
+        for file in files {
+            counter.start(&file.path, done_before);
+            let progress = FileProgress { file: file.path.clone(), done_before, counter: counter.clone() };
+            let download =
+                repo.download_file().filename(file.path.clone()).revision(commit.to_owned()).progress(progress).send();
+            // Dropping the download stops it between two chunks; hf-hub's `.incomplete` file is
+            // never taken for a blob (it is truncated and rewritten by the next download).
+            let path = tokio::select! {
+                path = download => path.map_err(|e| hub_error(id, e))?,
+                () = cancel.cancelled() => return Err(LoadError::Cancelled { model_id: id.to_string() }),
+            };
+            let (owned_id, remote) = (id.clone(), file.clone());
+            tokio::task::spawn_blocking(move || verify(&owned_id, &remote, &path))
+                .await
+                .map_err(|e| LoadError::Internal { model_id: id.to_string(), reason: format!("verifying: {e}") })??;
+            done_before += file.size;
+            counter.done.store(done_before, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// Checks a downloaded file against what the hub announced: its size, and for an LFS file (a blob
+/// named by its sha256, the hub's ETag) the sha256 of its bytes. A file that fails is removed
+/// (blob and snapshot link) before the error: a body of the wrong length is a failed transfer
+/// (hf-hub writes an error response's body like any other), UNAVAILABLE; the right length with
+/// the wrong hash is corruption, DATA_LOSS.
+fn verify(id: &ModelId, remote: &RemoteFile, path: &Path) -> Result<(), LoadError> {
+    let name = remote.path.as_str();
+    let read_error = |source| LoadError::ReadWeights { model_id: id.to_string(), file: name.to_owned(), source };
+    let blob = path.canonicalize().map_err(read_error)?;
+    let remove = || {
+        let _ = std::fs::remove_file(path);
+        let _ = std::fs::remove_file(&blob);
+    };
+    let size = std::fs::metadata(&blob).map_err(read_error)?.len();
+    if size != remote.size {
+        remove();
+        return Err(LoadError::Hub {
+            model_id: id.to_string(),
+            failure: HubFailure::Unavailable,
+            reason: format!("{name}: received {size} bytes of {}; removed from the cache", remote.size),
+        });
+    }
+    let blob_name = blob.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+    let expected = remote.sha256.clone().or_else(|| {
+        (blob_name.len() == 64 && blob_name.bytes().all(|b| b.is_ascii_hexdigit())).then(|| blob_name.clone())
+    });
+    let Some(expected) = expected else { return Ok(()) };
+    let mut file = std::fs::File::open(&blob).map_err(read_error)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(read_error)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let actual = hex::encode(hasher.finalize());
+    if actual == expected {
+        return Ok(());
+    }
+    // Nothing that looks complete may stay behind.
+    remove();
+    Err(LoadError::Corrupt {
+        model_id: id.to_string(),
+        file: name.to_owned(),
+        reason: format!("downloaded bytes hash to sha256 {actual}, the hub says {expected}; removed from the cache"),
+    })
+}
+
+/// Bytes downloaded so far over all files of a load, and the file being downloaded.
+#[derive(Debug, Default)]
+pub struct DownloadCounter {
+    pub done: AtomicU64,
+    file: Mutex<String>,
+}
+
+impl DownloadCounter {
+    fn start(&self, file: &str, done_before: u64) {
+        *self.file.lock().unwrap_or_else(|p| p.into_inner()) = file.to_owned();
+        self.done.store(done_before, Ordering::Relaxed);
+    }
+
+    /// The file being downloaded now.
+    pub fn file(&self) -> String {
+        self.file.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Turns hf-hub's per-file progress events into bytes done over the whole download.
+struct FileProgress {
+    file: String,
+    done_before: u64,
+    counter: Arc<DownloadCounter>,
+}
+
+impl ProgressHandler for FileProgress {
+    fn on_progress(&self, event: &ProgressEvent) {
+        if let ProgressEvent::Download(DownloadEvent::Progress { files }) = event {
+            for f in files.iter().filter(|f| f.filename == self.file) {
+                self.counter.done.fetch_max(self.done_before + f.bytes_completed, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// `models--org--name`, as huggingface_hub names a repo's cache folder.
+pub fn repo_folder(id: &ModelId) -> String {
+    match id.split() {
+        (Some(org), name) => format!("models--{org}--{name}"),
+        (None, name) => format!("models--{name}"),
+    }
+}
+
+fn is_commit(s: &str) -> bool {
+    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The files a load of this repo needs, chosen by name the way the loader picks its layout:
+/// JSON side files at the top and in each folder that has weights, and per folder either the
+/// shards (when an index is present), the one `model.safetensors` /
+/// `diffusion_pytorch_model.safetensors`, or the other plain `*.safetensors`. Never `*.bin`.
+pub fn needed_files(id: &ModelId, files: &[RemoteFile]) -> Result<Vec<RemoteFile>, LoadError> {
+    let mut by_dir: BTreeMap<&str, Vec<&RemoteFile>> = BTreeMap::new();
+    for f in files {
+        let dir = f.path.rsplit_once('/').map_or("", |(d, _)| d);
+        // One level of folders at most (diffusers components); deeper files are not model files.
+        if dir.contains('/') {
+            continue;
+        }
+        by_dir.entry(dir).or_default().push(f);
+    }
+    let name = |f: &RemoteFile| f.path.rsplit('/').next().unwrap_or("").to_owned();
+    let mut needed = Vec::new();
+    let mut pickles = Vec::new();
+    for (dir, entries) in &by_dir {
+        let names: Vec<String> = entries.iter().map(|f| name(f)).collect();
+        let has = |n: &str| names.iter().any(|x| x == n);
+        let plain = |n: &String| n.ends_with(".safetensors") && !n.trim_end_matches(".safetensors").contains('.');
+        let weights: Vec<&&RemoteFile> = if has("model.safetensors.index.json")
+            || has("diffusion_pytorch_model.safetensors.index.json")
+            || !(has("model.safetensors") || has("diffusion_pytorch_model.safetensors"))
+        {
+            entries.iter().filter(|f| plain(&name(f))).collect()
+        } else {
+            let single =
+                if has("model.safetensors") { "model.safetensors" } else { "diffusion_pytorch_model.safetensors" };
+            entries.iter().filter(|f| name(f) == single).collect()
+        };
+        if weights.is_empty() && dir.is_empty() {
+            pickles.extend(
+                names.iter().filter(|n| [".bin", ".pt", ".pth", ".ckpt"].iter().any(|s| n.ends_with(s))).cloned(),
+            );
+        }
+        if weights.is_empty() && !dir.is_empty() {
+            // A component without weights (scheduler, tokenizer): its JSON only.
+            needed.extend(entries.iter().filter(|f| name(f).ends_with(".json")).map(|f| (*f).clone()));
+            continue;
+        }
+        needed.extend(entries.iter().filter(|f| name(f).ends_with(".json")).map(|f| (*f).clone()));
+        needed.extend(weights.into_iter().map(|f| (*f).clone()));
+    }
+    if !needed.iter().any(|f| f.path.ends_with(".safetensors")) {
+        if !pickles.is_empty() {
+            return Err(LoadError::PickleOnly { model_id: id.to_string(), files: pickles.join(", ") });
+        }
+        return Err(LoadError::NotFound {
+            model_id: id.to_string(),
+            reason: "the repo has no safetensors weights".into(),
+        });
+    }
+    Ok(needed)
+}
+
+/// Maps a hub failure to the load error the server turns into a gRPC code.
+fn hub_error(id: &ModelId, e: HFError) -> LoadError {
+    let failure = match &e {
+        HFError::RepoNotFound { .. }
+        | HFError::RevisionNotFound { .. }
+        | HFError::EntryNotFound { .. }
+        | HFError::LocalEntryNotFound { .. } => HubFailure::NotFound,
+        HFError::AuthRequired { .. } => HubFailure::Unauthenticated,
+        HFError::Forbidden { .. } => HubFailure::PermissionDenied,
+        HFError::RateLimited { .. } | HFError::Request { .. } | HFError::CacheLockTimeout { .. } => {
+            HubFailure::Unavailable
+        }
+        HFError::Http { context } if context.status.is_server_error() => HubFailure::Unavailable,
+        HFError::Http { context } if context.status.as_u16() == 401 => HubFailure::Unauthenticated,
+        HFError::Http { context } if context.status.as_u16() == 403 => HubFailure::PermissionDenied,
+        HFError::Http { context } if context.status.as_u16() == 404 => HubFailure::NotFound,
+        _ => HubFailure::Other,
+    };
+    LoadError::Hub { model_id: id.to_string(), failure, reason: e.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(paths: &[&str]) -> Vec<RemoteFile> {
+        paths.iter().map(|p| RemoteFile { path: (*p).into(), size: 1, sha256: None }).collect()
+    }
+
+    fn needed(paths: &[&str]) -> Result<Vec<String>, LoadError> {
+        let id = ModelId::parse("org/m").expect("id");
+        Ok(needed_files(&id, &files(paths))?.into_iter().map(|f| f.path).collect())
+    }
+
+    /// Only what the chosen layout needs is downloaded: never pickles, never precision variants,
+    /// never a second copy of the weights; configs of weightless components come along.
+    #[test]
+    fn picks_only_the_files_the_layout_needs() {
+        let single = needed(&["config.json", "model.safetensors", "pytorch_model.bin", "README.md"]).expect("single");
+        assert_eq!(single, ["config.json", "model.safetensors"]);
+        let sharded = needed(&[
+            "config.json",
+            "model.safetensors.index.json",
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "model.fp16.safetensors",
+            "pytorch_model-00001-of-00002.bin",
+        ])
+        .expect("sharded");
+        assert_eq!(
+            sharded,
+            [
+                "config.json",
+                "model.safetensors.index.json",
+                "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors"
+            ]
+        );
+        let pipeline = needed(&[
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+            "unet/diffusion_pytorch_model.bin",
+        ])
+        .expect("pipeline");
+        assert_eq!(
+            pipeline,
+            [
+                "model_index.json",
+                "scheduler/scheduler_config.json",
+                "unet/config.json",
+                "unet/diffusion_pytorch_model.safetensors"
+            ]
+        );
+        assert!(matches!(needed(&["config.json", "pytorch_model.bin"]), Err(LoadError::PickleOnly { .. })));
+        assert!(matches!(needed(&["README.md"]), Err(LoadError::NotFound { .. })));
+    }
+}

@@ -1,0 +1,231 @@
+//! Loading from the Hugging Face Hub (the test hub): downloads with byte progress into the HF
+//! cache, cache hits, every hub failure mapped to its code, cancellation and single flight.
+
+use std::path::Path;
+
+use proto::v1 as pb;
+use tests::{
+    TestServer, config, cpu_resources, fixture,
+    hub::{Fault, HubRepo, TestHub},
+    load, load_all, state_of,
+};
+use tonic::Code;
+
+const REPO: &str = "org/sharded";
+const SHARDS: [&str; 3] =
+    ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"];
+
+/// A sharded fixture repo, served by a fresh test hub, and a server whose HF cache is empty.
+async fn setup(tmp: &Path) -> (TestHub, TestServer, fixture::Expected) {
+    let expected =
+        fixture::sharded_model(&tmp.join("repo"), &fixture::f32_tensors("layers", 6, 64 * 1024), 3).expect("fixture");
+    let hub = TestHub::start([HubRepo::from_dir(REPO, &tmp.join("repo")).expect("repo")]).await;
+    let mut cfg = config(&tmp.join("models"));
+    cfg.manager.loader.sources.offline = false;
+    cfg.manager.loader.sources.hf_cache = Some(tmp.join("cache"));
+    cfg.manager.loader.sources.hub.endpoint = Some(hub.url().to_owned());
+    let server = TestServer::start(cfg).await;
+    (hub, server, expected)
+}
+
+fn blobs(tmp: &Path) -> Vec<String> {
+    let dir = tmp.join("cache/models--org--sharded/blobs");
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut names: Vec<String> = entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
+    names.sort();
+    names
+}
+
+/// A fresh cache: LoadModel downloads the sharded repo with byte progress inside step 4, loads it
+/// (source HUB, the commit as revision, checksums equal to the fixture's); after an unload, a
+/// second load is a cache hit that GETs no weight file.
+#[tokio::test]
+async fn downloads_then_hits_the_cache() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (hub, server, expected) = setup(tmp.path()).await;
+    let mut client = server.client().await;
+
+    let (messages, end) = load_all(&mut client, load(REPO)).await;
+    end.expect("loads from the hub");
+    let steps: Vec<u32> = messages.iter().map(|m| m.step).collect();
+    assert!(steps.windows(2).all(|w| w[0] <= w[1]) && steps.first() == Some(&1) && steps.last() == Some(&8));
+    assert!(messages.iter().any(|m| m.step == 2 && m.detail.starts_with("cache miss: ")), "{messages:?}");
+    let download: Vec<_> =
+        messages.iter().filter(|m| m.step == 4 && m.bytes_total > 0 && m.detail.ends_with(".safetensors")).collect();
+    assert!(download.len() >= 2, "byte progress during the download: {messages:?}");
+    let status = client.get_model(pb::GetModelRequest { model_id: REPO.into() }).await.expect("get").into_inner();
+    assert_eq!(status.source(), pb::ModelSource::Hub);
+    assert_eq!(status.revision, hub.repo(REPO).commit());
+    let tensors = client
+        .list_tensors(pb::ListTensorsRequest { model_id: REPO.into(), with_checksums: true })
+        .await
+        .expect("tensors")
+        .into_inner()
+        .tensors;
+    let got: std::collections::BTreeMap<_, _> =
+        tensors.into_iter().map(|t| (t.name, (t.dtype, t.shape, t.sha256))).collect();
+    assert_eq!(got, expected.tensors);
+    for shard in SHARDS {
+        assert_eq!(hub.get_count(REPO, shard), 1, "{shard} downloaded once");
+    }
+
+    client.unload_model(pb::UnloadModelRequest { model_id: REPO.into() }).await.expect("unload");
+    let (messages, end) = load_all(&mut client, load(REPO)).await;
+    end.expect("loads from the cache");
+    let commit = hub.repo(REPO).commit().to_owned();
+    assert!(messages.iter().any(|m| m.detail == format!("cache hit: snapshot {commit}")), "{messages:?}");
+    for shard in SHARDS {
+        assert_eq!(hub.get_count(REPO, shard), 1, "{shard}: no second GET on a cache hit");
+    }
+    let status = client.get_model(pb::GetModelRequest { model_id: REPO.into() }).await.expect("get").into_inner();
+    assert_eq!(status.source(), pb::ModelSource::Cache);
+    server.stop().await;
+}
+
+/// Each injected hub fault maps to its gRPC code, leaves the model FAILED with a reason and nothing
+/// in the cache that a later load would trust; once the fault is cleared the load succeeds.
+#[tokio::test]
+async fn hub_faults_map_to_codes_and_recover() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (hub, server, expected) = setup(tmp.path()).await;
+    let mut client = server.client().await;
+    let shard = SHARDS[1];
+    for (fault, code) in [
+        (Fault::Status(404), Code::NotFound),
+        (Fault::Status(401), Code::Unauthenticated),
+        (Fault::Status(403), Code::PermissionDenied),
+        (Fault::Status(500), Code::Unavailable),
+        (Fault::BodyStatus(503), Code::Unavailable),
+        (Fault::DropMidBody, Code::Unavailable),
+        (Fault::WrongBytes, Code::DataLoss),
+    ] {
+        hub.set_fault(REPO, shard, fault);
+        let (_, end) = load_all(&mut client, load(REPO)).await;
+        let status = end.expect_err("the fault fails the load");
+        assert_eq!(status.code(), code, "{fault:?}: {status:?}");
+        let model = client.get_model(pb::GetModelRequest { model_id: REPO.into() }).await.expect("get").into_inner();
+        assert_eq!(model.state(), pb::ModelState::Failed, "{fault:?}");
+        assert!(!model.error.is_empty());
+        assert!(
+            !blobs(tmp.path()).iter().any(|b| !b.ends_with(".incomplete") && b.len() == 64 && {
+                let sha = tests::hub::sha256_hex(
+                    &std::fs::read(tmp.path().join("cache/models--org--sharded/blobs").join(b)).expect("blob"),
+                );
+                &sha != b
+            }),
+            "{fault:?}: a blob whose bytes do not match its name stayed in the cache"
+        );
+        let cpu = cpu_resources(&mut client).await;
+        assert_eq!((cpu.used_bytes, cpu.reserved_bytes), (0, 0), "{fault:?}");
+    }
+    hub.clear_faults();
+    load_all(&mut client, load(REPO)).await.1.expect("loads once the hub is healthy");
+    assert_eq!(cpu_resources(&mut client).await.used_bytes, expected.bytes());
+    server.stop().await;
+}
+
+/// An unknown repo is NOT_FOUND and an unknown revision is NOT_FOUND, without touching the cache.
+#[tokio::test]
+async fn unknown_repo_and_revision_are_not_found() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (_hub, server, _) = setup(tmp.path()).await;
+    let mut client = server.client().await;
+    let (_, end) = load_all(&mut client, load("org/missing")).await;
+    assert_eq!(end.expect_err("unknown repo").code(), Code::NotFound);
+    let request = pb::LoadModelRequest { revision: Some("no-such-branch".into()), ..load(REPO) };
+    let (_, end) = load_all(&mut client, request).await;
+    assert_eq!(end.expect_err("unknown revision").code(), Code::NotFound);
+    assert_eq!(state_of(&mut client, REPO).await, pb::ModelState::Failed);
+    server.stop().await;
+}
+
+/// Two concurrent loads of one model download every file exactly once.
+#[tokio::test]
+async fn concurrent_loads_download_once() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (hub, server, _) = setup(tmp.path()).await;
+    let (a, b) = tokio::join!(async { load_all(&mut server.client().await, load(REPO)).await }, async {
+        load_all(&mut server.client().await, load(REPO)).await
+    },);
+    a.1.expect("first");
+    b.1.expect("second");
+    for shard in SHARDS {
+        assert_eq!(hub.get_count(REPO, shard), 1, "{shard}");
+    }
+    server.stop().await;
+}
+
+/// CancelLoad in the middle of a slow download ends the stream with CANCELLED promptly; the next
+/// LoadModel finishes the download.
+#[tokio::test]
+async fn cancel_during_a_slow_download() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (hub, server, _) = setup(tmp.path()).await;
+    let mut client = server.client().await;
+    hub.set_fault(REPO, SHARDS[0], Fault::Slow { bytes_per_sec: 64 * 1024 });
+    let mut stream = client.load_model(load(REPO)).await.expect("load").into_inner();
+    loop {
+        let m = tokio::time::timeout(tests::WAIT, tokio_stream::StreamExt::next(&mut stream))
+            .await
+            .expect("moves")
+            .expect("open")
+            .expect("ok");
+        if m.step == 4 && m.bytes_done > 0 {
+            break;
+        }
+    }
+    let started = std::time::Instant::now();
+    client.cancel_load(pb::CancelLoadRequest { model_id: REPO.into() }).await.expect("cancel");
+    let mut end = Ok(());
+    while let Some(item) =
+        tokio::time::timeout(tests::WAIT, tokio_stream::StreamExt::next(&mut stream)).await.expect("moves")
+    {
+        if let Err(status) = item {
+            end = Err(status);
+            break;
+        }
+    }
+    eprintln!("CancelLoad during a download to the end of the stream: {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
+    assert_eq!(end.expect_err("cancelled").code(), Code::Cancelled);
+    assert_eq!(state_of(&mut client, REPO).await, pb::ModelState::Unloaded);
+    hub.clear_faults();
+    load_all(&mut client, load(REPO)).await.1.expect("the next load completes the download");
+    server.stop().await;
+}
+
+/// With the hub unreachable, a revision already in the cache still loads (from the cache); one that
+/// is not cached is UNAVAILABLE.
+#[tokio::test]
+async fn unreachable_hub_falls_back_to_the_cache() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (hub, server, _) = setup(tmp.path()).await;
+    let mut client = server.client().await;
+    load_all(&mut client, load(REPO)).await.1.expect("first load downloads");
+    client.unload_model(pb::UnloadModelRequest { model_id: REPO.into() }).await.expect("unload");
+    drop(hub);
+
+    let (messages, end) = load_all(&mut client, load(REPO)).await;
+    end.expect("loads from the cache while the hub is down");
+    assert!(messages.iter().any(|m| m.step == 2 && m.detail.starts_with("hub unreachable")), "{messages:?}");
+    let (_, end) = load_all(&mut client, load("org/never-cached")).await;
+    assert_eq!(end.expect_err("not cached").code(), Code::Unavailable);
+    server.stop().await;
+}
+
+/// A repo's tag and commit resolve like its branch: GetModel shows the commit the tag names.
+#[tokio::test]
+async fn tags_and_commits_resolve_to_commits() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (hub, server, _) = setup(tmp.path()).await;
+    let commit = hub.repo(REPO).commit().to_owned();
+    hub.put_repo(hub.repo(REPO).with_ref("v1", &commit));
+    let mut client = server.client().await;
+    for revision in ["v1", commit.as_str()] {
+        let request = pb::LoadModelRequest { revision: Some(revision.into()), ..load(REPO) };
+        load_all(&mut client, request).await.1.unwrap_or_else(|e| panic!("{revision}: {e}"));
+        let status = client.get_model(pb::GetModelRequest { model_id: REPO.into() }).await.expect("get").into_inner();
+        assert_eq!(status.revision, commit, "{revision}");
+        client.unload_model(pb::UnloadModelRequest { model_id: REPO.into() }).await.expect("unload");
+    }
+    server.stop().await;
+}
