@@ -229,3 +229,27 @@ async fn tags_and_commits_resolve_to_commits() {
     }
     server.stop().await;
 }
+
+/// A gated repo is PERMISSION_DENIED; offline, a model the cache lacks is NOT_FOUND saying so,
+/// without a request to the hub.
+#[tokio::test]
+async fn gated_repos_and_offline_misses() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (hub, server, _) = setup(tmp.path()).await;
+    hub.set_access(REPO, tests::hub::Access::Gated);
+    let (_, end) = load_all(&mut server.client().await, load(REPO)).await;
+    assert_eq!(end.expect_err("gated").code(), Code::PermissionDenied);
+    server.stop().await;
+
+    let mut cfg = config(&tmp.path().join("models"));
+    cfg.manager.loader.sources.hf_cache = Some(tmp.path().join("cache"));
+    cfg.manager.loader.sources.hub.endpoint = Some(hub.url().to_owned());
+    let server = TestServer::start(cfg).await;
+    let requests_before = hub.requests().len();
+    let (_, end) = load_all(&mut server.client().await, load(REPO)).await;
+    let status = end.expect_err("offline miss");
+    assert_eq!(status.code(), Code::NotFound);
+    assert!(status.message().contains("offline"), "{}", status.message());
+    assert_eq!(hub.requests().len(), requests_before, "offline, the hub is never asked");
+    server.stop().await;
+}
