@@ -37,7 +37,11 @@ impl TensorSpec {
     /// A large F32 tensor, quick to build: a 1 MiB block of deterministic values, repeated.
     pub fn f32_large(name: &str, elems: usize, seed: u64) -> Self {
         let block = Self::f32(name, &[elems.min(1 << 18)], seed).data;
-        let data: Vec<u8> = block.iter().copied().cycle().take(elems * 4).collect();
+        let mut data = Vec::with_capacity(elems * 4);
+        while data.len() < elems * 4 {
+            let n = block.len().min(elems * 4 - data.len());
+            data.extend_from_slice(&block[..n]);
+        }
         Self { name: name.into(), dtype: Dtype::F32, shape: vec![elems], data }
     }
 
