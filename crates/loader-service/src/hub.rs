@@ -52,7 +52,9 @@ impl std::fmt::Debug for HubConfig {
 pub struct RemoteFile {
     pub path: String,
     pub size: u64,
-    /// The LFS sha256 of its content, when the hub gives one.
+    /// The LFS sha256 of its content, when the listing gives one. hf-hub 1.0's tree entries expect
+    /// a `sha256` field where the hub sends `oid`, so this is usually empty and [`verify`] checks
+    /// the blob's name instead (hf-hub names LFS blobs by the hub's ETag, their sha256).
     pub sha256: Option<String>,
 }
 
