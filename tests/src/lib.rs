@@ -114,6 +114,17 @@ pub async fn load_all(
     }
 }
 
+/// ListTensors with checksums of a loaded model, as name → (dtype, shape, sha256), the form of
+/// [`fixture::Expected::tensors`].
+pub async fn checksums(
+    client: &mut ModelLoaderClient<Channel>,
+    id: &str,
+) -> std::collections::BTreeMap<String, (String, Vec<u64>, String)> {
+    let request = pb::ListTensorsRequest { model_id: id.into(), with_checksums: true };
+    let tensors = client.list_tensors(request).await.expect("ListTensors").into_inner().tensors;
+    tensors.into_iter().map(|t| (t.name, (t.dtype, t.shape, t.sha256))).collect()
+}
+
 /// GetModel's state for `id`.
 pub async fn state_of(client: &mut ModelLoaderClient<Channel>, id: &str) -> pb::ModelState {
     let status = client.get_model(pb::GetModelRequest { model_id: id.into() }).await.expect("GetModel").into_inner();

@@ -56,15 +56,7 @@ async fn downloads_then_hits_the_cache() {
     let status = client.get_model(pb::GetModelRequest { model_id: REPO.into() }).await.expect("get").into_inner();
     assert_eq!(status.source(), pb::ModelSource::Hub);
     assert_eq!(status.revision, hub.repo(REPO).commit());
-    let tensors = client
-        .list_tensors(pb::ListTensorsRequest { model_id: REPO.into(), with_checksums: true })
-        .await
-        .expect("tensors")
-        .into_inner()
-        .tensors;
-    let got: std::collections::BTreeMap<_, _> =
-        tensors.into_iter().map(|t| (t.name, (t.dtype, t.shape, t.sha256))).collect();
-    assert_eq!(got, expected.tensors);
+    assert_eq!(tests::checksums(&mut client, REPO).await, expected.tensors);
     for shard in SHARDS {
         assert_eq!(hub.get_count(REPO, shard), 1, "{shard} downloaded once");
     }

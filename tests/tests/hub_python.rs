@@ -4,7 +4,6 @@
 
 use std::{path::Path, process::Stdio};
 
-use proto::v1 as pb;
 use tests::{
     TestServer, WAIT, config, fixture,
     hub::{HubRepo, TestHub},
@@ -84,14 +83,6 @@ print(snapshot_download("org/shared", cache_dir=os.environ["CACHE"]))
     let (messages, end) = load_all(&mut client, load("org/shared")).await;
     end.expect("loads Python's cache offline");
     assert!(messages.iter().any(|m| m.detail == format!("cache hit: snapshot {commit}")), "{messages:?}");
-    let tensors = client
-        .list_tensors(pb::ListTensorsRequest { model_id: "org/shared".into(), with_checksums: true })
-        .await
-        .expect("tensors")
-        .into_inner()
-        .tensors;
-    let got: std::collections::BTreeMap<_, _> =
-        tensors.into_iter().map(|t| (t.name, (t.dtype, t.shape, t.sha256))).collect();
-    assert_eq!(got, expected.tensors);
+    assert_eq!(tests::checksums(&mut client, "org/shared").await, expected.tensors);
     server.stop().await;
 }

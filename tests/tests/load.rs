@@ -1,10 +1,8 @@
 //! Loading models end to end through an in-process server: the steps, byte progress, every
 //! layout, checksums of what is resident, single flight and late joiners.
 
-use std::collections::BTreeMap;
-
 use proto::v1::{self as pb};
-use tests::{TestServer, WAIT, config, fixture, load, load_all, state_of};
+use tests::{TestServer, WAIT, checksums, config, fixture, load, load_all, state_of};
 use tokio_stream::StreamExt;
 
 /// The table of steps as a client must see it: (step, message, phase).
@@ -45,19 +43,6 @@ fn assert_full_stream(messages: &[pb::ModelLoadProgress], bytes_total: u64) {
     assert_eq!(seen, (1..=8).collect::<Vec<_>>());
     assert_eq!(last_bytes, bytes_total, "byte progress reaches the total");
     assert_eq!(messages.last().map(|m| m.step), Some(8));
-}
-
-async fn checksums(
-    client: &mut pb::model_loader_client::ModelLoaderClient<tonic::transport::Channel>,
-    id: &str,
-) -> BTreeMap<String, (String, Vec<u64>, String)> {
-    let tensors = client
-        .list_tensors(pb::ListTensorsRequest { model_id: id.into(), with_checksums: true })
-        .await
-        .expect("ListTensors")
-        .into_inner()
-        .tensors;
-    tensors.into_iter().map(|t| (t.name, (t.dtype, t.shape, t.sha256))).collect()
 }
 
 /// The bundled demo pipeline streams steps 1..=8 with byte progress, is LOADED with sample_size 32,
