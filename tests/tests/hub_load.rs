@@ -128,6 +128,7 @@ async fn unknown_repo_and_revision_are_not_found() {
     let (_, end) = load_all(&mut client, request).await;
     assert_eq!(end.expect_err("unknown revision").code(), Code::NotFound);
     assert_eq!(state_of(&mut client, REPO).await, pb::ModelState::Failed);
+    assert!(blobs(tmp.path()).is_empty(), "nothing was downloaded: {:?}", blobs(tmp.path()));
     server.stop().await;
 }
 
