@@ -246,3 +246,31 @@ async fn gated_repos_and_offline_misses() {
     assert_eq!(hub.requests().len(), requests_before, "offline, the hub is never asked");
     server.stop().await;
 }
+
+/// Two different models download at the same time: with both downloads slowed, the hub streams
+/// a body of each at once; once the hub is fast again both loads finish.
+#[tokio::test]
+async fn two_models_download_in_parallel() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (hub, server, _) = setup(tmp.path()).await;
+    fixture::single_file_model(&tmp.path().join("other"), &fixture::f32_tensors("w", 2, 64 * 1024)).expect("fixture");
+    hub.put_repo(HubRepo::from_dir("org/other", &tmp.path().join("other")).expect("repo"));
+    let slow = Fault::Slow { bytes_per_sec: 512 * 1024 };
+    hub.set_fault(REPO, SHARDS[0], slow);
+    hub.set_fault("org/other", "model.safetensors", slow);
+
+    let first = tokio::spawn({
+        let channel = server.channel();
+        async move { load_all(&mut pb::model_loader_client::ModelLoaderClient::new(channel), load(REPO)).await }
+    });
+    let second = tokio::spawn({
+        let channel = server.channel();
+        async move { load_all(&mut pb::model_loader_client::ModelLoaderClient::new(channel), load("org/other")).await }
+    });
+    hub.wait_until("two bodies streamed at once", |hub| hub.active_bodies() >= 2).await;
+    hub.clear_faults();
+    for (name, load) in [("org/sharded", first), ("org/other", second)] {
+        load.await.expect("no panic").1.unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    server.stop().await;
+}
