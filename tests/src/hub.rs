@@ -232,6 +232,9 @@ pub enum Fault {
     BodyStatus(u16),
     /// Headers (with the full `Content-Length`) and half the body, then the connection is closed.
     DropMidBody,
+    /// Headers (with the full `Content-Length`) and half the body, then nothing more: the
+    /// connection stays open until the client gives up.
+    Stall,
     /// The body has the advertised length but its last byte is flipped, so its sha256 (and git
     /// blob sha1) differ from the advertised ETag.
     WrongBytes,
@@ -242,7 +245,7 @@ impl Fault {
     fn applies(&self, body: bool) -> bool {
         match self {
             Fault::Status(_) => true,
-            Fault::BodyStatus(_) | Fault::Slow { .. } | Fault::DropMidBody | Fault::WrongBytes => body,
+            Fault::BodyStatus(_) | Fault::Slow { .. } | Fault::DropMidBody | Fault::Stall | Fault::WrongBytes => body,
         }
     }
 }
@@ -924,12 +927,13 @@ fn serve_bytes(shared: &Arc<Shared>, key: Key, data: Bytes, headers: &HeaderMap,
         _ => (CHUNK, None),
     };
     let len = body.len();
-    let limit = if fault == Some(Fault::DropMidBody) { len / 2 } else { len };
+    let limit = if matches!(fault, Some(Fault::DropMidBody | Fault::Stall)) { len / 2 } else { len };
     let stream = BodyStream {
         data: body,
         pos: 0,
         limit,
         drop_at_limit: fault == Some(Fault::DropMidBody),
+        stall_at_limit: fault == Some(Fault::Stall),
         chunk,
         pace,
         key,
@@ -939,6 +943,10 @@ fn serve_bytes(shared: &Arc<Shared>, key: Key, data: Bytes, headers: &HeaderMap,
     shared.bump();
     let chunks = futures::stream::unfold(stream, |mut s| async move {
         if s.pos >= s.limit {
+            if s.stall_at_limit {
+                // Hang until the client drops the connection (which drops this stream).
+                futures::future::pending::<()>().await;
+            }
             if s.drop_at_limit {
                 s.drop_at_limit = false;
                 // Let the connection flush the head and the bytes so far (hyper flushes while the
@@ -968,6 +976,7 @@ struct BodyStream {
     pos: usize,
     limit: usize,
     drop_at_limit: bool,
+    stall_at_limit: bool,
     chunk: usize,
     pace: Option<Duration>,
     key: Key,

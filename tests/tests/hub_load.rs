@@ -24,6 +24,7 @@ async fn setup(tmp: &Path) -> (TestHub, TestServer, fixture::Expected) {
     cfg.manager.loader.sources.offline = false;
     cfg.manager.loader.sources.hf_cache = Some(tmp.join("cache"));
     cfg.manager.loader.sources.hub.endpoint = Some(hub.url().to_owned());
+    cfg.manager.loader.sources.hub.stall_timeout = std::time::Duration::from_secs(2);
     let server = TestServer::start(cfg).await;
     (hub, server, expected)
 }
@@ -89,6 +90,7 @@ async fn hub_faults_map_to_codes_and_recover() {
         (Fault::Status(500), Code::Unavailable),
         (Fault::BodyStatus(503), Code::Unavailable),
         (Fault::DropMidBody, Code::Unavailable),
+        (Fault::Stall, Code::Unavailable),
         (Fault::WrongBytes, Code::DataLoss),
     ] {
         hub.set_fault(REPO, shard, fault);

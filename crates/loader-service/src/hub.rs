@@ -13,6 +13,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 use futures::StreamExt;
@@ -29,13 +30,24 @@ use crate::{
     request::{ModelId, Revision},
 };
 
+/// How long the hub may send nothing (no answer, no byte) before a load gives up with UNAVAILABLE.
+pub const DEFAULT_HUB_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Where and how to reach the hub.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct HubConfig {
     /// The hub's base URL (`HF_ENDPOINT`); `None` is huggingface.co.
     pub endpoint: Option<String>,
     /// The token sent as `Authorization: Bearer` (`HF_TOKEN`). Never logged.
     pub token: Option<String>,
+    /// See [`DEFAULT_HUB_STALL_TIMEOUT`]. hf-hub's HTTP clients have no timeouts of their own.
+    pub stall_timeout: Duration,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self { endpoint: None, token: None, stall_timeout: DEFAULT_HUB_STALL_TIMEOUT }
+    }
 }
 
 impl std::fmt::Debug for HubConfig {
@@ -43,6 +55,7 @@ impl std::fmt::Debug for HubConfig {
         f.debug_struct("HubConfig")
             .field("endpoint", &self.endpoint)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("stall_timeout", &self.stall_timeout)
             .finish()
     }
 }
@@ -69,6 +82,7 @@ pub struct RemoteSnapshot {
 pub struct Hub {
     client: HFClient,
     cache: PathBuf,
+    stall_timeout: Duration,
 }
 
 impl Hub {
@@ -81,7 +95,7 @@ impl Hub {
             builder = builder.token(token);
         }
         let client = builder.build().map_err(|e| e.to_string())?;
-        Ok(Self { client, cache: cache.to_owned() })
+        Ok(Self { client, cache: cache.to_owned(), stall_timeout: config.stall_timeout })
     }
 
     fn repo(&self, id: &ModelId) -> hf_hub::repository::HFRepository<hf_hub::repository::RepoTypeModel> {
@@ -89,8 +103,20 @@ impl Hub {
         self.client.model(org.unwrap_or(""), name)
     }
 
-    /// Resolves `revision` to its commit and lists the files a load needs (see [`needed_files`]).
+    /// How long the hub may send nothing before a load gives up.
+    pub fn stall_timeout(&self) -> Duration {
+        self.stall_timeout
+    }
+
+    /// Resolves `revision` to its commit and lists the files a load needs (see [`needed_files`]),
+    /// within the stall timeout.
     pub async fn resolve(&self, id: &ModelId, revision: &Revision) -> Result<RemoteSnapshot, LoadError> {
+        tokio::time::timeout(self.stall_timeout, self.resolve_now(id, revision))
+            .await
+            .map_err(|_| stalled(id, self.stall_timeout))?
+    }
+
+    async fn resolve_now(&self, id: &ModelId, revision: &Revision) -> Result<RemoteSnapshot, LoadError> {
         let repo = self.repo(id);
         let info = repo.info().revision(revision.as_str().to_owned()).send().await.map_err(|e| hub_error(id, e))?;
         let commit = info.sha.filter(|s| is_commit(s)).ok_or_else(|| LoadError::Hub {
@@ -326,6 +352,15 @@ pub fn needed_files(id: &ModelId, files: &[RemoteFile]) -> Result<Vec<RemoteFile
         });
     }
     Ok(needed)
+}
+
+/// The hub answered nothing for `timeout`.
+pub fn stalled(id: &ModelId, timeout: Duration) -> LoadError {
+    LoadError::Hub {
+        model_id: id.to_string(),
+        failure: HubFailure::Unavailable,
+        reason: format!("the hub sent nothing for {}s", timeout.as_secs_f64()),
+    }
 }
 
 /// Maps a hub failure to the load error the server turns into a gRPC code.

@@ -34,7 +34,7 @@ use tracing::Instrument;
 use crate::hub::Hub;
 pub use crate::{
     error::{HubFailure, LoadError},
-    hub::HubConfig,
+    hub::{DEFAULT_HUB_STALL_TIMEOUT, HubConfig},
     plan::{Layout, MAX_HEADER_BYTES},
     read::CHUNK_BYTES,
     request::{DEFAULT_REVISION, InvalidRequest, LoadRequest, ModelId, Revision, TargetDtype},
@@ -491,6 +491,9 @@ impl LoaderService {
         let download = hub.download(id, commit, missing, &handle.cancel, &counter);
         tokio::pin!(download);
         let mut tick = tokio::time::interval(BYTE_PROGRESS_INTERVAL);
+        // A hub that stops sending (hf-hub's clients have no timeouts) fails the load instead of
+        // holding it forever: dropping the download future closes the connection.
+        let (mut last_done, mut last_change) = (0, tokio::time::Instant::now());
         loop {
             tokio::select! {
                 result = &mut download => {
@@ -498,7 +501,15 @@ impl LoaderService {
                     bytes.update(total, missing.last().map_or("", |f| f.path.as_str()));
                     return Ok(());
                 }
-                _ = tick.tick() => bytes.update(counter.done.load(std::sync::atomic::Ordering::Relaxed), &counter.file()),
+                _ = tick.tick() => {
+                    let done = counter.done.load(std::sync::atomic::Ordering::Relaxed);
+                    if done != last_done {
+                        (last_done, last_change) = (done, tokio::time::Instant::now());
+                    } else if last_change.elapsed() >= hub.stall_timeout() {
+                        return Err(hub::stalled(id, hub.stall_timeout()));
+                    }
+                    bytes.update(done, &counter.file());
+                }
             }
         }
     }

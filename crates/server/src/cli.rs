@@ -15,6 +15,7 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 /// `cargo run`).
 pub const DEFAULT_MODEL_ROOT: &str = "models";
 pub const DEFAULT_SHUTDOWN_GRACE: &str = "10s";
+pub const DEFAULT_HF_TIMEOUT: &str = "60s";
 
 /// model-loader: a gRPC service that loads safetensors models onto a device, keeps them
 /// resident, and streams every load's eight steps to its clients.
@@ -41,6 +42,10 @@ pub struct Cli {
     /// Token for the hub, sent as `Authorization: Bearer` [default: $HF_TOKEN]. Never logged.
     #[arg(long, env = "MODEL_LOADER_HF_TOKEN", hide_env_values = true)]
     pub hf_token: Option<String>,
+
+    /// How long the hub may send nothing (no answer, no byte) before a load fails with UNAVAILABLE.
+    #[arg(long, env = "MODEL_LOADER_HF_TIMEOUT", default_value = DEFAULT_HF_TIMEOUT, value_parser = humantime::parse_duration)]
+    pub hf_timeout: Duration,
 
     /// Never contact the hub (also set by HF_HUB_OFFLINE=1).
     #[arg(long, env = "MODEL_LOADER_OFFLINE")]
@@ -133,6 +138,7 @@ impl Cli {
         let hub = HubConfig {
             endpoint: self.hf_endpoint.or_else(|| env("HF_ENDPOINT")).filter(|e| !e.is_empty()),
             token: self.hf_token.or_else(|| env("HF_TOKEN")).filter(|t| !t.is_empty()),
+            stall_timeout: self.hf_timeout,
         };
         manager.loader.sources = SourceConfig { model_root: Some(self.model_root), hf_cache, offline, hub };
         manager.loader.default_dtype = default_dtype;
