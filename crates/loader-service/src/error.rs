@@ -54,7 +54,11 @@ impl LoadError {
             Self::InvalidRequest(_) => "invalid_request",
             Self::Resource(ResourceError::InvalidDevice(_)) => "invalid_device",
             Self::Resource(ResourceError::DeviceUnavailable { .. }) => "device_unavailable",
-            Self::Resource(ResourceError::OverBudget { .. }) => "over_budget",
+            Self::Resource(
+                ResourceError::OverBudget { .. }
+                | ResourceError::LargerThanBudget { .. }
+                | ResourceError::NoRoom { .. },
+            ) => "over_budget",
             Self::NotFound { .. } => "not_found",
             Self::PathEscapes { .. } => "path_escapes",
             Self::PickleOnly { .. } => "pickle_only",

@@ -2,16 +2,21 @@
 //! registering the finished pipeline, with one load per model at a time (single flight), loads
 //! independent of the callers that asked for them, and cancellation between chunks.
 //!
+//! Loads wait in a queue for one of `max_concurrent_loads` slots, and reserve their bytes before
+//! reading any; with `--evict lru` a load that does not fit unloads the least recently used
+//! models first ([`EvictPolicy`]), which is why unloading a loaded model lives here too.
+//!
 //! Collaborators: `state-manager` (every state change goes through its table),
 //! `resource-manager` (the budget is reserved before a byte is read), `pipeline-manager` (where a
-//! finished load is stored). This crate never speaks gRPC and never unloads a model; the facade
-//! does that.
+//! finished load is stored). This crate never speaks gRPC.
 
 mod error;
 mod hub;
 mod plan;
+mod queue;
 mod read;
 mod request;
+mod room;
 mod source;
 
 use std::{
@@ -24,22 +29,23 @@ use std::{
 
 use dashmap::{DashMap, mapref::entry::Entry};
 use pipeline_manager::{Component, Pipeline, PipelineManager, ResidentTensor};
-use resource_manager::{DeviceId, Reservation, ResourceManager};
+use resource_manager::{DeviceId, Reservation, ResourceManager, host};
 use state_manager::{InvalidTransition, LoadFacts, ModelSource, ModelState, StateManager, Transition};
 use steps::{BYTE_PROGRESS_INTERVAL, ByteProgress, ModelLoadProgress, ModelLoadStep, ProgressSink, emit_step};
-use tokio::sync::{Semaphore, broadcast};
+use tokio::sync::broadcast;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
-use crate::hub::Hub;
 pub use crate::{
     error::{HubFailure, LoadError},
     hub::{DEFAULT_HUB_STALL_TIMEOUT, HubConfig},
     plan::{Layout, MAX_HEADER_BYTES},
     read::CHUNK_BYTES,
     request::{DEFAULT_REVISION, InvalidRequest, LoadRequest, ModelId, Revision, TargetDtype},
+    room::EvictPolicy,
     source::SourceConfig,
 };
+use crate::{hub::Hub, queue::LoadQueue};
 
 /// How many loads run at once unless configured.
 pub const DEFAULT_MAX_CONCURRENT_LOADS: usize = 2;
@@ -52,7 +58,10 @@ pub struct LoaderConfig {
     pub sources: SourceConfig,
     /// Converts float tensors to this dtype when a request names none.
     pub default_dtype: Option<TargetDtype>,
+    /// Loads past step 1 at once; later ones wait in a queue.
     pub max_concurrent_loads: usize,
+    /// What a load that does not fit in the budget does.
+    pub evict: EvictPolicy,
     /// Threads reading one load's tensors.
     pub read_threads: usize,
 }
@@ -63,6 +72,7 @@ impl Default for LoaderConfig {
             sources: SourceConfig::default(),
             default_dtype: None,
             max_concurrent_loads: DEFAULT_MAX_CONCURRENT_LOADS,
+            evict: EvictPolicy::None,
             read_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
         }
     }
@@ -230,8 +240,8 @@ pub struct LoaderService {
     /// The load in flight per model. Its entry lock is taken before the state manager's, never
     /// after, and makes "join or start" one atomic step (single flight).
     inflight: DashMap<String, Arc<LoadHandle>>,
-    /// Bounds the loads that read at once; later ones wait (cancellable) after INIT.
-    permits: Arc<Semaphore>,
+    /// Bounds the loads past INIT; later ones wait in line (cancellable), told their place.
+    queue: Arc<LoadQueue>,
     /// Parent of every load's token; cancelled on shutdown.
     root: CancellationToken,
     /// Every spawned load, so shutdown can wait for them to end.
@@ -262,7 +272,7 @@ impl LoaderService {
         resources: ResourceManager,
         pipelines: Arc<PipelineManager>,
     ) -> Result<Arc<Self>, LoadError> {
-        let permits = Arc::new(Semaphore::new(config.max_concurrent_loads.max(1)));
+        let queue = LoadQueue::new(config.max_concurrent_loads);
         let hub = match (&config.sources.hf_cache, config.sources.offline) {
             (Some(cache), false) => Some(Arc::new(Hub::new(&config.sources.hub, cache).map_err(|reason| {
                 LoadError::Internal { model_id: String::new(), reason: format!("configuring the hub client: {reason}") }
@@ -275,7 +285,7 @@ impl LoaderService {
             resources,
             pipelines,
             inflight: DashMap::new(),
-            permits,
+            queue,
             root: CancellationToken::new(),
             tracker: TaskTracker::new(),
             shutting_down: AtomicBool::new(false),
@@ -310,6 +320,8 @@ impl LoaderService {
                             return Ok(subscription);
                         }
                         Err(InvalidTransition { current: ModelState::Loaded, .. }) => {
+                            // Asked for again: a use, for eviction's least-recently-used order.
+                            self.pipelines.touch(id.as_str());
                             return Ok(LoadSubscription::already_loaded(&id));
                         }
                         // Unloading (or a load that is just ending): wait for the state to change.
@@ -319,6 +331,28 @@ impl LoaderService {
             };
             self.state.wait_while(id.as_str(), wait_for).await;
         }
+    }
+
+    /// Unloads a LOADED model: UNLOADING, its pipeline out of the store, its memory back (as soon
+    /// as no reader holds it), UNLOADED. `reason` is shown in its status for the server's own
+    /// unloads (evictions). Returns the bytes freed, or the state the model is in if not LOADED.
+    pub fn unload_loaded(&self, model_id: &str, reason: Option<String>) -> Result<u64, ModelState> {
+        self.state.apply(model_id, Transition::StartUnload { reason }).map_err(|e| e.current)?;
+        let freed_bytes = self.pipelines.remove(model_id).map_or(0, |pipeline| {
+            pipeline.allocation.leave();
+            pipeline.weight_bytes()
+        });
+        // Only this caller can end the UNLOADING it began: a refusal is a bug, not a race.
+        if let Err(e) = self.state.apply(model_id, Transition::UnloadFinished) {
+            tracing::error!(cause = %e, "state transition refused during an unload");
+        }
+        tracing::info!(model_id, freed_bytes, "model unloaded");
+        Ok(freed_bytes)
+    }
+
+    /// The models in line for a slot.
+    pub fn queued(&self) -> usize {
+        self.queue.len().1
     }
 
     /// Cancels the load of `model_id` if one is in flight; true if there was one.
@@ -372,6 +406,8 @@ impl LoaderService {
                         Transition::LoadFailed { reason: e.to_string() }
                     }
                 };
+                // Whatever the load had read is dropped by now: give the heap back to the OS.
+                host::release_free_memory();
                 (transition, Err(Arc::new(e)))
             }
         };
@@ -403,8 +439,8 @@ impl LoaderService {
         let cancelled = || LoadError::Cancelled { model_id: id.to_string() };
         let step = |s| emit_step(id.as_str(), s, &handle.cancel, handle.as_ref()).map_err(|_| cancelled());
         step(ModelLoadStep::Init)?;
-        let _permit = tokio::select! {
-            permit = self.permits.clone().acquire_owned() => permit.map_err(|_| LoadError::ShuttingDown)?,
+        let _slot = tokio::select! {
+            slot = self.queue.admit(|ahead| handle.note(ModelLoadStep::Init, format!("queued: {ahead} ahead"))) => slot,
             () = handle.cancel.cancelled() => return Err(cancelled()),
         };
 
@@ -412,14 +448,14 @@ impl LoaderService {
         let (located, downloads) = self.locate(&request).await?;
         handle.note(ModelLoadStep::CacheCheck, located.description.clone());
 
+        step(ModelLoadStep::BuildStrategies)?;
+        let target = request.dtype.or(self.config.default_dtype);
         // A download reserves an estimate from the hub's file sizes before its first byte, then
         // LOAD_WEIGHTS downloads; the exact figure replaces the estimate once headers are read.
-        let reserved = match downloads {
+        let estimate = match downloads {
             Some((hub, snapshot, missing)) => {
-                step(ModelLoadStep::BuildStrategies)?;
-                let target = request.dtype.or(self.config.default_dtype);
                 let estimate = estimate_resident_bytes(&snapshot.needed, target);
-                let reservation = self.resources.reserve(device, id.as_str(), estimate)?;
+                let reservation = self.make_room(handle, device, estimate, ModelLoadStep::BuildStrategies).await?;
                 let bytes: u64 = missing.iter().map(|f| f.size).sum();
                 handle.note(
                     ModelLoadStep::BuildStrategies,
@@ -433,12 +469,37 @@ impl LoaderService {
             None => None,
         };
 
+        let (plan, located) = blocking(&id, {
+            let id = id.clone();
+            move || plan::build(&id, &located).map(|plan| (plan, located))
+        })
+        .await?;
+        let needed = plan.resident_bytes(target);
+        let reservation = match estimate {
+            Some(mut estimate) => {
+                estimate.resize(needed)?;
+                handle.note(
+                    ModelLoadStep::LoadWeights,
+                    format!("{}; {needed} bytes reserved on {device}", plan.describe()),
+                );
+                estimate
+            }
+            None => {
+                let reservation = self.make_room(handle, device, needed, ModelLoadStep::BuildStrategies).await?;
+                handle.note(
+                    ModelLoadStep::BuildStrategies,
+                    format!("{}; {needed} bytes reserved on {device}", plan.describe()),
+                );
+                step(ModelLoadStep::LoadWeights)?;
+                reservation
+            }
+        };
+
         let (this, handle, span) = (self.clone(), handle.clone(), tracing::Span::current());
-        tokio::task::spawn_blocking(move || {
-            span.in_scope(|| this.steps_blocking(&handle, &request, device, located, reserved))
+        blocking(&id.clone(), move || {
+            span.in_scope(|| this.read_and_place(&handle, &id, target, device, located, plan, reservation))
         })
         .await
-        .map_err(|e| LoadError::Internal { model_id: id.to_string(), reason: format!("load task failed: {e}") })?
     }
 
     /// Step 2: the model root; else, offline or without a hub, the HF cache; else the hub, which
@@ -514,46 +575,24 @@ impl LoaderService {
         }
     }
 
-    /// Steps 3..=8 (the rest of 4 after a download), on a blocking thread: file I/O and tensor
-    /// work never run on the async workers.
-    fn steps_blocking(
+    /// Steps 4..=8 (the reading part of 4 after a download), on a blocking thread: file I/O and
+    /// tensor work never run on the async workers.
+    #[allow(clippy::too_many_arguments)]
+    fn read_and_place(
         &self,
         handle: &LoadHandle,
-        request: &LoadRequest,
+        id: &ModelId,
+        target: Option<TargetDtype>,
         device: DeviceId,
         located: source::Located,
-        reserved: Option<Reservation>,
+        plan: plan::LoadPlan,
+        reservation: Reservation,
     ) -> Result<LoadFacts, LoadError> {
-        let id = &request.model_id;
         let cancel = &handle.cancel;
         let step = |s| {
             emit_step(id.as_str(), s, cancel, handle).map_err(|_| LoadError::Cancelled { model_id: id.to_string() })
         };
         let note = |s, detail: String| handle.note(s, detail);
-
-        let downloaded = reserved.is_some();
-        if !downloaded {
-            step(ModelLoadStep::BuildStrategies)?;
-        }
-        let plan = plan::build(id, &located)?;
-        let target = request.dtype.or(self.config.default_dtype);
-        let needed = plan.resident_bytes(target);
-        let reservation = match reserved {
-            Some(mut estimate) => {
-                estimate.resize(needed)?;
-                note(ModelLoadStep::LoadWeights, format!("{}; {needed} bytes reserved on {device}", plan.describe()));
-                estimate
-            }
-            None => {
-                let reservation = self.resources.reserve(device, id.as_str(), needed)?;
-                note(
-                    ModelLoadStep::BuildStrategies,
-                    format!("{}; {needed} bytes reserved on {device}", plan.describe()),
-                );
-                step(ModelLoadStep::LoadWeights)?;
-                reservation
-            }
-        };
 
         let files = plan
             .files()
@@ -667,6 +706,16 @@ impl LoaderService {
         }
         Ok(facts)
     }
+}
+
+/// Runs `f` on a blocking thread: file I/O and tensor work never run on the async workers.
+async fn blocking<T: Send + 'static>(
+    id: &ModelId,
+    f: impl FnOnce() -> Result<T, LoadError> + Send + 'static,
+) -> Result<T, LoadError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| LoadError::Internal { model_id: id.to_string(), reason: format!("load task failed: {e}") })?
 }
 
 /// Records the revision's commit in the cache; a failure costs only offline lookups later.

@@ -2,7 +2,8 @@
 //! pipeline manager and the loader service, and is all the server talks to.
 //!
 //! It assembles answers from the four (a status is the state plus the pipeline's facts), and owns
-//! what spans them: unloading (state, pipeline and memory together), watching, and shutdown.
+//! what spans them: unloading (cancel a load, or free a loaded model, or forget a failure),
+//! watching, and shutdown.
 //! It never speaks gRPC and never reads model files itself.
 
 use std::{collections::VecDeque, sync::Arc};
@@ -10,13 +11,13 @@ use std::{collections::VecDeque, sync::Arc};
 use loader_service::{LoaderConfig, LoaderService};
 use pipeline_manager::{PipelineManager, ReadBackError, TensorInfo};
 use resource_manager::{DeviceRequest, DeviceUsage, MemoryBudget, ResourceError, ResourceManager};
-use state_manager::{InvalidTransition, ModelState, StateEvent, StateManager, Transition};
+use state_manager::{ModelState, StateEvent, StateManager, Transition};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 pub use loader_service::{
-    DEFAULT_MAX_CONCURRENT_LOADS, HubConfig, HubFailure, InvalidRequest, LoadError, LoadOutcome, LoadRequest,
-    LoadSubscription, LoadUpdate, ModelId, Revision, SourceConfig, TargetDtype,
+    DEFAULT_MAX_CONCURRENT_LOADS, EvictPolicy, HubConfig, HubFailure, InvalidRequest, LoadError, LoadOutcome,
+    LoadRequest, LoadSubscription, LoadUpdate, ModelId, Revision, SourceConfig, TargetDtype,
 };
 pub use pipeline_manager;
 pub use resource_manager;
@@ -110,6 +111,8 @@ pub struct ModelManager {
 
 impl ModelManager {
     pub fn new(config: ManagerConfig) -> Result<Self, ManagerError> {
+        // Unloads must give host memory back to the OS; this is process-wide and idempotent.
+        resource_manager::host::configure_allocator();
         let state = Arc::new(StateManager::new(config.event_capacity));
         let resources = match config.cpu_capacity {
             Some(capacity) => ResourceManager::with_cpu_capacity(capacity, config.budget, config.default_device),
@@ -141,23 +144,16 @@ impl ModelManager {
                 // The load may have finished before it saw the cancel: look again.
                 continue;
             }
-            match self.state.apply(id, Transition::StartUnload) {
-                Ok(_) => {
-                    let freed_bytes = self.pipelines.remove(id).map_or(0, |p| p.weight_bytes());
-                    self.state.apply(id, Transition::UnloadFinished).map_err(internal)?;
-                    tracing::info!(model_id = id, freed_bytes, "model unloaded");
-                    return Ok(Unloaded { was_loaded: true, freed_bytes });
-                }
-                Err(InvalidTransition { current: ModelState::Failed, .. }) => {
+            match self.loader.unload_loaded(id, None) {
+                Ok(freed_bytes) => return Ok(Unloaded { was_loaded: true, freed_bytes }),
+                Err(ModelState::Failed) => {
                     // Another caller may clear it first; either way it ends UNLOADED.
                     let _ = self.state.apply(id, Transition::ClearFailure);
                     return Ok(Unloaded { was_loaded: false, freed_bytes: 0 });
                 }
-                Err(InvalidTransition { current: ModelState::Unloaded, .. }) => {
-                    return Ok(Unloaded { was_loaded: false, freed_bytes: 0 });
-                }
+                Err(ModelState::Unloaded) => return Ok(Unloaded { was_loaded: false, freed_bytes: 0 }),
                 // Another unload is under way, or a load has just begun: wait, then look again.
-                Err(InvalidTransition { current, .. }) => {
+                Err(current) => {
                     if current == ModelState::Loading {
                         tokio::task::yield_now().await;
                     } else {
@@ -209,6 +205,8 @@ impl ModelManager {
                 state: self.state.state(model_id.as_str()),
             });
         };
+        // Reading its tensors is a use, for eviction's least-recently-used order.
+        self.pipelines.touch(model_id.as_str());
         tokio::task::spawn_blocking(move || pipeline.tensor_infos(with_checksums))
             .await
             .map_err(|e| {
@@ -249,11 +247,6 @@ impl ModelManager {
         }
         self.shutdown.cancel();
     }
-}
-
-fn internal(e: InvalidTransition) -> ManagerError {
-    tracing::error!(cause = %e, "state transition refused during an unload");
-    LoadError::Internal { model_id: e.model_id.clone(), reason: e.to_string() }.into()
 }
 
 /// The events one WatchModels caller receives.

@@ -5,7 +5,13 @@
 //! both at once, which is what gives the memory back. This crate never reads weight files; the
 //! loader hands it finished pipelines.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use candle_core::{DType, Tensor};
 use dashmap::DashMap;
@@ -66,7 +72,8 @@ pub struct Pipeline {
     pub components: BTreeMap<String, Component>,
     pub device: DeviceId,
     pub revision: String,
-    /// The accounting of its bytes; dropped together with the tensors.
+    /// The accounting of its bytes. Declared last: fields drop in order, so the tensors are freed
+    /// before the allocation gives their bytes back to the budget (and the heap to the OS).
     pub allocation: ModelAllocation,
 }
 
@@ -174,10 +181,27 @@ pub fn resident_bytes(tensor: &Tensor) -> candle_core::Result<Vec<u8>> {
     }
 }
 
-/// The loaded pipelines, by model id.
+/// The loaded pipelines, by model id, with when each was last used.
 #[derive(Debug, Default)]
 pub struct PipelineManager {
-    pipelines: DashMap<String, Arc<Pipeline>>,
+    pipelines: DashMap<String, Stored>,
+    /// A logical clock: each use takes the next tick, so ticks order uses exactly (no two equal).
+    clock: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Stored {
+    pipeline: Arc<Pipeline>,
+    last_used: u64,
+}
+
+/// A loaded model as eviction sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resident {
+    pub model_id: String,
+    pub bytes: u64,
+    /// The tick of its last use: smaller is longer ago.
+    pub last_used: u64,
 }
 
 impl PipelineManager {
@@ -185,20 +209,47 @@ impl PipelineManager {
         Self::default()
     }
 
-    /// Stores a finished pipeline; a previous one of the same model (there should be none) is
-    /// returned to the caller to drop.
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Stores a finished pipeline (a use); a previous one of the same model (there should be none)
+    /// is returned to the caller to drop.
     pub fn insert(&self, pipeline: Pipeline) -> Option<Arc<Pipeline>> {
-        self.pipelines.insert(pipeline.model_id.clone(), Arc::new(pipeline))
+        let stored = Stored { pipeline: Arc::new(pipeline), last_used: self.tick() };
+        self.pipelines.insert(stored.pipeline.model_id.clone(), stored).map(|old| old.pipeline)
     }
 
     pub fn get(&self, model_id: &str) -> Option<Arc<Pipeline>> {
-        self.pipelines.get(model_id).map(|p| p.clone())
+        self.pipelines.get(model_id).map(|p| p.pipeline.clone())
+    }
+
+    /// Marks the model as used now (asked for again, or its tensors read); false if not stored.
+    pub fn touch(&self, model_id: &str) -> bool {
+        let tick = self.tick();
+        self.pipelines.get_mut(model_id).map(|mut p| p.last_used = tick).is_some()
+    }
+
+    /// The pipelines on `device`, least recently used first.
+    pub fn least_recently_used(&self, device: DeviceId) -> Vec<Resident> {
+        let mut resident: Vec<Resident> = self
+            .pipelines
+            .iter()
+            .filter(|p| p.pipeline.device == device)
+            .map(|p| Resident {
+                model_id: p.key().clone(),
+                bytes: p.pipeline.allocation.bytes(),
+                last_used: p.last_used,
+            })
+            .collect();
+        resident.sort_by_key(|r| r.last_used);
+        resident
     }
 
     /// Takes the pipeline out of the store. Its memory returns when the last holder (a
     /// ListTensors in progress, at most) drops it.
     pub fn remove(&self, model_id: &str) -> Option<Arc<Pipeline>> {
-        self.pipelines.remove(model_id).map(|(_, p)| p)
+        self.pipelines.remove(model_id).map(|(_, p)| p.pipeline)
     }
 
     pub fn len(&self) -> usize {
@@ -277,5 +328,30 @@ mod tests {
         drop(store.remove("m"));
         assert_eq!(rm.usage()[0].used_bytes, 0);
         assert!(store.is_empty());
+    }
+
+    /// Least recently used first: a touch moves a model to the back; other devices are left out.
+    #[test]
+    fn least_recently_used_order() {
+        let rm =
+            ResourceManager::with_cpu_capacity(1 << 30, MemoryBudget::Bytes(1 << 20), DeviceRequest::Cpu).expect("cpu");
+        let store = PipelineManager::new();
+        for (id, bytes) in [("a", 10), ("b", 20), ("c", 30)] {
+            store.insert(Pipeline {
+                model_id: id.into(),
+                components: BTreeMap::new(),
+                device: DeviceId::Cpu,
+                revision: String::new(),
+                allocation: rm.reserve(DeviceId::Cpu, id, bytes).expect("fits").commit(bytes),
+            });
+        }
+        let order = |store: &PipelineManager| -> Vec<(String, u64)> {
+            store.least_recently_used(DeviceId::Cpu).into_iter().map(|r| (r.model_id, r.bytes)).collect()
+        };
+        assert_eq!(order(&store), [("a".into(), 10), ("b".into(), 20), ("c".into(), 30)]);
+        assert!(store.touch("a"));
+        assert!(!store.touch("nobody"));
+        assert_eq!(order(&store), [("b".into(), 20), ("c".into(), 30), ("a".into(), 10)]);
+        assert!(store.least_recently_used(DeviceId::Cuda(0)).is_empty());
     }
 }

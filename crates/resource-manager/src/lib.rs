@@ -4,13 +4,24 @@
 //! Reservations ([`Reservation`]) and allocations ([`ModelAllocation`]) are guards: dropping one
 //! gives its bytes back to the budget, so an early return, a cancelled load or an unload cannot
 //! leak accounting. This crate never reads model files and never decides what to load.
+//!
+//! Host memory: the CPU's capacity comes from the cgroup limit when one is set (a container),
+//! else from `MemAvailable`; [`host::configure_allocator`] and [`host::release_free_memory`] make
+//! freed tensor memory go back to the operating system.
+
+pub mod host;
 
 use std::{
     collections::BTreeMap,
     fmt,
     str::FromStr,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
 };
+
+use tokio::sync::watch;
 
 /// The share of a device's capacity models may hold when no budget is configured.
 pub const DEFAULT_BUDGET_PERCENT: f64 = 80.0;
@@ -111,6 +122,16 @@ pub enum ResourceError {
         "not enough memory on {device} for {model_id}: needs {needed} bytes, {free} bytes free of a budget of {budget} bytes"
     )]
     OverBudget { device: DeviceId, model_id: String, needed: u64, free: u64, budget: u64 },
+    #[error(
+        "{model_id} needs {needed} bytes, more than the whole budget of {budget} bytes on {device}: nothing was evicted"
+    )]
+    LargerThanBudget { device: DeviceId, model_id: String, needed: u64, budget: u64 },
+    #[error(
+        "not enough memory on {device} for {model_id}: needs {needed} bytes, {free} bytes free of a budget of {budget} \
+         bytes, and evicting every loaded model would free only {evictable} bytes more (the rest is reserved by loads \
+         in flight): nothing was evicted"
+    )]
+    NoRoom { device: DeviceId, model_id: String, needed: u64, free: u64, evictable: u64, budget: u64 },
 }
 
 /// Memory figures of one device, for GetResources.
@@ -119,10 +140,25 @@ pub struct DeviceUsage {
     pub device: DeviceId,
     pub total_bytes: u64,
     pub budget_bytes: u64,
+    /// Bytes held by models, loaded or on their way out.
     pub used_bytes: u64,
+    /// Of `used_bytes`, those of models being unloaded whose memory is not back yet (a reader
+    /// still holds them); they come back without anyone unloading anything.
+    pub leaving_bytes: u64,
     pub reserved_bytes: u64,
-    /// Bytes held per loaded model, sorted by model id.
+    /// Free memory as the system reports it now.
+    pub available_bytes: u64,
+    /// The most bytes held and reserved at once since start-up.
+    pub peak_bytes: u64,
+    /// Bytes held per model, sorted by model id.
     pub models: Vec<(String, u64)>,
+}
+
+impl DeviceUsage {
+    /// Budget not held or reserved by anyone.
+    pub fn free_bytes(&self) -> u64 {
+        self.budget_bytes.saturating_sub(self.used_bytes + self.reserved_bytes)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -131,11 +167,15 @@ struct Ledger {
     reserved: BTreeMap<String, u64>,
     /// Bytes held by loaded models.
     models: BTreeMap<String, u64>,
+    /// Bytes held by models on their way out (unloaded, memory not back yet).
+    leaving: BTreeMap<String, u64>,
+    /// The largest `committed()` ever seen.
+    peak: u64,
 }
 
 impl Ledger {
     fn committed(&self) -> u64 {
-        self.reserved.values().sum::<u64>() + self.models.values().sum::<u64>()
+        self.reserved.values().sum::<u64>() + self.models.values().sum::<u64>() + self.leaving.values().sum::<u64>()
     }
 }
 
@@ -148,13 +188,52 @@ struct DeviceMemory {
     /// Reservations and allocations; a check and its booking happen under one lock, so the sum
     /// never exceeds the budget. Never held across an `.await` (there are none in this crate).
     ledger: Mutex<Ledger>,
+    /// Bumped after every change of the ledger, for loads waiting for memory to come back.
+    changed: watch::Sender<u64>,
 }
 
 impl DeviceMemory {
+    fn new(id: DeviceId, capacity: u64, budget: u64) -> Self {
+        Self { id, capacity, budget, ledger: Mutex::new(Ledger::default()), changed: watch::Sender::new(0) }
+    }
+
     fn ledger(&self) -> MutexGuard<'_, Ledger> {
         // A panic while holding this lock cannot leave the ledger half-updated (each update is one
         // map operation), so a poisoned lock is still consistent.
         self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies one change to the ledger, records the peak, and tells the waiters.
+    fn book<T>(&self, f: impl FnOnce(&mut Ledger) -> T) -> T {
+        let mut ledger = self.ledger();
+        let out = f(&mut ledger);
+        ledger.peak = ledger.peak.max(ledger.committed());
+        drop(ledger);
+        self.changed.send_modify(|generation| *generation = generation.wrapping_add(1));
+        out
+    }
+
+    fn usage(&self) -> DeviceUsage {
+        let ledger = self.ledger();
+        let mut models = ledger.models.clone();
+        for (id, bytes) in &ledger.leaving {
+            *models.entry(id.clone()).or_default() += bytes;
+        }
+        let leaving_bytes = ledger.leaving.values().sum();
+        DeviceUsage {
+            device: self.id,
+            total_bytes: self.capacity,
+            budget_bytes: self.budget,
+            used_bytes: ledger.models.values().sum::<u64>() + leaving_bytes,
+            leaving_bytes,
+            reserved_bytes: ledger.reserved.values().sum(),
+            available_bytes: match self.id {
+                DeviceId::Cpu => host::available(),
+                DeviceId::Cuda(_) => 0,
+            },
+            peak_bytes: ledger.peak,
+            models: models.into_iter().collect(),
+        }
     }
 }
 
@@ -166,9 +245,9 @@ pub struct ResourceManager {
 }
 
 impl ResourceManager {
-    /// The CPU with its capacity read from the machine and the given budget.
+    /// The CPU with its capacity read from the machine (see [`host::capacity`]) and the budget.
     pub fn new(budget: MemoryBudget, default_device: DeviceRequest) -> Result<Self, ResourceError> {
-        Self::with_cpu_capacity(cpu_capacity(), budget, default_device)
+        Self::with_cpu_capacity(host::capacity(), budget, default_device)
     }
 
     /// As [`ResourceManager::new`] with a given CPU capacity (tests, and machines that know better).
@@ -177,12 +256,7 @@ impl ResourceManager {
         budget: MemoryBudget,
         default_device: DeviceRequest,
     ) -> Result<Self, ResourceError> {
-        let cpu = DeviceMemory {
-            id: DeviceId::Cpu,
-            capacity,
-            budget: budget.of(capacity),
-            ledger: Mutex::new(Ledger::default()),
-        };
+        let cpu = DeviceMemory::new(DeviceId::Cpu, capacity, budget.of(capacity));
         let mut this = Self { devices: Arc::new(vec![Arc::new(cpu)]), default_device: DeviceId::Cpu };
         this.default_device = this.resolve(Some(default_device))?;
         Ok(this)
@@ -221,38 +295,35 @@ impl ResourceManager {
     /// Reserves `bytes` on `device` for a load of `model_id`, or says how far over budget it is.
     pub fn reserve(&self, device: DeviceId, model_id: &str, bytes: u64) -> Result<Reservation, ResourceError> {
         let memory = self.memory(device)?;
-        let mut ledger = memory.ledger();
-        let free = memory.budget.saturating_sub(ledger.committed());
-        if bytes > free {
-            return Err(ResourceError::OverBudget {
-                device,
-                model_id: model_id.to_owned(),
-                needed: bytes,
-                free,
-                budget: memory.budget,
-            });
-        }
-        *ledger.reserved.entry(model_id.to_owned()).or_default() += bytes;
-        drop(ledger);
-        Ok(Reservation { memory: memory.clone(), model_id: model_id.to_owned(), bytes })
+        memory.book(|ledger| {
+            let free = memory.budget.saturating_sub(ledger.committed());
+            if bytes > free {
+                return Err(ResourceError::OverBudget {
+                    device,
+                    model_id: model_id.to_owned(),
+                    needed: bytes,
+                    free,
+                    budget: memory.budget,
+                });
+            }
+            *ledger.reserved.entry(model_id.to_owned()).or_default() += bytes;
+            Ok(Reservation { memory: memory.clone(), model_id: model_id.to_owned(), bytes })
+        })
     }
 
     /// Memory figures of every device.
     pub fn usage(&self) -> Vec<DeviceUsage> {
-        self.devices
-            .iter()
-            .map(|d| {
-                let ledger = d.ledger();
-                DeviceUsage {
-                    device: d.id,
-                    total_bytes: d.capacity,
-                    budget_bytes: d.budget,
-                    used_bytes: ledger.models.values().sum(),
-                    reserved_bytes: ledger.reserved.values().sum(),
-                    models: ledger.models.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-                }
-            })
-            .collect()
+        self.devices.iter().map(|d| d.usage()).collect()
+    }
+
+    /// Memory figures of one device.
+    pub fn usage_of(&self, device: DeviceId) -> Result<DeviceUsage, ResourceError> {
+        Ok(self.memory(device)?.usage())
+    }
+
+    /// Changes whenever the device's ledger does (a reservation, a commit, memory coming back).
+    pub fn changes(&self, device: DeviceId) -> Result<watch::Receiver<u64>, ResourceError> {
+        Ok(self.memory(device)?.changed.subscribe())
     }
 }
 
@@ -277,7 +348,11 @@ impl Reservation {
     /// Changes the reserved bytes to `bytes` (an estimate replaced by the exact figure): shrinking
     /// always succeeds, growing only within the budget.
     pub fn resize(&mut self, bytes: u64) -> Result<(), ResourceError> {
-        let mut ledger = self.memory.ledger();
+        let memory = self.memory.clone();
+        memory.book(|ledger| self.resize_in(ledger, bytes))
+    }
+
+    fn resize_in(&mut self, ledger: &mut Ledger, bytes: u64) -> Result<(), ResourceError> {
         if bytes > self.bytes {
             let free = self.memory.budget.saturating_sub(ledger.committed());
             let more = bytes - self.bytes;
@@ -300,19 +375,27 @@ impl Reservation {
 
     /// Replaces the reservation by the model's real bytes, held until the allocation is dropped.
     pub fn commit(mut self, actual_bytes: u64) -> ModelAllocation {
-        let mut ledger = self.memory.ledger();
-        release(&mut ledger.reserved, &self.model_id, self.bytes);
-        *ledger.models.entry(self.model_id.clone()).or_default() += actual_bytes;
-        drop(ledger);
-        // Moved above, in the same critical section: the reservation's Drop now releases nothing.
-        self.bytes = 0;
-        ModelAllocation { memory: self.memory.clone(), model_id: self.model_id.clone(), bytes: actual_bytes }
+        let memory = self.memory.clone();
+        memory.book(|ledger| {
+            release(&mut ledger.reserved, &self.model_id, self.bytes);
+            *ledger.models.entry(self.model_id.clone()).or_default() += actual_bytes;
+            // Moved in this same critical section: the reservation's Drop now releases nothing.
+            self.bytes = 0;
+        });
+        ModelAllocation {
+            memory: self.memory.clone(),
+            model_id: self.model_id.clone(),
+            bytes: actual_bytes,
+            leaving: AtomicBool::new(false),
+        }
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        release(&mut self.memory.ledger().reserved, &self.model_id, self.bytes);
+        if self.bytes > 0 {
+            self.memory.book(|ledger| release(&mut ledger.reserved, &self.model_id, self.bytes));
+        }
     }
 }
 
@@ -322,6 +405,8 @@ pub struct ModelAllocation {
     memory: Arc<DeviceMemory>,
     model_id: String,
     bytes: u64,
+    /// Booked under `leaving` instead of `models`.
+    leaving: AtomicBool,
 }
 
 impl ModelAllocation {
@@ -332,11 +417,31 @@ impl ModelAllocation {
     pub fn device(&self) -> DeviceId {
         self.memory.id
     }
+
+    /// Books the bytes as on their way out: the model is unloaded, and the memory comes back when
+    /// the last reader lets go of it. Loads that need room wait for these bytes rather than evict.
+    pub fn leave(&self) {
+        self.memory.book(|ledger| {
+            if !self.leaving.swap(true, Ordering::AcqRel) {
+                release(&mut ledger.models, &self.model_id, self.bytes);
+                *ledger.leaving.entry(self.model_id.clone()).or_default() += self.bytes;
+            }
+        });
+    }
 }
 
 impl Drop for ModelAllocation {
     fn drop(&mut self) {
-        release(&mut self.memory.ledger().models, &self.model_id, self.bytes);
+        let leaving = *self.leaving.get_mut();
+        self.memory.book(|ledger| {
+            let book = if leaving { &mut ledger.leaving } else { &mut ledger.models };
+            release(book, &self.model_id, self.bytes);
+        });
+        if self.memory.id == DeviceId::Cpu {
+            // The owner drops its tensors before this allocation (see pipeline-manager's
+            // `Pipeline`), so their memory is free now: hand the heap's share back to the OS.
+            host::release_free_memory();
+        }
     }
 }
 
@@ -347,19 +452,6 @@ fn release(book: &mut BTreeMap<String, u64>, model_id: &str, bytes: u64) {
             book.remove(model_id);
         }
     }
-}
-
-/// Memory the machine can give this process: `MemAvailable` from /proc/meminfo, else `MemTotal`.
-fn cpu_capacity() -> u64 {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let field = |name: &str| {
-        meminfo.lines().find_map(|l| {
-            let rest = l.strip_prefix(name)?.strip_prefix(':')?;
-            let kib: u64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
-            Some(kib * 1024)
-        })
-    };
-    field("MemAvailable").or_else(|| field("MemTotal")).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -429,5 +521,28 @@ mod tests {
         let usage = &m.usage()[0];
         assert_eq!((usage.used_bytes, usage.reserved_bytes), (0, 0));
         assert!(usage.models.is_empty());
+    }
+
+    /// A model on its way out still counts (its memory is not back yet) until its allocation
+    /// drops; the peak remembers the most ever committed; every change is announced.
+    #[test]
+    fn leaving_bytes_and_peak() {
+        let m = manager(1000, MemoryBudget::Bytes(100));
+        let mut changes = m.changes(DeviceId::Cpu).expect("cpu");
+        let a = m.reserve(DeviceId::Cpu, "a", 70).expect("fits").commit(60);
+        assert!(changes.has_changed().expect("the device lives"));
+        changes.borrow_and_update();
+        a.leave();
+        a.leave();
+        assert!(changes.has_changed().expect("the device lives"));
+        let usage = m.usage_of(DeviceId::Cpu).expect("cpu");
+        assert_eq!((usage.used_bytes, usage.leaving_bytes, usage.free_bytes()), (60, 60, 40));
+        assert_eq!(usage.models, vec![("a".to_owned(), 60)]);
+        assert!(m.reserve(DeviceId::Cpu, "b", 50).is_err(), "leaving bytes are still held");
+        drop(a);
+        let b = m.reserve(DeviceId::Cpu, "b", 50).expect("fits once a's memory is back");
+        let usage = m.usage_of(DeviceId::Cpu).expect("cpu");
+        assert_eq!((usage.used_bytes, usage.leaving_bytes, usage.reserved_bytes, usage.peak_bytes), (0, 0, 50, 70));
+        drop(b);
     }
 }

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 use model_manager::{
-    DEFAULT_EVENT_CAPACITY, HubConfig, ManagerConfig, SourceConfig, TargetDtype,
+    DEFAULT_EVENT_CAPACITY, EvictPolicy, HubConfig, ManagerConfig, SourceConfig, TargetDtype,
     resource_manager::{DeviceRequest, MemoryBudget},
 };
 
@@ -68,7 +68,7 @@ pub struct Cli {
     #[arg(long, env = "MODEL_LOADER_EVICT", value_enum, default_value_t = Evict::None)]
     pub evict: Evict,
 
-    /// Loads that read weights at once; later ones wait their turn.
+    /// Loads that run at once; later ones wait in a queue (step 1, detail "queued: N ahead").
     #[arg(long, env = "MODEL_LOADER_MAX_CONCURRENT_LOADS", default_value_t = model_manager::DEFAULT_MAX_CONCURRENT_LOADS)]
     pub max_concurrent_loads: usize,
 
@@ -90,6 +90,8 @@ pub struct Cli {
 pub enum Evict {
     /// Refuse the load with RESOURCE_EXHAUSTED.
     None,
+    /// Unload least-recently-used loaded models until it fits (never a model that is loading).
+    Lru,
 }
 
 /// How log lines are written.
@@ -143,6 +145,10 @@ impl Cli {
         manager.loader.sources = SourceConfig { model_root: Some(self.model_root), hf_cache, offline, hub };
         manager.loader.default_dtype = default_dtype;
         manager.loader.max_concurrent_loads = self.max_concurrent_loads.max(1);
+        manager.loader.evict = match self.evict {
+            Evict::None => EvictPolicy::None,
+            Evict::Lru => EvictPolicy::Lru,
+        };
         Ok(ServerConfig {
             listen: self.listen,
             manager,
@@ -200,6 +206,9 @@ mod tests {
         assert_eq!(config.manager.loader.default_dtype, Some(TargetDtype::BF16));
         assert_eq!(config.manager.budget, MemoryBudget::Bytes(2 << 30));
         assert_eq!(config.preload.len(), 2);
+        assert_eq!(config.manager.loader.evict, EvictPolicy::None);
+        assert_eq!(parse(&["--evict", "lru"]).expect("valid").manager.loader.evict, EvictPolicy::Lru);
+        assert!(parse(&["--evict", "fifo"]).is_err());
         assert!(parse(&["--device", "gpu"]).expect_err("bad device").contains("--device"));
         assert!(parse(&["--dtype", "int4"]).expect_err("bad dtype").contains("--dtype"));
         assert!(parse(&["--preload", "../x"]).expect_err("bad id").contains("--preload"));

@@ -85,6 +85,7 @@ pub fn status(s: ModelStatus) -> pb::ModelStatus {
         sample_size: s.facts.sample_size,
         error: s.error.unwrap_or_default(),
         source: source as i32,
+        unload_reason: s.unload_reason.unwrap_or_default(),
     }
 }
 
@@ -104,6 +105,8 @@ pub fn device(d: DeviceUsage) -> pb::DeviceResources {
         used_bytes: d.used_bytes,
         reserved_bytes: d.reserved_bytes,
         budget_bytes: d.budget_bytes,
+        available_bytes: d.available_bytes,
+        peak_bytes: d.peak_bytes,
         models: d.models.into_iter().map(|(model_id, bytes)| pb::ModelResources { model_id, bytes }).collect(),
     }
 }

@@ -18,7 +18,9 @@ pub fn from_load(e: &LoadError) -> Status {
     let code = match e {
         LoadError::InvalidRequest(_) | LoadError::Resource(ResourceError::InvalidDevice(_)) => Code::InvalidArgument,
         LoadError::Resource(ResourceError::DeviceUnavailable { .. }) => Code::FailedPrecondition,
-        LoadError::Resource(ResourceError::OverBudget { .. }) => Code::ResourceExhausted,
+        LoadError::Resource(
+            ResourceError::OverBudget { .. } | ResourceError::LargerThanBudget { .. } | ResourceError::NoRoom { .. },
+        ) => Code::ResourceExhausted,
         LoadError::NotFound { .. } => Code::NotFound,
         LoadError::PathEscapes { .. } => Code::PermissionDenied,
         LoadError::PickleOnly { .. } | LoadError::UnsupportedDtype { .. } => Code::FailedPrecondition,

@@ -56,6 +56,9 @@ pub struct ModelStatus {
     pub last_progress: Option<ModelLoadProgress>,
     /// Why the last load failed (state FAILED).
     pub error: Option<String>,
+    /// Why the server itself unloaded it (evicted to make room for another model); kept until
+    /// the next load, so an operator can see where a model went.
+    pub unload_reason: Option<String>,
     pub facts: LoadFacts,
 }
 
@@ -67,6 +70,7 @@ impl ModelStatus {
             state: ModelState::Unloaded,
             last_progress: None,
             error: None,
+            unload_reason: None,
             facts: LoadFacts::default(),
         }
     }
@@ -83,8 +87,9 @@ pub enum Transition {
     LoadFailed { reason: String },
     /// The load was cancelled: nothing of it stays.
     LoadCancelled,
-    /// An unload begins (from LOADED).
-    StartUnload,
+    /// An unload begins (from LOADED); `reason` when the server unloads it by itself (an
+    /// eviction), `None` when a client asked.
+    StartUnload { reason: Option<String> },
     /// The unload finished: the memory is back.
     UnloadFinished,
     /// The failure of the last load is forgotten (an unload of a FAILED model).
@@ -101,7 +106,7 @@ impl Transition {
             (Self::LoadSucceeded(_), S::Loading) => Some(S::Loaded),
             (Self::LoadFailed { .. }, S::Loading) => Some(S::Failed),
             (Self::LoadCancelled, S::Loading) => Some(S::Unloaded),
-            (Self::StartUnload, S::Loaded) => Some(S::Unloading),
+            (Self::StartUnload { .. }, S::Loaded) => Some(S::Unloading),
             (Self::UnloadFinished, S::Unloading) => Some(S::Unloaded),
             (Self::ClearFailure, S::Failed) => Some(S::Unloaded),
             _ => None,
@@ -114,7 +119,7 @@ impl Transition {
             Self::LoadSucceeded(_) => "load succeeded",
             Self::LoadFailed { .. } => "load failed",
             Self::LoadCancelled => "load cancelled",
-            Self::StartUnload => "start unload",
+            Self::StartUnload { .. } => "start unload",
             Self::UnloadFinished => "unload finished",
             Self::ClearFailure => "clear failure",
         }
@@ -172,6 +177,7 @@ impl StateManager {
         match transition {
             Transition::StartLoad { device } => {
                 record.error = None;
+                record.unload_reason = None;
                 record.last_progress = None;
                 record.facts = LoadFacts { device, ..LoadFacts::default() };
             }
@@ -183,7 +189,7 @@ impl StateManager {
             // Nothing of the model stays resident: its facts went with it.
             Transition::LoadCancelled | Transition::UnloadFinished => record.facts = LoadFacts::default(),
             Transition::ClearFailure => record.error = None,
-            Transition::StartUnload => {}
+            Transition::StartUnload { reason } => record.unload_reason = reason,
         }
         let status = record.clone();
         // No subscriber is not an error: nobody is watching.
@@ -255,7 +261,7 @@ mod tests {
             Transition::LoadSucceeded(LoadFacts::default()),
             Transition::LoadFailed { reason: "x".into() },
             Transition::LoadCancelled,
-            Transition::StartUnload,
+            Transition::StartUnload { reason: None },
             Transition::UnloadFinished,
             Transition::ClearFailure,
         ]
@@ -291,7 +297,7 @@ mod tests {
         m.record_progress(ModelLoadProgress::new("a", steps::ModelLoadStep::Init));
         let facts = LoadFacts { weight_bytes: 10, ..LoadFacts::default() };
         assert_eq!(m.apply("a", Transition::LoadSucceeded(facts)).expect("ok").facts.weight_bytes, 10);
-        m.apply("a", Transition::StartUnload).expect("unload");
+        m.apply("a", Transition::StartUnload { reason: None }).expect("unload");
         assert_eq!(m.apply("a", Transition::UnloadFinished).expect("done").facts, LoadFacts::default());
         m.apply("a", Transition::StartLoad { device: "cpu".into() }).expect("start again");
         let failed = m.apply("a", Transition::LoadFailed { reason: "bad file".into() }).expect("fail");
@@ -306,6 +312,21 @@ mod tests {
             });
         }
         assert_eq!(states, ["LOADING", "step 1", "LOADED", "UNLOADING", "UNLOADED", "LOADING", "FAILED", "LOADING"]);
+    }
+
+    /// An eviction's reason stays in the status after the unload and is cleared by the next load.
+    #[test]
+    fn unload_reason_lasts_until_the_next_load() {
+        let m = StateManager::new(16);
+        m.apply("a", Transition::StartLoad { device: "cpu".into() }).expect("start");
+        m.apply("a", Transition::LoadSucceeded(LoadFacts::default())).expect("ok");
+        let reason = Some("evicted".to_owned());
+        assert_eq!(
+            m.apply("a", Transition::StartUnload { reason: reason.clone() }).expect("unload").unload_reason,
+            reason
+        );
+        assert_eq!(m.apply("a", Transition::UnloadFinished).expect("done").unload_reason, reason);
+        assert_eq!(m.apply("a", Transition::StartLoad { device: "cpu".into() }).expect("again").unload_reason, None);
     }
 
     /// Progress of a model that is not loading is dropped.
@@ -326,7 +347,7 @@ mod tests {
         let m = std::sync::Arc::new(StateManager::new(16));
         m.apply("a", Transition::StartLoad { device: "cpu".into() }).expect("start");
         m.apply("a", Transition::LoadSucceeded(LoadFacts::default())).expect("ok");
-        m.apply("a", Transition::StartUnload).expect("unload");
+        m.apply("a", Transition::StartUnload { reason: None }).expect("unload");
         let waiter = tokio::spawn({
             let m = m.clone();
             async move { m.wait_while("a", ModelState::Unloading).await }
