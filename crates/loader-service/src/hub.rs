@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     error::{HubFailure, LoadError},
     request::{ModelId, Revision},
+    weights::{self, Choice},
 };
 
 /// How long the hub may send nothing (no answer, no byte) before a load gives up with UNAVAILABLE.
@@ -110,13 +111,23 @@ impl Hub {
 
     /// Resolves `revision` to its commit and lists the files a load needs (see [`needed_files`]),
     /// within the stall timeout.
-    pub async fn resolve(&self, id: &ModelId, revision: &Revision) -> Result<RemoteSnapshot, LoadError> {
-        tokio::time::timeout(self.stall_timeout, self.resolve_now(id, revision))
+    pub async fn resolve(
+        &self,
+        id: &ModelId,
+        revision: &Revision,
+        variant: Option<&str>,
+    ) -> Result<RemoteSnapshot, LoadError> {
+        tokio::time::timeout(self.stall_timeout, self.resolve_now(id, revision, variant))
             .await
             .map_err(|_| stalled(id, self.stall_timeout))?
     }
 
-    async fn resolve_now(&self, id: &ModelId, revision: &Revision) -> Result<RemoteSnapshot, LoadError> {
+    async fn resolve_now(
+        &self,
+        id: &ModelId,
+        revision: &Revision,
+        variant: Option<&str>,
+    ) -> Result<RemoteSnapshot, LoadError> {
         let repo = self.repo(id);
         let info = repo.info().revision(revision.as_str().to_owned()).send().await.map_err(|e| hub_error(id, e))?;
         let commit = info.sha.filter(|s| is_commit(s)).ok_or_else(|| LoadError::Hub {
@@ -133,7 +144,7 @@ impl Hub {
                 files.push(RemoteFile { path, size, sha256 });
             }
         }
-        let needed = needed_files(id, &files)?;
+        let needed = needed_files(id, &files, variant)?;
         Ok(RemoteSnapshot { commit, needed })
     }
 
@@ -298,11 +309,10 @@ fn is_commit(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// The files a load of this repo needs, chosen by name the way the loader picks its layout:
-/// JSON side files at the top and in each folder that has weights, and per folder either the
-/// shards (when an index is present), the one `model.safetensors` /
-/// `diffusion_pytorch_model.safetensors`, or the other plain `*.safetensors`. Never `*.bin`.
-pub fn needed_files(id: &ModelId, files: &[RemoteFile]) -> Result<Vec<RemoteFile>, LoadError> {
+/// The files a load of this repo needs, chosen by name the way the loader picks its layout
+/// ([`weights::choose`], preferring the precision `variant` where a folder has it): the JSON side
+/// files of the top and of each component folder, and each folder's chosen weights. Never `*.bin`.
+pub fn needed_files(id: &ModelId, files: &[RemoteFile], variant: Option<&str>) -> Result<Vec<RemoteFile>, LoadError> {
     let mut by_dir: BTreeMap<&str, Vec<&RemoteFile>> = BTreeMap::new();
     for f in files {
         let dir = f.path.rsplit_once('/').map_or("", |(d, _)| d);
@@ -317,30 +327,27 @@ pub fn needed_files(id: &ModelId, files: &[RemoteFile]) -> Result<Vec<RemoteFile
     let mut pickles = Vec::new();
     for (dir, entries) in &by_dir {
         let names: Vec<String> = entries.iter().map(|f| name(f)).collect();
-        let has = |n: &str| names.iter().any(|x| x == n);
-        let plain = |n: &String| n.ends_with(".safetensors") && !n.trim_end_matches(".safetensors").contains('.');
-        let weights: Vec<&&RemoteFile> = if has("model.safetensors.index.json")
-            || has("diffusion_pytorch_model.safetensors.index.json")
-            || !(has("model.safetensors") || has("diffusion_pytorch_model.safetensors"))
-        {
-            entries.iter().filter(|f| plain(&name(f))).collect()
-        } else {
-            let single =
-                if has("model.safetensors") { "model.safetensors" } else { "diffusion_pytorch_model.safetensors" };
-            entries.iter().filter(|f| name(f) == single).collect()
-        };
-        if weights.is_empty() && dir.is_empty() {
-            pickles.extend(
-                names.iter().filter(|n| [".bin", ".pt", ".pth", ".ckpt"].iter().any(|s| n.ends_with(s))).cloned(),
-            );
-        }
-        if weights.is_empty() && !dir.is_empty() {
+        let chosen = match weights::choose(&names, variant) {
+            Choice::Sharded { shards, .. } => shards,
+            Choice::Files { files, .. } => files,
+            Choice::PickleOnly(files) => {
+                if dir.is_empty() {
+                    pickles.extend(files);
+                }
+                Vec::new()
+            }
             // A component without weights (scheduler, tokenizer): its JSON only.
-            needed.extend(entries.iter().filter(|f| name(f).ends_with(".json")).map(|f| (*f).clone()));
-            continue;
-        }
-        needed.extend(entries.iter().filter(|f| name(f).ends_with(".json")).map(|f| (*f).clone()));
-        needed.extend(weights.into_iter().map(|f| (*f).clone()));
+            Choice::Nothing => Vec::new(),
+        };
+        needed.extend(
+            entries
+                .iter()
+                .filter(|f| {
+                    let n = name(f);
+                    n.ends_with(".json") || chosen.contains(&n)
+                })
+                .map(|f| (*f).clone()),
+        );
     }
     if !needed.iter().any(|f| f.path.ends_with(".safetensors")) {
         if !pickles.is_empty() {
@@ -394,7 +401,7 @@ mod tests {
 
     fn needed(paths: &[&str]) -> Result<Vec<String>, LoadError> {
         let id = ModelId::parse("org/m").expect("id");
-        Ok(needed_files(&id, &files(paths))?.into_iter().map(|f| f.path).collect())
+        Ok(needed_files(&id, &files(paths), None)?.into_iter().map(|f| f.path).collect())
     }
 
     /// Only what the chosen layout needs is downloaded: never pickles, never precision variants,
@@ -441,5 +448,39 @@ mod tests {
         );
         assert!(matches!(needed(&["config.json", "pytorch_model.bin"]), Err(LoadError::PickleOnly { .. })));
         assert!(matches!(needed(&["README.md"]), Err(LoadError::NotFound { .. })));
+    }
+
+    /// An F16 load downloads the fp16 variant of each component that has one, and the plain
+    /// weights of the others.
+    #[test]
+    fn picks_the_fp16_variant_where_there_is_one() {
+        let id = ModelId::parse("org/m").expect("id");
+        let listing = files(&[
+            "model_index.json",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors.index.json",
+            "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+            "unet/diffusion_pytorch_model-00002-of-00002.safetensors",
+            "unet/diffusion_pytorch_model.safetensors.index.fp16.json",
+            "unet/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+            "unet/diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.safetensors",
+        ]);
+        let paths: Vec<String> =
+            needed_files(&id, &listing, Some("fp16")).expect("fp16").into_iter().map(|f| f.path).collect();
+        assert_eq!(
+            paths,
+            [
+                "model_index.json",
+                "unet/config.json",
+                "unet/diffusion_pytorch_model.safetensors.index.json",
+                "unet/diffusion_pytorch_model.safetensors.index.fp16.json",
+                "unet/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+                "unet/diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
+                "vae/config.json",
+                "vae/diffusion_pytorch_model.safetensors",
+            ]
+        );
     }
 }

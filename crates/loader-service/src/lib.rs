@@ -18,6 +18,7 @@ mod read;
 mod request;
 mod room;
 mod source;
+mod weights;
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -471,7 +472,8 @@ impl LoaderService {
 
         let (plan, located) = blocking(&id, {
             let id = id.clone();
-            move || plan::build(&id, &located).map(|plan| (plan, located))
+            let variant = target.and_then(TargetDtype::variant);
+            move || plan::build(&id, &located, variant).map(|plan| (plan, located))
         })
         .await?;
         let needed = plan.resident_bytes(target);
@@ -514,7 +516,8 @@ impl LoaderService {
         if let Some(local) = source::locate_in_root(sources, id)? {
             return Ok((local, None));
         }
-        let snapshot = match hub.resolve(id, revision).await {
+        let variant = request.dtype.or(self.config.default_dtype).and_then(TargetDtype::variant);
+        let snapshot = match hub.resolve(id, revision, variant).await {
             Ok(snapshot) => snapshot,
             Err(LoadError::Hub { failure: HubFailure::Unavailable, reason, .. })
                 if let Some(mut cached) = source::in_hf_cache(cache, id, revision)? =>

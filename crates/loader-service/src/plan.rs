@@ -20,13 +20,13 @@ use crate::{
     error::LoadError,
     request::{ModelId, TargetDtype},
     source::Located,
+    weights::{self, Choice},
 };
 
 /// The largest safetensors header we read (the format's own limit).
 pub const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
 /// The largest JSON side file (config, index) we read.
 const MAX_JSON_BYTES: u64 = 64 * 1024 * 1024;
-const PICKLE_SUFFIXES: [&str; 5] = [".bin", ".pt", ".pth", ".ckpt", ".pkl"];
 
 /// How the model's weights are laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, strum::Display)]
@@ -52,6 +52,15 @@ pub struct ComponentPlan {
     pub name: String,
     pub config: Option<serde_json::Value>,
     pub files: Vec<FilePlan>,
+    /// The precision variant read (`fp16`), if any.
+    pub variant: Option<String>,
+}
+
+/// The weights chosen in one folder.
+struct Weights {
+    layout: Layout,
+    files: Vec<FilePlan>,
+    variant: Option<String>,
 }
 
 /// One safetensors file, its header validated.
@@ -112,28 +121,34 @@ impl LoadPlan {
             let names: Vec<_> = self.components.iter().map(|c| c.name.as_str()).collect();
             s.push_str(&format!(" ({})", names.join(", ")));
         }
+        let variants: BTreeSet<&str> = self.components.iter().filter_map(|c| c.variant.as_deref()).collect();
+        for v in variants {
+            s.push_str(&format!(", {v} variant"));
+        }
         s
     }
 }
 
-/// Builds the plan for the model in `located`.
-pub fn build(id: &ModelId, located: &Located) -> Result<LoadPlan, LoadError> {
-    let planner = Planner { id, located };
+/// Builds the plan for the model in `located`, reading the precision `variant` of each folder
+/// that has one (`fp16`: see [`weights`]).
+pub fn build(id: &ModelId, located: &Located, variant: Option<&str>) -> Result<LoadPlan, LoadError> {
+    let planner = Planner { id, located, variant };
     let index = located.dir.join("model_index.json");
     if let Some(model_index) = planner.read_json(&index)? {
         return planner.pipeline(&model_index);
     }
-    let (layout, files) = planner.weights_in(&located.dir)?.ok_or_else(|| LoadError::NotFound {
+    let Weights { layout, files, variant } = planner.weights_in(&located.dir)?.ok_or_else(|| LoadError::NotFound {
         model_id: id.to_string(),
         reason: "no safetensors weights in its folder".into(),
     })?;
     let config = planner.read_json(&located.dir.join("config.json"))?;
-    Ok(LoadPlan { layout, components: vec![ComponentPlan { name: String::new(), config, files }] })
+    Ok(LoadPlan { layout, components: vec![ComponentPlan { name: String::new(), config, files, variant }] })
 }
 
 struct Planner<'a> {
     id: &'a ModelId,
     located: &'a Located,
+    variant: Option<&'a str>,
 }
 
 impl Planner<'_> {
@@ -177,9 +192,9 @@ impl Planner<'_> {
                 continue;
             }
             // Components without weights (scheduler, tokenizer) are configuration only.
-            let Some((_, files)) = self.weights_in(&dir)? else { continue };
+            let Some(Weights { files, variant, .. }) = self.weights_in(&dir)? else { continue };
             let config = self.read_json(&dir.join("config.json"))?;
-            components.push(ComponentPlan { name: name.clone(), config, files });
+            components.push(ComponentPlan { name: name.clone(), config, files, variant });
         }
         if components.is_empty() {
             return Err(LoadError::NotFound {
@@ -191,45 +206,29 @@ impl Planner<'_> {
         Ok(LoadPlan { layout: Layout::Pipeline, components })
     }
 
-    /// The safetensors files of one folder and their layout; `None` if it has no weights at all;
-    /// an error if it has only pickle weights.
-    fn weights_in(&self, dir: &Path) -> Result<Option<(Layout, Vec<FilePlan>)>, LoadError> {
+    /// The safetensors files of one folder (see [`weights::choose`]), their layout and variant;
+    /// `None` if it has no weights at all; an error if it has only pickle weights.
+    fn weights_in(&self, dir: &Path) -> Result<Option<Weights>, LoadError> {
         let mut names: Vec<String> = std::fs::read_dir(dir)
             .map_err(|e| self.read_error(&self.located.display(dir), e))?
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
             .collect();
         names.sort();
-        let has = |n: &str| names.iter().any(|x| x == n);
-
-        for index in ["model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json"] {
-            if has(index) {
-                return self.sharded(dir, index).map(|files| Some((Layout::Sharded, files)));
+        match weights::choose(&names, self.variant) {
+            Choice::Sharded { index, variant, .. } => {
+                Ok(Some(Weights { layout: Layout::Sharded, files: self.sharded(dir, &index)?, variant }))
             }
-        }
-        for single in ["model.safetensors", "diffusion_pytorch_model.safetensors"] {
-            if has(single) {
-                return Ok(Some((Layout::SingleFile, vec![self.header(&dir.join(single))?])));
+            Choice::Files { files, variant } => {
+                let files = files.iter().map(|n| self.header(&dir.join(n))).collect::<Result<Vec<_>, _>>()?;
+                self.check_unique(&files)?;
+                let layout = if files.len() == 1 { Layout::SingleFile } else { Layout::Sharded };
+                Ok(Some(Weights { layout, files, variant }))
             }
+            Choice::PickleOnly(files) => {
+                Err(LoadError::PickleOnly { model_id: self.id.to_string(), files: files.join(", ") })
+            }
+            Choice::Nothing => Ok(None),
         }
-        // Other names: every safetensors file except precision variants (`x.fp16.safetensors`).
-        let others: Vec<_> = names
-            .iter()
-            .filter(|n| n.ends_with(".safetensors") && !n.trim_end_matches(".safetensors").contains('.'))
-            .collect();
-        if !others.is_empty() {
-            let files = others.iter().map(|n| self.header(&dir.join(n))).collect::<Result<Vec<_>, _>>()?;
-            let layout = if files.len() == 1 { Layout::SingleFile } else { Layout::Sharded };
-            self.check_unique(&files)?;
-            return Ok(Some((layout, files)));
-        }
-        let pickles: Vec<_> = names.iter().filter(|n| PICKLE_SUFFIXES.iter().any(|s| n.ends_with(s))).collect();
-        if !pickles.is_empty() {
-            return Err(LoadError::PickleOnly {
-                model_id: self.id.to_string(),
-                files: pickles.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
-            });
-        }
-        Ok(None)
     }
 
     fn sharded(&self, dir: &Path, index_name: &str) -> Result<Vec<FilePlan>, LoadError> {

@@ -157,6 +157,16 @@ impl TargetDtype {
             Self::BF16 => candle_core::DType::BF16,
         }
     }
+
+    /// The precision variant of the weight files that holds this dtype already (diffusers
+    /// naming: `model.fp16.safetensors`), read instead of the full-precision files when present.
+    pub fn variant(self) -> Option<&'static str> {
+        match self {
+            Self::F32 => None,
+            Self::F16 => Some("fp16"),
+            Self::BF16 => Some("bf16"),
+        }
+    }
 }
 
 /// A validated LoadModel request.
