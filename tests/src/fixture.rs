@@ -169,6 +169,35 @@ pub fn f32_tensors(prefix: &str, count: usize, elems: usize) -> Vec<TensorSpec> 
     (0..count).map(|i| TensorSpec::f32(&format!("{prefix}.{i}.weight"), &[elems], i as u64 + 1)).collect()
 }
 
+/// A model shaped like a small transformer, in 2 shards: an F32 embedding (`vocab` × `hidden`), a
+/// BF16 output head, and per layer four F32 attention matrices (`hidden`²), three BF16 MLP
+/// matrices (4 × `hidden`²) and small F32 biases and norms (`hidden`). Sizes from KiB to tens of
+/// MiB, as allocators meet them in real models. hidden 512, 16 layers, vocab 32000: ~266 MB.
+pub fn transformer_like_model(dir: &Path, hidden: usize, layers: usize, vocab: usize) -> anyhow::Result<Expected> {
+    let mut tensors = vec![
+        TensorSpec { shape: vec![vocab, hidden], ..TensorSpec::f32_large("embed.weight", vocab * hidden, 1) },
+        TensorSpec::bf16("lm_head.weight", &[vocab, hidden], 2),
+    ];
+    for l in 0..layers {
+        let seed = 100 * (l as u64 + 1);
+        for (i, m) in ["q", "k", "v", "o"].iter().enumerate() {
+            tensors.push(TensorSpec::f32(&format!("layers.{l}.attn.{m}.weight"), &[hidden, hidden], seed + i as u64));
+            tensors.push(TensorSpec::f32(&format!("layers.{l}.attn.{m}.bias"), &[hidden], seed + 10 + i as u64));
+        }
+        for (i, (m, shape)) in
+            [("up", [4 * hidden, hidden]), ("gate", [4 * hidden, hidden]), ("down", [hidden, 4 * hidden])]
+                .iter()
+                .enumerate()
+        {
+            tensors.push(TensorSpec::bf16(&format!("layers.{l}.mlp.{m}.weight"), shape, seed + 20 + i as u64));
+        }
+        for (i, n) in ["attn_norm", "mlp_norm"].iter().enumerate() {
+            tensors.push(TensorSpec::f32(&format!("layers.{l}.{n}.weight"), &[hidden], seed + 30 + i as u64));
+        }
+    }
+    sharded_model(dir, &tensors, 2)
+}
+
 /// A model of about `mib` MiB in `shards` files of `per_shard` F32 tensors each, written one shard
 /// at a time so the builder never holds more than a shard in memory.
 pub fn large_sharded_model(dir: &Path, mib: usize, shards: usize, per_shard: usize) -> anyhow::Result<Expected> {
