@@ -1,7 +1,10 @@
 //! A few thousand random LoadModel/UnloadModel/CancelLoad/WatchModels/GetModel/GetResources/ListModels
 //! calls from many concurrent clients on a few models keep every invariant: never two loads of one
-//! model, every load stream ends (OK at step 8/8 or CANCELLED), the budget is never exceeded, the
-//! final accounting equals the bytes of the LOADED models, and nothing hangs.
+//! model, every load stream ends (OK at step 8/8 or CANCELLED), the budget is never exceeded (not
+//! even between two samples: the server's peak stays within it), the accounting after every
+//! operation is each resident model's tensor bytes, the final accounting equals the bytes of the
+//! LOADED models' tensors, and nothing hangs. Once with a budget that holds every model, once with
+//! one that holds two of the three and `--evict lru`.
 //!
 //! The operation sequences come from a seeded RNG; the seed is printed and can be set with
 //! `CONCURRENCY_SEED=<u64>` (and the number of operations with `CONCURRENCY_OPS=<n>`). Timing
@@ -12,7 +15,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use model_manager::resource_manager::MemoryBudget;
+use model_manager::{EvictPolicy, resource_manager::MemoryBudget};
 use proto::v1::{self as pb, ModelState as S, model_event::Event, model_loader_client::ModelLoaderClient};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tests::{TestServer, WAIT, fixture};
@@ -167,6 +170,16 @@ fn check_cpu(devices: &[pb::DeviceResources], models: &[Model], budget: u64, wha
         "{what}: used {} + reserved {} exceeds the budget {}",
         cpu.used_bytes,
         cpu.reserved_bytes,
+        cpu.budget_bytes
+    );
+    // The peak is kept under the ledger's lock at every change: at no moment, sampled or not, did
+    // reservations and models together exceed the budget.
+    assert!(
+        cpu.used_bytes + cpu.reserved_bytes <= cpu.peak_bytes && cpu.peak_bytes <= cpu.budget_bytes,
+        "{what}: used {} + reserved {}, peak {}, budget {}",
+        cpu.used_bytes,
+        cpu.reserved_bytes,
+        cpu.peak_bytes,
         cpu.budget_bytes
     );
     assert_eq!(cpu.models.iter().map(|m| m.bytes).sum::<u64>(), cpu.used_bytes, "{what}: used is the per-model sum");
@@ -366,6 +379,8 @@ async fn client_task(
                 }
             }
         }
+        // After every operation: within the budget, and each model holding its tensors' bytes.
+        resources(&mut client, &models, budget, &format!("{what}, then GetResources")).await;
     }
     stats
 }
@@ -380,6 +395,8 @@ struct WatchReport {
     /// Cancelled loads by the last step they reached (0: before step 1).
     cancelled_at_step: [u64; 9],
     unloads: u64,
+    /// Unloads the server did by itself to make room (`--evict lru`).
+    evictions: u64,
 }
 
 /// Per model: its state as the watcher saw it and the last step of its current load.
@@ -454,7 +471,13 @@ async fn watch_everything(
                         report.loads_cancelled += 1;
                         report.cancelled_at_step[track.step as usize] += 1;
                     }
-                    S::Unloaded => report.unloads += 1,
+                    S::Unloaded => {
+                        report.unloads += 1;
+                        if !s.unload_reason.is_empty() {
+                            assert!(s.unload_reason.starts_with("evicted"), "{what}: {s:?}");
+                            report.evictions += 1;
+                        }
+                    }
                     _ => {}
                 }
                 track.state = to;
@@ -509,6 +532,10 @@ async fn resources(
     check_cpu(&r.devices, models, budget, what)
 }
 
+async fn cpu_peak(client: &mut ModelLoaderClient<Channel>) -> u64 {
+    tests::cpu_resources(client).await.peak_bytes
+}
+
 fn env_number(name: &str) -> Option<u64> {
     let value = std::env::var(name).ok()?;
     Some(value.trim().parse().unwrap_or_else(|e| panic!("{name}={value:?} is not a number: {e}")))
@@ -516,11 +543,23 @@ fn env_number(name: &str) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn random_concurrent_operations_keep_the_invariants() {
+    run(EvictPolicy::None).await;
+}
+
+/// The same with room for two of the three models: loads evict the least recently used model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn random_concurrent_operations_with_eviction_keep_the_invariants() {
+    run(EvictPolicy::Lru).await;
+}
+
+async fn run(evict: EvictPolicy) {
     let seed = env_number("CONCURRENCY_SEED").unwrap_or_else(|| {
         SystemTime::now().duration_since(UNIX_EPOCH).expect("the clock is after 1970").as_nanos() as u64
     });
     let ops = env_number("CONCURRENCY_OPS").map_or(DEFAULT_OPS, |n| n as usize);
-    eprintln!("concurrency: seed {seed}, {ops} operations on {TASKS} tasks (rerun with CONCURRENCY_SEED={seed})");
+    eprintln!(
+        "concurrency ({evict}): seed {seed}, {ops} operations on {TASKS} tasks (rerun with CONCURRENCY_SEED={seed})"
+    );
 
     // Three models of 6 to 8 MiB: a load takes long enough that cancels and joins land mid-load.
     let tmp = tempfile::tempdir().expect("a temporary model root");
@@ -536,12 +575,21 @@ async fn random_concurrent_operations_keep_the_invariants() {
             .map(|(id, expected)| Model { id: id.into(), bytes: expected.expect("writing a fixture model").bytes() })
             .collect(),
     );
-    // The budget holds all three models and not a byte more: leaked accounting shows up as a
-    // RESOURCE_EXHAUSTED load.
-    let budget: u64 = models.iter().map(|m| m.bytes).sum();
+    // Without eviction the budget holds all three models and not a byte more: leaked accounting
+    // shows up as a RESOURCE_EXHAUSTED load. With eviction it holds the two largest: two loads
+    // run at once (the default), so evicting the loaded model always makes room, and a load that
+    // fails is a bug here too.
+    let mut sizes: Vec<u64> = models.iter().map(|m| m.bytes).collect();
+    sizes.sort_unstable();
+    let budget: u64 = match evict {
+        EvictPolicy::None => sizes.iter().sum(),
+        EvictPolicy::Lru => sizes[1] + sizes[2],
+    };
     let mut config = tests::config(root);
     config.manager.event_capacity = EVENT_CAPACITY;
     config.manager.budget = MemoryBudget::Bytes(budget);
+    config.manager.loader.evict = evict;
+    assert_eq!(config.manager.loader.max_concurrent_loads, 2, "the budget above assumes two loads at once");
     let server = TestServer::start(config).await;
     let mut client = server.client().await;
 
@@ -617,6 +665,12 @@ async fn random_concurrent_operations_keep_the_invariants() {
     let held: Vec<(&str, u64)> = cpu.models.iter().map(|m| (m.model_id.as_str(), m.bytes)).collect();
     let expected: Vec<(&str, u64)> = loaded.iter().map(|m| (m.id.as_str(), m.bytes)).collect();
     assert_eq!(held, expected, "GetResources lists exactly the LOADED models");
+    for m in &loaded {
+        let request = pb::ListTensorsRequest { model_id: m.id.clone(), with_checksums: false };
+        let tensors = bounded("final ListTensors", client.list_tensors(request)).await.expect("ListTensors");
+        let tensor_bytes: u64 = tensors.into_inner().tensors.iter().map(|t| t.size_bytes).sum();
+        assert_eq!(tensor_bytes, m.bytes, "{}: accounted bytes are the resident tensors' bytes", m.id);
+    }
 
     // Unloading everything gives every byte back.
     for m in models.iter() {
@@ -647,6 +701,7 @@ async fn random_concurrent_operations_keep_the_invariants() {
     };
 
     eprintln!("concurrency: {ops} operations in {:.1} s; per operation: {:?}", ran.as_secs_f64(), stats.ops);
+    eprintln!("concurrency: peak {} of a budget of {budget} bytes", cpu_peak(&mut client).await);
     eprintln!(
         "concurrency: load streams: {} loaded, {} already loaded, {} cancelled, {} joined past step 1; \
          {} cancels found a load, {} unloads freed a model",
@@ -659,18 +714,25 @@ async fn random_concurrent_operations_keep_the_invariants() {
     );
     eprintln!(
         "concurrency: watcher: {} events, {} loads started, {} completed, {} cancelled (by last step 0..=8: {:?}), \
-         {} unloads",
+         {} unloads ({} evictions)",
         report.events,
         report.loads_started,
         report.loads_completed,
         report.loads_cancelled,
         report.cancelled_at_step,
-        report.unloads
+        report.unloads,
+        report.evictions
     );
     // Every load the watcher saw start ended, one way or the other (the final unloads included).
     assert_eq!(report.loads_started, report.loads_completed + report.loads_cancelled, "every load ended");
     if ops >= DEFAULT_OPS {
         assert!(report.loads_completed > 0 && report.loads_cancelled > 0, "the run exercised loads and cancels");
+        if evict == EvictPolicy::Lru {
+            assert!(report.evictions > 0, "the run evicted models");
+        }
+    }
+    if evict == EvictPolicy::None {
+        assert_eq!(report.evictions, 0, "nothing is evicted without --evict lru");
     }
     server.stop().await;
 }

@@ -30,9 +30,11 @@ impl LoaderService {
     ) -> Result<Reservation, LoadError> {
         let id = handle.model_id().as_str();
         let cancelled = || LoadError::Cancelled { model_id: id.to_owned() };
-        let mut changes = self.resources.changes(device)?;
+        let mut books = self.resources.changes(device)?;
+        let mut states = self.state.changes();
         loop {
-            changes.borrow_and_update();
+            books.borrow_and_update();
+            states.borrow_and_update();
             match self.resources.reserve(device, id, needed) {
                 Ok(reservation) => return Ok(reservation),
                 Err(ResourceError::OverBudget { .. }) if self.config.evict == EvictPolicy::Lru => {}
@@ -46,10 +48,14 @@ impl LoaderService {
             let victims = self.pipelines.least_recently_used(device);
             let evictable: u64 = victims.iter().map(|v| v.bytes).sum();
             // Memory of models already unloaded comes back by itself once their last reader (a
-            // ListTensors) lets go: it counts as coming, not as something to evict.
+            // ListTensors) lets go: it counts as coming, not as something to evict. Bytes held by
+            // a model between two books (a load committing before it is stored, an unload taking it
+            // out of the store) will be evictable or coming in a moment: they count as evictable.
             let free = usage.free_bytes();
             let mut coming = free + usage.leaving_bytes;
-            if coming + evictable < needed {
+            let in_transit = usage.used_bytes.saturating_sub(usage.leaving_bytes + evictable);
+            if coming + evictable + in_transit < needed {
+                let evictable = evictable + in_transit;
                 return Err(
                     ResourceError::NoRoom { device, model_id: id.to_owned(), needed, free, evictable, budget }.into()
                 );
@@ -81,10 +87,13 @@ impl LoaderService {
                 }
                 coming += victim.bytes;
             }
-            // Look again on the next change of the books: at once after an eviction; when memory
-            // that is coming is back; when another load's reservation took what was freed.
+            // Look again on the next change of the books or of a model's state: at once after an
+            // eviction; when memory that is coming is back; when a model in transit is stored;
+            // when another load's reservation took what was freed. The senders live as long as
+            // the service, so `changed` cannot fail.
             tokio::select! {
-                changed = changes.changed() => changed.map_err(|_| LoadError::ShuttingDown)?,
+                _ = books.changed() => {}
+                _ = states.changed() => {}
                 () = handle.cancel.cancelled() => return Err(cancelled()),
             }
         }

@@ -8,7 +8,7 @@
 
 use dashmap::DashMap;
 use steps::ModelLoadProgress;
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::{broadcast, watch};
 
 /// Where a model is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::Display, strum::IntoStaticStr)]
@@ -150,15 +150,16 @@ pub struct StateManager {
     records: DashMap<String, ModelStatus>,
     /// Every change, published while the entry lock is held, so each model's events are ordered.
     events: broadcast::Sender<StateEvent>,
-    /// Woken on every transition, for callers that wait for a state to be left (an unload).
-    changed: Notify,
+    /// Bumped on every transition, for callers that wait for a state to be left (an unload) or for
+    /// memory held by a model in transition to become evictable.
+    changed: watch::Sender<u64>,
 }
 
 impl StateManager {
     /// `event_capacity` is how many events a slow subscriber may fall behind before it lags.
     pub fn new(event_capacity: usize) -> Self {
         let (events, _) = broadcast::channel(event_capacity.max(1));
-        Self { records: DashMap::new(), events, changed: Notify::new() }
+        Self { records: DashMap::new(), events, changed: watch::Sender::new(0) }
     }
 
     /// Applies `transition` if the table allows it from the model's current state (a model never
@@ -195,7 +196,7 @@ impl StateManager {
         // No subscriber is not an error: nobody is watching.
         let _ = self.events.send(StateEvent::Status(status.clone()));
         drop(entry);
-        self.changed.notify_waiters();
+        self.changed.send_modify(|generation| *generation = generation.wrapping_add(1));
         Ok(status)
     }
 
@@ -234,15 +235,17 @@ impl StateManager {
 
     /// Waits until the model is not in `state` (e.g. until an unload has finished).
     pub async fn wait_while(&self, model_id: &str, state: ModelState) {
-        loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.state(model_id) != state {
-                return;
-            }
-            notified.await;
+        let mut changes = self.changes();
+        while self.state(model_id) == state {
+            // The sender lives in `self`, which outlives this borrow: `changed` cannot fail.
+            let _ = changes.changed().await;
         }
+    }
+
+    /// Changes after every transition of any model (not on progress), for callers that wait for
+    /// some condition over several models: mark it seen, check the condition, then await a change.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 }
 
