@@ -59,8 +59,9 @@ pub struct Cli {
     #[arg(long, env = "MODEL_LOADER_DTYPE")]
     pub dtype: Option<String>,
 
-    /// Most memory models may hold on a device: bytes ("8GiB", "500MB") or a share ("75%")
-    /// [default: 80% of the memory available at start-up].
+    /// Most memory models may hold on a device: bytes ("8GiB", "500MB") or a share ("75%") of its
+    /// capacity (for the CPU: the cgroup's memory limit, else the memory available at start-up)
+    /// [default: 80%].
     #[arg(long, env = "MODEL_LOADER_MEMORY_BUDGET")]
     pub memory_budget: Option<String>,
 

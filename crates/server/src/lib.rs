@@ -83,6 +83,16 @@ pub async fn run(
             let _ = stop_rx.await;
         });
     let mut server = tokio::spawn(server);
+    for device in manager.resources() {
+        tracing::info!(
+            device = %device.device,
+            capacity = device.total_bytes,
+            budget = device.budget_bytes,
+            evict = %config.manager.loader.evict,
+            max_concurrent_loads = config.manager.loader.max_concurrent_loads,
+            "memory"
+        );
+    }
     tracing::info!(%addr, "serving modelloader.v1.ModelLoader");
 
     tokio::select! {
