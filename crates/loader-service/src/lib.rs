@@ -390,7 +390,10 @@ impl LoaderService {
     /// The spawned task of one load: runs the steps, records the outcome, ends every stream.
     async fn run(self: Arc<Self>, handle: Arc<LoadHandle>, request: LoadRequest, device: DeviceId) {
         let id = request.model_id.clone();
-        let (transition, outcome) = match self.steps(&handle, request, device).await {
+        // The queue slot is held until the end state is recorded, so the next load in line never
+        // starts while this one still shows LOADING.
+        let mut slot = None;
+        let (transition, outcome) = match self.steps(&handle, request, device, &mut slot).await {
             Ok(facts) => (Transition::LoadSucceeded(facts), Ok(())),
             Err(e) => {
                 let e = match e {
@@ -415,7 +418,7 @@ impl LoaderService {
         // The end state, the outcome and leaving the in-flight map happen under the map entry's
         // lock (taken before the state manager's, as in `load`), so a new LoadModel either joins
         // this load before it ends or starts a new one after: never joins a load already over.
-        let slot = self.inflight.entry(id.to_string());
+        let entry = self.inflight.entry(id.to_string());
         let outcome = match self.state.apply(id.as_str(), transition) {
             Ok(_) => outcome,
             // The table refusing the end of a load is a bug in its callers, not bad input.
@@ -425,9 +428,10 @@ impl LoaderService {
             }
         };
         handle.finish(outcome);
-        if let Entry::Occupied(slot) = slot {
-            slot.remove();
+        if let Entry::Occupied(entry) = entry {
+            entry.remove();
         }
+        drop(slot);
     }
 
     async fn steps(
@@ -435,15 +439,16 @@ impl LoaderService {
         handle: &Arc<LoadHandle>,
         request: LoadRequest,
         device: DeviceId,
+        slot: &mut Option<queue::Slot>,
     ) -> Result<LoadFacts, LoadError> {
         let id = request.model_id.clone();
         let cancelled = || LoadError::Cancelled { model_id: id.to_string() };
         let step = |s| emit_step(id.as_str(), s, &handle.cancel, handle.as_ref()).map_err(|_| cancelled());
         step(ModelLoadStep::Init)?;
-        let _slot = tokio::select! {
+        *slot = Some(tokio::select! {
             slot = self.queue.admit(|ahead| handle.note(ModelLoadStep::Init, format!("queued: {ahead} ahead"))) => slot,
             () = handle.cancel.cancelled() => return Err(cancelled()),
-        };
+        });
 
         step(ModelLoadStep::CacheCheck)?;
         let (located, downloads) = self.locate(&request).await?;

@@ -70,6 +70,8 @@ impl LoadQueue {
 
     /// Waits for a slot. `place(n)` is called with the number of loads ahead in the line whenever
     /// it changes, first when the load has to wait at all; an admitted load never hears of it.
+    /// Like a progress bar it reports the latest place: when several loads ahead leave at once,
+    /// the places in between are skipped.
     /// Dropping the future leaves the line.
     pub async fn admit(self: &Arc<Self>, mut place: impl FnMut(usize)) -> Slot {
         let mut changed = self.changed.subscribe();

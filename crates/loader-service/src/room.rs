@@ -74,13 +74,14 @@ impl LoaderService {
                         evicted = victim.model_id,
                         bytes = victim.bytes,
                         needed,
-                        free,
+                        free = coming,
                         "evicted to make room"
                     );
+                    // `coming`: free before this eviction, counting those just before it.
                     handle.note(
                         step,
                         format!(
-                            "evicted {} ({} bytes, least recently used) to make room: {needed} bytes needed, {free} free",
+                            "evicted {} ({} bytes, least recently used) to make room: {needed} bytes needed, {coming} free",
                             victim.model_id, victim.bytes
                         ),
                     );
