@@ -16,6 +16,13 @@ test:
     cargo build --locked -p server --bin model-loader
     cargo test --locked --workspace --no-fail-fast
 
+# The load benchmark: fixture models, the machine's limits, peer loaders and ours side by side;
+# writes docs/benchmarks/ (results.json, README.md, charts). Sizes are flags: `just bench --help`.
+bench *ARGS:
+    pip install --quiet safetensors numpy ml_dtypes
+    cargo build --locked --release -p server -p bench
+    target/release/model-loader-bench {{ARGS}}
+
 # Formatting and clippy, warnings as errors.
 lint:
     cargo fmt --all -- --check

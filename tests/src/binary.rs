@@ -46,7 +46,12 @@ impl Binary {
 
     /// As [`Binary::start`], in the working directory `dir`.
     pub async fn start_in(dir: &std::path::Path, args: &[&str], envs: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(binary_path());
+        Self::start_exe(&binary_path(), dir, args, envs).await
+    }
+
+    /// As [`Binary::start_in`], with the executable `exe` (the benchmark runs the release build).
+    pub async fn start_exe(exe: &std::path::Path, dir: &std::path::Path, args: &[&str], envs: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(exe);
         command
             .current_dir(dir)
             .args(["--listen", "127.0.0.1:0"])

@@ -1,0 +1,226 @@
+//! `just bench`: model-loader's load benchmark. It writes its own fixture models, warms the page
+//! cache, and measures side by side, in one run, the limits of the machine (parallel `pread`, one
+//! plain `read`), the peers (candle's `safetensors::load` and `MmapedSafetensors`, Python's
+//! `safetensors.numpy`), our loader in process and end to end through gRPC, cancel latency,
+//! fan-out to many watchers, and the server's memory and start-up. Every loader's tensors are
+//! checked against the files. Results go to `results.json`, a Markdown table and PNG charts.
+
+pub mod chart;
+pub mod fanout;
+pub mod in_process;
+pub mod limit;
+pub mod models;
+pub mod peers;
+pub mod report;
+pub mod server;
+pub mod stats;
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use clap::Parser;
+use models::Model;
+use report::{Cancel, Check, Fanout, Grpc, LoaderRun, Report};
+use tests::fixture::Expected;
+
+/// The benchmark's options: the defaults are the committed run; tests use tiny sizes.
+#[derive(Debug, Clone, Parser, serde::Serialize)]
+#[command(name = "model-loader-bench")]
+pub struct Options {
+    /// Size of the dense sharded model, in MiB.
+    #[arg(long, default_value_t = 2048)]
+    pub dense_mib: usize,
+    /// Shards of the dense model.
+    #[arg(long, default_value_t = 4)]
+    pub shards: usize,
+    /// Tensors per shard of the dense model.
+    #[arg(long, default_value_t = 8)]
+    pub per_shard: usize,
+    /// Tensors of the many-small-tensors model (1 to 256 KiB each).
+    #[arg(long, default_value_t = 5000)]
+    pub small_tensors: usize,
+    /// Timed runs of each loader (after one untimed run that checks its tensors).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Cancels inside step 4.
+    #[arg(long, default_value_t = 50)]
+    pub cancel_tries: usize,
+    /// WatchModels streams on one load.
+    #[arg(long, default_value_t = 1000)]
+    pub watchers: usize,
+    /// Loads watched by the watchers (each a fresh set of streams).
+    #[arg(long, default_value_t = 3)]
+    pub fanout_loads: usize,
+    /// Load/unload cycles for the memory figure.
+    #[arg(long, default_value_t = 20)]
+    pub cycles: usize,
+    /// Server starts timed to SERVING.
+    #[arg(long, default_value_t = 5)]
+    pub starts: usize,
+    /// Where the fixture models are written (deleted and rewritten on every run).
+    #[arg(long, default_value = "target/bench")]
+    pub work: PathBuf,
+    /// Where results.json, README.md and the charts go.
+    #[arg(long, default_value = "docs/benchmarks")]
+    pub out: PathBuf,
+    /// The server binary [default: `model-loader` next to this program].
+    #[arg(long)]
+    pub server: Option<PathBuf>,
+    /// The Python peer's script.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/peer_safetensors.py"))]
+    #[serde(skip)]
+    pub python_script: PathBuf,
+}
+
+impl Options {
+    fn server_exe(&self) -> anyhow::Result<PathBuf> {
+        if let Some(server) = &self.server {
+            return Ok(server.clone());
+        }
+        let exe = std::env::current_exe()?;
+        // target/<profile>/model-loader-bench, or target/<profile>/deps/<test> in tests.
+        let dir = exe.parent().context("the program's folder")?;
+        [dir.join("model-loader"), dir.join("../model-loader")]
+            .into_iter()
+            .find(|p| p.exists())
+            .context("no model-loader binary next to this program: build it (`cargo build --release -p server`)")
+    }
+}
+
+/// Prints a line of progress to stderr (the results go to files).
+macro_rules! say {
+    ($($arg:tt)*) => { eprintln!("[bench] {}", format!($($arg)*)) };
+}
+
+/// Runs the whole benchmark and returns its report (also written to `options.out`).
+pub async fn run(options: &Options) -> anyhow::Result<Report> {
+    let exe = options.server_exe()?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Absolute: the server runs in a folder of its own choosing.
+    let root = std::path::absolute(options.work.join("models"))?;
+    say!("writing the fixture models under {}", root.display());
+    let dense = models::dense(&root, "dense", options.dense_mib, options.shards, options.per_shard)?;
+    let small = models::many_small(&root, "small", options.small_tensors)?;
+    let mut report = Report::new(options, threads, [&dense, &small]);
+
+    let mut step4 = Duration::ZERO;
+    for model in [&dense, &small] {
+        say!("{}: {} tensors, {} bytes in {} files", model.id, model.tensors, model.bytes, model.files_count);
+        limit::warm(&model.files)?;
+        let (runs, checks, grpc) = loaders(options, &exe, &root, model, threads).await?;
+        report.loaders.extend(runs);
+        report.checks.extend(checks);
+        report.grpc.push(Grpc::from_runs(model, &grpc));
+        if model.id == dense.id {
+            let spans: Vec<f64> = grpc.iter().map(|t| t.step5.saturating_sub(t.step4).as_secs_f64()).collect();
+            step4 = Duration::from_secs_f64(stats::median(&spans));
+        }
+    }
+
+    say!("gRPC end to end, cancel latency, memory");
+    let server = server::start(&exe, &root, &[]).await;
+    let mut client = tests::connect(server.addr).await;
+    report.memory.idle_rss_bytes = tests::rss_bytes(Some(server.pid()));
+    let mut cancels = Vec::new();
+    let mut late = 0;
+    while cancels.len() < options.cancel_tries {
+        match server::cancel_once(&mut client, &dense.id, step4 * 9 / 10).await? {
+            Some(times) => cancels.push(times),
+            // A cancel that lands after the load finished says nothing; a few are expected.
+            None if late < 10 * options.cancel_tries => late += 1,
+            None => anyhow::bail!("{late} cancels arrived after the load had finished"),
+        }
+    }
+    report.cancel = Cancel::from_runs(&cancels, late);
+    let mut after_unload = Vec::new();
+    for _ in 0..options.cycles {
+        server::load(&mut client, &dense.id).await?;
+        server::unload(&mut client, &dense.id).await?;
+        after_unload.push(tests::rss_bytes(Some(server.pid())));
+    }
+    report.memory.after_unload_rss_bytes = after_unload;
+    drop(server);
+
+    let mut starts = Vec::new();
+    for _ in 0..options.starts {
+        starts.push(server::start_to_serving(&exe, &root).await?.0);
+    }
+    report.memory.start_to_serving_ms = starts.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    report.memory = std::mem::take(&mut report.memory).summarised();
+
+    say!("fan-out: {} watchers × {} loads", options.watchers, options.fanout_loads);
+    let server = server::start(&exe, &root, &["--log-format", "json"]).await;
+    let mut rounds = Vec::new();
+    for _ in 0..options.fanout_loads {
+        rounds.push(fanout::round(&server, &small.id, options.watchers).await?);
+    }
+    report.fanout = Fanout::from_rounds(&rounds);
+    drop(server);
+
+    report.evaluate();
+    report::write(&options.out, &report)?;
+    chart::write(&options.out, &report)?;
+    say!("wrote {}", options.out.display());
+    let failed: Vec<_> = report.checks.iter().filter(|c| !c.same_tensors).collect();
+    anyhow::ensure!(failed.is_empty(), "loaders that read different tensors than the files hold: {failed:?}");
+    Ok(report)
+}
+
+/// Every loader on one model, in rounds (one run of each per round, so drift in the machine hits
+/// all alike), after an untimed run of each that checks its tensors.
+async fn loaders(
+    options: &Options,
+    exe: &std::path::Path,
+    root: &std::path::Path,
+    model: &Model,
+    threads: usize,
+) -> anyhow::Result<(Vec<LoaderRun>, Vec<Check>, Vec<server::LoadTimes>)> {
+    let manager = in_process::manager(root)?;
+    let server = server::start(exe, root, &[]).await;
+    let mut client = tests::connect(server.addr).await;
+    let check = |loader: &str, got: &Expected| Check::compare(loader, model, got);
+    let mut checks = Vec::new();
+
+    // The untimed first runs, which check what each loader read.
+    let (_, loaded) = peers::candle_load(&model.files)?;
+    checks.push(check(report::CANDLE_LOAD, &peers::checksums(&loaded)?));
+    drop(loaded);
+    let (_, loaded) = peers::candle_mmap(&model.files)?;
+    checks.push(check(report::CANDLE_MMAP, &peers::checksums(&loaded)?));
+    drop(loaded);
+    in_process::load(&manager, &model.id).await?;
+    checks.push(check(report::OURS_IN_PROCESS, &in_process::resident(&manager, &model.id).await?));
+    in_process::unload(&manager, &model.id).await?;
+    server::load(&mut client, &model.id).await?;
+    checks.push(check(report::OURS_GRPC, &Expected { tensors: tests::checksums(&mut client, &model.id).await }));
+    server::unload(&mut client, &model.id).await?;
+
+    let mut runs: Vec<(&str, Vec<f64>)> = report::LOADERS.iter().map(|&name| (name, Vec::new())).collect();
+    let mut record = |name: &str, d: Duration| {
+        if let Some((_, times)) = runs.iter_mut().find(|(n, _)| *n == name) {
+            times.push(d.as_secs_f64());
+        }
+    };
+    let mut grpc = Vec::new();
+    for round in 0..options.runs {
+        say!("{}: round {} of {}", model.id, round + 1, options.runs);
+        record(report::LIMIT_PREAD, limit::parallel_pread(&model.files, threads)?.0);
+        record(report::LIMIT_READ, limit::single_read(&model.files)?.0);
+        record(report::CANDLE_LOAD, peers::candle_load(&model.files)?.0);
+        record(report::CANDLE_MMAP, peers::candle_mmap(&model.files)?.0);
+        record(report::OURS_IN_PROCESS, in_process::load(&manager, &model.id).await?);
+        in_process::unload(&manager, &model.id).await?;
+        let times = server::load(&mut client, &model.id).await?;
+        record(report::OURS_GRPC, times.total);
+        grpc.push(times);
+        server::unload(&mut client, &model.id).await?;
+    }
+    say!("{}: the Python peer", model.id);
+    let python = peers::python(&options.python_script, &model.files, options.runs)?;
+    checks.push(check(report::PYTHON, &python.tensors));
+    for d in python.runs {
+        record(report::PYTHON, d);
+    }
+    let runs = runs.into_iter().map(|(name, seconds)| LoaderRun::new(name, model, seconds)).collect();
+    Ok((runs, checks, grpc))
+}

@@ -1,0 +1,152 @@
+//! Our loader end to end: the release `model-loader` binary driven over gRPC by a client in this
+//! process, for load times, cancel latency, memory and start-up.
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, anyhow, bail};
+use proto::v1::{self as pb, model_loader_client::ModelLoaderClient};
+use rand::Rng;
+use tests::binary::Binary;
+use tokio_stream::StreamExt;
+use tonic::{Code, transport::Channel};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+/// The service whose health turns SERVING when the server is ready for loads.
+const READY_SERVICE: &str = "modelloader.v1.ModelLoader";
+
+/// Starts `exe` serving `model_root` offline, with `extra` flags.
+pub async fn start(exe: &Path, model_root: &Path, extra: &[&str]) -> Binary {
+    let root = model_root.to_string_lossy();
+    let mut args = vec!["--model-root", root.as_ref(), "--offline"];
+    args.extend_from_slice(extra);
+    Binary::start_exe(exe, model_root, &args, &[]).await
+}
+
+/// One LoadModel, timed by the client.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadTimes {
+    /// From the call to the first progress message.
+    pub first_message: Duration,
+    /// From the call to the end of the stream (8/8 received, stream ended OK).
+    pub total: Duration,
+    /// From the call to the first message of step 4 and of step 5 (the span of LOAD_WEIGHTS).
+    pub step4: Duration,
+    pub step5: Duration,
+}
+
+pub async fn load(client: &mut ModelLoaderClient<Channel>, id: &str) -> anyhow::Result<LoadTimes> {
+    let start = Instant::now();
+    let mut stream = client.load_model(tests::load(id)).await.context("LoadModel")?.into_inner();
+    let (mut first, mut step4, mut step5, mut last_step) = (None, None, None, 0);
+    while let Some(message) = stream.next().await {
+        let message = message.with_context(|| format!("loading {id}"))?;
+        let now = start.elapsed();
+        first.get_or_insert(now);
+        if message.step == 4 {
+            step4.get_or_insert(now);
+        }
+        if message.step == 5 {
+            step5.get_or_insert(now);
+        }
+        last_step = message.step;
+    }
+    let total = start.elapsed();
+    if last_step != 8 {
+        bail!("the load of {id} ended at step {last_step}");
+    }
+    let first = first.context("no progress message")?;
+    Ok(LoadTimes { first_message: first, total, step4: step4.unwrap_or(first), step5: step5.unwrap_or(total) })
+}
+
+pub async fn unload(client: &mut ModelLoaderClient<Channel>, id: &str) -> anyhow::Result<()> {
+    client.unload_model(pb::UnloadModelRequest { model_id: id.into() }).await.context("UnloadModel")?;
+    Ok(())
+}
+
+/// One cancel inside step 4.
+#[derive(Debug, Clone, Copy)]
+pub struct CancelTimes {
+    /// From sending CancelLoad to the end of the LoadModel stream (CANCELLED).
+    pub stream_end: Duration,
+    /// From sending CancelLoad to GetResources showing nothing used or reserved.
+    pub released: Duration,
+}
+
+/// Starts a load of `id`, waits for step 4, waits a random time below `within`, cancels, and
+/// times the end of the stream and the release of the memory. `None` when the load finished
+/// before the cancel arrived (the caller tries again).
+pub async fn cancel_once(
+    client: &mut ModelLoaderClient<Channel>,
+    id: &str,
+    within: Duration,
+) -> anyhow::Result<Option<CancelTimes>> {
+    let mut stream = client.load_model(tests::load(id)).await.context("LoadModel")?.into_inner();
+    loop {
+        match stream.next().await {
+            Some(Ok(m)) if m.step >= 4 => break,
+            Some(Ok(_)) => {}
+            Some(Err(status)) => bail!("the load of {id} failed before step 4: {status}"),
+            None => bail!("the load of {id} ended before step 4"),
+        }
+    }
+    let delay = rand::rng().random_range(Duration::ZERO..within.max(Duration::from_micros(1)));
+    tokio::time::sleep(delay).await;
+    let cancelled_at = Instant::now();
+    let mut canceller = client.clone();
+    let cancel = canceller.cancel_load(pb::CancelLoadRequest { model_id: id.into() });
+    let stream_end = async {
+        loop {
+            match stream.next().await {
+                Some(Ok(_)) => {}
+                Some(Err(status)) if status.code() == Code::Cancelled => return Ok(Some(cancelled_at.elapsed())),
+                Some(Err(status)) => bail!("the load of {id} failed instead of being cancelled: {status}"),
+                None => return Ok(None),
+            }
+        }
+    };
+    let mut poller = client.clone();
+    let released = async move {
+        loop {
+            let cpu = tests::cpu_resources(&mut poller).await;
+            if cpu.used_bytes == 0 && cpu.reserved_bytes == 0 {
+                return cancelled_at.elapsed();
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    };
+    let (cancel, stream_end) = tokio::join!(cancel, stream_end);
+    cancel.context("CancelLoad")?;
+    let Some(stream_end) = stream_end? else {
+        // Too late: the load had finished. Unload and let the caller try again.
+        unload(client, id).await?;
+        return Ok(None);
+    };
+    let released = tokio::time::timeout(Duration::from_secs(30), released)
+        .await
+        .map_err(|_| anyhow!("the memory of a cancelled load of {id} did not come back within 30 s"))?;
+    Ok(Some(CancelTimes { stream_end, released }))
+}
+
+/// From spawning the binary to its readiness service answering SERVING.
+pub async fn start_to_serving(exe: &Path, model_root: &Path) -> anyhow::Result<(Duration, u64)> {
+    let start = Instant::now();
+    let server = self::start(exe, model_root, &[]).await;
+    let channel = Channel::from_shared(format!("http://{}", server.addr))?.connect_lazy();
+    let mut health = HealthClient::new(channel);
+    loop {
+        let request = HealthCheckRequest { service: READY_SERVICE.into() };
+        if let Ok(response) = health.check(request).await
+            && response.into_inner().status() == ServingStatus::Serving
+        {
+            let elapsed = start.elapsed();
+            return Ok((elapsed, tests::rss_bytes(Some(server.pid()))));
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("the server was not SERVING within 30 s");
+        }
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+}
