@@ -271,7 +271,8 @@ impl Report {
             targets.push(Target {
                 name: name.into(),
                 target: format!("≥ {target}{unit}"),
-                measured: format!("{measured:.2}{unit}"),
+                // Three decimals, so a figure just under its goal does not print as the goal.
+                measured: format!("{measured:.3}{unit}"),
                 met: measured >= target,
             })
         };
