@@ -137,6 +137,24 @@ pub async fn cpu_resources(client: &mut ModelLoaderClient<Channel>) -> pb::Devic
     devices.into_iter().find(|d| d.name == "cpu").expect("a cpu device")
 }
 
+/// GetResources' CPU entry once `done` holds of it, asked again every millisecond for at most
+/// [`WAIT`]: the memory of a failed or cancelled load is freed (and booked as leaving until then)
+/// just after its streams end, so "all memory is back" is something to wait for, briefly.
+pub async fn cpu_resources_when(
+    client: &mut ModelLoaderClient<Channel>,
+    done: impl Fn(&pb::DeviceResources) -> bool,
+) -> pb::DeviceResources {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let cpu = cpu_resources(client).await;
+        if done(&cpu) {
+            return cpu;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "GetResources never got there within {WAIT:?}: {cpu:?}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// This process's resident set size in bytes (VmRSS).
 pub fn rss_bytes(pid: Option<u32>) -> u64 {
     let path = match pid {

@@ -3,8 +3,9 @@
 
 use std::time::Instant;
 
+use model_manager::resource_manager::MemoryBudget;
 use proto::v1::{self as pb, model_loader_client::ModelLoaderClient};
-use tests::{TestServer, WAIT, config, cpu_resources, fixture, load, load_all, state_of};
+use tests::{TestServer, WAIT, config, cpu_resources_when, fixture, load, load_all, state_of};
 use tokio_stream::StreamExt;
 use tonic::{Code, Streaming, transport::Channel};
 
@@ -50,10 +51,35 @@ async fn cancel_during_step_4_ends_every_stream() {
     eprintln!("CancelLoad to the end of the stream: {:.1} ms", took.as_secs_f64() * 1e3);
 
     assert_eq!(state_of(&mut client, "big").await, pb::ModelState::Unloaded);
-    let cpu = cpu_resources(&mut client).await;
-    assert_eq!((cpu.used_bytes, cpu.reserved_bytes), (0, 0));
+    // The memory it had read comes back just after the streams end.
+    cpu_resources_when(&mut client, |cpu| (cpu.used_bytes, cpu.reserved_bytes) == (0, 0)).await;
     let again = client.cancel_load(pb::CancelLoadRequest { model_id: "big".into() }).await.expect("cancel again");
     assert!(!again.into_inner().was_loading, "nothing is loading any more");
+    server.stop().await;
+}
+
+/// The memory a cancelled load had read is freed just after its streams end, booked as leaving
+/// until then: a load that needs it, started at once, waits for it instead of being refused, even
+/// without eviction.
+#[tokio::test]
+async fn a_load_right_after_a_cancel_gets_its_memory() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let a = fixture::large_sharded_model(&tmp.path().join("a"), 512, 2, 4).expect("fixture");
+    fixture::large_sharded_model(&tmp.path().join("b"), 512, 2, 4).expect("fixture");
+    let mut cfg = config(tmp.path());
+    // Room for one of the two, not both.
+    cfg.manager.budget = MemoryBudget::Bytes(a.bytes() + a.bytes() / 2);
+    let server = TestServer::start(cfg).await;
+    let mut client = server.client().await;
+
+    let stream = load_until_step4(&mut client, "a").await;
+    client.cancel_load(pb::CancelLoadRequest { model_id: "a".into() }).await.expect("cancel");
+    assert_eq!(end_of(stream).await.expect_err("cancelled").code(), Code::Cancelled);
+    let (_, end) = load_all(&mut client, load("b")).await;
+    end.expect("b loads in the memory a gave back");
+    assert_eq!(state_of(&mut client, "a").await, pb::ModelState::Unloaded);
+    let cpu = cpu_resources_when(&mut client, |cpu| cpu.reserved_bytes == 0).await;
+    assert_eq!(cpu.used_bytes, a.bytes(), "only b is held: {cpu:?}");
     server.stop().await;
 }
 
@@ -70,8 +96,8 @@ async fn unloading_a_loading_model_cancels_it() {
     assert!(!unloaded.into_inner().was_loaded);
     assert_eq!(end_of(stream).await.expect_err("cancelled").code(), Code::Cancelled);
     assert_eq!(state_of(&mut client, "big").await, pb::ModelState::Unloaded);
-    let cpu = cpu_resources(&mut client).await;
-    assert_eq!((cpu.used_bytes, cpu.reserved_bytes), (0, 0));
+    // The memory it had read comes back just after the streams end.
+    cpu_resources_when(&mut client, |cpu| (cpu.used_bytes, cpu.reserved_bytes) == (0, 0)).await;
     server.stop().await;
 }
 

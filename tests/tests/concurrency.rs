@@ -654,7 +654,14 @@ async fn run(evict: EvictPolicy) {
         }
     }
 
-    // Accounting equals the bytes of the LOADED models, nothing is reserved.
+    // Accounting equals the bytes of the LOADED models, nothing is reserved, once the memory of
+    // the cancelled loads is back (it is freed just after their streams end).
+    let loaded_ids: Vec<&str> =
+        models.iter().filter(|m| final_states[&m.id] == S::Loaded).map(|m| m.id.as_str()).collect();
+    tests::cpu_resources_when(&mut client, |cpu| {
+        cpu.reserved_bytes == 0 && cpu.models.iter().map(|m| m.model_id.as_str()).eq(loaded_ids.iter().copied())
+    })
+    .await;
     let cpu = resources(&mut client, &models, budget, "final GetResources").await;
     let loaded: Vec<&Model> = models.iter().filter(|m| final_states[&m.id] == S::Loaded).collect();
     let weight_bytes: u64 = finals.values().filter(|s| s.state() == S::Loaded).map(|s| s.weight_bytes).sum();

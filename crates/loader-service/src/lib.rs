@@ -30,7 +30,7 @@ use std::{
 
 use dashmap::{DashMap, mapref::entry::Entry};
 use pipeline_manager::{Component, Pipeline, PipelineManager, ResidentTensor};
-use resource_manager::{DeviceId, Reservation, ResourceManager, host};
+use resource_manager::{DeviceId, ModelAllocation, Reservation, ResourceManager, host};
 use state_manager::{InvalidTransition, LoadFacts, ModelSource, ModelState, StateManager, Transition};
 use steps::{BYTE_PROGRESS_INTERVAL, ByteProgress, ModelLoadProgress, ModelLoadStep, ProgressSink, emit_step};
 use tokio::sync::broadcast;
@@ -99,6 +99,36 @@ pub struct LoadHandle {
     /// The latest message and the outcome are read and the broadcast subscribed under this one
     /// lock, so a joiner gets the latest message and then every later one, never a gap.
     stream: Mutex<LoadStream>,
+    /// The memory of a load that failed or was cancelled holding tensors, freed by `run` once
+    /// the load's streams have ended.
+    set_aside: Mutex<Option<SetAside>>,
+}
+
+/// What a failed load still holds: the tensors it had read, then the bytes they were booked
+/// under (dropped in this order, so the books show the memory until it is back).
+struct SetAside {
+    _tensors: Vec<read::ReadTensor>,
+    _booked: ModelAllocation,
+}
+
+/// The memory a load holds from its reservation to FINALIZE: the reservation and the tensors read
+/// so far. When the load fails, dropping this does not free them on the spot: freeing a GB of
+/// pages takes the kernel tens of milliseconds, which a cancel should not wait for. It books the
+/// bytes as leaving and sets both aside on the handle, and `run` frees them after the load's
+/// streams have ended.
+struct Held<'h> {
+    handle: &'h LoadHandle,
+    tensors: Vec<read::ReadTensor>,
+    reservation: Option<Reservation>,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if let Some(reservation) = self.reservation.take() {
+            let aside = SetAside { _tensors: std::mem::take(&mut self.tensors), _booked: reservation.into_leaving() };
+            *self.handle.set_aside.lock().unwrap_or_else(|p| p.into_inner()) = Some(aside);
+        }
+    }
 }
 
 struct LoadStream {
@@ -110,7 +140,13 @@ struct LoadStream {
 impl LoadHandle {
     fn new(model_id: ModelId, cancel: CancellationToken, state: Arc<StateManager>) -> Self {
         let (tx, _) = broadcast::channel(LOAD_STREAM_CAPACITY);
-        Self { model_id, cancel, state, stream: Mutex::new(LoadStream { latest: None, outcome: None, tx }) }
+        Self {
+            model_id,
+            cancel,
+            state,
+            stream: Mutex::new(LoadStream { latest: None, outcome: None, tx }),
+            set_aside: Mutex::new(None),
+        }
     }
 
     fn stream(&self) -> MutexGuard<'_, LoadStream> {
@@ -410,8 +446,6 @@ impl LoaderService {
                         Transition::LoadFailed { reason: e.to_string() }
                     }
                 };
-                // Whatever the load had read is dropped by now: give the heap back to the OS.
-                host::release_free_memory();
                 (transition, Err(Arc::new(e)))
             }
         };
@@ -427,11 +461,22 @@ impl LoaderService {
                 Err(Arc::new(LoadError::Internal { model_id: id.to_string(), reason: invalid.to_string() }))
             }
         };
+        let failed = outcome.is_err();
         handle.finish(outcome);
         if let Entry::Occupied(entry) = entry {
             entry.remove();
         }
         drop(slot);
+        if failed {
+            // The streams have ended: now free what the load had read (booked as leaving until
+            // then, so other loads wait for it rather than fail), and give the heap to the OS.
+            let aside = handle.set_aside.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let _ = tokio::task::spawn_blocking(move || {
+                drop(aside);
+                host::release_free_memory();
+            })
+            .await;
+        }
     }
 
     async fn steps(
@@ -613,7 +658,10 @@ impl LoaderService {
             .collect::<Result<Vec<_>, _>>()?;
         let total = plan.read_bytes();
         let mut bytes = ByteProgress::new(id.as_str(), ModelLoadStep::LoadWeights, total, handle);
-        let tensors = read::read_all(
+        // From here on, an error sets the memory aside instead of freeing it in the way of the
+        // cancel or the error reaching the callers (see `Held`). Tensors change in place.
+        let mut held = Held { handle, tensors: Vec::new(), reservation: Some(reservation) };
+        read::read_all(
             id,
             &plan,
             &files,
@@ -621,52 +669,43 @@ impl LoaderService {
             cancel,
             BYTE_PROGRESS_INTERVAL,
             |done, file| bytes.update(done, file),
+            &mut held.tensors,
         )?;
         drop(files);
 
         step(ModelLoadStep::LoadComplete)?;
-        note(ModelLoadStep::LoadComplete, format!("{} tensors, {total} bytes read and checked", tensors.len()));
+        note(ModelLoadStep::LoadComplete, format!("{} tensors, {total} bytes read and checked", held.tensors.len()));
 
         step(ModelLoadStep::MoveToDevice)?;
         let candle_device = self.resources.candle_device(device)?;
-        let tensors = match device {
+        match device {
             DeviceId::Cpu => {
-                note(
-                    ModelLoadStep::MoveToDevice,
-                    "cpu: the tensors are already in host memory, nothing to copy".into(),
-                );
-                tensors
+                note(ModelLoadStep::MoveToDevice, "cpu: the tensors are already in host memory, nothing to copy".into())
             }
-            DeviceId::Cuda(_) => tensors
-                .into_iter()
-                .map(|mut t| {
+            DeviceId::Cuda(_) => {
+                for t in &mut held.tensors {
                     if cancel.is_cancelled() {
                         return Err(LoadError::Cancelled { model_id: id.to_string() });
                     }
                     t.tensor = t.tensor.to_device(&candle_device).map_err(|e| place_error(id, device, e))?;
-                    Ok(t)
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-        };
+                }
+            }
+        }
 
         step(ModelLoadStep::ApplyOptimizations)?;
         let mut converted = 0usize;
-        let tensors = tensors
-            .into_iter()
-            .map(|mut t| {
-                if let Some(target) = target.map(TargetDtype::candle)
-                    && t.tensor.dtype().is_float()
-                    && t.tensor.dtype() != target
-                {
-                    if cancel.is_cancelled() {
-                        return Err(LoadError::Cancelled { model_id: id.to_string() });
-                    }
-                    t.tensor = t.tensor.to_dtype(target).map_err(|e| place_error(id, device, e))?;
-                    converted += 1;
+        for t in &mut held.tensors {
+            if let Some(target) = target.map(TargetDtype::candle)
+                && t.tensor.dtype().is_float()
+                && t.tensor.dtype() != target
+            {
+                if cancel.is_cancelled() {
+                    return Err(LoadError::Cancelled { model_id: id.to_string() });
                 }
-                Ok(t)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+                t.tensor = t.tensor.to_dtype(target).map_err(|e| place_error(id, device, e))?;
+                converted += 1;
+            }
+        }
         note(
             ModelLoadStep::ApplyOptimizations,
             match target {
@@ -683,7 +722,7 @@ impl LoaderService {
             .into_iter()
             .map(|c| (c.name.clone(), Component { name: c.name, config: c.config, tensors: Vec::new() }))
             .collect();
-        for t in tensors {
+        for t in std::mem::take(&mut held.tensors) {
             let component = components.get_mut(&names[t.component]).ok_or_else(|| LoadError::Internal {
                 model_id: id.to_string(),
                 reason: "tensor of an unknown component".into(),
@@ -699,7 +738,12 @@ impl LoaderService {
             components,
             device,
             revision: located.revision.clone(),
-            allocation: reservation.commit(weight_bytes),
+            allocation: match held.reservation.take() {
+                Some(reservation) => reservation.commit(weight_bytes),
+                None => {
+                    return Err(LoadError::Internal { model_id: id.to_string(), reason: "reservation gone".into() });
+                }
+            },
         };
         let facts = LoadFacts {
             device: device.to_string(),

@@ -39,8 +39,10 @@ struct Job<'a> {
     tensor: &'a crate::plan::TensorPlan,
 }
 
-/// Reads every tensor of the plan on `threads` threads. `on_progress(done)` is called from this
-/// thread about every `interval` while reading, and once at the end.
+/// Reads every tensor of the plan on `threads` threads into `into`, where the tensors read so far
+/// also are when it fails (their memory is freed by the caller). `on_progress(done)` is called
+/// from this thread about every `interval` while reading, and once at the end.
+#[allow(clippy::too_many_arguments)]
 pub fn read_all(
     id: &ModelId,
     plan: &LoadPlan,
@@ -49,7 +51,8 @@ pub fn read_all(
     cancel: &CancellationToken,
     interval: Duration,
     mut on_progress: impl FnMut(u64, &str),
-) -> Result<Vec<ReadTensor>, LoadError> {
+    into: &mut Vec<ReadTensor>,
+) -> Result<(), LoadError> {
     let mut jobs = Vec::new();
     let mut file_names = Vec::new();
     for (ci, component) in plan.components.iter().enumerate() {
@@ -109,11 +112,12 @@ pub fn read_all(
             std::thread::park_timeout(interval);
         }
     });
+    into.append(&mut results.into_inner().unwrap_or_else(|p| p.into_inner()));
     if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
     on_progress(done_bytes.load(Ordering::Relaxed), file_names.last().unwrap_or(&""));
-    Ok(results.into_inner().unwrap_or_else(|p| p.into_inner()))
+    Ok(())
 }
 
 /// Counts a worker out and wakes the reporting thread, however the worker stops.

@@ -391,6 +391,25 @@ impl Reservation {
     }
 }
 
+impl Reservation {
+    /// Books the reserved bytes as on their way out, for a load that failed holding memory that
+    /// is yet to be freed: they are released when the returned allocation is dropped, after that
+    /// memory. Loads that need room wait for them rather than fail.
+    pub fn into_leaving(mut self) -> ModelAllocation {
+        let memory = self.memory.clone();
+        let bytes = self.bytes;
+        memory.book(|ledger| {
+            release(&mut ledger.reserved, &self.model_id, bytes);
+            if bytes > 0 {
+                *ledger.leaving.entry(self.model_id.clone()).or_default() += bytes;
+            }
+            // Moved in this same critical section: the reservation's Drop now releases nothing.
+            self.bytes = 0;
+        });
+        ModelAllocation { memory, model_id: self.model_id.clone(), bytes, leaving: AtomicBool::new(true) }
+    }
+}
+
 impl Drop for Reservation {
     fn drop(&mut self) {
         if self.bytes > 0 {
@@ -544,5 +563,19 @@ mod tests {
         let usage = m.usage_of(DeviceId::Cpu).expect("cpu");
         assert_eq!((usage.used_bytes, usage.leaving_bytes, usage.reserved_bytes, usage.peak_bytes), (0, 0, 50, 70));
         drop(b);
+    }
+
+    /// A failed load's reservation turns into leaving bytes in one booking, still held, and is
+    /// released when that allocation drops.
+    #[test]
+    fn a_reservation_can_leave() {
+        let m = manager(1000, MemoryBudget::Bytes(100));
+        let leaving = m.reserve(DeviceId::Cpu, "a", 70).expect("fits").into_leaving();
+        let usage = m.usage_of(DeviceId::Cpu).expect("cpu");
+        assert_eq!((usage.reserved_bytes, usage.used_bytes, usage.leaving_bytes, usage.free_bytes()), (0, 70, 70, 30));
+        assert!(m.reserve(DeviceId::Cpu, "b", 50).is_err(), "leaving bytes are still held");
+        drop(leaving);
+        let usage = m.usage_of(DeviceId::Cpu).expect("cpu");
+        assert_eq!((usage.reserved_bytes, usage.used_bytes, usage.leaving_bytes), (0, 0, 0));
     }
 }
