@@ -74,12 +74,16 @@ pub async fn run(
 
     let addr = listener.local_addr().context("reading the listening address")?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // TCP_NODELAY: progress messages and stream ends are small writes; with Nagle's algorithm
+    // (the default for sockets accepted from our own listener) each could wait ~40 ms for the
+    // client's delayed ACK.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(ModelLoaderServer::new(ModelLoaderService::new(manager.clone())))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
+        .serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         });
     let mut server = tokio::spawn(server);
