@@ -4,7 +4,6 @@
 
 use std::{
     fs::File,
-    os::unix::fs::FileExt,
     sync::{
         Mutex,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -13,6 +12,7 @@ use std::{
 };
 
 use candle_core::{DType, Device, Shape, Tensor, WithDType};
+use resource_manager::host;
 use tokio_util::sync::CancellationToken;
 
 use crate::{error::LoadError, plan::LoadPlan, request::ModelId};
@@ -139,7 +139,8 @@ fn read_tensor(
     done: &AtomicU64,
 ) -> Result<Tensor, LoadError> {
     let shape = Shape::from(plan.shape.clone());
-    let read = |buf: &mut [u8]| read_chunked(id, display, file, plan.offset, buf, cancel, done);
+    let read = Source { id, display, file, offset: plan.offset, cancel, done };
+    let read = &read;
     match plan.dtype {
         DType::U8 => typed::<u8>(plan.len, shape, read),
         DType::U32 => typed::<u32>(plan.len, shape, read),
@@ -179,47 +180,48 @@ impl From<LoadError> for TypedError {
 }
 
 /// Allocates the tensor's final buffer as `Vec<T>` (so it is aligned for `T`), reads the file's
-/// bytes straight into it, and hands it to candle without another copy.
-fn typed<T: WithDType + bytemuck::Pod>(
-    len: u64,
-    shape: Shape,
-    read: impl FnOnce(&mut [u8]) -> Result<(), LoadError>,
-) -> Result<Tensor, TypedError> {
-    let elems = len as usize / size_of::<T>();
-    // Zeroed by the allocator (calloc): a large buffer is fresh pages, zero already, so no pass
-    // writes zeros the read is about to overwrite (`vec![zeroed; n]` would, for f16 and bf16).
-    let mut data = bytemuck::zeroed_vec::<T>(elems);
-    read(bytemuck::cast_slice_mut(&mut data))?;
+/// bytes straight into it in chunks (checking cancellation before each, counting bytes after),
+/// and hands it to candle without another copy.
+fn typed<T: WithDType + bytemuck::Pod>(len: u64, shape: Shape, source: &Source) -> Result<Tensor, TypedError> {
+    let data = source.read::<T>(len as usize / size_of::<T>())?;
     Tensor::from_vec(data, shape, &Device::Cpu).map_err(TypedError::Candle)
 }
 
-fn read_chunked(
-    id: &ModelId,
-    display: &str,
-    file: &File,
+/// Where one tensor's bytes are, and what its reads report to.
+struct Source<'a> {
+    id: &'a ModelId,
+    display: &'a str,
+    file: &'a File,
     offset: u64,
-    buf: &mut [u8],
-    cancel: &CancellationToken,
-    done: &AtomicU64,
-) -> Result<(), LoadError> {
-    let mut at = 0usize;
-    for chunk in buf.chunks_mut(CHUNK_BYTES) {
-        if cancel.is_cancelled() {
-            return Err(LoadError::Cancelled { model_id: id.to_string() });
-        }
-        file.read_exact_at(chunk, offset + at as u64).map_err(|source| {
-            if source.kind() == std::io::ErrorKind::UnexpectedEof {
-                LoadError::Corrupt {
-                    model_id: id.to_string(),
-                    file: display.to_owned(),
-                    reason: "the file ended before its last tensor: truncated while loading?".into(),
+    cancel: &'a CancellationToken,
+    done: &'a AtomicU64,
+}
+
+impl Source<'_> {
+    fn read<T: bytemuck::Pod>(&self, elems: usize) -> Result<Vec<T>, LoadError> {
+        host::read_new_vec_at::<T, LoadError>(
+            self.file,
+            self.offset,
+            elems,
+            CHUNK_BYTES,
+            || match self.cancel.is_cancelled() {
+                true => Err(LoadError::Cancelled { model_id: self.id.to_string() }),
+                false => Ok(()),
+            },
+            |n| {
+                self.done.fetch_add(n as u64, Ordering::Relaxed);
+            },
+            |source| {
+                if source.kind() == std::io::ErrorKind::UnexpectedEof {
+                    LoadError::Corrupt {
+                        model_id: self.id.to_string(),
+                        file: self.display.to_owned(),
+                        reason: "the file ended before its last tensor: truncated while loading?".into(),
+                    }
+                } else {
+                    LoadError::ReadWeights { model_id: self.id.to_string(), file: self.display.to_owned(), source }
                 }
-            } else {
-                LoadError::ReadWeights { model_id: id.to_string(), file: display.to_owned(), source }
-            }
-        })?;
-        at += chunk.len();
-        done.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            },
+        )
     }
-    Ok(())
 }

@@ -51,10 +51,81 @@ pub fn release_free_memory() {
     glibc::trim();
 }
 
+/// A new `Vec<T>` of `elems` elements read from `file` at `offset`, in `pread`s of at most
+/// `chunk` bytes, never zeroed first: every byte is written by the reads before the vector gets
+/// its length (a zeroing pass would touch every page once more just to be overwritten; the
+/// allocator cannot skip it for memory it reuses). `before_chunk` runs before each read and may
+/// stop it (cancellation); `after_read(n)` counts the bytes (progress). A file that ends early is
+/// `UnexpectedEof`, through `io_error`.
+pub fn read_new_vec_at<T: bytemuck::Pod, E>(
+    file: &std::fs::File,
+    offset: u64,
+    elems: usize,
+    chunk: usize,
+    mut before_chunk: impl FnMut() -> Result<(), E>,
+    mut after_read: impl FnMut(usize),
+    io_error: impl Fn(std::io::Error) -> E,
+) -> Result<Vec<T>, E> {
+    let len = elems
+        .checked_mul(size_of::<T>())
+        .ok_or_else(|| io_error(std::io::Error::new(std::io::ErrorKind::InvalidInput, "tensor too large")))?;
+    let mut data = Vec::<T>::with_capacity(elems);
+    let mut done = 0;
+    while done < len {
+        before_chunk()?;
+        let want = chunk.max(1).min(len - done);
+        match fill::pread_into_spare(file, &mut data, done, want, offset + done as u64) {
+            Ok(0) => return Err(io_error(std::io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => {
+                done += n;
+                after_read(n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_error(e)),
+        }
+    }
+    fill::set_filled_len(&mut data, elems, done);
+    Ok(data)
+}
+
+mod fill {
+    // Reading into a vector's spare capacity without initializing it first: the kernel writes
+    // the bytes, and the length is set only over bytes it wrote.
+    #![allow(unsafe_code)]
+
+    use std::os::fd::AsRawFd;
+
+    /// `pread` of at most `want` bytes at byte `at` of `data`'s spare capacity (its length is 0).
+    pub fn pread_into_spare<T: bytemuck::Pod>(
+        file: &std::fs::File,
+        data: &mut Vec<T>,
+        at: usize,
+        want: usize,
+        offset: u64,
+    ) -> std::io::Result<usize> {
+        let capacity = data.capacity() * size_of::<T>();
+        assert!(data.is_empty() && at.checked_add(want).is_some_and(|end| end <= capacity), "read past the buffer");
+        let offset = libc::off_t::try_from(offset)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "offset out of range"))?;
+        // SAFETY: `at..at + want` lies inside the vector's allocation (checked above); the kernel
+        // writes at most `want` bytes there and nothing reads them before `set_filled_len`.
+        let n = unsafe { libc::pread(file.as_raw_fd(), data.as_mut_ptr().cast::<u8>().add(at).cast(), want, offset) };
+        usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+    }
+
+    /// Gives `data` its length `elems` once `filled` bytes, all of it, were written.
+    pub fn set_filled_len<T: bytemuck::Pod>(data: &mut Vec<T>, elems: usize, filled: usize) {
+        assert!(elems <= data.capacity() && filled == elems * size_of::<T>(), "the buffer is not full");
+        // SAFETY: every byte of the first `elems` elements was written by `pread_into_spare`, and
+        // any bit pattern is a valid `T` (`Pod`).
+        unsafe { data.set_len(elems) }
+    }
+}
+
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 mod glibc {
-    // The only unsafe code of the project: two glibc calls that take plain integers, touch no
-    // memory of ours and are thread-safe (they take the allocator's own locks).
+    // Two glibc calls that take plain integers, touch no memory of ours and are thread-safe
+    // (they take the allocator's own locks).
     #![allow(unsafe_code)]
 
     /// `mallopt(M_MMAP_THRESHOLD, bytes)`; false if glibc refused it.
@@ -189,6 +260,64 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+
+    /// A file of 100 bytes of header and the u32 values 0..1000 after it.
+    fn file_of_u32s() -> tempfile::NamedTempFile {
+        let mut bytes = vec![0xEEu8; 100];
+        bytes.extend((0..1000u32).flat_map(u32::to_le_bytes));
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), bytes).expect("write");
+        file
+    }
+
+    /// Reads land exactly, whatever the chunk size (here not a multiple of the element size),
+    /// every byte is counted, and the check runs before every read.
+    #[test]
+    fn reads_a_typed_vector_in_chunks() {
+        let file = file_of_u32s();
+        let (mut checks, mut counted) = (0, 0);
+        let values: Vec<u32> = read_new_vec_at(
+            file.as_file(),
+            100,
+            1000,
+            7,
+            || -> Result<(), std::io::Error> {
+                checks += 1;
+                Ok(())
+            },
+            |n| counted += n,
+            |e| e,
+        )
+        .expect("read");
+        assert_eq!(values, (0..1000).collect::<Vec<u32>>());
+        assert_eq!((counted, checks), (4000, 4000usize.div_ceil(7)));
+    }
+
+    /// A file that ends early is UnexpectedEof; a check that refuses stops the reading.
+    #[test]
+    fn stops_at_the_end_of_the_file_or_when_told() {
+        let file = file_of_u32s();
+        let short = read_new_vec_at::<u32, _>(file.as_file(), 104, 1000, 1 << 20, || Ok(()), |_| {}, |e| e);
+        assert_eq!(short.expect_err("the file ends").kind(), std::io::ErrorKind::UnexpectedEof);
+        let mut counted = 0;
+        let mut left = 2;
+        let stopped = read_new_vec_at::<u32, &str>(
+            file.as_file(),
+            100,
+            1000,
+            1000,
+            || match left {
+                0 => Err("cancelled"),
+                _ => {
+                    left -= 1;
+                    Ok(())
+                }
+            },
+            |n| counted += n,
+            |_| "io",
+        );
+        assert_eq!((stopped, counted), (Err("cancelled"), 2000));
+    }
 
     fn files(entries: &[(&str, &str)]) -> impl Fn(&Path) -> Option<String> + use<> {
         let map: HashMap<PathBuf, String> = entries.iter().map(|(p, c)| (PathBuf::from(p), c.to_string())).collect();
