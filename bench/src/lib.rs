@@ -40,7 +40,7 @@ pub struct Options {
     #[arg(long, default_value_t = 5000)]
     pub small_tensors: usize,
     /// Timed runs of each loader (after one untimed run that checks its tensors).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 7)]
     pub runs: usize,
     /// Cancels inside step 4.
     #[arg(long, default_value_t = 50)]
@@ -204,16 +204,26 @@ async fn loaders(
     let mut grpc = Vec::new();
     for round in 0..options.runs {
         say!("{}: round {} of {}", model.id, round + 1, options.runs);
-        record(report::LIMIT_PREAD, limit::parallel_pread(&model.files, threads)?.0);
-        record(report::LIMIT_READ, limit::single_read(&model.files)?.0);
-        record(report::CANDLE_LOAD, peers::candle_load(&model.files)?.0);
-        record(report::CANDLE_MMAP, peers::candle_mmap(&model.files)?.0);
-        record(report::OURS_IN_PROCESS, in_process::load(&manager, &model.id).await?);
-        in_process::unload(&manager, &model.id).await?;
-        let times = server::load(&mut client, &model.id).await?;
-        record(report::OURS_GRPC, times.total);
-        grpc.push(times);
-        server::unload(&mut client, &model.id).await?;
+        // Each round starts with another loader, so none always runs right after the same one
+        // (memory the previous one freed, the machine may be slow to hand out again).
+        for k in 0..6 {
+            match (k + round) % 6 {
+                0 => record(report::LIMIT_PREAD, limit::parallel_pread(&model.files, threads)?.0),
+                1 => record(report::LIMIT_READ, limit::single_read(&model.files)?.0),
+                2 => record(report::CANDLE_LOAD, peers::candle_load(&model.files)?.0),
+                3 => record(report::CANDLE_MMAP, peers::candle_mmap(&model.files)?.0),
+                4 => {
+                    record(report::OURS_IN_PROCESS, in_process::load(&manager, &model.id).await?);
+                    in_process::unload(&manager, &model.id).await?;
+                }
+                _ => {
+                    let times = server::load(&mut client, &model.id).await?;
+                    record(report::OURS_GRPC, times.total);
+                    grpc.push(times);
+                    server::unload(&mut client, &model.id).await?;
+                }
+            }
+        }
     }
     say!("{}: the Python peer", model.id);
     let python = peers::python(&options.python_script, &model.files, options.runs)?;

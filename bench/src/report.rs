@@ -354,7 +354,7 @@ impl Report {
                 model.bytes as f64 / 1e9,
                 model.files_count
             );
-            let _ = write!(md, "| loader | median s | GB/s |");
+            let _ = write!(md, "| loader | median s (min–max) | GB/s |");
             for b in BASELINES {
                 let _ = write!(md, " × {b} |");
             }
@@ -364,7 +364,10 @@ impl Report {
             }
             md.push('\n');
             for run in self.loaders.iter().filter(|r| r.model == model.id) {
-                let _ = write!(md, "| {} | {:.3} | {:.2} |", run.loader, run.median_s, run.gb_per_s);
+                let min = run.seconds.iter().copied().fold(f64::INFINITY, f64::min);
+                let max = run.seconds.iter().copied().fold(0.0, f64::max);
+                let _ =
+                    write!(md, "| {} | {:.3} ({min:.3}–{max:.3}) | {:.2} |", run.loader, run.median_s, run.gb_per_s);
                 for b in BASELINES {
                     match self.seconds(b, &model.id) {
                         // A ratio of speeds: above 1 is faster than the baseline.

@@ -33,8 +33,7 @@ pub fn available() -> u64 {
 /// of each mapped block freed, up to 32 MiB: after the first unload, tensors of a few MiB would be
 /// carved from the heap, where freed memory mostly stays resident. A fixed threshold turns the
 /// rise off, so every tensor of [`OWN_MAPPING_BYTES`] or more is its own mapping and an unload
-/// returns its pages at once. Fresh mappings are already zeroed, so zeroed tensor buffers cost
-/// no extra pass either. Other allocators manage this themselves: a no-op there.
+/// returns its pages at once. Other allocators manage this themselves: a no-op there.
 pub fn configure_allocator() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
