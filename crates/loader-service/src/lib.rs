@@ -352,7 +352,8 @@ impl LoaderService {
                                 Arc::new(LoadHandle::new(id.clone(), self.root.child_token(), self.state.clone()));
                             let subscription = handle.subscribe();
                             slot.insert(handle.clone());
-                            let span = tracing::info_span!("load", model_id = %id);
+                            // `step` is recorded as the load moves on, so every line of a load says where it was.
+                            let span = tracing::info_span!("load", model_id = %id, step = tracing::field::Empty);
                             self.tracker.spawn(self.clone().run(handle, request.clone(), device).instrument(span));
                             return Ok(subscription);
                         }

@@ -34,7 +34,20 @@ pub fn init_tracing(format: LogFormat) {
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none());
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Json => {
+            use tracing_subscriber::layer::SubscriberExt as _;
+            use tracing_subscriber::util::SubscriberInitExt as _;
+            let mut json = json_subscriber::JsonLayer::stderr();
+            json.with_timer("timestamp", fmt::time::SystemTime);
+            json.with_level("level");
+            json.with_target("target");
+            json.with_flattened_event();
+            // The fields of the spans a line is in (a load's `model_id` and `step`) become
+            // top-level fields, as log pipelines index them.
+            json.with_top_level_flattened_span_list();
+            let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+            tracing_subscriber::registry().with(filter).with(json).init();
+        }
     }
 }
 

@@ -142,6 +142,8 @@ pub fn emit(progress: ModelLoadProgress, cancel: &CancellationToken, sink: &dyn 
         return Err(Cancelled);
     }
     let (message, phase) = progress.step.spec();
+    // The load's span (if the caller runs in one with a `step` field) carries the step from here on.
+    tracing::Span::current().record("step", progress.step.number());
     tracing::info!(
         "{} step={}/{} phase={} msg=\"{}\"",
         progress.model_id,
