@@ -30,6 +30,7 @@ pub fn config(model_root: &Path) -> ServerConfig {
         preload: Vec::new(),
         shutdown_grace: Duration::from_secs(10),
         log_format: LogFormat::Text,
+        metrics_listen: None,
     }
 }
 

@@ -1,7 +1,13 @@
 //! Operations: the real binary's JSON logs, its Prometheus metrics, and readiness with preloads.
 
+use std::collections::BTreeMap;
+
+use proto::v1 as pb;
 use serde_json::Value;
-use tests::{binary::Binary, connect, fixture, load, load_all};
+use tests::{WAIT, binary::Binary, connect, fixture, load, load_all};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_stream::StreamExt;
+use tonic::Code;
 
 /// Starts the real binary on the bundled models with `args`.
 async fn start(args: &[&str]) -> Binary {
@@ -42,5 +48,103 @@ async fn json_logs_carry_the_model_and_the_step() {
             .find(|r| r["message"].as_str().is_some_and(|m| m.starts_with(&format!("demo/tiny-sd step={n}/8 "))))
             .unwrap_or_else(|| panic!("no step line {n}"));
         assert_eq!(line["step"], n, "{line}");
+    }
+}
+
+/// `GET /metrics` over plain HTTP/1.0, as Prometheus scrapes it: sample → value.
+async fn scrape(addr: &str) -> BTreeMap<String, f64> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to /metrics");
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n").await.expect("send the request");
+    let mut response = String::new();
+    tokio::time::timeout(WAIT, stream.read_to_string(&mut response)).await.expect("answered").expect("read");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("content-type: text/plain"), "{head}");
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (sample, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("a sample line: {l}"));
+            (sample.to_owned(), value.parse().unwrap_or_else(|_| panic!("a number: {l}")))
+        })
+        .collect()
+}
+
+fn value(metrics: &BTreeMap<String, f64>, sample: &str) -> f64 {
+    *metrics.get(sample).unwrap_or_else(|| panic!("no {sample} in:\n{metrics:#?}"))
+}
+
+/// After a load, a failed load and a cancelled one, `/metrics` of the real binary counts each by
+/// outcome and error kind, times them and their steps, and shows the models, the memory and the
+/// watchers as they are.
+#[tokio::test]
+async fn metrics_count_loads_failures_and_cancels() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let good =
+        fixture::single_file_model(&root.path().join("good"), &fixture::f32_tensors("w", 4, 1000)).expect("good");
+    std::fs::create_dir_all(root.path().join("bad")).expect("bad");
+    std::fs::write(root.path().join("bad/config.json"), "{}").expect("config");
+    std::fs::write(root.path().join("bad/model.safetensors"), b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+        .expect("bad");
+    fixture::large_sharded_model(&root.path().join("big"), 512, 2, 4).expect("big");
+    let root_arg = root.path().to_str().expect("UTF-8");
+    let server = Binary::start(&["--model-root", root_arg, "--offline", "--metrics-listen", "127.0.0.1:0"], &[]).await;
+    let line = server.wait_for_line(|l| l.contains("serving /metrics")).await;
+    let metrics_addr = line.split("addr=").nth(1).and_then(|r| r.split_whitespace().next()).expect("addr").to_owned();
+    let mut client = connect(server.addr).await;
+
+    let (_, end) = load_all(&mut client, load("good")).await;
+    end.expect("good loads");
+    let (_, end) = load_all(&mut client, load("bad")).await;
+    assert_eq!(end.expect_err("bad fails").code(), Code::DataLoss);
+    let mut big = client.load_model(load("big")).await.expect("big starts").into_inner();
+    while let Some(m) = tokio::time::timeout(WAIT, big.next()).await.expect("moves") {
+        if m.expect("ok").step == 4 {
+            break;
+        }
+    }
+    client.cancel_load(pb::CancelLoadRequest { model_id: "big".into() }).await.expect("cancel");
+    let end = loop {
+        match tokio::time::timeout(WAIT, big.next()).await.expect("moves") {
+            Some(Ok(_)) => {}
+            Some(Err(status)) => break status,
+            None => panic!("the big load finished before the cancel"),
+        }
+    };
+    assert_eq!(end.code(), Code::Cancelled);
+    let watch = client.watch_models(pb::WatchModelsRequest::default()).await.expect("watch").into_inner();
+
+    let m = scrape(&metrics_addr).await;
+    assert_eq!(value(&m, "model_loader_loads_started_total"), 3.0);
+    assert_eq!(value(&m, r#"model_loader_loads_finished_total{outcome="succeeded",kind="none"}"#), 1.0);
+    assert_eq!(value(&m, r#"model_loader_loads_finished_total{outcome="failed",kind="corrupt"}"#), 1.0);
+    assert_eq!(value(&m, r#"model_loader_loads_finished_total{outcome="cancelled",kind="cancelled"}"#), 1.0);
+    for outcome in ["succeeded", "failed", "cancelled"] {
+        let count = format!(r#"model_loader_load_duration_seconds_count{{outcome="{outcome}"}}"#);
+        assert_eq!(value(&m, &count), 1.0, "{outcome}");
+        let inf = format!(r#"model_loader_load_duration_seconds_bucket{{outcome="{outcome}",le="+Inf"}}"#);
+        assert_eq!(value(&m, &inf), 1.0, "{outcome}");
+    }
+    assert_eq!(value(&m, r#"model_loader_step_duration_seconds_count{step="init"}"#), 3.0);
+    // The corrupt file fails while its header is read (step 3): two loads reached step 4.
+    assert_eq!(value(&m, r#"model_loader_step_duration_seconds_count{step="load_weights"}"#), 2.0);
+    assert_eq!(value(&m, r#"model_loader_step_duration_seconds_count{step="finalize"}"#), 1.0);
+    assert_eq!(value(&m, "model_loader_loaded_bytes_total"), good.bytes() as f64);
+    assert_eq!(value(&m, r#"model_loader_models{state="loaded"}"#), 1.0);
+    assert_eq!(value(&m, r#"model_loader_models{state="failed"}"#), 1.0);
+    assert!(value(&m, r#"model_loader_device_budget_bytes{device="cpu"}"#) > 0.0);
+    assert_eq!(value(&m, "model_loader_watchers"), 1.0);
+    assert_eq!(m.get("model_loader_download_bytes_total").copied().unwrap_or(0.0), 0.0, "nothing was downloaded");
+
+    // The cancelled load's memory is freed just after its stream ended; then only `good` is held.
+    drop(watch);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let m = scrape(&metrics_addr).await;
+        let used = value(&m, r#"model_loader_device_used_bytes{device="cpu"}"#);
+        if used == good.bytes() as f64 && value(&m, "model_loader_watchers") == 0.0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "used {used}, watchers {}", value(&m, "model_loader_watchers"));
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
 }

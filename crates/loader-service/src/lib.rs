@@ -132,6 +132,8 @@ impl Drop for Held<'_> {
 }
 
 struct LoadStream {
+    /// The step the load is in and since when (the step-duration histogram).
+    step_since: Option<(ModelLoadStep, std::time::Instant)>,
     latest: Option<ModelLoadProgress>,
     outcome: Option<LoadOutcome>,
     tx: broadcast::Sender<LoadUpdate>,
@@ -144,7 +146,7 @@ impl LoadHandle {
             model_id,
             cancel,
             state,
-            stream: Mutex::new(LoadStream { latest: None, outcome: None, tx }),
+            stream: Mutex::new(LoadStream { step_since: None, latest: None, outcome: None, tx }),
             set_aside: Mutex::new(None),
         }
     }
@@ -193,14 +195,32 @@ impl LoadHandle {
 
     fn finish(&self, outcome: LoadOutcome) {
         let mut stream = self.stream();
+        if let Some((step, since)) = stream.step_since.take() {
+            record_step(step, since);
+        }
         stream.outcome = Some(outcome.clone());
         let _ = stream.tx.send(LoadUpdate::Done(outcome));
     }
 }
 
+/// Metrics (the `metrics` facade; the server exports them): the time a load spent in a step.
+fn record_step(step: ModelLoadStep, since: std::time::Instant) {
+    let step: &'static str = step.into();
+    metrics::histogram!("model_loader_step_duration_seconds", "step" => step).record(since.elapsed().as_secs_f64());
+}
+
 impl ProgressSink for LoadHandle {
     fn send(&self, progress: ModelLoadProgress) {
         let mut stream = self.stream();
+        match stream.step_since {
+            Some((step, _)) if step == progress.step => {}
+            previous => {
+                if let Some((step, since)) = previous {
+                    record_step(step, since);
+                }
+                stream.step_since = Some((progress.step, std::time::Instant::now()));
+            }
+        }
         stream.latest = Some(progress.clone());
         // No receiver is fine: the load does not depend on anyone listening.
         let _ = stream.tx.send(LoadUpdate::Progress(progress.clone()));
@@ -427,11 +447,17 @@ impl LoaderService {
     /// The spawned task of one load: runs the steps, records the outcome, ends every stream.
     async fn run(self: Arc<Self>, handle: Arc<LoadHandle>, request: LoadRequest, device: DeviceId) {
         let id = request.model_id.clone();
+        let started = std::time::Instant::now();
+        metrics::counter!("model_loader_loads_started_total").increment(1);
         // The queue slot is held until the end state is recorded, so the next load in line never
         // starts while this one still shows LOADING.
         let mut slot = None;
+        let mut labels = ("succeeded", "none");
         let (transition, outcome) = match self.steps(&handle, request, device, &mut slot).await {
-            Ok(facts) => (Transition::LoadSucceeded(facts), Ok(())),
+            Ok(facts) => {
+                metrics::counter!("model_loader_loaded_bytes_total").increment(facts.weight_bytes);
+                (Transition::LoadSucceeded(facts), Ok(()))
+            }
             Err(e) => {
                 let e = match e {
                     LoadError::Cancelled { .. } if self.root.is_cancelled() => LoadError::ShuttingDown,
@@ -440,10 +466,12 @@ impl LoaderService {
                 let transition = match e {
                     LoadError::Cancelled { .. } | LoadError::ShuttingDown => {
                         tracing::info!(reason = %e, "load cancelled");
+                        labels = ("cancelled", e.kind());
                         Transition::LoadCancelled
                     }
                     _ => {
                         tracing::warn!(kind = e.kind(), cause = %e, "load failed");
+                        labels = ("failed", e.kind());
                         Transition::LoadFailed { reason: e.to_string() }
                     }
                 };
@@ -464,6 +492,10 @@ impl LoaderService {
         };
         let failed = outcome.is_err();
         handle.finish(outcome);
+        let (result, kind) = labels;
+        metrics::counter!("model_loader_loads_finished_total", "outcome" => result, "kind" => kind).increment(1);
+        metrics::histogram!("model_loader_load_duration_seconds", "outcome" => result)
+            .record(started.elapsed().as_secs_f64());
         if let Entry::Occupied(entry) = entry {
             entry.remove();
         }
@@ -601,6 +633,7 @@ impl LoaderService {
         total: u64,
     ) -> Result<(), LoadError> {
         let counter = Arc::new(hub::DownloadCounter::default());
+        let _counted = CountDownloaded(&counter);
         let mut bytes = ByteProgress::new(id.as_str(), ModelLoadStep::LoadWeights, total, handle);
         bytes.update(0, missing.first().map_or("", |f| f.path.as_str()));
         let download = hub.download(id, commit, missing, &handle.cancel, &counter);
@@ -758,6 +791,16 @@ impl LoaderService {
             tracing::error!(model_id = %stale.model_id, "a pipeline was replaced by a new load of the same model");
         }
         Ok(facts)
+    }
+}
+
+/// Adds a download's bytes, finished or not, to the download metric.
+struct CountDownloaded<'a>(&'a hub::DownloadCounter);
+
+impl Drop for CountDownloaded<'_> {
+    fn drop(&mut self) {
+        let done = self.0.done.load(std::sync::atomic::Ordering::Relaxed);
+        metrics::counter!("model_loader_download_bytes_total").increment(done);
     }
 }
 

@@ -77,6 +77,10 @@ pub struct Cli {
     #[arg(long, env = "MODEL_LOADER_PRELOAD", value_delimiter = ',')]
     pub preload: Vec<String>,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9090) [default: off].
+    #[arg(long, env = "MODEL_LOADER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Log format.
     #[arg(long, env = "MODEL_LOADER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -112,6 +116,8 @@ pub struct ServerConfig {
     pub preload: Vec<model_manager::ModelId>,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
+    /// Where `/metrics` is served; `None`: nowhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Cli {
@@ -156,6 +162,7 @@ impl Cli {
             preload,
             shutdown_grace: self.shutdown_grace,
             log_format: self.log_format,
+            metrics_listen: self.metrics_listen,
         })
     }
 }

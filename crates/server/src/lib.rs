@@ -6,6 +6,7 @@
 
 pub mod cli;
 mod convert;
+pub mod metrics;
 mod service;
 mod status;
 
@@ -111,6 +112,20 @@ pub async fn run(
         );
     }
     tracing::info!(%addr, "serving modelloader.v1.ModelLoader");
+    let metrics = match config.metrics_listen {
+        Some(metrics_addr) => {
+            let handle = metrics::install()?;
+            let listener = TcpListener::bind(metrics_addr)
+                .await
+                .with_context(|| format!("binding --metrics-listen {metrics_addr}"))?;
+            let addr = listener.local_addr().context("reading the metrics address")?;
+            tracing::info!(%addr, "serving /metrics");
+            Some(tokio::spawn(metrics::serve(listener, manager.clone(), handle)))
+        }
+        None => None,
+    };
+    // Stops serving /metrics however `run` ends.
+    let _metrics = metrics.map(AbortOnDrop);
 
     tokio::select! {
         result = &mut server => return result.context("server task")?.context("serving"),
@@ -161,5 +176,14 @@ async fn preload(manager: Arc<ModelManager>, health: HealthReporter, models: Vec
     }
     if all_loaded {
         health.set_serving::<ModelLoaderServer<ModelLoaderService>>().await;
+    }
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

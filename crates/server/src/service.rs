@@ -51,9 +51,10 @@ impl ModelLoader for ModelLoaderService {
         let id = request.into_inner().model_id;
         let filter = if id.is_empty() { None } else { Some(convert::model_id(&id)?) };
         let subscription = self.manager.watch(filter);
-        let stream = stream::unfold(subscription, |mut sub| async move {
+        // The watcher gauge counts the stream until it is dropped (its client went away).
+        let stream = stream::unfold((subscription, crate::metrics::Watcher::open()), |(mut sub, watcher)| async move {
             let event = sub.next().await?;
-            Some((Ok(convert::event(event)), sub))
+            Some((Ok(convert::event(event)), (sub, watcher)))
         });
         Ok(Response::new(Box::pin(stream)))
     }

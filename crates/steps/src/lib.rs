@@ -12,7 +12,11 @@ use tokio_util::sync::CancellationToken;
 
 /// One step of a model load. The numbers are API (clients draw `step/total`): explicit, never
 /// reordered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, EnumCount, EnumIter, FromRepr)]
+/// Its snake_case name (`load_weights`) labels metrics.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, EnumCount, EnumIter, FromRepr, strum::IntoStaticStr,
+)]
+#[strum(serialize_all = "snake_case")]
 #[repr(u32)]
 pub enum ModelLoadStep {
     Init = 1,
