@@ -4,10 +4,17 @@ use std::collections::BTreeMap;
 
 use proto::v1 as pb;
 use serde_json::Value;
-use tests::{WAIT, binary::Binary, connect, fixture, load, load_all};
+use tests::{
+    WAIT,
+    binary::Binary,
+    connect, fixture,
+    hub::{Fault, HubRepo, TestHub},
+    load, load_all, state_of,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::StreamExt;
-use tonic::Code;
+use tonic::{Code, transport::Channel};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
 /// Starts the real binary on the bundled models with `args`.
 async fn start(args: &[&str]) -> Binary {
@@ -147,4 +154,47 @@ async fn metrics_count_loads_failures_and_cancels() {
         assert!(tokio::time::Instant::now() < deadline, "used {used}, watchers {}", value(&m, "model_loader_watchers"));
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
+}
+
+/// With `--preload`, readiness (`modelloader.v1.ModelLoader`) is NOT_SERVING until the model is
+/// loaded, SERVING once it is, and NOT_SERVING again on SIGTERM. The demo comes from a test hub
+/// that sends its largest file slowly, so the preload is still running when the test looks.
+#[tokio::test]
+async fn readiness_follows_the_preload_and_sigterm() {
+    let demo = tempfile::tempdir().expect("temp dir");
+    fixture::demo_tiny_sd(demo.path()).expect("demo");
+    let repo = HubRepo::from_dir("demo/tiny-sd", demo.path()).expect("repo");
+    let largest = repo.files().iter().max_by_key(|(_, bytes)| bytes.len()).map(|(p, _)| p.clone()).expect("a file");
+    let hub = TestHub::start([repo]).await;
+    hub.set_fault("demo/tiny-sd", &largest, Fault::Slow { bytes_per_sec: 2 << 20 });
+    let (root, cache) = (tempfile::tempdir().expect("root"), tempfile::tempdir().expect("cache"));
+    let server = Binary::start(
+        &[
+            "--model-root",
+            root.path().to_str().expect("UTF-8"),
+            "--hf-cache",
+            cache.path().to_str().expect("UTF-8"),
+            "--hf-endpoint",
+            hub.url(),
+            "--preload",
+            "demo/tiny-sd",
+        ],
+        &[],
+    )
+    .await;
+    let channel = Channel::from_shared(format!("http://{}", server.addr)).expect("uri").connect_lazy();
+    let request = HealthCheckRequest { service: "modelloader.v1.ModelLoader".into() };
+    let mut readiness = HealthClient::new(channel).watch(request).await.expect("health watch").into_inner();
+    let mut client = connect(server.addr).await;
+
+    let first = tokio::time::timeout(WAIT, readiness.next()).await.expect("health").expect("open").expect("ok");
+    assert_eq!(first.status(), ServingStatus::NotServing, "not ready while the preload runs");
+    assert_ne!(state_of(&mut client, "demo/tiny-sd").await, pb::ModelState::Loaded);
+    let next = tokio::time::timeout(WAIT, readiness.next()).await.expect("health").expect("open").expect("ok");
+    assert_eq!(next.status(), ServingStatus::Serving);
+    assert_eq!(state_of(&mut client, "demo/tiny-sd").await, pb::ModelState::Loaded, "ready only after the load");
+
+    server.sigterm();
+    let last = tokio::time::timeout(WAIT, readiness.next()).await.expect("health moves");
+    assert_eq!(last.expect("reported before the end").expect("ok").status(), ServingStatus::NotServing);
 }
