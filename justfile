@@ -20,7 +20,8 @@ test:
 # Render both Kubernetes overlays (kubectl kustomize) and check them against the Kubernetes
 # schemas, each other and the server's flags (deploy/check.py).
 deploy-check:
-    command -v kubectl >/dev/null || { echo "kubectl is missing: it renders the kustomize overlays" >&2; exit 1; }
+    # kubectl renders the overlays; a fresh Debian machine gets Debian's (its kustomize reads them too).
+    command -v kubectl >/dev/null || { apt-get update -qq && apt-get install -y -qq kubernetes-client >/dev/null; } || { echo "kubectl is missing: install kubectl (Debian: kubernetes-client)" >&2; exit 1; }
     python3 -c "import kubernetes_validate" || { echo "pip install kubernetes-validate" >&2; exit 1; }
     cargo build --locked -p server --bin model-loader
     python3 deploy/check.py --server target/debug/model-loader
