@@ -161,7 +161,7 @@ fn check_status(s: &pb::ModelStatus, models: &[Model], what: &str) -> S {
 }
 
 /// The CPU figures are consistent: within the budget, `used` is the sum of the per-model bytes,
-/// and every model holds exactly its fixture bytes.
+/// and every model holds whole copies of its fixture bytes.
 fn check_cpu(devices: &[pb::DeviceResources], models: &[Model], budget: u64, what: &str) -> pb::DeviceResources {
     let cpu = devices.iter().find(|d| d.name == "cpu").unwrap_or_else(|| panic!("{what}: no cpu device"));
     assert_eq!(cpu.budget_bytes, budget, "{what}: the configured budget");
@@ -184,11 +184,14 @@ fn check_cpu(devices: &[pb::DeviceResources], models: &[Model], budget: u64, wha
     );
     assert_eq!(cpu.models.iter().map(|m| m.bytes).sum::<u64>(), cpu.used_bytes, "{what}: used is the per-model sum");
     for held in &cpu.models {
-        assert_eq!(
-            held.bytes,
-            model(models, &held.model_id).bytes,
-            "{what}: {} holds its fixture bytes",
-            held.model_id
+        // Its fixture bytes, or a multiple: a cancelled load's memory is freed just after its
+        // stream ended, and a new load of the same model may already hold its own copy by then.
+        let fixture = model(models, &held.model_id).bytes;
+        assert!(
+            held.bytes > 0 && held.bytes.is_multiple_of(fixture),
+            "{what}: {} holds {} bytes, not a whole number of copies of its {fixture} fixture bytes",
+            held.model_id,
+            held.bytes
         );
     }
     cpu.clone()
