@@ -165,6 +165,7 @@ async fn readiness_follows_the_preload_and_sigterm() {
     fixture::demo_tiny_sd(demo.path()).expect("demo");
     let repo = HubRepo::from_dir("demo/tiny-sd", demo.path()).expect("repo");
     let largest = repo.files().iter().max_by_key(|(_, bytes)| bytes.len()).map(|(p, _)| p.clone()).expect("a file");
+    let repo_bytes: usize = repo.files().values().map(|bytes| bytes.len()).sum();
     let hub = TestHub::start([repo]).await;
     hub.set_fault("demo/tiny-sd", &largest, Fault::Slow { bytes_per_sec: 2 << 20 });
     let (root, cache) = (tempfile::tempdir().expect("root"), tempfile::tempdir().expect("cache"));
@@ -178,6 +179,8 @@ async fn readiness_follows_the_preload_and_sigterm() {
             hub.url(),
             "--preload",
             "demo/tiny-sd",
+            "--metrics-listen",
+            "127.0.0.1:0",
         ],
         &[],
     )
@@ -193,6 +196,11 @@ async fn readiness_follows_the_preload_and_sigterm() {
     let next = tokio::time::timeout(WAIT, readiness.next()).await.expect("health").expect("open").expect("ok");
     assert_eq!(next.status(), ServingStatus::Serving);
     assert_eq!(state_of(&mut client, "demo/tiny-sd").await, pb::ModelState::Loaded, "ready only after the load");
+    // The preload downloaded the whole repo, and the metric says so.
+    let line = server.wait_for_line(|l| l.contains("serving /metrics")).await;
+    let metrics_addr = line.split("addr=").nth(1).and_then(|r| r.split_whitespace().next()).expect("addr").to_owned();
+    let m = scrape(&metrics_addr).await;
+    assert_eq!(value(&m, "model_loader_download_bytes_total"), repo_bytes as f64);
 
     server.sigterm();
     let last = tokio::time::timeout(WAIT, readiness.next()).await.expect("health moves");
