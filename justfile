@@ -33,6 +33,11 @@ bench *ARGS:
     cargo build --locked --release -p server -p bench
     target/release/model-loader-bench {{ARGS}}
 
+# The server with the `cuda` feature (target/release/model-loader), on a machine without CUDA:
+# see scripts/build-cuda. Never part of CI.
+build-cuda:
+    scripts/build-cuda
+
 # Formatting and clippy, warnings as errors.
 lint:
     cargo fmt --all -- --check

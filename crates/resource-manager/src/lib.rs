@@ -9,6 +9,8 @@
 //! else from `MemAvailable`; [`host::configure_allocator`] and [`host::release_free_memory`] make
 //! freed tensor memory go back to the operating system.
 
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod host;
 
 use std::{
@@ -190,11 +192,16 @@ struct DeviceMemory {
     ledger: Mutex<Ledger>,
     /// Bumped after every change of the ledger, for loads waiting for memory to come back.
     changed: watch::Sender<u64>,
+    /// The GPU behind a `cuda:N` device (its free memory, its candle device).
+    #[cfg(feature = "cuda")]
+    gpu: Option<gpu::Gpu>,
+    #[cfg(not(feature = "cuda"))]
+    gpu: Option<std::convert::Infallible>,
 }
 
 impl DeviceMemory {
     fn new(id: DeviceId, capacity: u64, budget: u64) -> Self {
-        Self { id, capacity, budget, ledger: Mutex::new(Ledger::default()), changed: watch::Sender::new(0) }
+        Self { id, capacity, budget, ledger: Mutex::new(Ledger::default()), changed: watch::Sender::new(0), gpu: None }
     }
 
     fn ledger(&self) -> MutexGuard<'_, Ledger> {
@@ -227,9 +234,11 @@ impl DeviceMemory {
             used_bytes: ledger.models.values().sum::<u64>() + leaving_bytes,
             leaving_bytes,
             reserved_bytes: ledger.reserved.values().sum(),
-            available_bytes: match self.id {
-                DeviceId::Cpu => host::available(),
-                DeviceId::Cuda(_) => 0,
+            available_bytes: match (self.id, &self.gpu) {
+                (DeviceId::Cpu, _) => host::available(),
+                #[cfg(feature = "cuda")]
+                (DeviceId::Cuda(_), Some(gpu)) => gpu.free(),
+                (DeviceId::Cuda(_), _) => 0,
             },
             peak_bytes: ledger.peak,
             models: models.into_iter().collect(),
@@ -257,7 +266,16 @@ impl ResourceManager {
         default_device: DeviceRequest,
     ) -> Result<Self, ResourceError> {
         let cpu = DeviceMemory::new(DeviceId::Cpu, capacity, budget.of(capacity));
-        let mut this = Self { devices: Arc::new(vec![Arc::new(cpu)]), default_device: DeviceId::Cpu };
+        #[allow(unused_mut)]
+        let mut devices = vec![Arc::new(cpu)];
+        #[cfg(feature = "cuda")]
+        for gpu in gpu::Gpu::all() {
+            let mut memory = DeviceMemory::new(DeviceId::Cuda(gpu.ordinal), gpu.total, budget.of(gpu.total));
+            tracing::info!(device = %memory.id, name = gpu.name, total = gpu.total, free = gpu.free(), "GPU");
+            memory.gpu = Some(gpu);
+            devices.push(Arc::new(memory));
+        }
+        let mut this = Self { devices: Arc::new(devices), default_device: DeviceId::Cpu };
         this.default_device = this.resolve(Some(default_device))?;
         Ok(this)
     }
@@ -267,6 +285,18 @@ impl ResourceManager {
         match request {
             None => Ok(self.default_device),
             Some(DeviceRequest::Cpu) => Ok(DeviceId::Cpu),
+            #[cfg(feature = "cuda")]
+            Some(DeviceRequest::Cuda(n)) => {
+                let id = DeviceId::Cuda(n.unwrap_or(0));
+                match self.devices.iter().any(|d| d.id == id) {
+                    true => Ok(id),
+                    false => Err(ResourceError::DeviceUnavailable {
+                        device: id.to_string(),
+                        reason: format!("the driver reports {} CUDA device(s)", self.devices.len() - 1),
+                    }),
+                }
+            }
+            #[cfg(not(feature = "cuda"))]
             Some(DeviceRequest::Cuda(n)) => Err(ResourceError::DeviceUnavailable {
                 device: format!("cuda:{}", n.unwrap_or(0)),
                 reason: "this build has no CUDA support (built without the `cuda` feature)".into(),
@@ -278,6 +308,14 @@ impl ResourceManager {
     pub fn candle_device(&self, device: DeviceId) -> Result<candle_core::Device, ResourceError> {
         match device {
             DeviceId::Cpu => Ok(candle_core::Device::Cpu),
+            #[cfg(feature = "cuda")]
+            DeviceId::Cuda(_) => match self.memory(device)?.gpu.as_ref() {
+                Some(gpu) => Ok(gpu.device().clone()),
+                None => {
+                    Err(ResourceError::DeviceUnavailable { device: device.to_string(), reason: "not a GPU".into() })
+                }
+            },
+            #[cfg(not(feature = "cuda"))]
             DeviceId::Cuda(n) => Err(ResourceError::DeviceUnavailable {
                 device: device.to_string(),
                 reason: format!("no CUDA device {n} in this build"),
@@ -460,6 +498,10 @@ impl Drop for ModelAllocation {
             // The owner drops its tensors before this allocation (see pipeline-manager's
             // `Pipeline`), so their memory is free now: hand the heap's share back to the OS.
             host::release_free_memory();
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.memory.gpu {
+            gpu.release_free_memory();
         }
     }
 }
