@@ -56,8 +56,13 @@ impl Gpu {
     /// asynchronously into the driver's memory pool, whose default release threshold (0) hands
     /// it back to the driver at the next synchronisation.
     pub fn release_free_memory(&self) {
-        if let Err(e) = self.device.synchronize() {
-            tracing::warn!(ordinal = self.ordinal, cause = %e, "synchronizing the GPU after a free");
+        // Unloads run on any thread: bind the GPU's context to this one first.
+        let synced = match self.context.bind_to_thread() {
+            Ok(()) => self.device.synchronize().map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(cause) = synced {
+            tracing::warn!(ordinal = self.ordinal, %cause, "synchronizing the GPU after a free");
         }
     }
 
