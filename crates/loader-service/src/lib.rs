@@ -108,7 +108,15 @@ pub struct LoadHandle {
 /// under (dropped in this order, so the books show the memory until it is back).
 struct SetAside {
     _tensors: Vec<read::ReadTensor>,
-    _booked: ModelAllocation,
+    booked: ModelAllocation,
+}
+
+impl Drop for SetAside {
+    // Runs before the fields drop: this thread must be able to free the tensors (see
+    // `ModelAllocation::prepare_free`).
+    fn drop(&mut self) {
+        self.booked.prepare_free();
+    }
 }
 
 /// The memory a load holds from its reservation to FINALIZE: the reservation and the tensors read
@@ -125,7 +133,7 @@ struct Held<'h> {
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         if let Some(reservation) = self.reservation.take() {
-            let aside = SetAside { _tensors: std::mem::take(&mut self.tensors), _booked: reservation.into_leaving() };
+            let aside = SetAside { _tensors: std::mem::take(&mut self.tensors), booked: reservation.into_leaving() };
             *self.handle.set_aside.lock().unwrap_or_else(|p| p.into_inner()) = Some(aside);
         }
     }

@@ -77,6 +77,14 @@ pub struct Pipeline {
     pub allocation: ModelAllocation,
 }
 
+impl Drop for Pipeline {
+    // Runs before the fields drop: the thread that frees the tensors must be able to (a GPU's
+    // context current on it).
+    fn drop(&mut self) {
+        self.allocation.prepare_free();
+    }
+}
+
 /// What ListTensors shows of one tensor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorInfo {

@@ -52,6 +52,13 @@ impl Gpu {
         self.context.mem_get_info().map_or(0, |(free, _)| free as u64)
     }
 
+    /// Makes the GPU's context current on this thread (frees and copies need it).
+    pub fn bind_to_thread(&self) {
+        if let Err(e) = self.context.bind_to_thread() {
+            tracing::warn!(ordinal = self.ordinal, cause = %e, "binding the GPU's context to this thread");
+        }
+    }
+
     /// Lets the frees queued on the GPU's stream happen: candle frees device memory
     /// asynchronously into the driver's memory pool, whose default release threshold (0) hands
     /// it back to the driver at the next synchronisation.

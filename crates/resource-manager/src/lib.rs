@@ -475,6 +475,16 @@ impl ModelAllocation {
         self.memory.id
     }
 
+    /// Makes this thread able to free the memory these bytes stand for, before the tensors holding
+    /// it are dropped: candle frees device buffers in their `Drop`, on whatever thread drops them,
+    /// and a CUDA free fails (the memory stays taken) on a thread without the GPU's context.
+    pub fn prepare_free(&self) {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.memory.gpu {
+            gpu.bind_to_thread();
+        }
+    }
+
     /// Books the bytes as on their way out: the model is unloaded, and the memory comes back when
     /// the last reader lets go of it. Loads that need room wait for these bytes rather than evict.
     pub fn leave(&self) {
