@@ -143,7 +143,7 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
 
     let mut starts = Vec::new();
     for _ in 0..options.starts {
-        starts.push(server::start_to_serving(&exe, &root).await?.0);
+        starts.push(server::start_to_serving(&exe, &root).await?);
     }
     report.memory.start_to_serving_ms = starts.iter().map(|d| d.as_secs_f64() * 1e3).collect();
     report.memory = std::mem::take(&mut report.memory).summarised();

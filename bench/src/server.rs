@@ -131,7 +131,7 @@ pub async fn cancel_once(
 }
 
 /// From spawning the binary to its readiness service answering SERVING.
-pub async fn start_to_serving(exe: &Path, model_root: &Path) -> anyhow::Result<(Duration, u64)> {
+pub async fn start_to_serving(exe: &Path, model_root: &Path) -> anyhow::Result<Duration> {
     let start = Instant::now();
     let server = self::start(exe, model_root, &[]).await;
     let channel = Channel::from_shared(format!("http://{}", server.addr))?.connect_lazy();
@@ -141,8 +141,7 @@ pub async fn start_to_serving(exe: &Path, model_root: &Path) -> anyhow::Result<(
         if let Ok(response) = health.check(request).await
             && response.into_inner().status() == ServingStatus::Serving
         {
-            let elapsed = start.elapsed();
-            return Ok((elapsed, tests::rss_bytes(Some(server.pid()))));
+            return Ok(start.elapsed());
         }
         if start.elapsed() > Duration::from_secs(30) {
             bail!("the server was not SERVING within 30 s");

@@ -81,9 +81,14 @@ impl Binary {
             }
         });
         let mut this = Self { child, addr: ([127, 0, 0, 1], 0).into(), lines, new_line };
-        let line = this.wait_for_line(|l| l.contains("serving modelloader.v1.ModelLoader")).await;
-        this.addr = parse_addr(&line).unwrap_or_else(|| panic!("no address in {line:?}"));
+        this.addr = this.logged_addr("serving modelloader.v1.ModelLoader").await;
         this
+    }
+
+    /// The address in the log line that contains `message` (waiting for it, bounded).
+    pub async fn logged_addr(&self, message: &str) -> SocketAddr {
+        let line = self.wait_for_line(|l| l.contains(message)).await;
+        parse_addr(&line).unwrap_or_else(|| panic!("no address in {line:?}"))
     }
 
     /// Every log line so far.

@@ -105,6 +105,13 @@ pub async fn load_all(
         Ok(response) => response.into_inner(),
         Err(status) => return (Vec::new(), Err(status)),
     };
+    rest_of(&mut stream).await
+}
+
+/// Reads a LoadModel stream to its end: the messages still to come and how it ended.
+pub async fn rest_of(
+    stream: &mut tonic::Streaming<pb::ModelLoadProgress>,
+) -> (Vec<pb::ModelLoadProgress>, Result<(), Status>) {
     let mut messages = Vec::new();
     loop {
         match tokio::time::timeout(WAIT, stream.next()).await.expect("the load stream moves") {

@@ -96,14 +96,7 @@ async fn read_until(
 
 /// Reads `stream` to its end: the messages still to come and how it ended.
 async fn end_of(mut stream: Streaming<pb::ModelLoadProgress>) -> (Vec<pb::ModelLoadProgress>, Result<(), Status>) {
-    let mut messages = Vec::new();
-    loop {
-        match tokio::time::timeout(WAIT, stream.next()).await.expect("the load stream moves or ends") {
-            Some(Ok(m)) => messages.push(m),
-            Some(Err(status)) => return (messages, Err(status)),
-            None => return (messages, Ok(())),
-        }
-    }
+    tests::rest_of(&mut stream).await
 }
 
 /// The step-1 message a waiting load gets when `ahead` loads wait in line before it.

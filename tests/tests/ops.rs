@@ -95,8 +95,7 @@ async fn metrics_count_loads_failures_and_cancels() {
     fixture::large_sharded_model(&root.path().join("big"), 512, 2, 4).expect("big");
     let root_arg = root.path().to_str().expect("UTF-8");
     let server = Binary::start(&["--model-root", root_arg, "--offline", "--metrics-listen", "127.0.0.1:0"], &[]).await;
-    let line = server.wait_for_line(|l| l.contains("serving /metrics")).await;
-    let metrics_addr = line.split("addr=").nth(1).and_then(|r| r.split_whitespace().next()).expect("addr").to_owned();
+    let metrics_addr = server.logged_addr("serving /metrics").await.to_string();
     let mut client = connect(server.addr).await;
 
     let (_, end) = load_all(&mut client, load("good")).await;
@@ -197,8 +196,7 @@ async fn readiness_follows_the_preload_and_sigterm() {
     assert_eq!(next.status(), ServingStatus::Serving);
     assert_eq!(state_of(&mut client, "demo/tiny-sd").await, pb::ModelState::Loaded, "ready only after the load");
     // The preload downloaded the whole repo, and the metric says so.
-    let line = server.wait_for_line(|l| l.contains("serving /metrics")).await;
-    let metrics_addr = line.split("addr=").nth(1).and_then(|r| r.split_whitespace().next()).expect("addr").to_owned();
+    let metrics_addr = server.logged_addr("serving /metrics").await.to_string();
     let m = scrape(&metrics_addr).await;
     assert_eq!(value(&m, "model_loader_download_bytes_total"), repo_bytes as f64);
 
