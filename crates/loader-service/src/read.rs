@@ -71,46 +71,33 @@ pub fn read_all(
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<LoadError>> = Mutex::new(None);
     let results: Mutex<Vec<ReadTensor>> = Mutex::new(Vec::with_capacity(jobs.len()));
-    let threads = threads.clamp(1, jobs.len().max(1));
     on_progress(0, file_names.first().unwrap_or(&""));
-
-    // Workers wake the reporting thread when they stop, so a cancel or an error ends the step at
-    // once instead of at the next progress tick.
-    let reporter = std::thread::current();
-    let running = AtomicUsize::new(threads);
-    std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| {
-                let _wake = WakeOnDrop(&reporter, &running);
-                loop {
-                    if failed.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    let Some(job) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) else { return };
-                    current_file.store(job.file, Ordering::Relaxed);
-                    match read_tensor(id, file_names[job.file], &files[job.file], job.tensor, cancel, &done_bytes) {
-                        Ok(tensor) => results.lock().unwrap_or_else(|p| p.into_inner()).push(ReadTensor {
-                            component: job.component,
-                            name: job.tensor.name.clone(),
-                            tensor,
-                        }),
-                        Err(e) => {
-                            failed.store(true, Ordering::Relaxed);
-                            first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
-                            return;
-                        }
-                    }
+    let worker = || {
+        loop {
+            if failed.load(Ordering::Relaxed) {
+                return;
+            }
+            let Some(job) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) else { return };
+            current_file.store(job.file, Ordering::Relaxed);
+            match read_tensor(id, file_names[job.file], &files[job.file], job.tensor, cancel, &done_bytes) {
+                Ok(tensor) => results.lock().unwrap_or_else(|p| p.into_inner()).push(ReadTensor {
+                    component: job.component,
+                    name: job.tensor.name.clone(),
+                    tensor,
+                }),
+                Err(e) => {
+                    failed.store(true, Ordering::Relaxed);
+                    first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                    return;
                 }
-            });
+            }
         }
-        // This thread reports progress while the workers read.
-        while running.load(Ordering::Acquire) > 0 {
-            on_progress(
-                done_bytes.load(Ordering::Relaxed),
-                file_names.get(current_file.load(Ordering::Relaxed)).unwrap_or(&""),
-            );
-            std::thread::park_timeout(interval);
-        }
+    };
+    in_parallel(threads.clamp(1, jobs.len().max(1)), interval, worker, || {
+        on_progress(
+            done_bytes.load(Ordering::Relaxed),
+            file_names.get(current_file.load(Ordering::Relaxed)).unwrap_or(&""),
+        )
     });
     into.append(&mut results.into_inner().unwrap_or_else(|p| p.into_inner()));
     if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
@@ -118,6 +105,64 @@ pub fn read_all(
     }
     on_progress(done_bytes.load(Ordering::Relaxed), file_names.last().unwrap_or(&""));
     Ok(())
+}
+
+/// Runs `worker` on `threads` threads while this thread calls `report` about every `interval`,
+/// until every worker has returned. Workers wake the reporting thread when they stop, so a cancel
+/// or an error ends the step at once instead of at the next tick.
+pub(crate) fn in_parallel(threads: usize, interval: Duration, worker: impl Fn() + Sync, mut report: impl FnMut()) {
+    let reporter = std::thread::current();
+    let running = AtomicUsize::new(threads);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                let _wake = WakeOnDrop(&reporter, &running);
+                worker();
+            });
+        }
+        while running.load(Ordering::Acquire) > 0 {
+            report();
+            std::thread::park_timeout(interval);
+        }
+    });
+}
+
+/// Whether tensors of this dtype can be read (the dtypes candle holds).
+pub(crate) fn supported(dtype: DType) -> bool {
+    matches!(
+        dtype,
+        DType::U8
+            | DType::U32
+            | DType::I16
+            | DType::I32
+            | DType::I64
+            | DType::F16
+            | DType::BF16
+            | DType::F32
+            | DType::F64
+    )
+}
+
+pub(crate) fn unsupported_dtype(id: &ModelId, file: &str, tensor: &str, dtype: DType) -> LoadError {
+    LoadError::UnsupportedDtype {
+        model_id: id.to_string(),
+        file: file.to_owned(),
+        tensor: tensor.to_owned(),
+        dtype: format!("{dtype:?}"),
+    }
+}
+
+/// A failed read: a file that ends early was truncated (or changed) under the load.
+pub(crate) fn read_error(id: &ModelId, file: &str, source: std::io::Error) -> LoadError {
+    if source.kind() == std::io::ErrorKind::UnexpectedEof {
+        LoadError::Corrupt {
+            model_id: id.to_string(),
+            file: file.to_owned(),
+            reason: "the file ended before its last tensor: truncated while loading?".into(),
+        }
+    } else {
+        LoadError::ReadWeights { model_id: id.to_string(), file: file.to_owned(), source }
+    }
 }
 
 /// Counts a worker out and wakes the reporting thread, however the worker stops.
@@ -151,12 +196,7 @@ fn read_tensor(
         DType::BF16 => typed::<half::bf16>(plan.len, shape, read),
         DType::F32 => typed::<f32>(plan.len, shape, read),
         DType::F64 => typed::<f64>(plan.len, shape, read),
-        other => Err(TypedError::Load(LoadError::UnsupportedDtype {
-            model_id: id.to_string(),
-            file: display.to_owned(),
-            tensor: plan.name.clone(),
-            dtype: format!("{other:?}"),
-        })),
+        other => Err(TypedError::Load(unsupported_dtype(id, display, &plan.name, other))),
     }
     .map_err(|e| match e {
         TypedError::Load(e) => e,
@@ -211,17 +251,7 @@ impl Source<'_> {
             |n| {
                 self.done.fetch_add(n as u64, Ordering::Relaxed);
             },
-            |source| {
-                if source.kind() == std::io::ErrorKind::UnexpectedEof {
-                    LoadError::Corrupt {
-                        model_id: self.id.to_string(),
-                        file: self.display.to_owned(),
-                        reason: "the file ended before its last tensor: truncated while loading?".into(),
-                    }
-                } else {
-                    LoadError::ReadWeights { model_id: self.id.to_string(), file: self.display.to_owned(), source }
-                }
-            },
+            |source| read_error(self.id, self.display, source),
         )
     }
 }

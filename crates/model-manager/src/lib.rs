@@ -28,6 +28,10 @@ pub use steps;
 /// fresh snapshot.
 pub const DEFAULT_EVENT_CAPACITY: usize = 4096;
 
+/// The pinned staging pool of a GPU server unless configured: 32 buffers of 16 MiB, enough for
+/// 16 reader threads to each have a copy in flight while filling the next buffer.
+pub const DEFAULT_PINNED_POOL_BYTES: u64 = 512 << 20;
+
 /// Everything the facade needs to build the four managers.
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
@@ -38,6 +42,8 @@ pub struct ManagerConfig {
     pub event_capacity: usize,
     /// Overrides the CPU capacity read from the machine (tests).
     pub cpu_capacity: Option<u64>,
+    /// Pinned host memory GPU loads read through (allocated only when there is a GPU).
+    pub pinned_pool_bytes: u64,
 }
 
 impl Default for ManagerConfig {
@@ -48,6 +54,7 @@ impl Default for ManagerConfig {
             default_device: DeviceRequest::Cpu,
             event_capacity: DEFAULT_EVENT_CAPACITY,
             cpu_capacity: None,
+            pinned_pool_bytes: DEFAULT_PINNED_POOL_BYTES,
         }
     }
 }
@@ -114,10 +121,11 @@ impl ModelManager {
         // Unloads must give host memory back to the OS; this is process-wide and idempotent.
         resource_manager::host::configure_allocator();
         let state = Arc::new(StateManager::new(config.event_capacity));
-        let resources = match config.cpu_capacity {
+        let mut resources = match config.cpu_capacity {
             Some(capacity) => ResourceManager::with_cpu_capacity(capacity, config.budget, config.default_device),
             None => ResourceManager::new(config.budget, config.default_device),
         }?;
+        resources.allocate_staging(config.pinned_pool_bytes)?;
         let pipelines = Arc::new(PipelineManager::new());
         let loader = LoaderService::new(config.loader, state.clone(), resources.clone(), pipelines.clone())?;
         Ok(Self { state, resources, pipelines, loader, shutdown: CancellationToken::new() })

@@ -172,6 +172,9 @@ impl Pipeline {
 /// The tensor's bytes as resident, little-endian, in row-major order.
 pub fn resident_bytes(tensor: &Tensor) -> candle_core::Result<Vec<u8>> {
     let flat = tensor.flatten_all()?;
+    // A GPU tensor may be a view into a larger allocation, and reading one back copies its whole
+    // allocation: copy just its elements on the device first.
+    let flat = if flat.device().is_cpu() { flat } else { flat.force_contiguous()? };
     fn bytes<T: candle_core::WithDType + bytemuck::Pod>(t: &Tensor) -> candle_core::Result<Vec<u8>> {
         Ok(bytemuck::cast_slice(&t.to_vec1::<T>()?).to_vec())
     }

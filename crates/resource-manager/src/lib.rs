@@ -12,6 +12,7 @@
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod host;
+pub mod staging;
 
 use std::{
     collections::BTreeMap,
@@ -251,6 +252,9 @@ impl DeviceMemory {
 pub struct ResourceManager {
     devices: Arc<Vec<Arc<DeviceMemory>>>,
     default_device: DeviceId,
+    /// Pinned buffers every GPU load reads through, allocated once ([`Self::allocate_staging`]).
+    #[cfg(feature = "cuda")]
+    staging: Option<Arc<gpu::PinnedPool>>,
 }
 
 impl ResourceManager {
@@ -275,7 +279,12 @@ impl ResourceManager {
             memory.gpu = Some(gpu);
             devices.push(Arc::new(memory));
         }
-        let mut this = Self { devices: Arc::new(devices), default_device: DeviceId::Cpu };
+        let mut this = Self {
+            devices: Arc::new(devices),
+            default_device: DeviceId::Cpu,
+            #[cfg(feature = "cuda")]
+            staging: None,
+        };
         this.default_device = this.resolve(Some(default_device))?;
         Ok(this)
     }
@@ -321,6 +330,40 @@ impl ResourceManager {
                 reason: format!("no CUDA device {n} in this build"),
             }),
         }
+    }
+
+    /// Allocates the staging buffers GPU loads read through: `bytes` of pinned host memory in
+    /// buffers of [`staging::BUFFER_BYTES`] (at least one), when this build and machine have a
+    /// GPU; nothing otherwise. Returns the bytes pinned.
+    pub fn allocate_staging(&mut self, bytes: u64) -> Result<u64, ResourceError> {
+        #[cfg(feature = "cuda")]
+        if let Some(first) = self.devices.iter().find_map(|d| d.gpu.as_ref()) {
+            let count = usize::try_from(bytes / staging::BUFFER_BYTES as u64).unwrap_or(usize::MAX).max(1);
+            let started = std::time::Instant::now();
+            let pool = gpu::pinned_pool(first, count, staging::BUFFER_BYTES)
+                .map_err(|reason| ResourceError::DeviceUnavailable { device: "pinned host memory".into(), reason })?;
+            let pinned = (count * staging::BUFFER_BYTES) as u64;
+            tracing::info!(
+                buffers = count,
+                bytes = pinned,
+                took_ms = started.elapsed().as_millis() as u64,
+                "pinned staging pool"
+            );
+            self.staging = Some(Arc::new(pool));
+            return Ok(pinned);
+        }
+        let _ = bytes;
+        Ok(0)
+    }
+
+    /// The GPU behind `device` and the staging pool its loads read through.
+    #[cfg(feature = "cuda")]
+    pub fn gpu_staging(&self, device: DeviceId) -> Result<(&gpu::Gpu, Arc<gpu::PinnedPool>), ResourceError> {
+        let unavailable =
+            |reason: &str| ResourceError::DeviceUnavailable { device: device.to_string(), reason: reason.into() };
+        let gpu = self.memory(device)?.gpu.as_ref().ok_or_else(|| unavailable("not a GPU"))?;
+        let pool = self.staging.clone().ok_or_else(|| unavailable("no pinned staging pool was allocated"))?;
+        Ok((gpu, pool))
     }
 
     fn memory(&self, device: DeviceId) -> Result<&Arc<DeviceMemory>, ResourceError> {

@@ -65,6 +65,15 @@ pub struct Cli {
     #[arg(long, env = "MODEL_LOADER_MEMORY_BUDGET")]
     pub memory_budget: Option<String>,
 
+    /// Threads reading one load's weights [default: one per core].
+    #[arg(long, env = "MODEL_LOADER_READ_THREADS")]
+    pub read_threads: Option<usize>,
+
+    /// Pinned host memory GPU loads read through, allocated once at start-up and only when the
+    /// build and the machine have a GPU: more buffers keep more reads and copies in flight.
+    #[arg(long, env = "MODEL_LOADER_PINNED_POOL", default_value = "512MiB")]
+    pub pinned_pool: String,
+
     /// What to do when a load does not fit the budget.
     #[arg(long, env = "MODEL_LOADER_EVICT", value_enum, default_value_t = Evict::None)]
     pub evict: Evict,
@@ -138,9 +147,12 @@ impl Cli {
         let offline =
             self.offline || env("HF_HUB_OFFLINE").is_some_and(|v| matches!(v.as_str(), "1" | "true" | "yes" | "on"));
         let hf_cache = self.hf_cache.or_else(|| default_hf_cache(&env));
+        let pinned_pool: bytesize::ByteSize =
+            self.pinned_pool.trim().parse().map_err(|e| format!("--pinned-pool: not a size: {e}"))?;
         let mut manager = ManagerConfig {
             budget,
             default_device,
+            pinned_pool_bytes: pinned_pool.as_u64(),
             event_capacity: DEFAULT_EVENT_CAPACITY,
             ..ManagerConfig::default()
         };
@@ -152,6 +164,9 @@ impl Cli {
         manager.loader.sources = SourceConfig { model_root: Some(self.model_root), hf_cache, offline, hub };
         manager.loader.default_dtype = default_dtype;
         manager.loader.max_concurrent_loads = self.max_concurrent_loads.max(1);
+        if let Some(threads) = self.read_threads {
+            manager.loader.read_threads = threads.max(1);
+        }
         manager.loader.evict = match self.evict {
             Evict::None => EvictPolicy::None,
             Evict::Lru => EvictPolicy::Lru,
@@ -221,5 +236,10 @@ mod tests {
         assert!(parse(&["--dtype", "int4"]).expect_err("bad dtype").contains("--dtype"));
         assert!(parse(&["--preload", "../x"]).expect_err("bad id").contains("--preload"));
         assert!(parse(&["--memory-budget", "lots"]).is_err());
+        let tuned = parse(&["--read-threads", "6", "--pinned-pool", "1GiB"]).expect("valid");
+        assert_eq!(tuned.manager.loader.read_threads, 6);
+        assert_eq!(tuned.manager.pinned_pool_bytes, 1 << 30);
+        assert_eq!(parse(&[]).expect("valid").manager.pinned_pool_bytes, model_manager::DEFAULT_PINNED_POOL_BYTES);
+        assert!(parse(&["--pinned-pool", "half"]).expect_err("bad size").contains("--pinned-pool"));
     }
 }
