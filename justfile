@@ -34,9 +34,10 @@ bench *ARGS:
     target/release/model-loader-bench {{ARGS}}
 
 # The server with the `cuda` feature (target/release/model-loader), on a machine without CUDA:
-# see scripts/build-cuda. Never part of CI.
-build-cuda:
-    scripts/build-cuda
+# see scripts/build-cuda. `just build-cuda --bench` also builds the benchmark's GPU mode
+# (target/release/model-loader-bench --gpu). Never part of CI.
+build-cuda *ARGS:
+    scripts/build-cuda {{ARGS}}
 
 # Formatting and clippy, warnings as errors.
 lint:

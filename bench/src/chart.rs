@@ -43,14 +43,22 @@ fn throughput(path: &Path, report: &Report) -> anyhow::Result<()> {
             })
         })
         .collect();
+    bars(path, "Load throughput, warm page cache (GB/s, higher is better)", &rows)
+}
+
+/// Horizontal bars of GB/s, labelled, coloured by the group each row names.
+pub fn bars(path: &Path, caption: &str, rows: &[(String, f64, usize)]) -> anyhow::Result<()> {
+    register_font()?;
     let max = rows.iter().map(|r| r.1).fold(0.0, f64::max).max(0.1) * 1.15;
-    let root = BitMapBackend::new(path, (1100, 60 + 34 * rows.len() as u32)).into_drawing_area();
+    // Room for the longest label (about 8 px a character at this size).
+    let label_px = rows.iter().map(|r| r.0.chars().count() as u32 * 8 + 16).max().unwrap_or(0).max(330);
+    let root = BitMapBackend::new(path, (770 + label_px, 60 + 34 * rows.len() as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(draw)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption("Load throughput, warm page cache (GB/s, higher is better)", (FONT, 22))
+        .caption(caption, (FONT, 22))
         .margin(12)
         .x_label_area_size(36)
-        .y_label_area_size(330)
+        .y_label_area_size(label_px)
         .build_cartesian_2d(0.0..max, (0..rows.len()).into_segmented())
         .map_err(draw)?;
     chart
@@ -65,7 +73,7 @@ fn throughput(path: &Path, report: &Report) -> anyhow::Result<()> {
         .label_style((FONT, 14))
         .draw()
         .map_err(draw)?;
-    let colours = [RGBColor(31, 119, 180), RGBColor(255, 127, 14)];
+    let colours = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44)];
     chart
         .draw_series(rows.iter().enumerate().map(|(i, (_, gbps, model))| {
             let colour = colours[model % colours.len()];

@@ -13,7 +13,15 @@ use tests::fixture::Expected;
 
 /// A model manager over `model_root`, offline, with the default budget.
 pub fn manager(model_root: &Path) -> anyhow::Result<Arc<ModelManager>> {
-    let mut config = ManagerConfig::default();
+    manager_on(model_root, model_manager::resource_manager::DeviceRequest::Cpu)
+}
+
+/// As [`manager`], loading onto `device` unless a request says otherwise.
+pub fn manager_on(
+    model_root: &Path,
+    device: model_manager::resource_manager::DeviceRequest,
+) -> anyhow::Result<Arc<ModelManager>> {
+    let mut config = ManagerConfig { default_device: device, ..ManagerConfig::default() };
     config.loader.sources.model_root = Some(model_root.to_owned());
     config.loader.sources.offline = true;
     Ok(Arc::new(ModelManager::new(config).map_err(|e| anyhow!("{e}"))?))

@@ -7,6 +7,9 @@
 
 pub mod chart;
 pub mod fanout;
+#[cfg(feature = "cuda")]
+pub mod gpu;
+pub mod gpu_report;
 pub mod in_process;
 pub mod limit;
 pub mod models;
@@ -66,6 +69,39 @@ pub struct Options {
     /// The server binary [default: `model-loader` next to this program].
     #[arg(long)]
     pub server: Option<PathBuf>,
+    /// Run the GPU benchmark instead (a `cuda` build, on a machine with a GPU): loads onto cuda:0,
+    /// written to `--out` (use docs/benchmarks/gpu).
+    #[arg(long)]
+    pub gpu: bool,
+    /// GPU mode: size of the dense BF16 model, in MiB (16 tensors per shard).
+    #[arg(long, default_value_t = 8192)]
+    pub gpu_dense_mib: usize,
+    /// GPU mode: shards of the dense model.
+    #[arg(long, default_value_t = 2)]
+    pub gpu_shards: usize,
+    /// GPU mode: timed runs of each loader, warm.
+    #[arg(long, default_value_t = 5)]
+    pub gpu_runs: usize,
+    /// GPU mode: runs with the page cache dropped first.
+    #[arg(long, default_value_t = 3)]
+    pub gpu_cold_runs: usize,
+    /// GPU mode: cancels inside step 4.
+    #[arg(long, default_value_t = 20)]
+    pub gpu_cancels: usize,
+    /// Redraw the GPU report (README.md, throughput.png) from DIR/results.json and exit.
+    #[arg(long, value_name = "DIR")]
+    pub gpu_render: Option<PathBuf>,
+    /// Internal: run candle's loader on `PEER_FILES` in this process and print its runs (the GPU
+    /// mode starts this as its candle peer).
+    #[arg(long, hide = true)]
+    pub gpu_candle_peer: bool,
+    #[arg(hide = true)]
+    #[serde(skip)]
+    pub peer_files: Vec<PathBuf>,
+    /// GPU mode: the Python GPU peers' script.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/peer_gpu.py"))]
+    #[serde(skip)]
+    pub gpu_python_script: PathBuf,
     /// The Python peer's script.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/peer_safetensors.py"))]
     #[serde(skip)]
@@ -73,7 +109,7 @@ pub struct Options {
 }
 
 impl Options {
-    fn server_exe(&self) -> anyhow::Result<PathBuf> {
+    pub(crate) fn server_exe(&self) -> anyhow::Result<PathBuf> {
         if let Some(server) = &self.server {
             return Ok(server.clone());
         }
@@ -124,7 +160,7 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
     let mut cancels = Vec::new();
     let mut late = 0;
     while cancels.len() < options.cancel_tries {
-        match server::cancel_once(&mut client, &dense.id, step4 * 9 / 10).await? {
+        match server::cancel_once(&mut client, &dense.id, step4 * 9 / 10, "cpu", 0).await? {
             Some(times) => cancels.push(times),
             // A cancel that lands after the load finished says nothing; a few are expected.
             None if late < 10 * options.cancel_tries => late += 1,

@@ -5,8 +5,13 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let options = bench::Options::parse();
-    let report = bench::run(&options).await?;
-    for target in &report.targets {
+    if let Some(dir) = &options.gpu_render {
+        let report: bench::gpu_report::GpuReport = serde_json::from_slice(&std::fs::read(dir.join("results.json"))?)?;
+        return bench::gpu_report::write(dir, &report);
+    }
+    let targets =
+        if options.gpu || options.gpu_candle_peer { gpu(&options).await? } else { bench::run(&options).await?.targets };
+    for target in &targets {
         eprintln!(
             "[bench] {:<55} {:>12} (goal {}){}",
             target.name,
@@ -16,4 +21,18 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(feature = "cuda")]
+async fn gpu(options: &bench::Options) -> anyhow::Result<Vec<bench::report::Target>> {
+    if options.gpu_candle_peer {
+        bench::gpu::candle_peer_main(&options.peer_files, options.gpu_runs)?;
+        return Ok(Vec::new());
+    }
+    Ok(bench::gpu::run(options).await?.targets)
+}
+
+#[cfg(not(feature = "cuda"))]
+async fn gpu(_: &bench::Options) -> anyhow::Result<Vec<bench::report::Target>> {
+    anyhow::bail!("--gpu needs a build with the `cuda` feature: `just build-cuda --bench`")
 }

@@ -51,6 +51,22 @@ fn large(name: &str, dtype: Dtype, bytes: usize, seed: u64) -> TensorSpec {
 /// About `mib` MiB in `shards` files of `per_shard` tensors, F32 and BF16 in turn, with an index;
 /// written a shard at a time.
 pub fn dense(root: &Path, id: &str, mib: usize, shards: usize, per_shard: usize) -> anyhow::Result<Model> {
+    dense_of(root, id, mib, shards, per_shard, |i| if i.is_multiple_of(2) { Dtype::F32 } else { Dtype::BF16 })
+}
+
+/// As [`dense`], every tensor BF16 (how large checkpoints are published).
+pub fn dense_bf16(root: &Path, id: &str, mib: usize, shards: usize, per_shard: usize) -> anyhow::Result<Model> {
+    dense_of(root, id, mib, shards, per_shard, |_| Dtype::BF16)
+}
+
+fn dense_of(
+    root: &Path,
+    id: &str,
+    mib: usize,
+    shards: usize,
+    per_shard: usize,
+    dtype_of: impl Fn(usize) -> Dtype,
+) -> anyhow::Result<Model> {
     let dir = root.join(id);
     reset(&dir)?;
     write_json(&dir.join("config.json"), &json!({"model_type": "bench-dense"}))?;
@@ -61,7 +77,7 @@ pub fn dense(root: &Path, id: &str, mib: usize, shards: usize, per_shard: usize)
         let name = format!("model-{:05}-of-{:05}.safetensors", s + 1, shards);
         let tensors: Vec<_> = (0..per_shard)
             .map(|i| {
-                let dtype = if (s * per_shard + i).is_multiple_of(2) { Dtype::F32 } else { Dtype::BF16 };
+                let dtype = dtype_of(s * per_shard + i);
                 large(&format!("layers.{s}.{i}.weight"), dtype, per_tensor, (s * per_shard + i) as u64 + 1)
             })
             .collect();
@@ -77,14 +93,22 @@ pub fn dense(root: &Path, id: &str, mib: usize, shards: usize, per_shard: usize)
 
 /// `count` tensors of 1 to 256 KiB (doubling in turn), F32 and BF16 in turn, in one file.
 pub fn many_small(root: &Path, id: &str, count: usize) -> anyhow::Result<Model> {
+    many_small_of(root, id, count, |i| if i.is_multiple_of(2) { Dtype::F32 } else { Dtype::BF16 })
+}
+
+/// As [`many_small`], every tensor BF16.
+pub fn many_small_bf16(root: &Path, id: &str, count: usize) -> anyhow::Result<Model> {
+    many_small_of(root, id, count, |_| Dtype::BF16)
+}
+
+fn many_small_of(root: &Path, id: &str, count: usize, dtype_of: impl Fn(usize) -> Dtype) -> anyhow::Result<Model> {
     let dir = root.join(id);
     reset(&dir)?;
     write_json(&dir.join("config.json"), &json!({"model_type": "bench-small"}))?;
     let tensors: Vec<_> = (0..count)
         .map(|i| {
             let bytes = 1024 << (i % 9);
-            let dtype = if i.is_multiple_of(2) { Dtype::F32 } else { Dtype::BF16 };
-            large(&format!("blocks.{}.param{}", i / 16, i % 16), dtype, bytes, i as u64 + 7)
+            large(&format!("blocks.{}.param{}", i / 16, i % 16), dtype_of(i), bytes, i as u64 + 7)
         })
         .collect();
     let file = dir.join("model.safetensors");

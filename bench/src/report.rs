@@ -34,7 +34,7 @@ pub struct Machine {
 }
 
 impl Machine {
-    fn here(cores: usize) -> Self {
+    pub fn here(cores: usize) -> Self {
         let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
         let meminfo = read("/proc/meminfo");
         let memory_kib: u64 = meminfo
@@ -72,7 +72,7 @@ impl LoaderRun {
 }
 
 /// Whether a loader read exactly the tensors the files hold.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Check {
     pub loader: String,
     pub model: String,
@@ -213,7 +213,7 @@ impl Memory {
 }
 
 /// A target of the benchmark and whether this run met it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Target {
     pub name: String,
     pub target: String,

@@ -76,12 +76,16 @@ pub struct CancelTimes {
 }
 
 /// Starts a load of `id`, waits for step 4, waits a random time below `within`, cancels, and
-/// times the end of the stream and the release of the memory. `None` when the load finished
-/// before the cancel arrived (the caller tries again).
+/// times the end of the stream and the release of the memory: GetResources showing nothing used
+/// or reserved on `device` and at least `free_floor` bytes available there (the driver's free
+/// memory, for a GPU). `None` when the load finished before the cancel arrived (the caller tries
+/// again).
 pub async fn cancel_once(
     client: &mut ModelLoaderClient<Channel>,
     id: &str,
     within: Duration,
+    device: &str,
+    free_floor: u64,
 ) -> anyhow::Result<Option<CancelTimes>> {
     let mut stream = client.load_model(tests::load(id)).await.context("LoadModel")?.into_inner();
     loop {
@@ -108,10 +112,12 @@ pub async fn cancel_once(
         }
     };
     let mut poller = client.clone();
+    let device = device.to_owned();
     let released = async move {
+        let device = device.as_str();
         loop {
-            let cpu = tests::cpu_resources(&mut poller).await;
-            if cpu.used_bytes == 0 && cpu.reserved_bytes == 0 {
+            let d = tests::device_resources(&mut poller, device).await;
+            if d.used_bytes == 0 && d.reserved_bytes == 0 && d.available_bytes >= free_floor {
                 return cancelled_at.elapsed();
             }
             tokio::time::sleep(Duration::from_micros(200)).await;

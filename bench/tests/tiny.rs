@@ -57,3 +57,19 @@ async fn the_harness_runs_at_tiny_sizes_and_every_loader_agrees() {
     }
     assert!(is_png(&out.join("throughput.png")) && is_png(&out.join("fanout.png")));
 }
+
+/// The GPU mode runs only on a GPU machine; its report is drawn in every build: the committed
+/// run's results redraw into the same table, with every target evaluated.
+#[test]
+fn the_committed_gpu_run_redraws() {
+    let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks/gpu");
+    let out = tempfile::tempdir().expect("temp dir");
+    std::fs::copy(committed.join("results.json"), out.path().join("results.json")).expect("results.json");
+    let report: bench::gpu_report::GpuReport =
+        serde_json::from_slice(&std::fs::read(out.path().join("results.json")).expect("read")).expect("parse");
+    bench::gpu_report::write(out.path(), &report).expect("write");
+    let redrawn = std::fs::read_to_string(out.path().join("README.md")).expect("README.md");
+    assert_eq!(redrawn, std::fs::read_to_string(committed.join("README.md")).expect("committed README.md"));
+    assert_eq!(report.targets.len(), 9);
+    assert!(is_png(&out.path().join("throughput.png")));
+}

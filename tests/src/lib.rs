@@ -141,8 +141,13 @@ pub async fn state_of(client: &mut ModelLoaderClient<Channel>, id: &str) -> pb::
 
 /// The CPU entry of GetResources.
 pub async fn cpu_resources(client: &mut ModelLoaderClient<Channel>) -> pb::DeviceResources {
+    device_resources(client, "cpu").await
+}
+
+/// GetResources' entry for `device` ("cpu", "cuda:0").
+pub async fn device_resources(client: &mut ModelLoaderClient<Channel>, device: &str) -> pb::DeviceResources {
     let devices = client.get_resources(pb::GetResourcesRequest {}).await.expect("GetResources").into_inner().devices;
-    devices.into_iter().find(|d| d.name == "cpu").expect("a cpu device")
+    devices.into_iter().find(|d| d.name == device).unwrap_or_else(|| panic!("no device {device}"))
 }
 
 /// GetResources' CPU entry once `done` holds of it, asked again every millisecond for at most
