@@ -306,15 +306,8 @@ pub fn candle_peer_main(files: &[PathBuf], runs: usize) -> anyhow::Result<()> {
 }
 
 fn candle_peer(files: &[PathBuf], runs: usize) -> anyhow::Result<PeerRuns> {
-    let output = Command::new(std::env::current_exe()?)
-        .args(["--gpu-candle-peer", "--gpu-runs", &runs.to_string()])
-        .args(files)
-        .output()
-        .context("running the candle peer")?;
-    if !output.status.success() {
-        bail!("{}: {}", output.status, String::from_utf8_lossy(&output.stderr).lines().last().unwrap_or(""));
-    }
-    serde_json::from_slice(&output.stdout).context("the candle peer's JSON")
+    let mut command = Command::new(std::env::current_exe()?);
+    peers::json_of(command.args(["--gpu-candle-peer", "--gpu-runs", &runs.to_string()]).args(files), "the candle peer")
 }
 
 /// What `peer_gpu.py` prints.
@@ -327,16 +320,8 @@ struct PythonPeer {
 }
 
 fn python_peer(script: &Path, loader: &str, files: &[PathBuf], runs: usize) -> anyhow::Result<PythonPeer> {
-    let output = Command::new("python3")
-        .arg(script)
-        .args(["--loader", loader, "--runs", &runs.to_string()])
-        .args(files)
-        .output()
-        .context("running python3")?;
-    if !output.status.success() {
-        bail!("{}: {}", output.status, String::from_utf8_lossy(&output.stderr).lines().last().unwrap_or(""));
-    }
-    serde_json::from_slice(&output.stdout).context("the peer's JSON")
+    let mut command = Command::new("python3");
+    peers::json_of(command.arg(script).args(["--loader", loader, "--runs", &runs.to_string()]).args(files), loader)
 }
 
 fn drop_caches() -> anyhow::Result<()> {

@@ -170,7 +170,6 @@ pub fn write(out: &Path, report: &GpuReport) -> anyhow::Result<()> {
         p(&mut md, format!("- Model `{}`: {} tensors, {} bytes in {} files, BF16", m.id, m.tensors, m.bytes, m.files));
     }
     let mut settings = report.peer_settings.clone();
-    settings.dedup();
     settings.sort();
     settings.dedup();
     for s in &settings {

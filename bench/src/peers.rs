@@ -64,6 +64,19 @@ pub fn checksums(loaded: &Loaded) -> anyhow::Result<Expected> {
     Ok(expected)
 }
 
+/// Runs a peer in a process of its own and reads the one JSON object it prints; a failure says
+/// how it ended and the end of what it wrote to stderr.
+pub fn json_of<T: serde::de::DeserializeOwned>(command: &mut Command, what: &str) -> anyhow::Result<T> {
+    let output = command.output().with_context(|| format!("running {what}"))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let tail: Vec<&str> = stderr.trim_end().lines().rev().take(5).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!("{what} failed ({}): {}", output.status, tail.join("\n"));
+    }
+    serde_json::from_slice(&output.stdout).with_context(|| format!("reading {what}'s JSON"))
+}
+
 /// What the Python peer script prints.
 #[derive(Debug, Deserialize)]
 struct PythonRun {
@@ -82,21 +95,9 @@ pub struct Python {
 /// Times `safetensors.numpy.load_file` on every file `runs` times after a warm-up, in a Python
 /// process of its own (`python3`, with safetensors, numpy and ml_dtypes installed).
 pub fn python(script: &Path, files: &[PathBuf], runs: usize) -> anyhow::Result<Python> {
-    let output = Command::new("python3")
-        .arg(script)
-        .arg("--runs")
-        .arg(runs.to_string())
-        .args(files)
-        .output()
-        .context("running python3 (is it installed?)")?;
-    if !output.status.success() {
-        bail!(
-            "the Python peer failed ({}): {}\n(`pip install safetensors numpy ml_dtypes` installs what it needs)",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    let run: PythonRun = serde_json::from_slice(&output.stdout).context("reading the Python peer's JSON")?;
+    let run: PythonRun =
+        json_of(Command::new("python3").arg(script).arg("--runs").arg(runs.to_string()).args(files), "the Python peer")
+            .context("(`pip install safetensors numpy ml_dtypes` installs what it needs)")?;
     Ok(Python {
         version: run.version,
         runs: run.seconds.into_iter().map(Duration::from_secs_f64).collect(),
