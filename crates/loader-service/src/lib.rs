@@ -11,6 +11,7 @@
 //! finished load is stored). This crate never speaks gRPC.
 
 mod error;
+mod header;
 mod hub;
 mod plan;
 mod queue;

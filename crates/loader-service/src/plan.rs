@@ -14,10 +14,10 @@ use std::{
 };
 
 use candle_core::DType;
-use safetensors::{Dtype, tensor::Metadata};
 
 use crate::{
     error::LoadError,
+    header::{self, HeaderError},
     request::{ModelId, TargetDtype},
     source::Located,
     weights::{self, Choice},
@@ -298,15 +298,7 @@ fn is_plain_file_name(s: &str) -> bool {
     !s.is_empty() && !s.contains('/') && !s.contains('\\') && s != "." && s != ".." && s.ends_with(".safetensors")
 }
 
-enum HeaderError {
-    Io(std::io::Error),
-    Corrupt(String),
-    Unsupported { tensor: String, dtype: String },
-}
-
-/// Parses a safetensors header with the `safetensors` crate's own validation (contiguous,
-/// non-overlapping offsets; shape × dtype = byte length), plus the checks it can only do with the
-/// whole buffer: the header fits in the file and the data ends exactly at the end of the file.
+/// Reads one file's header: its length fits the file, then its entries (see [`header::entries`]).
 fn read_header(file: &File, display: &str) -> Result<FilePlan, HeaderError> {
     let file_bytes = file.metadata().map_err(HeaderError::Io)?.len();
     let mut len = [0u8; 8];
@@ -325,47 +317,12 @@ fn read_header(file: &File, display: &str) -> Result<FilePlan, HeaderError> {
             "header length {header_len} is larger than the file ({file_bytes} bytes): truncated?"
         )));
     }
-    let mut header = vec![0u8; header_len as usize];
-    file.read_exact_at(&mut header, 8).map_err(HeaderError::Io)?;
-    let metadata: Metadata =
-        serde_json::from_slice(&header).map_err(|e| HeaderError::Corrupt(format!("invalid header: {e}")))?;
+    let mut json = vec![0u8; header_len as usize];
+    file.read_exact_at(&mut json, 8).map_err(HeaderError::Io)?;
     let data_start = 8 + header_len;
-    let data_len = metadata.data_len() as u64;
-    if data_start + data_len != file_bytes {
-        return Err(HeaderError::Corrupt(format!(
-            "the header describes {data_len} bytes of data but the file holds {}: truncated or padded",
-            file_bytes - data_start
-        )));
-    }
-    let mut tensors = Vec::new();
-    for name in metadata.offset_keys() {
-        let info = metadata.info(&name).ok_or_else(|| HeaderError::Corrupt(format!("tensor {name} vanished")))?;
-        let dtype = candle_dtype(info.dtype)
-            .ok_or_else(|| HeaderError::Unsupported { tensor: name.clone(), dtype: format!("{:?}", info.dtype) })?;
-        let (start, end) = info.data_offsets;
-        tensors.push(TensorPlan {
-            name,
-            dtype,
-            shape: info.shape.clone(),
-            offset: data_start + start as u64,
-            len: (end - start) as u64,
-        });
-    }
+    let tensors = header::entries(&json, file_bytes - data_start)?
+        .into_iter()
+        .map(|e| TensorPlan { name: e.name, dtype: e.dtype, shape: e.shape, offset: data_start + e.start, len: e.len })
+        .collect();
     Ok(FilePlan { path: PathBuf::new(), display: display.to_owned(), tensors })
-}
-
-/// The candle dtype that holds a safetensors dtype; `None` for those candle cannot hold.
-fn candle_dtype(dtype: Dtype) -> Option<DType> {
-    Some(match dtype {
-        Dtype::BOOL | Dtype::U8 => DType::U8,
-        Dtype::U32 => DType::U32,
-        Dtype::I16 => DType::I16,
-        Dtype::I32 => DType::I32,
-        Dtype::I64 => DType::I64,
-        Dtype::F16 => DType::F16,
-        Dtype::BF16 => DType::BF16,
-        Dtype::F32 => DType::F32,
-        Dtype::F64 => DType::F64,
-        _ => return None,
-    })
 }

@@ -28,9 +28,10 @@ pub use steps;
 /// fresh snapshot.
 pub const DEFAULT_EVENT_CAPACITY: usize = 4096;
 
-/// The pinned staging pool of a GPU server unless configured: 32 buffers of 16 MiB, enough for
-/// 16 reader threads to each have a copy in flight while filling the next buffer.
-pub const DEFAULT_PINNED_POOL_BYTES: u64 = 512 << 20;
+/// The pinned staging pool of a GPU server unless configured: 32 buffers of 4 MiB, enough for
+/// 16 reader threads to each have a copy in flight while filling the next buffer, and small
+/// enough to stay in the CPU's cache (see `resource_manager::staging::BUFFER_BYTES`).
+pub const DEFAULT_PINNED_POOL_BYTES: u64 = 128 << 20;
 
 /// Everything the facade needs to build the four managers.
 #[derive(Debug, Clone)]

