@@ -33,8 +33,9 @@ use tests::fixture::Expected;
 use crate::{
     Options,
     gpu_report::{
-        CANDLE, Cycle, FASTSAFETENSORS, FREE_SLACK, GpuReport, LIMIT_DISK, LIMIT_H2D, LIMIT_READ, ModelInfo, OURS_GRPC,
-        OURS_GRPC_COLD, OURS_IN_PROCESS, TORCH, cancel_summary, evaluate, machine, nvidia_smi, row, write,
+        CANDLE, Cycle, FASTSAFETENSORS, FREE_SLACK, GpuReport, LIMIT_DISK, LIMIT_H2D, LIMIT_READ, LINK_COPY_BYTES,
+        ModelInfo, OURS_GRPC, OURS_GRPC_COLD, OURS_IN_PROCESS, TORCH, cancel_summary, evaluate, machine, nvidia_smi,
+        row, write,
     },
     in_process, models, peers,
     report::Check,
@@ -48,9 +49,6 @@ struct Rig {
     pool: PinnedPool,
     link_pool: PinnedPool,
 }
-
-/// The copies the link's limit is measured with.
-const LINK_COPY_BYTES: usize = 16 << 20;
 
 /// Runs the GPU benchmark and writes `results.json`, `README.md` and `throughput.png` under
 /// `options.out`.

@@ -13,6 +13,8 @@ use crate::{
     server, stats,
 };
 
+/// The copies the link's limit is measured with: a little faster than the loader's.
+pub const LINK_COPY_BYTES: usize = 16 << 20;
 pub const LIMIT_H2D: &str = "limit: pinned host→device copy";
 pub const LIMIT_READ: &str = "limit: page cache → pinned (parallel pread)";
 pub const LIMIT_DISK: &str = "limit: disk → pinned, cold (parallel pread)";
@@ -175,7 +177,16 @@ pub fn write(out: &Path, report: &GpuReport) -> anyhow::Result<()> {
     for s in &settings {
         p(&mut md, format!("- {s}"));
     }
-    p(&mut md, "\nEach figure is the median of the timed runs (after untimed runs that check the tensors); min–max in brackets.\n".into());
+    p(&mut md, "\nEach figure is the median of the timed runs (after untimed runs that check the tensors); min–max in brackets.".into());
+    p(
+        &mut md,
+        format!(
+            "Limits: host→device copies from pinned memory in {} MiB copies queued by one thread, nothing read; \
+             page cache → the loader's own {} MiB pinned buffers on one thread per core, nothing copied.\n",
+            LINK_COPY_BYTES >> 20,
+            model_manager::resource_manager::staging::BUFFER_BYTES >> 20
+        ),
+    );
     p(&mut md, "| model | loader | median s (min–max) | GB/s |".into());
     p(&mut md, "|---|---|---|---|".into());
     for r in &report.rows {
