@@ -11,6 +11,8 @@ use std::{borrow::Cow, collections::HashSet};
 
 use candle_core::DType;
 use safetensors::Dtype;
+
+use crate::plan::TensorPlan;
 use serde::{
     Deserialize, Deserializer,
     de::{IgnoredAny, MapAccess, Visitor},
@@ -24,18 +26,9 @@ pub enum HeaderError {
     Unsupported { tensor: String, dtype: String },
 }
 
-/// One tensor of a header: its byte range counts from the start of the data section.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Entry {
-    pub name: String,
-    pub dtype: DType,
-    pub shape: Vec<usize>,
-    pub start: u64,
-    pub len: u64,
-}
-
-/// The entries of `json` sorted by offset, checked against a data section of `data_len` bytes.
-pub fn entries(json: &[u8], data_len: u64) -> Result<Vec<Entry>, HeaderError> {
+/// The tensors of `json` sorted by offset, checked against a data section of `data_len` bytes
+/// that starts at byte `data_start` of the file.
+pub fn tensors(json: &[u8], data_start: u64, data_len: u64) -> Result<Vec<TensorPlan>, HeaderError> {
     let Raw(mut raw) =
         serde_json::from_slice(json).map_err(|e| HeaderError::Corrupt(format!("invalid header: {e}")))?;
     let mut names = HashSet::with_capacity(raw.len());
@@ -74,7 +67,13 @@ pub fn entries(json: &[u8], data_len: u64) -> Result<Vec<Entry>, HeaderError> {
                     stop - start
                 )));
             }
-            Ok(Entry { name: name.into_owned(), dtype, shape: info.shape, start, len: stop - start })
+            Ok(TensorPlan {
+                name: name.into_owned(),
+                dtype,
+                shape: info.shape,
+                offset: data_start + start,
+                len: stop - start,
+            })
         })
         .collect()
 }
@@ -138,8 +137,8 @@ mod tests {
 
     use super::*;
 
-    fn parse(header: serde_json::Value, data_len: u64) -> Result<Vec<Entry>, HeaderError> {
-        entries(&serde_json::to_vec(&header).expect("json"), data_len)
+    fn parse(header: serde_json::Value, data_len: u64) -> Result<Vec<TensorPlan>, HeaderError> {
+        tensors(&serde_json::to_vec(&header).expect("json"), 0, data_len)
     }
 
     fn corrupt(header: serde_json::Value, data_len: u64) -> String {
@@ -150,16 +149,17 @@ mod tests {
     }
 
     #[test]
-    fn entries_come_sorted_by_offset_with_metadata_skipped() {
+    fn tensors_come_sorted_by_offset_with_metadata_skipped() {
         let header = json!({
             "__metadata__": {"format": "pt"},
             "b": {"dtype": "BF16", "shape": [2, 3], "data_offsets": [16, 28]},
             "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
             "empty": {"dtype": "I64", "shape": [0], "data_offsets": [28, 28]},
         });
-        let got = parse(header, 28).expect("valid");
-        let names: Vec<_> = got.iter().map(|e| (e.name.as_str(), e.dtype, e.start, e.len)).collect();
-        assert_eq!(names, [("a", DType::F32, 0, 16), ("b", DType::BF16, 16, 12), ("empty", DType::I64, 28, 0)]);
+        // Offsets in the file count from the start of the data section (here byte 100).
+        let got = tensors(&serde_json::to_vec(&header).expect("json"), 100, 28).expect("valid");
+        let names: Vec<_> = got.iter().map(|e| (e.name.as_str(), e.dtype, e.offset, e.len)).collect();
+        assert_eq!(names, [("a", DType::F32, 100, 16), ("b", DType::BF16, 116, 12), ("empty", DType::I64, 128, 0)]);
         assert_eq!(got[1].shape, [2, 3]);
     }
 
@@ -189,7 +189,7 @@ mod tests {
         assert!(corrupt(json!([1, 2]), 0).contains("invalid header"));
         let twice = br#"{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
                          "a": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}}"#;
-        assert!(matches!(entries(twice, 2), Err(HeaderError::Corrupt(r)) if r.contains("appears twice")));
+        assert!(matches!(tensors(twice, 0, 2), Err(HeaderError::Corrupt(r)) if r.contains("appears twice")));
     }
 
     #[test]

@@ -298,7 +298,7 @@ fn is_plain_file_name(s: &str) -> bool {
     !s.is_empty() && !s.contains('/') && !s.contains('\\') && s != "." && s != ".." && s.ends_with(".safetensors")
 }
 
-/// Reads one file's header: its length fits the file, then its entries (see [`header::entries`]).
+/// Reads one file's header: its length fits the file, then its entries (see [`header::tensors`]).
 fn read_header(file: &File, display: &str) -> Result<FilePlan, HeaderError> {
     let file_bytes = file.metadata().map_err(HeaderError::Io)?.len();
     let mut len = [0u8; 8];
@@ -320,9 +320,6 @@ fn read_header(file: &File, display: &str) -> Result<FilePlan, HeaderError> {
     let mut json = vec![0u8; header_len as usize];
     file.read_exact_at(&mut json, 8).map_err(HeaderError::Io)?;
     let data_start = 8 + header_len;
-    let tensors = header::entries(&json, file_bytes - data_start)?
-        .into_iter()
-        .map(|e| TensorPlan { name: e.name, dtype: e.dtype, shape: e.shape, offset: data_start + e.start, len: e.len })
-        .collect();
+    let tensors = header::tensors(&json, data_start, file_bytes - data_start)?;
     Ok(FilePlan { path: PathBuf::new(), display: display.to_owned(), tensors })
 }
