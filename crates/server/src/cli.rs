@@ -70,8 +70,8 @@ pub struct Cli {
     pub read_threads: Option<usize>,
 
     /// Pinned host memory GPU loads read through, allocated once at start-up and only when the
-    /// build and the machine have a GPU, in 4 MiB buffers: enough for two per reader thread; much
-    /// more leaves the CPU's cache and loads slower.
+    /// build and the machine have a GPU, in 4 MiB buffers: the default is two per reader thread
+    /// on 16 cores; much more leaves the CPU's cache and loads slower.
     #[arg(long, env = "MODEL_LOADER_PINNED_POOL", default_value = "128MiB")]
     pub pinned_pool: String,
 
