@@ -34,8 +34,8 @@ use crate::{
     Options,
     gpu_report::{
         CANDLE, Cycle, FASTSAFETENSORS, FREE_SLACK, GpuReport, LIMIT_DISK, LIMIT_H2D, LIMIT_READ, LINK_COPY_BYTES,
-        ModelInfo, OURS_GRPC, OURS_GRPC_COLD, OURS_IN_PROCESS, TORCH, cancel_summary, evaluate, machine, nvidia_smi,
-        row, write,
+        ModelInfo, OURS_GRPC, OURS_GRPC_COLD, OURS_IN_PROCESS, TORCH, Timeline, cancel_summary, evaluate, machine,
+        nvidia_smi, row, write,
     },
     in_process, models, peers,
     report::Check,
@@ -79,6 +79,7 @@ pub async fn run(options: &Options) -> anyhow::Result<GpuReport> {
         checks: Vec::new(),
         peer_settings: Vec::new(),
         targets: Vec::new(),
+        timelines: Vec::new(),
     };
 
     let manager = in_process::manager_on(&root, model_manager::resource_manager::DeviceRequest::Cuda(Some(0)))?;
@@ -122,8 +123,9 @@ pub async fn run(options: &Options) -> anyhow::Result<GpuReport> {
                             t.step4.as_secs_f64() * 1e3,
                             t.step5.as_secs_f64() * 1e3
                         ));
+                        let total = t.total;
                         grpc.push(t);
-                        (OURS_GRPC, t.total)
+                        (OURS_GRPC, total)
                     }
                 };
                 say(format!("  {name}: {:.3} s", took.as_secs_f64()));
@@ -132,6 +134,7 @@ pub async fn run(options: &Options) -> anyhow::Result<GpuReport> {
                 }
             }
         }
+        report.timelines.push(Timeline::of(&model.id, &grpc));
         if model.id == dense.id {
             let spans: Vec<f64> = grpc.iter().map(|t| t.step5.saturating_sub(t.step4).as_secs_f64()).collect();
             step4 = Duration::from_secs_f64(stats::median(&spans));

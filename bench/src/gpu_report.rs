@@ -38,6 +38,34 @@ pub struct GpuReport {
     pub checks: Vec<Check>,
     pub peer_settings: Vec<String>,
     pub targets: Vec<Target>,
+    /// Where a gRPC load's time goes, per model.
+    #[serde(default)]
+    pub timelines: Vec<Timeline>,
+}
+
+/// When each step of a gRPC load began, as the client saw its first message: medians over the
+/// timed runs, in ms from the call, and the server's notes on reading and copying (of the run
+/// nearest the median).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Timeline {
+    pub model: String,
+    /// Steps 1 to 8, then the end of the stream.
+    pub step_ms: Vec<f64>,
+    pub notes: Vec<String>,
+}
+
+impl Timeline {
+    pub fn of(model: &str, runs: &[server::LoadTimes]) -> Self {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let mut step_ms: Vec<f64> = (0..8)
+            .map(|i| stats::median(&runs.iter().filter_map(|r| r.steps[i]).map(ms).collect::<Vec<_>>()))
+            .collect();
+        let totals: Vec<f64> = runs.iter().map(|r| ms(r.total)).collect();
+        let median = stats::median(&totals);
+        step_ms.push(median);
+        let nearest = runs.iter().min_by(|a, b| (ms(a.total) - median).abs().total_cmp(&(ms(b.total) - median).abs()));
+        Self { model: model.into(), step_ms, notes: nearest.map(|r| r.notes.clone()).unwrap_or_default() }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -205,6 +233,27 @@ pub fn write(out: &Path, report: &GpuReport) -> anyhow::Result<()> {
             &mut md,
             format!("| {} | {} | {} | {} |", t.name, t.target, t.measured, if t.met { "yes" } else { "**no**" }),
         );
+    }
+    if !report.timelines.is_empty() {
+        p(&mut md, "\n## Where a gRPC load's time goes\n".into());
+        p(
+            &mut md,
+            "When the client received the first message of each step, in ms from its LoadModel call \
+             (medians of the timed runs); the server's own notes on step 4 follow.\n"
+                .into(),
+        );
+        p(&mut md, "| model | 1 | 2 | 3 | 4 | 5 | 6 | 7 | 8 | end |".into());
+        p(&mut md, "|---|---|---|---|---|---|---|---|---|---|".into());
+        for t in &report.timelines {
+            let cells: Vec<String> = t.step_ms.iter().map(|ms| format!("{ms:.1}")).collect();
+            p(&mut md, format!("| {} | {} |", t.model, cells.join(" | ")));
+        }
+        p(&mut md, String::new());
+        for t in &report.timelines {
+            for note in &t.notes {
+                p(&mut md, format!("- {}: {note}", t.model));
+            }
+        }
     }
     p(&mut md, "\n## GPU memory (driver's free bytes on cuda:0), 5 cycles of the dense model\n".into());
     p(&mut md, "| cycle | before load | loaded | after unload | after − before |".into());

@@ -26,7 +26,7 @@ pub async fn start(exe: &Path, model_root: &Path, extra: &[&str]) -> Binary {
 }
 
 /// One LoadModel, timed by the client.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LoadTimes {
     /// From the call to the first progress message.
     pub first_message: Duration,
@@ -35,21 +35,26 @@ pub struct LoadTimes {
     /// From the call to the first message of step 4 and of step 5 (the span of LOAD_WEIGHTS).
     pub step4: Duration,
     pub step5: Duration,
+    /// From the call to the first message of each step, 1 to 8 (`None` for a step never seen).
+    pub steps: [Option<Duration>; 8],
+    /// The details the server gave after step 4 (steps 5 and 6: how the bytes were read and
+    /// copied), in order.
+    pub notes: Vec<String>,
 }
 
 pub async fn load(client: &mut ModelLoaderClient<Channel>, id: &str) -> anyhow::Result<LoadTimes> {
     let start = Instant::now();
     let mut stream = client.load_model(tests::load(id)).await.context("LoadModel")?.into_inner();
-    let (mut first, mut step4, mut step5, mut last_step) = (None, None, None, 0);
+    let (mut first, mut steps, mut notes, mut last_step) = (None, [None; 8], Vec::new(), 0);
     while let Some(message) = stream.next().await {
         let message = message.with_context(|| format!("loading {id}"))?;
         let now = start.elapsed();
         first.get_or_insert(now);
-        if message.step == 4 {
-            step4.get_or_insert(now);
+        if let Some(at) = (message.step as usize).checked_sub(1).and_then(|i| steps.get_mut(i)) {
+            at.get_or_insert(now);
         }
-        if message.step == 5 {
-            step5.get_or_insert(now);
+        if matches!(message.step, 5 | 6) && !message.detail.is_empty() {
+            notes.push(message.detail);
         }
         last_step = message.step;
     }
@@ -58,7 +63,14 @@ pub async fn load(client: &mut ModelLoaderClient<Channel>, id: &str) -> anyhow::
         bail!("the load of {id} ended at step {last_step}");
     }
     let first = first.context("no progress message")?;
-    Ok(LoadTimes { first_message: first, total, step4: step4.unwrap_or(first), step5: step5.unwrap_or(total) })
+    Ok(LoadTimes {
+        first_message: first,
+        total,
+        step4: steps[3].unwrap_or(first),
+        step5: steps[4].unwrap_or(total),
+        steps,
+        notes,
+    })
 }
 
 pub async fn unload(client: &mut ModelLoaderClient<Channel>, id: &str) -> anyhow::Result<()> {
