@@ -811,15 +811,14 @@ impl LoaderService {
             .into_iter()
             .map(|c| (c.name.clone(), Component { name: c.name, config: c.config, tensors: Vec::new() }))
             .collect();
+        // Kept in file order: ListTensors sorts what it shows, and sorting 5,000 names here took
+        // 1.3 ms of every load of such a checkpoint.
         for t in std::mem::take(&mut held.tensors) {
             let component = components.get_mut(&names[t.component]).ok_or_else(|| LoadError::Internal {
                 model_id: id.to_string(),
                 reason: "tensor of an unknown component".into(),
             })?;
             component.tensors.push(ResidentTensor { name: t.name, tensor: t.tensor });
-        }
-        for c in components.values_mut() {
-            c.tensors.sort_by(|a, b| a.name.cmp(&b.name));
         }
         let weight_bytes: u64 = components.values().flat_map(|c| &c.tensors).map(ResidentTensor::size_bytes).sum();
         let pipeline = Pipeline {

@@ -34,6 +34,8 @@ pub struct ReadTensor {
 }
 
 struct Job<'a> {
+    /// Its place in the plan: the results are put back in plan (file) order.
+    order: usize,
     component: usize,
     file: usize,
     tensor: &'a crate::plan::TensorPlan,
@@ -59,7 +61,13 @@ pub fn read_all(
         for file in &component.files {
             let fi = file_names.len();
             file_names.push(file.display.as_str());
-            jobs.extend(file.tensors.iter().map(|tensor| Job { component: ci, file: fi, tensor }));
+            let first = jobs.len();
+            jobs.extend(file.tensors.iter().enumerate().map(|(i, tensor)| Job {
+                order: first + i,
+                component: ci,
+                file: fi,
+                tensor,
+            }));
         }
     }
     // Largest first, so one big tensor does not start last and leave the other threads idle.
@@ -70,7 +78,7 @@ pub fn read_all(
     let current_file = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<LoadError>> = Mutex::new(None);
-    let results: Mutex<Vec<ReadTensor>> = Mutex::new(Vec::with_capacity(jobs.len()));
+    let results: Mutex<Vec<(usize, ReadTensor)>> = Mutex::new(Vec::with_capacity(jobs.len()));
     on_progress(0, file_names.first().unwrap_or(&""));
     let worker = || {
         loop {
@@ -80,11 +88,10 @@ pub fn read_all(
             let Some(job) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) else { return };
             current_file.store(job.file, Ordering::Relaxed);
             match read_tensor(id, file_names[job.file], &files[job.file], job.tensor, cancel, &done_bytes) {
-                Ok(tensor) => results.lock().unwrap_or_else(|p| p.into_inner()).push(ReadTensor {
-                    component: job.component,
-                    name: job.tensor.name.clone(),
-                    tensor,
-                }),
+                Ok(tensor) => results
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((job.order, ReadTensor { component: job.component, name: job.tensor.name.clone(), tensor })),
                 Err(e) => {
                     failed.store(true, Ordering::Relaxed);
                     first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
@@ -99,7 +106,9 @@ pub fn read_all(
             file_names.get(current_file.load(Ordering::Relaxed)).unwrap_or(&""),
         )
     });
-    into.append(&mut results.into_inner().unwrap_or_else(|p| p.into_inner()));
+    let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+    results.sort_unstable_by_key(|(order, _)| *order);
+    into.extend(results.into_iter().map(|(_, tensor)| tensor));
     if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }

@@ -60,7 +60,7 @@ pub struct Component {
     pub name: String,
     /// Its parsed `config.json`, when it has one.
     pub config: Option<serde_json::Value>,
-    /// Sorted by name.
+    /// In file order (components' files in plan order); [`Pipeline::tensor_infos`] sorts by name.
     pub tensors: Vec<ResidentTensor>,
 }
 
@@ -164,7 +164,8 @@ impl Pipeline {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        infos.sort_by(|a, b| a.name.cmp(&b.name));
+        // Names are unique: an unstable sort gives the one order.
+        infos.sort_unstable_by(|a, b| a.name.cmp(&b.name));
         Ok(infos)
     }
 }
