@@ -176,8 +176,8 @@ impl CopyEngine for Gpu {
 
     fn allocate(&self, dtype: DType, elems: usize) -> Result<DeviceBuffer, String> {
         let cuda = self.device.as_cuda_device().map_err(|e| e.to_string())?;
-        // SAFETY: the memory is uninitialised until the copies into it complete; it is handed out
-        // as a tensor only after `synchronize`.
+        // SAFETY: the memory is uninitialised until the copies into it complete; views of it are
+        // handed out only after `synchronize`.
         let storage = unsafe { cuda.alloc_uninit(&Shape::from(elems), dtype) }.map_err(|e| e.to_string())?;
         let ptr = device_ptr(&storage, &self.stream()?)?;
         let tensor = Tensor::from_storage(Storage::Cuda(storage), elems, BackpropOp::none(), false);
@@ -211,9 +211,9 @@ impl CopyEngine for Gpu {
         self.bind_to_thread();
     }
 
-    fn tensor_of(&self, allocation: DeviceBuffer, dtype: DType, elems: usize) -> Result<Tensor, String> {
+    fn tensor_of(&self, allocation: &DeviceBuffer, dtype: DType, elems: usize) -> Result<Tensor, String> {
         match (allocation.tensor.dtype(), allocation.tensor.elem_count()) {
-            (d, n) if d == dtype && n == elems => Ok(allocation.tensor),
+            (d, n) if d == dtype && n == elems => Ok(allocation.tensor.clone()),
             (d, n) => Err(format!("allocated {n} elements of {d:?}, asked for {elems} of {dtype:?}")),
         }
     }

@@ -63,9 +63,10 @@ pub trait CopyEngine: Sync {
     fn synchronize(&self) -> Result<(), String>;
     /// Lets this thread free the engine's memory (a GPU's frees need its context current).
     fn prepare_free(&self) {}
-    /// The allocation as a one-dimensional tensor of `elems` elements of `dtype` (after
-    /// [`CopyEngine::synchronize`]).
-    fn tensor_of(&self, allocation: Self::Allocation, dtype: DType, elems: usize) -> Result<Tensor, String>;
+    /// The allocation as a one-dimensional tensor of `elems` elements of `dtype`, sharing its
+    /// memory (views of it are made while copies into it are in flight: its bytes are read only
+    /// after [`CopyEngine::synchronize`]).
+    fn tensor_of(&self, allocation: &Self::Allocation, dtype: DType, elems: usize) -> Result<Tensor, String>;
 }
 
 impl<B, F> std::fmt::Debug for StagingPool<B, F> {
@@ -202,7 +203,7 @@ mod tests {
         fn synchronize(&self) -> Result<(), String> {
             Ok(())
         }
-        fn tensor_of(&self, _: (), _: DType, _: usize) -> Result<Tensor, String> {
+        fn tensor_of(&self, _: &(), _: DType, _: usize) -> Result<Tensor, String> {
             Err("no tensors".into())
         }
     }
