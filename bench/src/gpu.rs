@@ -24,7 +24,7 @@ use std::{
 use anyhow::{Context, anyhow, bail};
 use candle_core::{DType, Device};
 use model_manager::resource_manager::{
-    gpu::{Gpu, PinnedPool, pinned_pool},
+    gpu::{DeviceBuffer, Gpu, PinnedPool, pinned_pool},
     staging::{BUFFER_BYTES, CopyEngine, chunk_bytes},
 };
 use serde::{Deserialize, Serialize};
@@ -33,9 +33,9 @@ use tests::fixture::Expected;
 use crate::{
     Options,
     gpu_report::{
-        CANDLE, Cycle, FASTSAFETENSORS, FREE_SLACK, GpuReport, LIMIT_DISK, LIMIT_H2D, LIMIT_READ, LINK_COPY_BYTES,
-        ModelInfo, OURS_GRPC, OURS_GRPC_COLD, OURS_IN_PROCESS, TORCH, Timeline, cancel_summary, evaluate, machine,
-        nvidia_smi, row, write,
+        CANDLE, Cycle, FASTSAFETENSORS, FREE_SLACK, GpuReport, LIMIT_BOTH, LIMIT_DISK, LIMIT_H2D, LIMIT_READ,
+        LINK_COPY_BYTES, ModelInfo, OURS_GRPC, OURS_GRPC_COLD, OURS_IN_PROCESS, TORCH, Timeline, cancel_summary,
+        evaluate, machine, nvidia_smi, row, write,
     },
     in_process, models, peers,
     report::Check,
@@ -101,15 +101,16 @@ pub async fn run(options: &Options) -> anyhow::Result<GpuReport> {
         server::unload(&mut client, &model.id).await?;
 
         let mut times: Vec<(&str, Vec<f64>)> =
-            [LIMIT_H2D, LIMIT_READ, OURS_IN_PROCESS, OURS_GRPC].iter().map(|&n| (n, Vec::new())).collect();
+            [LIMIT_H2D, LIMIT_READ, LIMIT_BOTH, OURS_IN_PROCESS, OURS_GRPC].iter().map(|&n| (n, Vec::new())).collect();
         let mut grpc = Vec::new();
         for round in 0..options.gpu_runs {
             say(format!("{}: round {} of {}", model.id, round + 1, options.gpu_runs));
-            for k in 0..4 {
-                let (name, took) = match (k + round) % 4 {
+            for k in 0..5 {
+                let (name, took) = match (k + round) % 5 {
                     0 => (LIMIT_H2D, h2d(&rig, model.bytes as usize)?),
                     1 => (LIMIT_READ, read_to_pinned(&rig, &model.files, threads)?),
-                    2 => {
+                    2 => (LIMIT_BOTH, read_while_copying(&rig, &model.files, threads, model.bytes as usize)?),
+                    3 => {
                         let took = in_process::load(&manager, &model.id).await?;
                         in_process::unload(&manager, &model.id).await?;
                         (OURS_IN_PROCESS, took)
@@ -226,22 +227,50 @@ fn say(line: impl AsRef<str>) {
 /// `bytes` copied from pinned buffers into one device allocation in 16 MiB copies, queued from
 /// one thread: the link's speed with nothing read.
 fn h2d(rig: &Rig, bytes: usize) -> anyhow::Result<Duration> {
+    on_device(rig, bytes, |to| copy_all(rig, to, bytes))
+}
+
+/// Reading `files` into the loader's pinned buffers (as [`read_to_pinned`]) while as many bytes
+/// are copied to the device from other pinned buffers (as [`h2d`]), each at its own pace: what
+/// this machine gives both at once, which no loader that overlaps them can beat.
+fn read_while_copying(rig: &Rig, files: &[PathBuf], threads: usize, bytes: usize) -> anyhow::Result<Duration> {
+    on_device(rig, bytes, |to| {
+        std::thread::scope(|scope| {
+            let copier = scope.spawn(|| copy_all(rig, to, bytes));
+            read_to_pinned(rig, files, threads)?;
+            copier.join().map_err(|_| anyhow!("the copying thread panicked"))?
+        })
+    })
+}
+
+/// Times `work` on a device allocation of `bytes`, until the device has finished it too.
+fn on_device(
+    rig: &Rig,
+    bytes: usize,
+    work: impl FnOnce(&DeviceBuffer) -> anyhow::Result<()>,
+) -> anyhow::Result<Duration> {
     let to = rig.gpu.allocate(DType::U8, bytes).map_err(|e| anyhow!(e))?;
     rig.gpu.synchronize().map_err(|e| anyhow!(e))?;
     let start = Instant::now();
-    let mut at = 0;
-    while at < bytes {
-        let len = LINK_COPY_BYTES.min(bytes - at);
-        let mut lease = rig.link_pool.take(|| false).context("a staging buffer")?;
-        lease.fill(&rig.gpu).map_err(|e| anyhow!(e))?;
-        lease.copy_to(&rig.gpu, len, &to, at).map_err(|e| anyhow!(e))?;
-        at += len;
-    }
+    work(&to)?;
     rig.gpu.synchronize().map_err(|e| anyhow!(e))?;
     let took = start.elapsed();
     drop(to);
     rig.gpu.release_free_memory();
     Ok(took)
+}
+
+/// Queues copies of `bytes` from the link pool's buffers into `to`, 16 MiB at a time.
+fn copy_all(rig: &Rig, to: &DeviceBuffer, bytes: usize) -> anyhow::Result<()> {
+    let mut at = 0;
+    while at < bytes {
+        let len = LINK_COPY_BYTES.min(bytes - at);
+        let mut lease = rig.link_pool.take(|| false).context("a staging buffer")?;
+        lease.fill(&rig.gpu).map_err(|e| anyhow!(e))?;
+        lease.copy_to(&rig.gpu, len, to, at).map_err(|e| anyhow!(e))?;
+        at += len;
+    }
+    Ok(())
 }
 
 /// Every byte of `files` read into the pinned buffers on `threads` threads, in `pread`s of the

@@ -17,6 +17,7 @@ use crate::{
 pub const LINK_COPY_BYTES: usize = 16 << 20;
 pub const LIMIT_H2D: &str = "limit: pinned host→device copy";
 pub const LIMIT_READ: &str = "limit: page cache → pinned (parallel pread)";
+pub const LIMIT_BOTH: &str = "limit: both at once, independent (read while copying)";
 pub const LIMIT_DISK: &str = "limit: disk → pinned, cold (parallel pread)";
 pub const CANDLE: &str = "candle safetensors::load to CUDA";
 pub const TORCH: &str = "safetensors.torch load_file(cuda)";
@@ -136,10 +137,15 @@ pub fn cancel_summary(cancels: &[server::CancelTimes]) -> CancelSummary {
     }
 }
 
+impl GpuReport {
+    /// The GB/s of `loader` on `model`, if measured.
+    pub fn gb_per_s(&self, model: &str, loader: &str) -> Option<f64> {
+        self.rows.iter().find(|r| r.model == model && r.loader == loader).map(|r| r.gb_per_s)
+    }
+}
+
 pub fn evaluate(report: &mut GpuReport, dense: &str, small: &str) {
-    let gbps = |model: &str, loader: &str| {
-        report.rows.iter().find(|r| r.model == model && r.loader == loader).map(|r| r.gb_per_s)
-    };
+    let gbps = |model: &str, loader: &str| report.gb_per_s(model, loader);
     let mut targets = Vec::new();
     let mut ratio = |name: &str, goal: f64, ours: Option<f64>, base: Option<f64>| {
         let (measured, met) = match (ours, base) {
@@ -210,7 +216,9 @@ pub fn write(out: &Path, report: &GpuReport) -> anyhow::Result<()> {
         &mut md,
         format!(
             "Limits: host→device copies from pinned memory in {} MiB copies queued by one thread, nothing read; \
-             page cache → the loader's own {} MiB pinned buffers on one thread per core, nothing copied.\n",
+             page cache → the loader's own {} MiB pinned buffers on one thread per core, nothing copied; \
+             both at once, each at its own pace on its own buffers (the time until both are done: \
+             the most a loader that overlaps them can do on this machine).\n",
             LINK_COPY_BYTES >> 20,
             model_manager::resource_manager::staging::BUFFER_BYTES >> 20
         ),
@@ -232,6 +240,20 @@ pub fn write(out: &Path, report: &GpuReport) -> anyhow::Result<()> {
         p(
             &mut md,
             format!("| {} | {} | {} | {} |", t.name, t.target, t.measured, if t.met { "yes" } else { "**no**" }),
+        );
+    }
+    if let Some(dense) = report.models.first()
+        && let (Some(both), Some(ours)) =
+            (report.gb_per_s(&dense.id, LIMIT_BOTH), report.gb_per_s(&dense.id, OURS_GRPC))
+    {
+        p(
+            &mut md,
+            format!(
+                "\nNot a target, for scale: reading and copying at once, each on its own, the machine gave \
+                 {both:.2} GB/s for `{}`; the gRPC load ran at {:.2}× that.",
+                dense.id,
+                ours / both
+            ),
         );
     }
     if !report.timelines.is_empty() {
