@@ -34,8 +34,8 @@ use crate::{
     Options,
     gpu_report::{
         CANDLE, Cycle, FASTSAFETENSORS, FREE_SLACK, GpuReport, LIMIT_BOTH, LIMIT_DISK, LIMIT_H2D, LIMIT_READ,
-        LINK_COPY_BYTES, ModelInfo, OURS_GRPC, OURS_GRPC_COLD, OURS_IN_PROCESS, TORCH, Timeline, cancel_summary,
-        evaluate, machine, nvidia_smi, row, write,
+        LINK_COPY_BYTES, ModelInfo, OURS_GRPC, OURS_GRPC_AGAIN, OURS_GRPC_COLD, OURS_IN_PROCESS, TORCH, Timeline,
+        cancel_summary, evaluate, machine, nvidia_smi, row, write,
     },
     in_process, models, peers,
     report::Check,
@@ -163,6 +163,14 @@ pub async fn run(options: &Options) -> anyhow::Result<GpuReport> {
                 Err(e) => say(format!("{loader} could not run: {e:#}")),
             }
         }
+        // Ours once more, right after the peers: these machines drift over minutes, and this
+        // compares with the peer measured just before it rather than minutes before.
+        let mut again = Vec::new();
+        for _ in 0..options.gpu_runs {
+            again.push(server::load(&mut client, &model.id).await?.total.as_secs_f64());
+            server::unload(&mut client, &model.id).await?;
+        }
+        times.push((OURS_GRPC_AGAIN, again));
         for (loader, seconds) in times {
             report.rows.push(row(model, loader, seconds));
         }

@@ -24,6 +24,7 @@ pub const TORCH: &str = "safetensors.torch load_file(cuda)";
 pub const FASTSAFETENSORS: &str = "fastsafetensors (nogds, best warm setting)";
 pub const OURS_IN_PROCESS: &str = "model-loader in process";
 pub const OURS_GRPC: &str = "model-loader gRPC";
+pub const OURS_GRPC_AGAIN: &str = "model-loader gRPC, again after the peers";
 pub const OURS_GRPC_COLD: &str = "model-loader gRPC, cold";
 
 /// The GPU report: what `results.json` holds.
@@ -242,19 +243,27 @@ pub fn write(out: &Path, report: &GpuReport) -> anyhow::Result<()> {
             format!("| {} | {} | {} | {} |", t.name, t.target, t.measured, if t.met { "yes" } else { "**no**" }),
         );
     }
-    if let Some(dense) = report.models.first()
-        && let (Some(both), Some(ours)) =
-            (report.gb_per_s(&dense.id, LIMIT_BOTH), report.gb_per_s(&dense.id, OURS_GRPC))
-    {
-        p(
-            &mut md,
-            format!(
-                "\nNot a target, for scale: reading and copying at once, each on its own, the machine gave \
-                 {both:.2} GB/s for `{}`; the gRPC load ran at {:.2}× that.",
+    if let Some(dense) = report.models.first() {
+        let gbps = |loader| report.gb_per_s(&dense.id, loader);
+        let mut scale = Vec::new();
+        if let (Some(both), Some(ours)) = (gbps(LIMIT_BOTH), gbps(OURS_GRPC)) {
+            scale.push(format!(
+                "reading and copying at once, each on its own, the machine gave {both:.2} GB/s for `{}`; the gRPC \
+                 load ran at {:.2}× that",
                 dense.id,
                 ours / both
-            ),
-        );
+            ));
+        }
+        if let (Some(again), Some(peer)) = (gbps(OURS_GRPC_AGAIN), gbps(FASTSAFETENSORS)) {
+            scale.push(format!(
+                "measured again right after the peers, the gRPC load ran at {again:.2} GB/s, {:.2}× fastsafetensors \
+                 measured just before it",
+                again / peer
+            ));
+        }
+        if !scale.is_empty() {
+            p(&mut md, format!("\nNot targets, for scale: {}.", scale.join("; ")));
+        }
     }
     if !report.timelines.is_empty() {
         p(&mut md, "\n## Where a gRPC load's time goes\n".into());
