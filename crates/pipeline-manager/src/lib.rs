@@ -132,12 +132,12 @@ impl Pipeline {
     /// The dtype of the floating-point tensors ("F32", "BF16"), "mixed" when they differ, or the
     /// single dtype of a model without floats.
     pub fn dtype_summary(&self) -> String {
-        let floats: std::collections::BTreeSet<_> =
-            self.tensors().map(|(_, t)| t.tensor.dtype()).filter(|d| d.is_float()).map(dtype_name).collect();
-        match floats.len() {
-            0 => self.tensors().next().map_or("", |(_, t)| t.dtype_name()).to_owned(),
-            1 => floats.into_iter().next().unwrap_or_default().to_owned(),
-            _ => "mixed".to_owned(),
+        // One pass, nothing collected: a checkpoint has thousands of tensors and few dtypes.
+        let mut floats = self.tensors().map(|(_, t)| t.tensor.dtype()).filter(|d| d.is_float());
+        match floats.next() {
+            None => self.tensors().next().map_or("", |(_, t)| t.dtype_name()).to_owned(),
+            Some(first) if floats.all(|d| d == first) => dtype_name(first).to_owned(),
+            Some(_) => "mixed".to_owned(),
         }
     }
 
@@ -297,6 +297,20 @@ mod tests {
     fn tensor(name: &str, values: Vec<f32>) -> ResidentTensor {
         let n = values.len();
         ResidentTensor { name: name.into(), tensor: Tensor::from_vec(values, n, &Device::Cpu).expect("tensor") }
+    }
+
+    /// One float dtype names the model; two make it "mixed"; integers count only without floats.
+    #[test]
+    fn dtype_summary_of_floats_and_integers() {
+        let cast = |t: ResidentTensor, d: DType| ResidentTensor { tensor: t.tensor.to_dtype(d).expect("cast"), ..t };
+        let summary = |tensors: Vec<ResidentTensor>| {
+            pipeline(vec![Component { name: String::new(), config: None, tensors }]).1.dtype_summary()
+        };
+        let (a, b, c) = (|| tensor("a", vec![1.0]), || tensor("b", vec![2.0]), || tensor("c", vec![3.0]));
+        assert_eq!(summary(vec![cast(a(), DType::U8), cast(b(), DType::BF16), cast(c(), DType::BF16)]), "BF16");
+        assert_eq!(summary(vec![cast(a(), DType::BF16), cast(b(), DType::U8), cast(c(), DType::F32)]), "mixed");
+        assert_eq!(summary(vec![cast(a(), DType::I64), cast(b(), DType::U8)]), "I64");
+        assert_eq!(summary(vec![]), "");
     }
 
     /// sample_size comes from the unet's config in a pipeline; names carry the component prefix;
