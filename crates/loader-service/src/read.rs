@@ -264,3 +264,50 @@ impl Source<'_> {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+    use crate::plan::{ComponentPlan, FilePlan, Layout, TensorPlan};
+
+    /// The threads take the largest tensors first and finish in any order; the tensors still come
+    /// back in the plan's (file) order, with their bytes.
+    #[test]
+    fn tensors_come_back_in_plan_order() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sizes: Vec<usize> = (0..40).map(|i| 1 + (i * 37) % 300).collect();
+        let (mut data, mut tensors) = (Vec::new(), Vec::new());
+        for (i, &n) in sizes.iter().enumerate() {
+            let offset = data.len() as u64;
+            data.extend((0..n).map(|b| (b * 7 + i) as u8));
+            tensors.push(TensorPlan {
+                name: format!("t{i:02}"),
+                dtype: DType::U8,
+                shape: vec![n],
+                offset,
+                len: n as u64,
+            });
+        }
+        let path = dir.path().join("model.safetensors");
+        File::create(&path).and_then(|mut f| f.write_all(&data)).expect("write the fixture");
+        let file = FilePlan { path: path.clone(), display: "model.safetensors".into(), tensors: tensors.clone() };
+        let plan = LoadPlan {
+            layout: Layout::SingleFile,
+            components: vec![ComponentPlan { name: String::new(), config: None, files: vec![file], variant: None }],
+        };
+        let files = vec![File::open(&path).expect("open the fixture")];
+        let id = ModelId::parse("test/read").expect("an id");
+        let mut read = Vec::new();
+        let cancel = CancellationToken::new();
+        read_all(&id, &plan, &files, 4, &cancel, Duration::from_millis(1), |_, _| {}, &mut read).expect("read");
+        let names: Vec<&str> = read.iter().map(|t| t.name.as_str()).collect();
+        let planned: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, planned);
+        for (t, p) in read.iter().zip(&tensors) {
+            let bytes = t.tensor.to_vec1::<u8>().expect("bytes");
+            assert_eq!(bytes, data[p.offset as usize..(p.offset + p.len) as usize], "{}", p.name);
+        }
+    }
+}
