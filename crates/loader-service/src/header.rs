@@ -4,10 +4,10 @@
 //!
 //! Parsed here rather than with `safetensors::tensor::Metadata`, which builds a map of owned
 //! names and a second index first: for a 5,000-tensor header (443 KB) it took 3.3–3.8 ms where
-//! this borrowed, single-pass parse takes 1.5–1.9 ms (2-core build machine), and a checkpoint of
-//! many small tensors spends most of its planning there.
+//! this single-pass parse takes 1.5–1.9 ms (2-core build machine), and a checkpoint of many small
+//! tensors spends most of its planning there.
 
-use std::{borrow::Cow, collections::HashSet};
+use std::collections::HashSet;
 
 use candle_core::DType;
 use safetensors::Dtype;
@@ -32,7 +32,7 @@ pub fn tensors(json: &[u8], data_start: u64, data_len: u64) -> Result<Vec<Tensor
     let Raw(mut raw) =
         serde_json::from_slice(json).map_err(|e| HeaderError::Corrupt(format!("invalid header: {e}")))?;
     let mut names = HashSet::with_capacity(raw.len());
-    if let Some((name, _)) = raw.iter().find(|(name, _)| !names.insert(name.as_ref())) {
+    if let Some((name, _)) = raw.iter().find(|(name, _)| !names.insert(name.as_str())) {
         return Err(HeaderError::Corrupt(format!("tensor {name} appears twice in the header")));
     }
     raw.sort_unstable_by_key(|(_, info)| info.data_offsets);
@@ -54,7 +54,7 @@ pub fn tensors(json: &[u8], data_start: u64, data_len: u64) -> Result<Vec<Tensor
     raw.into_iter()
         .map(|(name, info)| {
             let Some(dtype) = candle_dtype(info.dtype) else {
-                return Err(HeaderError::Unsupported { tensor: name.into_owned(), dtype: format!("{:?}", info.dtype) });
+                return Err(HeaderError::Unsupported { tensor: name, dtype: format!("{:?}", info.dtype) });
             };
             let (start, stop) = info.data_offsets;
             let elems = info.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
@@ -67,13 +67,7 @@ pub fn tensors(json: &[u8], data_start: u64, data_len: u64) -> Result<Vec<Tensor
                     stop - start
                 )));
             }
-            Ok(TensorPlan {
-                name: name.into_owned(),
-                dtype,
-                shape: info.shape,
-                offset: data_start + start,
-                len: stop - start,
-            })
+            Ok(TensorPlan { name, dtype, shape: info.shape, offset: data_start + start, len: stop - start })
         })
         .collect()
 }
@@ -101,23 +95,23 @@ struct Info {
     data_offsets: (u64, u64),
 }
 
-/// The header's tensors in file order of their keys, names borrowed from the JSON where they
-/// have no escapes; `__metadata__` (free-form strings) is skipped.
-struct Raw<'a>(Vec<(Cow<'a, str>, Info)>);
+/// The header's tensors in the order of their keys; `__metadata__` (free-form strings) is
+/// skipped without building it.
+struct Raw(Vec<(String, Info)>);
 
-impl<'de> Deserialize<'de> for Raw<'de> {
+impl<'de> Deserialize<'de> for Raw {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct Entries;
         impl<'de> Visitor<'de> for Entries {
-            type Value = Raw<'de>;
+            type Value = Raw;
 
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("an object of tensors")
             }
 
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Raw<'de>, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Raw, A::Error> {
                 let mut tensors = Vec::with_capacity(map.size_hint().unwrap_or(0));
-                while let Some(name) = map.next_key::<Cow<'de, str>>()? {
+                while let Some(name) = map.next_key::<String>()? {
                     if name == "__metadata__" {
                         map.next_value::<IgnoredAny>()?;
                     } else {
