@@ -121,8 +121,8 @@ pub async fn run(options: &Options) -> anyhow::Result<GpuReport> {
                         say(format!(
                             "  (gRPC: first message {:.1} ms, step 4 began {:.1} ms, step 5 {:.1} ms)",
                             t.first_message.as_secs_f64() * 1e3,
-                            t.step4.as_secs_f64() * 1e3,
-                            t.step5.as_secs_f64() * 1e3
+                            t.step4().as_secs_f64() * 1e3,
+                            t.step5().as_secs_f64() * 1e3
                         ));
                         let total = t.total;
                         grpc.push(t);
@@ -137,7 +137,7 @@ pub async fn run(options: &Options) -> anyhow::Result<GpuReport> {
         }
         report.timelines.push(Timeline::of(&model.id, &grpc));
         if model.id == dense.id {
-            let spans: Vec<f64> = grpc.iter().map(|t| t.step5.saturating_sub(t.step4).as_secs_f64()).collect();
+            let spans: Vec<f64> = grpc.iter().map(|t| t.step5().saturating_sub(t.step4()).as_secs_f64()).collect();
             step4 = Duration::from_secs_f64(stats::median(&spans));
         }
         say(format!("{}: {CANDLE}", model.id));

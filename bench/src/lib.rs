@@ -148,7 +148,7 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
         report.checks.extend(checks);
         report.grpc.push(Grpc::from_runs(model, &grpc));
         if model.id == dense.id {
-            let spans: Vec<f64> = grpc.iter().map(|t| t.step5.saturating_sub(t.step4).as_secs_f64()).collect();
+            let spans: Vec<f64> = grpc.iter().map(|t| t.step5().saturating_sub(t.step4()).as_secs_f64()).collect();
             step4 = Duration::from_secs_f64(stats::median(&spans));
         }
     }

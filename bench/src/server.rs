@@ -32,9 +32,6 @@ pub struct LoadTimes {
     pub first_message: Duration,
     /// From the call to the end of the stream (8/8 received, stream ended OK).
     pub total: Duration,
-    /// From the call to the first message of step 4 and of step 5 (the span of LOAD_WEIGHTS).
-    pub step4: Duration,
-    pub step5: Duration,
     /// From the call to the first message of each step, 1 to 8 (`None` for a step never seen).
     pub steps: [Option<Duration>; 8],
     /// The details the server gave after step 4 (steps 5 and 6: how the bytes were read and
@@ -63,14 +60,19 @@ pub async fn load(client: &mut ModelLoaderClient<Channel>, id: &str) -> anyhow::
         bail!("the load of {id} ended at step {last_step}");
     }
     let first = first.context("no progress message")?;
-    Ok(LoadTimes {
-        first_message: first,
-        total,
-        step4: steps[3].unwrap_or(first),
-        step5: steps[4].unwrap_or(total),
-        steps,
-        notes,
-    })
+    Ok(LoadTimes { first_message: first, total, steps, notes })
+}
+
+impl LoadTimes {
+    /// From the call to the first message of step 4 (LOAD_WEIGHTS).
+    pub fn step4(&self) -> Duration {
+        self.steps[3].unwrap_or(self.first_message)
+    }
+
+    /// From the call to the first message of step 5: the end of LOAD_WEIGHTS.
+    pub fn step5(&self) -> Duration {
+        self.steps[4].unwrap_or(self.total)
+    }
 }
 
 pub async fn unload(client: &mut ModelLoaderClient<Channel>, id: &str) -> anyhow::Result<()> {
