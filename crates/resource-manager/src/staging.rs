@@ -3,9 +3,10 @@
 //! reader threads one at a time, and the device side of a copy behind [`CopyEngine`], so the
 //! loader's scheduling is the same code, and is tested, without a GPU.
 //!
-//! A buffer comes back to the pool with the fence of the copy that reads it; the next borrower
-//! waits for that fence before writing into it ([`Lease::fill`]). That is the one rule that makes
-//! reuse safe, and it lives here rather than in each device.
+//! A buffer comes back to the pool with the fence of the copy that reads it, unless the lender
+//! waited for that copy first ([`Lease::wait_for_copy`]); the next borrower waits for a fence it
+//! finds before writing into the buffer ([`Lease::fill`]). That is the one rule that makes reuse
+//! safe, and it lives here rather than in each device.
 
 use std::{
     collections::VecDeque,
@@ -154,6 +155,15 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>, F> Lease<'_, B, F> {
         }
         let bytes = self.pool.buffer_bytes;
         Ok(&mut self.slot().buffer.as_mut()[..bytes])
+    }
+
+    /// Waits for the copy that reads this buffer, if one was queued, so the buffer goes back to
+    /// the pool ready to be written (and whoever takes it next needs no call to the device).
+    pub fn wait_for_copy<E: CopyEngine<Buffer = B, Fence = F>>(&mut self, engine: &E) -> Result<(), String> {
+        match self.slot().last_copy.take() {
+            Some(fence) => engine.wait(fence),
+            None => Ok(()),
+        }
     }
 
     /// Queues a copy of the buffer's first `len` bytes to byte `offset` of `to`.
