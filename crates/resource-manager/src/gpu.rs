@@ -203,6 +203,10 @@ impl CopyEngine for Gpu {
         fence.synchronize().map_err(|e| e.to_string())
     }
 
+    fn is_done(&self, fence: &CudaEvent) -> Result<bool, String> {
+        fence.try_is_complete().map_err(|e| e.to_string())
+    }
+
     fn synchronize(&self) -> Result<(), String> {
         self.stream()?.synchronize().map_err(|e| e.to_string())
     }

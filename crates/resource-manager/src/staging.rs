@@ -4,7 +4,7 @@
 //! loader's scheduling is the same code, and is tested, without a GPU.
 //!
 //! A buffer comes back to the pool with the fence of the copy that reads it, unless the lender
-//! waited for that copy first ([`Lease::wait_for_copy`]); the next borrower waits for a fence it
+//! saw that copy complete first ([`Lease::copied`]); the next borrower waits for a fence it
 //! finds before writing into the buffer ([`Lease::fill`]). That is the one rule that makes reuse
 //! safe, and it lives here rather than in each device.
 
@@ -60,6 +60,8 @@ pub trait CopyEngine: Sync {
     ) -> Result<Self::Fence, String>;
     /// Blocks until the copy behind `fence` completed.
     fn wait(&self, fence: Self::Fence) -> Result<(), String>;
+    /// Whether the copy behind `fence` completed, without blocking.
+    fn is_done(&self, fence: &Self::Fence) -> Result<bool, String>;
     /// Blocks until every queued copy completed.
     fn synchronize(&self) -> Result<(), String>;
     /// Lets this thread free the engine's memory (a GPU's frees need its context current).
@@ -157,13 +159,17 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>, F> Lease<'_, B, F> {
         Ok(&mut self.slot().buffer.as_mut()[..bytes])
     }
 
-    /// Waits for the copy that reads this buffer, if one was queued, so the buffer goes back to
-    /// the pool ready to be written (and whoever takes it next needs no call to the device).
-    pub fn wait_for_copy<E: CopyEngine<Buffer = B, Fence = F>>(&mut self, engine: &E) -> Result<(), String> {
-        match self.slot().last_copy.take() {
-            Some(fence) => engine.wait(fence),
-            None => Ok(()),
+    /// Whether the copy that reads this buffer completed (true if none was queued), without
+    /// blocking. Once it has, the buffer goes back to the pool ready to be written, and whoever
+    /// takes it next needs no call to the device.
+    pub fn copied<E: CopyEngine<Buffer = B, Fence = F>>(&mut self, engine: &E) -> Result<bool, String> {
+        let slot = self.slot();
+        let Some(fence) = &slot.last_copy else { return Ok(true) };
+        let done = engine.is_done(fence)?;
+        if done {
+            slot.last_copy = None;
         }
+        Ok(done)
     }
 
     /// Queues a copy of the buffer's first `len` bytes to byte `offset` of `to`.
@@ -209,6 +215,9 @@ mod tests {
         }
         fn wait(&self, _: u8) -> Result<(), String> {
             Ok(())
+        }
+        fn is_done(&self, _: &u8) -> Result<bool, String> {
+            Ok(true)
         }
         fn synchronize(&self) -> Result<(), String> {
             Ok(())
