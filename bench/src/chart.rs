@@ -73,7 +73,7 @@ pub fn bars(path: &Path, caption: &str, rows: &[(String, f64, usize)]) -> anyhow
         .label_style((FONT, 14))
         .draw()
         .map_err(draw)?;
-    let colours = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44)];
+    let colours = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(148, 103, 189)];
     chart
         .draw_series(rows.iter().enumerate().map(|(i, (_, gbps, model))| {
             let colour = colours[model % colours.len()];

@@ -7,8 +7,9 @@
 //!   dropping the page cache is the disk's read bandwidth.
 //! - Peers: candle's `safetensors::load` to CUDA, `safetensors.torch.load_file(device="cuda")`
 //!   and fastsafetensors (its best warm setting), the Python ones in processes of their own.
-//! - Ours in process (the facade) and end to end through gRPC; warm and cold; the driver's free
-//!   memory around 5 load/unload cycles; cancels inside step 4.
+//! - Ours in process (the facade) and end to end through gRPC; warm and cold; with every core
+//!   busy, next to the machine's limit under the same load; the driver's free memory around 5
+//!   load/unload cycles; cancels inside step 4.
 //!
 //! Every loader's tensors are checked against the files (checksums read back from the GPU).
 
@@ -33,9 +34,9 @@ use tests::fixture::Expected;
 use crate::{
     Options,
     gpu_report::{
-        CANDLE, Cycle, FASTSAFETENSORS, FREE_SLACK, GpuReport, LIMIT_BOTH, LIMIT_DISK, LIMIT_H2D, LIMIT_READ,
-        LINK_COPY_BYTES, ModelInfo, OURS_GRPC, OURS_GRPC_AGAIN, OURS_GRPC_COLD, OURS_IN_PROCESS, TORCH, Timeline,
-        cancel_summary, evaluate, machine, nvidia_smi, row, write,
+        CANDLE, Cycle, FASTSAFETENSORS, FREE_SLACK, GpuReport, LIMIT_BOTH, LIMIT_BOTH_BUSY, LIMIT_DISK, LIMIT_H2D,
+        LIMIT_READ, LINK_COPY_BYTES, ModelInfo, OURS_GRPC, OURS_GRPC_AGAIN, OURS_GRPC_BUSY, OURS_GRPC_COLD,
+        OURS_IN_PROCESS, TORCH, Timeline, cancel_summary, evaluate, machine, nvidia_smi, row, write,
     },
     in_process, models, peers,
     report::Check,
@@ -196,6 +197,21 @@ pub async fn run(options: &Options) -> anyhow::Result<GpuReport> {
         Err(e) => report.cold_cache = format!("not measured: dropping the page cache is not permitted here ({e})"),
     }
 
+    // Every core also running a busy loop (the host threads of an inference server, a noisy
+    // neighbour): the loader against what the machine gives reading and copying under that load.
+    say("every core busy");
+    let (mut both, mut ours) = (Vec::new(), Vec::new());
+    {
+        let _busy = BusyCores::start(threads)?;
+        for _ in 0..options.gpu_runs {
+            both.push(read_while_copying(&rig, &dense.files, threads, dense.bytes as usize)?.as_secs_f64());
+            ours.push(server::load(&mut client, &dense.id).await?.total.as_secs_f64());
+            server::unload(&mut client, &dense.id).await?;
+        }
+    }
+    report.rows.push(row(&dense, LIMIT_BOTH_BUSY, both));
+    report.rows.push(row(&dense, OURS_GRPC_BUSY, ours));
+
     say("GPU memory over 5 cycles, cancels");
     for _ in 0..5 {
         let free = |d: proto::v1::DeviceResources| d.available_bytes;
@@ -223,6 +239,28 @@ pub async fn run(options: &Options) -> anyhow::Result<GpuReport> {
     let failed: Vec<_> = report.checks.iter().filter(|c| !c.same_tensors).collect();
     anyhow::ensure!(failed.is_empty(), "loaders that read different tensors than the files hold: {failed:?}");
     Ok(report)
+}
+
+/// Processes that each spin on a core until dropped.
+struct BusyCores(Vec<std::process::Child>);
+
+impl BusyCores {
+    fn start(count: usize) -> anyhow::Result<Self> {
+        let mut busy = Self(Vec::new());
+        for _ in 0..count {
+            busy.0.push(Command::new("sh").args(["-c", "while :; do :; done"]).spawn()?);
+        }
+        Ok(busy)
+    }
+}
+
+impl Drop for BusyCores {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// A line of progress on stderr, with the seconds since the benchmark started.

@@ -26,6 +26,8 @@ pub const OURS_IN_PROCESS: &str = "model-loader in process";
 pub const OURS_GRPC: &str = "model-loader gRPC";
 pub const OURS_GRPC_AGAIN: &str = "model-loader gRPC, again after the peers";
 pub const OURS_GRPC_COLD: &str = "model-loader gRPC, cold";
+pub const LIMIT_BOTH_BUSY: &str = "limit: both at once, every core busy";
+pub const OURS_GRPC_BUSY: &str = "model-loader gRPC, every core busy";
 
 /// The GPU report: what `results.json` holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -261,6 +263,13 @@ pub fn write(out: &Path, report: &GpuReport) -> anyhow::Result<()> {
                 again / peer
             ));
         }
+        if let (Some(both), Some(ours)) = (gbps(LIMIT_BOTH_BUSY), gbps(OURS_GRPC_BUSY)) {
+            scale.push(format!(
+                "with every core also running a busy loop, the gRPC load ran at {ours:.2} GB/s, {:.2}× what the \
+                 machine gave reading and copying at once under the same load ({both:.2})",
+                ours / both
+            ));
+        }
         if !scale.is_empty() {
             p(&mut md, format!("\nNot targets, for scale: {}.", scale.join("; ")));
         }
@@ -307,8 +316,13 @@ pub fn write(out: &Path, report: &GpuReport) -> anyhow::Result<()> {
         .rows
         .iter()
         .map(|r| {
-            let group =
-                if r.loader.contains("cold") { 2 } else { groups.iter().position(|g| *g == r.model).unwrap_or(0) };
+            let group = if r.loader.contains("cold") {
+                2
+            } else if r.loader.contains("busy") {
+                3
+            } else {
+                groups.iter().position(|g| *g == r.model).unwrap_or(0)
+            };
             (format!("{} ({})", r.loader, r.model), r.gb_per_s, group)
         })
         .collect();
