@@ -246,6 +246,62 @@ mod tests {
         assert_eq!(leases.iter_mut().map(first).collect::<Vec<u8>>(), vec![2, 1, 0]);
     }
 
+    /// A copy into an allocation completes once the test sets that allocation's flag (its fence
+    /// is the flag); waits are counted.
+    #[derive(Default)]
+    struct Manual {
+        waits: std::sync::atomic::AtomicUsize,
+    }
+
+    impl CopyEngine for Manual {
+        type Buffer = Vec<u8>;
+        type Fence = std::sync::Arc<std::sync::atomic::AtomicBool>;
+        type Allocation = Self::Fence;
+        fn allocate(&self, _: DType, _: usize) -> Result<Self::Fence, String> {
+            Ok(Default::default())
+        }
+        fn copy(&self, _: &Vec<u8>, _: usize, completes: &Self::Fence, _: usize) -> Result<Self::Fence, String> {
+            Ok(completes.clone())
+        }
+        fn wait(&self, _: Self::Fence) -> Result<(), String> {
+            self.waits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+        fn is_done(&self, fence: &Self::Fence) -> Result<bool, String> {
+            Ok(fence.load(std::sync::atomic::Ordering::SeqCst))
+        }
+        fn synchronize(&self) -> Result<(), String> {
+            Ok(())
+        }
+        fn tensor_of(&self, _: &Self::Fence, _: DType, _: usize) -> Result<Tensor, String> {
+            Err("no tensors".into())
+        }
+    }
+
+    #[test]
+    fn a_buffer_seen_copied_comes_back_without_a_fence_and_one_not_yet_copied_with_it() {
+        let engine = Manual::default();
+        let pool = StagingPool::new(vec![vec![0u8; 4]], 4);
+        let completes = engine.allocate(DType::U8, 4).expect("an allocation");
+        let mut lease = pool.take(|| false).expect("the buffer");
+        assert!(lease.copied(&engine).expect("no copy yet"), "a buffer never copied counts as copied");
+        lease.copy_to(&engine, 4, &completes, 0).expect("a copy");
+        assert!(!lease.copied(&engine).expect("a query"), "still in flight");
+        completes.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(lease.copied(&engine).expect("a query"));
+        drop(lease);
+        pool.take(|| false).expect("the buffer").fill(&engine).expect("fill");
+        assert_eq!(engine.waits.load(std::sync::atomic::Ordering::SeqCst), 0, "its next borrower did not wait");
+
+        // Given back while its copy is in flight: the next borrower waits for that copy.
+        let mut lease = pool.take(|| false).expect("the buffer");
+        lease.copy_to(&engine, 4, &Default::default(), 0).expect("a copy");
+        assert!(!lease.copied(&engine).expect("a query"));
+        drop(lease);
+        pool.take(|| false).expect("the buffer").fill(&engine).expect("fill");
+        assert_eq!(engine.waits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
     #[test]
     fn chunks_are_whole_buffers_for_large_loads_and_smaller_for_small_ones() {
         let mib = 1 << 20;
