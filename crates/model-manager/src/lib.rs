@@ -28,10 +28,12 @@ pub use steps;
 /// fresh snapshot.
 pub const DEFAULT_EVENT_CAPACITY: usize = 4096;
 
-/// The pinned staging pool of a GPU server unless configured: 32 buffers of 4 MiB, enough for
-/// 16 reader threads to each have a copy in flight while filling the next buffer, and small
-/// enough to stay in the CPU's cache (see `resource_manager::staging::BUFFER_BYTES`).
-pub const DEFAULT_PINNED_POOL_BYTES: u64 = 128 << 20;
+/// The pinned staging pool of a GPU server unless configured: 24 buffers of 4 MiB, one for each
+/// of 16 reader threads to fill and 8 for the copies in flight (the copying thread gives a buffer
+/// back as soon as its copy completes), small enough to stay in the CPU's cache (see
+/// `resource_manager::staging::BUFFER_BYTES`). Measured on H100 hosts, 8 GiB warm, interleaved
+/// against 32 buffers in 5 runs on 4 hosts: never slower, 0.4–7.4% faster.
+pub const DEFAULT_PINNED_POOL_BYTES: u64 = 96 << 20;
 
 /// Everything the facade needs to build the four managers.
 #[derive(Debug, Clone)]

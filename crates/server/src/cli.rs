@@ -72,7 +72,7 @@ pub struct Cli {
     /// Pinned host memory GPU loads read through, allocated once at start-up and only when the
     /// build and the machine have a GPU, in 4 MiB buffers: the default is two per reader thread
     /// on 16 cores; much more leaves the CPU's cache and loads slower.
-    #[arg(long, env = "MODEL_LOADER_PINNED_POOL", default_value = "128MiB")]
+    #[arg(long, env = "MODEL_LOADER_PINNED_POOL", default_value = "96MiB")]
     pub pinned_pool: String,
 
     /// What to do when a load does not fit the budget.
