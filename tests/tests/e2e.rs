@@ -13,16 +13,81 @@ use tests::{
 use tokio_stream::StreamExt;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
+fn readme() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).expect("README")
+}
+
 /// The grpcurl lines of the README, in order.
 fn readme_grpcurl_lines() -> Vec<String> {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).expect("README");
-    readme.lines().map(str::trim).filter(|l| l.starts_with("grpcurl ")).map(str::to_owned).collect()
+    readme().lines().map(str::trim).filter(|l| l.starts_with("grpcurl ")).map(str::to_owned).collect()
+}
+
+/// The lines of the README's Quick-start code block, as printed (comments included).
+fn readme_quick_start() -> Vec<String> {
+    let readme = readme();
+    let section = readme.split_once("\n## Quick start").expect("a Quick start section").1;
+    let block = section.split("```").nth(1).expect("a code block in the Quick start");
+    block.lines().skip(1).filter(|l| !l.trim().is_empty()).map(str::to_owned).collect()
 }
 
 fn steps_of(messages: &[Value]) -> Vec<u64> {
     let mut steps: Vec<u64> = messages.iter().filter_map(|m| m["step"].as_u64()).collect();
     steps.dedup();
     steps
+}
+
+/// The README's first Quick-start line, run literally from the repository root as a newcomer
+/// would (`sh -c`, nothing replaced), serves the bundled demo on 127.0.0.1:50051: health is SERVING
+/// there, and the README's LoadModel line loads the demo to step 8/8. `just test` builds the
+/// release binary first, so here cargo only checks that it is fresh.
+#[tokio::test]
+async fn readme_quick_start_serves_the_demo() {
+    let quick_start = readme_quick_start();
+    assert_eq!(quick_start.len(), 2, "the Quick start is two lines: {quick_start:?}");
+    let first = &quick_start[0];
+    let repo_root = fixture::repo_models_dir().join("..");
+    // The README's address is fixed: a clear failure if something else holds it.
+    drop(std::net::TcpListener::bind("127.0.0.1:50051").expect("127.0.0.1:50051 is free for the Quick start's server"));
+
+    let mut command = tokio::process::Command::new("sh");
+    command.args(["-c", first]).current_dir(&repo_root).process_group(0);
+    // What `cargo test` sets for its tests is not in a newcomer's shell.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("CARGO_") && !["CARGO_HOME", "CARGO_TARGET_DIR"].contains(&key.as_ref()) {
+            command.env_remove(key.as_ref());
+        }
+    }
+    let mut server = Binary::spawn(command);
+    // Bounded generously: without `just test`'s build first, this is a whole release build.
+    let line = server
+        .wait_for_line_within(Duration::from_secs(30 * 60), |l| l.contains("serving modelloader.v1.ModelLoader"))
+        .await;
+    assert!(line.contains("addr=127.0.0.1:50051"), "the README's address: {line}");
+
+    let channel = tonic::transport::Channel::from_static("http://127.0.0.1:50051").connect_lazy();
+    let health = tokio::time::timeout(
+        WAIT,
+        HealthClient::new(channel).check(HealthCheckRequest { service: "modelloader.v1.ModelLoader".into() }),
+    )
+    .await
+    .expect("health answers")
+    .expect("health check");
+    assert_eq!(health.into_inner().status(), ServingStatus::Serving);
+
+    let load_line = readme_grpcurl_lines().into_iter().find(|l| l.ends_with("/LoadModel")).expect("a LoadModel line");
+    let out = sh(&load_line).await;
+    assert!(out.success, "{load_line}\nfailed: {}{}", out.stdout, out.stderr);
+    let messages = out.messages();
+    assert_eq!(steps_of(&messages), (1..=8).collect::<Vec<_>>(), "{}", out.stdout);
+    let last = messages.last().expect("messages");
+    assert_eq!((last["step"].as_u64(), last["total"].as_u64()), (Some(8), Some(8)), "{last}");
+
+    // SIGTERM to the server (the shell, if it did not exec cargo, exits with the server's status).
+    server.sigterm_in_group("model-loader");
+    let exit = server.wait_exit(Duration::from_secs(15)).await;
+    assert!(exit.success(), "exit status {exit:?}; log:\n{}", server.log().join("\n"));
+    assert!(server.log().iter().any(|l| l.contains("shut down")), "{}", server.log().join("\n"));
 }
 
 /// Every grpcurl command printed in the README works as written against the real binary started
