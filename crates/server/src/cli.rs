@@ -30,8 +30,8 @@ pub struct Cli {
     #[arg(long, env = "MODEL_LOADER_MODEL_ROOT", default_value = DEFAULT_MODEL_ROOT)]
     pub model_root: PathBuf,
 
-    /// The Hugging Face hub cache [default: $HF_HUB_CACHE, else $HF_HOME/hub, else
-    /// ~/.cache/huggingface/hub].
+    /// The Hugging Face hub cache [default: $HF_HUB_CACHE, else $HUGGINGFACE_HUB_CACHE, else
+    /// $HF_HOME/hub, else ~/.cache/huggingface/hub].
     #[arg(long, env = "MODEL_LOADER_HF_CACHE")]
     pub hf_cache: Option<PathBuf>,
 
@@ -47,7 +47,7 @@ pub struct Cli {
     #[arg(long, env = "MODEL_LOADER_HF_TIMEOUT", default_value = DEFAULT_HF_TIMEOUT, value_parser = humantime::parse_duration)]
     pub hf_timeout: Duration,
 
-    /// Never contact the hub (also set by HF_HUB_OFFLINE=1).
+    /// Never contact the hub (also set by HF_HUB_OFFLINE=1, ON, YES or TRUE, in any case).
     #[arg(long, env = "MODEL_LOADER_OFFLINE")]
     pub offline: bool,
 
@@ -145,8 +145,7 @@ impl Cli {
             .iter()
             .map(|id| model_manager::ModelId::parse(id).map_err(|e| format!("--preload: {e}")))
             .collect::<Result<_, _>>()?;
-        let offline =
-            self.offline || env("HF_HUB_OFFLINE").is_some_and(|v| matches!(v.as_str(), "1" | "true" | "yes" | "on"));
+        let offline = self.offline || env("HF_HUB_OFFLINE").is_some_and(|v| is_true(&v));
         let hf_cache = self.hf_cache.or_else(|| default_hf_cache(&env));
         let pinned_pool: bytesize::ByteSize =
             self.pinned_pool.trim().parse().map_err(|e| format!("--pinned-pool: not a size: {e}"))?;
@@ -183,9 +182,16 @@ impl Cli {
     }
 }
 
-/// `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub` (as huggingface_hub).
+/// A true boolean environment variable as huggingface_hub reads one: `1`, `ON`, `YES` or `TRUE`
+/// in any case.
+fn is_true(value: &str) -> bool {
+    ["1", "ON", "YES", "TRUE"].iter().any(|t| value.trim().eq_ignore_ascii_case(t))
+}
+
+/// `$HF_HUB_CACHE`, else the older `$HUGGINGFACE_HUB_CACHE` (still set by many images), else
+/// `$HF_HOME/hub`, else `~/.cache/huggingface/hub` (as huggingface_hub).
 fn default_hf_cache(env: &impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
-    if let Some(cache) = env("HF_HUB_CACHE") {
+    if let Some(cache) = env("HF_HUB_CACHE").or_else(|| env("HUGGINGFACE_HUB_CACHE")) {
         return Some(cache.into());
     }
     if let Some(home) = env("HF_HOME") {
@@ -219,6 +225,28 @@ mod tests {
         assert_eq!(config.manager.loader.sources.hf_cache, Some(PathBuf::from("/hf/hub")));
         assert!(config.manager.loader.sources.offline, "HF_HUB_OFFLINE=1 is honoured");
         assert_eq!(config.shutdown_grace, Duration::from_secs(10));
+    }
+
+    /// `HF_HUB_OFFLINE` means offline for every value huggingface_hub takes as true, in any case,
+    /// and for nothing else; the cache is `HF_HUB_CACHE`, else `HUGGINGFACE_HUB_CACHE`, else
+    /// `HF_HOME/hub`.
+    #[test]
+    fn hf_variables_are_read_as_huggingface_hub_reads_them() {
+        let with = |vars: &[(&str, &str)]| {
+            let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
+            let cli = Cli::try_parse_from(["model-loader"]).expect("no flags");
+            cli.into_config(move |name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())).expect("valid")
+        };
+        for value in ["1", "TRUE", "true", "True", "ON", "on", "YES", "yes"] {
+            assert!(with(&[("HF_HUB_OFFLINE", value)]).manager.loader.sources.offline, "HF_HUB_OFFLINE={value}");
+        }
+        for value in ["0", "false", "off", "no", ""] {
+            assert!(!with(&[("HF_HUB_OFFLINE", value)]).manager.loader.sources.offline, "HF_HUB_OFFLINE={value}");
+        }
+        let cache = |vars: &[(&str, &str)]| with(vars).manager.loader.sources.hf_cache;
+        assert_eq!(cache(&[("HUGGINGFACE_HUB_CACHE", "/legacy"), ("HF_HOME", "/hf")]), Some("/legacy".into()));
+        assert_eq!(cache(&[("HF_HUB_CACHE", "/new"), ("HUGGINGFACE_HUB_CACHE", "/legacy")]), Some("/new".into()));
+        assert_eq!(cache(&[("HF_HOME", "/hf")]), Some("/hf/hub".into()));
     }
 
     /// Flags are validated into typed values; bad ones are refused with the flag's name.
