@@ -58,6 +58,30 @@ async fn json_logs_carry_the_model_and_the_step() {
     }
 }
 
+/// In the text format, the lines of a load carry its span once, with the step it is at:
+/// `load{model_id=demo/tiny-sd step=4}: … step=4/8 …`, never a `step=` per step seen so far.
+#[tokio::test]
+async fn text_logs_carry_the_span_with_one_step() {
+    let server = start(&[]).await;
+    let mut client = connect(server.addr).await;
+    let (_, end) = load_all(&mut client, load("demo/tiny-sd")).await;
+    end.expect("the demo loads");
+    let lines = server.log();
+    let spans: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.split_once(" load{").map(|(_, rest)| rest.split_once("}:").map_or(rest, |(span, _)| span)))
+        .collect();
+    assert!(spans.len() >= 8, "every step line is in the load's span:\n{}", lines.join("\n"));
+    for span in &spans {
+        assert_eq!(span.matches("step=").count(), 1, "one step in the span {{{span}}}:\n{}", lines.join("\n"));
+    }
+    for n in 1..=8 {
+        let step_line = format!("demo/tiny-sd step={n}/8 ");
+        let line = lines.iter().find(|l| l.contains(&step_line)).unwrap_or_else(|| panic!("no step line {n}"));
+        assert!(line.contains(&format!(" load{{model_id=demo/tiny-sd step={n}}}: ")), "{line}");
+    }
+}
+
 /// `GET /metrics` over plain HTTP/1.0, as Prometheus scrapes it: sample → value.
 async fn scrape(addr: &str) -> BTreeMap<String, f64> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to /metrics");

@@ -6,6 +6,7 @@
 
 pub mod cli;
 mod convert;
+mod logs;
 pub mod metrics;
 mod service;
 mod status;
@@ -21,36 +22,9 @@ use tonic_health::server::HealthReporter;
 
 pub use crate::{
     cli::{Cli, LogFormat, ServerConfig},
+    logs::init_tracing,
     service::ModelLoaderService,
 };
-
-/// Installs the global log subscriber: `RUST_LOG` filters (default `info`); JSON for clusters.
-pub fn init_tracing(format: LogFormat) {
-    use tracing_subscriber::{EnvFilter, fmt};
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let builder = fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none());
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => {
-            use tracing_subscriber::layer::SubscriberExt as _;
-            use tracing_subscriber::util::SubscriberInitExt as _;
-            let mut json = json_subscriber::JsonLayer::stderr();
-            json.with_timer("timestamp", fmt::time::SystemTime);
-            json.with_level("level");
-            json.with_target("target");
-            json.with_flattened_event();
-            // The fields of the spans a line is in (a load's `model_id` and `step`) become
-            // top-level fields, as log pipelines index them.
-            json.with_top_level_flattened_span_list();
-            let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-            tracing_subscriber::registry().with(filter).with(json).init();
-        }
-    }
-}
 
 /// Resolves on the first SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
