@@ -200,13 +200,19 @@ async fn unreachable_hub_falls_back_to_the_cache() {
     let mut client = server.client().await;
     load_all(&mut client, load(REPO)).await.1.expect("first load downloads");
     client.unload_model(pb::UnloadModelRequest { model_id: REPO.into() }).await.expect("unload");
+    let hub_url = hub.url().to_owned();
     drop(hub);
 
     let (messages, end) = load_all(&mut client, load(REPO)).await;
     end.expect("loads from the cache while the hub is down");
     assert!(messages.iter().any(|m| m.step == 2 && m.detail.starts_with("hub unreachable")), "{messages:?}");
     let (_, end) = load_all(&mut client, load("org/never-cached")).await;
-    assert_eq!(end.expect_err("not cached").code(), Code::Unavailable);
+    let status = end.expect_err("not cached");
+    assert_eq!(status.code(), Code::Unavailable);
+    // The message names the URL it tried once, and why it failed.
+    let message = status.message();
+    assert_eq!(message.matches(&format!("{hub_url}/api/models/org/never-cached")).count(), 1, "{message}");
+    assert!(message.to_lowercase().contains("connect"), "{message}");
     server.stop().await;
 }
 

@@ -388,7 +388,26 @@ fn hub_error(id: &ModelId, e: HFError) -> LoadError {
         HFError::Http { context } if context.status.as_u16() == 404 => HubFailure::NotFound,
         _ => HubFailure::Other,
     };
-    LoadError::Hub { model_id: id.to_string(), failure, reason: e.to_string() }
+    let reason = match e {
+        // hf-hub appends the URL to reqwest's message, which already names it: say it once, then
+        // the causes (a refused connection, a TLS failure), which neither message shows.
+        HFError::Request { source, url } => {
+            let url = url.or_else(|| source.url().map(ToString::to_string));
+            let source = source.without_url();
+            let mut reason = source.to_string();
+            if let Some(url) = url {
+                reason = format!("{reason} ({url})");
+            }
+            let mut cause = std::error::Error::source(&source);
+            while let Some(c) = cause {
+                reason = format!("{reason}: {c}");
+                cause = c.source();
+            }
+            reason
+        }
+        e => e.to_string(),
+    };
+    LoadError::Hub { model_id: id.to_string(), failure, reason }
 }
 
 #[cfg(test)]
