@@ -137,6 +137,39 @@ async fn unknown_repo_and_revision_are_not_found() {
     server.stop().await;
 }
 
+/// A load downloads its files at once, not one after another: two slow shards are seen streaming
+/// at the same time (each has sent some of its bytes and not all); the byte progress is summed
+/// over every file, rises, and ends at the total; the model loads intact.
+#[tokio::test]
+async fn shards_download_concurrently() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (hub, server, expected) = setup(tmp.path()).await;
+    let mut client = server.client().await;
+    let size = |shard: &str| std::fs::metadata(tmp.path().join("repo").join(shard)).expect("shard").len();
+    let slow = [SHARDS[0], SHARDS[1]];
+    for shard in slow {
+        // About two seconds a shard: long enough to be caught in flight, short enough to finish.
+        hub.set_fault(REPO, shard, Fault::Slow { bytes_per_sec: size(shard) / 2 });
+    }
+    let loading = tokio::spawn(async move { load_all(&mut client, load(REPO)).await });
+    hub.wait_until("two shards streaming at once", |hub| {
+        slow.iter().all(|shard| (1..size(shard)).contains(&hub.stats(REPO, shard).bytes_sent))
+    })
+    .await;
+    let (messages, end) = loading.await.expect("the load task");
+    end.expect("loads from the hub");
+    let downloads: Vec<_> = messages.iter().filter(|m| m.step == 4 && m.bytes_total > 0).collect();
+    let repo_bytes: u64 = hub.repo(REPO).files().values().map(|data| data.len() as u64).sum();
+    let total = downloads.first().expect("download progress").bytes_total;
+    assert!(downloads.iter().take_while(|m| m.bytes_total == total).count() >= 3, "{downloads:?}");
+    let download: Vec<u64> = downloads.iter().take_while(|m| m.bytes_total == total).map(|m| m.bytes_done).collect();
+    assert!(download.windows(2).all(|w| w[0] <= w[1]), "byte progress rises: {download:?}");
+    assert_eq!(download.last(), Some(&total), "and ends at the total");
+    assert!(total >= SHARDS.iter().map(|s| size(s)).sum::<u64>() && total <= repo_bytes, "{total} of {repo_bytes}");
+    assert_eq!(tests::checksums(&mut server.client().await, REPO).await, expected.tensors);
+    server.stop().await;
+}
+
 /// Two concurrent loads of one model download every file exactly once.
 #[tokio::test]
 async fn concurrent_loads_download_once() {

@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use hf_hub::{
     HFClient, HFError,
     progress::{DownloadEvent, ProgressEvent, ProgressHandler},
@@ -176,9 +176,10 @@ impl Hub {
         snapshot.needed.iter().filter(|f| !dir.join(&f.path).is_file()).cloned().collect()
     }
 
-    /// Downloads `files` of `commit` into the cache, counting bytes done over all of them in
-    /// `counter`, stopping when `cancel` fires. Each LFS file is verified against its sha256; a
-    /// mismatch removes it and fails with DATA_LOSS.
+    /// Downloads `files` of `commit` into the cache, [`DOWNLOAD_WORKERS`] at a time, counting bytes
+    /// done over all of them in `counter`, stopping when `cancel` fires or a file fails (the other
+    /// downloads in flight are dropped). Each LFS file is verified against its sha256 as soon as it
+    /// is complete; a mismatch removes it and fails with DATA_LOSS.
     pub async fn download(
         &self,
         id: &ModelId,
@@ -187,29 +188,46 @@ impl Hub {
         cancel: &CancellationToken,
         counter: &Arc<DownloadCounter>,
     ) -> Result<(), LoadError> {
-        let repo = self.repo(id);
-        let mut done_before = 0;
-        for file in files {
-            counter.start(&file.path, done_before);
-            let progress = FileProgress { file: file.path.clone(), done_before, counter: counter.clone() };
-            let download =
-                repo.download_file().filename(file.path.clone()).revision(commit.to_owned()).progress(progress).send();
-            // Dropping the download stops it between two chunks; hf-hub's `.incomplete` file is
-            // never taken for a blob (it is truncated and rewritten by the next download).
-            let path = tokio::select! {
-                path = download => path.map_err(|e| hub_error(id, e))?,
-                () = cancel.cancelled() => return Err(LoadError::Cancelled { model_id: id.to_string() }),
-            };
-            let (owned_id, remote) = (id.clone(), file.clone());
-            tokio::task::spawn_blocking(move || verify(&owned_id, &remote, &path))
-                .await
-                .map_err(|e| LoadError::Internal { model_id: id.to_string(), reason: format!("verifying: {e}") })??;
-            done_before += file.size;
-            counter.done.store(done_before, Ordering::Relaxed);
+        let all = futures::stream::iter(files.iter().map(Ok))
+            .try_for_each_concurrent(DOWNLOAD_WORKERS, |file| self.download_one(id, commit, file, counter));
+        // Dropping a download stops it between two chunks; hf-hub's `.incomplete` file is never
+        // taken for a blob (it is truncated and rewritten by the next download).
+        tokio::select! {
+            result = all => result,
+            () = cancel.cancelled() => Err(LoadError::Cancelled { model_id: id.to_string() }),
         }
+    }
+
+    /// Downloads and verifies one file, adding its bytes to `counter` as they arrive.
+    async fn download_one(
+        &self,
+        id: &ModelId,
+        commit: &str,
+        file: &RemoteFile,
+        counter: &Arc<DownloadCounter>,
+    ) -> Result<(), LoadError> {
+        let _in_flight = counter.start(&file.path);
+        let progress = Arc::new(FileProgress { file: file.path.clone(), seen: AtomicU64::new(0), counter: counter.clone() });
+        let repo = self.repo(id);
+        let download = repo
+            .download_file()
+            .filename(file.path.clone())
+            .revision(commit.to_owned())
+            .progress(progress.clone())
+            .send();
+        let path = download.await.map_err(|e| hub_error(id, e))?;
+        let (owned_id, remote) = (id.clone(), file.clone());
+        tokio::task::spawn_blocking(move || verify(&owned_id, &remote, &path))
+            .await
+            .map_err(|e| LoadError::Internal { model_id: id.to_string(), reason: format!("verifying: {e}") })??;
+        // The file is complete: count what its progress events did not (a small file may send none).
+        progress.advance_to(file.size);
         Ok(())
     }
 }
+
+/// Files of one load downloaded at once, as huggingface_hub's `snapshot_download` (8 workers).
+pub const DOWNLOAD_WORKERS: usize = 8;
 
 /// Checks a downloaded file against what the hub announced: its size, and for an LFS file (a blob
 /// named by its sha256, the hub's ETag) the sha256 of its bytes. A file that fails is removed
@@ -261,37 +279,65 @@ fn verify(id: &ModelId, remote: &RemoteFile, path: &Path) -> Result<(), LoadErro
     })
 }
 
-/// Bytes downloaded so far over all files of a load, and the file being downloaded.
+/// Bytes downloaded so far over all files of a load, and the files being downloaded.
 #[derive(Debug, Default)]
 pub struct DownloadCounter {
     pub done: AtomicU64,
-    file: Mutex<String>,
+    /// The files in flight, oldest first.
+    in_flight: Mutex<Vec<String>>,
 }
 
 impl DownloadCounter {
-    fn start(&self, file: &str, done_before: u64) {
-        *self.file.lock().unwrap_or_else(|p| p.into_inner()) = file.to_owned();
-        self.done.store(done_before, Ordering::Relaxed);
+    /// Notes `file` as in flight until the guard is dropped (done, failed or cancelled).
+    fn start(&self, file: &str) -> InFlight<'_> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).push(file.to_owned());
+        InFlight { counter: self, file: file.to_owned() }
     }
 
-    /// The file being downloaded now.
+    /// The file the progress bar names: the oldest one still downloading (empty when none is).
     pub fn file(&self) -> String {
-        self.file.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).first().cloned().unwrap_or_default()
     }
 }
 
-/// Turns hf-hub's per-file progress events into bytes done over the whole download.
+/// A file in flight; dropping it takes the file off the list.
+struct InFlight<'a> {
+    counter: &'a DownloadCounter,
+    file: String,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut files = self.counter.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(at) = files.iter().position(|f| *f == self.file) {
+            files.remove(at);
+        }
+    }
+}
+
+/// Turns hf-hub's progress events for one file into bytes added to the load's counter.
 struct FileProgress {
     file: String,
-    done_before: u64,
+    /// The file's bytes counted so far.
+    seen: AtomicU64,
     counter: Arc<DownloadCounter>,
+}
+
+impl FileProgress {
+    /// Counts the file's bytes up to `bytes` (never back: events may arrive out of order).
+    fn advance_to(&self, bytes: u64) {
+        let before = self.seen.fetch_max(bytes, Ordering::Relaxed);
+        if bytes > before {
+            self.counter.done.fetch_add(bytes - before, Ordering::Relaxed);
+        }
+    }
 }
 
 impl ProgressHandler for FileProgress {
     fn on_progress(&self, event: &ProgressEvent) {
         if let ProgressEvent::Download(DownloadEvent::Progress { files }) = event {
             for f in files.iter().filter(|f| f.filename == self.file) {
-                self.counter.done.fetch_max(self.done_before + f.bytes_completed, Ordering::Relaxed);
+                self.advance_to(f.bytes_completed);
             }
         }
     }
