@@ -41,10 +41,13 @@ bench *ARGS:
 build-cuda *ARGS:
     scripts/build-cuda {{ARGS}}
 
-# Formatting and clippy, warnings as errors.
+# Formatting, clippy (warnings as errors) and unused dependencies (cargo machete, installed from
+# crates.io when missing).
 lint:
     cargo fmt --all -- --check
     cargo clippy --locked --workspace --all-targets -- -D warnings
+    command -v cargo-machete >/dev/null || cargo install --locked cargo-machete@0.9.2
+    cargo machete
 
 # Rewrite the bundled demo model (deterministic; a test checks the committed files match).
 demo-model:
