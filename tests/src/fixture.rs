@@ -53,6 +53,14 @@ impl TensorSpec {
         Self { dtype: Dtype::BF16, data: bytemuck::cast_slice(&values).to_vec(), ..f }
     }
 
+    /// An FP8 (F8_E4M3) tensor of deterministic values in [-0.1, 0.1), as FP8 checkpoints store
+    /// quantized weights (their scales are separate F32 or BF16 tensors).
+    pub fn f8_e4m3(name: &str, shape: &[usize], seed: u64) -> Self {
+        let f = Self::f32(name, shape, seed);
+        let values = bytemuck::cast_slice::<u8, f32>(&f.data).iter().map(|&v| float8::F8E4M3::from_f32(v).to_bits());
+        Self { dtype: Dtype::F8_E4M3, data: values.collect(), ..f }
+    }
+
     /// An I64 tensor `0..n`.
     pub fn i64_range(name: &str, n: usize) -> Self {
         let values: Vec<i64> = (0..n as i64).collect();

@@ -157,6 +157,59 @@ async fn the_server_default_dtype_applies() {
     server.stop().await;
 }
 
+/// FP8 weights (F8_E4M3) load as stored: ListTensors names them `F8_E4M3` with the file's bytes'
+/// sha256, the budget counts a byte an element, and a load with a target dtype converts their F32
+/// scales but never the FP8 tensors.
+#[tokio::test]
+async fn fp8_tensors_load_as_stored() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let tensors = vec![
+        TensorSpec::f8_e4m3("layer.weight", &[32, 48], 3),
+        TensorSpec::f32("layer.weight_scale", &[1], 4),
+        TensorSpec::bf16("norm", &[48], 5),
+    ];
+    let expected = fixture::single_file_model(&tmp.path().join("fp8"), &tensors).expect("fixture");
+    let server = TestServer::start(config(tmp.path())).await;
+    let mut client = server.client().await;
+
+    load_all(&mut client, load("fp8")).await.1.expect("an FP8 model loads");
+    let resident = tests::checksums(&mut client, "fp8").await;
+    assert_eq!(resident, expected.tensors);
+    assert_eq!(resident["layer.weight"].0, "F8_E4M3");
+    assert_eq!(cpu_resources(&mut client).await.used_bytes, 32 * 48 + 4 + 48 * 2, "one byte per FP8 element");
+    unload(&mut client, "fp8").await;
+
+    let (messages, end) = load_all(&mut client, with_dtype("fp8", "bf16")).await;
+    end.expect("loads with a target dtype");
+    assert_eq!(detail_of(&messages, 7), ["converted 1 tensors to BF16"], "{messages:?}");
+    let resident = tests::checksums(&mut client, "fp8").await;
+    assert_eq!(resident["layer.weight"], expected.tensors["layer.weight"], "FP8 is never converted");
+    assert_eq!(resident, references(&tensors, TargetDtype::BF16));
+    assert_eq!(cpu_resources(&mut client).await.used_bytes, 32 * 48 + 2 + 48 * 2);
+    server.stop().await;
+}
+
+/// A dtype candle cannot hold (F8_E5M2) fails the load with FAILED_PRECONDITION naming the dtype,
+/// the tensor and the file, before any byte is read; the server keeps nothing of it.
+#[tokio::test]
+async fn a_dtype_candle_cannot_hold_is_refused_by_name() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut odd = TensorSpec::f8_e4m3("odd", &[4, 4], 6);
+    odd.dtype = Dtype::F8_E5M2;
+    fixture::single_file_model(&tmp.path().join("e5m2"), &[TensorSpec::f32("w", &[4], 1), odd]).expect("fixture");
+    let server = TestServer::start(config(tmp.path())).await;
+    let mut client = server.client().await;
+    let (messages, end) = load_all(&mut client, load("e5m2")).await;
+    let status = end.expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    for part in ["F8_E5M2", "odd", "model.safetensors"] {
+        assert!(status.message().contains(part), "the message names {part}: {status:?}");
+    }
+    assert!(messages.iter().all(|m| m.step <= 3), "refused while planning: {messages:?}");
+    assert_eq!(cpu_resources(&mut client).await.used_bytes, 0);
+    server.stop().await;
+}
+
 /// Writes a model whose `model.fp16.safetensors` holds F16 values different from the F32 file's
 /// (so which file was read shows in the checksums), and returns both tensor lists.
 fn model_with_fp16_variant(dir: &Path) -> (Vec<TensorSpec>, Vec<TensorSpec>) {

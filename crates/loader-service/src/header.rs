@@ -72,7 +72,10 @@ pub fn tensors(json: &[u8], data_start: u64, data_len: u64) -> Result<Vec<Tensor
         .collect()
 }
 
-/// The candle dtype that holds a safetensors dtype; `None` for those candle cannot hold.
+/// The candle dtype that holds a safetensors dtype; `None` for those candle cannot hold: F8_E5M2
+/// and the other types candle lacks, and those it has only as placeholders without an element
+/// size or operations (F8_E8M0, F6_E2M3, F6_E3M2, F4), so that a tensor of them could not be sized,
+/// viewed or checksummed.
 fn candle_dtype(dtype: Dtype) -> Option<DType> {
     Some(match dtype {
         Dtype::BOOL | Dtype::U8 => DType::U8,
@@ -84,6 +87,7 @@ fn candle_dtype(dtype: Dtype) -> Option<DType> {
         Dtype::BF16 => DType::BF16,
         Dtype::F32 => DType::F32,
         Dtype::F64 => DType::F64,
+        Dtype::F8_E4M3 => DType::F8E4M3,
         _ => return None,
     })
 }
@@ -188,12 +192,22 @@ mod tests {
 
     #[test]
     fn dtypes_candle_cannot_hold_are_unsupported() {
-        let header = json!({"a": {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [0, 4]}});
-        match parse(header, 4) {
-            Err(HeaderError::Unsupported { tensor, dtype }) => {
-                assert_eq!((tensor.as_str(), dtype.as_str()), ("a", "F8_E4M3"))
+        for dtype in ["F8_E5M2", "F8_E8M0", "F4", "C64"] {
+            let header = json!({"a": {"dtype": dtype, "shape": [4], "data_offsets": [0, 4]}});
+            match parse(header, 4) {
+                Err(HeaderError::Unsupported { tensor, dtype: got }) => {
+                    assert_eq!((tensor.as_str(), got.as_str()), ("a", dtype))
+                }
+                other => panic!("{dtype}: expected unsupported, got {other:?}"),
             }
-            other => panic!("expected unsupported, got {other:?}"),
         }
+    }
+
+    /// FP8 (F8_E4M3) is held as candle's `F8E4M3`, one byte an element.
+    #[test]
+    fn fp8_is_held() {
+        let header = json!({"a": {"dtype": "F8_E4M3", "shape": [2, 2], "data_offsets": [0, 4]}});
+        let got = parse(header, 4).expect("FP8 is held");
+        assert_eq!((got[0].dtype, got[0].len), (DType::F8E4M3, 4));
     }
 }

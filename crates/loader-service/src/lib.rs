@@ -785,7 +785,7 @@ impl LoaderService {
         let mut converted = 0usize;
         for t in &mut held.tensors {
             if let Some(target) = target.map(TargetDtype::candle)
-                && t.tensor.dtype().is_float()
+                && plan::converts(t.tensor.dtype())
                 && t.tensor.dtype() != target
             {
                 if cancel.is_cancelled() {

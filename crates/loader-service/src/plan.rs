@@ -85,11 +85,17 @@ pub struct TensorPlan {
     pub len: u64,
 }
 
+/// Whether a load with a target dtype converts tensors of `dtype`: the 16-, 32- and 64-bit floats.
+/// Integers, bools and FP8 (quantized weights whose scales live in other tensors) stay as stored.
+pub fn converts(dtype: DType) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
+}
+
 impl TensorPlan {
-    /// Bytes it will occupy once converted to `target` (floats only; integers are never converted).
+    /// Bytes it will occupy once converted to `target` (see [`converts`]).
     pub fn resident_bytes(&self, target: Option<TargetDtype>) -> u64 {
         match target {
-            Some(t) if self.dtype.is_float() => {
+            Some(t) if converts(self.dtype) => {
                 (self.shape.iter().product::<usize>() * t.candle().size_in_bytes()) as u64
             }
             _ => self.len,

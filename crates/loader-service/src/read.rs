@@ -149,6 +149,7 @@ pub(crate) fn supported(dtype: DType) -> bool {
             | DType::BF16
             | DType::F32
             | DType::F64
+            | DType::F8E4M3
     )
 }
 
@@ -205,6 +206,7 @@ fn read_tensor(
         DType::BF16 => typed::<half::bf16>(plan.len, shape, read),
         DType::F32 => typed::<f32>(plan.len, shape, read),
         DType::F64 => typed::<f64>(plan.len, shape, read),
+        DType::F8E4M3 => typed::<float8::F8E4M3>(plan.len, shape, read),
         other => Err(TypedError::Load(unsupported_dtype(id, display, &plan.name, other))),
     }
     .map_err(|e| match e {

@@ -49,6 +49,12 @@ pub fn dtype_name(dtype: DType) -> &'static str {
         DType::F16 => "F16",
         DType::F32 => "F32",
         DType::F64 => "F64",
+        DType::F8E4M3 => "F8_E4M3",
+        // The loader refuses the others (placeholder types in candle).
+        DType::F6E2M3 => "F6_E2M3",
+        DType::F6E3M2 => "F6_E3M2",
+        DType::F4 => "F4",
+        DType::F8E8M0 => "F8_E8M0",
         _ => "OTHER",
     }
 }
@@ -189,6 +195,7 @@ pub fn resident_bytes(tensor: &Tensor) -> candle_core::Result<Vec<u8>> {
         DType::F16 => bytes::<half::f16>(&flat),
         DType::F32 => bytes::<f32>(&flat),
         DType::F64 => bytes::<f64>(&flat),
+        DType::F8E4M3 => bytes::<float8::F8E4M3>(&flat),
         other => Err(candle_core::Error::Msg(format!("no byte view of {other:?}"))),
     }
 }

@@ -238,6 +238,7 @@ fn device_ptr(storage: &CudaStorage, stream: &Arc<CudaStream>) -> Result<sys::CU
         DType::BF16 => of::<half::bf16>(storage, stream),
         DType::F32 => of::<f32>(storage, stream),
         DType::F64 => of::<f64>(storage, stream),
+        DType::F8E4M3 => of::<float8::F8E4M3>(storage, stream),
         other => Err(format!("no staged copies of {other:?}")),
     }
 }
