@@ -59,10 +59,14 @@ async fn json_logs_carry_the_model_and_the_step() {
 }
 
 /// In the text format, the lines of a load carry its span once, with the step it is at:
-/// `load{model_id=demo/tiny-sd step=4}: … step=4/8 …`, never a `step=` per step seen so far.
+/// `load{model_id=demo/tiny-sd step=4}: … step=4/8 …`, never a `step=` per step seen so far, and
+/// no line (the debug byte-progress lines included) names the step twice.
 #[tokio::test]
 async fn text_logs_carry_the_span_with_one_step() {
-    let server = start(&[]).await;
+    let models = fixture::repo_models_dir();
+    let server =
+        Binary::start(&["--model-root", models.to_str().expect("a UTF-8 path")], &[("RUST_LOG", "info,steps=debug")])
+            .await;
     let mut client = connect(server.addr).await;
     let (_, end) = load_all(&mut client, load("demo/tiny-sd")).await;
     end.expect("the demo loads");
@@ -74,6 +78,17 @@ async fn text_logs_carry_the_span_with_one_step() {
     assert!(spans.len() >= 8, "every step line is in the load's span:\n{}", lines.join("\n"));
     for span in &spans {
         assert_eq!(span.matches("step=").count(), 1, "one step in the span {{{span}}}:\n{}", lines.join("\n"));
+    }
+    let in_span = || lines.iter().filter(|l| l.contains(" load{"));
+    let bytes_lines = in_span().filter(|l| l.contains(" steps: bytes ")).count();
+    assert!(bytes_lines >= 1, "the debug byte-progress lines are there:\n{}", lines.join("\n"));
+    for line in in_span() {
+        // The step line's message says `step=N/8` (that is its format); no field says it again.
+        let fields = line
+            .match_indices("step=")
+            .filter(|(at, _)| !line[at + 5..].trim_start_matches(|c: char| c.is_ascii_digit()).starts_with("/8"))
+            .count();
+        assert_eq!(fields, 1, "one step field: {line}");
     }
     for n in 1..=8 {
         let step_line = format!("demo/tiny-sd step={n}/8 ");

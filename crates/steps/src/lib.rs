@@ -191,7 +191,8 @@ impl<'a> ByteProgress<'a> {
         };
         if due {
             self.last_sent = Some((now, done));
-            tracing::debug!(model_id = self.model_id, step = self.step.number(), done, total = self.total, "bytes");
+            // The load's span carries the model and the step: the line names each once.
+            tracing::debug!(done, total = self.total, "bytes");
             self.sink.send(
                 ModelLoadProgress::new(self.model_id, self.step).with_detail(detail).with_bytes(done, self.total),
             );
