@@ -43,7 +43,12 @@ fn declared_rust_version_builds_the_locked_dependencies() {
     let (needed, by) = packages
         .iter()
         .filter(|p| p["id"].as_str().is_some_and(|id| !members.contains(&id)))
-        .filter_map(|p| Some((rust_version(p)?, format!("{} {}", p["name"].as_str().unwrap_or("?"), p["version"].as_str().unwrap_or("?")))))
+        .filter_map(|p| {
+            Some((
+                rust_version(p)?,
+                format!("{} {}", p["name"].as_str().unwrap_or("?"), p["version"].as_str().unwrap_or("?")),
+            ))
+        })
         .max()
         .expect("dependencies with a rust-version");
     assert!(ours >= needed, "rust-version {ours:?} is below {needed:?}, which {by} needs");

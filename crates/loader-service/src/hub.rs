@@ -207,7 +207,8 @@ impl Hub {
         counter: &Arc<DownloadCounter>,
     ) -> Result<(), LoadError> {
         let _in_flight = counter.start(&file.path);
-        let progress = Arc::new(FileProgress { file: file.path.clone(), seen: AtomicU64::new(0), counter: counter.clone() });
+        let progress =
+            Arc::new(FileProgress { file: file.path.clone(), seen: AtomicU64::new(0), counter: counter.clone() });
         let repo = self.repo(id);
         let download = repo
             .download_file()

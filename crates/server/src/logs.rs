@@ -57,7 +57,11 @@ impl<'writer> FormatFields<'writer> for SpanFields {
         writer.write_str(&plain)
     }
 
-    fn add_fields(&self, current: &'writer mut FormattedFields<Self>, fields: &tracing::span::Record<'_>) -> fmt::Result {
+    fn add_fields(
+        &self,
+        current: &'writer mut FormattedFields<Self>,
+        fields: &tracing::span::Record<'_>,
+    ) -> fmt::Result {
         let mut added = Values(Vec::new());
         fields.record(&mut added);
         for (name, value) in added.0 {
@@ -80,10 +84,7 @@ impl Visit for Values {
 /// an existing `name=` that starts a field, when both values are one word; else appends.
 fn replace_or_append(fields: &mut String, name: &str, value: &str) {
     let key = format!("{name}=");
-    let start = fields
-        .match_indices(&key)
-        .map(|(at, _)| at)
-        .find(|&at| at == 0 || fields.as_bytes()[at - 1] == b' ');
+    let start = fields.match_indices(&key).map(|(at, _)| at).find(|&at| at == 0 || fields.as_bytes()[at - 1] == b' ');
     if let Some(at) = start.filter(|_| !value.contains(' ')) {
         let value_start = at + key.len();
         let value_end = fields[value_start..].find(' ').map_or(fields.len(), |n| value_start + n);
