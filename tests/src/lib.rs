@@ -85,10 +85,168 @@ impl Drop for TestServer {
     }
 }
 
-/// A client of the server at `addr` (connects lazily; the listener is already bound).
+/// A client of the server at `addr` (connects lazily; the listener is already bound). Every call
+/// gets its answer (a unary call's reply, a stream's headers) within [`WAIT`] or fails with
+/// DEADLINE_EXCEEDED, so a deadlock fails the test that hit it instead of hanging the run.
 pub async fn connect(addr: SocketAddr) -> ModelLoaderClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{addr}")).expect("uri").connect_lazy();
+    let channel = Channel::from_shared(format!("http://{addr}")).expect("uri").timeout(WAIT).connect_lazy();
     ModelLoaderClient::new(channel).max_decoding_message_size(64 << 20)
+}
+
+/// The table of steps as a client must see it: (step, message, phase), written here apart from
+/// the `steps` crate's so that the tests check it.
+pub const STEPS: [(u32, &str, pb::ModelLoadPhase); 8] = [
+    (1, "Initializing model loader...", pb::ModelLoadPhase::Initialization),
+    (2, "Checking model cache...", pb::ModelLoadPhase::Initialization),
+    (3, "Building loading strategies...", pb::ModelLoadPhase::Initialization),
+    (4, "Loading model weights...", pb::ModelLoadPhase::Loading),
+    (5, "Model weights loaded", pb::ModelLoadPhase::Loading),
+    (6, "Moving model to device...", pb::ModelLoadPhase::Device),
+    (7, "Applying optimizations...", pb::ModelLoadPhase::Optimization),
+    (8, "Finalizing model...", pb::ModelLoadPhase::Finalization),
+];
+
+/// The phase as the log line spells it (`phase=initialization`).
+pub fn phase_name(phase: pb::ModelLoadPhase) -> &'static str {
+    match phase {
+        pb::ModelLoadPhase::Initialization => "initialization",
+        pb::ModelLoadPhase::Loading => "loading",
+        pb::ModelLoadPhase::Device => "device",
+        pb::ModelLoadPhase::Optimization => "optimization",
+        pb::ModelLoadPhase::Finalization => "finalization",
+        pb::ModelLoadPhase::Unspecified => "unspecified",
+    }
+}
+
+/// Opens a LoadModel stream (the server has started or joined the load once this returns).
+pub async fn open_load(
+    client: &mut ModelLoaderClient<Channel>,
+    request: pb::LoadModelRequest,
+) -> tonic::Streaming<pb::ModelLoadProgress> {
+    let id = request.model_id.clone();
+    tokio::time::timeout(WAIT, client.load_model(request))
+        .await
+        .expect("LoadModel answers")
+        .unwrap_or_else(|e| panic!("LoadModel {id}: {e:?}"))
+        .into_inner()
+}
+
+/// Loads to its end and insists it succeeded at step 8; returns its messages.
+pub async fn load_ok(
+    client: &mut ModelLoaderClient<Channel>,
+    request: pb::LoadModelRequest,
+) -> Vec<pb::ModelLoadProgress> {
+    let id = request.model_id.clone();
+    let (messages, end) = load_all(client, request).await;
+    end.unwrap_or_else(|e| panic!("loading {id}: {e:?}; messages {messages:?}"));
+    assert_eq!(messages.last().map(|m| m.step), Some(8), "{id}: the last message is step 8: {messages:?}");
+    messages
+}
+
+/// Reads `stream` until a message for which `stop` holds; returns every message read, that one
+/// last. Panics if the stream fails or ends first, or nothing comes within [`WAIT`].
+pub async fn read_until(
+    stream: &mut tonic::Streaming<pb::ModelLoadProgress>,
+    what: &str,
+    stop: impl Fn(&pb::ModelLoadProgress) -> bool,
+) -> Vec<pb::ModelLoadProgress> {
+    let mut messages = Vec::new();
+    loop {
+        let next = tokio::time::timeout(WAIT, stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no message within {WAIT:?}; so far {messages:?}"));
+        match next {
+            Some(Ok(m)) => {
+                let done = stop(&m);
+                messages.push(m);
+                if done {
+                    return messages;
+                }
+            }
+            Some(Err(status)) => panic!("{what}: the stream failed first: {status:?}; messages {messages:?}"),
+            None => panic!("{what}: the stream ended first; messages {messages:?}"),
+        }
+    }
+}
+
+/// Starts a load of `id` and returns its stream once it is reading weights (step 4, bytes moving
+/// and not yet all read).
+pub async fn load_until_step4(
+    client: &mut ModelLoaderClient<Channel>,
+    id: &str,
+) -> tonic::Streaming<pb::ModelLoadProgress> {
+    let mut stream = open_load(client, load(id)).await;
+    let messages = read_until(&mut stream, &format!("{id}: step 4"), |m| {
+        assert!(m.step <= 4, "the load went past step 4: {m:?}");
+        m.step == 4 && m.bytes_done > 0
+    })
+    .await;
+    let last = messages.last().expect("a message");
+    assert!(last.bytes_done < last.bytes_total, "the load finished step 4 before the test could act: {last:?}");
+    stream
+}
+
+/// Reads a LoadModel stream to its end: the messages still to come and how it ended.
+pub async fn end_of(
+    mut stream: tonic::Streaming<pb::ModelLoadProgress>,
+) -> (Vec<pb::ModelLoadProgress>, Result<(), Status>) {
+    rest_of(&mut stream).await
+}
+
+/// Opens WatchModels (empty `id`: every model); the server has subscribed once this returns.
+pub async fn watch(client: &mut ModelLoaderClient<Channel>, id: &str) -> tonic::Streaming<pb::ModelEvent> {
+    tokio::time::timeout(WAIT, client.watch_models(pb::WatchModelsRequest { model_id: id.into() }))
+        .await
+        .expect("WatchModels answers")
+        .expect("WatchModels")
+        .into_inner()
+}
+
+/// The next event of a watch stream, which must come within [`WAIT`] and must not end the stream.
+pub async fn next_event(stream: &mut tonic::Streaming<pb::ModelEvent>) -> pb::model_event::Event {
+    let message = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("an event within the wait")
+        .expect("the watch stream does not fail")
+        .expect("the watch stream stays open");
+    message.event.expect("an event holds a status or a progress message")
+}
+
+/// The next event, which must be a status.
+pub async fn next_status(stream: &mut tonic::Streaming<pb::ModelEvent>) -> pb::ModelStatus {
+    match next_event(stream).await {
+        pb::model_event::Event::Status(status) => status,
+        pb::model_event::Event::Progress(p) => panic!("expected a status, got progress {p:?}"),
+    }
+}
+
+/// Reads events until a status of `id` in `state` for which `also` holds; returns every event read.
+pub async fn until_status(
+    stream: &mut tonic::Streaming<pb::ModelEvent>,
+    id: &str,
+    state: pb::ModelState,
+    also: impl Fn(&pb::ModelStatus) -> bool,
+) -> Vec<pb::model_event::Event> {
+    let mut events = Vec::new();
+    loop {
+        let event = next_event(stream).await;
+        let done =
+            matches!(&event, pb::model_event::Event::Status(s) if s.model_id == id && s.state() == state && also(s));
+        events.push(event);
+        if done {
+            return events;
+        }
+    }
+}
+
+/// Bytes this process has read through read(2)/pread(2) and friends so far (`rchar` of
+/// /proc/self/io): file reads of the in-process server included, page cache or not.
+pub fn rchar() -> u64 {
+    let io = std::fs::read_to_string("/proc/self/io").expect("read /proc/self/io");
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("an rchar line in /proc/self/io")
 }
 
 /// A LoadModel request for `id` with defaults.
@@ -129,13 +287,22 @@ pub async fn checksums(
     id: &str,
 ) -> std::collections::BTreeMap<String, (String, Vec<u64>, String)> {
     let request = pb::ListTensorsRequest { model_id: id.into(), with_checksums: true };
-    let tensors = client.list_tensors(request).await.expect("ListTensors").into_inner().tensors;
+    let tensors = tokio::time::timeout(WAIT, client.list_tensors(request))
+        .await
+        .expect("ListTensors answers")
+        .expect("ListTensors")
+        .into_inner()
+        .tensors;
     tensors.into_iter().map(|t| (t.name, (t.dtype, t.shape, t.sha256))).collect()
 }
 
 /// GetModel's state for `id`.
 pub async fn state_of(client: &mut ModelLoaderClient<Channel>, id: &str) -> pb::ModelState {
-    let status = client.get_model(pb::GetModelRequest { model_id: id.into() }).await.expect("GetModel").into_inner();
+    let status = tokio::time::timeout(WAIT, client.get_model(pb::GetModelRequest { model_id: id.into() }))
+        .await
+        .expect("GetModel answers")
+        .expect("GetModel")
+        .into_inner();
     status.state()
 }
 
@@ -146,7 +313,12 @@ pub async fn cpu_resources(client: &mut ModelLoaderClient<Channel>) -> pb::Devic
 
 /// GetResources' entry for `device` ("cpu", "cuda:0").
 pub async fn device_resources(client: &mut ModelLoaderClient<Channel>, device: &str) -> pb::DeviceResources {
-    let devices = client.get_resources(pb::GetResourcesRequest {}).await.expect("GetResources").into_inner().devices;
+    let devices = tokio::time::timeout(WAIT, client.get_resources(pb::GetResourcesRequest {}))
+        .await
+        .expect("GetResources answers")
+        .expect("GetResources")
+        .into_inner()
+        .devices;
     devices.into_iter().find(|d| d.name == device).unwrap_or_else(|| panic!("no device {device}"))
 }
 

@@ -8,12 +8,11 @@ use std::{path::Path, time::Duration};
 use model_manager::{EvictPolicy, resource_manager::MemoryBudget};
 use proto::v1::{self as pb, model_event::Event, model_loader_client::ModelLoaderClient};
 use tests::{
-    TestServer, WAIT, config, cpu_resources, fixture,
+    TestServer, config, cpu_resources, end_of, fixture,
     hub::{Fault, HubRepo, TestHub},
-    load, load_all, state_of,
+    load, load_all, load_ok, next_event, next_status, open_load, rchar, read_until, state_of, watch,
 };
-use tokio_stream::StreamExt;
-use tonic::{Code, Status, Streaming, transport::Channel};
+use tonic::{Code, Streaming, transport::Channel};
 
 type Client = ModelLoaderClient<Channel>;
 
@@ -30,16 +29,6 @@ fn small_model(root: &Path, id: &str) -> u64 {
     fixture::single_file_model(&root.join(id), &fixture::f32_tensors("layer", 4, 16 * 1024)).expect("fixture").bytes()
 }
 
-/// Bytes this process has read through read(2)/pread(2) and friends so far (`rchar` of
-/// /proc/self/io): file reads of the in-process server included, page cache or not.
-fn rchar() -> u64 {
-    let io = std::fs::read_to_string("/proc/self/io").expect("read /proc/self/io");
-    io.lines()
-        .find_map(|l| l.strip_prefix("rchar:"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("an rchar line in /proc/self/io")
-}
-
 async fn get_model(client: &mut Client, id: &str) -> pb::ModelStatus {
     client.get_model(pb::GetModelRequest { model_id: id.into() }).await.expect("GetModel").into_inner()
 }
@@ -51,54 +40,6 @@ fn per_model(cpu: &pb::DeviceResources) -> Vec<(String, u64)> {
     models
 }
 
-/// Loads `id` to its end and insists it succeeded at step 8; returns its messages.
-async fn load_ok(client: &mut Client, id: &str) -> Vec<pb::ModelLoadProgress> {
-    let (messages, end) = load_all(client, load(id)).await;
-    end.unwrap_or_else(|e| panic!("loading {id}: {e:?}; messages {messages:?}"));
-    assert_eq!(messages.last().map(|m| m.step), Some(8), "{id}: the last message is step 8: {messages:?}");
-    messages
-}
-
-/// Opens a LoadModel stream of `id`.
-async fn open_load(client: &mut Client, id: &str) -> Streaming<pb::ModelLoadProgress> {
-    tokio::time::timeout(WAIT, client.load_model(load(id)))
-        .await
-        .expect("LoadModel answers")
-        .unwrap_or_else(|e| panic!("LoadModel {id}: {e:?}"))
-        .into_inner()
-}
-
-/// Reads `stream` until a message for which `stop` holds; returns every message read, that one
-/// last. Panics if the stream fails or ends first, or nothing comes within [`WAIT`].
-async fn read_until(
-    stream: &mut Streaming<pb::ModelLoadProgress>,
-    what: &str,
-    stop: impl Fn(&pb::ModelLoadProgress) -> bool,
-) -> Vec<pb::ModelLoadProgress> {
-    let mut messages = Vec::new();
-    loop {
-        let next = tokio::time::timeout(WAIT, stream.next())
-            .await
-            .unwrap_or_else(|_| panic!("{what}: no message within {WAIT:?}; so far {messages:?}"));
-        match next {
-            Some(Ok(m)) => {
-                let done = stop(&m);
-                messages.push(m);
-                if done {
-                    return messages;
-                }
-            }
-            Some(Err(status)) => panic!("{what}: the stream failed first: {status:?}; messages {messages:?}"),
-            None => panic!("{what}: the stream ended first; messages {messages:?}"),
-        }
-    }
-}
-
-/// Reads `stream` to its end: the messages still to come and how it ended.
-async fn end_of(mut stream: Streaming<pb::ModelLoadProgress>) -> (Vec<pb::ModelLoadProgress>, Result<(), Status>) {
-    tests::rest_of(&mut stream).await
-}
-
 /// The step-1 message a waiting load gets when `ahead` loads wait in line before it.
 fn queued(ahead: usize) -> String {
     format!("queued: {ahead} ahead")
@@ -107,32 +48,6 @@ fn queued(ahead: usize) -> String {
 /// Details and steps of messages, for readable assertions.
 fn steps_and_details(messages: &[pb::ModelLoadProgress]) -> Vec<(u32, String)> {
     messages.iter().map(|m| (m.step, m.detail.clone())).collect()
-}
-
-/// Opens WatchModels (empty `id`: every model); the server has subscribed once this returns.
-async fn watch(client: &mut Client, id: &str) -> Streaming<pb::ModelEvent> {
-    tokio::time::timeout(WAIT, client.watch_models(pb::WatchModelsRequest { model_id: id.into() }))
-        .await
-        .expect("WatchModels answers")
-        .expect("WatchModels")
-        .into_inner()
-}
-
-async fn next_event(stream: &mut Streaming<pb::ModelEvent>) -> Event {
-    tokio::time::timeout(WAIT, stream.message())
-        .await
-        .expect("an event within the wait")
-        .expect("the watch stream does not fail")
-        .expect("the watch stream stays open")
-        .event
-        .expect("an event holds a status or a progress message")
-}
-
-async fn next_status(stream: &mut Streaming<pb::ModelEvent>) -> pb::ModelStatus {
-    match next_event(stream).await {
-        Event::Status(status) => status,
-        Event::Progress(p) => panic!("expected a status, got progress {p:?}"),
-    }
 }
 
 /// A server with `budget` bytes on the CPU and the given eviction policy, serving `root`.
@@ -163,7 +78,7 @@ async fn over_budget_is_refused_at_step_3_without_reading() {
     let server = server_with(tmp.path(), budget, EvictPolicy::None).await;
     let mut client = server.client().await;
 
-    load_ok(&mut client, "small").await;
+    load_ok(&mut client, load("small")).await;
     let free = budget - small;
 
     let read_before = rchar();
@@ -193,7 +108,7 @@ async fn over_budget_is_refused_at_step_3_without_reading() {
         client.unload_model(pb::UnloadModelRequest { model_id: "small".into() }).await.expect("unload").into_inner();
     assert_eq!((unloaded.was_loaded, unloaded.freed_bytes), (true, small));
     let read_before = rchar();
-    load_ok(&mut client, "big").await;
+    load_ok(&mut client, load("big")).await;
     let read = rchar() - read_before;
     eprintln!("bytes read by the successful load: {read}");
     // The measure sees the server's reads: a load that fits reads every weight byte.
@@ -229,8 +144,8 @@ async fn lru_evicts_the_least_recently_used_model() {
         format!("evicted {victim} ({size} bytes, least recently used) to make room: {size} bytes needed, 0 free")
     };
 
-    load_ok(&mut client, "a").await;
-    load_ok(&mut client, "b").await;
+    load_ok(&mut client, load("a")).await;
+    load_ok(&mut client, load("b")).await;
     // A use of A: it is asked for again.
     let (again, end) = load_all(&mut client, load("a")).await;
     end.expect("LoadModel of a loaded model");
@@ -240,7 +155,7 @@ async fn lru_evicts_the_least_recently_used_model() {
     let snapshot = next_status(&mut watch_b).await;
     assert_eq!((snapshot.model_id.as_str(), snapshot.state()), ("b", pb::ModelState::Loaded), "{snapshot:?}");
 
-    let messages = load_ok(&mut client, "c").await;
+    let messages = load_ok(&mut client, load("c")).await;
     let evictions: Vec<_> = messages.iter().filter(|m| m.detail.starts_with("evicted")).collect();
     assert_eq!(evictions.len(), 1, "C evicted exactly one model: {messages:?}");
     assert_eq!((evictions[0].step, evictions[0].detail.clone()), (3, evicted_note("b")), "B, at step 3");
@@ -273,7 +188,7 @@ async fn lru_evicts_the_least_recently_used_model() {
         .into_inner()
         .tensors;
     assert_eq!(tensors.len(), 4);
-    let messages = load_ok(&mut client, "b").await;
+    let messages = load_ok(&mut client, load("b")).await;
     let evictions: Vec<_> = messages.iter().filter(|m| m.detail.starts_with("evicted")).collect();
     assert_eq!(evictions.len(), 1, "B evicted exactly one model: {messages:?}");
     assert_eq!((evictions[0].step, evictions[0].detail.clone()), (3, evicted_note("c")), "C, at step 3, not A");
@@ -315,7 +230,7 @@ async fn a_model_larger_than_the_budget_evicts_nothing() {
     assert!(big > budget);
     let server = server_with(tmp.path(), budget, EvictPolicy::Lru).await;
     let mut client = server.client().await;
-    load_ok(&mut client, "a").await;
+    load_ok(&mut client, load("a")).await;
 
     let (messages, end) = load_all(&mut client, load("big")).await;
     let status = end.expect_err("larger than the budget");
@@ -374,7 +289,7 @@ async fn stalled_hub_setup(
 /// Starts the load of [`STALLED`] and returns its stream once it is in step 4 and the hub has begun
 /// sending the weight file (half of which it will ever send).
 async fn start_stalled_load(client: &mut Client, hub: &TestHub) -> Streaming<pb::ModelLoadProgress> {
-    let mut stream = open_load(client, STALLED).await;
+    let mut stream = open_load(client, load(STALLED)).await;
     read_until(&mut stream, "the stalled load reaches step 4", |m| m.step == 4).await;
     hub.wait_until("half the weight file is sent", |h| h.stats(STALLED, STALLED_FILE).bytes_sent > 0).await;
     stream
@@ -409,10 +324,10 @@ async fn queued_loads_wait_in_order_and_can_be_cancelled() {
 
     let stalled = start_stalled_load(&mut client, &hub).await;
 
-    let mut b = open_load(&mut client, B).await;
+    let mut b = open_load(&mut client, load(B)).await;
     let seen = read_until(&mut b, "B is queued", |m| m.detail.starts_with("queued")).await;
     assert_eq!(steps_and_details(&seen), vec![(1, String::new()), (1, queued(0))], "B waits first in line");
-    let mut c = open_load(&mut client, "c").await;
+    let mut c = open_load(&mut client, load("c")).await;
     let seen = read_until(&mut c, "C is queued", |m| m.detail.starts_with("queued")).await;
     assert_eq!(steps_and_details(&seen), vec![(1, String::new()), (1, queued(1))], "C waits behind B");
 
@@ -423,10 +338,10 @@ async fn queued_loads_wait_in_order_and_can_be_cancelled() {
     assert!(rest.iter().all(|m| m.step == 1), "C never left step 1: {rest:?}");
     assert_eq!(state_of(&mut client, "c").await, pb::ModelState::Unloaded);
 
-    let mut d = open_load(&mut client, "d").await;
+    let mut d = open_load(&mut client, load("d")).await;
     let seen = read_until(&mut d, "D is queued", |m| m.detail.starts_with("queued")).await;
     assert_eq!(steps_and_details(&seen), vec![(1, String::new()), (1, queued(1))], "D waits behind B, C left");
-    let mut e = open_load(&mut client, "e").await;
+    let mut e = open_load(&mut client, load("e")).await;
     let seen = read_until(&mut e, "E is queued", |m| m.detail.starts_with("queued")).await;
     assert_eq!(steps_and_details(&seen), vec![(1, String::new()), (1, queued(2))], "E waits behind B and D");
     let unload = client.unload_model(pb::UnloadModelRequest { model_id: "e".into() }).await.expect("UnloadModel");
@@ -519,7 +434,7 @@ async fn reserved_bytes_of_a_load_in_flight_are_not_evictable() {
     let (hub, server) = stalled_hub_setup(tmp.path(), Vec::new(), Some(budget), 2, EvictPolicy::Lru).await;
     let mut client = server.client().await;
 
-    load_ok(&mut client, "a").await;
+    load_ok(&mut client, load("a")).await;
     let stalled = start_stalled_load(&mut client, &hub).await;
     let cpu = cpu_resources(&mut client).await;
     assert_eq!((cpu.used_bytes, cpu.reserved_bytes), (size, file_size), "the download reserved its estimate: {cpu:?}");
@@ -547,7 +462,7 @@ async fn reserved_bytes_of_a_load_in_flight_are_not_evictable() {
     assert_eq!(end.expect_err("cancelled").code(), Code::Cancelled);
     let cpu = cpu_resources(&mut client).await;
     assert_eq!((cpu.used_bytes, cpu.reserved_bytes), (size, 0), "the cancelled download's reservation is back");
-    let messages = load_ok(&mut client, "big").await;
+    let messages = load_ok(&mut client, load("big")).await;
     assert!(!messages.iter().any(|m| m.detail.starts_with("evicted")), "BIG fits next to A: {messages:?}");
     let cpu = cpu_resources(&mut client).await;
     assert_eq!(per_model(&cpu), vec![("a".to_owned(), size), ("big".to_owned(), big)]);

@@ -4,31 +4,9 @@
 use std::time::Instant;
 
 use model_manager::resource_manager::MemoryBudget;
-use proto::v1::{self as pb, model_loader_client::ModelLoaderClient};
-use tests::{TestServer, WAIT, config, cpu_resources_when, fixture, load, load_all, state_of};
-use tokio_stream::StreamExt;
-use tonic::{Code, Streaming, transport::Channel};
-
-/// Starts a load and returns its stream once the load is reading weights (step 4, bytes moving).
-async fn load_until_step4(client: &mut ModelLoaderClient<Channel>, id: &str) -> Streaming<pb::ModelLoadProgress> {
-    let mut stream = client.load_model(load(id)).await.expect("load").into_inner();
-    loop {
-        let m = tokio::time::timeout(WAIT, stream.next()).await.expect("moves").expect("open").expect("ok");
-        if m.step == 4 && m.bytes_done > 0 {
-            assert!(m.bytes_done < m.bytes_total, "the load finished step 4 before the test could act");
-            return stream;
-        }
-        assert!(m.step <= 4, "the load went past step 4: {m:?}");
-    }
-}
-
-/// Drains a stream and returns how it ended.
-async fn end_of(mut stream: Streaming<pb::ModelLoadProgress>) -> Result<(), tonic::Status> {
-    while let Some(item) = tokio::time::timeout(WAIT, stream.next()).await.expect("stream moves") {
-        item?;
-    }
-    Ok(())
-}
+use proto::v1 as pb;
+use tests::{TestServer, config, cpu_resources_when, end_of, fixture, load, load_all, load_until_step4, state_of};
+use tonic::Code;
 
 /// CancelLoad during step 4 of a large model ends every stream of it with CANCELLED promptly,
 /// leaves the model UNLOADED and gives its reservation back.
@@ -44,10 +22,10 @@ async fn cancel_during_step_4_ends_every_stream() {
     let started = Instant::now();
     let cancel = client.cancel_load(pb::CancelLoadRequest { model_id: "big".into() }).await.expect("cancel");
     assert!(cancel.into_inner().was_loading);
-    let end = end_of(stream).await;
+    let end = end_of(stream).await.1;
     let took = started.elapsed();
     assert_eq!(end.expect_err("cancelled").code(), Code::Cancelled);
-    assert_eq!(end_of(joiner).await.expect_err("cancelled").code(), Code::Cancelled);
+    assert_eq!(end_of(joiner).await.1.expect_err("cancelled").code(), Code::Cancelled);
     eprintln!("CancelLoad to the end of the stream: {:.1} ms", took.as_secs_f64() * 1e3);
 
     assert_eq!(state_of(&mut client, "big").await, pb::ModelState::Unloaded);
@@ -74,7 +52,7 @@ async fn a_load_right_after_a_cancel_gets_its_memory() {
 
     let stream = load_until_step4(&mut client, "a").await;
     client.cancel_load(pb::CancelLoadRequest { model_id: "a".into() }).await.expect("cancel");
-    assert_eq!(end_of(stream).await.expect_err("cancelled").code(), Code::Cancelled);
+    assert_eq!(end_of(stream).await.1.expect_err("cancelled").code(), Code::Cancelled);
     let (_, end) = load_all(&mut client, load("b")).await;
     end.expect("b loads in the memory a gave back");
     assert_eq!(state_of(&mut client, "a").await, pb::ModelState::Unloaded);
@@ -94,7 +72,7 @@ async fn unloading_a_loading_model_cancels_it() {
     let stream = load_until_step4(&mut client, "big").await;
     let unloaded = client.unload_model(pb::UnloadModelRequest { model_id: "big".into() }).await.expect("unload");
     assert!(!unloaded.into_inner().was_loaded);
-    assert_eq!(end_of(stream).await.expect_err("cancelled").code(), Code::Cancelled);
+    assert_eq!(end_of(stream).await.1.expect_err("cancelled").code(), Code::Cancelled);
     assert_eq!(state_of(&mut client, "big").await, pb::ModelState::Unloaded);
     // The memory it had read comes back just after the streams end.
     cpu_resources_when(&mut client, |cpu| (cpu.used_bytes, cpu.reserved_bytes) == (0, 0)).await;

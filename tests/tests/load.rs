@@ -2,20 +2,8 @@
 //! layout, checksums of what is resident, single flight and late joiners.
 
 use proto::v1::{self as pb};
-use tests::{TestServer, WAIT, checksums, config, fixture, load, load_all, state_of};
+use tests::{STEPS, TestServer, WAIT, checksums, config, fixture, load, load_all, state_of};
 use tokio_stream::StreamExt;
-
-/// The table of steps as a client must see it: (step, message, phase).
-const STEPS: [(u32, &str, pb::ModelLoadPhase); 8] = [
-    (1, "Initializing model loader...", pb::ModelLoadPhase::Initialization),
-    (2, "Checking model cache...", pb::ModelLoadPhase::Initialization),
-    (3, "Building loading strategies...", pb::ModelLoadPhase::Initialization),
-    (4, "Loading model weights...", pb::ModelLoadPhase::Loading),
-    (5, "Model weights loaded", pb::ModelLoadPhase::Loading),
-    (6, "Moving model to device...", pb::ModelLoadPhase::Device),
-    (7, "Applying optimizations...", pb::ModelLoadPhase::Optimization),
-    (8, "Finalizing model...", pb::ModelLoadPhase::Finalization),
-];
 
 /// Checks a complete load stream: steps 1..=8 in order, the table's message and phase on each,
 /// total 8, byte progress inside step 4 rising to its total, and 8/8 last.

@@ -3,14 +3,8 @@
 
 use futures::future::join_all;
 use proto::v1 as pb;
-use tests::{TestServer, WAIT, config, fixture, load, load_all};
+use tests::{TestServer, WAIT, config, fixture, load, load_all, rchar};
 use tokio_stream::StreamExt;
-
-/// Bytes this process has read through read-like system calls (`rchar` of /proc/self/io).
-fn bytes_read() -> u64 {
-    let io = std::fs::read_to_string("/proc/self/io").expect("/proc/self/io");
-    io.lines().find_map(|l| l.strip_prefix("rchar: ")).and_then(|v| v.trim().parse().ok()).expect("rchar")
-}
 
 /// Sixteen concurrent LoadModel calls for one model make one load: one LOADING transition, and
 /// all sixteen streams end at 8/8.
@@ -23,7 +17,7 @@ async fn concurrent_loads_share_one_load() {
     let mut watch =
         client.watch_models(pb::WatchModelsRequest { model_id: "m".into() }).await.expect("watch").into_inner();
 
-    let read_before = bytes_read();
+    let read_before = rchar();
     let loads = (0..16).map(|_| {
         let channel = server.channel();
         async move { load_all(&mut pb::model_loader_client::ModelLoaderClient::new(channel), load("m")).await }
@@ -44,7 +38,7 @@ async fn concurrent_loads_share_one_load() {
         }
     }
     assert_eq!(loading, 1, "exactly one load");
-    let read = bytes_read() - read_before;
+    let read = rchar() - read_before;
     eprintln!("16 concurrent loads of {} bytes read {read} bytes", expected.bytes());
     assert!(read >= expected.bytes(), "the weights were read");
     assert!(read < expected.bytes() * 3 / 2, "the weights were read once, not {read} bytes");

@@ -4,65 +4,13 @@
 use std::path::Path;
 
 use proto::v1::{self as pb, model_event::Event, model_loader_client::ModelLoaderClient};
-use tests::{TestServer, WAIT, fixture};
-use tonic::{Streaming, transport::Channel};
+use tests::{TestServer, fixture, load_ok, next_status, until_status, watch};
+use tonic::transport::Channel;
 
 type Client = ModelLoaderClient<Channel>;
 
 fn add_model(root: &Path, id: &str) {
     fixture::single_file_model(&root.join(id), &fixture::f32_tensors("layer", 4, 512)).expect("fixture model");
-}
-
-/// Opens WatchModels for `model_id` (empty: every model). The server has subscribed once this returns.
-async fn watch(client: &mut Client, model_id: &str) -> Streaming<pb::ModelEvent> {
-    tokio::time::timeout(WAIT, client.watch_models(pb::WatchModelsRequest { model_id: model_id.into() }))
-        .await
-        .expect("WatchModels answers")
-        .expect("WatchModels")
-        .into_inner()
-}
-
-/// The next event of a watch stream, which must come within [`WAIT`] and must not end the stream.
-async fn next_event(stream: &mut Streaming<pb::ModelEvent>) -> Event {
-    let message = tokio::time::timeout(WAIT, stream.message())
-        .await
-        .expect("an event within the wait")
-        .expect("the watch stream does not fail")
-        .expect("the watch stream stays open");
-    message.event.expect("an event holds a status or a progress message")
-}
-
-/// The next event, which must be a status.
-async fn next_status(stream: &mut Streaming<pb::ModelEvent>) -> pb::ModelStatus {
-    match next_event(stream).await {
-        Event::Status(status) => status,
-        Event::Progress(p) => panic!("expected a status, got progress {p:?}"),
-    }
-}
-
-/// Reads events until a status of `id` in `state` for which `also` holds; returns every event read.
-async fn until_status(
-    stream: &mut Streaming<pb::ModelEvent>,
-    id: &str,
-    state: pb::ModelState,
-    also: impl Fn(&pb::ModelStatus) -> bool,
-) -> Vec<Event> {
-    let mut events = Vec::new();
-    loop {
-        let event = next_event(stream).await;
-        let done = matches!(&event, Event::Status(s) if s.model_id == id && s.state() == state && also(s));
-        events.push(event);
-        if done {
-            return events;
-        }
-    }
-}
-
-async fn load_ok(client: &mut Client, request: pb::LoadModelRequest) {
-    let id = request.model_id.clone();
-    let (messages, end) = tests::load_all(client, request).await;
-    end.unwrap_or_else(|e| panic!("loading {id}: {e:?}"));
-    assert_eq!(messages.last().map(|m| m.step), Some(8), "{messages:?}");
 }
 
 async fn unload_ok(client: &mut Client, id: &str) {
