@@ -101,6 +101,8 @@ struct TaskStats {
     cancels_hit: u64,
     /// UnloadModels that freed a LOADED model.
     unloads_freed: u64,
+    /// UnloadModels that freed nothing: each may have cancelled a load in flight.
+    unloads_not_freeing: u64,
 }
 
 impl TaskStats {
@@ -114,6 +116,7 @@ impl TaskStats {
         self.joined_late += other.joined_late;
         self.cancels_hit += other.cancels_hit;
         self.unloads_freed += other.unloads_freed;
+        self.unloads_not_freeing += other.unloads_not_freeing;
     }
 }
 
@@ -341,6 +344,7 @@ async fn client_task(
                 let expected = if r.was_loaded { m.bytes } else { 0 };
                 assert_eq!(r.freed_bytes, expected, "{what}: freed bytes: {r:?}");
                 stats.unloads_freed += u64::from(r.was_loaded);
+                stats.unloads_not_freeing += u64::from(!r.was_loaded);
             }
             Op::Cancel => {
                 let r = bounded(&what, client.cancel_load(pb::CancelLoadRequest { model_id: m.id.clone() }))
@@ -714,13 +718,14 @@ async fn run(evict: EvictPolicy) {
     eprintln!("concurrency: peak {} of a budget of {budget} bytes", cpu_peak(&mut client).await);
     eprintln!(
         "concurrency: load streams: {} loaded, {} already loaded, {} cancelled, {} joined past step 1; \
-         {} cancels found a load, {} unloads freed a model",
+         {} cancels found a load, {} unloads freed a model, {} freed nothing",
         stats.loads_ok,
         stats.already_loaded,
         stats.loads_cancelled,
         stats.joined_late,
         stats.cancels_hit,
-        stats.unloads_freed
+        stats.unloads_freed,
+        stats.unloads_not_freeing
     );
     eprintln!(
         "concurrency: watcher: {} events, {} loads started, {} completed, {} cancelled (by last step 0..=8: {:?}), \
@@ -735,6 +740,16 @@ async fn run(evict: EvictPolicy) {
     );
     // Every load the watcher saw start ended, one way or the other (the final unloads included).
     assert_eq!(report.loads_started, report.loads_completed + report.loads_cancelled, "every load ended");
+    // A load ends UNLOADED only when a client cancelled or unloaded it: never because a caller left
+    // (LoadAndLeave) or its stream was dropped.
+    assert!(
+        report.loads_cancelled <= stats.cancels_hit + stats.unloads_not_freeing,
+        "{} loads ended LOADING -> UNLOADED, but only {} CancelLoads found a load and {} UnloadModels might have \
+         cancelled one",
+        report.loads_cancelled,
+        stats.cancels_hit,
+        stats.unloads_not_freeing
+    );
     if ops >= DEFAULT_OPS {
         assert!(report.loads_completed > 0 && report.loads_cancelled > 0, "the run exercised loads and cancels");
         if evict == EvictPolicy::Lru {

@@ -162,17 +162,8 @@ async fn readme_grpcurl_commands_work() {
 
     // One step line per step, in the exact format.
     let log = server.log();
-    for (n, phase, msg) in [
-        (1, "initialization", "Initializing model loader..."),
-        (2, "initialization", "Checking model cache..."),
-        (3, "initialization", "Building loading strategies..."),
-        (4, "loading", "Loading model weights..."),
-        (5, "loading", "Model weights loaded"),
-        (6, "device", "Moving model to device..."),
-        (7, "optimization", "Applying optimizations..."),
-        (8, "finalization", "Finalizing model..."),
-    ] {
-        let line = format!("demo/tiny-sd step={n}/8 phase={phase} msg=\"{msg}\"");
+    for (n, msg, phase) in tests::STEPS {
+        let line = format!("demo/tiny-sd step={n}/8 phase={} msg=\"{msg}\"", tests::phase_name(phase));
         let count = log.iter().filter(|l| l.ends_with(&line)).count();
         assert_eq!(count, 1, "{line:?} appears {count} times in:\n{}", log.join("\n"));
     }
@@ -193,7 +184,7 @@ async fn grpcurl_sees_error_codes() {
             .await;
     assert!(out.stderr.contains("Code: NotFound"), "{}", out.stderr);
     let out = grpcurl(&["-plaintext", &addr, "grpc.health.v1.Health/Check"]).await;
-    assert!(out.stdout.contains("SERVING"), "{}", out.stdout);
+    assert_eq!(out.messages()[0]["status"], "SERVING", "{}", out.stdout);
 }
 
 /// SIGTERM during a load: readiness turns NOT_SERVING, the load's stream ends, and the process
