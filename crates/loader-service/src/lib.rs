@@ -362,10 +362,6 @@ impl LoaderService {
         }))
     }
 
-    pub fn config(&self) -> &LoaderConfig {
-        &self.config
-    }
-
     /// Starts a load, or joins the one in flight, or answers "already loaded"; waits for an
     /// unload in progress first. Errors here are about the request itself (nothing began).
     pub async fn load(self: &Arc<Self>, request: LoadRequest) -> Result<LoadSubscription, LoadError> {
@@ -418,11 +414,6 @@ impl LoaderService {
         }
         tracing::info!(model_id, freed_bytes, "model unloaded");
         Ok(freed_bytes)
-    }
-
-    /// The models in line for a slot.
-    pub fn queued(&self) -> usize {
-        self.queue.len().1
     }
 
     /// Cancels the load of `model_id` if one is in flight; true if there was one.

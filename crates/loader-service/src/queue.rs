@@ -117,6 +117,7 @@ impl LoadQueue {
     }
 
     /// (running, waiting) now.
+    #[cfg(test)]
     pub fn len(&self) -> (usize, usize) {
         let inner = self.inner();
         (inner.running, inner.waiting.len())

@@ -241,10 +241,6 @@ impl ModelManager {
         statuses.into_iter().map(StateEvent::Status).collect()
     }
 
-    pub fn is_shutting_down(&self) -> bool {
-        self.loader.is_shutting_down()
-    }
-
     /// Refuses new loads, cancels those in flight and waits for them, drops every model, and
     /// ends every watch stream.
     pub async fn shutdown(&self) {

@@ -92,11 +92,6 @@ impl Gpu {
         }
     }
 
-    /// The candle device to place tensors with.
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
     fn stream(&self) -> Result<Arc<CudaStream>, String> {
         Ok(self.device.as_cuda_device().map_err(|e| e.to_string())?.cuda_stream())
     }

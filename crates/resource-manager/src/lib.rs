@@ -313,25 +313,6 @@ impl ResourceManager {
         }
     }
 
-    /// The candle device for a resolved device.
-    pub fn candle_device(&self, device: DeviceId) -> Result<candle_core::Device, ResourceError> {
-        match device {
-            DeviceId::Cpu => Ok(candle_core::Device::Cpu),
-            #[cfg(feature = "cuda")]
-            DeviceId::Cuda(_) => match self.memory(device)?.gpu.as_ref() {
-                Some(gpu) => Ok(gpu.device().clone()),
-                None => {
-                    Err(ResourceError::DeviceUnavailable { device: device.to_string(), reason: "not a GPU".into() })
-                }
-            },
-            #[cfg(not(feature = "cuda"))]
-            DeviceId::Cuda(n) => Err(ResourceError::DeviceUnavailable {
-                device: device.to_string(),
-                reason: format!("no CUDA device {n} in this build"),
-            }),
-        }
-    }
-
     /// Allocates the staging buffers GPU loads read through: `bytes` of pinned host memory in
     /// buffers of [`staging::BUFFER_BYTES`] (at least one), when this build and machine have a
     /// GPU; nothing otherwise. Returns the bytes pinned.
@@ -422,10 +403,6 @@ impl Reservation {
         self.bytes
     }
 
-    pub fn device(&self) -> DeviceId {
-        self.memory.id
-    }
-
     /// Changes the reserved bytes to `bytes` (an estimate replaced by the exact figure): shrinking
     /// always succeeds, growing only within the budget.
     pub fn resize(&mut self, bytes: u64) -> Result<(), ResourceError> {
@@ -512,10 +489,6 @@ pub struct ModelAllocation {
 impl ModelAllocation {
     pub fn bytes(&self) -> u64 {
         self.bytes
-    }
-
-    pub fn device(&self) -> DeviceId {
-        self.memory.id
     }
 
     /// Makes this thread able to free the memory these bytes stand for, before the tensors holding
