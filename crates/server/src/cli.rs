@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, ValueEnum, builder::PossibleValuesParser, builder::TypedValueParser as _};
 use model_manager::{
     DEFAULT_EVENT_CAPACITY, EvictPolicy, HubConfig, ManagerConfig, SourceConfig, TargetDtype,
     resource_manager::{DeviceRequest, MemoryBudget},
@@ -52,18 +52,18 @@ pub struct Cli {
     pub offline: bool,
 
     /// Device loads go to unless a request names one: "cpu", "cuda" or "cuda:N".
-    #[arg(long, env = "MODEL_LOADER_DEVICE", default_value = "cpu")]
-    pub device: String,
+    #[arg(long, env = "MODEL_LOADER_DEVICE", default_value = "cpu", value_parser = clap::value_parser!(DeviceRequest))]
+    pub device: DeviceRequest,
 
     /// Convert floating-point tensors to this dtype unless a request names one [default: as stored].
-    #[arg(long, env = "MODEL_LOADER_DTYPE")]
-    pub dtype: Option<String>,
+    #[arg(long, env = "MODEL_LOADER_DTYPE", value_parser = clap::value_parser!(TargetDtype))]
+    pub dtype: Option<TargetDtype>,
 
     /// Most memory models may hold on a device: bytes ("8GiB", "500MB") or a share ("75%") of its
     /// capacity (for the CPU: the cgroup's memory limit, else the memory available at start-up)
     /// [default: 80%].
-    #[arg(long, env = "MODEL_LOADER_MEMORY_BUDGET")]
-    pub memory_budget: Option<String>,
+    #[arg(long, env = "MODEL_LOADER_MEMORY_BUDGET", value_parser = clap::value_parser!(MemoryBudget))]
+    pub memory_budget: Option<MemoryBudget>,
 
     /// Threads reading one load's weights [default: one per core].
     #[arg(long, env = "MODEL_LOADER_READ_THREADS")]
@@ -72,12 +72,18 @@ pub struct Cli {
     /// Pinned host memory GPU loads read through, allocated once at start-up and only when the
     /// build and the machine have a GPU, in 4 MiB buffers: the default is two per reader thread
     /// on 16 cores; much more leaves the CPU's cache and loads slower.
-    #[arg(long, env = "MODEL_LOADER_PINNED_POOL", default_value = "96MiB")]
-    pub pinned_pool: String,
+    #[arg(long, env = "MODEL_LOADER_PINNED_POOL", default_value = "96MiB", value_parser = parse_size)]
+    pub pinned_pool: bytesize::ByteSize,
 
-    /// What to do when a load does not fit the budget.
-    #[arg(long, env = "MODEL_LOADER_EVICT", value_enum, default_value_t = Evict::None)]
-    pub evict: Evict,
+    /// What to do when a load does not fit the budget: `none` refuses it with RESOURCE_EXHAUSTED;
+    /// `lru` unloads least-recently-used loaded models until it fits (never one that is loading).
+    #[arg(
+        long,
+        env = "MODEL_LOADER_EVICT",
+        default_value_t = EvictPolicy::None,
+        value_parser = PossibleValuesParser::new(["none", "lru"]).try_map(|s| s.parse::<EvictPolicy>()),
+    )]
+    pub evict: EvictPolicy,
 
     /// Loads that run at once; later ones wait in a queue (step 1, detail "queued: N ahead").
     #[arg(long, env = "MODEL_LOADER_MAX_CONCURRENT_LOADS", default_value_t = model_manager::DEFAULT_MAX_CONCURRENT_LOADS)]
@@ -100,13 +106,9 @@ pub struct Cli {
     pub shutdown_grace: Duration,
 }
 
-/// What to do when a load does not fit the budget.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Evict {
-    /// Refuse the load with RESOURCE_EXHAUSTED.
-    None,
-    /// Unload least-recently-used loaded models until it fits (never a model that is loading).
-    Lru,
+/// A size in bytes: `96MiB`, `1GiB`, `500MB` or plain bytes.
+fn parse_size(text: &str) -> Result<bytesize::ByteSize, String> {
+    text.trim().parse().map_err(|e| format!("not a size: {e}"))
 }
 
 /// How log lines are written.
@@ -133,13 +135,6 @@ pub struct ServerConfig {
 impl Cli {
     /// Validates the flags into a [`ServerConfig`]; `env` looks up the HF variables.
     pub fn into_config(self, env: impl Fn(&str) -> Option<String>) -> Result<ServerConfig, String> {
-        let default_device: DeviceRequest = self.device.parse().map_err(|e| format!("--device: {e}"))?;
-        let default_dtype =
-            self.dtype.as_deref().map(str::parse::<TargetDtype>).transpose().map_err(|e| format!("--dtype: {e}"))?;
-        let budget = match &self.memory_budget {
-            Some(b) => b.parse::<MemoryBudget>().map_err(|e| format!("--memory-budget: {e}"))?,
-            None => MemoryBudget::default(),
-        };
         let preload = self
             .preload
             .iter()
@@ -147,12 +142,10 @@ impl Cli {
             .collect::<Result<_, _>>()?;
         let offline = self.offline || env("HF_HUB_OFFLINE").is_some_and(|v| is_true(&v));
         let hf_cache = self.hf_cache.or_else(|| default_hf_cache(&env));
-        let pinned_pool: bytesize::ByteSize =
-            self.pinned_pool.trim().parse().map_err(|e| format!("--pinned-pool: not a size: {e}"))?;
         let mut manager = ManagerConfig {
-            budget,
-            default_device,
-            pinned_pool_bytes: pinned_pool.as_u64(),
+            budget: self.memory_budget.unwrap_or_default(),
+            default_device: self.device,
+            pinned_pool_bytes: self.pinned_pool.as_u64(),
             event_capacity: DEFAULT_EVENT_CAPACITY,
             ..ManagerConfig::default()
         };
@@ -162,15 +155,12 @@ impl Cli {
             stall_timeout: self.hf_timeout,
         };
         manager.loader.sources = SourceConfig { model_root: Some(self.model_root), hf_cache, offline, hub };
-        manager.loader.default_dtype = default_dtype;
+        manager.loader.default_dtype = self.dtype;
         manager.loader.max_concurrent_loads = self.max_concurrent_loads.max(1);
         if let Some(threads) = self.read_threads {
             manager.loader.read_threads = threads.max(1);
         }
-        manager.loader.evict = match self.evict {
-            Evict::None => EvictPolicy::None,
-            Evict::Lru => EvictPolicy::Lru,
-        };
+        manager.loader.evict = self.evict;
         Ok(ServerConfig {
             listen: self.listen,
             manager,
