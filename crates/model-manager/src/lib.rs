@@ -163,14 +163,11 @@ impl ModelManager {
                     return Ok(Unloaded { was_loaded: false, freed_bytes: 0 });
                 }
                 Err(ModelState::Unloaded) => return Ok(Unloaded { was_loaded: false, freed_bytes: 0 }),
-                // Another unload is under way, or a load has just begun: wait, then look again.
-                Err(current) => {
-                    if current == ModelState::Loading {
-                        tokio::task::yield_now().await;
-                    } else {
-                        self.state.wait_while(id, current).await;
-                    }
-                }
+                // A load began between the two looks. It records LOADING and registers its
+                // handle under one lock of the in-flight map, so the next look finds it.
+                Err(ModelState::Loading) => continue,
+                // Another unload is under way: wait for it, then look again.
+                Err(current) => self.state.wait_while(id, current).await,
             }
         }
     }
