@@ -313,23 +313,43 @@ mod tests {
         assert_eq!(chunk_bytes(1000, 16, 512), 512, "nor above the buffer");
     }
 
+    /// A `stop` for [`StagingPool::take`] that says `stop` and reports, once, that `take` has
+    /// looked for a buffer, found none and waited (it asks `stop` a second time only then).
+    fn waiting_signal(
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> (impl Fn() -> bool + Send + Sync + '_, std::sync::mpsc::Receiver<()>) {
+        let (waiting, waited) = std::sync::mpsc::channel();
+        let asked = std::sync::atomic::AtomicUsize::new(0);
+        let check = move || {
+            if asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+                let _ = waiting.send(());
+            }
+            stop.load(std::sync::atomic::Ordering::SeqCst)
+        };
+        (check, waited)
+    }
+
     #[test]
     fn a_borrower_waits_for_a_buffer_and_stops_when_told() {
+        let bound = Duration::from_secs(60);
         let pool = pool(1);
         let held = pool.take(|| false).expect("the only buffer");
         let stop = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|s| {
-            let waiter = s.spawn(|| pool.take(|| stop.load(std::sync::atomic::Ordering::Relaxed)).is_some());
-            std::thread::sleep(Duration::from_millis(20));
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let (check, waited) = waiting_signal(&stop);
+            let waiter = s.spawn(|| pool.take(check).is_some());
+            waited.recv_timeout(bound).expect("the borrower waits for a buffer");
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
             assert!(!waiter.join().expect("waiter"), "stopped while every buffer was lent");
         });
         drop(held);
         assert_eq!(pool.idle(), 1);
+        let never = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|s| {
             let held = pool.take(|| false).expect("the only buffer");
-            let waiter = s.spawn(|| pool.take(|| false).is_some());
-            std::thread::sleep(Duration::from_millis(20));
+            let (check, waited) = waiting_signal(&never);
+            let waiter = s.spawn(|| pool.take(check).is_some());
+            waited.recv_timeout(bound).expect("the borrower waits for a buffer");
             drop(held);
             assert!(waiter.join().expect("waiter"), "got the buffer once it came back");
         });
