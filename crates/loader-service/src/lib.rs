@@ -43,8 +43,9 @@ use tracing::Instrument;
 
 pub use crate::{
     error::{HubFailure, LoadError},
+    header::MAX_HEADER_BYTES,
     hub::{DEFAULT_HUB_STALL_TIMEOUT, HubConfig},
-    plan::{Layout, MAX_HEADER_BYTES},
+    plan::Layout,
     read::CHUNK_BYTES,
     request::{DEFAULT_REVISION, InvalidRequest, LoadRequest, ModelId, Revision, TargetDtype},
     room::EvictPolicy,
@@ -776,7 +777,7 @@ impl LoaderService {
         let mut converted = 0usize;
         for t in &mut held.tensors {
             if let Some(target) = target.map(TargetDtype::candle)
-                && plan::converts(t.tensor.dtype())
+                && header::converts(t.tensor.dtype())
                 && t.tensor.dtype() != target
             {
                 if cancel.is_cancelled() {

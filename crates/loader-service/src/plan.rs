@@ -7,24 +7,18 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    fs::File,
     io::Read,
-    os::unix::fs::FileExt,
     path::{Path, PathBuf},
 };
 
-use candle_core::DType;
-
 use crate::{
     error::LoadError,
-    header::{self, HeaderError},
+    header::{self, HeaderError, TensorPlan},
     request::{ModelId, TargetDtype},
     source::Located,
     weights::{self, Choice},
 };
 
-/// The largest safetensors header we read (the format's own limit).
-pub const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
 /// The largest JSON side file (config, index) we read.
 const MAX_JSON_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -72,35 +66,6 @@ pub struct FilePlan {
     pub display: String,
     /// Sorted by offset.
     pub tensors: Vec<TensorPlan>,
-}
-
-/// One tensor: where its bytes are and what they hold.
-#[derive(Debug, Clone)]
-pub struct TensorPlan {
-    pub name: String,
-    pub dtype: DType,
-    pub shape: Vec<usize>,
-    /// Absolute offset of its first byte in the file.
-    pub offset: u64,
-    pub len: u64,
-}
-
-/// Whether a load with a target dtype converts tensors of `dtype`: the 16-, 32- and 64-bit floats.
-/// Integers, bools and FP8 (quantized weights whose scales live in other tensors) stay as stored.
-pub fn converts(dtype: DType) -> bool {
-    matches!(dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
-}
-
-impl TensorPlan {
-    /// Bytes it will occupy once converted to `target` (see [`converts`]).
-    pub fn resident_bytes(&self, target: Option<TargetDtype>) -> u64 {
-        match target {
-            Some(t) if converts(self.dtype) => {
-                (self.shape.iter().product::<usize>() * t.candle().size_in_bytes()) as u64
-            }
-            _ => self.len,
-        }
-    }
 }
 
 impl LoadPlan {
@@ -289,43 +254,17 @@ impl Planner<'_> {
             model_id: self.id.to_string(),
             reason: format!("{display} is missing"),
         })?;
-        let plan = read_header(&file, &display).map_err(|e| match e {
+        let tensors = header::read(&file).map_err(|e| match e {
             HeaderError::Io(source) => self.read_error(&display, source),
             HeaderError::Corrupt(reason) => self.corrupt(&display, reason),
             HeaderError::Unsupported { tensor, dtype } => {
                 LoadError::UnsupportedDtype { model_id: self.id.to_string(), file: display.clone(), tensor, dtype }
             }
         })?;
-        Ok(FilePlan { path: path.to_owned(), display, ..plan })
+        Ok(FilePlan { path: path.to_owned(), display, tensors })
     }
 }
 
 fn is_plain_file_name(s: &str) -> bool {
     !s.is_empty() && !s.contains('/') && !s.contains('\\') && s != "." && s != ".." && s.ends_with(".safetensors")
-}
-
-/// Reads one file's header: its length fits the file, then its entries (see [`header::tensors`]).
-fn read_header(file: &File, display: &str) -> Result<FilePlan, HeaderError> {
-    let file_bytes = file.metadata().map_err(HeaderError::Io)?.len();
-    let mut len = [0u8; 8];
-    if file_bytes < 8 {
-        return Err(HeaderError::Corrupt(format!("{file_bytes} bytes is too short for a safetensors header")));
-    }
-    file.read_exact_at(&mut len, 0).map_err(HeaderError::Io)?;
-    let header_len = u64::from_le_bytes(len);
-    if header_len > MAX_HEADER_BYTES {
-        return Err(HeaderError::Corrupt(format!(
-            "header length {header_len} exceeds the limit of {MAX_HEADER_BYTES}"
-        )));
-    }
-    if 8 + header_len > file_bytes {
-        return Err(HeaderError::Corrupt(format!(
-            "header length {header_len} is larger than the file ({file_bytes} bytes): truncated?"
-        )));
-    }
-    let mut json = vec![0u8; header_len as usize];
-    file.read_exact_at(&mut json, 8).map_err(HeaderError::Io)?;
-    let data_start = 8 + header_len;
-    let tensors = header::tensors(&json, data_start, file_bytes - data_start)?;
-    Ok(FilePlan { path: PathBuf::new(), display: display.to_owned(), tensors })
 }

@@ -38,7 +38,7 @@ struct Job<'a> {
     order: usize,
     component: usize,
     file: usize,
-    tensor: &'a crate::plan::TensorPlan,
+    tensor: &'a crate::header::TensorPlan,
 }
 
 /// Reads every tensor of the plan on `threads` threads into `into`, where the tensors read so far
@@ -189,7 +189,7 @@ fn read_tensor(
     id: &ModelId,
     display: &str,
     file: &File,
-    plan: &crate::plan::TensorPlan,
+    plan: &crate::header::TensorPlan,
     cancel: &CancellationToken,
     done: &AtomicU64,
 ) -> Result<Tensor, LoadError> {
@@ -272,7 +272,10 @@ mod tests {
     use std::io::Write;
 
     use super::*;
-    use crate::plan::{ComponentPlan, FilePlan, Layout, TensorPlan};
+    use crate::{
+        header::TensorPlan,
+        plan::{ComponentPlan, FilePlan, Layout},
+    };
 
     /// The threads take the largest tensors first and finish in any order; the tensors still come
     /// back in the plan's (file) order, with their bytes.

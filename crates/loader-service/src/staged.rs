@@ -40,7 +40,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     error::LoadError,
-    plan::{LoadPlan, TensorPlan},
+    header::TensorPlan,
+    plan::LoadPlan,
     read::{self, ReadTensor},
     request::ModelId,
 };
@@ -423,7 +424,10 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     use super::*;
-    use crate::plan::{ComponentPlan, FilePlan, Layout, TensorPlan};
+    use crate::{
+        header::TensorPlan,
+        plan::{ComponentPlan, FilePlan, Layout},
+    };
 
     /// Copies that complete later, on another thread, in random order: the device side of a GPU
     /// without one. A copy holds its buffer's bytes until it completes and reads them only then,
