@@ -4,9 +4,8 @@
 //! and that the data ends exactly at the end of the file. It knows nothing of layouts or plans.
 //!
 //! Parsed here rather than with `safetensors::tensor::Metadata`, which builds a map of owned
-//! names and a second index first: for a 5,000-tensor header (443 KB) it took 3.3–3.8 ms where
-//! this single-pass parse takes 1.5–1.9 ms (2-core build machine), and a checkpoint of many small
-//! tensors spends most of its planning there.
+//! names and a second index first: this single pass takes about half its time, and a checkpoint
+//! of many small tensors spends most of its planning here (docs/benchmarks/design-choices.md).
 
 use std::{collections::HashSet, fs::File, os::unix::fs::FileExt};
 

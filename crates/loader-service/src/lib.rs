@@ -803,8 +803,8 @@ impl LoaderService {
             .into_iter()
             .map(|c| (c.name.clone(), Component { name: c.name, config: c.config, tensors: Vec::new() }))
             .collect();
-        // Kept in file order: ListTensors sorts what it shows, and sorting 5,000 names here took
-        // 1.3 ms of every load of such a checkpoint.
+        // Kept in file order: ListTensors sorts what it shows, so loads of checkpoints with
+        // thousands of tensors do not pay for a sort (docs/benchmarks/design-choices.md).
         for t in std::mem::take(&mut held.tensors) {
             let component = components.get_mut(&names[t.component]).ok_or_else(|| LoadError::Internal {
                 model_id: id.to_string(),

@@ -21,9 +21,9 @@ use crate::{error::LoadError, plan::LoadPlan, request::ModelId};
 #[cfg(target_endian = "big")]
 compile_error!("safetensors data is little-endian; this loader reads it in place and needs a little-endian host");
 
-/// Bytes read between two cancellation checks and progress updates: one `pread` each. At the ~2 GB/s
-/// a thread reads from the page cache into fresh pages, a cancel waits at most about a millisecond
-/// for the chunks in flight; the extra calls cost nothing measurable (`just bench`).
+/// Bytes read between two cancellation checks and progress updates: one `pread` each. Small enough
+/// that a cancel waits about a millisecond for the chunks in flight, large enough that the extra
+/// calls cost nothing measurable (docs/benchmarks/design-choices.md).
 pub const CHUNK_BYTES: usize = 2 * 1024 * 1024;
 
 /// One tensor read back, with its place in the plan.

@@ -7,10 +7,9 @@
 //! queues each filled buffer's copy and gives the buffer back to the pool once that copy has
 //! completed. Readers that queued their own copies and waited for their own buffers contended
 //! for the driver's locks, and where the cores are busy a preempted lock holder stalls them all.
-//! The copying thread polls rather than blocks while copies are in flight. Measured on an H100
-//! host, 8 GiB warm, with the machine's limit for reading and copying at once alongside:
-//! - idle: readers copying 46.7 GB/s, a blocking copying thread 47.3, polling 49.2 (limit 49.3);
-//! - every core also running a busy loop: 9.5, 25.2 and 27.9 GB/s (limit 31.2).
+//! The copying thread polls rather than blocks while copies are in flight: both choices were
+//! measured against the machine's limit, idle and with every core busy
+//! (docs/benchmarks/design-choices.md).
 //!
 //! Layout on the device: tensors that lie back to back in a file with one dtype form a *group*
 //! (at most [`GROUP_BYTES`]) with one device allocation mirroring those file bytes, so every
@@ -19,8 +18,8 @@
 //! its last view is (converting every tensor of a group to another dtype frees it, and a group
 //! caps what a conversion holds twice). The views are made by the allocating thread while the
 //! readers read (they are only shapes over memory not written yet, handed out after the copies
-//! complete): 5,000 of them took 1.3–2.3 ms on a 2-core machine, which would otherwise follow
-//! the last copy.
+//! complete), so the milliseconds a checkpoint of thousands of tensors spends on them do not
+//! follow the last copy (docs/benchmarks/design-choices.md).
 
 use std::{
     collections::VecDeque,

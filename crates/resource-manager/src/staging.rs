@@ -19,9 +19,8 @@ use candle_core::{DType, Tensor};
 /// The size of each staging buffer. Small enough that a whole pool of them (24 by default) stays
 /// in the CPU's last-level cache, where the kernel's copy from the page cache writes and the GPU's
 /// DMA reads without either going to DRAM; large enough that a copy from pinned memory runs near
-/// the link's speed. Measured on an H100 host (300 MiB L3), 8 GiB warm, 16 readers: 32 × 16 MiB
-/// buffers 37 GB/s, 128 × 4 MiB 41 GB/s, 32 × 8 MiB 41 GB/s, 32 × 4 MiB 45–47 GB/s, 32 × 2 MiB
-/// 45 GB/s (its copies are slower: 51 against 53 GB/s alone).
+/// the link's speed. Sizes from 2 to 16 MiB were measured against each other
+/// (docs/benchmarks/design-choices.md).
 pub const BUFFER_BYTES: usize = 4 * 1024 * 1024;
 
 /// The smallest chunk a reader fills at a time (unless the buffers are smaller).
