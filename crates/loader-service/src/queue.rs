@@ -13,8 +13,8 @@ use tokio::sync::watch;
 pub struct LoadQueue {
     max: usize,
     inner: Mutex<Inner>,
-    /// Bumped on every change of `inner`, so waiters can look at their place again.
-    changed: watch::Sender<u64>,
+    /// Notified on every change of `inner`, so waiters can look at their place again.
+    changed: watch::Sender<()>,
 }
 
 #[derive(Debug, Default)]
@@ -55,7 +55,7 @@ impl Drop for Ticket<'_> {
 impl LoadQueue {
     /// `max` is at least 1.
     pub fn new(max: usize) -> Arc<Self> {
-        Arc::new(Self { max: max.max(1), inner: Mutex::new(Inner::default()), changed: watch::Sender::new(0) })
+        Arc::new(Self { max: max.max(1), inner: Mutex::new(Inner::default()), changed: watch::Sender::new(()) })
     }
 
     fn inner(&self) -> MutexGuard<'_, Inner> {
@@ -65,7 +65,7 @@ impl LoadQueue {
 
     fn update(&self, f: impl FnOnce(&mut Inner)) {
         f(&mut self.inner());
-        self.changed.send_modify(|generation| *generation = generation.wrapping_add(1));
+        self.changed.send_replace(());
     }
 
     /// Waits for a slot. `place(n)` is called with the number of loads ahead in the line whenever
@@ -86,7 +86,7 @@ impl LoadQueue {
             inner.waiting.push_back(id);
             Ticket { queue: self, id, admitted: false }
         };
-        self.changed.send_modify(|generation| *generation = generation.wrapping_add(1));
+        self.changed.send_replace(());
         let mut told = None;
         loop {
             changed.borrow_and_update();
@@ -104,7 +104,7 @@ impl LoadQueue {
             };
             let Some(ahead) = ahead else {
                 // The others move up a place.
-                self.changed.send_modify(|generation| *generation = generation.wrapping_add(1));
+                self.changed.send_replace(());
                 return Slot { queue: self.clone() };
             };
             if told != Some(ahead) {

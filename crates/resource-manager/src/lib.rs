@@ -191,8 +191,8 @@ struct DeviceMemory {
     /// Reservations and allocations; a check and its booking happen under one lock, so the sum
     /// never exceeds the budget. Never held across an `.await` (there are none in this crate).
     ledger: Mutex<Ledger>,
-    /// Bumped after every change of the ledger, for loads waiting for memory to come back.
-    changed: watch::Sender<u64>,
+    /// Notified after every change of the ledger, for loads waiting for memory to come back.
+    changed: watch::Sender<()>,
     /// The GPU behind a `cuda:N` device (its free memory, its candle device).
     #[cfg(feature = "cuda")]
     gpu: Option<gpu::Gpu>,
@@ -202,7 +202,7 @@ struct DeviceMemory {
 
 impl DeviceMemory {
     fn new(id: DeviceId, capacity: u64, budget: u64) -> Self {
-        Self { id, capacity, budget, ledger: Mutex::new(Ledger::default()), changed: watch::Sender::new(0), gpu: None }
+        Self { id, capacity, budget, ledger: Mutex::new(Ledger::default()), changed: watch::Sender::new(()), gpu: None }
     }
 
     fn ledger(&self) -> MutexGuard<'_, Ledger> {
@@ -217,7 +217,7 @@ impl DeviceMemory {
         let out = f(&mut ledger);
         ledger.peak = ledger.peak.max(ledger.committed());
         drop(ledger);
-        self.changed.send_modify(|generation| *generation = generation.wrapping_add(1));
+        self.changed.send_replace(());
         out
     }
 
@@ -384,7 +384,7 @@ impl ResourceManager {
     }
 
     /// Changes whenever the device's ledger does (a reservation, a commit, memory coming back).
-    pub fn changes(&self, device: DeviceId) -> Result<watch::Receiver<u64>, ResourceError> {
+    pub fn changes(&self, device: DeviceId) -> Result<watch::Receiver<()>, ResourceError> {
         Ok(self.memory(device)?.changed.subscribe())
     }
 }

@@ -150,16 +150,16 @@ pub struct StateManager {
     records: DashMap<String, ModelStatus>,
     /// Every change, published while the entry lock is held, so each model's events are ordered.
     events: broadcast::Sender<StateEvent>,
-    /// Bumped on every transition, for callers that wait for a state to be left (an unload) or for
+    /// Notified on every transition (`send_replace` notifies even an unchanged value), for callers that wait for a state to be left (an unload) or for
     /// memory held by a model in transition to become evictable.
-    changed: watch::Sender<u64>,
+    changed: watch::Sender<()>,
 }
 
 impl StateManager {
     /// `event_capacity` is how many events a slow subscriber may fall behind before it lags.
     pub fn new(event_capacity: usize) -> Self {
         let (events, _) = broadcast::channel(event_capacity.max(1));
-        Self { records: DashMap::new(), events, changed: watch::Sender::new(0) }
+        Self { records: DashMap::new(), events, changed: watch::Sender::new(()) }
     }
 
     /// Applies `transition` if the table allows it from the model's current state (a model never
@@ -196,7 +196,7 @@ impl StateManager {
         // No subscriber is not an error: nobody is watching.
         let _ = self.events.send(StateEvent::Status(status.clone()));
         drop(entry);
-        self.changed.send_modify(|generation| *generation = generation.wrapping_add(1));
+        self.changed.send_replace(());
         Ok(status)
     }
 
@@ -244,7 +244,7 @@ impl StateManager {
 
     /// Changes after every transition of any model (not on progress), for callers that wait for
     /// some condition over several models: mark it seen, check the condition, then await a change.
-    pub fn changes(&self) -> watch::Receiver<u64> {
+    pub fn changes(&self) -> watch::Receiver<()> {
         self.changed.subscribe()
     }
 }
