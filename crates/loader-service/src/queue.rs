@@ -1,10 +1,9 @@
 //! The queue in front of the loads: at most `max` loads run past step 1 at once; later ones wait in
 //! arrival order, know their place, and leave the queue when their future is dropped (cancel).
 
-use std::{
-    collections::VecDeque,
-    sync::{Arc, Mutex, MutexGuard},
-};
+use std::{collections::VecDeque, sync::Arc};
+
+use parking_lot::{Mutex, MutexGuard};
 
 use tokio::sync::watch;
 
@@ -60,7 +59,7 @@ impl LoadQueue {
 
     fn inner(&self) -> MutexGuard<'_, Inner> {
         // Each update is a counter change or one queue operation: a poisoned lock is consistent.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock()
     }
 
     fn update(&self, f: impl FnOnce(&mut Inner)) {
