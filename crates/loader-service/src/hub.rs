@@ -10,13 +10,11 @@ use std::{
     io::Read,
     path::{Path, PathBuf},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
-
-use parking_lot::Mutex;
 
 use futures::{StreamExt, TryStreamExt};
 use hf_hub::{
@@ -293,13 +291,13 @@ pub struct DownloadCounter {
 impl DownloadCounter {
     /// Notes `file` as in flight until the guard is dropped (done, failed or cancelled).
     fn start(&self, file: &str) -> InFlight<'_> {
-        self.in_flight.lock().push(file.to_owned());
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).push(file.to_owned());
         InFlight { counter: self, file: file.to_owned() }
     }
 
     /// The file the progress bar names: the oldest one still downloading (empty when none is).
     pub fn file(&self) -> String {
-        self.in_flight.lock().first().cloned().unwrap_or_default()
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).first().cloned().unwrap_or_default()
     }
 }
 
@@ -311,7 +309,7 @@ struct InFlight<'a> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        let mut files = self.counter.in_flight.lock();
+        let mut files = self.counter.in_flight.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(at) = files.iter().position(|f| *f == self.file) {
             files.remove(at);
         }

@@ -27,12 +27,10 @@ mod weights;
 use std::{
     collections::{BTreeMap, VecDeque},
     sync::{
-        Arc,
+        Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, Ordering},
     },
 };
-
-use parking_lot::{Mutex, MutexGuard};
 
 use dashmap::{DashMap, mapref::entry::Entry};
 use pipeline_manager::{Component, Pipeline, PipelineManager, ResidentTensor};
@@ -141,7 +139,7 @@ impl Drop for Held<'_> {
     fn drop(&mut self) {
         if let Some(reservation) = self.reservation.take() {
             let aside = SetAside { _tensors: std::mem::take(&mut self.tensors), booked: reservation.into_leaving() };
-            *self.handle.set_aside.lock() = Some(aside);
+            *self.handle.set_aside.lock().unwrap_or_else(|p| p.into_inner()) = Some(aside);
         }
     }
 }
@@ -169,7 +167,7 @@ impl LoadHandle {
     fn stream(&self) -> MutexGuard<'_, LoadStream> {
         // Each update under this lock is a single assignment or send: a panic elsewhere cannot
         // leave it half-done, so a poisoned lock is still consistent.
-        self.stream.lock()
+        self.stream.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn model_id(&self) -> &ModelId {
@@ -509,7 +507,7 @@ impl LoaderService {
         if failed {
             // The streams have ended: now free what the load had read (booked as leaving until
             // then, so other loads wait for it rather than fail), and give the heap to the OS.
-            let aside = handle.set_aside.lock().take();
+            let aside = handle.set_aside.lock().unwrap_or_else(|p| p.into_inner()).take();
             let _ = tokio::task::spawn_blocking(move || {
                 drop(aside);
                 host::release_free_memory();

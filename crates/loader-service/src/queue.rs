@@ -1,9 +1,10 @@
 //! The queue in front of the loads: at most `max` loads run past step 1 at once; later ones wait in
 //! arrival order, know their place, and leave the queue when their future is dropped (cancel).
 
-use std::{collections::VecDeque, sync::Arc};
-
-use parking_lot::{Mutex, MutexGuard};
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex, MutexGuard},
+};
 
 use tokio::sync::watch;
 
@@ -59,7 +60,7 @@ impl LoadQueue {
 
     fn inner(&self) -> MutexGuard<'_, Inner> {
         // Each update is a counter change or one queue operation: a poisoned lock is consistent.
-        self.inner.lock()
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn update(&self, f: impl FnOnce(&mut Inner)) {

@@ -4,11 +4,12 @@
 
 use std::{
     fs::File,
-    sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
     time::Duration,
 };
-
-use parking_lot::Mutex;
 
 use candle_core::{DType, Device, Shape, Tensor, WithDType};
 use resource_manager::host;
@@ -89,10 +90,11 @@ pub fn read_all(
             match read_tensor(id, file_names[job.file], &files[job.file], job.tensor, cancel, &done_bytes) {
                 Ok(tensor) => results
                     .lock()
+                    .unwrap_or_else(|p| p.into_inner())
                     .push((job.order, ReadTensor { component: job.component, name: job.tensor.name.clone(), tensor })),
                 Err(e) => {
                     failed.store(true, Ordering::Relaxed);
-                    first_error.lock().get_or_insert(e);
+                    first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
                     return;
                 }
             }
@@ -104,10 +106,10 @@ pub fn read_all(
             file_names.get(current_file.load(Ordering::Relaxed)).unwrap_or(&""),
         )
     });
-    let mut results = results.into_inner();
+    let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
     results.sort_unstable_by_key(|(order, _)| *order);
     into.extend(results.into_iter().map(|(_, tensor)| tensor));
-    if let Some(e) = first_error.into_inner() {
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
     on_progress(done_bytes.load(Ordering::Relaxed), file_names.last().unwrap_or(&""));

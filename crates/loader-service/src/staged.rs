@@ -26,14 +26,12 @@ use std::{
     fs::File,
     os::unix::fs::FileExt,
     sync::{
-        OnceLock,
+        Condvar, Mutex, OnceLock,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         mpsc,
     },
     time::Duration,
 };
-
-use parking_lot::{Condvar, Mutex};
 
 use candle_core::DType;
 use resource_manager::staging::{CopyEngine, Lease, MIN_CHUNK_BYTES, StagingPool, chunk_bytes};
@@ -199,14 +197,14 @@ pub fn read<E: CopyEngine>(
     let first_error: Mutex<Option<LoadError>> = Mutex::new(None);
     let fail = |e: LoadError| {
         failed.store(true, Ordering::Relaxed);
-        first_error.lock().get_or_insert(e);
+        first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
     };
     // Readers hand each filled buffer to the copying thread and never call the device themselves.
     let (filled, to_copy) = mpsc::channel::<(Lease<'_, E::Buffer, E::Fence>, &Chunk)>();
     let filled = Mutex::new(Some(filled));
     let worker = || {
         // This thread's end of the channel; the copying thread ends once every end is dropped.
-        let Some(filled) = filled.lock().clone() else { return };
+        let Some(filled) = filled.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return };
         while !failed.load(Ordering::Relaxed) {
             let Some(chunk) = chunks.get(next.fetch_add(1, Ordering::Relaxed)) else { return };
             let group = &groups[chunk.group];
@@ -306,7 +304,7 @@ pub fn read<E: CopyEngine>(
                 }
                 Err(reason) => fail(target.place_error(reason)),
             }
-            let _guard = allocated.0.lock();
+            let _guard = allocated.0.lock().unwrap_or_else(|p| p.into_inner());
             allocated.1.notify_all();
         }
         let allocated_in = started.elapsed();
@@ -338,7 +336,7 @@ pub fn read<E: CopyEngine>(
     });
     copier.map_err(|_| target.place_error("the copying thread panicked".into()))?;
     let (allocated_in, tensors) = allocator.map_err(|_| target.place_error("the allocating thread panicked".into()))?;
-    if let Some(e) = first_error.into_inner() {
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
     on_progress(done.load(Ordering::Relaxed), file_names.last().unwrap_or(&""));
@@ -352,7 +350,7 @@ struct Closes<'a, T>(&'a Mutex<Option<T>>);
 
 impl<T> Drop for Closes<'_, T> {
     fn drop(&mut self) {
-        self.0.lock().take();
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 }
 
@@ -380,7 +378,7 @@ fn views<E: CopyEngine>(
 
 /// The group's allocation once the allocating thread made it; `None` if the load failed first.
 fn wait_for<'a, A>(slot: &'a OnceLock<A>, allocated: &(Mutex<()>, Condvar), failed: &AtomicBool) -> Option<&'a A> {
-    let mut guard = allocated.0.lock();
+    let mut guard = allocated.0.lock().unwrap_or_else(|p| p.into_inner());
     loop {
         if let Some(allocation) = slot.get() {
             return Some(allocation);
@@ -389,7 +387,7 @@ fn wait_for<'a, A>(slot: &'a OnceLock<A>, allocated: &(Mutex<()>, Condvar), fail
             return None;
         }
         // Timed, so a failure (which does not notify) is seen within a millisecond.
-        allocated.1.wait_for(&mut guard, Duration::from_millis(1));
+        guard = allocated.1.wait_timeout(guard, Duration::from_millis(1)).unwrap_or_else(|p| p.into_inner()).0;
     }
 }
 
@@ -503,7 +501,7 @@ mod tests {
         }
 
         fn called(&self) {
-            self.callers.lock().insert(std::thread::current().id());
+            self.callers.lock().expect("callers").insert(std::thread::current().id());
         }
 
         fn pool(&self, count: usize, bytes: usize) -> StagingPool<Buffer, mpsc::Receiver<()>> {
@@ -701,7 +699,7 @@ mod tests {
             assert_eq!(pool.idle(), buffers, "every buffer came back");
             assert_eq!(engine.in_flight.load(Ordering::SeqCst), 0);
             // Readers that call the device contend for its driver's locks (see the module doc).
-            assert_eq!(engine.callers.lock().len(), 1, "one thread queued and waited for copies");
+            assert_eq!(engine.callers.lock().expect("callers").len(), 1, "one thread queued and waited for copies");
             assert!(engine.copies.load(Ordering::Relaxed) >= plan.read_bytes() as usize / 512);
             assert_eq!(tensors.len(), 300);
             for t in &tensors {

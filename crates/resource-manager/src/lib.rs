@@ -19,12 +19,10 @@ use std::{
     fmt,
     str::FromStr,
     sync::{
-        Arc,
+        Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, Ordering},
     },
 };
-
-use parking_lot::{Mutex, MutexGuard};
 
 use tokio::sync::watch;
 
@@ -210,7 +208,7 @@ impl DeviceMemory {
     fn ledger(&self) -> MutexGuard<'_, Ledger> {
         // A panic while holding this lock cannot leave the ledger half-updated (each update is one
         // map operation), so a poisoned lock is still consistent.
-        self.ledger.lock()
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Applies one change to the ledger, records the peak, and tells the waiters.

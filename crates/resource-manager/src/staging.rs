@@ -8,9 +8,11 @@
 //! finds before writing into the buffer ([`Lease::fill`]). That is the one rule that makes reuse
 //! safe, and it lives here rather than in each device.
 
-use std::{collections::VecDeque, time::Duration};
-
-use parking_lot::{Condvar, Mutex, MutexGuard};
+use std::{
+    collections::VecDeque,
+    sync::{Condvar, Mutex, MutexGuard},
+    time::Duration,
+};
 
 use candle_core::{DType, Tensor};
 
@@ -115,7 +117,8 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>, F> StagingPool<B, F> {
     }
 
     fn slots(&self) -> MutexGuard<'_, VecDeque<Slot<B, F>>> {
-        self.free.lock()
+        // Each change is one push or pop: a panic elsewhere cannot leave the queue half-changed.
+        self.free.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Borrows the buffer returned longest ago, waiting for one if all are lent; `None` once
@@ -129,7 +132,7 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>, F> StagingPool<B, F> {
             if let Some(slot) = free.pop_front() {
                 return Some(Lease { pool: self, slot: Some(slot) });
             }
-            self.returned.wait_for(&mut free, Duration::from_millis(1));
+            free = self.returned.wait_timeout(free, Duration::from_millis(1)).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 }
