@@ -25,6 +25,8 @@ use hf_hub::{
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
+use resource_manager::sync;
+
 use crate::{
     error::{HubFailure, LoadError},
     request::{ModelId, Revision},
@@ -291,13 +293,13 @@ pub struct DownloadCounter {
 impl DownloadCounter {
     /// Notes `file` as in flight until the guard is dropped (done, failed or cancelled).
     fn start(&self, file: &str) -> InFlight<'_> {
-        self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).push(file.to_owned());
+        sync::lock(&self.in_flight).push(file.to_owned());
         InFlight { counter: self, file: file.to_owned() }
     }
 
     /// The file the progress bar names: the oldest one still downloading (empty when none is).
     pub fn file(&self) -> String {
-        self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).first().cloned().unwrap_or_default()
+        sync::lock(&self.in_flight).first().cloned().unwrap_or_default()
     }
 }
 
@@ -309,7 +311,7 @@ struct InFlight<'a> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        let mut files = self.counter.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let mut files = sync::lock(&self.counter.in_flight);
         if let Some(at) = files.iter().position(|f| *f == self.file) {
             files.remove(at);
         }

@@ -34,7 +34,7 @@ use std::{
 
 use dashmap::{DashMap, mapref::entry::Entry};
 use pipeline_manager::{Component, Pipeline, PipelineManager, ResidentTensor};
-use resource_manager::{DeviceId, ModelAllocation, Reservation, ResourceManager, host};
+use resource_manager::{DeviceId, ModelAllocation, Reservation, ResourceManager, host, sync};
 use state_manager::{InvalidTransition, LoadFacts, ModelSource, ModelState, StateManager, Transition};
 use steps::{BYTE_PROGRESS_INTERVAL, ByteProgress, ModelLoadProgress, ModelLoadStep, ProgressSink, emit_step};
 use tokio::sync::broadcast;
@@ -139,7 +139,7 @@ impl Drop for Held<'_> {
     fn drop(&mut self) {
         if let Some(reservation) = self.reservation.take() {
             let aside = SetAside { _tensors: std::mem::take(&mut self.tensors), booked: reservation.into_leaving() };
-            *self.handle.set_aside.lock().unwrap_or_else(|p| p.into_inner()) = Some(aside);
+            *sync::lock(&self.handle.set_aside) = Some(aside);
         }
     }
 }
@@ -167,7 +167,7 @@ impl LoadHandle {
     fn stream(&self) -> MutexGuard<'_, LoadStream> {
         // Each update under this lock is a single assignment or send: a panic elsewhere cannot
         // leave it half-done, so a poisoned lock is still consistent.
-        self.stream.lock().unwrap_or_else(|p| p.into_inner())
+        sync::lock(&self.stream)
     }
 
     pub fn model_id(&self) -> &ModelId {
@@ -507,7 +507,7 @@ impl LoaderService {
         if failed {
             // The streams have ended: now free what the load had read (booked as leaving until
             // then, so other loads wait for it rather than fail), and give the heap to the OS.
-            let aside = handle.set_aside.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let aside = sync::lock(&handle.set_aside).take();
             let _ = tokio::task::spawn_blocking(move || {
                 drop(aside);
                 host::release_free_memory();

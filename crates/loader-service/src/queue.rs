@@ -6,6 +6,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
+use resource_manager::sync;
 use tokio::sync::watch;
 
 /// Admits loads in arrival order, `max` at a time.
@@ -60,7 +61,7 @@ impl LoadQueue {
 
     fn inner(&self) -> MutexGuard<'_, Inner> {
         // Each update is a counter change or one queue operation: a poisoned lock is consistent.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        sync::lock(&self.inner)
     }
 
     fn update(&self, f: impl FnOnce(&mut Inner)) {

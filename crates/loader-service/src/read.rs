@@ -12,7 +12,7 @@ use std::{
 };
 
 use candle_core::{DType, Device, Shape, Tensor, WithDType};
-use resource_manager::host;
+use resource_manager::{host, sync};
 use tokio_util::sync::CancellationToken;
 
 use crate::{error::LoadError, plan::LoadPlan, request::ModelId};
@@ -88,13 +88,11 @@ pub fn read_all(
             let Some(job) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) else { return };
             current_file.store(job.file, Ordering::Relaxed);
             match read_tensor(id, file_names[job.file], &files[job.file], job.tensor, cancel, &done_bytes) {
-                Ok(tensor) => results
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
+                Ok(tensor) => sync::lock(&results)
                     .push((job.order, ReadTensor { component: job.component, name: job.tensor.name.clone(), tensor })),
                 Err(e) => {
                     failed.store(true, Ordering::Relaxed);
-                    first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                    sync::lock(&first_error).get_or_insert(e);
                     return;
                 }
             }
@@ -106,10 +104,10 @@ pub fn read_all(
             file_names.get(current_file.load(Ordering::Relaxed)).unwrap_or(&""),
         )
     });
-    let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut results = sync::into_inner(results);
     results.sort_unstable_by_key(|(order, _)| *order);
     into.extend(results.into_iter().map(|(_, tensor)| tensor));
-    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+    if let Some(e) = sync::into_inner(first_error) {
         return Err(e);
     }
     on_progress(done_bytes.load(Ordering::Relaxed), file_names.last().unwrap_or(&""));

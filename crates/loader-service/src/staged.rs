@@ -34,7 +34,10 @@ use std::{
 };
 
 use candle_core::DType;
-use resource_manager::staging::{CopyEngine, Lease, MIN_CHUNK_BYTES, StagingPool, chunk_bytes};
+use resource_manager::{
+    staging::{CopyEngine, Lease, MIN_CHUNK_BYTES, StagingPool, chunk_bytes},
+    sync,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -197,14 +200,14 @@ pub fn read<E: CopyEngine>(
     let first_error: Mutex<Option<LoadError>> = Mutex::new(None);
     let fail = |e: LoadError| {
         failed.store(true, Ordering::Relaxed);
-        first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+        sync::lock(&first_error).get_or_insert(e);
     };
     // Readers hand each filled buffer to the copying thread and never call the device themselves.
     let (filled, to_copy) = mpsc::channel::<(Lease<'_, E::Buffer, E::Fence>, &Chunk)>();
     let filled = Mutex::new(Some(filled));
     let worker = || {
         // This thread's end of the channel; the copying thread ends once every end is dropped.
-        let Some(filled) = filled.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return };
+        let Some(filled) = sync::lock(&filled).clone() else { return };
         while !failed.load(Ordering::Relaxed) {
             let Some(chunk) = chunks.get(next.fetch_add(1, Ordering::Relaxed)) else { return };
             let group = &groups[chunk.group];
@@ -304,7 +307,7 @@ pub fn read<E: CopyEngine>(
                 }
                 Err(reason) => fail(target.place_error(reason)),
             }
-            let _guard = allocated.0.lock().unwrap_or_else(|p| p.into_inner());
+            let _guard = sync::lock(&allocated.0);
             allocated.1.notify_all();
         }
         let allocated_in = started.elapsed();
@@ -336,7 +339,7 @@ pub fn read<E: CopyEngine>(
     });
     copier.map_err(|_| target.place_error("the copying thread panicked".into()))?;
     let (allocated_in, tensors) = allocator.map_err(|_| target.place_error("the allocating thread panicked".into()))?;
-    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+    if let Some(e) = sync::into_inner(first_error) {
         return Err(e);
     }
     on_progress(done.load(Ordering::Relaxed), file_names.last().unwrap_or(&""));
@@ -350,7 +353,7 @@ struct Closes<'a, T>(&'a Mutex<Option<T>>);
 
 impl<T> Drop for Closes<'_, T> {
     fn drop(&mut self) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        sync::lock(&self.0).take();
     }
 }
 
@@ -378,7 +381,7 @@ fn views<E: CopyEngine>(
 
 /// The group's allocation once the allocating thread made it; `None` if the load failed first.
 fn wait_for<'a, A>(slot: &'a OnceLock<A>, allocated: &(Mutex<()>, Condvar), failed: &AtomicBool) -> Option<&'a A> {
-    let mut guard = allocated.0.lock().unwrap_or_else(|p| p.into_inner());
+    let mut guard = sync::lock(&allocated.0);
     loop {
         if let Some(allocation) = slot.get() {
             return Some(allocation);
@@ -387,7 +390,7 @@ fn wait_for<'a, A>(slot: &'a OnceLock<A>, allocated: &(Mutex<()>, Condvar), fail
             return None;
         }
         // Timed, so a failure (which does not notify) is seen within a millisecond.
-        guard = allocated.1.wait_timeout(guard, Duration::from_millis(1)).unwrap_or_else(|p| p.into_inner()).0;
+        guard = sync::wait_timeout(&allocated.1, guard, Duration::from_millis(1));
     }
 }
 

@@ -13,6 +13,7 @@
 pub mod gpu;
 pub mod host;
 pub mod staging;
+pub mod sync;
 
 use std::{
     collections::BTreeMap,
@@ -208,7 +209,7 @@ impl DeviceMemory {
     fn ledger(&self) -> MutexGuard<'_, Ledger> {
         // A panic while holding this lock cannot leave the ledger half-updated (each update is one
         // map operation), so a poisoned lock is still consistent.
-        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.ledger)
     }
 
     /// Applies one change to the ledger, records the peak, and tells the waiters.

@@ -16,6 +16,8 @@ use std::{
 
 use candle_core::{DType, Tensor};
 
+use crate::sync;
+
 /// The size of each staging buffer. Small enough that a whole pool of them (24 by default) stays
 /// in the CPU's last-level cache, where the kernel's copy from the page cache writes and the GPU's
 /// DMA reads without either going to DRAM; large enough that a copy from pinned memory runs near
@@ -118,7 +120,7 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>, F> StagingPool<B, F> {
 
     fn slots(&self) -> MutexGuard<'_, VecDeque<Slot<B, F>>> {
         // Each change is one push or pop: a panic elsewhere cannot leave the queue half-changed.
-        self.free.lock().unwrap_or_else(|p| p.into_inner())
+        sync::lock(&self.free)
     }
 
     /// Borrows the buffer returned longest ago, waiting for one if all are lent; `None` once
@@ -132,7 +134,7 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>, F> StagingPool<B, F> {
             if let Some(slot) = free.pop_front() {
                 return Some(Lease { pool: self, slot: Some(slot) });
             }
-            free = self.returned.wait_timeout(free, Duration::from_millis(1)).unwrap_or_else(|p| p.into_inner()).0;
+            free = sync::wait_timeout(&self.returned, free, Duration::from_millis(1));
         }
     }
 }
