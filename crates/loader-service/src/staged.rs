@@ -353,7 +353,7 @@ struct Closes<'a, T>(&'a Mutex<Option<T>>);
 
 impl<T> Drop for Closes<'_, T> {
     fn drop(&mut self) {
-        sync::lock(&self.0).take();
+        sync::lock(self.0).take();
     }
 }
 
