@@ -296,6 +296,48 @@ pub async fn checksums(
     tensors.into_iter().map(|t| (t.name, (t.dtype, t.shape, t.sha256))).collect()
 }
 
+/// A server on `root` (the test configuration) and a client of it.
+pub async fn serve(root: &Path) -> (TestServer, ModelLoaderClient<Channel>) {
+    let server = TestServer::start(config(root)).await;
+    let client = server.client().await;
+    (server, client)
+}
+
+/// Asserts `result` failed with `code`, and returns the status.
+pub fn expect_code<T: std::fmt::Debug>(result: Result<T, Status>, code: tonic::Code, what: &str) -> Status {
+    let status = result.expect_err(&format!("{what} must fail with {code:?}"));
+    assert_eq!(status.code(), code, "{what}: {status:?}");
+    status
+}
+
+/// GetModel of `id`: FAILED, with an error that contains every one of `needles`, nothing resident.
+pub async fn assert_failed_with(
+    client: &mut ModelLoaderClient<Channel>,
+    id: &str,
+    needles: &[&str],
+) -> pb::ModelStatus {
+    let status = tokio::time::timeout(WAIT, client.get_model(pb::GetModelRequest { model_id: id.into() }))
+        .await
+        .expect("GetModel answers")
+        .expect("GetModel")
+        .into_inner();
+    assert_eq!(status.state(), pb::ModelState::Failed, "{status:?}");
+    assert!(!status.error.is_empty(), "a FAILED model says why: {status:?}");
+    for needle in needles {
+        assert!(status.error.contains(needle), "{id}: error {:?} should name {needle:?}", status.error);
+    }
+    assert_eq!(status.weight_bytes, 0, "nothing of a failed load is resident: {status:?}");
+    status
+}
+
+/// Nothing is resident or reserved on the CPU (waited for: a failed load frees what it held just
+/// after its streams end).
+pub async fn assert_nothing_resident(client: &mut ModelLoaderClient<Channel>) -> pb::DeviceResources {
+    let cpu = cpu_resources_when(client, |cpu| cpu.used_bytes == 0 && cpu.reserved_bytes == 0).await;
+    assert!(cpu.models.is_empty(), "{cpu:?}");
+    cpu
+}
+
 /// GetModel's state for `id`.
 pub async fn state_of(client: &mut ModelLoaderClient<Channel>, id: &str) -> pb::ModelState {
     let status = tokio::time::timeout(WAIT, client.get_model(pb::GetModelRequest { model_id: id.into() }))

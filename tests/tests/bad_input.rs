@@ -3,13 +3,11 @@
 //! models, corrupt safetensors files, symlinks out of the model root, and ListTensors of a model
 //! that is not loaded.
 
-use std::path::Path;
-
 use proto::v1::{self as pb, model_loader_client::ModelLoaderClient};
 use serde_json::json;
 use tempfile::TempDir;
-use tests::{TestServer, fixture};
-use tonic::{Code, Status, transport::Channel};
+use tests::{assert_failed_with, expect_code, fixture};
+use tonic::{Code, transport::Channel};
 
 type Client = ModelLoaderClient<Channel>;
 
@@ -26,19 +24,6 @@ fn model_root() -> TempDir {
     let root = tempfile::tempdir().expect("tempdir");
     fixture::single_file_model(&root.path().join(GOOD), &fixture::f32_tensors("layer", 4, 256)).expect("good model");
     root
-}
-
-async fn start(root: &Path) -> (TestServer, Client) {
-    let server = TestServer::start(tests::config(root)).await;
-    let client = server.client().await;
-    (server, client)
-}
-
-/// Asserts `result` failed with `code`, and returns the status.
-fn expect_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, what: &str) -> Status {
-    let status = result.expect_err(&format!("{what} must fail with {code:?}"));
-    assert_eq!(status.code(), code, "{what}: {status:?}");
-    status
 }
 
 /// The server still answers and still loads: GetResources answers, the good model loads to
@@ -63,19 +48,8 @@ async fn assert_healthy(client: &mut Client) {
     assert_eq!(tests::state_of(client, GOOD).await, pb::ModelState::Unloaded);
 }
 
-/// GetModel of `id`: FAILED, with an error that contains every one of `needles`.
-async fn assert_failed_with(client: &mut Client, id: &str, needles: &[&str]) -> pb::ModelStatus {
-    let status = client.get_model(pb::GetModelRequest { model_id: id.into() }).await.expect("GetModel").into_inner();
-    assert_eq!(status.state(), pb::ModelState::Failed, "{status:?}");
-    assert!(!status.error.is_empty(), "a FAILED model says why: {status:?}");
-    for needle in needles {
-        assert!(status.error.contains(needle), "error {:?} should name {needle:?}", status.error);
-    }
-    assert_eq!(status.weight_bytes, 0, "nothing of a failed load is resident: {status:?}");
-    status
-}
-
-/// Nothing is resident or reserved on the CPU.
+/// Nothing is resident or reserved on the CPU, already when asked (unlike
+/// `tests::assert_nothing_resident`, which waits for a failed load's memory to come back).
 async fn assert_nothing_resident(client: &mut Client) {
     let cpu = tests::cpu_resources(client).await;
     assert_eq!((cpu.used_bytes, cpu.reserved_bytes), (0, 0), "{cpu:?}");
@@ -93,7 +67,7 @@ async fn listed_ids(client: &mut Client) -> Vec<String> {
 #[tokio::test]
 async fn load_of_malformed_ids_is_invalid_argument() {
     let root = model_root();
-    let (server, mut client) = start(root.path()).await;
+    let (server, mut client) = tests::serve(root.path()).await;
     for id in malformed_ids() {
         let (messages, end) = tests::load_all(&mut client, tests::load(&id)).await;
         expect_code(end, Code::InvalidArgument, &format!("LoadModel {id:?}"));
@@ -110,7 +84,7 @@ async fn load_of_malformed_ids_is_invalid_argument() {
 #[tokio::test]
 async fn other_rpcs_refuse_malformed_ids() {
     let root = model_root();
-    let (server, mut client) = start(root.path()).await;
+    let (server, mut client) = tests::serve(root.path()).await;
     for id in ["../x", "a\u{1}b", "a/b/c"] {
         let model_id = id.to_owned();
         let what = |rpc: &str| format!("{rpc} {id:?}");
@@ -150,7 +124,7 @@ async fn other_rpcs_refuse_malformed_ids() {
 /// `word`, no progress message and no load begun (the model stays UNLOADED, nothing resident).
 async fn assert_refused_before_loading(requests: Vec<pb::LoadModelRequest>, code: Code, word: &str) {
     let root = model_root();
-    let (server, mut client) = start(root.path()).await;
+    let (server, mut client) = tests::serve(root.path()).await;
     for request in requests {
         let what = format!("{request:?}");
         let (messages, end) = tests::load_all(&mut client, request).await;
@@ -201,7 +175,7 @@ async fn cuda_without_cuda_is_failed_precondition() {
 #[tokio::test]
 async fn unknown_model_is_not_found() {
     let root = model_root();
-    let (server, mut client) = start(root.path()).await;
+    let (server, mut client) = tests::serve(root.path()).await;
     for id in ["nope", "org/nope"] {
         expect_code(
             client.get_model(pb::GetModelRequest { model_id: id.into() }).await,
@@ -232,7 +206,7 @@ async fn pickle_only_model_is_failed_precondition() {
     std::fs::write(dir.join("config.json"), r#"{"model_type": "test"}"#).expect("config");
     // Not a pickle at all: anything that tried to unpickle it would fail with another code.
     std::fs::write(dir.join("pytorch_model.bin"), b"\x00 this is not a pickle \xff\xfe").expect("bin");
-    let (server, mut client) = start(root.path()).await;
+    let (server, mut client) = tests::serve(root.path()).await;
 
     let (_, end) = tests::load_all(&mut client, tests::load("pickled")).await;
     let status = expect_code(end, Code::FailedPrecondition, "LoadModel of a pickle-only model");
@@ -277,7 +251,7 @@ async fn assert_data_loss(corrupt: Vec<u8>, reason: &str) {
     fixture::single_file_model(&dir, &fixture::f32_tensors("w", 3, 64)).expect("model");
     let file = dir.join("model.safetensors");
     std::fs::write(&file, corrupt).expect("write the corrupt file");
-    let (server, mut client) = start(root.path()).await;
+    let (server, mut client) = tests::serve(root.path()).await;
 
     let (messages, end) = tests::load_all(&mut client, tests::load("bad")).await;
     let status = expect_code(end, Code::DataLoss, &format!("LoadModel of a file with {reason}"));
@@ -365,7 +339,7 @@ async fn symlink_out_of_the_model_root_is_refused() {
     let target = outside.path().join("secret");
     fixture::single_file_model(&target, &fixture::f32_tensors("s", 2, 32)).expect("model outside the root");
     std::os::unix::fs::symlink(&target, root.path().join("escape")).expect("symlink");
-    let (server, mut client) = start(root.path()).await;
+    let (server, mut client) = tests::serve(root.path()).await;
 
     let (_, end) = tests::load_all(&mut client, tests::load("escape")).await;
     let status = expect_code(end, Code::PermissionDenied, "LoadModel through a symlink out of the root");
@@ -387,7 +361,7 @@ async fn symlink_out_of_the_model_root_is_refused() {
 #[tokio::test]
 async fn list_tensors_of_a_model_not_loaded_is_failed_precondition() {
     let root = model_root();
-    let (server, mut client) = start(root.path()).await;
+    let (server, mut client) = tests::serve(root.path()).await;
     let request = || pb::ListTensorsRequest { model_id: GOOD.into(), with_checksums: true };
     let status =
         expect_code(client.list_tensors(request()).await, Code::FailedPrecondition, "ListTensors before any load");

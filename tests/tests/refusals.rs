@@ -14,7 +14,7 @@ use std::{
 use proto::v1::{self as pb, model_loader_client::ModelLoaderClient};
 use tempfile::TempDir;
 use tests::{
-    TestServer, checksums, config, cpu_resources_when, fixture,
+    TestServer, assert_failed_with, assert_nothing_resident, checksums, config, expect_code, fixture,
     hub::{Access, HubRepo, TestHub},
     load, load_all, load_ok, state_of,
 };
@@ -36,19 +36,6 @@ fn model_root() -> TempDir {
     let root = tempfile::tempdir().expect("tempdir");
     fixture::single_file_model(&root.path().join(GOOD), &fixture::f32_tensors("layer", 4, 256)).expect("good model");
     root
-}
-
-async fn start(root: &Path) -> (TestServer, Client) {
-    let server = TestServer::start(config(root)).await;
-    let client = server.client().await;
-    (server, client)
-}
-
-/// Asserts `result` failed with `code`, and returns the status.
-fn expect_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, what: &str) -> Status {
-    let status = result.expect_err(&format!("{what} must fail with {code:?}"));
-    assert_eq!(status.code(), code, "{what}: {status:?}");
-    status
 }
 
 async fn get_model(client: &mut Client, id: &str) -> pb::ModelStatus {
@@ -74,26 +61,6 @@ async fn unload(client: &mut Client, id: &str) -> pb::UnloadModelResponse {
         .expect("UnloadModel answers")
         .expect("UnloadModel")
         .into_inner()
-}
-
-/// GetModel of `id`: FAILED, with an error that contains every one of `needles`, nothing resident.
-async fn assert_failed_with(client: &mut Client, id: &str, needles: &[&str]) -> pb::ModelStatus {
-    let status = get_model(client, id).await;
-    assert_eq!(status.state(), pb::ModelState::Failed, "{status:?}");
-    assert!(!status.error.is_empty(), "a FAILED model says why: {status:?}");
-    for needle in needles {
-        assert!(status.error.contains(needle), "{id}: error {:?} should name {needle:?}", status.error);
-    }
-    assert_eq!(status.weight_bytes, 0, "nothing of a failed load is resident: {status:?}");
-    status
-}
-
-/// Nothing is resident or reserved on the CPU (waited for: a failed load frees what it held just
-/// after its streams end).
-async fn assert_nothing_resident(client: &mut Client) -> pb::DeviceResources {
-    let cpu = cpu_resources_when(client, |cpu| cpu.used_bytes == 0 && cpu.reserved_bytes == 0).await;
-    assert!(cpu.models.is_empty(), "{cpu:?}");
-    cpu
 }
 
 /// Both health services are SERVING.
@@ -312,7 +279,7 @@ fn write_bad_side_files(root: &Path) -> Vec<SideFile> {
 async fn bad_side_files_are_data_loss() {
     let root = model_root();
     let cases = write_bad_side_files(root.path());
-    let (server, mut client) = start(root.path()).await;
+    let (server, mut client) = tests::serve(root.path()).await;
 
     for &SideFile { id, file, reason } in &cases {
         let (messages, status) = refused(&mut client, id, Code::DataLoss, &[file, reason]).await;
@@ -364,7 +331,7 @@ async fn header_over_the_size_limit_is_data_loss_before_reading() {
     let huge = sparse_safetensors(&root.path().join("huge-header"), over, 8 + over + (64 << 20));
     assert!(std::fs::metadata(&huge).expect("stat").len() > 8 + over, "the file could hold the header");
     sparse_safetensors(&root.path().join("endless-header"), u64::MAX, 4096);
-    let (server, mut client) = start(root.path()).await;
+    let (server, mut client) = tests::serve(root.path()).await;
 
     for (id, claimed) in [("huge-header", over), ("endless-header", u64::MAX)] {
         let read_before = tests::rchar();
@@ -424,7 +391,7 @@ async fn file_symlinked_out_of_the_model_root_is_permission_denied() {
     std::fs::create_dir_all(root.path().join("store")).expect("mkdir");
     std::fs::rename(linked.join("model.safetensors"), root.path().join("store/blob-1")).expect("move");
     symlink("../store/blob-1", &linked.join("model.safetensors"));
-    let (server, mut client) = start(root.path()).await;
+    let (server, mut client) = tests::serve(root.path()).await;
 
     assert_escape_refused(&mut client, "leak", Some("model.safetensors"), outside.path()).await;
     assert_escape_refused(&mut client, "leak-config", Some("config.json"), outside.path()).await;
