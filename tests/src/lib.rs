@@ -316,11 +316,7 @@ pub async fn assert_failed_with(
     id: &str,
     needles: &[&str],
 ) -> pb::ModelStatus {
-    let status = tokio::time::timeout(WAIT, client.get_model(pb::GetModelRequest { model_id: id.into() }))
-        .await
-        .expect("GetModel answers")
-        .expect("GetModel")
-        .into_inner();
+    let status = get_model(client, id).await;
     assert_eq!(status.state(), pb::ModelState::Failed, "{status:?}");
     assert!(!status.error.is_empty(), "a FAILED model says why: {status:?}");
     for needle in needles {
@@ -338,13 +334,18 @@ pub async fn assert_nothing_resident(client: &mut ModelLoaderClient<Channel>) ->
     cpu
 }
 
-/// GetModel's state for `id`.
-pub async fn state_of(client: &mut ModelLoaderClient<Channel>, id: &str) -> pb::ModelState {
-    let status = tokio::time::timeout(WAIT, client.get_model(pb::GetModelRequest { model_id: id.into() }))
+/// GetModel of `id`, answered within [`WAIT`].
+pub async fn get_model(client: &mut ModelLoaderClient<Channel>, id: &str) -> pb::ModelStatus {
+    tokio::time::timeout(WAIT, client.get_model(pb::GetModelRequest { model_id: id.into() }))
         .await
         .expect("GetModel answers")
         .expect("GetModel")
-        .into_inner();
+        .into_inner()
+}
+
+/// GetModel's state for `id`.
+pub async fn state_of(client: &mut ModelLoaderClient<Channel>, id: &str) -> pb::ModelState {
+    let status = get_model(client, id).await;
     status.state()
 }
 

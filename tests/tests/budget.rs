@@ -8,7 +8,7 @@ use std::{path::Path, time::Duration};
 use model_manager::{EvictPolicy, resource_manager::MemoryBudget};
 use proto::v1::{self as pb, model_event::Event, model_loader_client::ModelLoaderClient};
 use tests::{
-    TestServer, config, cpu_resources, end_of, fixture,
+    TestServer, config, cpu_resources, end_of, fixture, get_model,
     hub::{Fault, HubRepo, TestHub},
     load, load_all, load_ok, next_event, next_status, open_load, rchar, read_until, state_of, watch,
 };
@@ -27,10 +27,6 @@ const STALLED_FILE: &str = "model.safetensors";
 /// A small single-file model `id` under `root`: 4 F32 tensors of 16 Ki elements, 256 KiB.
 fn small_model(root: &Path, id: &str) -> u64 {
     fixture::single_file_model(&root.join(id), &fixture::f32_tensors("layer", 4, 16 * 1024)).expect("fixture").bytes()
-}
-
-async fn get_model(client: &mut Client, id: &str) -> pb::ModelStatus {
-    client.get_model(pb::GetModelRequest { model_id: id.into() }).await.expect("GetModel").into_inner()
 }
 
 /// Per model bytes of the CPU entry of GetResources, as (id, bytes) sorted by id.

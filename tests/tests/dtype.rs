@@ -69,10 +69,6 @@ fn with_dtype(id: &str, dtype: &str) -> pb::LoadModelRequest {
     pb::LoadModelRequest { dtype: Some(dtype.into()), ..load(id) }
 }
 
-async fn get(client: &mut ModelLoaderClient<Channel>, id: &str) -> pb::ModelStatus {
-    client.get_model(pb::GetModelRequest { model_id: id.into() }).await.expect("GetModel").into_inner()
-}
-
 async fn unload(client: &mut ModelLoaderClient<Channel>, id: &str) {
     client.unload_model(pb::UnloadModelRequest { model_id: id.into() }).await.expect("UnloadModel");
 }
@@ -105,7 +101,7 @@ async fn narrowing_matches_a_reference_conversion() {
         assert_eq!(resident["ids"], (String::from("I64"), vec![10], tensors[3].sha256()), "integers untouched");
 
         let expected_bytes = (8 + 64 * 33 + 17) * 2 + 10 * 8;
-        let status = get(&mut client, "mixed").await;
+        let status = tests::get_model(&mut client, "mixed").await;
         assert_eq!((status.dtype.as_str(), status.weight_bytes), (target.to_string().as_str(), expected_bytes));
         assert_eq!(cpu_resources(&mut client).await.used_bytes, expected_bytes, "the budget holds the converted size");
         unload(&mut client, "mixed").await;
@@ -134,7 +130,7 @@ async fn widening_is_exact() {
         messages.iter().any(|m| m.step == 3 && m.detail.contains(&format!("{expected_bytes} bytes reserved on cpu"))),
         "step 3 reserves the widened size: {messages:?}"
     );
-    assert_eq!(get(&mut client, "mixed").await.weight_bytes, expected_bytes);
+    assert_eq!(tests::get_model(&mut client, "mixed").await.weight_bytes, expected_bytes);
     server.stop().await;
 }
 

@@ -14,7 +14,7 @@ use std::{
 use proto::v1::{self as pb, model_loader_client::ModelLoaderClient};
 use tempfile::TempDir;
 use tests::{
-    TestServer, assert_failed_with, assert_nothing_resident, checksums, config, expect_code, fixture,
+    TestServer, assert_failed_with, assert_nothing_resident, checksums, config, expect_code, fixture, get_model,
     hub::{Access, HubRepo, TestHub},
     load, load_all, load_ok, state_of,
 };
@@ -36,14 +36,6 @@ fn model_root() -> TempDir {
     let root = tempfile::tempdir().expect("tempdir");
     fixture::single_file_model(&root.path().join(GOOD), &fixture::f32_tensors("layer", 4, 256)).expect("good model");
     root
-}
-
-async fn get_model(client: &mut Client, id: &str) -> pb::ModelStatus {
-    tokio::time::timeout(tests::WAIT, client.get_model(pb::GetModelRequest { model_id: id.into() }))
-        .await
-        .expect("GetModel answers")
-        .expect("GetModel")
-        .into_inner()
 }
 
 async fn list_models(client: &mut Client) -> Vec<pb::ModelStatus> {

@@ -277,11 +277,7 @@ async fn shutdown_unloads_every_loaded_model() {
     let mut held = Vec::new();
     for id in ["demo/tiny-sd", "small"] {
         load_ok(&mut client, load(id)).await;
-        let status = tokio::time::timeout(WAIT, client.get_model(pb::GetModelRequest { model_id: id.into() }))
-            .await
-            .expect("GetModel answers")
-            .expect("GetModel")
-            .into_inner();
+        let status = tests::get_model(&mut client, id).await;
         assert_eq!(status.state(), pb::ModelState::Loaded, "{status:?}");
         assert!(status.weight_bytes > 0, "{status:?}");
         held.push((id, status.weight_bytes));
