@@ -24,7 +24,7 @@ pub fn manager_on(
     let mut config = ManagerConfig { default_device: device, ..ManagerConfig::default() };
     config.loader.sources.model_root = Some(model_root.to_owned());
     config.loader.sources.offline = true;
-    Ok(Arc::new(ModelManager::new(config).map_err(|e| anyhow!("{e}"))?))
+    Ok(Arc::new(ModelManager::new(config, &Default::default()).map_err(|e| anyhow!("{e}"))?))
 }
 
 /// Loads `id` to LOADED and returns the time from the request to the end of the load.

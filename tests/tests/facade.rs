@@ -33,7 +33,7 @@ async fn outcome(manager: &ModelManager, id: &ModelId) -> Result<(), String> {
 async fn a_load_after_a_finished_load_starts_afresh() {
     let tmp = tempfile::tempdir().expect("tmp");
     fixture::single_file_model(&tmp.path().join("m"), &fixture::f32_tensors("w", 2, 1024)).expect("fixture");
-    let manager = Arc::new(ModelManager::new(tests::config(tmp.path()).manager).expect("manager"));
+    let manager = Arc::new(ModelManager::new(tests::config(tmp.path()).manager, &Default::default()).expect("manager"));
     let id = ModelId::parse("m").expect("id");
     for round in 0..500 {
         let mut watch = manager.watch(Some(id.clone()));

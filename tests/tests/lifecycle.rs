@@ -23,7 +23,7 @@ use tests::{TestServer, WAIT, checksums, config, connect, fixture, load_until_st
 // ---- The gate: an unload held inside UNLOADING --------------------------------------------------
 
 /// The system allocator with a gate: once armed, the first thread that frees a block of exactly
-/// [`MARKER_BYTES`] (the marker tensor of the model of
+/// [`MARKER_BYTES`] (the host memory of the model of
 /// [`a_load_asked_for_while_unloading_waits_then_loads`]) stops there until the test lets it go.
 /// An unload frees a CPU model's tensors between UNLOADING and UNLOADED, so this holds the unload
 /// inside UNLOADING for as long as the test needs, with no timing involved.
@@ -32,10 +32,14 @@ struct GatedAllocator;
 #[global_allocator]
 static ALLOCATOR: GatedAllocator = GatedAllocator;
 
-/// Elements of the marker tensor: an F32 tensor of an odd size no other allocation of these tests
-/// has (4,938,268 bytes).
+/// Elements of the marker tensor: an F32 tensor of an odd size.
 const MARKER_ELEMS: usize = 1_234_567;
-const MARKER_BYTES: usize = MARKER_ELEMS * 4;
+/// Elements of each of the model's three other F32 tensors.
+const SMALL_ELEMS: usize = 4096;
+/// The block the model's tensors share in host memory: F32 tensors back to back in one file are
+/// one allocation of whole 8-byte words (`weights::HostBuffer`), a size no other allocation of
+/// these tests has (4,987,424 bytes).
+const MARKER_BYTES: usize = (MARKER_ELEMS + 3 * SMALL_ELEMS).div_ceil(2) * 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Gate {
@@ -115,7 +119,7 @@ impl ArmedGate {
         let gate = GATE.lock().unwrap_or_else(PoisonError::into_inner);
         let (gate, _) =
             GATE_CHANGED.wait_timeout_while(gate, WAIT, |g| *g == Gate::Armed).unwrap_or_else(|p| p.into_inner());
-        assert_eq!(*gate, Gate::Holding, "the unload never freed the marker tensor within {WAIT:?}");
+        assert_eq!(*gate, Gate::Holding, "the unload never freed the model's memory within {WAIT:?}");
     }
 }
 
@@ -255,7 +259,7 @@ async fn next_state(watch: &mut model_manager::WatchSubscription) -> ModelStatus
 /// A load asked for while the model is UNLOADING waits for the unload, then loads from step 1 to 8.
 ///
 /// Through the facade, so the unload can be held inside UNLOADING (see [`GatedAllocator`]): the
-/// unload runs on a thread of its own and stops while freeing the model's marker tensor, with the
+/// unload runs on a thread of its own and stops while freeing the model's host memory, with the
 /// model UNLOADING. The load is then asked for and polled once: it must see UNLOADING and wait
 /// (pending), not start and not answer "already loaded". Released, the unload ends (UNLOADED,
 /// every byte freed) and only then does the load begin: the watch shows LOADED (snapshot),
@@ -264,11 +268,11 @@ async fn next_state(watch: &mut model_manager::WatchSubscription) -> ModelStatus
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_asked_for_while_unloading_waits_then_loads() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let mut tensors = fixture::f32_tensors("small", 3, 4096);
+    let mut tensors = fixture::f32_tensors("small", 3, SMALL_ELEMS);
     tensors.push(fixture::TensorSpec::f32("marker.weight", &[MARKER_ELEMS], 7));
     let expected = fixture::single_file_model(&tmp.path().join("m"), &tensors).expect("fixture");
     drop(tensors);
-    let manager = Arc::new(ModelManager::new(config(tmp.path()).manager).expect("manager"));
+    let manager = Arc::new(ModelManager::new(config(tmp.path()).manager, &Default::default()).expect("manager"));
     let id = ModelId::parse("m").expect("id");
     let first = outcome(manager.load(LoadRequest::new(id.clone())).await.expect("the first load")).await;
     assert_eq!(first.1, Ok(()), "the first load succeeds: {:?}", first.0);

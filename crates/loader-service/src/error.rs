@@ -1,103 +1,152 @@
-//! Why a load failed, one variant per thing that can go wrong, named after what failed.
+//! Why a load failed: the model, said once, and what failed in it, typed down to the I/O,
+//! candle or hub error that caused it. [`LoadError::kind`] is the one match from an error to
+//! its [`Kind`], which names it in logs and metrics and picks its gRPC code in the server.
 
-use std::{io, path::PathBuf};
-
+use model_id::{InvalidRequest, ModelId};
+use model_source::HubFailure;
 use resource_manager::ResourceError;
 
-use crate::request::InvalidRequest;
-
-/// Why a load failed. Messages name the model, the file and the reason; the server maps each
-/// variant to one gRPC code.
+/// Why a load failed. Messages name the model, the file and the reason.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error(transparent)]
     InvalidRequest(#[from] InvalidRequest),
     #[error(transparent)]
     Resource(#[from] ResourceError),
-    #[error("model {model_id} not found: {reason}")]
-    NotFound { model_id: String, reason: String },
-    #[error("model {model_id}: refusing to open {path}: it leads outside the model root and the HF cache")]
-    PathEscapes { model_id: String, path: PathBuf },
-    #[error(
-        "model {model_id} has only pickle weights ({files}); they are refused, never unpickled: convert them to safetensors"
-    )]
-    PickleOnly { model_id: String, files: String },
-    #[error("model {model_id}: {file}: tensor {tensor} has dtype {dtype}, which this server cannot hold")]
-    UnsupportedDtype { model_id: String, file: String, tensor: String, dtype: String },
-    #[error("model {model_id}: {file} is corrupt: {reason}")]
-    Corrupt { model_id: String, file: String, reason: String },
-    #[error("model {model_id}: {file} is not valid JSON: {reason}")]
-    BadConfig { model_id: String, file: String, reason: String },
-    #[error("model {model_id}: cannot read {file}: {source}")]
-    ReadWeights {
-        model_id: String,
-        file: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("model {model_id}: the hub failed ({failure}): {reason}")]
-    Hub { model_id: String, failure: HubFailure, reason: String },
-    #[error("model {model_id}: cannot place tensors on {device}: {reason}")]
-    PlaceOnDevice { model_id: String, device: String, reason: String },
-    #[error("model {model_id}: load cancelled")]
-    Cancelled { model_id: String },
     #[error("the server is shutting down")]
     ShuttingDown,
-    #[error("model {model_id}: internal error: {reason}")]
-    Internal { model_id: String, reason: String },
+    /// The sources could not be set up (the hub client); no model is involved.
+    #[error("configuring the sources: {0}")]
+    Config(#[source] model_source::Error),
+    /// What failed while loading one model.
+    #[error("model {model_id}{}{failure}", separator(failure))]
+    Model { model_id: ModelId, failure: Failure },
 }
 
-impl LoadError {
-    /// A stable name per variant, for logs and metrics.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::InvalidRequest(_) => "invalid_request",
-            Self::Resource(ResourceError::InvalidDevice(_)) => "invalid_device",
-            Self::Resource(ResourceError::DeviceUnavailable { .. }) => "device_unavailable",
-            Self::Resource(
-                ResourceError::OverBudget { .. }
-                | ResourceError::LargerThanBudget { .. }
-                | ResourceError::NoRoom { .. },
-            ) => "over_budget",
-            Self::NotFound { .. } => "not_found",
-            Self::PathEscapes { .. } => "path_escapes",
-            Self::PickleOnly { .. } => "pickle_only",
-            Self::UnsupportedDtype { .. } => "unsupported_dtype",
-            Self::Corrupt { .. } => "corrupt",
-            Self::BadConfig { .. } => "bad_config",
-            Self::ReadWeights { .. } => "read_weights",
-            Self::PlaceOnDevice { .. } => "place_on_device",
-            Self::Hub { failure, .. } => failure.kind(),
-            Self::Cancelled { .. } => "cancelled",
-            Self::ShuttingDown => "shutting_down",
-            Self::Internal { .. } => "internal",
+/// What failed while loading a model.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// Its files: missing, unreadable, corrupt, unsupported; its placement; a cancel.
+    #[error(transparent)]
+    Weights(#[from] weights::Error),
+    #[error("the hub failed ({failure}): {reason}")]
+    Hub { failure: HubFailure, reason: String },
+    /// A bug: a rule of the loader broken.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<model_source::Error> for Failure {
+    fn from(e: model_source::Error) -> Self {
+        match e {
+            model_source::Error::Files(e) => Self::Weights(e),
+            model_source::Error::Hub { failure, reason } => Self::Hub { failure, reason },
         }
     }
 }
 
-/// How a hub request failed, for the gRPC code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::Display)]
-#[strum(serialize_all = "snake_case")]
-pub enum HubFailure {
-    /// Unknown repo, revision or file.
-    NotFound,
-    /// 401: no token, or a token the hub rejected.
-    Unauthenticated,
-    /// 403, or a gated repo.
-    PermissionDenied,
-    /// 5xx, timeouts, refused connections (after hf-hub's bounded retries).
-    Unavailable,
-    Other,
+/// "model m not found: ...", "model m has only pickle weights ...", "model m: ..." otherwise.
+fn separator(failure: &Failure) -> &'static str {
+    match failure {
+        Failure::Weights(weights::Error::NotFound(_) | weights::Error::PickleOnly { .. }) => " ",
+        _ => ": ",
+    }
 }
 
-impl HubFailure {
-    pub fn kind(self) -> &'static str {
+/// What kind of failure an error is: one name each, for logs and metrics, and the gRPC code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    InvalidRequest,
+    InvalidDevice,
+    DeviceUnavailable,
+    OverBudget,
+    NotFound,
+    PathEscapes,
+    PickleOnly,
+    UnsupportedDtype,
+    Corrupt,
+    BadConfig,
+    ReadWeights,
+    PlaceOnDevice,
+    Hub(HubFailure),
+    Cancelled,
+    ShuttingDown,
+    Internal,
+}
+
+impl Kind {
+    /// A stable name, for logs and metrics.
+    pub fn name(self) -> &'static str {
         match self {
-            Self::NotFound => "hub_not_found",
-            Self::Unauthenticated => "hub_unauthenticated",
-            Self::PermissionDenied => "hub_permission_denied",
-            Self::Unavailable => "hub_unavailable",
-            Self::Other => "hub_other",
+            Self::InvalidRequest => "invalid_request",
+            Self::InvalidDevice => "invalid_device",
+            Self::DeviceUnavailable => "device_unavailable",
+            Self::OverBudget => "over_budget",
+            Self::NotFound => "not_found",
+            Self::PathEscapes => "path_escapes",
+            Self::PickleOnly => "pickle_only",
+            Self::UnsupportedDtype => "unsupported_dtype",
+            Self::Corrupt => "corrupt",
+            Self::BadConfig => "bad_config",
+            Self::ReadWeights => "read_weights",
+            Self::PlaceOnDevice => "place_on_device",
+            Self::Hub(failure) => failure.kind(),
+            Self::Cancelled => "cancelled",
+            Self::ShuttingDown => "shutting_down",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+impl LoadError {
+    /// `failure` in a load of `model_id`.
+    pub fn model(model_id: &ModelId, failure: impl Into<Failure>) -> Self {
+        Self::Model { model_id: model_id.clone(), failure: failure.into() }
+    }
+
+    pub fn cancelled(model_id: &ModelId) -> Self {
+        Self::model(model_id, weights::Error::Cancelled)
+    }
+
+    pub fn not_found(model_id: &ModelId, reason: impl Into<String>) -> Self {
+        Self::model(model_id, weights::Error::NotFound(reason.into()))
+    }
+
+    pub fn internal(model_id: &ModelId, reason: impl Into<String>) -> Self {
+        Self::model(model_id, Failure::Internal(reason.into()))
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.kind() == Kind::Cancelled
+    }
+
+    /// The one match from an error to its kind.
+    pub fn kind(&self) -> Kind {
+        use weights::Error as W;
+        match self {
+            Self::InvalidRequest(_) => Kind::InvalidRequest,
+            Self::Resource(ResourceError::InvalidDevice(_)) => Kind::InvalidDevice,
+            Self::Resource(ResourceError::DeviceUnavailable { .. }) => Kind::DeviceUnavailable,
+            Self::Resource(
+                ResourceError::OverBudget { .. }
+                | ResourceError::LargerThanBudget { .. }
+                | ResourceError::NoRoom { .. },
+            ) => Kind::OverBudget,
+            Self::ShuttingDown => Kind::ShuttingDown,
+            Self::Config(_) | Self::Model { failure: Failure::Internal(_), .. } => Kind::Internal,
+            Self::Model { failure: Failure::Hub { failure, .. }, .. } => Kind::Hub(*failure),
+            Self::Model { failure: Failure::Weights(e), .. } => match e {
+                W::NotFound(_) => Kind::NotFound,
+                W::PathEscapes { .. } => Kind::PathEscapes,
+                W::PickleOnly { .. } => Kind::PickleOnly,
+                W::UnsupportedDtype { .. } => Kind::UnsupportedDtype,
+                W::Corrupt { .. } => Kind::Corrupt,
+                W::BadConfig { .. } => Kind::BadConfig,
+                W::Read { .. } => Kind::ReadWeights,
+                W::Place { .. } => Kind::PlaceOnDevice,
+                W::Cancelled => Kind::Cancelled,
+                W::Internal(_) => Kind::Internal,
+            },
         }
     }
 }

@@ -29,7 +29,7 @@ impl LoaderService {
         step: ModelLoadStep,
     ) -> Result<Reservation, LoadError> {
         let id = handle.model_id().as_str();
-        let cancelled = || LoadError::Cancelled { model_id: id.to_owned() };
+        let cancelled = || LoadError::cancelled(handle.model_id());
         let mut books = self.resources.changes(device)?;
         let mut states = self.state.changes();
         let mut said_waiting = false;
@@ -109,7 +109,7 @@ impl LoaderService {
                 break;
             }
             if handle.cancel.is_cancelled() {
-                return Err(LoadError::Cancelled { model_id: id.to_owned() });
+                return Err(LoadError::cancelled(handle.model_id()));
             }
             let reason = format!("evicted (least recently used) to make room for {id} on {device}");
             // Another caller may be unloading it already: then its bytes are coming anyway.
@@ -165,12 +165,13 @@ mod tests {
         let mut config = LoaderConfig::default();
         config.sources.model_root = Some(root.path().to_owned());
         config.sources.offline = true;
-        let service = LoaderService::new(
+        let service = LoaderService::new(crate::LoaderParts {
             config,
-            Arc::new(StateManager::new(64)),
-            resources.clone(),
-            Arc::new(PipelineManager::new()),
-        )
+            state: Arc::new(StateManager::new(64)),
+            resources: resources.clone(),
+            pipelines: Arc::new(PipelineManager::new()),
+            cancel: Default::default(),
+        })
         .expect("service");
         // Another model's 8,000 bytes are on their way out: 2,000 free, 4,000 needed.
         let leaving = resources.reserve(DeviceId::Cpu, "other", 8_000).expect("fits").into_leaving();

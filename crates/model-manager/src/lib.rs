@@ -8,7 +8,7 @@
 
 use std::{collections::VecDeque, sync::Arc};
 
-use loader_service::{LoaderConfig, LoaderService};
+use loader_service::{LoaderConfig, LoaderParts, LoaderService};
 use pipeline_manager::{PipelineManager, ReadBackError, TensorInfo};
 use resource_manager::{DeviceRequest, DeviceUsage, MemoryBudget, ResourceError, ResourceManager};
 use state_manager::{ModelState, StateEvent, StateManager, Transition};
@@ -16,7 +16,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 pub use loader_service::{
-    DEFAULT_MAX_CONCURRENT_LOADS, EvictPolicy, HubConfig, HubFailure, InvalidRequest, LoadError, LoadOutcome,
+    DEFAULT_MAX_CONCURRENT_LOADS, EvictPolicy, HubConfig, HubFailure, InvalidRequest, Kind, LoadError, LoadOutcome,
     LoadRequest, LoadSubscription, LoadUpdate, ModelId, Revision, SourceConfig, TargetDtype,
 };
 pub use pipeline_manager;
@@ -77,7 +77,7 @@ impl ManagerError {
     /// A stable name per variant, for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::Load(e) => e.kind(),
+            Self::Load(e) => e.kind().name(),
             Self::NotLoaded { .. } => "not_loaded",
             Self::ReadBack(_) => "read_back",
         }
@@ -115,12 +115,16 @@ pub struct ModelManager {
     resources: ResourceManager,
     pipelines: Arc<PipelineManager>,
     loader: Arc<LoaderService>,
-    /// Cancelled at shutdown: ends every watch stream.
+    /// Cancelled at the end of shutdown (after the loads and the unloads): ends every watch
+    /// stream. A child of the root the manager was given, like the loader's.
     shutdown: CancellationToken,
 }
 
 impl ModelManager {
-    pub fn new(config: ManagerConfig) -> Result<Self, ManagerError> {
+    /// The managers and the loader, under `root`: the caller's one cancellation root, whose
+    /// children are the loads' and the watch streams' (cancelling it stops them all at once;
+    /// [`ModelManager::shutdown`] stops them in order).
+    pub fn new(config: ManagerConfig, root: &CancellationToken) -> Result<Self, ManagerError> {
         // Unloads must give host memory back to the OS; this is process-wide and idempotent.
         resource_manager::host::configure_allocator();
         let state = Arc::new(StateManager::new(config.event_capacity));
@@ -130,8 +134,14 @@ impl ModelManager {
         }?;
         resources.allocate_staging(config.pinned_pool_bytes)?;
         let pipelines = Arc::new(PipelineManager::new());
-        let loader = LoaderService::new(config.loader, state.clone(), resources.clone(), pipelines.clone())?;
-        Ok(Self { state, resources, pipelines, loader, shutdown: CancellationToken::new() })
+        let loader = LoaderService::new(LoaderParts {
+            config: config.loader,
+            state: state.clone(),
+            resources: resources.clone(),
+            pipelines: pipelines.clone(),
+            cancel: root.child_token(),
+        })?;
+        Ok(Self { state, resources, pipelines, loader, shutdown: root.child_token() })
     }
 
     /// Starts or joins a load (see [`LoaderService::load`]).
@@ -180,11 +190,7 @@ impl ModelManager {
         if self.loader.exists(model_id) {
             return Ok(ModelStatus::unloaded(model_id.as_str()));
         }
-        Err(LoadError::NotFound {
-            model_id: model_id.to_string(),
-            reason: "not in the model root or the HF cache, and never loaded".into(),
-        }
-        .into())
+        Err(LoadError::not_found(model_id, "not in the model root or the HF cache, and never loaded").into())
     }
 
     /// Every model of the model root and every tracked model, sorted by id.
@@ -217,9 +223,7 @@ impl ModelManager {
         self.pipelines.touch(model_id.as_str());
         tokio::task::spawn_blocking(move || pipeline.tensor_infos(with_checksums))
             .await
-            .map_err(|e| {
-                ManagerError::from(LoadError::Internal { model_id: model_id.to_string(), reason: e.to_string() })
-            })?
+            .map_err(|e| ManagerError::from(LoadError::internal(model_id, e.to_string())))?
             .map_err(|e| ManagerError::ReadBack(Arc::new(e)))
     }
 

@@ -2,10 +2,12 @@
 //! their `config.json`, and the facts read from it (`sample_size`).
 //!
 //! A [`Pipeline`] owns its tensors and its [`ModelAllocation`]: removing it from the store drops
-//! both at once, which is what gives the memory back. This crate never reads weight files; the
-//! loader hands it finished pipelines.
+//! both at once, which is what gives the memory back. A resident tensor is [`TensorData`]: a view
+//! into memory its load's placement owns (a host buffer, a device allocation), or a candle tensor.
+//! This crate never reads weight files; the loader hands it finished pipelines.
 
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
     sync::{
         Arc,
@@ -18,22 +20,55 @@ use dashmap::DashMap;
 use resource_manager::{DeviceId, ModelAllocation};
 use sha2::{Digest, Sha256};
 
+/// A tensor's values where they are resident, whoever owns that memory.
+pub trait TensorData: Send + Sync + std::fmt::Debug {
+    fn dtype(&self) -> DType;
+    fn shape(&self) -> &[usize];
+    /// Its bytes, little-endian, in row-major order: borrowed where they are in host memory, read
+    /// back from a device otherwise.
+    fn bytes(&self) -> candle_core::Result<Cow<'_, [u8]>>;
+    /// The same values converted to `dtype`, on the same device.
+    fn to_dtype(&self, dtype: DType) -> candle_core::Result<Box<dyn TensorData>>;
+
+    fn size_bytes(&self) -> u64 {
+        (self.shape().iter().product::<usize>() * self.dtype().size_in_bytes()) as u64
+    }
+}
+
+impl TensorData for Tensor {
+    fn dtype(&self) -> DType {
+        Tensor::dtype(self)
+    }
+
+    fn shape(&self) -> &[usize] {
+        self.dims()
+    }
+
+    fn bytes(&self) -> candle_core::Result<Cow<'_, [u8]>> {
+        resident_bytes(self).map(Cow::Owned)
+    }
+
+    fn to_dtype(&self, dtype: DType) -> candle_core::Result<Box<dyn TensorData>> {
+        Ok(Box::new(Tensor::to_dtype(self, dtype)?))
+    }
+}
+
 /// One tensor as resident on its device.
 #[derive(Debug)]
 pub struct ResidentTensor {
     /// The name in its file (without the component prefix).
     pub name: String,
-    pub tensor: Tensor,
+    pub data: Box<dyn TensorData>,
 }
 
 impl ResidentTensor {
     /// The tensor's dtype as safetensors spells it ("F32", "BF16", ...).
     pub fn dtype_name(&self) -> &'static str {
-        dtype_name(self.tensor.dtype())
+        dtype_name(self.data.dtype())
     }
 
     pub fn size_bytes(&self) -> u64 {
-        (self.tensor.elem_count() * self.tensor.dtype().size_in_bytes()) as u64
+        self.data.size_bytes()
     }
 }
 
@@ -139,7 +174,7 @@ impl Pipeline {
     /// single dtype of a model without floats.
     pub fn dtype_summary(&self) -> String {
         // One pass, nothing collected: a checkpoint has thousands of tensors and few dtypes.
-        let mut floats = self.tensors().map(|(_, t)| t.tensor.dtype()).filter(|d| d.is_float());
+        let mut floats = self.tensors().map(|(_, t)| t.data.dtype()).filter(|d| d.is_float());
         match floats.next() {
             None => self.tensors().next().map_or("", |(_, t)| t.dtype_name()).to_owned(),
             Some(first) if floats.all(|d| d == first) => dtype_name(first).to_owned(),
@@ -155,15 +190,14 @@ impl Pipeline {
                 let name =
                     if component.name.is_empty() { t.name.clone() } else { format!("{}/{}", component.name, t.name) };
                 let sha256 = if with_checksums {
-                    let bytes =
-                        resident_bytes(&t.tensor).map_err(|source| ReadBackError { name: name.clone(), source })?;
+                    let bytes = t.data.bytes().map_err(|source| ReadBackError { name: name.clone(), source })?;
                     Some(hex::encode(Sha256::digest(&bytes)))
                 } else {
                     None
                 };
                 Ok(TensorInfo {
                     dtype: t.dtype_name(),
-                    shape: t.tensor.dims().iter().map(|&d| d as u64).collect(),
+                    shape: t.data.shape().iter().map(|&d| d as u64).collect(),
                     size_bytes: t.size_bytes(),
                     sha256,
                     name,
@@ -303,13 +337,13 @@ mod tests {
 
     fn tensor(name: &str, values: Vec<f32>) -> ResidentTensor {
         let n = values.len();
-        ResidentTensor { name: name.into(), tensor: Tensor::from_vec(values, n, &Device::Cpu).expect("tensor") }
+        ResidentTensor { name: name.into(), data: Box::new(Tensor::from_vec(values, n, &Device::Cpu).expect("tensor")) }
     }
 
     /// One float dtype names the model; two make it "mixed"; integers count only without floats.
     #[test]
     fn dtype_summary_of_floats_and_integers() {
-        let cast = |t: ResidentTensor, d: DType| ResidentTensor { tensor: t.tensor.to_dtype(d).expect("cast"), ..t };
+        let cast = |t: ResidentTensor, d: DType| ResidentTensor { data: t.data.to_dtype(d).expect("cast"), ..t };
         let summary = |tensors: Vec<ResidentTensor>| {
             pipeline(vec![Component { name: String::new(), config: None, tensors }]).1.dtype_summary()
         };

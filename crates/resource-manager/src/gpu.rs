@@ -15,7 +15,7 @@ use candle_core::{
     op::BackpropOp,
 };
 
-use crate::staging::{CopyEngine, StagingPool};
+use crate::staging::{CopyEngine, DeviceError, StagingPool};
 
 /// Pinned staging buffers shared by every GPU (allocated portable, so any context may copy
 /// from them).
@@ -54,15 +54,15 @@ impl Gpu {
             .collect()
     }
 
-    fn open(ordinal: usize) -> Result<Self, String> {
+    fn open(ordinal: usize) -> Result<Self, DeviceError> {
         // One real stream that every thread uses. `Device::new_cuda` would use the per-thread
         // default stream, where each reader thread's copies, the allocations and the frees would
         // land on a different stream per thread, unordered with each other, and synchronizing
         // waits only for the calling thread's own work.
-        let device = Device::Cuda(CudaDevice::new_with_stream(ordinal).map_err(|e| e.to_string())?);
-        let context = device.as_cuda_device().map_err(|e| e.to_string())?.cuda_stream().context().clone();
-        let name = context.name().map_err(|e| e.to_string())?;
-        let total = context.total_mem().map_err(|e| e.to_string())? as u64;
+        let device = Device::Cuda(CudaDevice::new_with_stream(ordinal)?);
+        let context = device.as_cuda_device()?.cuda_stream().context().clone();
+        let name = context.name()?;
+        let total = context.total_mem()? as u64;
         Ok(Self { ordinal, name, total, device, context })
     }
 
@@ -84,23 +84,23 @@ impl Gpu {
     pub fn release_free_memory(&self) {
         // Unloads run on any thread: bind the GPU's context to this one first.
         let synced = match self.context.bind_to_thread() {
-            Ok(()) => self.device.synchronize().map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+            Ok(()) => self.device.synchronize().map_err(DeviceError::from),
+            Err(e) => Err(DeviceError::from(e)),
         };
         if let Err(cause) = synced {
             tracing::warn!(ordinal = self.ordinal, %cause, "synchronizing the GPU after a free");
         }
     }
 
-    fn stream(&self) -> Result<Arc<CudaStream>, String> {
-        Ok(self.device.as_cuda_device().map_err(|e| e.to_string())?.cuda_stream())
+    fn stream(&self) -> Result<Arc<CudaStream>, DeviceError> {
+        Ok(self.device.as_cuda_device()?.cuda_stream())
     }
 }
 
 /// `count` pinned buffers of `bytes` each, allocated through `gpu`'s context. Pinning costs
 /// about 1.6 s per GiB (measured on an H100 host), so this happens once, at start-up.
-pub fn pinned_pool(gpu: &Gpu, count: usize, bytes: usize) -> Result<PinnedPool, String> {
-    gpu.context.bind_to_thread().map_err(|e| e.to_string())?;
+pub fn pinned_pool(gpu: &Gpu, count: usize, bytes: usize) -> Result<PinnedPool, DeviceError> {
+    gpu.context.bind_to_thread()?;
     let buffers = (0..count).map(|_| PinnedBuffer::new(bytes)).collect::<Result<Vec<_>, _>>()?;
     Ok(StagingPool::new(buffers, bytes))
 }
@@ -119,12 +119,12 @@ unsafe impl Send for PinnedBuffer {}
 
 #[allow(unsafe_code)] // the driver's pinned memory and copy API
 impl PinnedBuffer {
-    fn new(len: usize) -> Result<Self, String> {
+    fn new(len: usize) -> Result<Self, DeviceError> {
         // Portable: pinned for every context, so one pool serves all GPUs. Not write-combined:
         // the kernel's copy into it from the page cache would be slower.
         // SAFETY: a plain allocation; the pointer is owned by the returned value.
         let ptr = unsafe { result::malloc_host(len, sys::CU_MEMHOSTALLOC_PORTABLE) }
-            .map_err(|e| format!("pinning {len} bytes of host memory: {e}"))?;
+            .map_err(|source| DeviceError::Pinning { bytes: len, source })?;
         Ok(Self { ptr: ptr.cast(), len })
     }
 }
@@ -169,59 +169,69 @@ impl CopyEngine for Gpu {
     type Fence = CudaEvent;
     type Allocation = DeviceBuffer;
 
-    fn allocate(&self, dtype: DType, elems: usize) -> Result<DeviceBuffer, String> {
-        let cuda = self.device.as_cuda_device().map_err(|e| e.to_string())?;
+    fn allocate(&self, dtype: DType, elems: usize) -> Result<DeviceBuffer, DeviceError> {
+        let cuda = self.device.as_cuda_device()?;
         // SAFETY: the memory is uninitialised until the copies into it complete; views of it are
         // handed out only after `synchronize`.
-        let storage = unsafe { cuda.alloc_uninit(&Shape::from(elems), dtype) }.map_err(|e| e.to_string())?;
+        let storage = unsafe { cuda.alloc_uninit(&Shape::from(elems), dtype) }?;
         let ptr = device_ptr(&storage, &self.stream()?)?;
         let tensor = Tensor::from_storage(Storage::Cuda(storage), elems, BackpropOp::none(), false);
         Ok(DeviceBuffer { tensor, ptr, bytes: elems * dtype.size_in_bytes() })
     }
 
-    fn copy(&self, from: &PinnedBuffer, len: usize, to: &DeviceBuffer, offset: usize) -> Result<CudaEvent, String> {
-        let src = from.as_ref().get(..len).ok_or("copy longer than its buffer")?;
+    fn copy(
+        &self,
+        from: &PinnedBuffer,
+        len: usize,
+        to: &DeviceBuffer,
+        offset: usize,
+    ) -> Result<CudaEvent, DeviceError> {
+        let src = from.as_ref().get(..len).ok_or_else(|| DeviceError::Refused("copy longer than its buffer".into()))?;
         if offset.checked_add(len).is_none_or(|end| end > to.bytes) {
-            return Err(format!("copy of {len} bytes at {offset} past the end of {} bytes", to.bytes));
+            return Err(DeviceError::Refused(format!(
+                "copy of {len} bytes at {offset} past the end of {} bytes",
+                to.bytes
+            )));
         }
         let stream = self.stream()?;
-        self.context.bind_to_thread().map_err(|e| e.to_string())?;
+        self.context.bind_to_thread()?;
         // SAFETY: the destination range is inside the allocation (checked above), which `to`
         // keeps alive; the source is pinned memory that `StagingPool` leaves untouched until the
         // returned event completes.
-        unsafe { result::memcpy_htod_async(to.ptr + offset as u64, src, stream.cu_stream()) }
-            .map_err(|e| e.to_string())?;
-        stream.record_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)).map_err(|e| e.to_string())
+        unsafe { result::memcpy_htod_async(to.ptr + offset as u64, src, stream.cu_stream()) }?;
+        Ok(stream.record_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))?)
     }
 
-    fn wait(&self, fence: CudaEvent) -> Result<(), String> {
-        fence.synchronize().map_err(|e| e.to_string())
+    fn wait(&self, fence: CudaEvent) -> Result<(), DeviceError> {
+        Ok(fence.synchronize()?)
     }
 
-    fn is_done(&self, fence: &CudaEvent) -> Result<bool, String> {
-        fence.try_is_complete().map_err(|e| e.to_string())
+    fn is_done(&self, fence: &CudaEvent) -> Result<bool, DeviceError> {
+        Ok(fence.try_is_complete()?)
     }
 
-    fn synchronize(&self) -> Result<(), String> {
-        self.stream()?.synchronize().map_err(|e| e.to_string())
+    fn synchronize(&self) -> Result<(), DeviceError> {
+        Ok(self.stream()?.synchronize()?)
     }
 
     fn prepare_free(&self) {
         self.bind_to_thread();
     }
 
-    fn tensor_of(&self, allocation: &DeviceBuffer, dtype: DType, elems: usize) -> Result<Tensor, String> {
+    fn tensor_of(&self, allocation: &DeviceBuffer, dtype: DType, elems: usize) -> Result<Tensor, DeviceError> {
         match (allocation.tensor.dtype(), allocation.tensor.elem_count()) {
             (d, n) if d == dtype && n == elems => Ok(allocation.tensor.clone()),
-            (d, n) => Err(format!("allocated {n} elements of {d:?}, asked for {elems} of {dtype:?}")),
+            (d, n) => {
+                Err(DeviceError::Refused(format!("allocated {n} elements of {d:?}, asked for {elems} of {dtype:?}")))
+            }
         }
     }
 }
 
 /// The device address of a CUDA storage of any dtype.
-fn device_ptr(storage: &CudaStorage, stream: &Arc<CudaStream>) -> Result<sys::CUdeviceptr, String> {
-    fn of<T: CudaDType>(storage: &CudaStorage, stream: &Arc<CudaStream>) -> Result<sys::CUdeviceptr, String> {
-        Ok(storage.as_cuda_slice::<T>().map_err(|e| e.to_string())?.device_ptr(stream).0)
+fn device_ptr(storage: &CudaStorage, stream: &Arc<CudaStream>) -> Result<sys::CUdeviceptr, DeviceError> {
+    fn of<T: CudaDType>(storage: &CudaStorage, stream: &Arc<CudaStream>) -> Result<sys::CUdeviceptr, DeviceError> {
+        Ok(storage.as_cuda_slice::<T>()?.device_ptr(stream).0)
     }
     match storage.dtype() {
         DType::U8 => of::<u8>(storage, stream),
@@ -234,6 +244,6 @@ fn device_ptr(storage: &CudaStorage, stream: &Arc<CudaStream>) -> Result<sys::CU
         DType::F32 => of::<f32>(storage, stream),
         DType::F64 => of::<f64>(storage, stream),
         DType::F8E4M3 => of::<float8::F8E4M3>(storage, stream),
-        other => Err(format!("no staged copies of {other:?}")),
+        other => Err(DeviceError::Refused(format!("no staged copies of {other:?}"))),
     }
 }

@@ -9,6 +9,7 @@
 //! else from `MemAvailable`; [`host::configure_allocator`] and [`host::release_free_memory`] make
 //! freed tensor memory go back to the operating system.
 
+mod device;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod host;
@@ -17,8 +18,6 @@ pub mod sync;
 
 use std::{
     collections::BTreeMap,
-    fmt,
-    str::FromStr,
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, Ordering},
@@ -27,93 +26,10 @@ use std::{
 
 use tokio::sync::watch;
 
+pub use crate::device::{DeviceId, DeviceRequest, MemoryBudget};
+
 /// The share of a device's capacity models may hold when no budget is configured.
 pub const DEFAULT_BUDGET_PERCENT: f64 = 80.0;
-
-/// A device as a client asks for it ("cpu", "cuda", "cuda:1"), not yet checked against the build.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DeviceRequest {
-    Cpu,
-    /// `None` is "cuda": the first GPU.
-    Cuda(Option<usize>),
-}
-
-impl FromStr for DeviceRequest {
-    type Err = ResourceError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let invalid = || ResourceError::InvalidDevice(s.to_owned());
-        match s {
-            "cpu" => Ok(Self::Cpu),
-            "cuda" => Ok(Self::Cuda(None)),
-            _ => {
-                let ordinal = s.strip_prefix("cuda:").ok_or_else(invalid)?;
-                if ordinal.is_empty() || !ordinal.bytes().all(|b| b.is_ascii_digit()) || ordinal.len() > 3 {
-                    return Err(invalid());
-                }
-                Ok(Self::Cuda(Some(ordinal.parse().map_err(|_| invalid())?)))
-            }
-        }
-    }
-}
-
-/// A device this process can place tensors on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum DeviceId {
-    Cpu,
-    Cuda(usize),
-}
-
-impl fmt::Display for DeviceId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Cpu => f.write_str("cpu"),
-            Self::Cuda(n) => write!(f, "cuda:{n}"),
-        }
-    }
-}
-
-/// How much of a device models may hold.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum MemoryBudget {
-    Bytes(u64),
-    /// A share of the device's capacity, 0..=100.
-    Percent(f64),
-}
-
-impl Default for MemoryBudget {
-    fn default() -> Self {
-        Self::Percent(DEFAULT_BUDGET_PERCENT)
-    }
-}
-
-impl FromStr for MemoryBudget {
-    type Err = String;
-
-    /// `8GiB`, `500MB`, `1073741824` or `75%`.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        if let Some(p) = s.strip_suffix('%') {
-            let p: f64 = p.trim().parse().map_err(|_| format!("not a percentage: {s}"))?;
-            if !(p > 0.0 && p <= 100.0) {
-                return Err(format!("a percentage budget must be in (0, 100]: {s}"));
-            }
-            return Ok(Self::Percent(p));
-        }
-        let bytes: bytesize::ByteSize = s.parse().map_err(|e| format!("not a size: {s}: {e}"))?;
-        Ok(Self::Bytes(bytes.as_u64()))
-    }
-}
-
-impl MemoryBudget {
-    fn of(self, capacity: u64) -> u64 {
-        match self {
-            Self::Bytes(b) => b,
-            // Rounding down a share of a byte count: f64 has ample precision for a budget.
-            Self::Percent(p) => ((capacity as f64) * p / 100.0) as u64,
-        }
-    }
-}
 
 /// What went wrong with a device or its memory.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -196,7 +112,7 @@ struct DeviceMemory {
     changed: watch::Sender<()>,
     /// The GPU behind a `cuda:N` device (its free memory, its candle device).
     #[cfg(feature = "cuda")]
-    gpu: Option<gpu::Gpu>,
+    gpu: Option<Arc<gpu::Gpu>>,
     #[cfg(not(feature = "cuda"))]
     gpu: Option<std::convert::Infallible>,
 }
@@ -277,7 +193,7 @@ impl ResourceManager {
         for gpu in gpu::Gpu::all() {
             let mut memory = DeviceMemory::new(DeviceId::Cuda(gpu.ordinal), gpu.total, budget.of(gpu.total));
             tracing::info!(device = %memory.id, name = gpu.name, total = gpu.total, free = gpu.free(), "GPU");
-            memory.gpu = Some(gpu);
+            memory.gpu = Some(Arc::new(gpu));
             devices.push(Arc::new(memory));
         }
         let mut this = Self {
@@ -322,8 +238,9 @@ impl ResourceManager {
         if let Some(first) = self.devices.iter().find_map(|d| d.gpu.as_ref()) {
             let count = usize::try_from(bytes / staging::BUFFER_BYTES as u64).unwrap_or(usize::MAX).max(1);
             let started = std::time::Instant::now();
-            let pool = gpu::pinned_pool(first, count, staging::BUFFER_BYTES)
-                .map_err(|reason| ResourceError::DeviceUnavailable { device: "pinned host memory".into(), reason })?;
+            let pool = gpu::pinned_pool(first, count, staging::BUFFER_BYTES).map_err(|e| {
+                ResourceError::DeviceUnavailable { device: "pinned host memory".into(), reason: e.to_string() }
+            })?;
             let pinned = (count * staging::BUFFER_BYTES) as u64;
             tracing::info!(
                 buffers = count,
@@ -340,10 +257,10 @@ impl ResourceManager {
 
     /// The GPU behind `device` and the staging pool its loads read through.
     #[cfg(feature = "cuda")]
-    pub fn gpu_staging(&self, device: DeviceId) -> Result<(&gpu::Gpu, Arc<gpu::PinnedPool>), ResourceError> {
+    pub fn gpu_staging(&self, device: DeviceId) -> Result<(Arc<gpu::Gpu>, Arc<gpu::PinnedPool>), ResourceError> {
         let unavailable =
             |reason: &str| ResourceError::DeviceUnavailable { device: device.to_string(), reason: reason.into() };
-        let gpu = self.memory(device)?.gpu.as_ref().ok_or_else(|| unavailable("not a GPU"))?;
+        let gpu = self.memory(device)?.gpu.clone().ok_or_else(|| unavailable("not a GPU"))?;
         let pool = self.staging.clone().ok_or_else(|| unavailable("no pinned staging pool was allocated"))?;
         Ok((gpu, pool))
     }

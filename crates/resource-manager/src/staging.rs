@@ -39,8 +39,35 @@ pub fn chunk_bytes(total: u64, threads: usize, buffer_bytes: usize) -> usize {
     if chunk >= 4096 { chunk & !4095 } else { chunk }
 }
 
+/// Why a device refused an allocation, a copy or a wait.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// A view of one tensor could not be made.
+    #[error("tensor {tensor}: {source}")]
+    Tensor {
+        tensor: String,
+        #[source]
+        source: candle_core::Error,
+    },
+    #[cfg(feature = "cuda")]
+    #[error(transparent)]
+    Driver(#[from] candle_core::cuda::cudarc::driver::DriverError),
+    #[cfg(feature = "cuda")]
+    #[error("pinning {bytes} bytes of host memory: {source}")]
+    Pinning {
+        bytes: usize,
+        #[source]
+        source: candle_core::cuda::cudarc::driver::DriverError,
+    },
+    /// A request the device cannot serve as asked (a copy past the end of its allocation).
+    #[error("{0}")]
+    Refused(String),
+}
+
 /// The device side of staged copies.
-pub trait CopyEngine: Sync {
+pub trait CopyEngine: Send + Sync {
     /// A staging buffer's memory on the host.
     type Buffer: AsMut<[u8]> + AsRef<[u8]> + Send;
     /// The completion of one queued copy.
@@ -49,7 +76,7 @@ pub trait CopyEngine: Sync {
     type Allocation: Send + Sync;
 
     /// Room for `elems` elements of `dtype`, uninitialised.
-    fn allocate(&self, dtype: DType, elems: usize) -> Result<Self::Allocation, String>;
+    fn allocate(&self, dtype: DType, elems: usize) -> Result<Self::Allocation, DeviceError>;
     /// Queues a copy of the first `len` bytes of `from` to byte `offset` of `to` and returns at
     /// once: `from` is read until the fence completes.
     fn copy(
@@ -58,19 +85,19 @@ pub trait CopyEngine: Sync {
         len: usize,
         to: &Self::Allocation,
         offset: usize,
-    ) -> Result<Self::Fence, String>;
+    ) -> Result<Self::Fence, DeviceError>;
     /// Blocks until the copy behind `fence` completed.
-    fn wait(&self, fence: Self::Fence) -> Result<(), String>;
+    fn wait(&self, fence: Self::Fence) -> Result<(), DeviceError>;
     /// Whether the copy behind `fence` completed, without blocking.
-    fn is_done(&self, fence: &Self::Fence) -> Result<bool, String>;
+    fn is_done(&self, fence: &Self::Fence) -> Result<bool, DeviceError>;
     /// Blocks until every queued copy completed.
-    fn synchronize(&self) -> Result<(), String>;
+    fn synchronize(&self) -> Result<(), DeviceError>;
     /// Lets this thread free the engine's memory (a GPU's frees need its context current).
     fn prepare_free(&self) {}
     /// The allocation as a one-dimensional tensor of `elems` elements of `dtype`, sharing its
     /// memory (views of it are made while copies into it are in flight: its bytes are read only
     /// after [`CopyEngine::synchronize`]).
-    fn tensor_of(&self, allocation: &Self::Allocation, dtype: DType, elems: usize) -> Result<Tensor, String>;
+    fn tensor_of(&self, allocation: &Self::Allocation, dtype: DType, elems: usize) -> Result<Tensor, DeviceError>;
 }
 
 impl<B, F> std::fmt::Debug for StagingPool<B, F> {
@@ -151,7 +178,7 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>, F> Lease<'_, B, F> {
     }
 
     /// The buffer's bytes to write into, once the copy that last read them has completed.
-    pub fn fill<E: CopyEngine<Buffer = B, Fence = F>>(&mut self, engine: &E) -> Result<&mut [u8], String> {
+    pub fn fill<E: CopyEngine<Buffer = B, Fence = F>>(&mut self, engine: &E) -> Result<&mut [u8], DeviceError> {
         let slot = self.slot();
         if let Some(fence) = slot.last_copy.take() {
             engine.wait(fence)?;
@@ -163,7 +190,7 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>, F> Lease<'_, B, F> {
     /// Whether the copy that reads this buffer completed (true if none was queued), without
     /// blocking. Once it has, the buffer goes back to the pool ready to be written, and whoever
     /// takes it next needs no call to the device.
-    pub fn copied<E: CopyEngine<Buffer = B, Fence = F>>(&mut self, engine: &E) -> Result<bool, String> {
+    pub fn copied<E: CopyEngine<Buffer = B, Fence = F>>(&mut self, engine: &E) -> Result<bool, DeviceError> {
         let slot = self.slot();
         let Some(fence) = &slot.last_copy else { return Ok(true) };
         let done = engine.is_done(fence)?;
@@ -180,7 +207,7 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>, F> Lease<'_, B, F> {
         len: usize,
         to: &E::Allocation,
         offset: usize,
-    ) -> Result<(), String> {
+    ) -> Result<(), DeviceError> {
         let slot = self.slot();
         debug_assert!(slot.last_copy.is_none(), "fill waits for the last copy before a buffer is written again");
         slot.last_copy = Some(engine.copy(&slot.buffer, len, to, offset)?);
@@ -208,23 +235,23 @@ mod tests {
         type Buffer = Vec<u8>;
         type Fence = u8;
         type Allocation = ();
-        fn allocate(&self, _: DType, _: usize) -> Result<(), String> {
+        fn allocate(&self, _: DType, _: usize) -> Result<(), DeviceError> {
             Ok(())
         }
-        fn copy(&self, from: &Vec<u8>, _: usize, _: &(), _: usize) -> Result<u8, String> {
+        fn copy(&self, from: &Vec<u8>, _: usize, _: &(), _: usize) -> Result<u8, DeviceError> {
             Ok(from[0])
         }
-        fn wait(&self, _: u8) -> Result<(), String> {
+        fn wait(&self, _: u8) -> Result<(), DeviceError> {
             Ok(())
         }
-        fn is_done(&self, _: &u8) -> Result<bool, String> {
+        fn is_done(&self, _: &u8) -> Result<bool, DeviceError> {
             Ok(true)
         }
-        fn synchronize(&self) -> Result<(), String> {
+        fn synchronize(&self) -> Result<(), DeviceError> {
             Ok(())
         }
-        fn tensor_of(&self, _: &(), _: DType, _: usize) -> Result<Tensor, String> {
-            Err("no tensors".into())
+        fn tensor_of(&self, _: &(), _: DType, _: usize) -> Result<Tensor, DeviceError> {
+            Err(DeviceError::Refused("no tensors".into()))
         }
     }
 
@@ -258,24 +285,24 @@ mod tests {
         type Buffer = Vec<u8>;
         type Fence = std::sync::Arc<std::sync::atomic::AtomicBool>;
         type Allocation = Self::Fence;
-        fn allocate(&self, _: DType, _: usize) -> Result<Self::Fence, String> {
+        fn allocate(&self, _: DType, _: usize) -> Result<Self::Fence, DeviceError> {
             Ok(Default::default())
         }
-        fn copy(&self, _: &Vec<u8>, _: usize, completes: &Self::Fence, _: usize) -> Result<Self::Fence, String> {
+        fn copy(&self, _: &Vec<u8>, _: usize, completes: &Self::Fence, _: usize) -> Result<Self::Fence, DeviceError> {
             Ok(completes.clone())
         }
-        fn wait(&self, _: Self::Fence) -> Result<(), String> {
+        fn wait(&self, _: Self::Fence) -> Result<(), DeviceError> {
             self.waits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Ok(())
         }
-        fn is_done(&self, fence: &Self::Fence) -> Result<bool, String> {
+        fn is_done(&self, fence: &Self::Fence) -> Result<bool, DeviceError> {
             Ok(fence.load(std::sync::atomic::Ordering::SeqCst))
         }
-        fn synchronize(&self) -> Result<(), String> {
+        fn synchronize(&self) -> Result<(), DeviceError> {
             Ok(())
         }
-        fn tensor_of(&self, _: &Self::Fence, _: DType, _: usize) -> Result<Tensor, String> {
-            Err("no tensors".into())
+        fn tensor_of(&self, _: &Self::Fence, _: DType, _: usize) -> Result<Tensor, DeviceError> {
+            Err(DeviceError::Refused("no tensors".into()))
         }
     }
 

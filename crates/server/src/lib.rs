@@ -17,6 +17,7 @@ use anyhow::Context;
 use model_manager::ModelManager;
 use proto::v1::model_loader_server::ModelLoaderServer;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::server::HealthReporter;
 
@@ -44,24 +45,16 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let manager = Arc::new(ModelManager::new(config.manager.clone()).context("building the model manager")?);
+    // The one cancellation root of the process: the loads' and the watch streams' tokens are its
+    // children (stopped in order by `ModelManager::shutdown`), and cancelling it stops serving.
+    let root = CancellationToken::new();
+    let manager = Arc::new(ModelManager::new(config.manager.clone(), &root).context("building the model manager")?);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_not_serving::<ModelLoaderServer<ModelLoaderService>>().await;
     let preload = tokio::spawn(preload(manager.clone(), health.clone(), config.preload.clone()));
-
-    // Both reflection versions know every service (grpcurl 1.8 speaks only v1alpha).
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection().build_v1().context("building reflection v1")?;
-    let reflection_v1alpha = reflection().build_v1alpha().context("building reflection v1alpha")?;
+    let (reflection_v1, reflection_v1alpha) = reflection()?;
 
     let addr = listener.local_addr().context("reading the listening address")?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     // TCP_NODELAY: progress messages and stream ends are small writes; with Nagle's algorithm
     // (the default for sockets accepted from our own listener) each could wait ~40 ms for the
     // client's delayed ACK.
@@ -71,35 +64,12 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(ModelLoaderServer::new(ModelLoaderService::new(manager.clone())))
-        .serve_with_incoming_shutdown(incoming, async {
-            let _ = stop_rx.await;
-        });
+        .serve_with_incoming_shutdown(incoming, root.clone().cancelled_owned());
     let mut server = tokio::spawn(server);
-    for device in manager.resources() {
-        tracing::info!(
-            device = %device.device,
-            capacity = device.total_bytes,
-            budget = device.budget_bytes,
-            evict = %config.manager.loader.evict,
-            max_concurrent_loads = config.manager.loader.max_concurrent_loads,
-            "memory"
-        );
-    }
+    log_memory(&manager, &config);
     tracing::info!(%addr, "serving modelloader.v1.ModelLoader");
-    let metrics = match config.metrics_listen {
-        Some(metrics_addr) => {
-            let handle = metrics::install()?;
-            let listener = TcpListener::bind(metrics_addr)
-                .await
-                .with_context(|| format!("binding --metrics-listen {metrics_addr}"))?;
-            let addr = listener.local_addr().context("reading the metrics address")?;
-            tracing::info!(%addr, "serving /metrics");
-            Some(tokio::spawn(metrics::serve(listener, manager.clone(), handle)))
-        }
-        None => None,
-    };
     // Stops serving /metrics however `run` ends.
-    let _metrics = metrics.map(AbortOnDrop);
+    let _metrics = serve_metrics(&config, &manager).await?.map(AbortOnDrop);
 
     tokio::select! {
         result = &mut server => return result.context("server task")?.context("serving"),
@@ -113,7 +83,7 @@ pub async fn run(
     if tokio::time::timeout_at(deadline, manager.shutdown()).await.is_err() {
         tracing::warn!("loads did not end within the shutdown grace");
     }
-    let _ = stop_tx.send(());
+    root.cancel();
     match tokio::time::timeout_at(deadline, &mut server).await {
         Ok(result) => result.context("server task")?.context("serving")?,
         Err(_) => {
@@ -123,6 +93,51 @@ pub async fn run(
     }
     tracing::info!("shut down");
     Ok(())
+}
+
+/// Both reflection versions, each knowing every service (grpcurl 1.8 speaks only v1alpha).
+fn reflection() -> anyhow::Result<(
+    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
+)> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+    };
+    let v1 = builder().build_v1().context("building reflection v1")?;
+    let v1alpha = builder().build_v1alpha().context("building reflection v1alpha")?;
+    Ok((v1, v1alpha))
+}
+
+/// One line per device: its capacity and budget, and how loads use it.
+fn log_memory(manager: &ModelManager, config: &ServerConfig) {
+    for device in manager.resources() {
+        tracing::info!(
+            device = %device.device,
+            capacity = device.total_bytes,
+            budget = device.budget_bytes,
+            evict = %config.manager.loader.evict,
+            max_concurrent_loads = config.manager.loader.max_concurrent_loads,
+            "memory"
+        );
+    }
+}
+
+/// `/metrics` on `--metrics-listen`, if set.
+async fn serve_metrics(
+    config: &ServerConfig,
+    manager: &Arc<ModelManager>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<anyhow::Result<()>>>> {
+    let Some(metrics_addr) = config.metrics_listen else { return Ok(None) };
+    let handle = metrics::install()?;
+    let listener =
+        TcpListener::bind(metrics_addr).await.with_context(|| format!("binding --metrics-listen {metrics_addr}"))?;
+    let addr = listener.local_addr().context("reading the metrics address")?;
+    tracing::info!(%addr, "serving /metrics");
+    Ok(Some(tokio::spawn(metrics::serve(listener, manager.clone(), handle))))
 }
 
 /// Loads the `--preload` models, then turns readiness SERVING. A preload that fails leaves

@@ -1,7 +1,7 @@
 //! The one table mapping errors to gRPC status codes. Nothing is logged here: errors are logged
 //! where they are handled.
 
-use model_manager::{HubFailure, LoadError, ManagerError, resource_manager::ResourceError};
+use model_manager::{HubFailure, Kind, LoadError, ManagerError};
 use tonic::{Code, Status};
 
 /// The gRPC status for a facade error.
@@ -15,26 +15,17 @@ pub fn from_manager(e: &ManagerError) -> Status {
 
 /// The gRPC status for a load error.
 pub fn from_load(e: &LoadError) -> Status {
-    let code = match e {
-        LoadError::InvalidRequest(_) | LoadError::Resource(ResourceError::InvalidDevice(_)) => Code::InvalidArgument,
-        LoadError::Resource(ResourceError::DeviceUnavailable { .. }) => Code::FailedPrecondition,
-        LoadError::Resource(
-            ResourceError::OverBudget { .. } | ResourceError::LargerThanBudget { .. } | ResourceError::NoRoom { .. },
-        ) => Code::ResourceExhausted,
-        LoadError::NotFound { .. } => Code::NotFound,
-        LoadError::PathEscapes { .. } => Code::PermissionDenied,
-        LoadError::PickleOnly { .. } | LoadError::UnsupportedDtype { .. } => Code::FailedPrecondition,
-        LoadError::Corrupt { .. } | LoadError::BadConfig { .. } => Code::DataLoss,
-        LoadError::Hub { failure, .. } => match failure {
-            HubFailure::NotFound => Code::NotFound,
-            HubFailure::Unauthenticated => Code::Unauthenticated,
-            HubFailure::PermissionDenied => Code::PermissionDenied,
-            HubFailure::Unavailable => Code::Unavailable,
-            HubFailure::Other => Code::Internal,
-        },
-        LoadError::Cancelled { .. } => Code::Cancelled,
-        LoadError::ShuttingDown => Code::Unavailable,
-        LoadError::ReadWeights { .. } | LoadError::PlaceOnDevice { .. } | LoadError::Internal { .. } => Code::Internal,
+    let code = match e.kind() {
+        Kind::InvalidRequest | Kind::InvalidDevice => Code::InvalidArgument,
+        Kind::DeviceUnavailable | Kind::PickleOnly | Kind::UnsupportedDtype => Code::FailedPrecondition,
+        Kind::OverBudget => Code::ResourceExhausted,
+        Kind::NotFound | Kind::Hub(HubFailure::NotFound) => Code::NotFound,
+        Kind::PathEscapes | Kind::Hub(HubFailure::PermissionDenied) => Code::PermissionDenied,
+        Kind::Corrupt | Kind::BadConfig => Code::DataLoss,
+        Kind::Hub(HubFailure::Unauthenticated) => Code::Unauthenticated,
+        Kind::Hub(HubFailure::Unavailable) | Kind::ShuttingDown => Code::Unavailable,
+        Kind::Cancelled => Code::Cancelled,
+        Kind::ReadWeights | Kind::PlaceOnDevice | Kind::Hub(HubFailure::Other) | Kind::Internal => Code::Internal,
     };
     Status::new(code, e.to_string())
 }

@@ -21,17 +21,7 @@ pub enum ModelState {
     Failed,
 }
 
-/// Where a loaded model's files came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::Display)]
-#[strum(serialize_all = "lowercase")]
-pub enum ModelSource {
-    /// A folder under the model root.
-    Local,
-    /// A snapshot in the Hugging Face cache.
-    Cache,
-    /// Downloaded from the hub.
-    Hub,
-}
+pub use model_id::ModelSource;
 
 /// Facts about a model's current or last load, shown in its status.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -5,18 +5,15 @@
 //! diffusers-style pipeline (`model_index.json` + one folder per component, each single-file or
 //! sharded). Pickle weights (`*.bin`, `*.pt`, `*.ckpt`) are never opened.
 
-use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    io::Read,
-    path::{Path, PathBuf},
-};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use model_id::{ModelId, TargetDtype};
 
 use crate::{
-    error::LoadError,
+    Error,
+    choice::{self, Choice},
+    files::{ModelFiles, join},
     header::{self, HeaderError, TensorPlan},
-    request::{ModelId, TargetDtype},
-    source::Located,
-    weights::{self, Choice},
 };
 
 /// The largest JSON side file (config, index) we read.
@@ -60,10 +57,8 @@ struct Weights {
 /// One safetensors file, its header validated.
 #[derive(Debug)]
 pub struct FilePlan {
-    /// Canonical path, confined to the source root.
-    pub path: PathBuf,
-    /// Relative to the model folder, for messages.
-    pub display: String,
+    /// Relative to the model's folder (`unet/diffusion_pytorch_model.safetensors`).
+    pub path: String,
     /// Sorted by offset.
     pub tensors: Vec<TensorPlan>,
 }
@@ -100,56 +95,46 @@ impl LoadPlan {
     }
 }
 
-/// Builds the plan for the model in `located`, reading the precision `variant` of each folder
-/// that has one (`fp16`: see [`weights`]).
-pub fn build(id: &ModelId, located: &Located, variant: Option<&str>) -> Result<LoadPlan, LoadError> {
-    let planner = Planner { id, located, variant };
-    let index = located.dir.join("model_index.json");
-    if let Some(model_index) = planner.read_json(&index)? {
+/// Builds the plan for the model whose files are `files`, reading the precision `variant` of
+/// each folder that has one (`fp16`: see [`choice`]).
+pub fn build(files: &dyn ModelFiles, variant: Option<&str>) -> Result<LoadPlan, Error> {
+    let planner = Planner { files, variant };
+    if let Some(model_index) = planner.read_json("model_index.json")? {
         return planner.pipeline(&model_index);
     }
-    let Weights { layout, files, variant } = planner.weights_in(&located.dir)?.ok_or_else(|| LoadError::NotFound {
-        model_id: id.to_string(),
-        reason: "no safetensors weights in its folder".into(),
-    })?;
-    let config = planner.read_json(&located.dir.join("config.json"))?;
+    let Weights { layout, files, variant } =
+        planner.weights_in("")?.ok_or_else(|| Error::NotFound("no safetensors weights in its folder".into()))?;
+    let config = planner.read_json("config.json")?;
     Ok(LoadPlan { layout, components: vec![ComponentPlan { name: String::new(), config, files, variant }] })
 }
 
 struct Planner<'a> {
-    id: &'a ModelId,
-    located: &'a Located,
+    files: &'a dyn ModelFiles,
     variant: Option<&'a str>,
 }
 
 impl Planner<'_> {
-    fn corrupt(&self, file: &str, reason: impl Into<String>) -> LoadError {
-        LoadError::Corrupt { model_id: self.id.to_string(), file: file.to_owned(), reason: reason.into() }
+    fn corrupt(&self, file: &str, reason: impl Into<String>) -> Error {
+        Error::Corrupt { file: file.to_owned(), reason: reason.into() }
     }
 
-    fn read_error(&self, file: &str, source: std::io::Error) -> LoadError {
-        LoadError::ReadWeights { model_id: self.id.to_string(), file: file.to_owned(), source }
+    fn bad_config(&self, file: &str, reason: impl Into<String>) -> Error {
+        Error::BadConfig { file: file.to_owned(), reason: reason.into() }
     }
 
     /// A JSON side file, if it exists.
-    fn read_json(&self, path: &Path) -> Result<Option<serde_json::Value>, LoadError> {
-        let display = self.located.display(path);
-        let Some(file) = self.located.open(self.id, path)? else { return Ok(None) };
-        let mut text = Vec::new();
-        file.take(MAX_JSON_BYTES).read_to_end(&mut text).map_err(|e| self.read_error(&display, e))?;
-        serde_json::from_slice(&text).map(Some).map_err(|e| LoadError::BadConfig {
-            model_id: self.id.to_string(),
-            file: display,
-            reason: e.to_string(),
-        })
+    fn read_json(&self, path: &str) -> Result<Option<serde_json::Value>, Error> {
+        let Some(file) = self.files.open(path)? else { return Ok(None) };
+        let read_error = |source| Error::Read { file: path.to_owned(), source };
+        let len = file.size().map_err(read_error)?.min(MAX_JSON_BYTES);
+        let mut text = vec![0u8; len as usize];
+        file.read_exact_at(&mut text, 0).map_err(read_error)?;
+        serde_json::from_slice(&text).map(Some).map_err(|e| self.bad_config(path, e.to_string()))
     }
 
-    fn pipeline(&self, model_index: &serde_json::Value) -> Result<LoadPlan, LoadError> {
-        let entries = model_index.as_object().ok_or_else(|| LoadError::BadConfig {
-            model_id: self.id.to_string(),
-            file: "model_index.json".into(),
-            reason: "not a JSON object".into(),
-        })?;
+    fn pipeline(&self, model_index: &serde_json::Value) -> Result<LoadPlan, Error> {
+        let entries =
+            model_index.as_object().ok_or_else(|| self.bad_config("model_index.json", "not a JSON object"))?;
         let mut components = Vec::new();
         for (name, value) in entries {
             // Components are `"unet": ["diffusers", "UNet2DConditionModel"]`; keys starting with
@@ -158,75 +143,60 @@ impl Planner<'_> {
             if name.starts_with('_') || !is_component || ModelId::parse(name).is_err() || name.contains('/') {
                 continue;
             }
-            let dir = self.located.dir.join(name);
-            if self.located.confine(self.id, &dir)?.is_none_or(|d| !d.is_dir()) {
+            if !self.files.is_dir(name)? {
                 continue;
             }
             // Components without weights (scheduler, tokenizer) are configuration only.
-            let Some(Weights { files, variant, .. }) = self.weights_in(&dir)? else { continue };
-            let config = self.read_json(&dir.join("config.json"))?;
+            let Some(Weights { files, variant, .. }) = self.weights_in(name)? else { continue };
+            let config = self.read_json(&join(name, "config.json"))?;
             components.push(ComponentPlan { name: name.clone(), config, files, variant });
         }
         if components.is_empty() {
-            return Err(LoadError::NotFound {
-                model_id: self.id.to_string(),
-                reason: "model_index.json names no component with safetensors weights".into(),
-            });
+            return Err(Error::NotFound("model_index.json names no component with safetensors weights".into()));
         }
         components.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(LoadPlan { layout: Layout::Pipeline, components })
     }
 
-    /// The safetensors files of one folder (see [`weights::choose`]), their layout and variant;
+    /// The safetensors files of one folder (see [`choice::choose`]), their layout and variant;
     /// `None` if it has no weights at all; an error if it has only pickle weights.
-    fn weights_in(&self, dir: &Path) -> Result<Option<Weights>, LoadError> {
-        let mut names: Vec<String> = std::fs::read_dir(dir)
-            .map_err(|e| self.read_error(&self.located.display(dir), e))?
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .collect();
-        names.sort();
-        match weights::choose(&names, self.variant) {
+    fn weights_in(&self, dir: &str) -> Result<Option<Weights>, Error> {
+        let names = self.files.list(dir)?;
+        match choice::choose(&names, self.variant) {
             Choice::Sharded { index, variant, .. } => {
                 Ok(Some(Weights { layout: Layout::Sharded, files: self.sharded(dir, &index)?, variant }))
             }
             Choice::Files { files, variant } => {
-                let files = files.iter().map(|n| self.header(&dir.join(n))).collect::<Result<Vec<_>, _>>()?;
+                let files = files.iter().map(|n| self.header(&join(dir, n))).collect::<Result<Vec<_>, _>>()?;
                 self.check_unique(&files)?;
                 let layout = if files.len() == 1 { Layout::SingleFile } else { Layout::Sharded };
                 Ok(Some(Weights { layout, files, variant }))
             }
-            Choice::PickleOnly(files) => {
-                Err(LoadError::PickleOnly { model_id: self.id.to_string(), files: files.join(", ") })
-            }
+            Choice::PickleOnly(files) => Err(Error::PickleOnly { files: files.join(", ") }),
             Choice::Nothing => Ok(None),
         }
     }
 
-    fn sharded(&self, dir: &Path, index_name: &str) -> Result<Vec<FilePlan>, LoadError> {
-        let index_path = dir.join(index_name);
-        let display = self.located.display(&index_path);
+    fn sharded(&self, dir: &str, index_name: &str) -> Result<Vec<FilePlan>, Error> {
+        let index_path = join(dir, index_name);
         let index = self.read_json(&index_path)?.unwrap_or_default();
-        let weight_map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| LoadError::BadConfig {
-            model_id: self.id.to_string(),
-            file: display.clone(),
-            reason: "no \"weight_map\" object".into(),
-        })?;
+        let weight_map = index
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| self.bad_config(&index_path, "no \"weight_map\" object"))?;
         let mut expected: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
         for (tensor, shard) in weight_map {
-            let shard = shard.as_str().filter(|s| is_plain_file_name(s)).ok_or_else(|| LoadError::BadConfig {
-                model_id: self.id.to_string(),
-                file: display.clone(),
-                reason: format!("tensor {tensor} maps to an invalid shard name"),
+            let shard = shard.as_str().filter(|s| is_plain_file_name(s)).ok_or_else(|| {
+                self.bad_config(&index_path, format!("tensor {tensor} maps to an invalid shard name"))
             })?;
             expected.entry(shard).or_default().insert(tensor);
         }
         let mut files = Vec::new();
         for (shard, tensors) in expected {
-            let path = dir.join(shard);
-            let plan = self.header(&path)?;
+            let plan = self.header(&join(dir, shard))?;
             let present: BTreeSet<&str> = plan.tensors.iter().map(|t| t.name.as_str()).collect();
             if let Some(missing) = tensors.iter().find(|t| !present.contains(*t)) {
-                return Err(self.corrupt(&plan.display, format!("tensor {missing} listed in {display} is missing")));
+                return Err(self.corrupt(&plan.path, format!("tensor {missing} listed in {index_path} is missing")));
             }
             files.push(plan);
         }
@@ -234,12 +204,12 @@ impl Planner<'_> {
         Ok(files)
     }
 
-    fn check_unique(&self, files: &[FilePlan]) -> Result<(), LoadError> {
+    fn check_unique(&self, files: &[FilePlan]) -> Result<(), Error> {
         let mut seen = HashMap::new();
         for f in files {
             for t in &f.tensors {
-                if let Some(other) = seen.insert(t.name.as_str(), f.display.as_str()) {
-                    return Err(self.corrupt(&f.display, format!("tensor {} is also in {other}", t.name)));
+                if let Some(other) = seen.insert(t.name.as_str(), f.path.as_str()) {
+                    return Err(self.corrupt(&f.path, format!("tensor {} is also in {other}", t.name)));
                 }
             }
         }
@@ -248,20 +218,16 @@ impl Planner<'_> {
 
     /// Reads and validates one file's header: its size, JSON, dtypes, shapes and offsets, and that
     /// the data section ends exactly at the end of the file.
-    fn header(&self, path: &Path) -> Result<FilePlan, LoadError> {
-        let display = self.located.display(path);
-        let file = self.located.open(self.id, path)?.ok_or_else(|| LoadError::NotFound {
-            model_id: self.id.to_string(),
-            reason: format!("{display} is missing"),
-        })?;
-        let tensors = header::read(&file).map_err(|e| match e {
-            HeaderError::Io(source) => self.read_error(&display, source),
-            HeaderError::Corrupt(reason) => self.corrupt(&display, reason),
+    fn header(&self, path: &str) -> Result<FilePlan, Error> {
+        let file = self.files.open(path)?.ok_or_else(|| Error::NotFound(format!("{path} is missing")))?;
+        let tensors = header::read(file.as_ref()).map_err(|e| match e {
+            HeaderError::Io(source) => Error::Read { file: path.to_owned(), source },
+            HeaderError::Corrupt(reason) => self.corrupt(path, reason),
             HeaderError::Unsupported { tensor, dtype } => {
-                LoadError::UnsupportedDtype { model_id: self.id.to_string(), file: display.clone(), tensor, dtype }
+                Error::UnsupportedDtype { file: path.to_owned(), tensor, dtype }
             }
         })?;
-        Ok(FilePlan { path: path.to_owned(), display, tensors })
+        Ok(FilePlan { path: path.to_owned(), tensors })
     }
 }
 

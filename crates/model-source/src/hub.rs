@@ -10,7 +10,7 @@ use std::{
     io::Read,
     path::{Path, PathBuf},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -22,19 +22,17 @@ use hf_hub::{
     progress::{DownloadEvent, ProgressEvent, ProgressHandler},
     repository::RepoTreeEntry,
 };
+use model_id::{ModelId, Revision};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
+use weights::choice::{self, Choice};
 
-use resource_manager::sync;
-
-use crate::{
-    error::{HubFailure, LoadError},
-    request::{ModelId, Revision},
-    weights::{self, Choice},
-};
+use crate::{Error, FetchProgress, HubFailure, cache::repo_folder};
 
 /// How long the hub may send nothing (no answer, no byte) before a load gives up with UNAVAILABLE.
 pub const DEFAULT_HUB_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a download checks that bytes still arrive.
+const STALL_CHECK: Duration = Duration::from_millis(100);
 
 /// Where and how to reach the hub.
 #[derive(Clone)]
@@ -84,12 +82,12 @@ pub struct RemoteSnapshot {
 /// A client of the hub writing into one HF cache.
 pub struct Hub {
     client: HFClient,
-    cache: PathBuf,
+    pub(crate) cache: PathBuf,
     stall_timeout: Duration,
 }
 
 impl Hub {
-    pub fn new(config: &HubConfig, cache: &Path) -> Result<Self, String> {
+    pub fn new(config: &HubConfig, cache: &Path) -> Result<Self, Error> {
         let mut builder = HFClient::builder().cache_dir(cache).cache_enabled(true).retry_max_attempts(3);
         if let Some(endpoint) = &config.endpoint {
             builder = builder.endpoint(endpoint.trim_end_matches('/'));
@@ -97,18 +95,16 @@ impl Hub {
         if let Some(token) = &config.token {
             builder = builder.token(token);
         }
-        let client = builder.build().map_err(|e| e.to_string())?;
+        let client = builder.build().map_err(|e| Error::Hub {
+            failure: HubFailure::Other,
+            reason: format!("configuring the hub client: {e}"),
+        })?;
         Ok(Self { client, cache: cache.to_owned(), stall_timeout: config.stall_timeout })
     }
 
     fn repo(&self, id: &ModelId) -> hf_hub::repository::HFRepository<hf_hub::repository::RepoTypeModel> {
         let (org, name) = id.split();
         self.client.model(org.unwrap_or(""), name)
-    }
-
-    /// How long the hub may send nothing before a load gives up.
-    pub fn stall_timeout(&self) -> Duration {
-        self.stall_timeout
     }
 
     /// Resolves `revision` to its commit and lists the files a load needs (see [`needed_files`]),
@@ -118,10 +114,10 @@ impl Hub {
         id: &ModelId,
         revision: &Revision,
         variant: Option<&str>,
-    ) -> Result<RemoteSnapshot, LoadError> {
+    ) -> Result<RemoteSnapshot, Error> {
         tokio::time::timeout(self.stall_timeout, self.resolve_now(id, revision, variant))
             .await
-            .map_err(|_| stalled(id, self.stall_timeout))?
+            .map_err(|_| stalled(self.stall_timeout))?
     }
 
     async fn resolve_now(
@@ -129,35 +125,34 @@ impl Hub {
         id: &ModelId,
         revision: &Revision,
         variant: Option<&str>,
-    ) -> Result<RemoteSnapshot, LoadError> {
+    ) -> Result<RemoteSnapshot, Error> {
         let repo = self.repo(id);
-        let info = repo.info().revision(revision.as_str().to_owned()).send().await.map_err(|e| hub_error(id, e))?;
-        let commit = info.sha.filter(|s| is_commit(s)).ok_or_else(|| LoadError::Hub {
-            model_id: id.to_string(),
+        let info = repo.info().revision(revision.as_str().to_owned()).send().await.map_err(hub_error)?;
+        let commit = info.sha.filter(|s| is_commit(s)).ok_or_else(|| Error::Hub {
             failure: HubFailure::Other,
             reason: format!("the hub gave no commit for revision {}", revision.as_str()),
         })?;
-        let tree = repo.list_tree().revision(commit.clone()).recursive(true).send().map_err(|e| hub_error(id, e))?;
+        let tree = repo.list_tree().revision(commit.clone()).recursive(true).send().map_err(hub_error)?;
         let mut files = Vec::new();
         let mut tree = std::pin::pin!(tree);
         while let Some(entry) = tree.next().await {
-            if let RepoTreeEntry::File { path, size, lfs, .. } = entry.map_err(|e| hub_error(id, e))? {
+            if let RepoTreeEntry::File { path, size, lfs, .. } = entry.map_err(hub_error)? {
                 let sha256 = lfs.and_then(|l| l.sha256).filter(|s| s.len() == 64);
                 files.push(RemoteFile { path, size, sha256 });
             }
         }
-        let needed = needed_files(id, &files, variant)?;
+        let needed = needed_files(&files, variant)?;
         Ok(RemoteSnapshot { commit, needed })
     }
 
     /// The snapshot folder of `commit` in the cache.
-    pub fn snapshot_dir(&self, id: &ModelId, commit: &str) -> PathBuf {
+    pub(crate) fn snapshot_dir(&self, id: &ModelId, commit: &str) -> PathBuf {
         self.cache.join(repo_folder(id)).join("snapshots").join(commit)
     }
 
     /// Records that `revision` names `commit` (`refs/<revision>`), as huggingface_hub does, so an
     /// offline load (ours or Python's) finds the snapshot. Written to a temporary file and renamed.
-    pub fn write_ref(&self, id: &ModelId, revision: &Revision, commit: &str) -> std::io::Result<()> {
+    pub(crate) fn write_ref(&self, id: &ModelId, revision: &Revision, commit: &str) -> std::io::Result<()> {
         if revision.is_commit() {
             return Ok(());
         }
@@ -173,7 +168,7 @@ impl Hub {
     }
 
     /// The needed files not yet in the cache's snapshot.
-    pub fn missing(&self, id: &ModelId, snapshot: &RemoteSnapshot) -> Vec<RemoteFile> {
+    pub(crate) fn missing(&self, id: &ModelId, snapshot: &RemoteSnapshot) -> Vec<RemoteFile> {
         let dir = self.snapshot_dir(id, &snapshot.commit);
         snapshot.needed.iter().filter(|f| !dir.join(&f.path).is_file()).cloned().collect()
     }
@@ -182,21 +177,36 @@ impl Hub {
     /// done over all of them in `counter`, stopping when `cancel` fires or a file fails (the other
     /// downloads in flight are dropped). Each LFS file is verified against its sha256 as soon as it
     /// is complete; a mismatch removes it and fails with DATA_LOSS.
-    pub async fn download(
+    pub(crate) async fn download(
         &self,
         id: &ModelId,
         commit: &str,
         files: &[RemoteFile],
         cancel: &CancellationToken,
-        counter: &Arc<DownloadCounter>,
-    ) -> Result<(), LoadError> {
+        counter: &Arc<FetchProgress>,
+    ) -> Result<(), Error> {
         let all = futures::stream::iter(files.iter().map(Ok))
             .try_for_each_concurrent(DOWNLOAD_WORKERS, |file| self.download_one(id, commit, file, counter));
-        // Dropping a download stops it between two chunks; hf-hub's `.incomplete` file is never
-        // taken for a blob (it is truncated and rewritten by the next download).
-        tokio::select! {
-            result = all => result,
-            () = cancel.cancelled() => Err(LoadError::Cancelled { model_id: id.to_string() }),
+        tokio::pin!(all);
+        // A hub that stops sending (hf-hub's clients have no timeouts) fails the load instead of
+        // holding it forever: dropping the downloads closes their connections, and stops each
+        // between two chunks; hf-hub's `.incomplete` file is never taken for a blob (it is
+        // truncated and rewritten by the next download).
+        let mut tick = tokio::time::interval(STALL_CHECK);
+        let (mut last_done, mut last_change) = (0, tokio::time::Instant::now());
+        loop {
+            tokio::select! {
+                result = &mut all => return result,
+                () = cancel.cancelled() => return Err(weights::Error::Cancelled.into()),
+                _ = tick.tick() => {
+                    let done = counter.done();
+                    if done != last_done {
+                        (last_done, last_change) = (done, tokio::time::Instant::now());
+                    } else if last_change.elapsed() >= self.stall_timeout {
+                        return Err(stalled(self.stall_timeout));
+                    }
+                }
+            }
         }
     }
 
@@ -206,8 +216,8 @@ impl Hub {
         id: &ModelId,
         commit: &str,
         file: &RemoteFile,
-        counter: &Arc<DownloadCounter>,
-    ) -> Result<(), LoadError> {
+        counter: &Arc<FetchProgress>,
+    ) -> Result<(), Error> {
         let _in_flight = counter.start(&file.path);
         let progress =
             Arc::new(FileProgress { file: file.path.clone(), seen: AtomicU64::new(0), counter: counter.clone() });
@@ -218,11 +228,11 @@ impl Hub {
             .revision(commit.to_owned())
             .progress(progress.clone())
             .send();
-        let path = download.await.map_err(|e| hub_error(id, e))?;
-        let (owned_id, remote) = (id.clone(), file.clone());
-        tokio::task::spawn_blocking(move || verify(&owned_id, &remote, &path))
+        let path = download.await.map_err(hub_error)?;
+        let remote = file.clone();
+        tokio::task::spawn_blocking(move || verify(&remote, &path))
             .await
-            .map_err(|e| LoadError::Internal { model_id: id.to_string(), reason: format!("verifying: {e}") })??;
+            .map_err(|e| weights::Error::Internal(format!("verifying: {e}")))??;
         // The file is complete: count what its progress events did not (a small file may send none).
         progress.advance_to(file.size);
         Ok(())
@@ -237,9 +247,9 @@ pub const DOWNLOAD_WORKERS: usize = 8;
 /// (blob and snapshot link) before the error: a body of the wrong length is a failed transfer
 /// (hf-hub writes an error response's body like any other), UNAVAILABLE; the right length with
 /// the wrong hash is corruption, DATA_LOSS.
-fn verify(id: &ModelId, remote: &RemoteFile, path: &Path) -> Result<(), LoadError> {
+fn verify(remote: &RemoteFile, path: &Path) -> Result<(), Error> {
     let name = remote.path.as_str();
-    let read_error = |source| LoadError::ReadWeights { model_id: id.to_string(), file: name.to_owned(), source };
+    let read_error = |source| weights::Error::Read { file: name.to_owned(), source };
     let blob = path.canonicalize().map_err(read_error)?;
     let remove = || {
         let _ = std::fs::remove_file(path);
@@ -248,8 +258,7 @@ fn verify(id: &ModelId, remote: &RemoteFile, path: &Path) -> Result<(), LoadErro
     let size = std::fs::metadata(&blob).map_err(read_error)?.len();
     if size != remote.size {
         remove();
-        return Err(LoadError::Hub {
-            model_id: id.to_string(),
+        return Err(Error::Hub {
             failure: HubFailure::Unavailable,
             reason: format!("{name}: received {size} bytes of {}; removed from the cache", remote.size),
         });
@@ -275,47 +284,11 @@ fn verify(id: &ModelId, remote: &RemoteFile, path: &Path) -> Result<(), LoadErro
     }
     // Nothing that looks complete may stay behind.
     remove();
-    Err(LoadError::Corrupt {
-        model_id: id.to_string(),
+    Err(weights::Error::Corrupt {
         file: name.to_owned(),
         reason: format!("downloaded bytes hash to sha256 {actual}, the hub says {expected}; removed from the cache"),
-    })
-}
-
-/// Bytes downloaded so far over all files of a load, and the files being downloaded.
-#[derive(Debug, Default)]
-pub struct DownloadCounter {
-    pub done: AtomicU64,
-    /// The files in flight, oldest first.
-    in_flight: Mutex<Vec<String>>,
-}
-
-impl DownloadCounter {
-    /// Notes `file` as in flight until the guard is dropped (done, failed or cancelled).
-    fn start(&self, file: &str) -> InFlight<'_> {
-        sync::lock(&self.in_flight).push(file.to_owned());
-        InFlight { counter: self, file: file.to_owned() }
     }
-
-    /// The file the progress bar names: the oldest one still downloading (empty when none is).
-    pub fn file(&self) -> String {
-        sync::lock(&self.in_flight).first().cloned().unwrap_or_default()
-    }
-}
-
-/// A file in flight; dropping it takes the file off the list.
-struct InFlight<'a> {
-    counter: &'a DownloadCounter,
-    file: String,
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        let mut files = sync::lock(&self.counter.in_flight);
-        if let Some(at) = files.iter().position(|f| *f == self.file) {
-            files.remove(at);
-        }
-    }
+    .into())
 }
 
 /// Turns hf-hub's progress events for one file into bytes added to the load's counter.
@@ -323,7 +296,7 @@ struct FileProgress {
     file: String,
     /// The file's bytes counted so far.
     seen: AtomicU64,
-    counter: Arc<DownloadCounter>,
+    counter: Arc<FetchProgress>,
 }
 
 impl FileProgress {
@@ -331,7 +304,7 @@ impl FileProgress {
     fn advance_to(&self, bytes: u64) {
         let before = self.seen.fetch_max(bytes, Ordering::Relaxed);
         if bytes > before {
-            self.counter.done.fetch_add(bytes - before, Ordering::Relaxed);
+            self.counter.add(bytes - before);
         }
     }
 }
@@ -346,14 +319,6 @@ impl ProgressHandler for FileProgress {
     }
 }
 
-/// `models--org--name`, as huggingface_hub names a repo's cache folder.
-pub fn repo_folder(id: &ModelId) -> String {
-    match id.split() {
-        (Some(org), name) => format!("models--{org}--{name}"),
-        (None, name) => format!("models--{name}"),
-    }
-}
-
 fn is_commit(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
@@ -361,7 +326,7 @@ fn is_commit(s: &str) -> bool {
 /// The files a load of this repo needs, chosen by name the way the loader picks its layout
 /// ([`weights::choose`], preferring the precision `variant` where a folder has it): the JSON side
 /// files of the top and of each component folder, and each folder's chosen weights. Never `*.bin`.
-pub fn needed_files(id: &ModelId, files: &[RemoteFile], variant: Option<&str>) -> Result<Vec<RemoteFile>, LoadError> {
+fn needed_files(files: &[RemoteFile], variant: Option<&str>) -> Result<Vec<RemoteFile>, Error> {
     let mut by_dir: BTreeMap<&str, Vec<&RemoteFile>> = BTreeMap::new();
     for f in files {
         let dir = f.path.rsplit_once('/').map_or("", |(d, _)| d);
@@ -376,7 +341,7 @@ pub fn needed_files(id: &ModelId, files: &[RemoteFile], variant: Option<&str>) -
     let mut pickles = Vec::new();
     for (dir, entries) in &by_dir {
         let names: Vec<String> = entries.iter().map(|f| name(f)).collect();
-        let chosen = match weights::choose(&names, variant) {
+        let chosen = match choice::choose(&names, variant) {
             Choice::Sharded { shards, .. } => shards,
             Choice::Files { files, .. } => files,
             Choice::PickleOnly(files) => {
@@ -400,27 +365,23 @@ pub fn needed_files(id: &ModelId, files: &[RemoteFile], variant: Option<&str>) -
     }
     if !needed.iter().any(|f| f.path.ends_with(".safetensors")) {
         if !pickles.is_empty() {
-            return Err(LoadError::PickleOnly { model_id: id.to_string(), files: pickles.join(", ") });
+            return Err(weights::Error::PickleOnly { files: pickles.join(", ") }.into());
         }
-        return Err(LoadError::NotFound {
-            model_id: id.to_string(),
-            reason: "the repo has no safetensors weights".into(),
-        });
+        return Err(weights::Error::NotFound("the repo has no safetensors weights".into()).into());
     }
     Ok(needed)
 }
 
 /// The hub answered nothing for `timeout`.
-pub fn stalled(id: &ModelId, timeout: Duration) -> LoadError {
-    LoadError::Hub {
-        model_id: id.to_string(),
+fn stalled(timeout: Duration) -> Error {
+    Error::Hub {
         failure: HubFailure::Unavailable,
         reason: format!("the hub sent nothing for {}s", timeout.as_secs_f64()),
     }
 }
 
 /// Maps a hub failure to the load error the server turns into a gRPC code.
-fn hub_error(id: &ModelId, e: HFError) -> LoadError {
+fn hub_error(e: HFError) -> Error {
     let failure = match &e {
         HFError::RepoNotFound { .. }
         | HFError::RevisionNotFound { .. }
@@ -456,7 +417,7 @@ fn hub_error(id: &ModelId, e: HFError) -> LoadError {
         }
         e => e.to_string(),
     };
-    LoadError::Hub { model_id: id.to_string(), failure, reason }
+    Error::Hub { failure, reason }
 }
 
 #[cfg(test)]
@@ -467,9 +428,8 @@ mod tests {
         paths.iter().map(|p| RemoteFile { path: (*p).into(), size: 1, sha256: None }).collect()
     }
 
-    fn needed(paths: &[&str]) -> Result<Vec<String>, LoadError> {
-        let id = ModelId::parse("org/m").expect("id");
-        Ok(needed_files(&id, &files(paths), None)?.into_iter().map(|f| f.path).collect())
+    fn needed(paths: &[&str]) -> Result<Vec<String>, Error> {
+        Ok(needed_files(&files(paths), None)?.into_iter().map(|f| f.path).collect())
     }
 
     /// Only what the chosen layout needs is downloaded: never pickles, never precision variants,
@@ -514,15 +474,17 @@ mod tests {
                 "unet/diffusion_pytorch_model.safetensors"
             ]
         );
-        assert!(matches!(needed(&["config.json", "pytorch_model.bin"]), Err(LoadError::PickleOnly { .. })));
-        assert!(matches!(needed(&["README.md"]), Err(LoadError::NotFound { .. })));
+        assert!(matches!(
+            needed(&["config.json", "pytorch_model.bin"]),
+            Err(Error::Files(weights::Error::PickleOnly { .. }))
+        ));
+        assert!(matches!(needed(&["README.md"]), Err(Error::Files(weights::Error::NotFound(_)))));
     }
 
     /// An F16 load downloads the fp16 variant of each component that has one, and the plain
     /// weights of the others.
     #[test]
     fn picks_the_fp16_variant_where_there_is_one() {
-        let id = ModelId::parse("org/m").expect("id");
         let listing = files(&[
             "model_index.json",
             "unet/config.json",
@@ -536,7 +498,7 @@ mod tests {
             "vae/diffusion_pytorch_model.safetensors",
         ]);
         let paths: Vec<String> =
-            needed_files(&id, &listing, Some("fp16")).expect("fp16").into_iter().map(|f| f.path).collect();
+            needed_files(&listing, Some("fp16")).expect("fp16").into_iter().map(|f| f.path).collect();
         assert_eq!(
             paths,
             [

@@ -7,7 +7,7 @@
 //! names and a second index first: this single pass takes about half its time, and a checkpoint
 //! of many small tensors spends most of its planning here (docs/benchmarks/design-choices.md).
 
-use std::{collections::HashSet, fs::File, os::unix::fs::FileExt};
+use std::collections::HashSet;
 
 use candle_core::DType;
 use safetensors::Dtype;
@@ -16,7 +16,9 @@ use serde::{
     de::{IgnoredAny, MapAccess, Visitor},
 };
 
-use crate::request::TargetDtype;
+use model_id::TargetDtype;
+
+use crate::files::ReadAt;
 
 /// The largest safetensors header we read (the format's own limit).
 pub const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
@@ -163,8 +165,8 @@ impl<'de> Deserialize<'de> for Raw {
 
 /// Reads one file's header: its length fits the limit and the file, then its entries (see
 /// [`tensors`]).
-pub fn read(file: &File) -> Result<Vec<TensorPlan>, HeaderError> {
-    let file_bytes = file.metadata().map_err(HeaderError::Io)?.len();
+pub fn read(file: &dyn ReadAt) -> Result<Vec<TensorPlan>, HeaderError> {
+    let file_bytes = file.size().map_err(HeaderError::Io)?;
     let mut len = [0u8; 8];
     if file_bytes < 8 {
         return Err(HeaderError::Corrupt(format!("{file_bytes} bytes is too short for a safetensors header")));

@@ -1,0 +1,358 @@
+//! The spawned task of one load: the eight steps in order, each a short method, then the end
+//! state, the outcome for every stream, and the memory of a failed load freed last.
+
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
+
+use dashmap::mapref::entry::Entry;
+use model_source::{Fetch, FetchProgress, Located, ModelSource, Wanted};
+use pipeline_manager::{Component, Pipeline, ResidentTensor};
+use resource_manager::{DeviceId, Reservation, host, staging::DeviceError, sync};
+use state_manager::{LoadFacts, Transition};
+use steps::{BYTE_PROGRESS_INTERVAL, ByteProgress, ModelLoadStep};
+use weights::{
+    LoadPlan, ModelFiles, Placement, header,
+    read::{ReadFailed, ReadOptions},
+};
+
+use crate::{
+    Kind, LoadError, LoadRequest, LoaderService, ModelId, TargetDtype,
+    handle::{Held, LoadHandle},
+    queue,
+};
+
+/// A planned load, from step 4 on.
+struct Planned {
+    device: DeviceId,
+    target: Option<TargetDtype>,
+    plan: LoadPlan,
+    files: Arc<dyn ModelFiles>,
+    source: ModelSource,
+    revision: String,
+    placement: Arc<dyn Placement>,
+}
+
+impl LoaderService {
+    /// The spawned task of one load: runs the steps, records the outcome, ends every stream.
+    pub(crate) async fn run(self: Arc<Self>, handle: Arc<LoadHandle>, request: LoadRequest, device: DeviceId) {
+        let id = request.model_id.clone();
+        let started = std::time::Instant::now();
+        metrics::counter!("model_loader_loads_started_total").increment(1);
+        // The queue slot is held until the end state is recorded, so the next load in line never
+        // starts while this one still shows LOADING.
+        let mut slot = None;
+        let mut labels = ("succeeded", "none");
+        let (transition, outcome) = match self.steps(&handle, request, device, &mut slot).await {
+            Ok(facts) => {
+                metrics::counter!("model_loader_loaded_bytes_total").increment(facts.weight_bytes);
+                (Transition::LoadSucceeded(facts), Ok(()))
+            }
+            Err(e) => {
+                let e = if e.is_cancelled() && self.root.is_cancelled() { LoadError::ShuttingDown } else { e };
+                let kind = e.kind();
+                let transition = match kind {
+                    Kind::Cancelled | Kind::ShuttingDown => {
+                        tracing::info!(reason = %e, "load cancelled");
+                        labels = ("cancelled", kind.name());
+                        Transition::LoadCancelled
+                    }
+                    _ => {
+                        tracing::warn!(kind = kind.name(), cause = %e, "load failed");
+                        labels = ("failed", kind.name());
+                        Transition::LoadFailed { reason: e.to_string() }
+                    }
+                };
+                (transition, Err(Arc::new(e)))
+            }
+        };
+        // The end state, the outcome and leaving the in-flight map happen under the map entry's
+        // lock (taken before the state manager's, as in `load`), so a new LoadModel either joins
+        // this load before it ends or starts a new one after: never joins a load already over.
+        let entry = self.inflight.entry(id.clone());
+        let outcome = match self.state.apply(id.as_str(), transition) {
+            Ok(_) => outcome,
+            // The table refusing the end of a load is a bug in its callers, not bad input.
+            Err(invalid) => {
+                tracing::error!(cause = %invalid, "state transition refused at the end of a load");
+                Err(Arc::new(LoadError::internal(&id, invalid.to_string())))
+            }
+        };
+        let failed = outcome.is_err();
+        handle.finish(outcome);
+        let (result, kind) = labels;
+        metrics::counter!("model_loader_loads_finished_total", "outcome" => result, "kind" => kind).increment(1);
+        metrics::histogram!("model_loader_load_duration_seconds", "outcome" => result)
+            .record(started.elapsed().as_secs_f64());
+        if let Entry::Occupied(entry) = entry {
+            entry.remove();
+        }
+        drop(slot);
+        if failed {
+            // The streams have ended: now free what the load had read (booked as leaving until
+            // then, so other loads wait for it rather than fail), and give the heap to the OS.
+            let aside = sync::lock(&handle.set_aside).take();
+            let _ = tokio::task::spawn_blocking(move || {
+                drop(aside);
+                host::release_free_memory();
+            })
+            .await;
+        }
+    }
+
+    async fn steps(
+        self: &Arc<Self>,
+        handle: &Arc<LoadHandle>,
+        request: LoadRequest,
+        device: DeviceId,
+        slot: &mut Option<queue::Slot>,
+    ) -> Result<LoadFacts, LoadError> {
+        let id = request.model_id.clone();
+        let target = request.dtype.or(self.config.default_dtype);
+        handle.step(ModelLoadStep::Init)?;
+        *slot = Some(tokio::select! {
+            slot = self.queue.admit(|ahead| handle.note(ModelLoadStep::Init, format!("queued: {ahead} ahead"))) => slot,
+            () = handle.cancel.cancelled() => return Err(LoadError::cancelled(&id)),
+        });
+
+        handle.step(ModelLoadStep::CacheCheck)?;
+        let variant = target.and_then(TargetDtype::variant);
+        let wanted = Wanted { id: id.clone(), revision: request.revision, variant };
+        let located = self.sources.locate(&wanted).await.map_err(|e| LoadError::model(&id, e))?;
+        handle.note(ModelLoadStep::CacheCheck, located.description.clone());
+
+        handle.step(ModelLoadStep::BuildStrategies)?;
+        let (plan, reservation) = match &located.fetch {
+            Some(fetch) => self.fetch_and_plan(handle, device, target, &located, fetch.as_ref()).await?,
+            None => self.plan_and_reserve(handle, device, target, &located).await?,
+        };
+        let placement = self.placements.placement(device)?;
+        let Located { files, source, revision, .. } = located;
+        let planned = Planned { device, target, plan, files, source, revision, placement };
+        let (this, handle, span) = (self.clone(), handle.clone(), tracing::Span::current());
+        blocking(&id, move || span.in_scope(|| this.read_and_register(&handle, planned, reservation))).await
+    }
+
+    /// Step 3 for files at hand: the plan from their headers, then the exact bytes reserved.
+    async fn plan_and_reserve(
+        &self,
+        handle: &LoadHandle,
+        device: DeviceId,
+        target: Option<TargetDtype>,
+        located: &Located,
+    ) -> Result<(LoadPlan, Reservation), LoadError> {
+        let plan = plan(handle.model_id(), located.files.clone(), target).await?;
+        let needed = plan.resident_bytes(target);
+        let reservation = self.make_room(handle, device, needed, ModelLoadStep::BuildStrategies).await?;
+        handle
+            .note(ModelLoadStep::BuildStrategies, format!("{}; {needed} bytes reserved on {device}", plan.describe()));
+        handle.step(ModelLoadStep::LoadWeights)?;
+        Ok((plan, reservation))
+    }
+
+    /// Steps 3 and 4 for files to fetch: an estimate from the source's file sizes is reserved
+    /// before the first byte, LOAD_WEIGHTS fetches, and the exact figure from the headers replaces
+    /// the estimate.
+    async fn fetch_and_plan(
+        &self,
+        handle: &LoadHandle,
+        device: DeviceId,
+        target: Option<TargetDtype>,
+        located: &Located,
+        fetch: &dyn Fetch,
+    ) -> Result<(LoadPlan, Reservation), LoadError> {
+        // A safetensors file is its tensors plus a small header; floats converted to a wider
+        // dtype may double (from 16 bits to F32).
+        let estimate = match target {
+            Some(TargetDtype::F32) => fetch.weight_bytes() * 2,
+            _ => fetch.weight_bytes(),
+        };
+        let mut reservation = self.make_room(handle, device, estimate, ModelLoadStep::BuildStrategies).await?;
+        handle.note(
+            ModelLoadStep::BuildStrategies,
+            format!("download {} files, {} bytes; {estimate} bytes reserved on {device}", fetch.files(), fetch.bytes()),
+        );
+        handle.step(ModelLoadStep::LoadWeights)?;
+        self.fetch(handle, fetch).await?;
+        let plan = plan(handle.model_id(), located.files.clone(), target).await?;
+        let needed = plan.resident_bytes(target);
+        reservation.resize(needed)?;
+        handle.note(ModelLoadStep::LoadWeights, format!("{}; {needed} bytes reserved on {device}", plan.describe()));
+        Ok((plan, reservation))
+    }
+
+    /// Fetches the missing files with byte progress over all of them (step 4).
+    async fn fetch(&self, handle: &LoadHandle, fetch: &dyn Fetch) -> Result<(), LoadError> {
+        let id = handle.model_id();
+        let progress = Arc::new(FetchProgress::default());
+        let _counted = CountFetched(&progress);
+        let (total, paths) = (fetch.bytes(), fetch.paths());
+        let mut bytes = ByteProgress::new(id.as_str(), ModelLoadStep::LoadWeights, total, handle);
+        bytes.update(0, paths.first().copied().unwrap_or(""));
+        let fetching = fetch.fetch(&handle.cancel, &progress);
+        tokio::pin!(fetching);
+        let mut tick = tokio::time::interval(BYTE_PROGRESS_INTERVAL);
+        loop {
+            tokio::select! {
+                result = &mut fetching => {
+                    result.map_err(|e| LoadError::model(id, e))?;
+                    bytes.update(total, paths.last().copied().unwrap_or(""));
+                    return Ok(());
+                }
+                _ = tick.tick() => bytes.update(progress.done(), &progress.file()),
+            }
+        }
+    }
+
+    /// Steps 4 (the read) to 8, on a blocking thread: file I/O and tensor work never run on the
+    /// async workers. From here on an error sets the memory aside instead of freeing it in the
+    /// way of the cancel or the error reaching the callers (see `Held`).
+    fn read_and_register(
+        &self,
+        handle: &LoadHandle,
+        planned: Planned,
+        reservation: Reservation,
+    ) -> Result<LoadFacts, LoadError> {
+        let mut held = Held::new(handle, reservation);
+        self.read(handle, &planned, &mut held)?;
+        convert(handle, planned.target, planned.device, &mut held)?;
+        self.register(handle, planned, held)
+    }
+
+    /// Step 4's read into the load's placement, then steps 5 and 6 (the placement's last copies).
+    fn read(&self, handle: &LoadHandle, planned: &Planned, held: &mut Held) -> Result<(), LoadError> {
+        let id = handle.model_id();
+        let files = planned
+            .plan
+            .files()
+            .map(|f| match planned.files.open(&f.path) {
+                Ok(Some(file)) => Ok(file),
+                Ok(None) => Err(LoadError::not_found(id, format!("{} vanished", f.path))),
+                Err(e) => Err(LoadError::model(id, e)),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let total = planned.plan.read_bytes();
+        let threads = self.config.read_threads;
+        let mut bytes = ByteProgress::new(id.as_str(), ModelLoadStep::LoadWeights, total, handle);
+        let options = ReadOptions { threads, cancel: &handle.cancel, interval: BYTE_PROGRESS_INTERVAL };
+        let started = Instant::now();
+        let read = weights::read::read(planned.placement.as_ref(), &planned.plan, &files, options, |done, file| {
+            bytes.update(done, file)
+        });
+        let reading = started.elapsed();
+        drop(files);
+        let placed = match read {
+            Ok(placed) => held.placed.insert(placed),
+            Err(ReadFailed { error, placed }) => {
+                held.placed = placed;
+                return Err(LoadError::model(id, error));
+            }
+        };
+        let detail = placed.read_detail(total, reading, threads);
+        handle.step(ModelLoadStep::LoadComplete)?;
+        handle.note(ModelLoadStep::LoadComplete, detail);
+        handle.step(ModelLoadStep::MoveToDevice)?;
+        let placed = held.placed.take().ok_or_else(|| LoadError::internal(id, "nothing was placed"))?;
+        let (tensors, detail) = placed.finish(total, reading).map_err(|e| LoadError::model(id, e))?;
+        held.tensors = tensors;
+        handle.note(ModelLoadStep::MoveToDevice, detail);
+        Ok(())
+    }
+
+    /// Step 8: the pipeline into the store, the reservation into its allocation, the facts.
+    fn register(&self, handle: &LoadHandle, planned: Planned, mut held: Held) -> Result<LoadFacts, LoadError> {
+        handle.step(ModelLoadStep::Finalize)?;
+        let id = handle.model_id();
+        // The reader numbers components in plan order; the pipeline keys them by name.
+        let names: Vec<String> = planned.plan.components.iter().map(|c| c.name.clone()).collect();
+        let mut components: BTreeMap<String, Component> = planned
+            .plan
+            .components
+            .into_iter()
+            .map(|c| (c.name.clone(), Component { name: c.name, config: c.config, tensors: Vec::new() }))
+            .collect();
+        // Kept in file order: ListTensors sorts what it shows, so loads of checkpoints with
+        // thousands of tensors do not pay for a sort (docs/benchmarks/design-choices.md).
+        for t in std::mem::take(&mut held.tensors) {
+            let component = names.get(t.component).and_then(|name| components.get_mut(name));
+            let component = component.ok_or_else(|| LoadError::internal(id, "tensor of an unknown component"))?;
+            component.tensors.push(ResidentTensor { name: t.name, data: t.data });
+        }
+        let weight_bytes: u64 = components.values().flat_map(|c| &c.tensors).map(ResidentTensor::size_bytes).sum();
+        let reservation = held.reservation.take().ok_or_else(|| LoadError::internal(id, "reservation gone"))?;
+        let pipeline = Pipeline {
+            model_id: id.to_string(),
+            components,
+            device: planned.device,
+            revision: planned.revision.clone(),
+            allocation: reservation.commit(weight_bytes),
+        };
+        let facts = LoadFacts {
+            device: planned.device.to_string(),
+            dtype: pipeline.dtype_summary(),
+            revision: planned.revision,
+            weight_bytes,
+            sample_size: pipeline.sample_size(),
+            source: Some(planned.source),
+        };
+        if let Some(stale) = self.pipelines.insert(pipeline) {
+            tracing::error!(model_id = %stale.model_id, "a pipeline was replaced by a new load of the same model");
+        }
+        Ok(facts)
+    }
+}
+
+/// Step 3's plan of the model's files, on a blocking thread.
+async fn plan(id: &ModelId, files: Arc<dyn ModelFiles>, target: Option<TargetDtype>) -> Result<LoadPlan, LoadError> {
+    let owned = id.clone();
+    blocking(id, move || {
+        weights::plan::build(files.as_ref(), target.and_then(TargetDtype::variant))
+            .map_err(|e| LoadError::model(&owned, e))
+    })
+    .await
+}
+
+/// Step 7: float tensors converted to the target dtype, on their device.
+fn convert(
+    handle: &LoadHandle,
+    target: Option<TargetDtype>,
+    device: DeviceId,
+    held: &mut Held,
+) -> Result<(), LoadError> {
+    handle.step(ModelLoadStep::ApplyOptimizations)?;
+    let id = handle.model_id();
+    let mut converted = 0usize;
+    if let Some(dtype) = target.map(TargetDtype::candle) {
+        for t in &mut held.tensors {
+            if header::converts(t.data.dtype()) && t.data.dtype() != dtype {
+                if handle.cancel.is_cancelled() {
+                    return Err(LoadError::cancelled(id));
+                }
+                let place = |e| weights::Error::place(&device.to_string(), DeviceError::from(e));
+                t.data = t.data.to_dtype(dtype).map_err(|e| LoadError::model(id, place(e)))?;
+                converted += 1;
+            }
+        }
+    }
+    let detail = match target {
+        Some(t) if converted > 0 => format!("converted {converted} tensors to {t}"),
+        _ => "no dtype conversion".into(),
+    };
+    handle.note(ModelLoadStep::ApplyOptimizations, detail);
+    Ok(())
+}
+
+/// Adds a fetch's bytes, finished or not, to the download metric.
+struct CountFetched<'a>(&'a FetchProgress);
+
+impl Drop for CountFetched<'_> {
+    fn drop(&mut self) {
+        metrics::counter!("model_loader_download_bytes_total").increment(self.0.done());
+    }
+}
+
+/// Runs `f` on a blocking thread: file I/O and tensor work never run on the async workers.
+async fn blocking<T: Send + 'static>(
+    id: &ModelId,
+    f: impl FnOnce() -> Result<T, LoadError> + Send + 'static,
+) -> Result<T, LoadError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| LoadError::internal(id, format!("load task failed: {e}")))?
+}

@@ -1,0 +1,50 @@
+//! Which placement a load's bytes go to, chosen once per load from its device: host memory for
+//! the CPU, pinned staging → CUDA for a GPU. The next placements (a memfd, a CUDA VMM range) are
+//! one more arm here and one module in `weights`.
+
+use std::sync::Arc;
+
+use resource_manager::{DeviceId, ResourceManager};
+use weights::{HostPlacement, Placement};
+
+use crate::LoadError;
+
+/// Chooses where a load's bytes land.
+pub trait Placements: Send + Sync {
+    /// The placement of a load onto `device`.
+    fn placement(&self, device: DeviceId) -> Result<Arc<dyn Placement>, LoadError>;
+}
+
+/// The devices' own placements.
+#[derive(Debug, Clone)]
+pub struct DevicePlacements {
+    // Only a GPU's placement needs the devices (its engine and the staging pool).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    resources: ResourceManager,
+}
+
+impl DevicePlacements {
+    pub fn new(resources: ResourceManager) -> Self {
+        Self { resources }
+    }
+}
+
+impl Placements for DevicePlacements {
+    fn placement(&self, device: DeviceId) -> Result<Arc<dyn Placement>, LoadError> {
+        match device {
+            DeviceId::Cpu => Ok(Arc::new(HostPlacement)),
+            #[cfg(feature = "cuda")]
+            DeviceId::Cuda(_) => {
+                let (gpu, pool) = self.resources.gpu_staging(device)?;
+                Ok(Arc::new(weights::StagedPlacement::new(gpu, pool, device.to_string())))
+            }
+            // `resolve` refuses CUDA devices in this build; a load never gets here with one.
+            #[cfg(not(feature = "cuda"))]
+            DeviceId::Cuda(_) => Err(resource_manager::ResourceError::DeviceUnavailable {
+                device: device.to_string(),
+                reason: "this build has no CUDA support".into(),
+            }
+            .into()),
+        }
+    }
+}

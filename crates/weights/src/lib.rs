@@ -1,0 +1,31 @@
+//! A load's weights, from file names to bytes in place: which files of a folder to read
+//! ([`choice`]), each safetensors header validated ([`header`]), the load plan ([`plan`]), and
+//! step 4's reader ([`read`]), which fills the load's [`Placement`] — host memory
+//! ([`HostPlacement`]) or pinned staging → CUDA ([`StagedPlacement`]) — with positioned reads
+//! through [`ReadAt`], on several threads, cancellable between chunks.
+//!
+//! It never finds or downloads a model (a source hands it [`ModelFiles`]), never books memory
+//! against a budget (`resource-manager` does), never keeps a loaded model (`pipeline-manager`
+//! does) and never names the model it reads: its errors say what failed, the loader says where.
+
+pub mod choice;
+mod error;
+pub mod files;
+pub mod header;
+mod host;
+pub mod placement;
+pub mod plan;
+pub mod read;
+// The GPU's placement; its scheduling is built and tested in every build.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod staged;
+
+pub use crate::{
+    error::Error,
+    files::{ModelFiles, ReadAt},
+    header::MAX_HEADER_BYTES,
+    host::{CHUNK_BYTES, HostBuffer, HostPlacement, HostView},
+    placement::{Placed, PlacedTensor, Placement},
+    plan::{Layout, LoadPlan},
+    staged::StagedPlacement,
+};

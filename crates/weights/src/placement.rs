@@ -1,0 +1,176 @@
+//! Where a load's bytes land: the seam between the reader (which knows files) and the memory it
+//! fills (host memory, pinned staging → CUDA; later a memfd or a CUDA VMM range).
+//!
+//! A load's tensors are cut into [`Group`]s: tensors back to back in one file with one dtype (at
+//! most [`GROUP_BYTES`]), each with one destination allocation mirroring those file bytes, so
+//! every chunk is one read and one copy and a checkpoint of thousands of small tensors moves in
+//! the same few large pieces as a dense one. Each tensor is then a view into its group; a group's
+//! memory is freed when its last view is (converting every tensor of a group to another dtype
+//! frees it, and a group bounds what a conversion holds twice).
+//!
+//! A [`Placement`] allocates the groups, lends the readers the memory of each [`Chunk`] through a
+//! [`Destination`] and runs whatever it needs beside them (a copying thread); the reader loop
+//! (`read`) never knows which placement it fills.
+
+use std::time::Duration;
+
+use candle_core::DType;
+use pipeline_manager::TensorData;
+
+use crate::{Error, plan::LoadPlan};
+
+/// The most bytes one group holds: few allocations for a large model, and a bound on the memory
+/// a dtype conversion holds twice.
+pub const GROUP_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Tensors back to back in one file with one dtype: one allocation at the destination.
+#[derive(Debug, Clone)]
+pub struct Group {
+    /// The file, numbered as [`LoadPlan::files`] yields them.
+    pub file: usize,
+    pub dtype: DType,
+    /// Its first byte in the file.
+    pub start: u64,
+    pub len: u64,
+    pub members: Vec<Member>,
+}
+
+/// One tensor of a group.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// Its component, numbered as the plan's.
+    pub component: usize,
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// Bytes from the start of the group.
+    pub at: u64,
+    pub len: u64,
+}
+
+impl Group {
+    /// Its elements of its dtype.
+    pub fn elems(&self) -> usize {
+        (self.len / self.dtype.size_in_bytes() as u64) as usize
+    }
+}
+
+/// A part of a group filled in one go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunk {
+    pub group: usize,
+    /// Bytes from the start of the group.
+    pub offset: u64,
+    pub len: usize,
+}
+
+/// How a placement wants its groups cut: chunks of at most `chunk` bytes, except the first and
+/// the last `edge` bytes of the load, in chunks of at most `edge_chunk`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunking {
+    pub chunk: usize,
+    pub edge_chunk: usize,
+    pub edge: u64,
+}
+
+/// One tensor placed: its component, its name in its file, and its data at the destination.
+pub struct PlacedTensor {
+    pub component: usize,
+    pub name: String,
+    pub data: Box<dyn TensorData>,
+}
+
+/// The memory of the chunks, lent to the reader threads.
+pub trait Destination: Sync {
+    /// Lends `fill` the memory of chunk `index` (of the chunks given to [`Placement::place`]) to
+    /// write, and takes it back once written. It may wait for memory (a staging buffer): `stop`
+    /// ends that wait, and then `Ok(false)` says nothing was filled.
+    fn fill(
+        &self,
+        index: usize,
+        stop: &dyn Fn() -> bool,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<(), Error>,
+    ) -> Result<bool, Error>;
+}
+
+/// Where one load's bytes land; chosen once per load.
+pub trait Placement: Send + Sync {
+    /// The device, for messages.
+    fn device(&self) -> String;
+    /// How the groups of a load of `total` bytes read on `threads` threads are cut.
+    fn chunking(&self, total: u64, threads: usize) -> Chunking;
+    /// Allocates every group, runs `readers` (which fill every chunk through the destination,
+    /// then return) beside whatever the placement runs itself, and returns what was placed
+    /// (copies may still be in flight: see [`Placed::finish`]). An error of the placement's own
+    /// stops the readers at their next chunk.
+    fn place(
+        &self,
+        groups: &[Group],
+        chunks: &[Chunk],
+        readers: &(dyn Fn(&dyn Destination) + Sync),
+    ) -> Result<Box<dyn Placed>, Error>;
+}
+
+/// What a placement holds once every chunk was filled, until step 6 hands out the tensors.
+pub trait Placed: Send {
+    /// Step 5's detail, for `total` bytes read in `reading` on `threads` threads.
+    fn read_detail(&self, total: u64, reading: Duration, threads: usize) -> String;
+    /// Step 6: waits for what is still in flight; the tensors in group order, and the step's
+    /// detail.
+    fn finish(self: Box<Self>, total: u64, reading: Duration) -> Result<(Vec<PlacedTensor>, String), Error>;
+}
+
+/// The plan's tensors in groups of at most `max_bytes`, in file order.
+pub fn groups(plan: &LoadPlan, max_bytes: u64) -> Vec<Group> {
+    let mut groups: Vec<Group> = Vec::new();
+    let files =
+        plan.components.iter().enumerate().flat_map(|(c, component)| component.files.iter().map(move |f| (c, f)));
+    for (file, (component, plan)) in files.enumerate() {
+        let first_of_file = groups.len();
+        for tensor in &plan.tensors {
+            let joins = groups[first_of_file..].last().is_some_and(|g: &Group| {
+                g.dtype == tensor.dtype && g.start + g.len == tensor.offset && g.len + tensor.len <= max_bytes
+            });
+            if !joins {
+                groups.push(Group { file, dtype: tensor.dtype, start: tensor.offset, len: 0, members: Vec::new() });
+            }
+            let Some(group) = groups.last_mut() else { continue };
+            group.members.push(Member {
+                component,
+                name: tensor.name.clone(),
+                shape: tensor.shape.clone(),
+                at: group.len,
+                len: tensor.len,
+            });
+            group.len += tensor.len;
+        }
+    }
+    groups
+}
+
+/// Every byte of every group, in file order, cut as `cut` says: the link idles until the first
+/// reads complete and after the last copies are queued, so the first and last reads are kept
+/// short (at the end, every reader's last copy is queued at about the same time). A chunk holds
+/// whole elements, so a copy never splits one (at least one element each).
+pub fn chunks(groups: &[Group], cut: Chunking) -> Vec<Chunk> {
+    let total: u64 = groups.iter().map(|g| g.len).sum();
+    let tail_from = total.saturating_sub(cut.edge);
+    let mut chunks = Vec::new();
+    let mut base = 0;
+    for (group, g) in groups.iter().enumerate() {
+        let mut offset = 0;
+        while offset < g.len {
+            let at = base + offset;
+            let most = if at < cut.edge || at >= tail_from {
+                cut.edge_chunk as u64
+            } else {
+                (cut.chunk as u64).min(tail_from - at)
+            };
+            let (rest, size) = (g.len - offset, g.dtype.size_in_bytes() as u64);
+            let len = if most >= rest { rest } else { (most / size * size).max(size) };
+            chunks.push(Chunk { group, offset, len: len as usize });
+            offset += len;
+        }
+        base += g.len;
+    }
+    chunks
+}

@@ -1,0 +1,761 @@
+//! The pinned staging → CUDA placement: the readers fill pinned staging buffers and one copying
+//! thread copies each full buffer to its group's device allocation asynchronously while the next
+//! ones are read, so the page cache, the disk and the host→device link all stay busy. No pageable
+//! copy, no pinned allocation per load (the pool is the server's, see `resource_manager::staging`).
+//!
+//! The readers only read: the copying thread makes every call to the device while they do. It
+//! queues each filled buffer's copy and gives the buffer back to the pool once that copy has
+//! completed. Readers that queued their own copies and waited for their own buffers contended
+//! for the driver's locks, and where the cores are busy a preempted lock holder stalls them all.
+//! The copying thread polls rather than blocks while copies are in flight: both choices were
+//! measured against the machine's limit, idle and with every core busy
+//! (docs/benchmarks/design-choices.md).
+//!
+//! Each group has one device allocation; the views into it are made by the allocating thread
+//! while the readers read (they are only shapes over memory not written yet, handed out after the
+//! copies complete), so the milliseconds a checkpoint of thousands of tensors spends on them do
+//! not follow the last copy (docs/benchmarks/design-choices.md). Generic over the device
+//! ([`CopyEngine`]): the scheduling is the same code, and is tested, without a GPU.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc, Condvar, Mutex, OnceLock,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
+};
+
+use resource_manager::{
+    staging::{CopyEngine, DeviceError, Lease, MIN_CHUNK_BYTES, StagingPool, chunk_bytes},
+    sync,
+};
+
+use crate::{
+    Error,
+    placement::{Chunk, Chunking, Destination, Group, Placed, PlacedTensor, Placement},
+};
+
+/// Loads onto a device through a pool of staging buffers.
+pub struct StagedPlacement<E: CopyEngine> {
+    engine: Arc<E>,
+    pool: Arc<StagingPool<E::Buffer, E::Fence>>,
+    /// The device's name, for messages.
+    device: String,
+}
+
+impl<E: CopyEngine> StagedPlacement<E> {
+    pub fn new(engine: Arc<E>, pool: Arc<StagingPool<E::Buffer, E::Fence>>, device: String) -> Self {
+        Self { engine, pool, device }
+    }
+
+    fn error(&self, source: DeviceError) -> Error {
+        Error::place(&self.device, source)
+    }
+}
+
+/// What the threads of one staged load share.
+struct Shared<'a, E: CopyEngine> {
+    placement: &'a StagedPlacement<E>,
+    groups: &'a [Group],
+    chunks: &'a [Chunk],
+    /// Filled in order by the allocating thread.
+    allocations: Vec<OnceLock<E::Allocation>>,
+    allocated: (Mutex<()>, Condvar),
+    /// The placement failed (a copy or an allocation): the readers stop.
+    failed: AtomicBool,
+    first_error: Mutex<Option<Error>>,
+}
+
+impl<E: CopyEngine> Shared<'_, E> {
+    fn fail(&self, e: Error) {
+        self.failed.store(true, Ordering::Relaxed);
+        sync::lock(&self.first_error).get_or_insert(e);
+    }
+
+    fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+}
+
+impl<E: CopyEngine + Send + 'static> Placement for StagedPlacement<E>
+where
+    E::Allocation: 'static,
+{
+    fn device(&self) -> String {
+        self.device.clone()
+    }
+
+    /// Whole buffers for large loads, smaller pieces for small ones; the first and the last chunk
+    /// of every reader (the reads in flight when the first copy and the last one are queued) are
+    /// short, so the link starts early and is not left with one long copy at the end.
+    fn chunking(&self, total: u64, threads: usize) -> Chunking {
+        let chunk = chunk_bytes(total, threads, self.pool.buffer_bytes());
+        Chunking { chunk, edge_chunk: MIN_CHUNK_BYTES.min(chunk), edge: (threads * chunk) as u64 }
+    }
+
+    /// Allocates the device memory of every group (on a thread of its own, ahead of the readers:
+    /// mapping gigabytes takes milliseconds, which would otherwise come before the first read),
+    /// then makes every tensor a view into its group on that thread, while the readers fill
+    /// staging buffers whose copies the copying thread queues once their group is allocated.
+    fn place(
+        &self,
+        groups: &[Group],
+        chunks: &[Chunk],
+        readers: &(dyn Fn(&dyn Destination) + Sync),
+    ) -> Result<Box<dyn Placed>, Error> {
+        // Whatever is allocated is dropped on this thread if the load fails.
+        self.engine.prepare_free();
+        let shared = Shared {
+            placement: self,
+            groups,
+            chunks,
+            allocations: groups.iter().map(|_| OnceLock::new()).collect(),
+            allocated: (Mutex::new(()), Condvar::new()),
+            failed: AtomicBool::new(false),
+            first_error: Mutex::new(None),
+        };
+        let (filled, to_copy) = mpsc::channel::<Filled<'_, E>>();
+        let (allocator, copier) = std::thread::scope(|scope| {
+            let allocator = scope.spawn(|| allocate(&shared));
+            let copier = scope.spawn(|| copy(&shared, to_copy));
+            // Dropped when the readers are done (or one panicked): the copying thread then ends
+            // once their last copies complete.
+            let destination = StagedDestination { shared: &shared, filled: Mutex::new(Some(filled)) };
+            readers(&destination);
+            drop(destination);
+            (allocator.join(), copier.join())
+        });
+        copier.map_err(|_| Error::Internal("the copying thread panicked".into()))?;
+        let (allocated_in, tensors) =
+            allocator.map_err(|_| Error::Internal("the allocating thread panicked".into()))?;
+        if let Some(e) = sync::into_inner(shared.first_error) {
+            return Err(e);
+        }
+        let allocations = shared.allocations.into_iter().map(OnceLock::into_inner).collect::<Option<Vec<_>>>();
+        let allocations = allocations.ok_or_else(|| Error::Internal("a group was never allocated".into()))?;
+        Ok(Box::new(Staged {
+            engine: self.engine.clone(),
+            device: self.device.clone(),
+            allocations,
+            tensors,
+            allocated_in,
+            pinned_bytes: self.pool.count() * self.pool.buffer_bytes(),
+        }))
+    }
+}
+
+/// A filled staging buffer and the index of the chunk it holds, on its way to the copying thread.
+type Filled<'a, E> = (Lease<'a, <E as CopyEngine>::Buffer, <E as CopyEngine>::Fence>, usize);
+
+/// The readers' side: each filled buffer goes to the copying thread; they never call the device.
+struct StagedDestination<'s, 'a, E: CopyEngine> {
+    shared: &'s Shared<'a, E>,
+    /// Taken (closing the channel) when the readers are done.
+    filled: Mutex<Option<mpsc::Sender<Filled<'a, E>>>>,
+}
+
+impl<E: CopyEngine> Destination for StagedDestination<'_, '_, E> {
+    fn fill(
+        &self,
+        index: usize,
+        stop: &dyn Fn() -> bool,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<(), Error>,
+    ) -> Result<bool, Error> {
+        let shared = self.shared;
+        let placement: &StagedPlacement<E> = shared.placement;
+        let chunk = shared.chunks.get(index).ok_or_else(|| Error::Internal(format!("no chunk {index}")))?;
+        let Some(mut lease) = placement.pool.take(|| stop() || shared.failed()) else { return Ok(false) };
+        let buffer = lease.fill(placement.engine.as_ref()).map_err(|e| placement.error(e))?;
+        fill(&mut buffer[..chunk.len])?;
+        let sender = sync::lock(&self.filled).clone();
+        match sender.map(|s| s.send((lease, index))) {
+            Some(Ok(())) => Ok(true),
+            _ => Err(Error::Internal("the copying thread stopped".into())),
+        }
+    }
+}
+
+/// The allocating thread: every group's memory in order, then every tensor's view.
+fn allocate<E: CopyEngine>(shared: &Shared<'_, E>) -> (Duration, Vec<PlacedTensor>) {
+    let placement = shared.placement;
+    let started = Instant::now();
+    for (g, slot) in shared.groups.iter().zip(&shared.allocations) {
+        if shared.failed() {
+            break;
+        }
+        match placement.engine.allocate(g.dtype, device_elems(g)) {
+            Ok(allocation) => {
+                let _ = slot.set(allocation);
+            }
+            Err(e) => shared.fail(placement.error(e)),
+        }
+        let _guard = sync::lock(&shared.allocated.0);
+        shared.allocated.1.notify_all();
+    }
+    let allocated_in = started.elapsed();
+    let mut tensors = Vec::with_capacity(shared.groups.iter().map(|g| g.members.len()).sum());
+    for (group, slot) in shared.groups.iter().zip(&shared.allocations) {
+        let Some(allocation) = slot.get().filter(|_| !shared.failed()) else { break };
+        if let Err(e) = views(placement, allocation, group, &mut tensors) {
+            shared.fail(e);
+        }
+    }
+    (allocated_in, tensors)
+}
+
+/// The copying thread: queues each filled buffer's copy as soon as it arrives and gives a buffer
+/// back to the pool as soon as its copy completed, polling both while copies are in flight
+/// (blocking on either would leave a filled buffer unqueued, and the link idle, for up to a
+/// copy's time); it sleeps only while nothing is in flight.
+fn copy<E: CopyEngine>(shared: &Shared<'_, E>, to_copy: mpsc::Receiver<Filled<'_, E>>) {
+    let engine = shared.placement.engine.as_ref();
+    let mut in_flight = VecDeque::new();
+    let (mut received, mut readers_done) = (None, false);
+    loop {
+        let next = received.take().or_else(|| match to_copy.try_recv() {
+            Ok(filled) => Some(filled),
+            Err(mpsc::TryRecvError::Empty) => None,
+            Err(mpsc::TryRecvError::Disconnected) => {
+                readers_done = true;
+                None
+            }
+        });
+        if let Some((mut lease, index)) = next {
+            let chunk = shared.chunks[index];
+            if shared.failed() {
+                continue;
+            }
+            let Some(to) = wait_for(&shared.allocations[chunk.group], &shared.allocated, &shared.failed) else {
+                continue;
+            };
+            match lease.copy_to(engine, chunk.len, to, chunk.offset as usize) {
+                Ok(()) => in_flight.push_back(lease),
+                Err(e) => shared.fail(shared.placement.error(e)),
+            }
+            continue;
+        }
+        // Copies complete in the order they were queued.
+        let before = in_flight.len();
+        while let Some(oldest) = in_flight.front_mut() {
+            match oldest.copied(engine) {
+                Ok(false) => break,
+                Ok(true) => drop(in_flight.pop_front()),
+                // Back to the pool with its fence, which the next borrower waits for.
+                Err(e) => {
+                    shared.fail(shared.placement.error(e));
+                    drop(in_flight.pop_front());
+                }
+            }
+        }
+        if in_flight.len() < before {
+            continue;
+        }
+        if !in_flight.is_empty() {
+            std::hint::spin_loop();
+        } else if readers_done {
+            return;
+        } else {
+            // Nothing in flight: sleep until a buffer is filled.
+            match to_copy.recv() {
+                Ok(filled) => received = Some(filled),
+                Err(mpsc::RecvError) => readers_done = true,
+            }
+        }
+    }
+}
+
+/// Every member of `group` as a view into its allocation, shaped as in its file.
+fn views<E: CopyEngine>(
+    placement: &StagedPlacement<E>,
+    allocation: &E::Allocation,
+    group: &Group,
+    into: &mut Vec<PlacedTensor>,
+) -> Result<(), Error> {
+    let whole =
+        placement.engine.tensor_of(allocation, group.dtype, device_elems(group)).map_err(|e| placement.error(e))?;
+    let size = group.dtype.size_in_bytes() as u64;
+    for m in &group.members {
+        let view = whole
+            .narrow(0, (m.at / size) as usize, (m.len / size) as usize)
+            .and_then(|v| v.reshape(m.shape.as_slice()))
+            .map_err(|e| placement.error(DeviceError::Tensor { tensor: m.name.clone(), source: e }))?;
+        into.push(PlacedTensor { component: m.component, name: m.name.clone(), data: Box::new(view) });
+    }
+    Ok(())
+}
+
+/// The group's allocation once the allocating thread made it; `None` if the load failed first.
+fn wait_for<'a, A>(slot: &'a OnceLock<A>, allocated: &(Mutex<()>, Condvar), failed: &AtomicBool) -> Option<&'a A> {
+    let mut guard = sync::lock(&allocated.0);
+    loop {
+        if let Some(allocation) = slot.get() {
+            return Some(allocation);
+        }
+        if failed.load(Ordering::Relaxed) {
+            return None;
+        }
+        // Timed, so a failure (which does not notify) is seen within a millisecond.
+        guard = sync::wait_timeout(&allocated.1, guard, Duration::from_millis(1));
+    }
+}
+
+/// Elements a group's allocation holds: at least one (a group of empty tensors still gets an
+/// address).
+fn device_elems(g: &Group) -> usize {
+    g.elems().max(1)
+}
+
+/// A staged load once every chunk was handed to the copying thread: the groups' allocations, their
+/// copies possibly still in flight, and every tensor as a view into its group (not to be read
+/// before [`Placed::finish`]).
+struct Staged<E: CopyEngine> {
+    engine: Arc<E>,
+    device: String,
+    allocations: Vec<E::Allocation>,
+    tensors: Vec<PlacedTensor>,
+    /// How long the device allocations took (while the first chunks were read).
+    allocated_in: Duration,
+    pinned_bytes: usize,
+}
+
+impl<E: CopyEngine + Send + 'static> Placed for Staged<E>
+where
+    E::Allocation: 'static,
+{
+    fn read_detail(&self, total: u64, reading: Duration, threads: usize) -> String {
+        format!(
+            "{total} bytes read into {} MiB of pinned buffers and queued to {} in {} device allocations \
+             (allocated in {} ms, read in {} ms, {threads} threads)",
+            self.pinned_bytes >> 20,
+            self.device,
+            self.allocations.len(),
+            self.allocated_in.as_millis(),
+            reading.as_millis(),
+        )
+    }
+
+    /// Waits for the copies still in flight and hands out the tensors.
+    fn finish(self: Box<Self>, total: u64, reading: Duration) -> Result<(Vec<PlacedTensor>, String), Error> {
+        let waiting = Instant::now();
+        self.engine.synchronize().map_err(|source| Error::place(&self.device, source))?;
+        let detail = format!(
+            "{}: copied while reading ({:.1} GB/s); the last copies took {} ms more",
+            self.device,
+            total as f64 / reading.as_secs_f64().max(1e-9) / 1e9,
+            waiting.elapsed().as_millis()
+        );
+        // The views share the allocations' memory: it lives as long as they do.
+        let Staged { allocations, tensors, .. } = *self;
+        drop(allocations);
+        Ok((tensors, detail))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::HashSet,
+        fs::File,
+        io::Write,
+        sync::atomic::{AtomicUsize, Ordering},
+        thread::ThreadId,
+    };
+
+    use candle_core::{DType, Device, Tensor};
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::{
+        ReadAt,
+        header::TensorPlan,
+        placement::GROUP_BYTES,
+        placement::{chunks, groups},
+        plan::{ComponentPlan, FilePlan, Layout, LoadPlan},
+        read::{ReadFailed, ReadOptions, read as read_into},
+    };
+
+    /// Copies that complete later, on another thread, in random order: the device side of a GPU
+    /// without one. A copy holds its buffer's bytes until it completes and reads them only then,
+    /// like DMA: writing a buffer while a copy holds it panics (the rule under test). Device
+    /// memory is a host tensor that copies write in place, so views made before the copies
+    /// complete see the bytes only once they do, as on a GPU.
+    #[derive(Clone)]
+    struct LateCopies {
+        queue: mpsc::Sender<Copy>,
+        in_flight: Arc<AtomicUsize>,
+        copies: Arc<AtomicUsize>,
+        /// The threads that queued copies or waited for them.
+        callers: Arc<Mutex<HashSet<ThreadId>>>,
+    }
+
+    struct Copy {
+        from: Arc<Vec<u8>>,
+        len: usize,
+        to: Tensor,
+        offset: usize,
+        done: mpsc::Sender<()>,
+    }
+
+    struct Buffer(Arc<Vec<u8>>);
+
+    impl AsRef<[u8]> for Buffer {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+
+    impl AsMut<[u8]> for Buffer {
+        fn as_mut(&mut self) -> &mut [u8] {
+            Arc::get_mut(&mut self.0).expect("a buffer written while a copy still reads it")
+        }
+    }
+
+    impl LateCopies {
+        fn new(seed: u64) -> Self {
+            let (queue, pending) = mpsc::channel::<Copy>();
+            let in_flight = Arc::new(AtomicUsize::new(0));
+            let marks = in_flight.clone();
+            std::thread::spawn(move || {
+                let mut rng = seed;
+                let mut held: Vec<Copy> = Vec::new();
+                loop {
+                    // Hold a few copies back and complete them in random order, with small delays.
+                    match pending.recv_timeout(Duration::from_micros(200)) {
+                        Ok(copy) => held.push(copy),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) if held.is_empty() => return,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => {}
+                    }
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    if held.is_empty() || (held.len() < 4 && !rng.is_multiple_of(3)) {
+                        continue;
+                    }
+                    let copy = held.swap_remove((rng as usize / 3) % held.len());
+                    std::thread::sleep(Duration::from_micros(rng % 300));
+                    let Copy { from, len, to, offset, done } = copy;
+                    let size = to.dtype().size_in_bytes();
+                    let bytes = Tensor::from_raw_buffer(&from[..len], to.dtype(), &[len / size], &Device::Cpu);
+                    bytes.and_then(|b| to.slice_set(&b, 0, offset / size)).expect("a copy into device memory");
+                    drop(from);
+                    marks.fetch_sub(1, Ordering::SeqCst);
+                    let _ = done.send(());
+                }
+            });
+            Self { queue, in_flight, copies: Arc::default(), callers: Arc::default() }
+        }
+
+        fn called(&self) {
+            self.callers.lock().expect("callers").insert(std::thread::current().id());
+        }
+
+        fn pool(&self, count: usize, bytes: usize) -> Pool {
+            Arc::new(StagingPool::new((0..count).map(|_| Buffer(Arc::new(vec![0xAA; bytes]))).collect(), bytes))
+        }
+    }
+
+    impl CopyEngine for LateCopies {
+        type Buffer = Buffer;
+        type Fence = mpsc::Receiver<()>;
+        type Allocation = Tensor;
+
+        fn allocate(&self, dtype: DType, elems: usize) -> Result<Self::Allocation, DeviceError> {
+            // Bytes no file holds here, so a byte never copied shows.
+            let unwritten = vec![0x55; elems * dtype.size_in_bytes()];
+            Ok(Tensor::from_raw_buffer(&unwritten, dtype, &[elems], &Device::Cpu)?)
+        }
+
+        fn copy(
+            &self,
+            from: &Buffer,
+            len: usize,
+            to: &Self::Allocation,
+            offset: usize,
+        ) -> Result<Self::Fence, DeviceError> {
+            let size = to.dtype().size_in_bytes();
+            assert!(offset + len <= to.elem_count() * size, "copy past the end of its allocation");
+            assert!(offset.is_multiple_of(size) && len.is_multiple_of(size), "a copy splits an element");
+            self.called();
+            self.in_flight.fetch_add(1, Ordering::SeqCst);
+            self.copies.fetch_add(1, Ordering::Relaxed);
+            let (done, fence) = mpsc::channel();
+            let copy = Copy { from: from.0.clone(), len, to: to.clone(), offset, done };
+            self.queue.send(copy).map_err(|e| DeviceError::Refused(e.to_string()))?;
+            Ok(fence)
+        }
+
+        fn wait(&self, fence: Self::Fence) -> Result<(), DeviceError> {
+            self.called();
+            fence.recv().map_err(|e| DeviceError::Refused(e.to_string()))
+        }
+
+        fn is_done(&self, fence: &Self::Fence) -> Result<bool, DeviceError> {
+            self.called();
+            match fence.try_recv() {
+                Ok(()) => Ok(true),
+                Err(mpsc::TryRecvError::Empty) => Ok(false),
+                Err(e) => Err(DeviceError::Refused(e.to_string())),
+            }
+        }
+
+        fn synchronize(&self) -> Result<(), DeviceError> {
+            while self.in_flight.load(Ordering::SeqCst) > 0 {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            Ok(())
+        }
+
+        fn tensor_of(&self, allocation: &Self::Allocation, dtype: DType, elems: usize) -> Result<Tensor, DeviceError> {
+            assert_eq!((allocation.dtype(), allocation.elem_count()), (dtype, elems));
+            Ok(allocation.clone())
+        }
+    }
+
+    /// A file of tensors back to back (pseudo-random bytes) and its plan; `dtypes` one per tensor,
+    /// `sizes` in elements; `gap_after` leaves 8 unplanned bytes after that tensor.
+    fn fixture(
+        dir: &std::path::Path,
+        dtypes: &[DType],
+        sizes: &[usize],
+        gap_after: Option<usize>,
+    ) -> (LoadPlan, Vec<Arc<dyn ReadAt>>, Vec<u8>) {
+        let mut data = Vec::new();
+        let mut tensors = Vec::new();
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for (i, (&dtype, &n)) in dtypes.iter().zip(sizes).enumerate() {
+            let len = n * dtype.size_in_bytes();
+            tensors.push(TensorPlan {
+                name: format!("t{i:04}"),
+                dtype,
+                shape: vec![n],
+                offset: data.len() as u64,
+                len: len as u64,
+            });
+            for _ in 0..len {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                data.push((x >> 56) as u8);
+            }
+            if gap_after == Some(i) {
+                data.extend_from_slice(&[0xEE; 8]);
+            }
+        }
+        let path = dir.join("model.safetensors");
+        File::create(&path).and_then(|mut f| f.write_all(&data)).expect("write the fixture");
+        let file = FilePlan { path: "model.safetensors".into(), tensors };
+        let plan = LoadPlan {
+            layout: Layout::SingleFile,
+            components: vec![ComponentPlan { name: String::new(), config: None, files: vec![file], variant: None }],
+        };
+        (plan, vec![Arc::new(File::open(&path).expect("open the fixture"))], data)
+    }
+
+    type Pool = Arc<StagingPool<Buffer, mpsc::Receiver<()>>>;
+
+    /// The staged read of `plan` through `engine` and `pool` on `threads` threads.
+    fn read<E: CopyEngine<Buffer = Buffer, Fence = mpsc::Receiver<()>> + Clone + 'static>(
+        engine: &E,
+        pool: &Pool,
+        plan: &LoadPlan,
+        files: &[Arc<dyn ReadAt>],
+        (cancel, threads): (&CancellationToken, usize),
+        on_progress: impl FnMut(u64, &str) + Send,
+    ) -> Result<Box<dyn Placed>, ReadFailed>
+    where
+        E::Allocation: 'static,
+    {
+        let placement = StagedPlacement::new(Arc::new(engine.clone()), pool.clone(), "fake:0".into());
+        let options = ReadOptions { threads, cancel, interval: Duration::from_millis(1) };
+        read_into(&placement, plan, files, options, on_progress)
+    }
+
+    fn finish(placed: Box<dyn Placed>) -> Vec<PlacedTensor> {
+        placed.finish(0, Duration::from_millis(1)).expect("finish").0
+    }
+
+    #[test]
+    fn groups_follow_dtype_runs_contiguity_and_the_size_cap() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (f32, bf16) = (DType::F32, DType::BF16);
+        let (plan, _, _) = fixture(dir.path(), &[f32, f32, bf16, bf16, bf16, f32], &[4, 4, 8, 8, 8, 2], Some(3));
+        let g = groups(&plan, 40);
+        let summary: Vec<(DType, u64, u64, Vec<&str>)> =
+            g.iter().map(|g| (g.dtype, g.start, g.len, g.members.iter().map(|m| m.name.as_str()).collect())).collect();
+        assert_eq!(
+            summary,
+            vec![
+                (f32, 0, 32, vec!["t0000", "t0001"]),
+                (bf16, 32, 32, vec!["t0002", "t0003"]), // the gap after t0003 ends the run
+                (bf16, 72, 16, vec!["t0004"]),
+                (f32, 88, 8, vec!["t0005"]),
+            ]
+        );
+        // The cap splits a long run.
+        let capped = groups(&plan, 16);
+        assert_eq!(capped.iter().map(|g| g.members.len()).collect::<Vec<_>>(), vec![1, 1, 1, 1, 1, 1]);
+        assert_eq!(g[1].members[1].at, 16);
+    }
+
+    #[test]
+    fn chunks_cover_every_byte_once_and_never_cross_a_group() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (plan, _, _) = fixture(dir.path(), &[DType::U8, DType::F32, DType::U8], &[100, 7, 33], None);
+        let g = groups(&plan, GROUP_BYTES);
+        // Each chunk as (its first byte in the load, its length), checked to tile every group.
+        let tiles = |c: &[Chunk]| -> Vec<(u64, usize)> {
+            let mut out = Vec::new();
+            let mut base = 0;
+            for (group, g) in g.iter().enumerate() {
+                let mut end = 0;
+                for chunk in c.iter().filter(|c| c.group == group) {
+                    assert_eq!(chunk.offset, end, "chunks of a group are contiguous, in order");
+                    assert!(chunk.len > 0);
+                    assert!(chunk.len.is_multiple_of(g.dtype.size_in_bytes()), "a chunk splits an element");
+                    out.push((base + chunk.offset, chunk.len));
+                    end += chunk.len as u64;
+                }
+                assert_eq!(end, g.len);
+                base += g.len;
+            }
+            out
+        };
+        let plain = chunks(&g, Chunking { chunk: 16, edge_chunk: 16, edge: 0 });
+        assert!(tiles(&plain).iter().all(|&(_, len)| len <= 16));
+        assert_eq!(plain.len(), 7 + 2 + 3);
+
+        // The first and last 24 of the 161 bytes in pieces of at most 4 bytes (the F32 group's
+        // last piece is one whole element), the middle in pieces of up to 16 that stop where
+        // the tail begins.
+        let edged = tiles(&chunks(&g, Chunking { chunk: 16, edge_chunk: 4, edge: 24 }));
+        for &(at, len) in &edged {
+            let end = at + len as u64;
+            if !(24..161 - 24).contains(&at) {
+                assert!(len <= 4, "edge chunk at {at} of {len} bytes");
+            } else {
+                assert!(len <= 16 && end <= 161 - 24, "middle chunk at {at} of {len} bytes");
+            }
+        }
+        assert!(edged.iter().filter(|&&(at, _)| at < 24).count() >= 6);
+        assert!(edged.iter().filter(|&&(at, _)| at >= 161 - 24).count() >= 6);
+    }
+
+    /// Many chunks, few buffers, copies completing late and out of order: every tensor ends up
+    /// with exactly its file bytes, every buffer is back in the pool, every copy waited for, and
+    /// only one thread called the device.
+    #[test]
+    fn staged_reads_land_every_byte_with_buffers_reused_only_after_their_copy() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let dtypes: Vec<DType> = (0..300).map(|i| [DType::F32, DType::BF16, DType::U8][i % 7 % 3]).collect();
+        let sizes: Vec<usize> = (0..300).map(|i| 1 + (i * 37) % 700).collect();
+        let (plan, files, data) = fixture(dir.path(), &dtypes, &sizes, Some(150));
+        for (seed, threads, buffers) in [(1, 4, 3), (7, 8, 2), (42, 1, 1), (99, 3, 16)] {
+            let engine = LateCopies::new(seed);
+            let pool = engine.pool(buffers, 512);
+            let cancel = CancellationToken::new();
+            let mut reports = Vec::new();
+            let staged = read(&engine, &pool, &plan, &files, (&cancel, threads), |done, _| reports.push(done));
+            let tensors = finish(staged.map_err(|e| e.error).expect("staged read"));
+            assert_eq!(pool.idle(), buffers, "every buffer came back");
+            assert_eq!(engine.in_flight.load(Ordering::SeqCst), 0);
+            // Readers that call the device contend for its driver's locks (see the module doc).
+            assert_eq!(engine.callers.lock().expect("callers").len(), 1, "one thread queued and waited for copies");
+            assert!(engine.copies.load(Ordering::Relaxed) >= plan.read_bytes() as usize / 512);
+            assert_eq!(tensors.len(), 300);
+            for t in &tensors {
+                let planned = plan.components[0].files[0].tensors.iter().find(|p| p.name == t.name).expect("planned");
+                assert_eq!(t.data.dtype(), planned.dtype);
+                assert_eq!(t.data.shape(), planned.shape.as_slice());
+                let file_bytes = &data[planned.offset as usize..(planned.offset + planned.len) as usize];
+                let bytes = t.data.bytes().expect("bytes");
+                assert!(bytes.as_ref() == file_bytes, "{} differs from the file (seed {seed})", t.name);
+            }
+            assert_eq!(reports.last(), Some(&plan.read_bytes()));
+            assert!(reports.windows(2).all(|w| w[0] <= w[1]), "progress never goes back");
+        }
+    }
+
+    #[test]
+    fn a_cancel_stops_between_chunks_and_returns_every_buffer() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (plan, files, _) = fixture(dir.path(), &[DType::U8; 64], &[4096; 64], None);
+        let engine = LateCopies::new(3);
+        let pool = engine.pool(4, 1024);
+        let cancel = CancellationToken::new();
+        let total = plan.read_bytes();
+        let mut cancelled_at = None;
+        let result = read(&engine, &pool, &plan, &files, (&cancel, 3), |done, _| {
+            if done > 0 && cancelled_at.is_none() {
+                cancel.cancel();
+                cancelled_at = Some(done);
+            }
+        });
+        assert!(matches!(result, Err(ReadFailed { error: Error::Cancelled, .. })), "{:?}", result.err());
+        let copied = engine.copies.load(Ordering::Relaxed) as u64 * 1024;
+        assert!(copied < total / 2, "stopped early: {copied} of {total} bytes copied");
+        engine.synchronize().expect("synchronize");
+        assert_eq!(pool.idle(), 4, "every buffer came back");
+
+        // Cancelled before the first chunk: nothing is read or copied.
+        let engine = LateCopies::new(4);
+        let pool = engine.pool(4, 1024);
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let result = read(&engine, &pool, &plan, &files, (&cancel, 3), |_, _| {});
+        assert!(matches!(result, Err(ReadFailed { error: Error::Cancelled, .. })));
+        assert_eq!(engine.copies.load(Ordering::Relaxed), 0);
+        assert_eq!(pool.idle(), 4);
+    }
+
+    /// A file shorter than its plan fails as corrupt; a device that cannot allocate fails before
+    /// copying anything.
+    #[test]
+    fn truncated_files_and_failed_allocations_are_errors() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (mut plan, _, _) = fixture(dir.path(), &[DType::F32; 4], &[1000; 4], None);
+        plan.components[0].files[0].tensors[3].len += 4;
+        plan.components[0].files[0].tensors[3].shape = vec![1001];
+        let files: Vec<Arc<dyn ReadAt>> =
+            vec![Arc::new(File::open(dir.path().join("model.safetensors")).expect("open"))];
+        let engine = LateCopies::new(5);
+        let pool = engine.pool(2, 4096);
+        let cancel = CancellationToken::new();
+        let result = read(&engine, &pool, &plan, &files, (&cancel, 2), |_, _| {});
+        assert!(matches!(result, Err(ReadFailed { error: Error::Corrupt { .. }, .. })), "{:?}", result.err());
+        engine.synchronize().expect("synchronize");
+        assert_eq!(pool.idle(), 2);
+
+        #[derive(Clone)]
+        struct NoRoom(LateCopies);
+        impl CopyEngine for NoRoom {
+            type Buffer = Buffer;
+            type Fence = mpsc::Receiver<()>;
+            type Allocation = Tensor;
+            fn allocate(&self, _: DType, _: usize) -> Result<Self::Allocation, DeviceError> {
+                Err(DeviceError::Refused("out of memory".into()))
+            }
+            fn copy(&self, f: &Buffer, l: usize, t: &Self::Allocation, o: usize) -> Result<Self::Fence, DeviceError> {
+                self.0.copy(f, l, t, o)
+            }
+            fn wait(&self, f: Self::Fence) -> Result<(), DeviceError> {
+                self.0.wait(f)
+            }
+            fn is_done(&self, f: &Self::Fence) -> Result<bool, DeviceError> {
+                self.0.is_done(f)
+            }
+            fn synchronize(&self) -> Result<(), DeviceError> {
+                self.0.synchronize()
+            }
+            fn tensor_of(&self, a: &Self::Allocation, d: DType, e: usize) -> Result<Tensor, DeviceError> {
+                self.0.tensor_of(a, d, e)
+            }
+        }
+        let engine = NoRoom(LateCopies::new(6));
+        let pool = engine.0.pool(2, 4096);
+        let result = read(&engine, &pool, &plan, &files, (&cancel, 2), |_, _| {});
+        let error = result.err().map(|e| e.error);
+        assert!(matches!(&error, Some(Error::Place { source, .. }) if source.to_string() == "out of memory"));
+        assert_eq!(engine.0.copies.load(Ordering::Relaxed), 0);
+    }
+}
