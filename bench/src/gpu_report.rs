@@ -192,6 +192,8 @@ pub fn evaluate(report: &mut GpuReport, dense: &str, small: &str) {
     report.targets = targets;
 }
 
+// A report page, written top to bottom in the order it reads.
+#[allow(clippy::too_many_lines)]
 pub fn write(out: &Path, report: &GpuReport) -> anyhow::Result<()> {
     std::fs::create_dir_all(out)?;
     std::fs::write(out.join("results.json"), serde_json::to_string_pretty(report)?)?;

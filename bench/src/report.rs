@@ -327,7 +327,8 @@ impl Report {
         self.targets = targets;
     }
 
-    /// The Markdown page of the results.
+    /// The Markdown page of the results, written top to bottom in the order it reads.
+    #[allow(clippy::too_many_lines)]
     pub fn markdown(&self) -> String {
         let mut md = String::new();
         let m = &self.machine;

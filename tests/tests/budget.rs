@@ -298,6 +298,8 @@ async fn start_stalled_load(client: &mut Client, hub: &TestHub) -> Streaming<pb:
 /// line run in arrival order, one after the other: B (a slow download, so it visibly holds the
 /// slot) runs while D, behind it, hears its place change to "queued: 0 ahead"; B's step 8 comes
 /// before D's step 2, as a watcher of every model sees it; at the end nothing is reserved.
+// One scenario, read top to bottom.
+#[allow(clippy::too_many_lines)]
 #[tokio::test]
 async fn queued_loads_wait_in_order_and_can_be_cancelled() {
     let _alone = ONE_AT_A_TIME.lock().await;

@@ -559,6 +559,8 @@ async fn random_concurrent_operations_with_eviction_keep_the_invariants() {
     run(EvictPolicy::Lru).await;
 }
 
+// One scenario, read top to bottom.
+#[allow(clippy::too_many_lines)]
 async fn run(evict: EvictPolicy) {
     let seed = env_number("CONCURRENCY_SEED").unwrap_or_else(|| {
         SystemTime::now().duration_since(UNIX_EPOCH).expect("the clock is after 1970").as_nanos() as u64

@@ -482,6 +482,8 @@ impl Track {
 /// is the next in the model's true history and a legal transition, progress comes only while
 /// LOADING with steps never going back, LOADED only after step 8; the terminal events it missed
 /// are covered by a snapshot that equals ListModels, and its stream then goes on.
+// One scenario, read top to bottom.
+#[allow(clippy::too_many_lines)]
 #[tokio::test]
 async fn a_lagging_watcher_is_resynchronised_never_left_with_a_gap() {
     let tmp = tempfile::tempdir().expect("tmp");

@@ -126,6 +126,8 @@ fn quoted(s: &str) -> String {
 
 /// Repo info, tree listing, HEAD/GET on /resolve with the Hub's headers, the LFS redirect to a
 /// second host name, Range requests, the error codes, and the counters that follow them.
+// One scenario, read top to bottom.
+#[allow(clippy::too_many_lines)]
 #[tokio::test]
 async fn speaks_the_hub_protocol_with_counters() {
     let dir = tempfile::tempdir().expect("tempdir");

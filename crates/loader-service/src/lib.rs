@@ -142,7 +142,7 @@ impl LoaderService {
             let wait_for = match self.inflight.entry(id.clone()) {
                 Entry::Occupied(load) => return Ok(load.get().subscribe()),
                 Entry::Vacant(slot) => {
-                    match self.state.apply(id.as_str(), Transition::StartLoad { device: device.to_string() }) {
+                    match self.state.apply(&id, Transition::StartLoad { device: device.to_string() }) {
                         Ok(_) => {
                             let handle =
                                 Arc::new(LoadHandle::new(id.clone(), self.root.child_token(), self.state.clone()));
@@ -155,7 +155,7 @@ impl LoaderService {
                         }
                         Err(InvalidTransition { current: ModelState::Loaded, .. }) => {
                             // Asked for again: a use, for eviction's least-recently-used order.
-                            self.pipelines.touch(id.as_str());
+                            self.pipelines.touch(&id);
                             return Ok(LoadSubscription::already_loaded(&id));
                         }
                         // Unloading (or a load that is just ending): wait for the state to change.
@@ -163,14 +163,14 @@ impl LoaderService {
                     }
                 }
             };
-            self.state.wait_while(id.as_str(), wait_for).await;
+            self.state.wait_while(&id, wait_for).await;
         }
     }
 
     /// Unloads a LOADED model: UNLOADING, its pipeline out of the store, its memory back (as soon
     /// as no reader holds it), UNLOADED. `reason` is shown in its status for the server's own
     /// unloads (evictions). Returns the bytes freed, or the state the model is in if not LOADED.
-    pub fn unload_loaded(&self, model_id: &str, reason: Option<String>) -> Result<u64, ModelState> {
+    pub fn unload_loaded(&self, model_id: &ModelId, reason: Option<String>) -> Result<u64, ModelState> {
         self.state.apply(model_id, Transition::StartUnload { reason }).map_err(|e| e.current)?;
         let freed_bytes = self.pipelines.remove(model_id).map_or(0, |pipeline| {
             pipeline.allocation.leave();
@@ -180,7 +180,7 @@ impl LoaderService {
         if let Err(e) = self.state.apply(model_id, Transition::UnloadFinished) {
             tracing::error!(cause = %e, "state transition refused during an unload");
         }
-        tracing::info!(model_id, freed_bytes, "model unloaded");
+        tracing::info!(%model_id, freed_bytes, "model unloaded");
         Ok(freed_bytes)
     }
 

@@ -68,7 +68,7 @@ impl LoaderService {
         // lock (taken before the state manager's, as in `load`), so a new LoadModel either joins
         // this load before it ends or starts a new one after: never joins a load already over.
         let entry = self.inflight.entry(id.clone());
-        let outcome = match self.state.apply(id.as_str(), transition) {
+        let outcome = match self.state.apply(&id, transition) {
             Ok(_) => outcome,
             // The table refusing the end of a load is a bug in its callers, not bad input.
             Err(invalid) => {
@@ -279,7 +279,7 @@ impl LoaderService {
         let weight_bytes: u64 = components.values().flat_map(|c| &c.tensors).map(ResidentTensor::size_bytes).sum();
         let reservation = held.reservation.take().ok_or_else(|| LoadError::internal(id, "reservation gone"))?;
         let pipeline = Pipeline {
-            model_id: id.to_string(),
+            model_id: id.clone(),
             components,
             device: planned.device,
             revision: planned.revision.clone(),

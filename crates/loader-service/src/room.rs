@@ -28,7 +28,7 @@ impl LoaderService {
         needed: u64,
         step: ModelLoadStep,
     ) -> Result<Reservation, LoadError> {
-        let id = handle.model_id().as_str();
+        let id = handle.model_id();
         let cancelled = || LoadError::cancelled(handle.model_id());
         let mut books = self.resources.changes(device)?;
         let mut states = self.state.changes();
@@ -84,10 +84,10 @@ impl LoaderService {
         step: ModelLoadStep,
         usage: &resource_manager::DeviceUsage,
     ) -> Result<(), LoadError> {
-        let id = handle.model_id().as_str();
+        let id = handle.model_id();
         let budget = usage.budget_bytes;
         if needed > budget {
-            return Err(ResourceError::LargerThanBudget { device, model_id: id.to_owned(), needed, budget }.into());
+            return Err(ResourceError::LargerThanBudget { device, model_id: id.to_string(), needed, budget }.into());
         }
         let victims = self.pipelines.least_recently_used(device);
         let evictable: u64 = victims.iter().map(|v| v.bytes).sum();
@@ -101,7 +101,7 @@ impl LoaderService {
         if coming + evictable + in_transit < needed {
             let evictable = evictable + in_transit;
             return Err(
-                ResourceError::NoRoom { device, model_id: id.to_owned(), needed, free, evictable, budget }.into()
+                ResourceError::NoRoom { device, model_id: id.to_string(), needed, free, evictable, budget }.into()
             );
         }
         for victim in victims {
@@ -115,7 +115,7 @@ impl LoaderService {
             // Another caller may be unloading it already: then its bytes are coming anyway.
             if self.unload_loaded(&victim.model_id, Some(reason)).is_ok() {
                 tracing::info!(
-                    evicted = victim.model_id,
+                    evicted = %victim.model_id,
                     bytes = victim.bytes,
                     needed,
                     free = coming,
@@ -174,7 +174,10 @@ mod tests {
         })
         .expect("service");
         // Another model's 8,000 bytes are on their way out: 2,000 free, 4,000 needed.
-        let leaving = resources.reserve(DeviceId::Cpu, "other", 8_000).expect("fits").into_leaving();
+        let leaving = resources
+            .reserve(DeviceId::Cpu, &ModelId::parse("other").expect("id"), 8_000)
+            .expect("fits")
+            .into_leaving();
 
         let mut load = service.load(LoadRequest::new(ModelId::parse("m").expect("id"))).await.expect("starts");
         loop {

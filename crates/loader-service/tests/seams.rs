@@ -212,7 +212,7 @@ fn a_toy_source_and_a_toy_placement_load_a_model_through_every_step() {
     let data_bytes: u64 = tensors.iter().map(|(_, b)| b.len() as u64).sum();
     assert_eq!(placement.bytes.load(Ordering::SeqCst), data_bytes, "the placement got every byte once");
     assert!(placement.chunks.load(Ordering::SeqCst) >= (data_bytes / 64) as usize, "in chunks of 64 bytes");
-    let pipeline = pipelines.get(id.as_str()).expect("registered");
+    let pipeline = pipelines.get(&id).expect("registered");
     assert_eq!(pipeline.sample_size(), Some(8), "the config came through the source");
     let infos = pipeline.tensor_infos(true).expect("checksums");
     for (info, (name, bytes)) in infos.iter().zip(&tensors) {

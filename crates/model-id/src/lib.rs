@@ -74,6 +74,14 @@ fn check_part(part: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+// Maps keyed by `ModelId` are looked up by `&str` too (a progress message names its model as
+// text): the derived `Hash` and `Eq` are the inner string's, as `Borrow` requires.
+impl std::borrow::Borrow<str> for ModelId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for ModelId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

@@ -157,7 +157,7 @@ impl ModelManager {
     /// Frees the model: cancels its load if it is loading, drops its pipeline (tensors and
     /// accounting together) if it is loaded, forgets its failure if it failed. Idempotent.
     pub async fn unload(&self, model_id: &ModelId) -> Result<Unloaded, ManagerError> {
-        let id = model_id.as_str();
+        let id = model_id;
         loop {
             if let Some(load) = self.loader.in_flight(model_id) {
                 load.cancel();
@@ -184,11 +184,11 @@ impl ModelManager {
 
     /// The model's status: tracked, or UNLOADED if it can be found; NOT_FOUND otherwise.
     pub fn get(&self, model_id: &ModelId) -> Result<ModelStatus, ManagerError> {
-        if let Some(status) = self.state.get(model_id.as_str()) {
+        if let Some(status) = self.state.get(model_id) {
             return Ok(status);
         }
         if self.loader.exists(model_id) {
-            return Ok(ModelStatus::unloaded(model_id.as_str()));
+            return Ok(ModelStatus::unloaded(model_id));
         }
         Err(LoadError::not_found(model_id, "not in the model root or the HF cache, and never loaded").into())
     }
@@ -197,8 +197,8 @@ impl ModelManager {
     pub fn list(&self) -> Vec<ModelStatus> {
         let mut all = self.state.all();
         for id in self.loader.local_models() {
-            if !all.iter().any(|s| s.model_id == id.as_str()) {
-                all.push(ModelStatus::unloaded(id.as_str()));
+            if !all.iter().any(|s| s.model_id == id) {
+                all.push(ModelStatus::unloaded(&id));
             }
         }
         all.sort_by(|a, b| a.model_id.cmp(&b.model_id));
@@ -211,16 +211,13 @@ impl ModelManager {
 
     /// What is resident for a LOADED model; checksums are computed on a blocking thread.
     pub async fn tensors(&self, model_id: &ModelId, with_checksums: bool) -> Result<Vec<TensorInfo>, ManagerError> {
-        let Some(pipeline) = self.pipelines.get(model_id.as_str()) else {
+        let Some(pipeline) = self.pipelines.get(model_id) else {
             // A model that exists nowhere is NOT_FOUND; one that merely is not loaded is not.
             self.get(model_id)?;
-            return Err(ManagerError::NotLoaded {
-                model_id: model_id.to_string(),
-                state: self.state.state(model_id.as_str()),
-            });
+            return Err(ManagerError::NotLoaded { model_id: model_id.to_string(), state: self.state.state(model_id) });
         };
         // Reading its tensors is a use, for eviction's least-recently-used order.
-        self.pipelines.touch(model_id.as_str());
+        self.pipelines.touch(model_id);
         tokio::task::spawn_blocking(move || pipeline.tensor_infos(with_checksums))
             .await
             .map_err(|e| ManagerError::from(LoadError::internal(model_id, e.to_string())))?
@@ -236,7 +233,7 @@ impl ModelManager {
 
     fn snapshot(&self, model_id: Option<&ModelId>) -> Vec<StateEvent> {
         let statuses = match model_id {
-            Some(id) => vec![self.state.get(id.as_str()).unwrap_or_else(|| ModelStatus::unloaded(id.as_str()))],
+            Some(id) => vec![self.state.get(id).unwrap_or_else(|| ModelStatus::unloaded(id))],
             None => self.list(),
         };
         statuses.into_iter().map(StateEvent::Status).collect()
@@ -247,10 +244,8 @@ impl ModelManager {
     pub async fn shutdown(&self) {
         self.loader.shutdown().await;
         for status in self.state.all() {
-            if status.state == ModelState::Loaded
-                && let Ok(id) = ModelId::parse(&status.model_id)
-            {
-                let _ = self.unload(&id).await;
+            if status.state == ModelState::Loaded {
+                let _ = self.unload(&status.model_id).await;
             }
         }
         self.shutdown.cancel();
@@ -293,8 +288,8 @@ impl WatchSubscription {
     fn wanted(&self, event: &StateEvent) -> bool {
         let Some(filter) = &self.filter else { return true };
         let id = match event {
-            StateEvent::Status(s) => &s.model_id,
-            StateEvent::Progress(p) => &p.model_id,
+            StateEvent::Status(s) => s.model_id.as_str(),
+            StateEvent::Progress(p) => p.model_id.as_str(),
         };
         id == filter.as_str()
     }

@@ -17,6 +17,7 @@ use std::{
 
 use candle_core::{DType, Tensor};
 use dashmap::DashMap;
+pub use model_id::ModelId;
 use resource_manager::{DeviceId, ModelAllocation};
 use sha2::{Digest, Sha256};
 
@@ -108,7 +109,7 @@ pub struct Component {
 /// A loaded model: everything resident for it, and the memory it holds.
 #[derive(Debug)]
 pub struct Pipeline {
-    pub model_id: String,
+    pub model_id: ModelId,
     /// Keyed by component name.
     pub components: BTreeMap<String, Component>,
     pub device: DeviceId,
@@ -237,7 +238,7 @@ pub fn resident_bytes(tensor: &Tensor) -> candle_core::Result<Vec<u8>> {
 /// The loaded pipelines, by model id, with when each was last used.
 #[derive(Debug, Default)]
 pub struct PipelineManager {
-    pipelines: DashMap<String, Stored>,
+    pipelines: DashMap<ModelId, Stored>,
     /// A logical clock: each use takes the next tick, so ticks order uses exactly (no two equal).
     clock: AtomicU64,
 }
@@ -251,7 +252,7 @@ struct Stored {
 /// A loaded model as eviction sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resident {
-    pub model_id: String,
+    pub model_id: ModelId,
     pub bytes: u64,
     /// The tick of its last use: smaller is longer ago.
     pub last_used: u64,
@@ -273,12 +274,12 @@ impl PipelineManager {
         self.pipelines.insert(stored.pipeline.model_id.clone(), stored).map(|old| old.pipeline)
     }
 
-    pub fn get(&self, model_id: &str) -> Option<Arc<Pipeline>> {
+    pub fn get(&self, model_id: &ModelId) -> Option<Arc<Pipeline>> {
         self.pipelines.get(model_id).map(|p| p.pipeline.clone())
     }
 
     /// Marks the model as used now (asked for again, or its tensors read); false if not stored.
-    pub fn touch(&self, model_id: &str) -> bool {
+    pub fn touch(&self, model_id: &ModelId) -> bool {
         let tick = self.tick();
         self.pipelines.get_mut(model_id).map(|mut p| p.last_used = tick).is_some()
     }
@@ -301,7 +302,7 @@ impl PipelineManager {
 
     /// Takes the pipeline out of the store. Its memory returns when the last holder (a
     /// ListTensors in progress, at most) drops it.
-    pub fn remove(&self, model_id: &str) -> Option<Arc<Pipeline>> {
+    pub fn remove(&self, model_id: &ModelId) -> Option<Arc<Pipeline>> {
         self.pipelines.remove(model_id).map(|(_, p)| p.pipeline)
     }
 
@@ -316,6 +317,11 @@ impl PipelineManager {
 
 #[cfg(test)]
 mod tests {
+    /// A valid model id.
+    fn id(s: &str) -> model_id::ModelId {
+        model_id::ModelId::parse(s).expect("a valid id")
+    }
+
     use candle_core::Device;
     use resource_manager::{DeviceRequest, MemoryBudget, ResourceManager};
 
@@ -324,9 +330,9 @@ mod tests {
     fn pipeline(components: Vec<Component>) -> (ResourceManager, Pipeline) {
         let rm =
             ResourceManager::with_cpu_capacity(1 << 30, MemoryBudget::Bytes(1 << 20), DeviceRequest::Cpu).expect("cpu");
-        let allocation = rm.reserve(DeviceId::Cpu, "m", 0).expect("fits").commit(64);
+        let allocation = rm.reserve(DeviceId::Cpu, &id("m"), 0).expect("fits").commit(64);
         let pipeline = Pipeline {
-            model_id: "m".into(),
+            model_id: id("m"),
             components: components.into_iter().map(|c| (c.name.clone(), c)).collect(),
             device: DeviceId::Cpu,
             revision: String::new(),
@@ -392,7 +398,7 @@ mod tests {
         let store = PipelineManager::new();
         store.insert(p);
         assert_eq!(rm.usage()[0].used_bytes, 64);
-        drop(store.remove("m"));
+        drop(store.remove(&id("m")));
         assert_eq!(rm.usage()[0].used_bytes, 0);
         assert!(store.is_empty());
     }
@@ -403,21 +409,22 @@ mod tests {
         let rm =
             ResourceManager::with_cpu_capacity(1 << 30, MemoryBudget::Bytes(1 << 20), DeviceRequest::Cpu).expect("cpu");
         let store = PipelineManager::new();
-        for (id, bytes) in [("a", 10), ("b", 20), ("c", 30)] {
+        for (name, bytes) in [("a", 10), ("b", 20), ("c", 30)] {
+            let id = id(name);
             store.insert(Pipeline {
-                model_id: id.into(),
+                model_id: id.clone(),
                 components: BTreeMap::new(),
                 device: DeviceId::Cpu,
                 revision: String::new(),
-                allocation: rm.reserve(DeviceId::Cpu, id, bytes).expect("fits").commit(bytes),
+                allocation: rm.reserve(DeviceId::Cpu, &id, bytes).expect("fits").commit(bytes),
             });
         }
         let order = |store: &PipelineManager| -> Vec<(String, u64)> {
-            store.least_recently_used(DeviceId::Cpu).into_iter().map(|r| (r.model_id, r.bytes)).collect()
+            store.least_recently_used(DeviceId::Cpu).into_iter().map(|r| (r.model_id.to_string(), r.bytes)).collect()
         };
         assert_eq!(order(&store), [("a".into(), 10), ("b".into(), 20), ("c".into(), 30)]);
-        assert!(store.touch("a"));
-        assert!(!store.touch("nobody"));
+        assert!(store.touch(&id("a")));
+        assert!(!store.touch(&id("nobody")));
         assert_eq!(order(&store), [("b".into(), 20), ("c".into(), 30), ("a".into(), 10)]);
         assert!(store.least_recently_used(DeviceId::Cuda(0)).is_empty());
     }

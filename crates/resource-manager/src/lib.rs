@@ -26,6 +26,8 @@ use std::{
 
 use tokio::sync::watch;
 
+pub use model_id::ModelId;
+
 pub use crate::device::{DeviceId, DeviceRequest, MemoryBudget};
 
 /// The share of a device's capacity models may hold when no budget is configured.
@@ -71,7 +73,7 @@ pub struct DeviceUsage {
     /// The most bytes held and reserved at once since start-up.
     pub peak_bytes: u64,
     /// Bytes held per model, sorted by model id.
-    pub models: Vec<(String, u64)>,
+    pub models: Vec<(ModelId, u64)>,
 }
 
 impl DeviceUsage {
@@ -84,11 +86,11 @@ impl DeviceUsage {
 #[derive(Debug, Default)]
 struct Ledger {
     /// Bytes reserved by loads in flight, per model.
-    reserved: BTreeMap<String, u64>,
+    reserved: BTreeMap<ModelId, u64>,
     /// Bytes held by loaded models.
-    models: BTreeMap<String, u64>,
+    models: BTreeMap<ModelId, u64>,
     /// Bytes held by models on their way out (unloaded, memory not back yet).
-    leaving: BTreeMap<String, u64>,
+    leaving: BTreeMap<ModelId, u64>,
     /// The largest `committed()` ever seen.
     peak: u64,
 }
@@ -273,21 +275,21 @@ impl ResourceManager {
     }
 
     /// Reserves `bytes` on `device` for a load of `model_id`, or says how far over budget it is.
-    pub fn reserve(&self, device: DeviceId, model_id: &str, bytes: u64) -> Result<Reservation, ResourceError> {
+    pub fn reserve(&self, device: DeviceId, model_id: &ModelId, bytes: u64) -> Result<Reservation, ResourceError> {
         let memory = self.memory(device)?;
         memory.book(|ledger| {
             let free = memory.budget.saturating_sub(ledger.committed());
             if bytes > free {
                 return Err(ResourceError::OverBudget {
                     device,
-                    model_id: model_id.to_owned(),
+                    model_id: model_id.to_string(),
                     needed: bytes,
                     free,
                     budget: memory.budget,
                 });
             }
-            *ledger.reserved.entry(model_id.to_owned()).or_default() += bytes;
-            Ok(Reservation { memory: memory.clone(), model_id: model_id.to_owned(), bytes })
+            *ledger.reserved.entry(model_id.clone()).or_default() += bytes;
+            Ok(Reservation { memory: memory.clone(), model_id: model_id.clone(), bytes })
         })
     }
 
@@ -312,7 +314,7 @@ impl ResourceManager {
 #[derive(Debug)]
 pub struct Reservation {
     memory: Arc<DeviceMemory>,
-    model_id: String,
+    model_id: ModelId,
     bytes: u64,
 }
 
@@ -335,7 +337,7 @@ impl Reservation {
             if more > free {
                 return Err(ResourceError::OverBudget {
                     device: self.memory.id,
-                    model_id: self.model_id.clone(),
+                    model_id: self.model_id.to_string(),
                     needed: bytes,
                     free: free + self.bytes,
                     budget: self.memory.budget,
@@ -398,7 +400,7 @@ impl Drop for Reservation {
 #[derive(Debug)]
 pub struct ModelAllocation {
     memory: Arc<DeviceMemory>,
-    model_id: String,
+    model_id: ModelId,
     bytes: u64,
     /// Booked under `leaving` instead of `models`.
     leaving: AtomicBool,
@@ -450,7 +452,7 @@ impl Drop for ModelAllocation {
     }
 }
 
-fn release(book: &mut BTreeMap<String, u64>, model_id: &str, bytes: u64) {
+fn release(book: &mut BTreeMap<ModelId, u64>, model_id: &ModelId, bytes: u64) {
     if let Some(held) = book.get_mut(model_id) {
         *held = held.saturating_sub(bytes);
         if *held == 0 {
@@ -461,6 +463,11 @@ fn release(book: &mut BTreeMap<String, u64>, model_id: &str, bytes: u64) {
 
 #[cfg(test)]
 mod tests {
+    /// A valid model id.
+    fn id(s: &str) -> model_id::ModelId {
+        model_id::ModelId::parse(s).expect("a valid id")
+    }
+
     use super::*;
 
     fn manager(capacity: u64, budget: MemoryBudget) -> ResourceManager {
@@ -497,8 +504,8 @@ mod tests {
     #[test]
     fn reservations_are_guards() {
         let m = manager(1000, MemoryBudget::Bytes(100));
-        let a = m.reserve(DeviceId::Cpu, "a", 60).expect("fits");
-        let err = m.reserve(DeviceId::Cpu, "b", 50).expect_err("over budget");
+        let a = m.reserve(DeviceId::Cpu, &id("a"), 60).expect("fits");
+        let err = m.reserve(DeviceId::Cpu, &id("b"), 50).expect_err("over budget");
         assert_eq!(
             err,
             ResourceError::OverBudget {
@@ -513,8 +520,8 @@ mod tests {
         let alloc = a.commit(55);
         let usage = &m.usage()[0];
         assert_eq!((usage.used_bytes, usage.reserved_bytes), (55, 0));
-        assert_eq!(usage.models, vec![("a".to_owned(), 55)]);
-        let mut b = m.reserve(DeviceId::Cpu, "b", 45).expect("fits now");
+        assert_eq!(usage.models, vec![(id("a"), 55)]);
+        let mut b = m.reserve(DeviceId::Cpu, &id("b"), 45).expect("fits now");
         assert_eq!(m.usage()[0].reserved_bytes, 45);
         b.resize(20).expect("shrinking always fits");
         assert_eq!(m.usage()[0].reserved_bytes, 20);
@@ -534,7 +541,7 @@ mod tests {
     fn leaving_bytes_and_peak() {
         let m = manager(1000, MemoryBudget::Bytes(100));
         let mut changes = m.changes(DeviceId::Cpu).expect("cpu");
-        let a = m.reserve(DeviceId::Cpu, "a", 70).expect("fits").commit(60);
+        let a = m.reserve(DeviceId::Cpu, &id("a"), 70).expect("fits").commit(60);
         assert!(changes.has_changed().expect("the device lives"));
         changes.borrow_and_update();
         a.leave();
@@ -542,10 +549,10 @@ mod tests {
         assert!(changes.has_changed().expect("the device lives"));
         let usage = m.usage_of(DeviceId::Cpu).expect("cpu");
         assert_eq!((usage.used_bytes, usage.leaving_bytes, usage.free_bytes()), (60, 60, 40));
-        assert_eq!(usage.models, vec![("a".to_owned(), 60)]);
-        assert!(m.reserve(DeviceId::Cpu, "b", 50).is_err(), "leaving bytes are still held");
+        assert_eq!(usage.models, vec![(id("a"), 60)]);
+        assert!(m.reserve(DeviceId::Cpu, &id("b"), 50).is_err(), "leaving bytes are still held");
         drop(a);
-        let b = m.reserve(DeviceId::Cpu, "b", 50).expect("fits once a's memory is back");
+        let b = m.reserve(DeviceId::Cpu, &id("b"), 50).expect("fits once a's memory is back");
         let usage = m.usage_of(DeviceId::Cpu).expect("cpu");
         assert_eq!((usage.used_bytes, usage.leaving_bytes, usage.reserved_bytes, usage.peak_bytes), (0, 0, 50, 70));
         drop(b);
@@ -556,10 +563,10 @@ mod tests {
     #[test]
     fn a_reservation_can_leave() {
         let m = manager(1000, MemoryBudget::Bytes(100));
-        let leaving = m.reserve(DeviceId::Cpu, "a", 70).expect("fits").into_leaving();
+        let leaving = m.reserve(DeviceId::Cpu, &id("a"), 70).expect("fits").into_leaving();
         let usage = m.usage_of(DeviceId::Cpu).expect("cpu");
         assert_eq!((usage.reserved_bytes, usage.used_bytes, usage.leaving_bytes, usage.free_bytes()), (0, 70, 70, 30));
-        assert!(m.reserve(DeviceId::Cpu, "b", 50).is_err(), "leaving bytes are still held");
+        assert!(m.reserve(DeviceId::Cpu, &id("b"), 50).is_err(), "leaving bytes are still held");
         drop(leaving);
         let usage = m.usage_of(DeviceId::Cpu).expect("cpu");
         assert_eq!((usage.reserved_bytes, usage.used_bytes, usage.leaving_bytes), (0, 0, 0));

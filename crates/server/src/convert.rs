@@ -75,7 +75,7 @@ pub fn status(s: ModelStatus) -> pb::ModelStatus {
         Some(ModelSource::Hub) => pb::ModelSource::Hub,
     };
     pb::ModelStatus {
-        model_id: s.model_id,
+        model_id: s.model_id.to_string(),
         state: state as i32,
         last_progress: s.last_progress.map(progress),
         device: s.facts.device,
@@ -107,7 +107,11 @@ pub fn device(d: DeviceUsage) -> pb::DeviceResources {
         budget_bytes: d.budget_bytes,
         available_bytes: d.available_bytes,
         peak_bytes: d.peak_bytes,
-        models: d.models.into_iter().map(|(model_id, bytes)| pb::ModelResources { model_id, bytes }).collect(),
+        models: d
+            .models
+            .into_iter()
+            .map(|(model_id, bytes)| pb::ModelResources { model_id: model_id.to_string(), bytes })
+            .collect(),
     }
 }
 

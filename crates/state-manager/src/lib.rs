@@ -21,7 +21,7 @@ pub enum ModelState {
     Failed,
 }
 
-pub use model_id::ModelSource;
+pub use model_id::{ModelId, ModelSource};
 
 /// Facts about a model's current or last load, shown in its status.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -40,7 +40,7 @@ pub struct LoadFacts {
 /// What is known of one model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelStatus {
-    pub model_id: String,
+    pub model_id: ModelId,
     pub state: ModelState,
     /// The latest progress message of the current or last load.
     pub last_progress: Option<ModelLoadProgress>,
@@ -54,9 +54,9 @@ pub struct ModelStatus {
 
 impl ModelStatus {
     /// The status of a model nobody has loaded yet.
-    pub fn unloaded(model_id: &str) -> Self {
+    pub fn unloaded(model_id: &ModelId) -> Self {
         Self {
-            model_id: model_id.to_owned(),
+            model_id: model_id.clone(),
             state: ModelState::Unloaded,
             last_progress: None,
             error: None,
@@ -120,7 +120,7 @@ impl Transition {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("model {model_id}: cannot {transition} while {current}")]
 pub struct InvalidTransition {
-    pub model_id: String,
+    pub model_id: ModelId,
     pub transition: &'static str,
     /// The state the model is in, so the caller can decide what to do instead.
     pub current: ModelState,
@@ -137,7 +137,7 @@ pub enum StateEvent {
 pub struct StateManager {
     /// One record per model ever tracked. A record's entry lock is what makes a transition one
     /// atomic check-and-set; it is never held across an `.await`.
-    records: DashMap<String, ModelStatus>,
+    records: DashMap<ModelId, ModelStatus>,
     /// Every change, published while the entry lock is held, so each model's events are ordered.
     events: broadcast::Sender<StateEvent>,
     /// Notified on every transition (`send_replace` notifies even an unchanged value), for callers that wait for a state to be left (an unload) or for
@@ -154,12 +154,12 @@ impl StateManager {
 
     /// Applies `transition` if the table allows it from the model's current state (a model never
     /// seen is UNLOADED), publishes the new status and returns it.
-    pub fn apply(&self, model_id: &str, transition: Transition) -> Result<ModelStatus, InvalidTransition> {
-        let mut entry = self.records.entry(model_id.to_owned()).or_insert_with(|| ModelStatus::unloaded(model_id));
+    pub fn apply(&self, model_id: &ModelId, transition: Transition) -> Result<ModelStatus, InvalidTransition> {
+        let mut entry = self.records.entry(model_id.clone()).or_insert_with(|| ModelStatus::unloaded(model_id));
         let record = entry.value_mut();
         let Some(next) = transition.target(record.state) else {
             return Err(InvalidTransition {
-                model_id: model_id.to_owned(),
+                model_id: model_id.clone(),
                 transition: transition.name(),
                 current: record.state,
             });
@@ -193,7 +193,7 @@ impl StateManager {
     /// Records and publishes a progress message of a model that is LOADING; progress of a load
     /// that already ended is dropped (it cannot overtake the terminal status).
     pub fn record_progress(&self, progress: ModelLoadProgress) {
-        if let Some(mut record) = self.records.get_mut(&progress.model_id)
+        if let Some(mut record) = self.records.get_mut(progress.model_id.as_str())
             && record.state == ModelState::Loading
         {
             record.last_progress = Some(progress.clone());
@@ -202,11 +202,11 @@ impl StateManager {
     }
 
     /// The model's status; `None` for a model never tracked.
-    pub fn get(&self, model_id: &str) -> Option<ModelStatus> {
+    pub fn get(&self, model_id: &ModelId) -> Option<ModelStatus> {
         self.records.get(model_id).map(|r| r.clone())
     }
 
-    pub fn state(&self, model_id: &str) -> ModelState {
+    pub fn state(&self, model_id: &ModelId) -> ModelState {
         self.records.get(model_id).map_or(ModelState::Unloaded, |r| r.state)
     }
 
@@ -224,7 +224,7 @@ impl StateManager {
     }
 
     /// Waits until the model is not in `state` (e.g. until an unload has finished).
-    pub async fn wait_while(&self, model_id: &str, state: ModelState) {
+    pub async fn wait_while(&self, model_id: &ModelId, state: ModelState) {
         let mut changes = self.changes();
         while self.state(model_id) == state {
             // The sender lives in `self`, which outlives this borrow: `changed` cannot fail.
@@ -241,6 +241,11 @@ impl StateManager {
 
 #[cfg(test)]
 mod tests {
+    /// A valid model id.
+    fn id(s: &str) -> model_id::ModelId {
+        model_id::ModelId::parse(s).expect("a valid id")
+    }
+
     use super::*;
 
     fn all_states() -> [ModelState; 5] {
@@ -276,8 +281,8 @@ mod tests {
     #[test]
     fn second_start_load_is_refused() {
         let m = StateManager::new(16);
-        m.apply("a", Transition::StartLoad { device: "cpu".into() }).expect("first load starts");
-        let err = m.apply("a", Transition::StartLoad { device: "cpu".into() }).expect_err("second is refused");
+        m.apply(&id("a"), Transition::StartLoad { device: "cpu".into() }).expect("first load starts");
+        let err = m.apply(&id("a"), Transition::StartLoad { device: "cpu".into() }).expect_err("second is refused");
         assert_eq!(err.current, ModelState::Loading);
     }
 
@@ -286,16 +291,16 @@ mod tests {
     fn life_cycle_and_failure() {
         let m = StateManager::new(16);
         let mut rx = m.subscribe();
-        m.apply("a", Transition::StartLoad { device: "cpu".into() }).expect("start");
+        m.apply(&id("a"), Transition::StartLoad { device: "cpu".into() }).expect("start");
         m.record_progress(ModelLoadProgress::new("a", steps::ModelLoadStep::Init));
         let facts = LoadFacts { weight_bytes: 10, ..LoadFacts::default() };
-        assert_eq!(m.apply("a", Transition::LoadSucceeded(facts)).expect("ok").facts.weight_bytes, 10);
-        m.apply("a", Transition::StartUnload { reason: None }).expect("unload");
-        assert_eq!(m.apply("a", Transition::UnloadFinished).expect("done").facts, LoadFacts::default());
-        m.apply("a", Transition::StartLoad { device: "cpu".into() }).expect("start again");
-        let failed = m.apply("a", Transition::LoadFailed { reason: "bad file".into() }).expect("fail");
+        assert_eq!(m.apply(&id("a"), Transition::LoadSucceeded(facts)).expect("ok").facts.weight_bytes, 10);
+        m.apply(&id("a"), Transition::StartUnload { reason: None }).expect("unload");
+        assert_eq!(m.apply(&id("a"), Transition::UnloadFinished).expect("done").facts, LoadFacts::default());
+        m.apply(&id("a"), Transition::StartLoad { device: "cpu".into() }).expect("start again");
+        let failed = m.apply(&id("a"), Transition::LoadFailed { reason: "bad file".into() }).expect("fail");
         assert_eq!(failed.error.as_deref(), Some("bad file"));
-        assert_eq!(m.apply("a", Transition::StartLoad { device: "cpu".into() }).expect("retry").error, None);
+        assert_eq!(m.apply(&id("a"), Transition::StartLoad { device: "cpu".into() }).expect("retry").error, None);
 
         let mut states = Vec::new();
         while let Ok(ev) = rx.try_recv() {
@@ -311,42 +316,45 @@ mod tests {
     #[test]
     fn unload_reason_lasts_until_the_next_load() {
         let m = StateManager::new(16);
-        m.apply("a", Transition::StartLoad { device: "cpu".into() }).expect("start");
-        m.apply("a", Transition::LoadSucceeded(LoadFacts::default())).expect("ok");
+        m.apply(&id("a"), Transition::StartLoad { device: "cpu".into() }).expect("start");
+        m.apply(&id("a"), Transition::LoadSucceeded(LoadFacts::default())).expect("ok");
         let reason = Some("evicted".to_owned());
         assert_eq!(
-            m.apply("a", Transition::StartUnload { reason: reason.clone() }).expect("unload").unload_reason,
+            m.apply(&id("a"), Transition::StartUnload { reason: reason.clone() }).expect("unload").unload_reason,
             reason
         );
-        assert_eq!(m.apply("a", Transition::UnloadFinished).expect("done").unload_reason, reason);
-        assert_eq!(m.apply("a", Transition::StartLoad { device: "cpu".into() }).expect("again").unload_reason, None);
+        assert_eq!(m.apply(&id("a"), Transition::UnloadFinished).expect("done").unload_reason, reason);
+        assert_eq!(
+            m.apply(&id("a"), Transition::StartLoad { device: "cpu".into() }).expect("again").unload_reason,
+            None
+        );
     }
 
     /// Progress of a model that is not loading is dropped.
     #[test]
     fn late_progress_is_dropped() {
         let m = StateManager::new(16);
-        m.apply("a", Transition::StartLoad { device: "cpu".into() }).expect("start");
-        m.apply("a", Transition::LoadCancelled).expect("cancel");
+        m.apply(&id("a"), Transition::StartLoad { device: "cpu".into() }).expect("start");
+        m.apply(&id("a"), Transition::LoadCancelled).expect("cancel");
         let mut rx = m.subscribe();
         m.record_progress(ModelLoadProgress::new("a", steps::ModelLoadStep::LoadWeights));
         assert!(rx.try_recv().is_err());
-        assert_eq!(m.get("a").map(|s| s.state), Some(ModelState::Unloaded));
+        assert_eq!(m.get(&id("a")).map(|s| s.state), Some(ModelState::Unloaded));
     }
 
     /// wait_while returns once the state is left.
     #[tokio::test]
     async fn wait_while_wakes_on_change() {
         let m = std::sync::Arc::new(StateManager::new(16));
-        m.apply("a", Transition::StartLoad { device: "cpu".into() }).expect("start");
-        m.apply("a", Transition::LoadSucceeded(LoadFacts::default())).expect("ok");
-        m.apply("a", Transition::StartUnload { reason: None }).expect("unload");
+        m.apply(&id("a"), Transition::StartLoad { device: "cpu".into() }).expect("start");
+        m.apply(&id("a"), Transition::LoadSucceeded(LoadFacts::default())).expect("ok");
+        m.apply(&id("a"), Transition::StartUnload { reason: None }).expect("unload");
         let waiter = tokio::spawn({
             let m = m.clone();
-            async move { m.wait_while("a", ModelState::Unloading).await }
+            async move { m.wait_while(&id("a"), ModelState::Unloading).await }
         });
         tokio::task::yield_now().await;
-        m.apply("a", Transition::UnloadFinished).expect("done");
+        m.apply(&id("a"), Transition::UnloadFinished).expect("done");
         tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.expect("woken").expect("no panic");
     }
 }
