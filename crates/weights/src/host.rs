@@ -3,7 +3,7 @@
 
 use std::{
     borrow::Cow,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::Duration,
 };
 
@@ -99,16 +99,39 @@ impl Placement for HostPlacement {
         Chunking { chunk: CHUNK_BYTES, edge_chunk: CHUNK_BYTES, edge: 0 }
     }
 
+    /// A group that is one chunk is allocated by the reader that fills it; larger groups (their
+    /// own mappings: the kernel's zero pages, nothing to clear) are allocated here and cut into
+    /// their chunks' pieces. Clearing thousands of small buffers and faulting their pages in on
+    /// one thread, ahead of the reads, made a checkpoint of 5,000 small tensors load 5× slower
+    /// on 16 cores than faulting them in on the readers (docs/benchmarks/design-choices.md).
     fn place(
         &self,
         groups: &[Group],
         chunks: &[Chunk],
         readers: &(dyn Fn(&dyn Destination) + Sync),
     ) -> Result<Box<dyn Placed>, Error> {
-        let mut buffers: Vec<HostBuffer> = groups.iter().map(|g| HostBuffer::zeroed(g.len as usize)).collect();
-        readers(&HostDestination { chunks: split(&mut buffers, chunks)? });
+        let mut per_group = vec![0usize; groups.len()];
+        for chunk in chunks {
+            *per_group
+                .get_mut(chunk.group)
+                .ok_or_else(|| Error::Internal(format!("chunk {chunk:?} of no group")))? += 1;
+        }
+        let by_reader = |g: usize| per_group[g] == 1;
+        let mut buffers: Vec<Option<HostBuffer>> = groups
+            .iter()
+            .enumerate()
+            .map(|(g, group)| (!by_reader(g)).then(|| HostBuffer::zeroed(group.len as usize)))
+            .collect();
+        let filled: Vec<OnceLock<HostBuffer>> = groups.iter().map(|_| OnceLock::new()).collect();
+        let pieces = split(&mut buffers, chunks)?;
+        readers(&HostDestination { chunks, pieces, filled: &filled });
         let mut tensors = Vec::with_capacity(groups.iter().map(|g| g.members.len()).sum());
-        for (group, buffer) in groups.iter().zip(buffers) {
+        let mut unfilled = 0;
+        for ((group, buffer), filled) in groups.iter().zip(buffers).zip(filled) {
+            let Some(buffer) = buffer.or_else(|| filled.into_inner()) else {
+                unfilled += 1;
+                continue;
+            };
             let buffer = Arc::new(buffer);
             for m in &group.members {
                 let view = HostView::new(buffer.clone(), m.at as usize, m.len as usize, group.dtype, m.shape.clone())
@@ -118,18 +141,24 @@ impl Placement for HostPlacement {
                 tensors.push(PlacedTensor { component: m.component, name: m.name.clone(), data: Box::new(view) });
             }
         }
-        Ok(Box::new(HostPlaced { tensors }))
+        Ok(Box::new(HostPlaced { tensors, unfilled }))
     }
 }
 
-/// Cuts the buffers into the chunks' disjoint pieces (the chunks of a group come in order and
-/// cover it), so each reader thread writes its own piece and no two ever share one.
-fn split<'b>(buffers: &'b mut [HostBuffer], chunks: &[Chunk]) -> Result<Vec<Mutex<Option<&'b mut [u8]>>>, Error> {
-    let mut rests: Vec<(u64, &mut [u8])> = buffers.iter_mut().map(|b| (0, b.bytes_mut())).collect();
+/// Cuts the buffers allocated here into their chunks' disjoint pieces (the chunks of a group come
+/// in order and cover it), so each reader thread writes its own piece and no two ever share one.
+/// A chunk of a group without a buffer gets `None`: its reader allocates it.
+fn split<'b>(buffers: &'b mut [Option<HostBuffer>], chunks: &[Chunk]) -> Result<Vec<Piece<'b>>, Error> {
+    let mut rests: Vec<(u64, Option<&mut [u8]>)> =
+        buffers.iter_mut().map(|b| (0, b.as_mut().map(HostBuffer::bytes_mut))).collect();
     let mut pieces = Vec::with_capacity(chunks.len());
     for chunk in chunks {
         let out_of_order = || Error::Internal(format!("chunk {chunk:?} does not follow the last one of its group"));
         let (at, rest) = rests.get_mut(chunk.group).ok_or_else(out_of_order)?;
+        let Some(rest) = rest else {
+            pieces.push(Mutex::new(None));
+            continue;
+        };
         if *at != chunk.offset || chunk.len > rest.len() {
             return Err(out_of_order());
         }
@@ -140,11 +169,18 @@ fn split<'b>(buffers: &'b mut [HostBuffer], chunks: &[Chunk]) -> Result<Vec<Mute
     Ok(pieces)
 }
 
-struct HostDestination<'b> {
-    chunks: Vec<Mutex<Option<&'b mut [u8]>>>,
+/// The memory of one chunk: a piece of a buffer allocated ahead, or `None` for a group of one
+/// chunk, which its reader allocates.
+type Piece<'b> = Mutex<Option<&'b mut [u8]>>;
+
+struct HostDestination<'a, 'b> {
+    chunks: &'a [Chunk],
+    pieces: Vec<Piece<'b>>,
+    /// The buffers of the groups of one chunk, once their reader filled them.
+    filled: &'a [OnceLock<HostBuffer>],
 }
 
-impl Destination for HostDestination<'_> {
+impl Destination for HostDestination<'_, '_> {
     fn fill(
         &self,
         index: usize,
@@ -154,16 +190,22 @@ impl Destination for HostDestination<'_> {
         if stop() {
             return Ok(false);
         }
-        let piece = self.chunks.get(index).map(sync::lock).and_then(|mut p| p.take());
-        match piece {
-            Some(bytes) => fill(bytes).map(|()| true),
-            None => Err(Error::Internal(format!("chunk {index} was filled already or never planned"))),
+        let twice = || Error::Internal(format!("chunk {index} was filled already or never planned"));
+        let (chunk, piece) = self.chunks.get(index).zip(self.pieces.get(index)).ok_or_else(twice)?;
+        if let Some(bytes) = sync::lock(piece).take() {
+            return fill(bytes).map(|()| true);
         }
+        let mut buffer = HostBuffer::zeroed(chunk.len);
+        fill(buffer.bytes_mut())?;
+        self.filled.get(chunk.group).ok_or_else(twice)?.set(buffer).map_err(|_| twice())?;
+        Ok(true)
     }
 }
 
 struct HostPlaced {
     tensors: Vec<PlacedTensor>,
+    /// Groups no reader filled (the read failed or was cancelled first).
+    unfilled: usize,
 }
 
 impl Placed for HostPlaced {
@@ -172,6 +214,9 @@ impl Placed for HostPlaced {
     }
 
     fn finish(self: Box<Self>, _total: u64, _reading: Duration) -> Result<(Vec<PlacedTensor>, String), Error> {
+        if self.unfilled > 0 {
+            return Err(Error::Internal(format!("{} groups of tensors were never read", self.unfilled)));
+        }
         Ok((self.tensors, "cpu: the tensors are already in host memory, nothing to copy".into()))
     }
 }
