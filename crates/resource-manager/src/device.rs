@@ -47,6 +47,11 @@ impl fmt::Display for DeviceId {
     }
 }
 
+/// Why a budget was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidBudget(String);
+
 /// How much of a device models may hold.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum MemoryBudget {
@@ -62,19 +67,19 @@ impl Default for MemoryBudget {
 }
 
 impl FromStr for MemoryBudget {
-    type Err = String;
+    type Err = InvalidBudget;
 
     /// `8GiB`, `500MB`, `1073741824` or `75%`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
         if let Some(p) = s.strip_suffix('%') {
-            let p: f64 = p.trim().parse().map_err(|_| format!("not a percentage: {s}"))?;
+            let p: f64 = p.trim().parse().map_err(|_| InvalidBudget(format!("not a percentage: {s}")))?;
             if !(p > 0.0 && p <= 100.0) {
-                return Err(format!("a percentage budget must be in (0, 100]: {s}"));
+                return Err(InvalidBudget(format!("a percentage budget must be in (0, 100]: {s}")));
             }
             return Ok(Self::Percent(p));
         }
-        let bytes: bytesize::ByteSize = s.parse().map_err(|e| format!("not a size: {s}: {e}"))?;
+        let bytes: bytesize::ByteSize = s.parse().map_err(|e| InvalidBudget(format!("not a size: {s}: {e}")))?;
         Ok(Self::Bytes(bytes.as_u64()))
     }
 }

@@ -28,7 +28,7 @@ use tokio::sync::watch;
 
 pub use model_id::ModelId;
 
-pub use crate::device::{DeviceId, DeviceRequest, MemoryBudget};
+pub use crate::device::{DeviceId, DeviceRequest, InvalidBudget, MemoryBudget};
 
 /// The share of a device's capacity models may hold when no budget is configured.
 pub const DEFAULT_BUDGET_PERCENT: f64 = 80.0;

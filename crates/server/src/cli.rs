@@ -107,8 +107,20 @@ pub struct Cli {
 }
 
 /// A size in bytes: `96MiB`, `1GiB`, `500MB` or plain bytes.
-fn parse_size(text: &str) -> Result<bytesize::ByteSize, String> {
-    text.trim().parse().map_err(|e| format!("not a size: {e}"))
+fn parse_size(text: &str) -> Result<bytesize::ByteSize, InvalidSize> {
+    text.trim().parse().map_err(InvalidSize)
+}
+
+/// A size flag that is not a size.
+#[derive(Debug, thiserror::Error)]
+#[error("not a size: {0}")]
+pub struct InvalidSize(String);
+
+/// Flags that parse but do not make a valid configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--preload: {0}")]
+    Preload(#[source] model_manager::InvalidRequest),
 }
 
 /// How log lines are written.
@@ -134,11 +146,11 @@ pub struct ServerConfig {
 
 impl Cli {
     /// Validates the flags into a [`ServerConfig`]; `env` looks up the HF variables.
-    pub fn into_config(self, env: impl Fn(&str) -> Option<String>) -> Result<ServerConfig, String> {
+    pub fn into_config(self, env: impl Fn(&str) -> Option<String>) -> Result<ServerConfig, ConfigError> {
         let preload = self
             .preload
             .iter()
-            .map(|id| model_manager::ModelId::parse(id).map_err(|e| format!("--preload: {e}")))
+            .map(|id| model_manager::ModelId::parse(id).map_err(ConfigError::Preload))
             .collect::<Result<_, _>>()?;
         let offline = self.offline || env("HF_HUB_OFFLINE").is_some_and(|v| is_true(&v));
         let hf_cache = self.hf_cache.or_else(|| default_hf_cache(&env));
@@ -196,14 +208,28 @@ fn default_hf_cache(env: &impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
 mod tests {
     use super::*;
 
-    fn parse(args: &[&str]) -> Result<ServerConfig, String> {
-        let cli = Cli::try_parse_from(std::iter::once("model-loader").chain(args.iter().copied()))
-            .map_err(|e| e.to_string())?;
-        cli.into_config(|name| match name {
+    /// The flags, refused by clap or by [`Cli::into_config`].
+    #[derive(Debug, thiserror::Error)]
+    enum Refused {
+        #[error(transparent)]
+        Flags(#[from] clap::Error),
+        #[error(transparent)]
+        Config(#[from] ConfigError),
+    }
+
+    impl Refused {
+        fn contains(&self, text: &str) -> bool {
+            self.to_string().contains(text)
+        }
+    }
+
+    fn parse(args: &[&str]) -> Result<ServerConfig, Refused> {
+        let cli = Cli::try_parse_from(std::iter::once("model-loader").chain(args.iter().copied()))?;
+        Ok(cli.into_config(|name| match name {
             "HF_HOME" => Some("/hf".into()),
             "HF_HUB_OFFLINE" => Some("1".into()),
             _ => None,
-        })
+        })?)
     }
 
     /// With no flags the server listens on the default address with the bundled model root.

@@ -6,7 +6,7 @@ use server::{Cli, init_tracing, run, shutdown_signal};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Cli::parse().into_config(|name| std::env::var(name).ok()).map_err(|e| anyhow::anyhow!(e))?;
+    let config = Cli::parse().into_config(|name| std::env::var(name).ok())?;
     init_tracing(config.log_format);
     let listener =
         tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
