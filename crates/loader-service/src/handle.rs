@@ -92,11 +92,11 @@ impl Drop for Held<'_> {
     }
 }
 
-pub(crate) struct LoadStream {
+struct LoadStream {
     /// The step the load is in and since when (the step-duration histogram).
     step_since: Option<(ModelLoadStep, std::time::Instant)>,
     latest: Option<ModelLoadProgress>,
-    pub(crate) outcome: Option<LoadOutcome>,
+    outcome: Option<LoadOutcome>,
     tx: broadcast::Sender<LoadUpdate>,
 }
 
@@ -112,7 +112,7 @@ impl LoadHandle {
         }
     }
 
-    pub(crate) fn stream(&self) -> MutexGuard<'_, LoadStream> {
+    fn stream(&self) -> MutexGuard<'_, LoadStream> {
         // Each update under this lock is a single assignment or send: a panic elsewhere cannot
         // leave it half-done, so a poisoned lock is still consistent.
         sync::lock(&self.stream)

@@ -124,10 +124,6 @@ impl Destination for Counting<'_> {
 }
 
 impl Placement for CountingPlacement {
-    fn device(&self) -> String {
-        "counting".into()
-    }
-
     fn chunking(&self, _: u64, _: usize) -> Chunking {
         Chunking { chunk: 64, edge_chunk: 64, edge: 0 }
     }

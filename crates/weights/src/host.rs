@@ -91,10 +91,6 @@ impl TensorData for HostView {
 pub struct HostPlacement;
 
 impl Placement for HostPlacement {
-    fn device(&self) -> String {
-        "cpu".into()
-    }
-
     fn chunking(&self, _total: u64, _threads: usize) -> Chunking {
         Chunking { chunk: CHUNK_BYTES, edge_chunk: CHUNK_BYTES, edge: 0 }
     }

@@ -17,7 +17,6 @@ pub mod placement;
 pub mod plan;
 pub mod read;
 // The GPU's placement; its scheduling is built and tested in every build.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod staged;
 
 pub use crate::{

@@ -94,8 +94,6 @@ pub trait Destination: Sync {
 
 /// Where one load's bytes land; chosen once per load.
 pub trait Placement: Send + Sync {
-    /// The device, for messages.
-    fn device(&self) -> String;
     /// How the groups of a load of `total` bytes read on `threads` threads are cut.
     fn chunking(&self, total: u64, threads: usize) -> Chunking;
     /// Allocates every group, runs `readers` (which fill every chunk through the destination,

@@ -239,10 +239,6 @@ mod tests {
     struct Chunked(usize);
 
     impl Placement for Chunked {
-        fn device(&self) -> String {
-            HostPlacement.device()
-        }
-
         fn chunking(&self, _: u64, _: usize) -> crate::placement::Chunking {
             crate::placement::Chunking { chunk: self.0, edge_chunk: self.0, edge: 0 }
         }

@@ -83,10 +83,6 @@ impl<E: CopyEngine + Send + 'static> Placement for StagedPlacement<E>
 where
     E::Allocation: 'static,
 {
-    fn device(&self) -> String {
-        self.device.clone()
-    }
-
     /// Whole buffers for large loads, smaller pieces for small ones; the first and the last chunk
     /// of every reader (the reads in flight when the first copy and the last one are queued) are
     /// short, so the link starts early and is not left with one long copy at the end.
@@ -120,9 +116,9 @@ where
         let (allocator, copier) = std::thread::scope(|scope| {
             let allocator = scope.spawn(|| allocate(&shared));
             let copier = scope.spawn(|| copy(&shared, to_copy));
-            // Dropped when the readers are done (or one panicked): the copying thread then ends
-            // once their last copies complete.
-            let destination = StagedDestination { shared: &shared, filled: Mutex::new(Some(filled)) };
+            // Dropped when the readers are done (or one panicked), closing the channel: the copying
+            // thread then ends once their last copies complete.
+            let destination = StagedDestination { shared: &shared, filled };
             readers(&destination);
             drop(destination);
             (allocator.join(), copier.join())
@@ -152,8 +148,7 @@ type Filled<'a, E> = (Lease<'a, <E as CopyEngine>::Buffer, <E as CopyEngine>::Fe
 /// The readers' side: each filled buffer goes to the copying thread; they never call the device.
 struct StagedDestination<'s, 'a, E: CopyEngine> {
     shared: &'s Shared<'a, E>,
-    /// Taken (closing the channel) when the readers are done.
-    filled: Mutex<Option<mpsc::Sender<Filled<'a, E>>>>,
+    filled: mpsc::Sender<Filled<'a, E>>,
 }
 
 impl<E: CopyEngine> Destination for StagedDestination<'_, '_, E> {
@@ -169,10 +164,9 @@ impl<E: CopyEngine> Destination for StagedDestination<'_, '_, E> {
         let Some(mut lease) = placement.pool.take(|| stop() || shared.failed()) else { return Ok(false) };
         let buffer = lease.fill(placement.engine.as_ref()).map_err(|e| placement.error(e))?;
         fill(&mut buffer[..chunk.len])?;
-        let sender = sync::lock(&self.filled).clone();
-        match sender.map(|s| s.send((lease, index))) {
-            Some(Ok(())) => Ok(true),
-            _ => Err(Error::Internal("the copying thread stopped".into())),
+        match self.filled.send((lease, index)) {
+            Ok(()) => Ok(true),
+            Err(_) => Err(Error::Internal("the copying thread stopped".into())),
         }
     }
 }
