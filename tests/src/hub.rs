@@ -21,8 +21,10 @@
 //! Revisions: a branch or tag name from [`HubRepo::refs`], or a full 40-hex commit id.
 //!
 //! Counters ([`TestHub::stats`]) count per (repo, file): `heads` (HEAD on `/resolve`), `gets` (the
-//! request that serves the bytes: the store GET for LFS files, the `/resolve` GET for others; every
-//! attempt counts, faulted or not) and `bytes_sent`. [`TestHub::requests`] logs every request.
+//! request that serves the file: the store GET for LFS files, the `/resolve` GET for others; every
+//! attempt counts, faulted or not), `bytes_sent`, and `range_reads` (a GET of a closed byte range,
+//! as a header read ahead of a download: only [`Fault::Status`] applies to it, and it counts in
+//! neither `gets` nor `bytes_sent`). [`TestHub::requests`] logs every request.
 //! Faults ([`Fault`]) are set and cleared while the hub runs. Nothing here sleeps except the pacing
 //! of [`Fault::Slow`]; tests wait with [`TestHub::wait_until`].
 
@@ -255,10 +257,14 @@ impl Fault {
 pub struct FileStats {
     /// HEAD requests on `/resolve` (a HEAD that follows the redirect to the store is not counted).
     pub heads: u64,
-    /// Requests that serve the bytes (store GET for LFS, `/resolve` GET otherwise), faulted or not.
+    /// Requests that serve the file (store GET for LFS, `/resolve` GET otherwise), faulted or not;
+    /// a resumed download (`Range: bytes=N-`) counts, a ranged read does not.
     pub gets: u64,
-    /// Body bytes handed to the connection.
+    /// Body bytes of those requests handed to the connection.
     pub bytes_sent: u64,
+    /// GETs of a closed byte range (`Range: bytes=A-B`): a header read ahead of a download. Only
+    /// [`Fault::Status`] applies to them.
+    pub range_reads: u64,
 }
 
 /// One request the hub received, in arrival order.
@@ -776,9 +782,12 @@ fn resolve(
         shared.stat(&key, |s| s.heads += 1);
     }
     let lfs = is_lfs(path, data.len());
-    let serves_body = !head && !lfs;
+    let read = !head && !lfs && is_range_read(headers);
+    let serves_body = !head && !lfs && !read;
     if serves_body {
         shared.stat(&key, |s| s.gets += 1);
+    } else if read {
+        shared.stat(&key, |s| s.range_reads += 1);
     }
     if let Some(fault) = shared.take_fault(&key, serves_body) {
         match fault {
@@ -833,10 +842,14 @@ fn store(shared: &Arc<Shared>, method: &Method, id: &str, commit: &str, path: &s
     };
     let key: Key = (id.into(), path.into());
     let get = method == Method::GET;
-    if get {
+    let read = get && is_range_read(headers);
+    let download = get && !read;
+    if download {
         shared.stat(&key, |s| s.gets += 1);
+    } else if read {
+        shared.stat(&key, |s| s.range_reads += 1);
     }
-    match shared.take_fault(&key, get) {
+    match shared.take_fault(&key, download) {
         Some(Fault::Status(code) | Fault::BodyStatus(code)) => fault_status(code, commit),
         Some(fault) => serve_bytes(shared, key, data, headers, Some(fault)),
         None if get => serve_bytes(shared, key, data, headers, None),
@@ -855,6 +868,14 @@ enum ByteRange {
     /// `start..end`, end exclusive.
     Part(usize, usize),
     Unsatisfiable,
+}
+
+/// Whether the request asks for a closed range (`bytes=A-B`), as a header read does; a resumed
+/// download asks for the rest of the file (`bytes=N-`).
+fn is_range_read(headers: &HeaderMap) -> bool {
+    let spec = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().strip_prefix("bytes="));
+    spec.and_then(|s| s.split_once('-'))
+        .is_some_and(|(a, b)| a.trim().parse::<u64>().is_ok() && b.trim().parse::<u64>().is_ok())
 }
 
 /// A single `bytes=` range (`a-b`, `a-`, `-n`); anything else is served whole.
@@ -902,14 +923,7 @@ fn serve_bytes(shared: &Arc<Shared>, key: Key, data: Bytes, headers: &HeaderMap,
                 .header(header::CONTENT_RANGE, format!("bytes {start}-{}/{total}", end - 1));
             (start, end)
         }
-        ByteRange::Unsatisfiable => {
-            return Response::builder()
-                .status(StatusCode::RANGE_NOT_SATISFIABLE)
-                .header(header::CONTENT_RANGE, format!("bytes */{total}"))
-                .header(header::CONTENT_LENGTH, 0)
-                .body(Body::empty())
-                .expect("response");
-        }
+        ByteRange::Unsatisfiable => return unsatisfiable(total),
     };
     let mut body = data.slice(start..end);
     if fault == Some(Fault::WrongBytes) && !body.is_empty() {
@@ -929,6 +943,7 @@ fn serve_bytes(shared: &Arc<Shared>, key: Key, data: Bytes, headers: &HeaderMap,
     let len = body.len();
     let limit = if matches!(fault, Some(Fault::DropMidBody | Fault::Stall)) { len / 2 } else { len };
     let stream = BodyStream {
+        counted: !is_range_read(headers),
         data: body,
         pos: 0,
         limit,
@@ -964,14 +979,28 @@ fn serve_bytes(shared: &Arc<Shared>, key: Key, data: Bytes, headers: &HeaderMap,
         let n = s.chunk.min(s.limit - s.pos);
         let chunk = s.data.slice(s.pos..s.pos + n);
         s.pos += n;
-        s.shared.stat(&s.key, |st| st.bytes_sent += n as u64);
+        if s.counted {
+            s.shared.stat(&s.key, |st| st.bytes_sent += n as u64);
+        }
         Some((Ok(chunk), s))
     });
     builder.header(header::CONTENT_LENGTH, len).body(Body::from_stream(chunks)).expect("response")
 }
 
+/// 416 for a range past the end of a file of `total` bytes.
+fn unsatisfiable(total: usize) -> Response {
+    Response::builder()
+        .status(StatusCode::RANGE_NOT_SATISFIABLE)
+        .header(header::CONTENT_RANGE, format!("bytes */{total}"))
+        .header(header::CONTENT_LENGTH, 0)
+        .body(Body::empty())
+        .expect("response")
+}
+
 /// The state of one streamed body; dropping it (sent, or the client went away) ends the body.
 struct BodyStream {
+    /// Whether its bytes count in `bytes_sent` (not for a ranged read).
+    counted: bool,
     data: Bytes,
     pos: usize,
     limit: usize,

@@ -248,10 +248,14 @@ async fn a_model_larger_than_the_budget_evicts_nothing() {
 }
 
 /// Writes the repo the test hub serves as [`STALLED`] under `tmp/repo`: a 1 MiB single-file model.
-/// Returns the size of its weight file, which a download of it reserves at step 3.
+/// Returns the bytes of its tensors, which a download of it reserves at step 3 (from the header,
+/// read ahead of the download): its weight file less the header.
 fn write_stalled_repo(tmp: &Path) -> u64 {
-    fixture::single_file_model(&tmp.join("repo"), &fixture::f32_tensors("layer", 4, 64 * 1024)).expect("fixture");
-    std::fs::metadata(tmp.join("repo").join(STALLED_FILE)).expect("weight file").len()
+    let expected =
+        fixture::single_file_model(&tmp.join("repo"), &fixture::f32_tensors("layer", 4, 64 * 1024)).expect("fixture");
+    let file = std::fs::metadata(tmp.join("repo").join(STALLED_FILE)).expect("weight file").len();
+    assert!(expected.bytes() < file, "the header is not counted");
+    expected.bytes()
 }
 
 /// A test hub serving `tmp/repo` (see [`write_stalled_repo`]) as [`STALLED`], whose weight file
@@ -413,9 +417,9 @@ async fn queued_loads_wait_in_order_and_can_be_cancelled() {
 
 /// With `--evict lru`, bytes reserved by a load in flight cannot be evicted: when evicting every
 /// LOADED model would still not make room, the load fails with RESOURCE_EXHAUSTED ("evicting every
-/// loaded model would free only …") and evicts nothing. A download reserves its estimate (the
-/// hub's file size) at step 3, before its first byte; once that load is cancelled the same load
-/// fits without evicting anyone.
+/// loaded model would free only …") and evicts nothing. A download reserves its exact bytes at
+/// step 3 (from the header read ahead), before the first byte of its weights; once that load is
+/// cancelled the same load fits without evicting anyone.
 #[tokio::test]
 async fn reserved_bytes_of_a_load_in_flight_are_not_evictable() {
     let _alone = ONE_AT_A_TIME.lock().await;
@@ -426,20 +430,20 @@ async fn reserved_bytes_of_a_load_in_flight_are_not_evictable() {
         .expect("fixture")
         .bytes();
     assert_eq!(big, 3 * size);
-    // The stalled download reserves its file's size (over 1 MiB: more than four small models).
-    let file_size = write_stalled_repo(tmp.path());
-    let budget = file_size + 2 * size;
+    // The stalled download reserves its tensors' bytes (1 MiB: four small models).
+    let stalled_bytes = write_stalled_repo(tmp.path());
+    let budget = stalled_bytes + 2 * size;
     let (hub, server) = stalled_hub_setup(tmp.path(), Vec::new(), Some(budget), 2, EvictPolicy::Lru).await;
     let mut client = server.client().await;
 
     load_ok(&mut client, load("a")).await;
     let stalled = start_stalled_load(&mut client, &hub).await;
     let cpu = cpu_resources(&mut client).await;
-    assert_eq!((cpu.used_bytes, cpu.reserved_bytes), (size, file_size), "the download reserved its estimate: {cpu:?}");
+    assert_eq!((cpu.used_bytes, cpu.reserved_bytes), (size, stalled_bytes), "the download reserved its bytes: {cpu:?}");
 
     // Free: the budget less A and the reservation = one small model; evicting A frees one more:
     // two, and BIG needs three (less than the whole budget).
-    let free = budget - size - file_size;
+    let free = budget - size - stalled_bytes;
     let (messages, end) = load_all(&mut client, load("big")).await;
     let status = end.expect_err("no room even after evicting A");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");

@@ -5,9 +5,9 @@ use std::path::Path;
 
 use proto::v1 as pb;
 use tests::{
-    TestServer, config, cpu_resources, fixture,
-    hub::{Fault, HubRepo, TestHub},
-    load, load_all, state_of,
+    TestServer, config, cpu_resources, end_of, fixture,
+    hub::{Fault, HubRepo, HubRequest, TestHub},
+    load, load_all, open_load, read_until, state_of,
 };
 use tonic::Code;
 
@@ -82,6 +82,47 @@ async fn downloads_then_hits_the_cache() {
     }
     let status = client.get_model(pb::GetModelRequest { model_id: REPO.into() }).await.expect("get").into_inner();
     assert_eq!(status.source(), pb::ModelSource::Cache);
+    server.stop().await;
+}
+
+/// Step 3 knows the exact bytes before step 4 moves any byte of weights: each weight file's header
+/// is read ahead with one ranged GET, every one of them before the first download of a weight
+/// file; step 3 reserves exactly the tensors' bytes (not the files'), held through step 4; the
+/// download's byte progress counts the weight files (the configs came whole in step 3).
+#[tokio::test]
+async fn plans_from_headers_read_ahead_then_downloads() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (hub, server, expected) = setup(tmp.path()).await;
+    let mut client = server.client().await;
+    let size = |shard: &str| std::fs::metadata(tmp.path().join("repo").join(shard)).expect("shard").len();
+    // About two seconds: long enough to look at step 4, short enough to finish.
+    hub.set_fault(REPO, SHARDS[0], Fault::Slow { bytes_per_sec: size(SHARDS[0]) / 2 });
+    let mut stream = open_load(&mut client, load(REPO)).await;
+    read_until(&mut stream, "step 3", |m| m.step == 3).await;
+    let planning = std::time::Instant::now();
+    let before = read_until(&mut stream, "step 4", |m| m.step == 4).await;
+    eprintln!("step 3 with the headers of 3 shards read ahead: {:.1} ms", planning.elapsed().as_secs_f64() * 1e3);
+    let reserved = format!("{} bytes reserved on cpu", expected.bytes());
+    assert!(before.iter().any(|m| m.step == 3 && m.detail.ends_with(&reserved)), "{reserved}: {before:?}");
+    let cpu = cpu_resources(&mut client).await;
+    assert_eq!((cpu.used_bytes, cpu.reserved_bytes), (0, expected.bytes()), "reserved through step 4: {cpu:?}");
+    let (rest, end) = end_of(stream).await;
+    end.expect("loads from the hub");
+
+    let requests = hub.requests();
+    let weight_get =
+        |r: &HubRequest| r.method == "GET" && r.path.contains("/_lfs/") && r.path.ends_with(".safetensors");
+    let last_read =
+        requests.iter().rposition(|r| weight_get(r) && r.range.as_deref().is_some_and(|r| r.starts_with("bytes=0-")));
+    let first_download = requests.iter().position(|r| weight_get(r) && r.range.is_none());
+    assert!(last_read.is_some() && last_read < first_download, "{requests:#?}");
+    for shard in SHARDS {
+        let stats = hub.stats(REPO, shard);
+        assert_eq!((stats.range_reads, stats.gets), (1, 1), "{shard}: one header read, one download");
+    }
+    let download = rest.iter().find(|m| m.step == 4 && m.bytes_total > 0).expect("download progress");
+    assert_eq!(download.bytes_total, SHARDS.iter().map(|s| size(s)).sum::<u64>(), "{download:?}");
+    assert_eq!(tests::checksums(&mut client, REPO).await, expected.tensors);
     server.stop().await;
 }
 

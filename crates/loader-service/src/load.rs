@@ -120,10 +120,18 @@ impl LoaderService {
         handle.note(ModelLoadStep::CacheCheck, located.description.clone());
 
         handle.step(ModelLoadStep::BuildStrategies)?;
-        let (plan, reservation) = match &located.fetch {
-            Some(fetch) => self.fetch_and_plan(handle, device, target, &located, fetch.as_ref()).await?,
-            None => self.plan_and_reserve(handle, device, target, &located).await?,
+        let plan_files = match &located.fetch {
+            Some(fetch) => {
+                let progress = Arc::new(FetchProgress::default());
+                let _counted = CountFetched(&progress);
+                fetch.plan_files(&handle.cancel, &progress).await.map_err(|e| LoadError::model(&id, e))?
+            }
+            None => located.files.clone(),
         };
+        let (plan, reservation) = self.plan_and_reserve(handle, device, target, plan_files).await?;
+        if let Some(fetch) = &located.fetch {
+            self.fetch(handle, fetch.as_ref()).await?;
+        }
         let placement = self.placements.placement(device)?;
         let Located { files, source, revision, .. } = located;
         let planned = Planned { device, target, plan, files, source, revision, placement };
@@ -131,51 +139,21 @@ impl LoaderService {
         blocking(&id, move || span.in_scope(|| this.read_and_register(&handle, planned, reservation))).await
     }
 
-    /// Step 3 for files at hand: the plan from their headers, then the exact bytes reserved.
+    /// Step 3: the plan from the files' headers, then the exact bytes reserved before step 4
+    /// moves any byte of weights (for a source that fetches, the files as they will be).
     async fn plan_and_reserve(
         &self,
         handle: &LoadHandle,
         device: DeviceId,
         target: Option<TargetDtype>,
-        located: &Located,
+        files: Arc<dyn ModelFiles>,
     ) -> Result<(LoadPlan, Reservation), LoadError> {
-        let plan = plan(handle.model_id(), located.files.clone(), target).await?;
+        let plan = plan(handle.model_id(), files, target).await?;
         let needed = plan.resident_bytes(target);
         let reservation = self.make_room(handle, device, needed, ModelLoadStep::BuildStrategies).await?;
         handle
             .note(ModelLoadStep::BuildStrategies, format!("{}; {needed} bytes reserved on {device}", plan.describe()));
         handle.step(ModelLoadStep::LoadWeights)?;
-        Ok((plan, reservation))
-    }
-
-    /// Steps 3 and 4 for files to fetch: an estimate from the source's file sizes is reserved
-    /// before the first byte, LOAD_WEIGHTS fetches, and the exact figure from the headers replaces
-    /// the estimate.
-    async fn fetch_and_plan(
-        &self,
-        handle: &LoadHandle,
-        device: DeviceId,
-        target: Option<TargetDtype>,
-        located: &Located,
-        fetch: &dyn Fetch,
-    ) -> Result<(LoadPlan, Reservation), LoadError> {
-        // A safetensors file is its tensors plus a small header; floats converted to a wider
-        // dtype may double (from 16 bits to F32).
-        let estimate = match target {
-            Some(TargetDtype::F32) => fetch.weight_bytes() * 2,
-            _ => fetch.weight_bytes(),
-        };
-        let mut reservation = self.make_room(handle, device, estimate, ModelLoadStep::BuildStrategies).await?;
-        handle.note(
-            ModelLoadStep::BuildStrategies,
-            format!("download {} files, {} bytes; {estimate} bytes reserved on {device}", fetch.files(), fetch.bytes()),
-        );
-        handle.step(ModelLoadStep::LoadWeights)?;
-        self.fetch(handle, fetch).await?;
-        let plan = plan(handle.model_id(), located.files.clone(), target).await?;
-        let needed = plan.resident_bytes(target);
-        reservation.resize(needed)?;
-        handle.note(ModelLoadStep::LoadWeights, format!("{}; {needed} bytes reserved on {device}", plan.describe()));
         Ok((plan, reservation))
     }
 

@@ -102,7 +102,7 @@ impl Hub {
         Ok(Self { client, cache: cache.to_owned(), stall_timeout: config.stall_timeout })
     }
 
-    fn repo(&self, id: &ModelId) -> hf_hub::repository::HFRepository<hf_hub::repository::RepoTypeModel> {
+    pub(crate) fn repo(&self, id: &ModelId) -> hf_hub::repository::HFRepository<hf_hub::repository::RepoTypeModel> {
         let (org, name) = id.split();
         self.client.model(org.unwrap_or(""), name)
     }
@@ -143,6 +143,19 @@ impl Hub {
         }
         let needed = needed_files(&files, variant)?;
         Ok(RemoteSnapshot { commit, needed })
+    }
+
+    /// Runs `work` (requests that send little, such as a header read) until it is done, `cancel`
+    /// fires or the stall timeout passes.
+    pub(crate) async fn bounded<T>(
+        &self,
+        cancel: &CancellationToken,
+        work: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        tokio::select! {
+            result = tokio::time::timeout(self.stall_timeout, work) => result.map_err(|_| stalled(self.stall_timeout))?,
+            () = cancel.cancelled() => Err(weights::Error::Cancelled.into()),
+        }
     }
 
     /// The snapshot folder of `commit` in the cache.
@@ -381,7 +394,7 @@ fn stalled(timeout: Duration) -> Error {
 }
 
 /// Maps a hub failure to the load error the server turns into a gRPC code.
-fn hub_error(e: HFError) -> Error {
+pub(crate) fn hub_error(e: HFError) -> Error {
     let failure = match &e {
         HFError::RepoNotFound { .. }
         | HFError::RevisionNotFound { .. }

@@ -8,6 +8,7 @@
 //! and its settings. This crate never parses weights, never books memory and never speaks gRPC;
 //! nothing outside the roots it was given is ever opened.
 
+mod ahead;
 mod cache;
 mod hub;
 mod hub_source;
@@ -102,17 +103,24 @@ impl std::fmt::Debug for Located {
     }
 }
 
-/// Files a source must fetch (step 4) before the model's files can be read.
+/// Files a source must fetch before the model's files can be read. Step 3 plans from
+/// [`Fetch::plan_files`] and reserves the exact bytes; step 4 fetches the rest with progress.
 pub trait Fetch: Send + Sync {
-    /// How many files, and their bytes.
+    /// The model's files as the plan sees them before the weights are fetched: whatever the plan
+    /// reads (side files, the weight files' headers) fetched now, until done, cancelled or
+    /// stalled, files fetched whole counted in `progress`. Called once, before [`Fetch::fetch`].
+    fn plan_files<'a>(
+        &'a self,
+        cancel: &'a CancellationToken,
+        progress: &'a Arc<FetchProgress>,
+    ) -> BoxFuture<'a, Result<Arc<dyn ModelFiles>, Error>>;
+    /// How many files step 4 fetches, and their bytes.
     fn files(&self) -> usize;
     fn bytes(&self) -> u64;
     /// Their paths in the model's folder, in the order they are fetched.
     fn paths(&self) -> Vec<&str>;
-    /// The bytes of the model's weight files, fetched or not: before their headers can be read,
-    /// what a load reserves.
-    fn weight_bytes(&self) -> u64;
-    /// Fetches every file, counting bytes in `progress`, until done, cancelled or stalled.
+    /// Fetches every file, counting bytes in `progress`, until done, cancelled or stalled; files
+    /// whose leading bytes differ from what [`Fetch::plan_files`] showed fail it.
     fn fetch<'a>(
         &'a self,
         cancel: &'a CancellationToken,

@@ -41,7 +41,10 @@ fn describe() {
     describe_histogram!("model_loader_load_duration_seconds", "Time from the start of a load to its end, by outcome.");
     describe_histogram!("model_loader_step_duration_seconds", "Time a load spent in each of the eight steps.");
     describe_counter!("model_loader_loaded_bytes_total", "Weight bytes of the loads that succeeded.");
-    describe_counter!("model_loader_download_bytes_total", "Bytes downloaded from the hub.");
+    describe_counter!(
+        "model_loader_download_bytes_total",
+        "Bytes of model files downloaded from the hub (header reads ahead of a download aside)."
+    );
     describe_gauge!("model_loader_models", "Models the server knows, by state.");
     describe_gauge!("model_loader_device_used_bytes", "Bytes held by loaded models, per device.");
     describe_gauge!("model_loader_device_reserved_bytes", "Bytes reserved by loads in flight, per device.");
