@@ -55,6 +55,6 @@ pub async fn resident(manager: &ModelManager, id: &str) -> anyhow::Result<Expect
 
 pub async fn unload(manager: &ModelManager, id: &str) -> anyhow::Result<()> {
     let model_id = ModelId::parse(id).map_err(|e| anyhow!("{e}"))?;
-    manager.unload(&model_id).await.map_err(|e| anyhow!("{e}"))?;
+    manager.unload(&model_id, false).await.map_err(|e| anyhow!("{e}"))?;
     Ok(())
 }

@@ -76,7 +76,7 @@ impl LoadTimes {
 }
 
 pub async fn unload(client: &mut ModelLoaderClient<Channel>, id: &str) -> anyhow::Result<()> {
-    client.unload_model(pb::UnloadModelRequest { model_id: id.into() }).await.context("UnloadModel")?;
+    client.unload_model(pb::UnloadModelRequest { model_id: id.into(), force: false }).await.context("UnloadModel")?;
     Ok(())
 }
 

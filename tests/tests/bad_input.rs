@@ -42,8 +42,11 @@ async fn assert_healthy(client: &mut Client) {
         .into_inner()
         .tensors;
     assert_eq!(tensors.len(), 4);
-    let unloaded =
-        client.unload_model(pb::UnloadModelRequest { model_id: GOOD.into() }).await.expect("unload").into_inner();
+    let unloaded = client
+        .unload_model(pb::UnloadModelRequest { model_id: GOOD.into(), force: false })
+        .await
+        .expect("unload")
+        .into_inner();
     assert!(unloaded.was_loaded);
     assert_eq!(tests::state_of(client, GOOD).await, pb::ModelState::Unloaded);
 }
@@ -94,7 +97,7 @@ async fn other_rpcs_refuse_malformed_ids() {
             &what("GetModel"),
         );
         expect_code(
-            client.unload_model(pb::UnloadModelRequest { model_id: model_id.clone() }).await,
+            client.unload_model(pb::UnloadModelRequest { model_id: model_id.clone(), force: false }).await,
             Code::InvalidArgument,
             &what("UnloadModel"),
         );

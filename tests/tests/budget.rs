@@ -100,8 +100,11 @@ async fn over_budget_is_refused_at_step_3_without_reading() {
     assert_eq!(per_model(&cpu), vec![("small".to_owned(), small)], "{cpu:?}");
     assert_eq!(cpu.peak_bytes, small, "the refused load never reserved anything: {cpu:?}");
 
-    let unloaded =
-        client.unload_model(pb::UnloadModelRequest { model_id: "small".into() }).await.expect("unload").into_inner();
+    let unloaded = client
+        .unload_model(pb::UnloadModelRequest { model_id: "small".into(), force: false })
+        .await
+        .expect("unload")
+        .into_inner();
     assert_eq!((unloaded.was_loaded, unloaded.freed_bytes), (true, small));
     let read_before = rchar();
     load_ok(&mut client, load("big")).await;
@@ -205,7 +208,7 @@ async fn lru_evicts_the_least_recently_used_model() {
     assert_eq!(per_model(&cpu), vec![("a".to_owned(), size), ("b".to_owned(), size)]);
 
     // A client's unload is not the server's: no reason.
-    client.unload_model(pb::UnloadModelRequest { model_id: "a".into() }).await.expect("unload");
+    client.unload_model(pb::UnloadModelRequest { model_id: "a".into(), force: false }).await.expect("unload");
     let a = get_model(&mut client, "a").await;
     assert_eq!((a.state(), a.unload_reason.as_str()), (pb::ModelState::Unloaded, ""), "{a:?}");
     drop(watch_b);
@@ -346,7 +349,8 @@ async fn queued_loads_wait_in_order_and_can_be_cancelled() {
     let mut e = open_load(&mut client, load("e")).await;
     let seen = read_until(&mut e, "E is queued", |m| m.detail.starts_with("queued")).await;
     assert_eq!(steps_and_details(&seen), vec![(1, String::new()), (1, queued(2))], "E waits behind B and D");
-    let unload = client.unload_model(pb::UnloadModelRequest { model_id: "e".into() }).await.expect("UnloadModel");
+    let unload =
+        client.unload_model(pb::UnloadModelRequest { model_id: "e".into(), force: false }).await.expect("UnloadModel");
     assert!(!unload.into_inner().was_loaded, "E was only waiting");
     let (rest, end) = end_of(e).await;
     assert_eq!(end.expect_err("E was cancelled by its unload").code(), Code::Cancelled);

@@ -70,7 +70,8 @@ async fn unloading_a_loading_model_cancels_it() {
     let mut client = server.client().await;
 
     let stream = load_until_step4(&mut client, "big").await;
-    let unloaded = client.unload_model(pb::UnloadModelRequest { model_id: "big".into() }).await.expect("unload");
+    let unloaded =
+        client.unload_model(pb::UnloadModelRequest { model_id: "big".into(), force: false }).await.expect("unload");
     assert!(!unloaded.into_inner().was_loaded);
     assert_eq!(end_of(stream).await.1.expect_err("cancelled").code(), Code::Cancelled);
     assert_eq!(state_of(&mut client, "big").await, pb::ModelState::Unloaded);

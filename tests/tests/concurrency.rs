@@ -337,10 +337,13 @@ async fn client_task(
             Op::Load => load_to_end(&mut client, m, &what, &mut stats).await,
             Op::LoadAndLeave => load_and_leave(&mut client, m, rng.random_range(0..3), &what).await,
             Op::Unload => {
-                let r = bounded(&what, client.unload_model(pb::UnloadModelRequest { model_id: m.id.clone() }))
-                    .await
-                    .unwrap_or_else(|s| panic!("{what}: UnloadModel is always OK: {s:?}"))
-                    .into_inner();
+                let r = bounded(
+                    &what,
+                    client.unload_model(pb::UnloadModelRequest { model_id: m.id.clone(), force: false }),
+                )
+                .await
+                .unwrap_or_else(|s| panic!("{what}: UnloadModel is always OK: {s:?}"))
+                .into_inner();
                 let expected = if r.was_loaded { m.bytes } else { 0 };
                 assert_eq!(r.freed_bytes, expected, "{what}: freed bytes: {r:?}");
                 stats.unloads_freed += u64::from(r.was_loaded);
@@ -690,10 +693,13 @@ async fn run(evict: EvictPolicy) {
 
     // Unloading everything gives every byte back.
     for m in models.iter() {
-        let r = bounded("final UnloadModel", client.unload_model(pb::UnloadModelRequest { model_id: m.id.clone() }))
-            .await
-            .expect("UnloadModel")
-            .into_inner();
+        let r = bounded(
+            "final UnloadModel",
+            client.unload_model(pb::UnloadModelRequest { model_id: m.id.clone(), force: false }),
+        )
+        .await
+        .expect("UnloadModel")
+        .into_inner();
         let was_loaded = final_states[&m.id] == S::Loaded;
         assert_eq!((r.was_loaded, r.freed_bytes), (was_loaded, if was_loaded { m.bytes } else { 0 }), "{}", m.id);
     }

@@ -70,7 +70,7 @@ fn with_dtype(id: &str, dtype: &str) -> pb::LoadModelRequest {
 }
 
 async fn unload(client: &mut ModelLoaderClient<Channel>, id: &str) {
-    client.unload_model(pb::UnloadModelRequest { model_id: id.into() }).await.expect("UnloadModel");
+    client.unload_model(pb::UnloadModelRequest { model_id: id.into(), force: false }).await.expect("UnloadModel");
 }
 
 fn detail_of(messages: &[pb::ModelLoadProgress], step: u32) -> Vec<&str> {

@@ -45,7 +45,7 @@ async fn a_load_after_a_finished_load_starts_afresh() {
         let ended = next_status(&mut watch).await.state;
         assert!(matches!(ended, ModelState::Unloaded | ModelState::Loaded), "{ended}");
         assert_eq!(outcome(&manager, &id).await, Ok(()), "round {round}: the second load");
-        manager.unload(&id).await.expect("unload");
+        manager.unload(&id, false).await.expect("unload");
     }
     manager.shutdown().await;
 }

@@ -177,7 +177,7 @@ async fn a_late_joiner_receives_the_first_streams_suffix() {
 
         let Some(joined) = joined.filter(|j| !(j.len() == 1 && j[0].detail == "already loaded")) else {
             eprintln!("attempt {attempt}: the load left step 4 before the join; again");
-            let unloaded = client.unload_model(pb::UnloadModelRequest { model_id: "big".into() }).await;
+            let unloaded = client.unload_model(pb::UnloadModelRequest { model_id: "big".into(), force: false }).await;
             assert!(unloaded.expect("UnloadModel").into_inner().was_loaded);
             until_status(&mut watcher, "big", pb::ModelState::Unloaded, |_| true).await;
             continue;
@@ -549,7 +549,10 @@ async fn a_lagging_watcher_is_resynchronised_never_left_with_a_gap() {
                 history.push((pb::ModelState::Failed, String::new()));
             }
             Op::Unload(id) => {
-                client.unload_model(pb::UnloadModelRequest { model_id: id.into() }).await.expect("UnloadModel");
+                client
+                    .unload_model(pb::UnloadModelRequest { model_id: id.into(), force: false })
+                    .await
+                    .expect("UnloadModel");
                 let history = &mut tracks.get_mut(id).expect("known").history;
                 if history.last().is_some_and(|(s, _)| *s == pb::ModelState::Loaded) {
                     history.push((pb::ModelState::Unloading, String::new()));
@@ -685,7 +688,7 @@ async fn a_lagging_watcher_is_resynchronised_never_left_with_a_gap() {
     }
 
     // The stream goes on: the next events are those of the next change, and nothing else.
-    client.unload_model(pb::UnloadModelRequest { model_id: "c".into() }).await.expect("UnloadModel");
+    client.unload_model(pb::UnloadModelRequest { model_id: "c".into(), force: false }).await.expect("UnloadModel");
     for state in [pb::ModelState::Unloading, pb::ModelState::Unloaded] {
         let next = next_event(&mut watcher).await;
         assert!(

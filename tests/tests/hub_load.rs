@@ -72,7 +72,7 @@ async fn downloads_then_hits_the_cache() {
         assert_eq!(hub.get_count(REPO, shard), 1, "{shard} downloaded once");
     }
 
-    client.unload_model(pb::UnloadModelRequest { model_id: REPO.into() }).await.expect("unload");
+    client.unload_model(pb::UnloadModelRequest { model_id: REPO.into(), force: false }).await.expect("unload");
     let (messages, end) = load_all(&mut client, load(REPO)).await;
     end.expect("loads from the cache");
     let commit = hub.repo(REPO).commit().to_owned();
@@ -273,7 +273,7 @@ async fn unreachable_hub_falls_back_to_the_cache() {
     let (hub, server, _) = setup(tmp.path()).await;
     let mut client = server.client().await;
     load_all(&mut client, load(REPO)).await.1.expect("first load downloads");
-    client.unload_model(pb::UnloadModelRequest { model_id: REPO.into() }).await.expect("unload");
+    client.unload_model(pb::UnloadModelRequest { model_id: REPO.into(), force: false }).await.expect("unload");
     let hub_url = hub.url().to_owned();
     drop(hub);
 
@@ -303,7 +303,7 @@ async fn tags_and_commits_resolve_to_commits() {
         load_all(&mut client, request).await.1.unwrap_or_else(|e| panic!("{revision}: {e}"));
         let status = client.get_model(pb::GetModelRequest { model_id: REPO.into() }).await.expect("get").into_inner();
         assert_eq!(status.revision, commit, "{revision}");
-        client.unload_model(pb::UnloadModelRequest { model_id: REPO.into() }).await.expect("unload");
+        client.unload_model(pb::UnloadModelRequest { model_id: REPO.into(), force: false }).await.expect("unload");
     }
     server.stop().await;
 }

@@ -283,7 +283,7 @@ async fn a_load_asked_for_while_unloading_waits_then_loads() {
     let runtime = tokio::runtime::Handle::current();
     let unload = tokio::task::spawn_blocking({
         let (manager, id) = (manager.clone(), id.clone());
-        move || runtime.block_on(manager.unload(&id))
+        move || runtime.block_on(manager.unload(&id, false))
     });
     // Blocks this thread (the test's own, not a worker) until the unload is held.
     gate.wait_until_holding();

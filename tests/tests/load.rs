@@ -144,7 +144,7 @@ async fn late_joiner_starts_from_the_latest_message() {
         }
         if joined.len() == 1 && joined[0].detail == "already loaded" {
             eprintln!("attempt {attempt}: the load finished before the join; again");
-            client.unload_model(pb::UnloadModelRequest { model_id: "big".into() }).await.expect("unload");
+            client.unload_model(pb::UnloadModelRequest { model_id: "big".into(), force: false }).await.expect("unload");
             continue;
         }
         assert!(joined[0].step >= 4, "the joiner starts from the latest message: {:?}", joined[0]);

@@ -30,7 +30,8 @@ async fn unload_gives_the_memory_back() {
     assert_eq!(cpu.used_bytes, expected.bytes());
     assert_eq!(cpu.models.len(), 1);
 
-    let unload = client.unload_model(pb::UnloadModelRequest { model_id: "big".into() }).await.expect("unload");
+    let unload =
+        client.unload_model(pb::UnloadModelRequest { model_id: "big".into(), force: false }).await.expect("unload");
     let unload = unload.into_inner();
     assert!(unload.was_loaded);
     assert_eq!(unload.freed_bytes, expected.bytes());
@@ -49,7 +50,10 @@ async fn unload_gives_the_memory_back() {
     assert_eq!((cpu.used_bytes, cpu.reserved_bytes), (0, 0));
     assert!(cpu.models.is_empty());
     assert_eq!(state_of(&mut client, "big").await, pb::ModelState::Unloaded);
-    let again = client.unload_model(pb::UnloadModelRequest { model_id: "big".into() }).await.expect("unload again");
+    let again = client
+        .unload_model(pb::UnloadModelRequest { model_id: "big".into(), force: false })
+        .await
+        .expect("unload again");
     assert!(!again.into_inner().was_loaded, "unload is idempotent");
     server.stop().await;
 }
@@ -78,7 +82,8 @@ async fn twenty_cycles_give_the_memory_back() {
             assert_eq!(tensors.await.expect("ListTensors").into_inner().tensors.len(), expected.tensors.len());
         }
         loaded.push(rss());
-        let unload = client.unload_model(pb::UnloadModelRequest { model_id: "tf".into() }).await.expect("unload");
+        let unload =
+            client.unload_model(pb::UnloadModelRequest { model_id: "tf".into(), force: false }).await.expect("unload");
         assert_eq!(unload.into_inner().freed_bytes, expected.bytes(), "cycle {cycle}");
         unloaded.push(rss());
     }

@@ -48,7 +48,7 @@ async fn list_models(client: &mut Client) -> Vec<pb::ModelStatus> {
 }
 
 async fn unload(client: &mut Client, id: &str) -> pb::UnloadModelResponse {
-    tokio::time::timeout(tests::WAIT, client.unload_model(pb::UnloadModelRequest { model_id: id.into() }))
+    tokio::time::timeout(tests::WAIT, client.unload_model(pb::UnloadModelRequest { model_id: id.into(), force: false }))
         .await
         .expect("UnloadModel answers")
         .expect("UnloadModel")

@@ -14,8 +14,11 @@ fn add_model(root: &Path, id: &str) {
 }
 
 async fn unload_ok(client: &mut Client, id: &str) {
-    let response =
-        client.unload_model(pb::UnloadModelRequest { model_id: id.into() }).await.expect("UnloadModel").into_inner();
+    let response = client
+        .unload_model(pb::UnloadModelRequest { model_id: id.into(), force: false })
+        .await
+        .expect("UnloadModel")
+        .into_inner();
     assert!(response.was_loaded, "{id} was loaded");
 }
 

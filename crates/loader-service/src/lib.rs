@@ -40,6 +40,15 @@ pub use crate::{
     room::EvictPolicy,
 };
 
+/// Why [`LoaderService::unload_loaded`] unloaded nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotUnloaded {
+    /// The model is not LOADED: the state it is in.
+    State(ModelState),
+    /// Clients are attached and the unload was not forced.
+    Attached(pipeline_manager::Attached),
+}
+
 /// How many loads run at once unless configured.
 pub const DEFAULT_MAX_CONCURRENT_LOADS: usize = 2;
 
@@ -55,6 +64,8 @@ pub struct LoaderConfig {
     pub evict: EvictPolicy,
     /// Threads reading one load's tensors.
     pub read_threads: usize,
+    /// Place loads in memory other processes can attach to (a sealed memfd on the host).
+    pub exportable: bool,
 }
 
 impl Default for LoaderConfig {
@@ -65,6 +76,7 @@ impl Default for LoaderConfig {
             max_concurrent_loads: DEFAULT_MAX_CONCURRENT_LOADS,
             evict: EvictPolicy::None,
             read_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            exportable: false,
         }
     }
 }
@@ -109,7 +121,7 @@ impl LoaderService {
     /// A loader reading from the configured sources onto the resources' devices.
     pub fn new(parts: LoaderParts) -> Result<Arc<Self>, LoadError> {
         let sources = Sources::from_config(&parts.config.sources).map_err(LoadError::Config)?;
-        let placements = Arc::new(DevicePlacements::new(parts.resources.clone()));
+        let placements = Arc::new(DevicePlacements::new(parts.resources.clone(), parts.config.exportable));
         Ok(Self::with_seams(parts, Seams { sources, placements }))
     }
 
@@ -169,9 +181,12 @@ impl LoaderService {
 
     /// Unloads a LOADED model: UNLOADING, its pipeline out of the store, its memory back (as soon
     /// as no reader holds it), UNLOADED. `reason` is shown in its status for the server's own
-    /// unloads (evictions). Returns the bytes freed, or the state the model is in if not LOADED.
-    pub fn unload_loaded(&self, model_id: &ModelId, reason: Option<String>) -> Result<u64, ModelState> {
-        self.state.apply(model_id, Transition::StartUnload { reason }).map_err(|e| e.current)?;
+    /// unloads (evictions). A model with attached clients is refused unless `force`, which
+    /// revokes their leases. Returns the bytes freed, or why nothing was unloaded.
+    pub fn unload_loaded(&self, model_id: &ModelId, reason: Option<String>, force: bool) -> Result<u64, NotUnloaded> {
+        // Closed to new leases first, so no client attaches to it on its way out.
+        self.pipelines.close(model_id, force).map_err(NotUnloaded::Attached)?;
+        self.state.apply(model_id, Transition::StartUnload { reason }).map_err(|e| NotUnloaded::State(e.current))?;
         let freed_bytes = self.pipelines.remove(model_id).map_or(0, |pipeline| {
             pipeline.allocation.leave();
             pipeline.weight_bytes()

@@ -132,7 +132,7 @@ impl LoaderService {
         if let Some(fetch) = &located.fetch {
             self.fetch(handle, fetch.as_ref()).await?;
         }
-        let placement = self.placements.placement(device)?;
+        let placement = self.placements.placement(device, &id)?;
         let Located { files, source, revision, .. } = located;
         let planned = Planned { device, target, plan, files, source, revision, placement };
         let (this, handle, span) = (self.clone(), handle.clone(), tracing::Span::current());

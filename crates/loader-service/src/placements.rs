@@ -1,18 +1,18 @@
 //! Which placement a load's bytes go to, chosen once per load from its device: host memory for
-//! the CPU, pinned staging → CUDA for a GPU. The next placements (a memfd, a CUDA VMM range) are
-//! one more arm here and one module in `weights`.
+//! the CPU (a sealed memfd when loads are exportable, for attach), pinned staging → CUDA for a
+//! GPU. The next placement (a CUDA VMM range) is one more arm here and one module in `weights`.
 
 use std::sync::Arc;
 
 use resource_manager::{DeviceId, ResourceManager};
-use weights::{HostPlacement, Placement};
+use weights::{HostPlacement, MemfdPlacement, Placement};
 
-use crate::LoadError;
+use crate::{LoadError, ModelId};
 
 /// Chooses where a load's bytes land.
 pub trait Placements: Send + Sync {
-    /// The placement of a load onto `device`.
-    fn placement(&self, device: DeviceId) -> Result<Arc<dyn Placement>, LoadError>;
+    /// The placement of a load of `model` onto `device`.
+    fn placement(&self, device: DeviceId, model: &ModelId) -> Result<Arc<dyn Placement>, LoadError>;
 }
 
 /// The devices' own placements.
@@ -21,17 +21,20 @@ pub struct DevicePlacements {
     // Only a GPU's placement needs the devices (its engine and the staging pool).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     resources: ResourceManager,
+    /// In memory other processes can attach to.
+    exportable: bool,
 }
 
 impl DevicePlacements {
-    pub fn new(resources: ResourceManager) -> Self {
-        Self { resources }
+    pub fn new(resources: ResourceManager, exportable: bool) -> Self {
+        Self { resources, exportable }
     }
 }
 
 impl Placements for DevicePlacements {
-    fn placement(&self, device: DeviceId) -> Result<Arc<dyn Placement>, LoadError> {
+    fn placement(&self, device: DeviceId, model: &ModelId) -> Result<Arc<dyn Placement>, LoadError> {
         match device {
+            DeviceId::Cpu if self.exportable => Ok(Arc::new(MemfdPlacement::new(format!("model-loader:{model}")))),
             DeviceId::Cpu => Ok(Arc::new(HostPlacement)),
             #[cfg(feature = "cuda")]
             DeviceId::Cuda(_) => {

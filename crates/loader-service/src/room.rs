@@ -5,7 +5,7 @@
 use resource_manager::{DeviceId, Reservation, ResourceError};
 use steps::ModelLoadStep;
 
-use crate::{LoadError, LoadHandle, LoaderService};
+use crate::{LoadError, LoadHandle, LoaderService, NotUnloaded};
 
 /// What to do when a load does not fit in the budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, strum::Display, strum::EnumString)]
@@ -112,8 +112,13 @@ impl LoaderService {
                 return Err(LoadError::cancelled(handle.model_id()));
             }
             let reason = format!("evicted (least recently used) to make room for {id} on {device}");
-            // Another caller may be unloading it already: then its bytes are coming anyway.
-            if self.unload_loaded(&victim.model_id, Some(reason)).is_ok() {
+            // Another caller may be unloading it already: then its bytes are coming anyway. A
+            // client that attached since the victims were chosen keeps it, and its bytes.
+            let unloaded = self.unload_loaded(&victim.model_id, Some(reason), false);
+            if matches!(unloaded, Err(NotUnloaded::Attached(_))) {
+                continue;
+            }
+            if unloaded.is_ok() {
                 tracing::info!(
                     evicted = %victim.model_id,
                     bytes = victim.bytes,

@@ -141,7 +141,7 @@ impl Placement for CountingPlacement {
 struct Toy(Arc<CountingPlacement>);
 
 impl Placements for Toy {
-    fn placement(&self, _: DeviceId) -> Result<Arc<dyn Placement>, LoadError> {
+    fn placement(&self, _: DeviceId, _: &ModelId) -> Result<Arc<dyn Placement>, LoadError> {
         Ok(self.0.clone())
     }
 }

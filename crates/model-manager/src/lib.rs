@@ -8,8 +8,8 @@
 
 use std::{collections::VecDeque, sync::Arc};
 
-use loader_service::{LoaderConfig, LoaderParts, LoaderService};
-use pipeline_manager::{PipelineManager, ReadBackError, TensorInfo};
+use loader_service::{LoaderConfig, LoaderParts, LoaderService, NotUnloaded};
+use pipeline_manager::{Attached, PipelineManager, ReadBackError, TensorInfo};
 use resource_manager::{DeviceRequest, DeviceUsage, MemoryBudget, ResourceError, ResourceManager};
 use state_manager::{ModelState, StateEvent, StateManager, Transition};
 use tokio::sync::broadcast;
@@ -71,6 +71,8 @@ pub enum ManagerError {
     NotLoaded { model_id: String, state: ModelState },
     #[error(transparent)]
     ReadBack(Arc<ReadBackError>),
+    #[error("model {model_id} has {clients} attached clients; unload with force to close their connections")]
+    Attached { model_id: String, clients: usize },
 }
 
 impl ManagerError {
@@ -80,6 +82,7 @@ impl ManagerError {
             Self::Load(e) => e.kind().name(),
             Self::NotLoaded { .. } => "not_loaded",
             Self::ReadBack(_) => "read_back",
+            Self::Attached { .. } => "attached",
         }
     }
 }
@@ -155,8 +158,9 @@ impl ModelManager {
     }
 
     /// Frees the model: cancels its load if it is loading, drops its pipeline (tensors and
-    /// accounting together) if it is loaded, forgets its failure if it failed. Idempotent.
-    pub async fn unload(&self, model_id: &ModelId) -> Result<Unloaded, ManagerError> {
+    /// accounting together) if it is loaded, forgets its failure if it failed. Idempotent. A
+    /// model with attached clients is refused unless `force`, which closes their connections.
+    pub async fn unload(&self, model_id: &ModelId, force: bool) -> Result<Unloaded, ManagerError> {
         let id = model_id;
         loop {
             if let Some(load) = self.loader.in_flight(model_id) {
@@ -165,19 +169,25 @@ impl ModelManager {
                 // The load may have finished before it saw the cancel: look again.
                 continue;
             }
-            match self.loader.unload_loaded(id, None) {
+            let state = match self.loader.unload_loaded(id, None, force) {
                 Ok(freed_bytes) => return Ok(Unloaded { was_loaded: true, freed_bytes }),
-                Err(ModelState::Failed) => {
+                Err(NotUnloaded::Attached(Attached { clients })) => {
+                    return Err(ManagerError::Attached { model_id: id.to_string(), clients });
+                }
+                Err(NotUnloaded::State(state)) => state,
+            };
+            match state {
+                ModelState::Failed => {
                     // Another caller may clear it first; either way it ends UNLOADED.
                     let _ = self.state.apply(id, Transition::ClearFailure);
                     return Ok(Unloaded { was_loaded: false, freed_bytes: 0 });
                 }
-                Err(ModelState::Unloaded) => return Ok(Unloaded { was_loaded: false, freed_bytes: 0 }),
+                ModelState::Unloaded => return Ok(Unloaded { was_loaded: false, freed_bytes: 0 }),
                 // A load began between the two looks. It records LOADING and registers its
                 // handle under one lock of the in-flight map, so the next look finds it.
-                Err(ModelState::Loading) => continue,
+                ModelState::Loading => continue,
                 // Another unload is under way: wait for it, then look again.
-                Err(current) => self.state.wait_while(id, current).await,
+                current => self.state.wait_while(id, current).await,
             }
         }
     }
@@ -185,7 +195,7 @@ impl ModelManager {
     /// The model's status: tracked, or UNLOADED if it can be found; NOT_FOUND otherwise.
     pub fn get(&self, model_id: &ModelId) -> Result<ModelStatus, ManagerError> {
         if let Some(status) = self.state.get(model_id) {
-            return Ok(status);
+            return Ok(self.with_clients(status));
         }
         if self.loader.exists(model_id) {
             return Ok(ModelStatus::unloaded(model_id));
@@ -202,7 +212,13 @@ impl ModelManager {
             }
         }
         all.sort_by(|a, b| a.model_id.cmp(&b.model_id));
-        all
+        all.into_iter().map(|s| self.with_clients(s)).collect()
+    }
+
+    /// The status with its attached clients counted (the state manager does not know leases).
+    fn with_clients(&self, mut status: ModelStatus) -> ModelStatus {
+        status.attached_clients = self.pipelines.clients(&status.model_id);
+        status
     }
 
     pub fn resources(&self) -> Vec<DeviceUsage> {
@@ -245,7 +261,7 @@ impl ModelManager {
         self.loader.shutdown().await;
         for status in self.state.all() {
             if status.state == ModelState::Loaded {
-                let _ = self.unload(&status.model_id).await;
+                let _ = self.unload(&status.model_id, true).await;
             }
         }
         self.shutdown.cancel();

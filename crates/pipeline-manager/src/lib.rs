@@ -4,7 +4,12 @@
 //! A [`Pipeline`] owns its tensors and its [`ModelAllocation`]: removing it from the store drops
 //! both at once, which is what gives the memory back. A resident tensor is [`TensorData`]: a view
 //! into memory its load's placement owns (a host buffer, a device allocation), or a candle tensor.
+//! Resident tensors may live in [`SharedMemory`] that other processes map; a [`Lease`] is one
+//! such client's hold on a pipeline (see `leases`).
 //! This crate never reads weight files; the loader hands it finished pipelines.
+
+mod leases;
+mod shared;
 
 use std::{
     borrow::Cow,
@@ -21,6 +26,12 @@ pub use model_id::ModelId;
 use resource_manager::{DeviceId, ModelAllocation};
 use sha2::{Digest, Sha256};
 
+use crate::leases::Clients;
+pub use crate::{
+    leases::{Attached, Lease},
+    shared::{MemoryKind, Region, SharedMemory},
+};
+
 /// A tensor's values where they are resident, whoever owns that memory.
 pub trait TensorData: Send + Sync + std::fmt::Debug {
     fn dtype(&self) -> DType;
@@ -30,6 +41,10 @@ pub trait TensorData: Send + Sync + std::fmt::Debug {
     fn bytes(&self) -> candle_core::Result<Cow<'_, [u8]>>;
     /// The same values converted to `dtype`, on the same device.
     fn to_dtype(&self, dtype: DType) -> candle_core::Result<Box<dyn TensorData>>;
+    /// Where its bytes are in memory other processes can map, if they are.
+    fn region(&self) -> Option<Region<'_>> {
+        None
+    }
 
     fn size_bytes(&self) -> u64 {
         (self.shape().iter().product::<usize>() * self.dtype().size_in_bytes()) as u64
@@ -247,6 +262,9 @@ pub struct PipelineManager {
 struct Stored {
     pipeline: Arc<Pipeline>,
     last_used: u64,
+    clients: Arc<Clients>,
+    /// On its way out: no new lease.
+    closed: bool,
 }
 
 /// A loaded model as eviction sees it.
@@ -270,7 +288,8 @@ impl PipelineManager {
     /// Stores a finished pipeline (a use); a previous one of the same model (there should be none)
     /// is returned to the caller to drop.
     pub fn insert(&self, pipeline: Pipeline) -> Option<Arc<Pipeline>> {
-        let stored = Stored { pipeline: Arc::new(pipeline), last_used: self.tick() };
+        let stored =
+            Stored { pipeline: Arc::new(pipeline), last_used: self.tick(), clients: Arc::default(), closed: false };
         self.pipelines.insert(stored.pipeline.model_id.clone(), stored).map(|old| old.pipeline)
     }
 
@@ -284,12 +303,38 @@ impl PipelineManager {
         self.pipelines.get_mut(model_id).map(|mut p| p.last_used = tick).is_some()
     }
 
-    /// The pipelines on `device`, least recently used first.
+    /// A lease on the model's pipeline (a use), unless it is not stored or on its way out.
+    pub fn attach(&self, model_id: &ModelId) -> Option<Lease> {
+        let tick = self.tick();
+        let mut stored = self.pipelines.get_mut(model_id).filter(|s| !s.closed)?;
+        stored.last_used = tick;
+        Some(stored.clients.lease(stored.pipeline.clone()))
+    }
+
+    /// How many clients hold a lease on the model's pipeline.
+    pub fn clients(&self, model_id: &ModelId) -> usize {
+        self.pipelines.get(model_id).map_or(0, |s| s.clients.count())
+    }
+
+    /// Closes the model's pipeline to new leases before it is taken out, refusing while clients
+    /// hold one unless `force`, which revokes theirs. A model not stored is left alone.
+    pub fn close(&self, model_id: &ModelId, force: bool) -> Result<(), Attached> {
+        let Some(mut stored) = self.pipelines.get_mut(model_id) else { return Ok(()) };
+        let clients = stored.clients.count();
+        if clients > 0 && !force {
+            return Err(Attached { clients });
+        }
+        stored.closed = true;
+        stored.clients.revoke();
+        Ok(())
+    }
+
+    /// The pipelines on `device` without clients, least recently used first.
     pub fn least_recently_used(&self, device: DeviceId) -> Vec<Resident> {
         let mut resident: Vec<Resident> = self
             .pipelines
             .iter()
-            .filter(|p| p.pipeline.device == device)
+            .filter(|p| p.pipeline.device == device && !p.closed && p.clients.count() == 0)
             .map(|p| Resident {
                 model_id: p.key().clone(),
                 bytes: p.pipeline.allocation.bytes(),

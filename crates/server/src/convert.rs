@@ -86,6 +86,7 @@ pub fn status(s: ModelStatus) -> pb::ModelStatus {
         error: s.error.unwrap_or_default(),
         source: source as i32,
         unload_reason: s.unload_reason.unwrap_or_default(),
+        attached_clients: u32::try_from(s.attached_clients).unwrap_or(u32::MAX),
     }
 }
 

@@ -73,8 +73,9 @@ impl ModelLoader for ModelLoaderService {
         &self,
         request: Request<pb::UnloadModelRequest>,
     ) -> Result<Response<pb::UnloadModelResponse>, Status> {
-        let id = convert::model_id(&request.into_inner().model_id)?;
-        let unloaded = self.manager.unload(&id).await.map_err(|e| status::from_manager(&e))?;
+        let request = request.into_inner();
+        let id = convert::model_id(&request.model_id)?;
+        let unloaded = self.manager.unload(&id, request.force).await.map_err(|e| status::from_manager(&e))?;
         Ok(Response::new(pb::UnloadModelResponse {
             was_loaded: unloaded.was_loaded,
             freed_bytes: unloaded.freed_bytes,

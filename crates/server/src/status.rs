@@ -8,7 +8,7 @@ use tonic::{Code, Status};
 pub fn from_manager(e: &ManagerError) -> Status {
     match e {
         ManagerError::Load(e) => from_load(e),
-        ManagerError::NotLoaded { .. } => Status::failed_precondition(e.to_string()),
+        ManagerError::NotLoaded { .. } | ManagerError::Attached { .. } => Status::failed_precondition(e.to_string()),
         ManagerError::ReadBack(_) => Status::internal(e.to_string()),
     }
 }

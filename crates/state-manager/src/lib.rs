@@ -50,6 +50,9 @@ pub struct ModelStatus {
     /// the next load, so an operator can see where a model went.
     pub unload_reason: Option<String>,
     pub facts: LoadFacts,
+    /// Processes attached to it now. Leases are not state: the state manager records 0 and the
+    /// facade fills in the count where it answers.
+    pub attached_clients: usize,
 }
 
 impl ModelStatus {
@@ -62,6 +65,7 @@ impl ModelStatus {
             error: None,
             unload_reason: None,
             facts: LoadFacts::default(),
+            attached_clients: 0,
         }
     }
 }

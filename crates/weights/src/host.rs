@@ -8,7 +8,7 @@ use std::{
 };
 
 use candle_core::{DType, Device, Tensor};
-use pipeline_manager::TensorData;
+use pipeline_manager::{Region, SharedMemory, TensorData};
 use resource_manager::sync;
 
 use crate::{
@@ -35,12 +35,24 @@ impl HostBuffer {
         Self { words: vec![0; len.div_ceil(8)], len }
     }
 
-    pub fn bytes(&self) -> &[u8] {
-        &bytemuck::cast_slice(&self.words)[..self.len]
-    }
-
     pub fn bytes_mut(&mut self) -> &mut [u8] {
         &mut bytemuck::cast_slice_mut(&mut self.words)[..self.len]
+    }
+}
+
+/// Host memory that tensor views point into: a heap buffer, or a mapping other processes can
+/// share ([`crate::memfd`]).
+pub trait HostMemory: Send + Sync + std::fmt::Debug {
+    fn bytes(&self) -> &[u8];
+    /// The memory as another process maps it, where it can.
+    fn shared(&self) -> Option<&dyn SharedMemory> {
+        None
+    }
+}
+
+impl HostMemory for HostBuffer {
+    fn bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice(&self.words)[..self.len]
     }
 }
 
@@ -48,7 +60,7 @@ impl HostBuffer {
 /// its group.
 #[derive(Debug, Clone)]
 pub struct HostView {
-    buffer: Arc<HostBuffer>,
+    buffer: Arc<dyn HostMemory>,
     at: usize,
     len: usize,
     dtype: DType,
@@ -58,8 +70,8 @@ pub struct HostView {
 impl HostView {
     /// The `len` bytes at `at` of `buffer` as a tensor of `dtype` and `shape`; `None` if they do
     /// not fit the buffer or the shape.
-    pub fn new(buffer: Arc<HostBuffer>, at: usize, len: usize, dtype: DType, shape: Vec<usize>) -> Option<Self> {
-        let fits = at.checked_add(len).is_some_and(|end| end <= buffer.len);
+    pub fn new(buffer: Arc<dyn HostMemory>, at: usize, len: usize, dtype: DType, shape: Vec<usize>) -> Option<Self> {
+        let fits = at.checked_add(len).is_some_and(|end| end <= buffer.bytes().len());
         let sized = shape.iter().product::<usize>() * dtype.size_in_bytes() == len;
         (fits && sized).then_some(Self { buffer, at, len, dtype, shape })
     }
@@ -83,6 +95,10 @@ impl TensorData for HostView {
         // its own; the group is freed once none of its views is left.
         let tensor = Tensor::from_raw_buffer(self.bytes()?.as_ref(), self.dtype, &self.shape, &Device::Cpu)?;
         Ok(Box::new(tensor.to_dtype(dtype)?))
+    }
+
+    fn region(&self) -> Option<Region<'_>> {
+        self.buffer.shared().map(|memory| Region { memory, offset: self.at as u64 })
     }
 }
 
@@ -119,7 +135,7 @@ impl Placement for HostPlacement {
             .map(|(g, group)| (!by_reader(g)).then(|| HostBuffer::zeroed(group.len as usize)))
             .collect();
         let filled: Vec<OnceLock<HostBuffer>> = groups.iter().map(|_| OnceLock::new()).collect();
-        let pieces = split(&mut buffers, chunks)?;
+        let pieces = split(buffers.iter_mut().map(|b| b.as_mut().map(HostBuffer::bytes_mut)).collect(), chunks)?;
         readers(&HostDestination { chunks, pieces, filled: &filled });
         let mut tensors = Vec::with_capacity(groups.iter().map(|g| g.members.len()).sum());
         let mut unfilled = 0;
@@ -128,7 +144,7 @@ impl Placement for HostPlacement {
                 unfilled += 1;
                 continue;
             };
-            let buffer = Arc::new(buffer);
+            let buffer: Arc<dyn HostMemory> = Arc::new(buffer);
             for m in &group.members {
                 let view = HostView::new(buffer.clone(), m.at as usize, m.len as usize, group.dtype, m.shape.clone())
                     .ok_or_else(|| {
@@ -141,12 +157,11 @@ impl Placement for HostPlacement {
     }
 }
 
-/// Cuts the buffers allocated here into their chunks' disjoint pieces (the chunks of a group come
-/// in order and cover it), so each reader thread writes its own piece and no two ever share one.
-/// A chunk of a group without a buffer gets `None`: its reader allocates it.
-fn split<'b>(buffers: &'b mut [Option<HostBuffer>], chunks: &[Chunk]) -> Result<Vec<Piece<'b>>, Error> {
-    let mut rests: Vec<(u64, Option<&mut [u8]>)> =
-        buffers.iter_mut().map(|b| (0, b.as_mut().map(HostBuffer::bytes_mut))).collect();
+/// Cuts the groups' memory allocated ahead into their chunks' disjoint pieces (the chunks of a
+/// group come in order and cover it), so each reader thread writes its own piece and no two ever
+/// share one. A chunk of a group without memory gets `None`: its reader allocates it.
+pub(crate) fn split<'b>(groups: Vec<Option<&'b mut [u8]>>, chunks: &[Chunk]) -> Result<Vec<Piece<'b>>, Error> {
+    let mut rests: Vec<(u64, Option<&mut [u8]>)> = groups.into_iter().map(|g| (0, g)).collect();
     let mut pieces = Vec::with_capacity(chunks.len());
     for chunk in chunks {
         let out_of_order = || Error::Internal(format!("chunk {chunk:?} does not follow the last one of its group"));
@@ -167,13 +182,14 @@ fn split<'b>(buffers: &'b mut [Option<HostBuffer>], chunks: &[Chunk]) -> Result<
 
 /// The memory of one chunk: a piece of a buffer allocated ahead, or `None` for a group of one
 /// chunk, which its reader allocates.
-type Piece<'b> = Mutex<Option<&'b mut [u8]>>;
+pub(crate) type Piece<'b> = Mutex<Option<&'b mut [u8]>>;
 
-struct HostDestination<'a, 'b> {
-    chunks: &'a [Chunk],
-    pieces: Vec<Piece<'b>>,
+/// Lends each reader its chunk's piece, or allocates the buffer of a group of one chunk.
+pub(crate) struct HostDestination<'a, 'b> {
+    pub chunks: &'a [Chunk],
+    pub pieces: Vec<Piece<'b>>,
     /// The buffers of the groups of one chunk, once their reader filled them.
-    filled: &'a [OnceLock<HostBuffer>],
+    pub filled: &'a [OnceLock<HostBuffer>],
 }
 
 impl Destination for HostDestination<'_, '_> {

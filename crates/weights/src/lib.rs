@@ -1,7 +1,8 @@
 //! A load's weights, from file names to bytes in place: which files of a folder to read
 //! ([`choice`]), each safetensors header validated ([`header`]), the load plan ([`plan`]), and
 //! step 4's reader ([`read`]), which fills the load's [`Placement`] — host memory
-//! ([`HostPlacement`]) or pinned staging → CUDA ([`StagedPlacement`]) — with positioned reads
+//! ([`HostPlacement`]), a sealed memfd other processes attach to ([`MemfdPlacement`]) or pinned
+//! staging → CUDA ([`StagedPlacement`]) — with positioned reads
 //! through [`ReadAt`], on several threads, cancellable between chunks.
 //!
 //! It never finds or downloads a model (a source hands it [`ModelFiles`]), never books memory
@@ -13,6 +14,7 @@ mod error;
 pub mod files;
 pub mod header;
 mod host;
+mod memfd;
 pub mod placement;
 pub mod plan;
 pub mod read;
@@ -23,7 +25,8 @@ pub use crate::{
     error::Error,
     files::{ModelFiles, ReadAt},
     header::MAX_HEADER_BYTES,
-    host::{CHUNK_BYTES, HostBuffer, HostPlacement, HostView},
+    host::{CHUNK_BYTES, HostBuffer, HostMemory, HostPlacement, HostView},
+    memfd::{Memfd, MemfdPlacement},
     placement::{Placed, PlacedTensor, Placement},
     plan::{Layout, LoadPlan},
     staged::StagedPlacement,

@@ -1,0 +1,236 @@
+//! The memfd placement, for models other processes attach to: one memfd per load holding every
+//! group (64-byte aligned), filled in place by the same readers as host memory, then sealed
+//! against writes, growth and shrinking, and mapped read-only. Every tensor is a view into it,
+//! and its [`Region`](pipeline_manager::Region) is what an attaching client maps: no copy in the
+//! server, none in the client.
+
+use std::{
+    fs::File,
+    os::fd::{AsFd, BorrowedFd},
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use memmap2::{Mmap, MmapMut, MmapOptions};
+use pipeline_manager::{MemoryKind, SharedMemory};
+use rustix::fs::{MemfdFlags, SealFlags};
+
+use crate::{
+    Error,
+    host::{CHUNK_BYTES, HostDestination, HostMemory, HostView, split},
+    placement::{Chunk, Chunking, Group, Placed, PlacedTensor, Placement},
+};
+
+/// Where each group starts: aligned for any element type and for vector loads in clients.
+const ALIGN: u64 = 64;
+
+/// A sealed memfd mapped read-only: the memory of one load's tensors.
+#[derive(Debug)]
+pub struct Memfd {
+    file: File,
+    map: Mmap,
+}
+
+impl Memfd {
+    /// A memfd of `len` bytes named `name` (shown in `/proc/<pid>/maps` as `/memfd:<name>`),
+    /// mapped read-write for the readers to fill.
+    #[allow(unsafe_code)] // mapping a file is unsafe in Rust: see the SAFETY note
+    pub fn create(name: &str, len: u64) -> Result<(File, MmapMut), Error> {
+        let failed = |what: &str, e: std::io::Error| Error::Internal(format!("{what} a memfd of {len} bytes: {e}"));
+        let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+            .map_err(|e| failed("creating", e.into()))?;
+        let file = File::from(fd);
+        file.set_len(len).map_err(|e| failed("sizing", e))?;
+        // SAFETY: the memfd is this process's own and its size is fixed from here on (sealed
+        // against shrinking once filled); nothing else writes it while the mapping lives.
+        let map = unsafe { MmapOptions::new().len(len as usize).map_mut(&file) }.map_err(|e| failed("mapping", e))?;
+        Ok((file, map))
+    }
+
+    /// Seals the filled memfd (no write, growth or shrinking by anyone from now on, and no
+    /// change to the seals) and maps it read-only.
+    pub fn seal(file: File, map: MmapMut) -> Result<Self, Error> {
+        let failed = |what: &str, e: std::io::Error| Error::Internal(format!("{what} a memfd: {e}"));
+        let map = map.make_read_only().map_err(|e| failed("protecting", e))?;
+        // FUTURE_WRITE rather than WRITE: the server's own mapping was writable, which WRITE
+        // refuses even once protected; FUTURE_WRITE refuses every new writable mapping and write.
+        let seals = SealFlags::FUTURE_WRITE | SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL;
+        rustix::fs::fcntl_add_seals(&file, seals).map_err(|e| failed("sealing", e.into()))?;
+        Ok(Self { file, map })
+    }
+}
+
+impl HostMemory for Memfd {
+    fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+
+    fn shared(&self) -> Option<&dyn SharedMemory> {
+        Some(self)
+    }
+}
+
+impl SharedMemory for Memfd {
+    fn kind(&self) -> MemoryKind {
+        MemoryKind::HostMemfd
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    fn size(&self) -> u64 {
+        self.map.len() as u64
+    }
+}
+
+/// Loads into one sealed memfd per load, for attach.
+#[derive(Debug, Clone)]
+pub struct MemfdPlacement {
+    /// The memfd's name (`model-loader:<model id>`).
+    name: String,
+}
+
+impl MemfdPlacement {
+    pub fn new(name: impl Into<String>) -> Self {
+        Self { name: name.into() }
+    }
+}
+
+/// Where each group starts in the memfd, and its whole length (at least one alignment unit: a
+/// mapping is never empty).
+fn layout(groups: &[Group]) -> (Vec<u64>, u64) {
+    let mut end = 0u64;
+    let starts = groups
+        .iter()
+        .map(|g| {
+            let start = end.next_multiple_of(ALIGN);
+            end = start + g.len;
+            start
+        })
+        .collect();
+    (starts, end.next_multiple_of(ALIGN).max(ALIGN))
+}
+
+impl Placement for MemfdPlacement {
+    fn chunking(&self, _total: u64, _threads: usize) -> Chunking {
+        Chunking { chunk: CHUNK_BYTES, edge_chunk: CHUNK_BYTES, edge: 0 }
+    }
+
+    fn place(
+        &self,
+        groups: &[Group],
+        chunks: &[Chunk],
+        readers: &(dyn Fn(&dyn crate::placement::Destination) + Sync),
+    ) -> Result<Box<dyn Placed>, Error> {
+        let (starts, len) = layout(groups);
+        let (file, mut map) = Memfd::create(&self.name, len)?;
+        let mut rest: &mut [u8] = &mut map;
+        let mut at = 0;
+        let mut pieces = Vec::with_capacity(groups.len());
+        for (group, &start) in groups.iter().zip(&starts) {
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut((start - at) as usize);
+            let (piece, tail) = tail.split_at_mut(group.len as usize);
+            (rest, at) = (tail, start + group.len);
+            pieces.push(Some(piece));
+        }
+        let filled: Vec<OnceLock<_>> = groups.iter().map(|_| OnceLock::new()).collect();
+        readers(&HostDestination { chunks, pieces: split(pieces, chunks)?, filled: &filled });
+        let memory: Arc<dyn HostMemory> = Arc::new(Memfd::seal(file, map)?);
+        let mut tensors = Vec::with_capacity(groups.iter().map(|g| g.members.len()).sum());
+        for (group, &start) in groups.iter().zip(&starts) {
+            for m in &group.members {
+                let at = (start + m.at) as usize;
+                let view = HostView::new(memory.clone(), at, m.len as usize, group.dtype, m.shape.clone())
+                    .ok_or_else(|| Error::Internal(format!("tensor {}: its shape does not fit its bytes", m.name)))?;
+                tensors.push(PlacedTensor { component: m.component, name: m.name.clone(), data: Box::new(view) });
+            }
+        }
+        Ok(Box::new(MemfdPlaced { tensors, len }))
+    }
+}
+
+struct MemfdPlaced {
+    tensors: Vec<PlacedTensor>,
+    len: u64,
+}
+
+impl Placed for MemfdPlaced {
+    fn read_detail(&self, total: u64, _reading: Duration, _threads: usize) -> String {
+        format!("{} tensors, {total} bytes read and checked", self.tensors.len())
+    }
+
+    fn finish(self: Box<Self>, _total: u64, _reading: Duration) -> Result<(Vec<PlacedTensor>, String), Error> {
+        let detail = format!("cpu: the tensors are in a sealed memfd of {} bytes, ready to attach", self.len);
+        Ok((self.tensors, detail))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{os::unix::fs::FileExt, time::Duration};
+
+    use candle_core::DType;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::{
+        ReadAt,
+        header::TensorPlan,
+        plan::{ComponentPlan, FilePlan, Layout, LoadPlan},
+        read::{ReadOptions, read},
+    };
+
+    /// Tensors of three dtypes (three groups) read into one memfd: every view holds its file's
+    /// bytes at a 64-byte aligned group start, all in the one sealed memfd, which no one can
+    /// write, grow or shrink any more.
+    #[test]
+    fn reads_into_one_sealed_memfd() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let path = dir.path().join("model.safetensors");
+        std::fs::write(&path, &data).expect("write");
+        let tensor = |name: &str, dtype, offset: u64, len: u64| TensorPlan {
+            name: name.into(),
+            dtype,
+            shape: vec![(len as usize) / dtype.size_in_bytes()],
+            offset,
+            len,
+        };
+        let tensors = vec![
+            tensor("a", DType::U8, 0, 1001),
+            tensor("b", DType::F32, 1004, 1000),
+            tensor("c", DType::I64, 2008, 992),
+        ];
+        let file = FilePlan { path: "model.safetensors".into(), tensors: tensors.clone() };
+        let plan = LoadPlan {
+            layout: Layout::SingleFile,
+            components: vec![ComponentPlan { name: String::new(), config: None, files: vec![file], variant: None }],
+        };
+        let files: Vec<Arc<dyn ReadAt>> = vec![Arc::new(File::open(&path).expect("open"))];
+        let cancel = CancellationToken::new();
+        let options = ReadOptions { threads: 2, cancel: &cancel, interval: Duration::from_millis(1) };
+        let placement = MemfdPlacement::new("model-loader:test");
+        let placed = read(&placement, &plan, &files, options, |_, _| {}).expect("read");
+        let (placed, _) = placed.finish(0, Duration::ZERO).expect("finish");
+        let mut fds = Vec::new();
+        for (t, p) in placed.iter().zip(&tensors) {
+            let bytes = t.data.bytes().expect("bytes");
+            assert_eq!(bytes.as_ref(), &data[p.offset as usize..(p.offset + p.len) as usize], "{}", p.name);
+            let region = t.data.region().expect("in shared memory");
+            assert_eq!((region.memory.kind(), region.offset % ALIGN), (MemoryKind::HostMemfd, 0), "{}", p.name);
+            fds.push(region.memory.fd().as_fd().try_clone_to_owned().expect("dup"));
+        }
+        let region = placed[0].data.region().expect("shared");
+        assert_eq!(region.memory.size(), 3072, "three groups, each 64-byte aligned");
+        let memfd = File::from(fds.pop().expect("an fd"));
+        let seals = rustix::fs::fcntl_get_seals(&memfd).expect("seals");
+        assert!(seals.contains(SealFlags::FUTURE_WRITE | SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL));
+        assert!(memfd.write_at(b"x", 0).is_err(), "no write");
+        assert!(memfd.set_len(1 << 20).is_err() && memfd.set_len(10).is_err(), "no growing or shrinking");
+        #[allow(unsafe_code)] // a mapping for this test only, dropped at once
+        // SAFETY: the mapping is refused; none is ever used.
+        let writable = unsafe { MmapOptions::new().len(64).map_mut(&memfd) };
+        assert!(writable.is_err(), "no writable shared mapping");
+    }
+}
