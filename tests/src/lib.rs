@@ -31,7 +31,15 @@ pub fn config(model_root: &Path) -> ServerConfig {
         shutdown_grace: Duration::from_secs(10),
         log_format: LogFormat::Text,
         metrics_listen: None,
+        attach: None,
     }
+}
+
+/// `config` with the attach socket served at `socket` (and loads placed for attach).
+pub fn with_attach(mut config: ServerConfig, socket: &Path) -> ServerConfig {
+    config.manager.loader.exportable = true;
+    config.attach = Some(server::attach::AttachConfig { path: socket.to_owned(), mode: 0o660, max_clients: 64 });
+    config
 }
 
 /// A server running in this process on `127.0.0.1:0`.

@@ -9,7 +9,7 @@
 use std::{collections::VecDeque, sync::Arc};
 
 use loader_service::{LoaderConfig, LoaderParts, LoaderService, NotUnloaded};
-use pipeline_manager::{Attached, PipelineManager, ReadBackError, TensorInfo};
+use pipeline_manager::{Attached, Lease, PipelineManager, ReadBackError, TensorInfo};
 use resource_manager::{DeviceRequest, DeviceUsage, MemoryBudget, ResourceError, ResourceManager};
 use state_manager::{ModelState, StateEvent, StateManager, Transition};
 use tokio::sync::broadcast;
@@ -190,6 +190,23 @@ impl ModelManager {
                 current => self.state.wait_while(id, current).await,
             }
         }
+    }
+
+    /// A lease on the LOADED model for a process attaching to it; `load` (a LoadModel request)
+    /// loads it first where it is not resident, waiting for the load to end.
+    pub async fn attach(&self, model_id: &ModelId, load: Option<LoadRequest>) -> Result<Lease, ManagerError> {
+        if let Some(request) = load.filter(|_| self.pipelines.get(model_id).is_none()) {
+            let mut loading = self.load(request).await?;
+            while let Some(update) = loading.next().await {
+                if let LoadUpdate::Done(outcome) = update {
+                    outcome.map_err(ManagerError::Load)?;
+                }
+            }
+        }
+        self.pipelines.attach(model_id).ok_or_else(|| {
+            let state = self.state.state(model_id);
+            ManagerError::NotLoaded { model_id: model_id.to_string(), state }
+        })
     }
 
     /// The model's status: tracked, or UNLOADED if it can be found; NOT_FOUND otherwise.

@@ -3,6 +3,8 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+use crate::attach::AttachConfig;
+
 use clap::{Parser, ValueEnum, builder::PossibleValuesParser, builder::TypedValueParser as _};
 use model_manager::{
     DEFAULT_EVENT_CAPACITY, EvictPolicy, HubConfig, ManagerConfig, SourceConfig, TargetDtype,
@@ -97,6 +99,19 @@ pub struct Cli {
     #[arg(long, env = "MODEL_LOADER_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// Serve the attach socket at PATH: processes on this machine map LOADED models' memory
+    /// read-only, zero-copy (CPU loads then go into sealed memfds) [default: off].
+    #[arg(long, env = "MODEL_LOADER_ATTACH_SOCKET")]
+    pub attach_socket: Option<PathBuf>,
+
+    /// The attach socket's permissions, in octal: who may attach.
+    #[arg(long, env = "MODEL_LOADER_ATTACH_SOCKET_MODE", default_value = "660", value_parser = parse_mode)]
+    pub attach_socket_mode: u32,
+
+    /// Attach connections open at once; past it, a client is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MODEL_LOADER_ATTACH_MAX_CLIENTS", default_value_t = 1024)]
+    pub attach_max_clients: usize,
+
     /// Log format.
     #[arg(long, env = "MODEL_LOADER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -110,6 +125,16 @@ pub struct Cli {
 fn parse_size(text: &str) -> Result<bytesize::ByteSize, InvalidSize> {
     text.trim().parse().map_err(InvalidSize)
 }
+
+/// Permissions in octal (`660`, `0600`).
+fn parse_mode(text: &str) -> Result<u32, InvalidMode> {
+    u32::from_str_radix(text.trim(), 8).ok().filter(|m| *m <= 0o777).ok_or_else(|| InvalidMode(text.to_owned()))
+}
+
+/// A mode flag that is not octal permissions.
+#[derive(Debug, thiserror::Error)]
+#[error("not octal permissions (such as 660): {0}")]
+pub struct InvalidMode(String);
 
 /// A size flag that is not a size.
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +167,8 @@ pub struct ServerConfig {
     pub log_format: LogFormat,
     /// Where `/metrics` is served; `None`: nowhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// The attach socket; `None`: off.
+    pub attach: Option<AttachConfig>,
 }
 
 impl Cli {
@@ -173,6 +200,12 @@ impl Cli {
             manager.loader.read_threads = threads.max(1);
         }
         manager.loader.evict = self.evict;
+        manager.loader.exportable = self.attach_socket.is_some();
+        let attach = self.attach_socket.map(|path| AttachConfig {
+            path,
+            mode: self.attach_socket_mode,
+            max_clients: self.attach_max_clients.max(1),
+        });
         Ok(ServerConfig {
             listen: self.listen,
             manager,
@@ -180,6 +213,7 @@ impl Cli {
             shutdown_grace: self.shutdown_grace,
             log_format: self.log_format,
             metrics_listen: self.metrics_listen,
+            attach,
         })
     }
 }

@@ -4,6 +4,7 @@
 //! This is the only crate that knows tonic's server side or parses flags. It holds no model
 //! logic: every request is converted, handed to the facade, and its answer converted back.
 
+pub mod attach;
 pub mod cli;
 mod convert;
 mod logs;
@@ -49,6 +50,11 @@ pub async fn run(
     // children (stopped in order by `ModelManager::shutdown`), and cancelling it stops serving.
     let root = CancellationToken::new();
     let manager = Arc::new(ModelManager::new(config.manager.clone(), &root).context("building the model manager")?);
+    // Bound before gRPC answers, so a client that sees the server up finds the socket.
+    let attach_listener = match &config.attach {
+        Some(attach) => Some((attach::bind(attach)?, attach.clone())),
+        None => None,
+    };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_not_serving::<ModelLoaderServer<ModelLoaderService>>().await;
     let preload = tokio::spawn(preload(manager.clone(), health.clone(), config.preload.clone()));
@@ -70,6 +76,10 @@ pub async fn run(
     tracing::info!(%addr, "serving modelloader.v1.ModelLoader");
     // Stops serving /metrics however `run` ends.
     let _metrics = serve_metrics(&config, &manager).await?.map(AbortOnDrop);
+    // The attach socket closes its connections and goes when the root is cancelled.
+    let _attach = attach_listener.map(|(listener, attach)| {
+        AbortOnDrop(tokio::spawn(attach::serve(listener, attach, manager.clone(), root.child_token())))
+    });
 
     tokio::select! {
         result = &mut server => return result.context("server task")?.context("serving"),

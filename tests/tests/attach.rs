@@ -1,0 +1,78 @@
+//! The attach socket through the Rust client: a sharded model of mixed dtypes attaches, every
+//! tensor's bytes are the file's (checked against the fixture's sha256), read from one sealed
+//! memfd the server owns; while attached the model cannot be unloaded without force, and after
+//! the client goes it can; a forced unload unloads an attached model.
+
+use std::time::Duration;
+
+use attach::{AttachRequest, Attached};
+use proto::v1 as pb;
+use sha2::{Digest, Sha256};
+use tests::{TestServer, config, fixture, load, load_ok, with_attach};
+use tonic::Code;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn request(id: &str) -> AttachRequest {
+    AttachRequest { model_id: id.into(), ..Default::default() }
+}
+
+/// Attaches on a blocking thread (the client is blocking).
+async fn attach(socket: &std::path::Path, request: AttachRequest) -> Result<Attached, attach::AttachError> {
+    let socket = socket.to_owned();
+    tokio::task::spawn_blocking(move || Attached::attach(&socket, &request, TIMEOUT)).await.expect("attach task")
+}
+
+#[tokio::test]
+async fn attached_tensors_are_the_files_bytes_and_hold_the_model() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let models = tmp.path().join("models");
+    let mut tensors = fixture::f32_tensors("layers", 4, 4096);
+    tensors.push(fixture::TensorSpec::bf16("head.weight", &[64, 32], 7));
+    tensors.push(fixture::TensorSpec::i64_range("positions", 1000));
+    let expected = fixture::sharded_model(&models.join("mixed"), &tensors, 2).expect("fixture");
+    let socket = tmp.path().join("attach.sock");
+    let server = TestServer::start(with_attach(config(&models), &socket)).await;
+    let mut client = server.client().await;
+    // The server task runs once the test yields: a gRPC answer says it has bound the socket too.
+    client.list_models(pb::ListModelsRequest {}).await.expect("ListModels");
+
+    let refused = attach(&socket, request("mixed")).await.expect_err("not loaded yet");
+    assert!(matches!(refused, attach::AttachError::Refused { code: 9, .. }), "{refused:?}");
+    load_ok(&mut client, load("mixed")).await;
+    let attached = attach(&socket, request("mixed")).await.expect("attaches");
+    assert_eq!(attached.buffers().len(), 1, "one memfd: {:?}", attached.buffers());
+    assert_eq!(attached.buffers()[0].kind(), pb::BufferKind::HostMemfd);
+    assert_eq!(attached.status().map(|s| s.attached_clients), Some(1));
+    let got: Vec<(String, String, Vec<u64>, String)> = attached
+        .tensors()
+        .iter()
+        .map(|t| {
+            let bytes = attached.bytes(t).expect("host bytes");
+            (t.name.clone(), t.dtype.clone(), t.shape.clone(), hex::encode(Sha256::digest(bytes)))
+        })
+        .collect();
+    let want: Vec<(String, String, Vec<u64>, String)> =
+        expected.tensors.iter().map(|(n, (d, s, h))| (n.clone(), d.clone(), s.clone(), h.clone())).collect();
+    assert_eq!(got, want);
+
+    let unload = pb::UnloadModelRequest { model_id: "mixed".into(), force: false };
+    let status = client.unload_model(unload.clone()).await.expect_err("attached");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("1 attached clients"), "{status:?}");
+    drop(attached);
+    // The server sees the connection close at once, but asynchronously: wait for the lease to go.
+    let deadline = tokio::time::Instant::now() + tests::WAIT;
+    while client.unload_model(unload.clone()).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "the lease is never released");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // A forced unload takes an attached model.
+    load_ok(&mut client, load("mixed")).await;
+    let attached = attach(&socket, request("mixed")).await.expect("attaches again");
+    let forced = pb::UnloadModelRequest { model_id: "mixed".into(), force: true };
+    assert!(client.unload_model(forced).await.expect("forced").into_inner().was_loaded);
+    drop(attached);
+    server.stop().await;
+}
