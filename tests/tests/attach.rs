@@ -76,3 +76,46 @@ async fn attached_tensors_are_the_files_bytes_and_hold_the_model() {
     drop(attached);
     server.stop().await;
 }
+
+/// With `--evict lru`, an attached model is never evicted, even when least recently used: the
+/// next one goes instead; once its client is gone it is evictable again.
+#[tokio::test]
+async fn eviction_skips_an_attached_model() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let models = tmp.path().join("models");
+    let size = |id: &str| {
+        fixture::single_file_model(&models.join(id), &fixture::f32_tensors("layer", 4, 16 * 1024))
+            .expect("fixture")
+            .bytes()
+    };
+    let bytes = size("a");
+    for id in ["b", "c"] {
+        assert_eq!(size(id), bytes);
+    }
+    let socket = tmp.path().join("attach.sock");
+    let mut cfg = with_attach(config(&models), &socket);
+    cfg.manager.budget = model_manager::resource_manager::MemoryBudget::Bytes(2 * bytes);
+    cfg.manager.loader.evict = model_manager::EvictPolicy::Lru;
+    let server = TestServer::start(cfg).await;
+    let mut client = server.client().await;
+
+    load_ok(&mut client, load("a")).await;
+    let attached = attach(&socket, request("a")).await.expect("attaches");
+    load_ok(&mut client, load("b")).await;
+    // A is now the least recently used, but attached: loading C evicts B.
+    let messages = load_ok(&mut client, load("c")).await;
+    assert!(messages.iter().any(|m| m.detail.starts_with("evicted b ")), "{messages:?}");
+    let state = |s: pb::ModelStatus| (s.state(), s.attached_clients);
+    assert_eq!(state(tests::get_model(&mut client, "a").await), (pb::ModelState::Loaded, 1));
+    assert_eq!(state(tests::get_model(&mut client, "b").await), (pb::ModelState::Unloaded, 0));
+
+    drop(attached);
+    let deadline = tokio::time::Instant::now() + tests::WAIT;
+    while tests::get_model(&mut client, "a").await.attached_clients > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the lease is never released");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let messages = load_ok(&mut client, load("b")).await;
+    assert!(messages.iter().any(|m| m.detail.starts_with("evicted a ")), "A goes once detached: {messages:?}");
+    server.stop().await;
+}

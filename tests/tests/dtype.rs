@@ -267,3 +267,35 @@ async fn the_fp16_variant_is_read_when_f16_is_asked_for() {
     assert_eq!(tests::checksums(&mut client, "sd").await, references(&full, TargetDtype::BF16));
     server.stop().await;
 }
+
+/// With the attach socket on, a load converted to BF16 lands in a sealed memfd: what ListTensors
+/// shows and what an attached client maps are the reference conversion, integers as stored.
+#[tokio::test]
+async fn conversion_for_attach_lands_in_a_memfd_with_the_reference_values() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let tensors = mixed_tensors();
+    fixture::single_file_model(&tmp.path().join("mixed"), &tensors).expect("fixture");
+    let socket = tmp.path().join("attach.sock");
+    let server = TestServer::start(tests::with_attach(config(tmp.path()), &socket)).await;
+    let mut client = server.client().await;
+
+    let (messages, end) = load_all(&mut client, with_dtype("mixed", "bf16")).await;
+    end.expect("loads as bf16");
+    assert_eq!(detail_of(&messages, 7), ["converted 2 tensors to BF16"]);
+    let want = references(&tensors, TargetDtype::BF16);
+    assert_eq!(tests::checksums(&mut client, "mixed").await, want);
+    let request = attach::AttachRequest { model_id: "mixed".into(), ..Default::default() };
+    let attached = tokio::task::spawn_blocking(move || attach::Attached::attach(&socket, &request, tests::WAIT))
+        .await
+        .expect("attach task")
+        .expect("attaches");
+    let got: BTreeMap<String, (String, Vec<u64>, String)> = attached
+        .tensors()
+        .iter()
+        .map(|t| (t.name.clone(), (t.dtype.clone(), t.shape.clone(), sha(attached.bytes(t).expect("host bytes")))))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(attached.buffers().len(), 1, "one memfd for every tensor, converted or not");
+    drop(attached);
+    server.stop().await;
+}

@@ -6,11 +6,11 @@ use std::{collections::BTreeMap, sync::Arc, time::Instant};
 use dashmap::mapref::entry::Entry;
 use model_source::{Fetch, FetchProgress, Located, ModelSource, Wanted};
 use pipeline_manager::{Component, Pipeline, ResidentTensor};
-use resource_manager::{DeviceId, Reservation, host, staging::DeviceError, sync};
+use resource_manager::{DeviceId, Reservation, host, sync};
 use state_manager::{LoadFacts, Transition};
 use steps::{BYTE_PROGRESS_INTERVAL, ByteProgress, ModelLoadStep};
 use weights::{
-    LoadPlan, ModelFiles, Placement, header,
+    LoadPlan, ModelFiles, Placement,
     read::{ReadFailed, ReadOptions},
 };
 
@@ -191,7 +191,7 @@ impl LoaderService {
     ) -> Result<LoadFacts, LoadError> {
         let mut held = Held::new(handle, reservation);
         self.read(handle, &planned, &mut held)?;
-        convert(handle, planned.target, planned.device, &mut held)?;
+        convert(handle, &planned, &mut held)?;
         self.register(handle, planned, held)
     }
 
@@ -288,29 +288,19 @@ async fn plan(id: &ModelId, files: Arc<dyn ModelFiles>, target: Option<TargetDty
     .await
 }
 
-/// Step 7: float tensors converted to the target dtype, on their device.
-fn convert(
-    handle: &LoadHandle,
-    target: Option<TargetDtype>,
-    device: DeviceId,
-    held: &mut Held,
-) -> Result<(), LoadError> {
+/// Step 7: float tensors converted to the target dtype, on their device, where the placement
+/// keeps them.
+fn convert(handle: &LoadHandle, planned: &Planned, held: &mut Held) -> Result<(), LoadError> {
     handle.step(ModelLoadStep::ApplyOptimizations)?;
     let id = handle.model_id();
-    let mut converted = 0usize;
-    if let Some(dtype) = target.map(TargetDtype::candle) {
-        for t in &mut held.tensors {
-            if header::converts(t.data.dtype()) && t.data.dtype() != dtype {
-                if handle.cancel.is_cancelled() {
-                    return Err(LoadError::cancelled(id));
-                }
-                let place = |e| weights::Error::place(&device.to_string(), DeviceError::from(e));
-                t.data = t.data.to_dtype(dtype).map_err(|e| LoadError::model(id, place(e)))?;
-                converted += 1;
-            }
-        }
-    }
-    let detail = match target {
+    let converted = match planned.target {
+        Some(target) => planned
+            .placement
+            .convert(&mut held.tensors, target.candle(), &handle.cancel, &planned.device.to_string())
+            .map_err(|e| LoadError::model(id, e))?,
+        None => 0,
+    };
+    let detail = match planned.target {
         Some(t) if converted > 0 => format!("converted {converted} tensors to {t}"),
         _ => "no dtype conversion".into(),
     };

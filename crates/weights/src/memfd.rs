@@ -11,14 +11,17 @@ use std::{
     time::Duration,
 };
 
+use candle_core::DType;
 use memmap2::{Mmap, MmapMut, MmapOptions};
 use pipeline_manager::{MemoryKind, SharedMemory};
+use resource_manager::staging::DeviceError;
 use rustix::fs::{MemfdFlags, SealFlags};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     Error,
     host::{CHUNK_BYTES, HostDestination, HostMemory, HostView, split},
-    placement::{Chunk, Chunking, Group, Placed, PlacedTensor, Placement},
+    placement::{Chunk, Chunking, Group, Placed, PlacedTensor, Placement, converts_to},
 };
 
 /// Where each group starts: aligned for any element type and for vector loads in clients.
@@ -148,6 +151,68 @@ impl Placement for MemfdPlacement {
         }
         Ok(Box::new(MemfdPlaced { tensors, len }))
     }
+
+    fn convert(
+        &self,
+        tensors: &mut Vec<PlacedTensor>,
+        dtype: DType,
+        cancel: &CancellationToken,
+        device: &str,
+    ) -> Result<usize, Error> {
+        if !tensors.iter().any(|t| converts_to(t.data.as_ref(), dtype)) {
+            return Ok(0);
+        }
+        self.convert_into_memfd(tensors, dtype, cancel, device)
+    }
+}
+
+impl MemfdPlacement {
+    /// Step 7 into a new sealed memfd: every tensor, floats converted to `dtype` one at a time
+    /// (candle's rounding, as the host placement), the others copied as they are, so the load's
+    /// first memfd is freed whole once its views are replaced. The memory held at once: both
+    /// memfds and one converted tensor.
+    fn convert_into_memfd(
+        &self,
+        tensors: &mut [PlacedTensor],
+        dtype: DType,
+        cancel: &CancellationToken,
+        device: &str,
+    ) -> Result<usize, Error> {
+        let place = |e: candle_core::Error| Error::place(device, DeviceError::from(e));
+        let target = |t: &PlacedTensor| if converts_to(t.data.as_ref(), dtype) { dtype } else { t.data.dtype() };
+        let size = |t: &PlacedTensor| (t.data.shape().iter().product::<usize>() * target(t).size_in_bytes()) as u64;
+        let mut end = 0u64;
+        let starts: Vec<u64> = tensors
+            .iter()
+            .map(|t| {
+                let start = end.next_multiple_of(ALIGN);
+                end = start + size(t);
+                start
+            })
+            .collect();
+        let (file, mut map) = Memfd::create(&self.name, end.next_multiple_of(ALIGN).max(ALIGN))?;
+        let mut converted = 0;
+        for (t, &start) in tensors.iter().zip(&starts) {
+            if cancel.is_cancelled() {
+                return Err(Error::Cancelled);
+            }
+            let to = &mut map[start as usize..(start + size(t)) as usize];
+            if converts_to(t.data.as_ref(), dtype) {
+                to.copy_from_slice(&t.data.to_dtype(dtype).map_err(place)?.bytes().map_err(place)?);
+                converted += 1;
+            } else {
+                to.copy_from_slice(&t.data.bytes().map_err(place)?);
+            }
+        }
+        let memory: Arc<dyn HostMemory> = Arc::new(Memfd::seal(file, map)?);
+        for (t, &start) in tensors.iter_mut().zip(&starts) {
+            let (dtype, len, shape) = (target(t), size(t) as usize, t.data.shape().to_vec());
+            let view = HostView::new(memory.clone(), start as usize, len, dtype, shape)
+                .ok_or_else(|| Error::Internal(format!("tensor {}: its shape does not fit its bytes", t.name)))?;
+            t.data = Box::new(view);
+        }
+        Ok(converted)
+    }
 }
 
 struct MemfdPlaced {
@@ -169,9 +234,6 @@ impl Placed for MemfdPlaced {
 #[cfg(test)]
 mod tests {
     use std::{os::unix::fs::FileExt, time::Duration};
-
-    use candle_core::DType;
-    use tokio_util::sync::CancellationToken;
 
     use super::*;
     use crate::{

@@ -1,5 +1,5 @@
 //! Where a load's bytes land: the seam between the reader (which knows files) and the memory it
-//! fills (host memory, pinned staging → CUDA; later a memfd or a CUDA VMM range).
+//! fills (host memory, a sealed memfd, pinned staging → CUDA; later a CUDA VMM range).
 //!
 //! A load's tensors are cut into [`Group`]s: tensors back to back in one file with one dtype (at
 //! most [`GROUP_BYTES`]), each with one destination allocation mirroring those file bytes, so
@@ -16,8 +16,10 @@ use std::time::Duration;
 
 use candle_core::DType;
 use pipeline_manager::TensorData;
+use resource_manager::staging::DeviceError;
+use tokio_util::sync::CancellationToken;
 
-use crate::{Error, plan::LoadPlan};
+use crate::{Error, header, plan::LoadPlan};
 
 /// The most bytes one group holds: few allocations for a large model, and a bound on the memory
 /// a dtype conversion holds twice.
@@ -106,6 +108,44 @@ pub trait Placement: Send + Sync {
         chunks: &[Chunk],
         readers: &(dyn Fn(&dyn Destination) + Sync),
     ) -> Result<Box<dyn Placed>, Error>;
+    /// Step 7: converts the float tensors of a finished load on `device` to `dtype` (see
+    /// [`convert_each`]), keeping them where this placement keeps tensors. Returns how many were
+    /// converted.
+    fn convert(
+        &self,
+        tensors: &mut Vec<PlacedTensor>,
+        dtype: DType,
+        cancel: &CancellationToken,
+        device: &str,
+    ) -> Result<usize, Error> {
+        convert_each(tensors, dtype, cancel, |e| Error::place(device, DeviceError::from(e)))
+    }
+}
+
+/// Step 7's conversion of floats to another dtype, each tensor on its device through its own
+/// [`TensorData::to_dtype`]: what a placement does unless it keeps converted tensors itself.
+/// Returns how many tensors were converted; stops with [`Error::Cancelled`] between two tensors.
+pub fn convert_each(
+    tensors: &mut [PlacedTensor],
+    dtype: DType,
+    cancel: &CancellationToken,
+    place: impl Fn(candle_core::Error) -> Error,
+) -> Result<usize, Error> {
+    let mut converted = 0;
+    for t in tensors.iter_mut().filter(|t| converts_to(t.data.as_ref(), dtype)) {
+        if cancel.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        t.data = t.data.to_dtype(dtype).map_err(&place)?;
+        converted += 1;
+    }
+    Ok(converted)
+}
+
+/// Whether step 7 converts this tensor to `dtype`: a float of another width (see
+/// [`header::converts`]).
+pub fn converts_to(data: &dyn TensorData, dtype: DType) -> bool {
+    header::converts(data.dtype()) && data.dtype() != dtype
 }
 
 /// What a placement holds once every chunk was filled, until step 6 hands out the tensors.
