@@ -38,7 +38,12 @@ pub fn config(model_root: &Path) -> ServerConfig {
 /// `config` with the attach socket served at `socket` (and loads placed for attach).
 pub fn with_attach(mut config: ServerConfig, socket: &Path) -> ServerConfig {
     config.manager.loader.exportable = true;
-    config.attach = Some(server::attach::AttachConfig { path: socket.to_owned(), mode: 0o660, max_clients: 64 });
+    config.attach = Some(server::attach::AttachConfig {
+        path: socket.to_owned(),
+        mode: 0o660,
+        max_clients: 2048,
+        request_timeout: Duration::from_secs(10),
+    });
     config
 }
 

@@ -203,10 +203,12 @@ impl ModelManager {
                 }
             }
         }
-        self.pipelines.attach(model_id).ok_or_else(|| {
-            let state = self.state.state(model_id);
-            ManagerError::NotLoaded { model_id: model_id.to_string(), state }
-        })
+        if let Some(lease) = self.pipelines.attach(model_id) {
+            return Ok(lease);
+        }
+        // A model that exists nowhere is NOT_FOUND; one that merely is not loaded is not.
+        self.get(model_id)?;
+        Err(ManagerError::NotLoaded { model_id: model_id.to_string(), state: self.state.state(model_id) })
     }
 
     /// The model's status: tracked, or UNLOADED if it can be found; NOT_FOUND otherwise.

@@ -30,9 +30,6 @@ use tonic::{Code, Status};
 
 use crate::{convert, status};
 
-/// How long a client may take to send its request before the server closes the connection.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// The attach socket's settings.
 #[derive(Debug, Clone)]
 pub struct AttachConfig {
@@ -41,6 +38,8 @@ pub struct AttachConfig {
     pub mode: u32,
     /// Connections open at once; past it, RESOURCE_EXHAUSTED.
     pub max_clients: usize,
+    /// How long a client may take to send its request before the server closes the connection.
+    pub request_timeout: Duration,
 }
 
 /// Binds the socket, replacing a stale one and refusing one a live server holds.
@@ -74,9 +73,10 @@ pub async fn serve(listener: UnixListener, config: AttachConfig, manager: Arc<Mo
             () = stop.cancelled() => break,
         };
         let (manager, stop, slot) = (manager.clone(), stop.clone(), slots.clone().try_acquire_owned());
+        let config = config.clone();
         tokio::spawn(async move {
             match slot {
-                Ok(_slot) => connection(stream, &manager, &stop).await,
+                Ok(_slot) => connection(stream, &manager, config.request_timeout, &stop).await,
                 Err(_) => {
                     tracing::warn!(max = config.max_clients, "attach connection refused: too many clients");
                     let refusal = Status::resource_exhausted("too many attach connections open; try again later");
@@ -90,10 +90,10 @@ pub async fn serve(listener: UnixListener, config: AttachConfig, manager: Arc<Mo
 
 /// One client: its request, the lease and the answer, then the open connection until the client
 /// goes, the lease is revoked or the server stops.
-async fn connection(mut stream: UnixStream, manager: &ModelManager, stop: &CancellationToken) {
+async fn connection(mut stream: UnixStream, manager: &ModelManager, timeout: Duration, stop: &CancellationToken) {
     let peer = rustix::net::sockopt::socket_peercred(&stream).ok();
     let (pid, uid) = peer.map_or((0, 0), |p| (p.pid.as_raw_nonzero().get(), p.uid.as_raw()));
-    let request = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut stream)).await {
+    let request = match tokio::time::timeout(timeout, read_request(&mut stream)).await {
         Ok(Ok(request)) => request,
         Ok(Err(refusal)) => {
             tracing::info!(pid, uid, reason = %refusal.message(), "attach request refused");

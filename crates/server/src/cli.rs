@@ -112,6 +112,10 @@ pub struct Cli {
     #[arg(long, env = "MODEL_LOADER_ATTACH_MAX_CLIENTS", default_value_t = 1024)]
     pub attach_max_clients: usize,
 
+    /// How long an attach client may take to send its request before it is disconnected.
+    #[arg(long, env = "MODEL_LOADER_ATTACH_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub attach_request_timeout: Duration,
+
     /// Log format.
     #[arg(long, env = "MODEL_LOADER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -205,6 +209,7 @@ impl Cli {
             path,
             mode: self.attach_socket_mode,
             max_clients: self.attach_max_clients.max(1),
+            request_timeout: self.attach_request_timeout,
         });
         Ok(ServerConfig {
             listen: self.listen,
