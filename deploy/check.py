@@ -8,7 +8,9 @@ offline, strict), and checks that the pieces agree with each other and with the 
   ConfigMap the container reads, and the Service targets them;
 - every MODEL_LOADER_* key of the ConfigMap is a flag of the server (its --help lists the variable);
 - terminationGracePeriodSeconds is above MODEL_LOADER_SHUTDOWN_GRACE;
-- the container runs as non-root with a read-only root filesystem, no privilege escalation and
+- the attach socket (MODEL_LOADER_ATTACH_SOCKET) lies on an emptyDir the server mounts, and every
+  other container of the pod (a consumer) mounts that same volume at the same path;
+- every container runs as non-root with a read-only root filesystem, no privilege escalation and
   every capability dropped;
 - the gpu overlay asks for one nvidia.com/gpu and loads to cuda.
 
@@ -103,16 +105,18 @@ def check_overlay(name, docs, server_env):
         if key.startswith("MODEL_LOADER_") and server_env is not None and key not in server_env:
             errors.append(f"ConfigMap key {key} is no flag of the server")
 
-    security = container.get("securityContext", {})
+    errors += check_attach(pod, container, env)
     pod_security = pod.get("securityContext", {})
-    if not (security.get("runAsNonRoot") or pod_security.get("runAsNonRoot")):
-        errors.append("the container may run as root")
-    if security.get("readOnlyRootFilesystem") is not True:
-        errors.append("the root filesystem is writable")
-    if security.get("allowPrivilegeEscalation") is not False:
-        errors.append("privilege escalation is allowed")
-    if "ALL" not in security.get("capabilities", {}).get("drop", []):
-        errors.append("capabilities are not all dropped")
+    for c in pod["containers"]:
+        security = c.get("securityContext", {})
+        if not (security.get("runAsNonRoot") or pod_security.get("runAsNonRoot")):
+            errors.append(f"container {c['name']} may run as root")
+        if security.get("readOnlyRootFilesystem") is not True:
+            errors.append(f"container {c['name']}: the root filesystem is writable")
+        if security.get("allowPrivilegeEscalation") is not False:
+            errors.append(f"container {c['name']}: privilege escalation is allowed")
+        if "ALL" not in security.get("capabilities", {}).get("drop", []):
+            errors.append(f"container {c['name']}: capabilities are not all dropped")
 
     if name == "gpu":
         limits = container.get("resources", {}).get("limits", {})
@@ -120,6 +124,30 @@ def check_overlay(name, docs, server_env):
             errors.append("the gpu overlay does not ask for one nvidia.com/gpu")
         if not env.get("MODEL_LOADER_DEVICE", "").startswith("cuda"):
             errors.append("the gpu overlay does not load to cuda")
+    return errors
+
+
+def check_attach(pod, server, env):
+    """The attach socket's folder is an emptyDir the server mounts; every other container of the
+    pod mounts the same volume at the same path, so it finds the socket."""
+    socket = env.get("MODEL_LOADER_ATTACH_SOCKET")
+    if not socket:
+        return []
+    folder = str(pathlib.PurePosixPath(socket).parent)
+    mounts = {m["mountPath"]: m["name"] for m in server.get("volumeMounts", [])}
+    volume = mounts.get(folder)
+    if volume is None:
+        return [f"the server mounts nothing at {folder}, the attach socket's folder"]
+    kinds = {v["name"]: v for v in pod.get("volumes", [])}
+    if "emptyDir" not in kinds.get(volume, {}):
+        return [f"volume {volume} holding the attach socket is not an emptyDir"]
+    errors = []
+    for other in pod["containers"]:
+        if other is server:
+            continue
+        theirs = {m["mountPath"]: m["name"] for m in other.get("volumeMounts", [])}
+        if theirs.get(folder) != volume:
+            errors.append(f"container {other['name']} does not mount volume {volume} at {folder}")
     return errors
 
 

@@ -52,13 +52,15 @@ fn edit(path: &Path, from: &str, to: &str) {
 fn the_committed_manifests_pass() {
     let (ok, text) = check(&repo().join("deploy/k8s"));
     assert!(ok, "{text}");
-    assert!(text.contains("cpu: 6 objects valid") && text.contains("gpu: 6 objects valid"), "{text}");
+    for overlay in ["cpu", "cpu-consumer", "gpu"] {
+        assert!(text.contains(&format!("{overlay}: 6 objects valid")), "{overlay}: {text}");
+    }
 }
 
 /// Each breakage is caught, and named.
 #[test]
 fn broken_manifests_fail() {
-    let breakages: [(&str, &str, &str, &str); 6] = [
+    let breakages: [(&str, &str, &str, &str); 8] = [
         // A readiness probe on a port the server does not listen on.
         (
             "base/deployment.yaml",
@@ -85,6 +87,20 @@ fn broken_manifests_fail() {
             "              nvidia.com/gpu: 1\n            limits:\n              memory: 64Gi\n              nvidia.com/gpu: 1",
             "            limits:\n              memory: 64Gi",
             "does not ask for one nvidia.com/gpu",
+        ),
+        // A consumer that does not mount the attach socket's volume.
+        (
+            "overlays/cpu-consumer/consumer.yaml",
+            "            - name: attach\n              mountPath: /run/model-loader",
+            "            - name: attach\n              mountPath: /run/elsewhere",
+            "container consumer does not mount volume attach at /run/model-loader",
+        ),
+        // The attach socket on a folder no volume holds (the read-only root filesystem).
+        (
+            "base/configmap.yaml",
+            "\"/run/model-loader/attach.sock\"",
+            "\"/var/run/attach.sock\"",
+            "the server mounts nothing at /var/run",
         ),
     ];
     for (file, from, to, expected) in breakages {
