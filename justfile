@@ -17,6 +17,10 @@ test:
     # The release server, for the test that runs the README's `cargo run --release` as written.
     cargo build --locked --release -p server --bin model-loader
     just deploy-check
+    # The Python client (pip install "./clients/python[grpc,tqdm,test]"), on its own and, through
+    # the attach tests, against the server.
+    python3 -c "import model_loader, pytest" || { echo 'pip install "./clients/python[grpc,tqdm,test]"' >&2; exit 1; }
+    python3 -m pytest -q clients/python/tests
     cargo test --locked --workspace --no-fail-fast
 
 # Render both Kubernetes overlays (kubectl kustomize) and check them against the Kubernetes

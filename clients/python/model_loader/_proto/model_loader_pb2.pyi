@@ -1,0 +1,296 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ModelLoadPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_LOAD_PHASE_UNSPECIFIED: _ClassVar[ModelLoadPhase]
+    MODEL_LOAD_PHASE_INITIALIZATION: _ClassVar[ModelLoadPhase]
+    MODEL_LOAD_PHASE_LOADING: _ClassVar[ModelLoadPhase]
+    MODEL_LOAD_PHASE_DEVICE: _ClassVar[ModelLoadPhase]
+    MODEL_LOAD_PHASE_OPTIMIZATION: _ClassVar[ModelLoadPhase]
+    MODEL_LOAD_PHASE_FINALIZATION: _ClassVar[ModelLoadPhase]
+
+class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_STATE_UNSPECIFIED: _ClassVar[ModelState]
+    MODEL_STATE_UNLOADED: _ClassVar[ModelState]
+    MODEL_STATE_LOADING: _ClassVar[ModelState]
+    MODEL_STATE_LOADED: _ClassVar[ModelState]
+    MODEL_STATE_UNLOADING: _ClassVar[ModelState]
+    MODEL_STATE_FAILED: _ClassVar[ModelState]
+
+class ModelSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_SOURCE_UNSPECIFIED: _ClassVar[ModelSource]
+    MODEL_SOURCE_LOCAL: _ClassVar[ModelSource]
+    MODEL_SOURCE_CACHE: _ClassVar[ModelSource]
+    MODEL_SOURCE_HUB: _ClassVar[ModelSource]
+
+class BufferKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BUFFER_KIND_UNSPECIFIED: _ClassVar[BufferKind]
+    BUFFER_KIND_HOST_MEMFD: _ClassVar[BufferKind]
+    BUFFER_KIND_HOST_FILE: _ClassVar[BufferKind]
+    BUFFER_KIND_CUDA_VMM: _ClassVar[BufferKind]
+MODEL_LOAD_PHASE_UNSPECIFIED: ModelLoadPhase
+MODEL_LOAD_PHASE_INITIALIZATION: ModelLoadPhase
+MODEL_LOAD_PHASE_LOADING: ModelLoadPhase
+MODEL_LOAD_PHASE_DEVICE: ModelLoadPhase
+MODEL_LOAD_PHASE_OPTIMIZATION: ModelLoadPhase
+MODEL_LOAD_PHASE_FINALIZATION: ModelLoadPhase
+MODEL_STATE_UNSPECIFIED: ModelState
+MODEL_STATE_UNLOADED: ModelState
+MODEL_STATE_LOADING: ModelState
+MODEL_STATE_LOADED: ModelState
+MODEL_STATE_UNLOADING: ModelState
+MODEL_STATE_FAILED: ModelState
+MODEL_SOURCE_UNSPECIFIED: ModelSource
+MODEL_SOURCE_LOCAL: ModelSource
+MODEL_SOURCE_CACHE: ModelSource
+MODEL_SOURCE_HUB: ModelSource
+BUFFER_KIND_UNSPECIFIED: BufferKind
+BUFFER_KIND_HOST_MEMFD: BufferKind
+BUFFER_KIND_HOST_FILE: BufferKind
+BUFFER_KIND_CUDA_VMM: BufferKind
+
+class ModelLoadProgress(_message.Message):
+    __slots__ = ("model_id", "step", "total", "phase", "message", "detail", "bytes_done", "bytes_total")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    step: int
+    total: int
+    phase: ModelLoadPhase
+    message: str
+    detail: str
+    bytes_done: int
+    bytes_total: int
+    def __init__(self, model_id: _Optional[str] = ..., step: _Optional[int] = ..., total: _Optional[int] = ..., phase: _Optional[_Union[ModelLoadPhase, str]] = ..., message: _Optional[str] = ..., detail: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ...) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ("model_id", "revision", "device", "dtype")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    revision: str
+    device: str
+    dtype: str
+    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
+
+class WatchModelsRequest(_message.Message):
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
+class ModelEvent(_message.Message):
+    __slots__ = ("status", "progress")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    status: ModelStatus
+    progress: ModelLoadProgress
+    def __init__(self, status: _Optional[_Union[ModelStatus, _Mapping]] = ..., progress: _Optional[_Union[ModelLoadProgress, _Mapping]] = ...) -> None: ...
+
+class CancelLoadRequest(_message.Message):
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
+class CancelLoadResponse(_message.Message):
+    __slots__ = ("was_loading",)
+    WAS_LOADING_FIELD_NUMBER: _ClassVar[int]
+    was_loading: bool
+    def __init__(self, was_loading: bool = ...) -> None: ...
+
+class UnloadModelRequest(_message.Message):
+    __slots__ = ("model_id", "force")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    force: bool
+    def __init__(self, model_id: _Optional[str] = ..., force: bool = ...) -> None: ...
+
+class UnloadModelResponse(_message.Message):
+    __slots__ = ("was_loaded", "freed_bytes")
+    WAS_LOADED_FIELD_NUMBER: _ClassVar[int]
+    FREED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    was_loaded: bool
+    freed_bytes: int
+    def __init__(self, was_loaded: bool = ..., freed_bytes: _Optional[int] = ...) -> None: ...
+
+class GetModelRequest(_message.Message):
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
+class ModelStatus(_message.Message):
+    __slots__ = ("model_id", "state", "last_progress", "device", "dtype", "revision", "weight_bytes", "sample_size", "error", "source", "unload_reason", "attached_clients")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    UNLOAD_REASON_FIELD_NUMBER: _ClassVar[int]
+    ATTACHED_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    state: ModelState
+    last_progress: ModelLoadProgress
+    device: str
+    dtype: str
+    revision: str
+    weight_bytes: int
+    sample_size: int
+    error: str
+    source: ModelSource
+    unload_reason: str
+    attached_clients: int
+    def __init__(self, model_id: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., last_progress: _Optional[_Union[ModelLoadProgress, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., revision: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., sample_size: _Optional[int] = ..., error: _Optional[str] = ..., source: _Optional[_Union[ModelSource, str]] = ..., unload_reason: _Optional[str] = ..., attached_clients: _Optional[int] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ...) -> None: ...
+
+class GetResourcesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetResourcesResponse(_message.Message):
+    __slots__ = ("devices",)
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceResources]
+    def __init__(self, devices: _Optional[_Iterable[_Union[DeviceResources, _Mapping]]] = ...) -> None: ...
+
+class DeviceResources(_message.Message):
+    __slots__ = ("name", "total_bytes", "used_bytes", "reserved_bytes", "budget_bytes", "models", "available_bytes", "peak_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    total_bytes: int
+    used_bytes: int
+    reserved_bytes: int
+    budget_bytes: int
+    models: _containers.RepeatedCompositeFieldContainer[ModelResources]
+    available_bytes: int
+    peak_bytes: int
+    def __init__(self, name: _Optional[str] = ..., total_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelResources, _Mapping]]] = ..., available_bytes: _Optional[int] = ..., peak_bytes: _Optional[int] = ...) -> None: ...
+
+class ModelResources(_message.Message):
+    __slots__ = ("model_id", "bytes")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    bytes: int
+    def __init__(self, model_id: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class ListTensorsRequest(_message.Message):
+    __slots__ = ("model_id", "with_checksums")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    WITH_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    with_checksums: bool
+    def __init__(self, model_id: _Optional[str] = ..., with_checksums: bool = ...) -> None: ...
+
+class ListTensorsResponse(_message.Message):
+    __slots__ = ("tensors",)
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorInfo]
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ...) -> None: ...
+
+class TensorInfo(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "size_bytes", "sha256")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    size_bytes: int
+    sha256: str
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("model_id", "revision", "device", "load_if_needed")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_IF_NEEDED_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    revision: str
+    device: str
+    load_if_needed: bool
+    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., device: _Optional[str] = ..., load_if_needed: bool = ...) -> None: ...
+
+class AttachResponse(_message.Message):
+    __slots__ = ("code", "message", "status", "buffers", "tensors")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    status: ModelStatus
+    buffers: _containers.RepeatedCompositeFieldContainer[AttachedBuffer]
+    tensors: _containers.RepeatedCompositeFieldContainer[AttachedTensor]
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., status: _Optional[_Union[ModelStatus, _Mapping]] = ..., buffers: _Optional[_Iterable[_Union[AttachedBuffer, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[AttachedTensor, _Mapping]]] = ...) -> None: ...
+
+class AttachedBuffer(_message.Message):
+    __slots__ = ("kind", "device", "size_bytes")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    kind: BufferKind
+    device: str
+    size_bytes: int
+    def __init__(self, kind: _Optional[_Union[BufferKind, str]] = ..., device: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class AttachedTensor(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "buffer", "offset", "size_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    buffer: int
+    offset: int
+    size_bytes: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., buffer: _Optional[int] = ..., offset: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
