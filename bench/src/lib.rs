@@ -2,9 +2,11 @@
 //! cache, and measures side by side, in one run, the limits of the machine (parallel `pread`, one
 //! plain `read`), the peers (candle's `safetensors::load` and `MmapedSafetensors`, Python's
 //! `safetensors.numpy`), our loader in process and end to end through gRPC, cancel latency,
-//! fan-out to many watchers, and the server's memory and start-up. Every loader's tensors are
+//! fan-out to many watchers, the server's memory and start-up, and attach (loads into a memfd
+//! against anonymous memory, and `attach()` from Python against the peers' reloads). Every loader's tensors are
 //! checked against the files. Results go to `results.json`, a Markdown table and PNG charts.
 
+pub mod attach;
 pub mod chart;
 pub mod fanout;
 #[cfg(feature = "cuda")]
@@ -102,6 +104,10 @@ pub struct Options {
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/peer_gpu.py"))]
     #[serde(skip)]
     pub gpu_python_script: PathBuf,
+    /// The attach benchmark's Python script (clients/python).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/attach_peer.py"))]
+    #[serde(skip)]
+    pub attach_script: PathBuf,
     /// The Python peer's script.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/peer_safetensors.py"))]
     #[serde(skip)]
@@ -183,6 +189,15 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
     }
     report.memory.start_to_serving_ms = starts.iter().map(|d| d.as_secs_f64() * 1e3).collect();
     report.memory = std::mem::take(&mut report.memory).summarised();
+
+    say!("attach: {} loaded for attach and attached from Python", dense.id);
+    let runs = attach::run(&exe, &root, &options.work, &options.attach_script, &dense, options.runs).await?;
+    report.checks.push(Check::compare(report::OURS_ATTACH, &dense, &runs.tensors));
+    let peers: Vec<(&str, f64)> = [report::CANDLE_LOAD, report::CANDLE_MMAP, report::PYTHON]
+        .into_iter()
+        .filter_map(|p| Some((p, report.seconds(p, &dense.id)?)))
+        .collect();
+    report.attach = attach::Attach::from_runs(&dense, &runs, &peers);
 
     say!("fan-out: {} watchers × {} loads", options.watchers, options.fanout_loads);
     let server = server::start(&exe, &root, &["--log-format", "json"]).await;

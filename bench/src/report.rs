@@ -20,6 +20,8 @@ pub const CANDLE_MMAP: &str = "candle MmapedSafetensors";
 pub const PYTHON: &str = "python safetensors.numpy";
 pub const OURS_IN_PROCESS: &str = "ours, in process";
 pub const OURS_GRPC: &str = "ours, gRPC end to end";
+/// What a Python process attached to maps (checked, not one of the loaders' tables).
+pub const OURS_ATTACH: &str = "ours, attached from Python";
 /// Every loader, in the order of the tables.
 pub const LOADERS: [&str; 7] = [LIMIT_PREAD, LIMIT_READ, CANDLE_LOAD, CANDLE_MMAP, PYTHON, OURS_IN_PROCESS, OURS_GRPC];
 /// What the ratios columns compare with.
@@ -232,6 +234,7 @@ pub struct Report {
     pub cancel: Cancel,
     pub fanout: Fanout,
     pub memory: Memory,
+    pub attach: crate::attach::Attach,
     pub targets: Vec<Target>,
 }
 
@@ -247,6 +250,7 @@ impl Report {
             cancel: Cancel::default(),
             fanout: Fanout::default(),
             memory: Memory::default(),
+            attach: crate::attach::Attach::default(),
             targets: Vec::new(),
         }
     }
@@ -295,6 +299,8 @@ impl Report {
             0.95,
             "×",
         );
+        at_least("load ready for attach (memfd) vs into anonymous memory", self.attach.ready_ratio, 0.9, "×");
+        at_least("attach to usable tensors vs the fastest peer's warm reload", self.attach.speedup, 20.0, "×");
         let mut at_most = |name: &str, measured: f64, target: f64, unit: &str| {
             targets.push(Target {
                 name: name.into(),
@@ -311,6 +317,7 @@ impl Report {
         at_most("idle RSS", self.memory.idle_rss_bytes as f64 / 1e6, 30.0, "MB");
         at_most("RSS after the cycles vs after the first unload", self.memory.cycles_ratio, 1.1, "×");
         at_most("start to SERVING", self.memory.start_to_serving_ms_median, 200.0, "ms");
+
         targets.push(Target {
             name: "fan-out: every watcher receives every step".into(),
             target: "all".into(),
@@ -435,6 +442,7 @@ impl Report {
         }
         let _ = writeln!(md, "| start to health SERVING (median) | {:.1} ms |\n", mem.start_to_serving_ms_median);
         let _ = writeln!(md, "![fan-out latency](fanout.png)\n");
+        md += &self.attach.markdown();
         let _ = writeln!(md, "## Targets\n\n| target | goal | measured | met |\n|---|---|---|---|");
         for t in &self.targets {
             let _ = writeln!(

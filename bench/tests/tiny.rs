@@ -1,6 +1,6 @@
 //! The benchmark harness at tiny sizes, so it cannot rot: it runs end to end (fixtures, every
-//! loader, the real server binary, the Python peer, cancel, fan-out, memory, the report and the
-//! charts), and its correctness check holds: every loader read exactly the tensors in the files.
+//! loader, the real server binary, the Python peer, cancel, fan-out, memory, attach, the report
+//! and the charts), and its correctness check holds: every loader read exactly the tensors in the files.
 
 use std::path::Path;
 
@@ -35,7 +35,8 @@ async fn the_harness_runs_at_tiny_sizes_and_every_loader_agrees() {
     // Seven loaders on each of the two models, each checked against the files.
     assert_eq!(report.loaders.len(), 2 * report::LOADERS.len(), "{:#?}", report.loaders);
     assert!(report.loaders.iter().all(|r| r.seconds.len() == 1 && r.gb_per_s > 0.0), "{:#?}", report.loaders);
-    assert_eq!(report.checks.len(), 2 * 5, "two limits are not loaders: {:#?}", report.checks);
+    // Five loaders on each model (the two limits are not loaders), and what Python attached to.
+    assert_eq!(report.checks.len(), 2 * 5 + 1, "{:#?}", report.checks);
     assert!(report.checks.iter().all(|c| c.same_tensors), "{:#?}", report.checks);
     assert_eq!(report.models[1].tensors, 40);
 
@@ -45,6 +46,9 @@ async fn the_harness_runs_at_tiny_sizes_and_every_loader_agrees() {
     assert_eq!(report.fanout.samples, 30 * 8);
     assert_eq!(report.memory.after_unload_rss_bytes.len(), 2);
     assert!(report.memory.idle_rss_bytes > 0 && report.memory.start_to_serving_ms_median > 0.0);
+    let attach = &report.attach;
+    assert_eq!((attach.anonymous_s.len(), attach.memfd_s.len(), attach.attach_s.len()), (1, 1, 1), "{attach:?}");
+    assert!(attach.ready_ratio > 0.0 && attach.speedup > 0.0 && !attach.fastest_reload.is_empty(), "{attach:?}");
 
     let results: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).expect("results.json"))
@@ -55,6 +59,7 @@ async fn the_harness_runs_at_tiny_sizes_and_every_loader_agrees() {
     for loader in report::LOADERS {
         assert!(table.contains(&format!("| {loader} |")), "{loader} is in the table:\n{table}");
     }
+    assert!(table.contains("## Attach: `dense`"), "{table}");
     assert!(is_png(&out.join("throughput.png")) && is_png(&out.join("fanout.png")));
 }
 
