@@ -18,8 +18,9 @@ import model_loader
 import numpy as np
 
 
-def memfd_mappings():
-    """(perms, path, fields) of every mapping of a model's memfd, from /proc/self/smaps."""
+def model_mappings():
+    """(perms, path, fields) of every mapping of a model's memory (a memfd of the server's, or a
+    safetensors file), from /proc/self/smaps."""
     found, current = [], None
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
@@ -27,7 +28,7 @@ def memfd_mappings():
             if "-" in parts[0] and len(parts) >= 5 and not parts[0].endswith(":"):
                 path = " ".join(parts[5:]) if len(parts) > 5 else ""
                 current = None
-                if path.startswith("/memfd:model-loader:"):
+                if path.startswith("/memfd:model-loader:") or path.endswith(".safetensors"):
                     current = {"perms": parts[1], "path": path, "fields": {}}
                     found.append(current)
             elif current is not None and parts[0].endswith(":") and len(parts) >= 2 and parts[1].isdigit():
@@ -64,7 +65,7 @@ def main():
         "mismatched": sorted(n for n in expected if digests.get(n) != expected[n]),
         "write_refused": write_refused,
         "writable_mapping_refused": writable_mapping_refused,
-        "mappings": memfd_mappings(),
+        "mappings": model_mappings(),
         "buffer_bytes": buffer.size_bytes,
     }
     print(json.dumps(report), flush=True)

@@ -1,6 +1,6 @@
 //! Which placement a load's bytes go to, chosen once per load from its device: host memory for
 //! the CPU (a sealed memfd when loads are exportable, for attach), pinned staging → CUDA for a
-//! GPU. The next placement (a CUDA VMM range) is one more arm here and one module in `weights`.
+//! GPU (into one exportable CUDA VMM allocation when loads are exportable).
 
 use std::sync::Arc;
 
@@ -36,6 +36,11 @@ impl Placements for DevicePlacements {
         match device {
             DeviceId::Cpu if self.exportable => Ok(Arc::new(MemfdPlacement::new(format!("model-loader:{model}")))),
             DeviceId::Cpu => Ok(Arc::new(HostPlacement)),
+            #[cfg(feature = "cuda")]
+            DeviceId::Cuda(_) if self.exportable => {
+                let (gpu, pool) = self.resources.gpu_staging(device)?;
+                Ok(Arc::new(weights::VmmPlacement::new(gpu, pool, device.to_string())))
+            }
             #[cfg(feature = "cuda")]
             DeviceId::Cuda(_) => {
                 let (gpu, pool) = self.resources.gpu_staging(device)?;

@@ -54,6 +54,11 @@ impl Gpu {
             .collect()
     }
 
+    /// Its candle device (conversions of tensors on it).
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     fn open(ordinal: usize) -> Result<Self, DeviceError> {
         // One real stream that every thread uses. `Device::new_cuda` would use the per-thread
         // default stream, where each reader thread's copies, the allocations and the frees would
@@ -92,7 +97,7 @@ impl Gpu {
         }
     }
 
-    fn stream(&self) -> Result<Arc<CudaStream>, DeviceError> {
+    pub(crate) fn stream(&self) -> Result<Arc<CudaStream>, DeviceError> {
         Ok(self.device.as_cuda_device()?.cuda_stream())
     }
 }

@@ -15,6 +15,8 @@ pub mod gpu;
 pub mod host;
 pub mod staging;
 pub mod sync;
+#[cfg(feature = "cuda")]
+pub mod vmm;
 
 use std::{
     collections::BTreeMap,

@@ -12,6 +12,10 @@ pub trait ReadAt: Send + Sync {
     fn size(&self) -> io::Result<u64>;
     /// Fills `buf` with the bytes at `offset`; `UnexpectedEof` if the file ends first.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// The local file it is, if it is one (a placement may map it instead of reading it).
+    fn file(&self) -> Option<&File> {
+        None
+    }
 }
 
 impl ReadAt for File {
@@ -21,6 +25,10 @@ impl ReadAt for File {
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         FileExt::read_exact_at(self, buf, offset)
+    }
+
+    fn file(&self) -> Option<&File> {
+        Some(self)
     }
 }
 

@@ -14,18 +14,24 @@ mod error;
 pub mod files;
 pub mod header;
 mod host;
+mod mapped;
 mod memfd;
 pub mod placement;
 pub mod plan;
 pub mod read;
 // The GPU's placement; its scheduling is built and tested in every build.
 mod staged;
+#[cfg(feature = "cuda")]
+mod vmm;
 
+#[cfg(feature = "cuda")]
+pub use crate::vmm::{VmmPlacement, VmmView};
 pub use crate::{
     error::Error,
     files::{ModelFiles, ReadAt},
     header::MAX_HEADER_BYTES,
     host::{CHUNK_BYTES, HostBuffer, HostMemory, HostPlacement, HostView},
+    mapped::MappedFile,
     memfd::{Memfd, MemfdPlacement},
     placement::{Placed, PlacedTensor, Placement},
     plan::{Layout, LoadPlan},

@@ -19,9 +19,10 @@ use rustix::fs::{MemfdFlags, SealFlags};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Error,
+    Error, ReadAt,
     host::{CHUNK_BYTES, HostDestination, HostMemory, HostView, split},
     placement::{Chunk, Chunking, Group, Placed, PlacedTensor, Placement, converts_to},
+    plan::LoadPlan,
 };
 
 /// Where each group starts: aligned for any element type and for vector loads in clients.
@@ -152,6 +153,12 @@ impl Placement for MemfdPlacement {
         Ok(Box::new(MemfdPlaced { tensors, len }))
     }
 
+    /// Local files are mapped as they are (see `mapped`), faster than filling a memfd; a
+    /// conversion then writes into a memfd.
+    fn map(&self, plan: &LoadPlan, files: &[Arc<dyn ReadAt>]) -> Option<Result<Box<dyn Placed>, Error>> {
+        crate::mapped::map_files(plan, files)
+    }
+
     fn convert(
         &self,
         tensors: &mut Vec<PlacedTensor>,
@@ -243,6 +250,55 @@ mod tests {
         read::{ReadOptions, read},
     };
 
+    /// A file read through `ReadAt` alone.
+    struct Remote(File);
+
+    impl ReadAt for Remote {
+        fn size(&self) -> std::io::Result<u64> {
+            ReadAt::size(&self.0)
+        }
+
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            ReadAt::read_exact_at(&self.0, buf, offset)
+        }
+    }
+
+    /// A local file is mapped as it is: every view is at its offset in the file, whose
+    /// descriptor is what a client maps.
+    #[test]
+    fn maps_a_local_file_as_it_is() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data: Vec<u8> = (0..2000u32).map(|i| (i * 13 % 251) as u8).collect();
+        let path = dir.path().join("model.safetensors");
+        std::fs::write(&path, &data).expect("write");
+        let tensor = |name: &str, dtype: DType, offset: u64, len: u64| TensorPlan {
+            name: name.into(),
+            dtype,
+            shape: vec![(len as usize) / dtype.size_in_bytes()],
+            offset,
+            len,
+        };
+        let tensors = vec![tensor("a", DType::U8, 8, 992), tensor("b", DType::F32, 1000, 1000)];
+        let file = FilePlan { path: "model.safetensors".into(), tensors: tensors.clone() };
+        let plan = LoadPlan {
+            layout: Layout::SingleFile,
+            components: vec![ComponentPlan { name: String::new(), config: None, files: vec![file], variant: None }],
+        };
+        let files: Vec<Arc<dyn ReadAt>> = vec![Arc::new(File::open(&path).expect("open"))];
+        let cancel = CancellationToken::new();
+        let options = ReadOptions { threads: 2, cancel: &cancel, interval: Duration::from_millis(1) };
+        let placed = read(&MemfdPlacement::new("model-loader:test"), &plan, &files, options, |_, _| {}).expect("map");
+        let (placed, _) = placed.finish(0, Duration::ZERO).expect("finish");
+        for (t, p) in placed.iter().zip(&tensors) {
+            assert_eq!(t.data.bytes().expect("bytes").as_ref(), &data[p.offset as usize..(p.offset + p.len) as usize]);
+            let region = t.data.region().expect("shared");
+            assert_eq!(
+                (region.memory.kind(), region.offset, region.memory.size()),
+                (MemoryKind::HostFile, p.offset, 2000)
+            );
+        }
+    }
+
     /// Tensors of three dtypes (three groups) read into one memfd: every view holds its file's
     /// bytes at a 64-byte aligned group start, all in the one sealed memfd, which no one can
     /// write, grow or shrink any more.
@@ -269,7 +325,8 @@ mod tests {
             layout: Layout::SingleFile,
             components: vec![ComponentPlan { name: String::new(), config: None, files: vec![file], variant: None }],
         };
-        let files: Vec<Arc<dyn ReadAt>> = vec![Arc::new(File::open(&path).expect("open"))];
+        // Not a local file (as a remote object is not): read into the memfd, not mapped.
+        let files: Vec<Arc<dyn ReadAt>> = vec![Arc::new(Remote(File::open(&path).expect("open")))];
         let cancel = CancellationToken::new();
         let options = ReadOptions { threads: 2, cancel: &cancel, interval: Duration::from_millis(1) };
         let placement = MemfdPlacement::new("model-loader:test");

@@ -12,14 +12,14 @@
 //! [`Destination`] and runs whatever it needs beside them (a copying thread); the reader loop
 //! (`read`) never knows which placement it fills.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use candle_core::DType;
 use pipeline_manager::TensorData;
 use resource_manager::staging::DeviceError;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Error, header, plan::LoadPlan};
+use crate::{Error, files::ReadAt, header, plan::LoadPlan};
 
 /// The most bytes one group holds: few allocations for a large model, and a bound on the memory
 /// a dtype conversion holds twice.
@@ -108,6 +108,11 @@ pub trait Placement: Send + Sync {
         chunks: &[Chunk],
         readers: &(dyn Fn(&dyn Destination) + Sync),
     ) -> Result<Box<dyn Placed>, Error>;
+    /// Places the plan's tensors without reading them, where this placement can take the files
+    /// as they are (maps them); `None`: read them into [`Placement::place`].
+    fn map(&self, _plan: &LoadPlan, _files: &[Arc<dyn ReadAt>]) -> Option<Result<Box<dyn Placed>, Error>> {
+        None
+    }
     /// Step 7: converts the float tensors of a finished load on `device` to `dtype` (see
     /// [`convert_each`]), keeping them where this placement keeps tensors. Returns how many were
     /// converted.

@@ -1,6 +1,7 @@
 //! Step 4 (LOAD_WEIGHTS): reads every planned tensor into the load's [`Placement`] with
 //! positioned reads of one chunk each, on a few threads, checking cancellation between chunks
-//! and counting bytes for the progress bar. It never knows where the bytes land.
+//! and counting bytes for the progress bar (unless the placement maps the files as they are).
+//! It never knows where the bytes land.
 
 use std::{
     sync::{
@@ -64,6 +65,11 @@ pub fn read(
     on_progress: impl FnMut(u64, &str) + Send,
 ) -> Result<Box<dyn Placed>, ReadFailed> {
     let names: Vec<&str> = plan.files().map(|f| f.path.as_str()).collect();
+    if let Some(mapped) = placement.map(plan, files) {
+        let mut on_progress = on_progress;
+        on_progress(plan.read_bytes(), names.last().copied().unwrap_or(""));
+        return mapped.map_err(ReadFailed::from);
+    }
     let groups = placement::groups(plan, GROUP_BYTES);
     if let Some(g) = groups.iter().find(|g| !supported(g.dtype)) {
         let tensor = g.members.first().map_or("", |m| m.name.as_str());

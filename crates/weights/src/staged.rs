@@ -38,14 +38,14 @@ use crate::{
 };
 
 /// Loads onto a device through a pool of staging buffers.
-pub struct StagedPlacement<E: CopyEngine> {
+pub struct StagedPlacement<E: GroupViews> {
     engine: Arc<E>,
     pool: Arc<StagingPool<E::Buffer, E::Fence>>,
     /// The device's name, for messages.
     device: String,
 }
 
-impl<E: CopyEngine> StagedPlacement<E> {
+impl<E: GroupViews> StagedPlacement<E> {
     pub fn new(engine: Arc<E>, pool: Arc<StagingPool<E::Buffer, E::Fence>>, device: String) -> Self {
         Self { engine, pool, device }
     }
@@ -56,7 +56,7 @@ impl<E: CopyEngine> StagedPlacement<E> {
 }
 
 /// What the threads of one staged load share.
-struct Shared<'a, E: CopyEngine> {
+struct Shared<'a, E: GroupViews> {
     placement: &'a StagedPlacement<E>,
     groups: &'a [Group],
     chunks: &'a [Chunk],
@@ -68,7 +68,7 @@ struct Shared<'a, E: CopyEngine> {
     first_error: Mutex<Option<Error>>,
 }
 
-impl<E: CopyEngine> Shared<'_, E> {
+impl<E: GroupViews> Shared<'_, E> {
     fn fail(&self, e: Error) {
         self.failed.store(true, Ordering::Relaxed);
         sync::lock(&self.first_error).get_or_insert(e);
@@ -79,7 +79,7 @@ impl<E: CopyEngine> Shared<'_, E> {
     }
 }
 
-impl<E: CopyEngine + Send + 'static> Placement for StagedPlacement<E>
+impl<E: GroupViews + Send + 'static> Placement for StagedPlacement<E>
 where
     E::Allocation: 'static,
 {
@@ -146,12 +146,12 @@ where
 type Filled<'a, E> = (Lease<'a, <E as CopyEngine>::Buffer, <E as CopyEngine>::Fence>, usize);
 
 /// The readers' side: each filled buffer goes to the copying thread; they never call the device.
-struct StagedDestination<'s, 'a, E: CopyEngine> {
+struct StagedDestination<'s, 'a, E: GroupViews> {
     shared: &'s Shared<'a, E>,
     filled: mpsc::Sender<Filled<'a, E>>,
 }
 
-impl<E: CopyEngine> Destination for StagedDestination<'_, '_, E> {
+impl<E: GroupViews> Destination for StagedDestination<'_, '_, E> {
     fn fill(
         &self,
         index: usize,
@@ -172,7 +172,7 @@ impl<E: CopyEngine> Destination for StagedDestination<'_, '_, E> {
 }
 
 /// The allocating thread: every group's memory in order, then every tensor's view.
-fn allocate<E: CopyEngine>(shared: &Shared<'_, E>) -> (Duration, Vec<PlacedTensor>) {
+fn allocate<E: GroupViews>(shared: &Shared<'_, E>) -> (Duration, Vec<PlacedTensor>) {
     let placement = shared.placement;
     let started = Instant::now();
     for (g, slot) in shared.groups.iter().zip(&shared.allocations) {
@@ -203,7 +203,7 @@ fn allocate<E: CopyEngine>(shared: &Shared<'_, E>) -> (Duration, Vec<PlacedTenso
 /// back to the pool as soon as its copy completed, polling both while copies are in flight
 /// (blocking on either would leave a filled buffer unqueued, and the link idle, for up to a
 /// copy's time); it sleeps only while nothing is in flight.
-fn copy<E: CopyEngine>(shared: &Shared<'_, E>, to_copy: mpsc::Receiver<Filled<'_, E>>) {
+fn copy<E: GroupViews>(shared: &Shared<'_, E>, to_copy: mpsc::Receiver<Filled<'_, E>>) {
     let engine = shared.placement.engine.as_ref();
     let mut in_flight = VecDeque::new();
     let (mut received, mut readers_done) = (None, false);
@@ -260,24 +260,59 @@ fn copy<E: CopyEngine>(shared: &Shared<'_, E>, to_copy: mpsc::Receiver<Filled<'_
     }
 }
 
-/// Every member of `group` as a view into its allocation, shaped as in its file.
-fn views<E: CopyEngine>(
-    placement: &StagedPlacement<E>,
+/// How a staged placement hands out the tensors of a group once it is allocated: as views into
+/// its allocation, each shaped as in its file (made while the copies are in flight: read only
+/// after [`Placed::finish`]).
+pub trait GroupViews: CopyEngine {
+    fn views(
+        &self,
+        allocation: &Self::Allocation,
+        group: &Group,
+        into: &mut Vec<PlacedTensor>,
+    ) -> Result<(), DeviceError>;
+}
+
+/// [`GroupViews`] for an engine whose allocations are candle tensors ([`CopyEngine::tensor_of`]):
+/// every member is a narrowed, reshaped view of its group's tensor.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the GPU's engine and the tests use it
+pub fn candle_views<E: CopyEngine>(
+    engine: &E,
     allocation: &E::Allocation,
     group: &Group,
     into: &mut Vec<PlacedTensor>,
-) -> Result<(), Error> {
-    let whole =
-        placement.engine.tensor_of(allocation, group.dtype, device_elems(group)).map_err(|e| placement.error(e))?;
+) -> Result<(), DeviceError> {
+    let whole = engine.tensor_of(allocation, group.dtype, device_elems(group))?;
     let size = group.dtype.size_in_bytes() as u64;
     for m in &group.members {
         let view = whole
             .narrow(0, (m.at / size) as usize, (m.len / size) as usize)
             .and_then(|v| v.reshape(m.shape.as_slice()))
-            .map_err(|e| placement.error(DeviceError::Tensor { tensor: m.name.clone(), source: e }))?;
+            .map_err(|e| DeviceError::Tensor { tensor: m.name.clone(), source: e })?;
         into.push(PlacedTensor { component: m.component, name: m.name.clone(), data: Box::new(view) });
     }
     Ok(())
+}
+
+#[cfg(feature = "cuda")]
+impl GroupViews for resource_manager::gpu::Gpu {
+    fn views(
+        &self,
+        allocation: &Self::Allocation,
+        group: &Group,
+        into: &mut Vec<PlacedTensor>,
+    ) -> Result<(), DeviceError> {
+        candle_views(self, allocation, group, into)
+    }
+}
+
+/// Every member of `group` as a view into its allocation.
+fn views<E: GroupViews>(
+    placement: &StagedPlacement<E>,
+    allocation: &E::Allocation,
+    group: &Group,
+    into: &mut Vec<PlacedTensor>,
+) -> Result<(), Error> {
+    placement.engine.views(allocation, group, into).map_err(|e| placement.error(e))
 }
 
 /// The group's allocation once the allocating thread made it; `None` if the load failed first.
@@ -297,7 +332,7 @@ fn wait_for<'a, A>(slot: &'a OnceLock<A>, allocated: &(Mutex<()>, Condvar), fail
 
 /// Elements a group's allocation holds: at least one (a group of empty tensors still gets an
 /// address).
-fn device_elems(g: &Group) -> usize {
+pub(crate) fn device_elems(g: &Group) -> usize {
     g.elems().max(1)
 }
 
@@ -508,6 +543,12 @@ mod tests {
         }
     }
 
+    impl GroupViews for LateCopies {
+        fn views(&self, a: &Tensor, g: &Group, into: &mut Vec<PlacedTensor>) -> Result<(), DeviceError> {
+            candle_views(self, a, g, into)
+        }
+    }
+
     /// A file of tensors back to back (pseudo-random bytes) and its plan; `dtypes` one per tensor,
     /// `sizes` in elements; `gap_after` leaves 8 unplanned bytes after that tensor.
     fn fixture(
@@ -549,7 +590,7 @@ mod tests {
     type Pool = Arc<StagingPool<Buffer, mpsc::Receiver<()>>>;
 
     /// The staged read of `plan` through `engine` and `pool` on `threads` threads.
-    fn read<E: CopyEngine<Buffer = Buffer, Fence = mpsc::Receiver<()>> + Clone + 'static>(
+    fn read<E: GroupViews<Buffer = Buffer, Fence = mpsc::Receiver<()>> + Clone + 'static>(
         engine: &E,
         pool: &Pool,
         plan: &LoadPlan,
@@ -743,6 +784,11 @@ mod tests {
             }
             fn tensor_of(&self, a: &Self::Allocation, d: DType, e: usize) -> Result<Tensor, DeviceError> {
                 self.0.tensor_of(a, d, e)
+            }
+        }
+        impl GroupViews for NoRoom {
+            fn views(&self, a: &Tensor, g: &Group, into: &mut Vec<PlacedTensor>) -> Result<(), DeviceError> {
+                candle_views(self, a, g, into)
             }
         }
         let engine = NoRoom(LateCopies::new(6));

@@ -1,0 +1,173 @@
+//! The CUDA VMM placement (feature `cuda`), for models other processes attach to on a GPU: one
+//! exportable VMM allocation per load, holding every group, filled by the same readers and
+//! staged copies as the GPU's own placement. Every tensor is a view into it, and its
+//! [`Region`] is what an attaching client imports: no copy in the server, none in the client.
+
+use std::{
+    borrow::Cow,
+    os::fd::{AsFd, BorrowedFd},
+    sync::Arc,
+};
+
+use candle_core::{DType, Tensor};
+use pipeline_manager::{MemoryKind, Region, SharedMemory, TensorData};
+use resource_manager::{
+    gpu::{Gpu, PinnedPool},
+    staging::DeviceError,
+    vmm::{VMM_ALIGN, VmmEngine, VmmMemory, VmmRegion},
+};
+
+use crate::{
+    Error,
+    placement::{Chunk, Chunking, Destination, Group, Placed, PlacedTensor, Placement},
+    staged::{GroupViews, StagedPlacement, device_elems},
+};
+
+/// The load's allocation as memory another process maps.
+#[derive(Debug)]
+struct Exported(Arc<VmmMemory>);
+
+impl SharedMemory for Exported {
+    fn kind(&self) -> MemoryKind {
+        MemoryKind::CudaVmm
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.0.fd().as_fd()
+    }
+
+    fn size(&self) -> u64 {
+        self.0.size() as u64
+    }
+}
+
+/// A tensor in a VMM allocation.
+#[derive(Debug)]
+pub struct VmmView {
+    memory: Arc<Exported>,
+    at: usize,
+    len: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+}
+
+impl TensorData for VmmView {
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn bytes(&self) -> candle_core::Result<Cow<'_, [u8]>> {
+        let bytes = self.memory.0.read(self.at, self.len).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok(Cow::Owned(bytes))
+    }
+
+    /// Through the host: candle cannot take the driver's VMM memory as its own.
+    fn to_dtype(&self, dtype: DType) -> candle_core::Result<Box<dyn TensorData>> {
+        let device = self.memory.0.gpu().device();
+        let tensor = Tensor::from_raw_buffer(self.bytes()?.as_ref(), self.dtype, &self.shape, device)?;
+        Ok(Box::new(tensor.to_dtype(dtype)?))
+    }
+
+    fn region(&self) -> Option<Region<'_>> {
+        Some(Region { memory: self.memory.as_ref(), offset: self.at as u64 })
+    }
+}
+
+/// The engine of one load, and its allocation shared by every view.
+struct Engine {
+    engine: VmmEngine,
+    exported: Arc<Exported>,
+}
+
+impl resource_manager::staging::CopyEngine for Engine {
+    type Buffer = <VmmEngine as resource_manager::staging::CopyEngine>::Buffer;
+    type Fence = <VmmEngine as resource_manager::staging::CopyEngine>::Fence;
+    type Allocation = VmmRegion;
+
+    fn allocate(&self, dtype: DType, elems: usize) -> Result<VmmRegion, DeviceError> {
+        self.engine.allocate(dtype, elems)
+    }
+
+    fn copy(&self, from: &Self::Buffer, len: usize, to: &VmmRegion, offset: usize) -> Result<Self::Fence, DeviceError> {
+        self.engine.copy(from, len, to, offset)
+    }
+
+    fn wait(&self, fence: Self::Fence) -> Result<(), DeviceError> {
+        self.engine.wait(fence)
+    }
+
+    fn is_done(&self, fence: &Self::Fence) -> Result<bool, DeviceError> {
+        self.engine.is_done(fence)
+    }
+
+    fn synchronize(&self) -> Result<(), DeviceError> {
+        self.engine.synchronize()
+    }
+
+    fn prepare_free(&self) {
+        self.engine.prepare_free();
+    }
+
+    fn tensor_of(&self, region: &VmmRegion, dtype: DType, elems: usize) -> Result<Tensor, DeviceError> {
+        self.engine.tensor_of(region, dtype, elems)
+    }
+}
+
+impl GroupViews for Engine {
+    fn views(&self, region: &VmmRegion, group: &Group, into: &mut Vec<PlacedTensor>) -> Result<(), DeviceError> {
+        for m in &group.members {
+            let view = VmmView {
+                memory: self.exported.clone(),
+                at: region.offset + m.at as usize,
+                len: m.len as usize,
+                dtype: group.dtype,
+                shape: m.shape.clone(),
+            };
+            into.push(PlacedTensor { component: m.component, name: m.name.clone(), data: Box::new(view) });
+        }
+        Ok(())
+    }
+}
+
+/// Loads onto a GPU into one exportable VMM allocation per load, through the staging pool.
+pub struct VmmPlacement {
+    gpu: Arc<Gpu>,
+    pool: Arc<PinnedPool>,
+    device: String,
+}
+
+impl VmmPlacement {
+    pub fn new(gpu: Arc<Gpu>, pool: Arc<PinnedPool>, device: String) -> Self {
+        Self { gpu, pool, device }
+    }
+
+    /// The staged placement of one load, into an allocation that holds every group.
+    fn staged(&self, groups: &[Group]) -> Result<StagedPlacement<Engine>, Error> {
+        let bytes = groups
+            .iter()
+            .fold(0usize, |end, g| end.next_multiple_of(VMM_ALIGN) + device_elems(g) * g.dtype.size_in_bytes());
+        let memory = Arc::new(VmmMemory::new(self.gpu.clone(), bytes).map_err(|e| Error::place(&self.device, e))?);
+        let engine = Engine { engine: VmmEngine::new(memory.clone()), exported: Arc::new(Exported(memory)) };
+        Ok(StagedPlacement::new(Arc::new(engine), self.pool.clone(), self.device.clone()))
+    }
+}
+
+impl Placement for VmmPlacement {
+    fn chunking(&self, total: u64, threads: usize) -> Chunking {
+        // As the GPU's own placement: the same pool and link.
+        StagedPlacement::new(self.gpu.clone(), self.pool.clone(), self.device.clone()).chunking(total, threads)
+    }
+
+    fn place(
+        &self,
+        groups: &[Group],
+        chunks: &[Chunk],
+        readers: &(dyn Fn(&dyn Destination) + Sync),
+    ) -> Result<Box<dyn Placed>, Error> {
+        self.staged(groups)?.place(groups, chunks, readers)
+    }
+}
