@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +30,13 @@ import model_loader
 def free_bytes():
     free, _ = torch.cuda.mem_get_info(0)
     return free
+
+
+def used_by(pid):
+    """MiB of GPU memory the driver attributes to process `pid` (nvidia-smi)."""
+    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=True).stdout
+    return sum(int(used) for p, used in (l.split(",") for l in out.strip().splitlines() if l) if int(p) == pid)
 
 
 def sha_of_file_tensors(path):
@@ -82,6 +90,8 @@ def start_server(binary, models, socket):
         stderr=subprocess.PIPE, text=True)
     for line in process.stderr:
         if "serving modelloader.v1.ModelLoader" in line:
+            # Keep reading its log, so the server never blocks on a full pipe.
+            threading.Thread(target=lambda: [sys.stderr.write(l) for l in process.stderr], daemon=True).start()
             return process
     raise SystemExit("the server did not start")
 
@@ -102,11 +112,23 @@ def main():
 
     torch.cuda.init()
     torch.zeros(1, device="cuda:0")  # this process's context, before any figure
-    before_load = free_bytes()
     server = start_server(args.server, models, socket)
     try:
-        loaded = model_loader.load("big", server="127.0.0.1:50071", device="cuda:0", progress=False)
-        report["load_detail"] = loaded.detail
+        # This process's own CUDA work first (cuBLAS, the kernels of a forward pass), so what it
+        # holds is the same before the load and after the unload.
+        from transformers import LlamaForCausalLM
+
+        reference = LlamaForCausalLM.from_pretrained(models / "tiny-llama", torch_dtype=torch.bfloat16).to("cuda:0")
+        ids = torch.tensor([[1, 5, 42, 7, 999, 3]], device="cuda:0")
+        with torch.no_grad():
+            want = reference(ids).logits
+        del reference
+        torch.cuda.empty_cache()
+        # With the server up: its own CUDA context is not the model's.
+        before_load, server_before = free_bytes(), used_by(server.pid)
+        start = time.perf_counter()
+        model_loader.load("big", server="127.0.0.1:50071", device="cuda:0", progress=False)
+        report["load_s"] = time.perf_counter() - start
         model_loader.load("tiny-llama", server="127.0.0.1:50071", device="cuda:0", progress=False)
         after_load = free_bytes()
 
@@ -152,12 +174,6 @@ def main():
         if report["speedup"] < 20:
             failed.append("attach is not 20x faster than the reload")
 
-        from transformers import LlamaForCausalLM
-
-        reference = LlamaForCausalLM.from_pretrained(models / "tiny-llama", torch_dtype=torch.bfloat16).to("cuda:0")
-        ids = torch.tensor([[1, 5, 42, 7, 999, 3]], device="cuda:0")
-        with torch.no_grad():
-            want = reference(ids).logits
         with model_loader.attach("tiny-llama", socket=str(socket)) as small:
             with torch.device("meta"):
                 meta = LlamaForCausalLM(config)
@@ -177,7 +193,6 @@ def main():
             del state, meta
         if not report["same_logits"]:
             failed.append("the attached model's logits differ from from_pretrained's")
-        del reference
         torch.cuda.empty_cache()
 
         for model in ["big", "tiny-llama"]:
@@ -189,6 +204,8 @@ def main():
         after_unload = free_bytes()
         report["free_before_load"] = before_load
         report["free_after_unload"] = after_unload
+        report["server_used_mib_before_load"] = server_before
+        report["server_used_mib_after_unload"] = used_by(server.pid)
         if abs(before_load - after_unload) > 64 << 20:
             failed.append("free memory did not come back within 64 MiB")
     finally:
