@@ -1,5 +1,5 @@
-//! Attach on the CPU: loads into a sealed memfd (ready for attach) against loads into anonymous
-//! memory, run by run in the same rounds on two servers, and the time from `attach()` to usable
+//! Attach on the CPU: loads ready for attach (local files loaded as stored are mapped as they
+//! are) against loads into anonymous memory, run by run in the same rounds on two servers, and the time from `attach()` to usable
 //! tensors in a Python process (clients/python), whose tensors are checked against the files.
 
 use std::{collections::HashMap, path::Path, process::Command};
@@ -14,8 +14,8 @@ use crate::{models::Model, peers::json_of, server, stats::median};
 pub struct AttachRuns {
     /// LoadModel into anonymous memory (no attach socket), seconds.
     pub anonymous_s: Vec<f64>,
-    /// LoadModel into a sealed memfd (with the attach socket), seconds.
-    pub memfd_s: Vec<f64>,
+    /// LoadModel ready for attach (with the attach socket: local files are mapped), seconds.
+    pub ready_s: Vec<f64>,
     /// `attach()` to a dict of numpy views, seconds.
     pub attach_s: Vec<f64>,
     /// What the Python client mapped.
@@ -43,14 +43,14 @@ pub async fn run(
     let plain = server::start(exe, root, &[]).await;
     let exportable = server::start(exe, root, &["--attach-socket", socket.to_str().context("a UTF-8 path")?]).await;
     let (mut to_plain, mut to_exportable) = (tests::connect(plain.addr).await, tests::connect(exportable.addr).await);
-    let (mut anonymous_s, mut memfd_s) = (Vec::new(), Vec::new());
+    let (mut anonymous_s, mut ready_s) = (Vec::new(), Vec::new());
     for round in 0..runs {
         // Alternate which goes first, so neither always follows the other's unload.
         for k in 0..2 {
             let (client, times) = if (k + round) % 2 == 0 {
                 (&mut to_plain, &mut anonymous_s)
             } else {
-                (&mut to_exportable, &mut memfd_s)
+                (&mut to_exportable, &mut ready_s)
             };
             times.push(server::load(client, &model.id).await?.total.as_secs_f64());
             server::unload(client, &model.id).await?;
@@ -66,7 +66,7 @@ pub async fn run(
     server::unload(&mut to_exportable, &model.id).await?;
     Ok(AttachRuns {
         anonymous_s,
-        memfd_s,
+        ready_s,
         attach_s: peer.seconds,
         tensors: Expected { tensors: peer.tensors.into_iter().collect() },
     })
@@ -78,10 +78,10 @@ pub struct Attach {
     pub model: String,
     pub bytes: u64,
     pub anonymous_s: Vec<f64>,
-    pub memfd_s: Vec<f64>,
+    pub ready_s: Vec<f64>,
     pub attach_s: Vec<f64>,
     pub anonymous_s_median: f64,
-    pub memfd_s_median: f64,
+    pub ready_s_median: f64,
     pub attach_ms_median: f64,
     /// Speed of a load ready for attach over a load into anonymous memory.
     pub ready_ratio: f64,
@@ -95,7 +95,7 @@ pub struct Attach {
 impl Attach {
     /// From the runs, against the peers' `(name, median seconds)` on the same model.
     pub fn from_runs(model: &Model, runs: &AttachRuns, peers: &[(&str, f64)]) -> Self {
-        let (anonymous_s_median, memfd_s_median) = (median(&runs.anonymous_s), median(&runs.memfd_s));
+        let (anonymous_s_median, ready_s_median) = (median(&runs.anonymous_s), median(&runs.ready_s));
         let attach_s_median = median(&runs.attach_s);
         let fastest = peers.iter().filter(|(_, s)| *s > 0.0).min_by(|a, b| a.1.total_cmp(&b.1));
         let (fastest_reload, fastest_reload_s) = fastest.map_or((String::new(), 0.0), |(n, s)| ((*n).to_owned(), *s));
@@ -103,12 +103,12 @@ impl Attach {
             model: model.id.clone(),
             bytes: model.bytes,
             anonymous_s: runs.anonymous_s.clone(),
-            memfd_s: runs.memfd_s.clone(),
+            ready_s: runs.ready_s.clone(),
             attach_s: runs.attach_s.clone(),
             anonymous_s_median,
-            memfd_s_median,
+            ready_s_median,
             attach_ms_median: attach_s_median * 1e3,
-            ready_ratio: if memfd_s_median > 0.0 { anonymous_s_median / memfd_s_median } else { 0.0 },
+            ready_ratio: if ready_s_median > 0.0 { anonymous_s_median / ready_s_median } else { 0.0 },
             speedup: if attach_s_median > 0.0 { fastest_reload_s / attach_s_median } else { 0.0 },
             fastest_reload,
             fastest_reload_s,
@@ -129,9 +129,9 @@ impl Attach {
             gbps(self.anonymous_s_median)
         );
         md += &format!(
-            "| LoadModel into a sealed memfd (ready for attach) | {:.3} s | {:.2} GB/s ({:.2}×) |\n",
-            self.memfd_s_median,
-            gbps(self.memfd_s_median),
+            "| LoadModel ready for attach (local files as stored: mapped, nothing read) | {:.3} s | {:.2} GB/s ({:.2}×) |\n",
+            self.ready_s_median,
+            gbps(self.ready_s_median),
             self.ready_ratio
         );
         md += &format!(

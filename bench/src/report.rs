@@ -299,7 +299,7 @@ impl Report {
             0.95,
             "×",
         );
-        at_least("load ready for attach (memfd) vs into anonymous memory", self.attach.ready_ratio, 0.9, "×");
+        at_least("load ready for attach vs into anonymous memory", self.attach.ready_ratio, 0.9, "×");
         at_least("attach to usable tensors vs the fastest peer's warm reload", self.attach.speedup, 20.0, "×");
         let mut at_most = |name: &str, measured: f64, target: f64, unit: &str| {
             targets.push(Target {

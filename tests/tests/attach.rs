@@ -1,7 +1,7 @@
 //! The attach socket through the Rust client: a sharded model of mixed dtypes attaches, every
 //! tensor's bytes are the file's (checked against the fixture's sha256), in the model's own files
 //! mapped read-only; while attached the model cannot be unloaded without force, and after
-//! the client goes it can; a forced unload unloads an attached model.
+//! the client goes it can; a forced unload, and shutdown, close an attached client's connection.
 
 use std::time::Duration;
 
@@ -72,10 +72,19 @@ async fn attached_tensors_are_the_files_bytes_and_hold_the_model() {
     // A forced unload takes an attached model.
     load_ok(&mut client, load("mixed")).await;
     let attached = attach(&socket, request("mixed")).await.expect("attaches again");
+    assert!(!attached.closed_by_server(Duration::from_millis(50)).expect("open"), "the lease holds");
     let forced = pb::UnloadModelRequest { model_id: "mixed".into(), force: true };
     assert!(client.unload_model(forced).await.expect("forced").into_inner().was_loaded);
-    drop(attached);
+    let closed = tokio::task::spawn_blocking(move || attached.closed_by_server(TIMEOUT)).await.expect("task");
+    assert!(closed.expect("read"), "a forced unload closes the client's connection");
+
+    // Shutdown closes every connection.
+    load_ok(&mut client, load("mixed")).await;
+    let attached = attach(&socket, request("mixed")).await.expect("attaches again");
     server.stop().await;
+    let closed = tokio::task::spawn_blocking(move || attached.closed_by_server(TIMEOUT)).await.expect("task");
+    assert!(closed.expect("read"), "shutdown closes the client's connection");
+    assert!(!socket.exists(), "and removes the socket");
 }
 
 /// With `--evict lru`, an attached model is never evicted, even when least recently used: the

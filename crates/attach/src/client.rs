@@ -36,7 +36,7 @@ pub type AttachedTensor = proto::v1::AttachedTensor;
 #[derive(Debug)]
 pub struct Attached {
     // Kept open: it is the lease.
-    _socket: UnixStream,
+    socket: UnixStream,
     response: AttachResponse,
     /// One per buffer: the mapping of a host buffer; `None` for a device's.
     maps: Vec<Option<Mmap>>,
@@ -74,7 +74,7 @@ impl Attached {
                 }
             }
         }
-        let attached = Self { _socket: socket, response, maps, fds: device_fds };
+        let attached = Self { socket, response, maps, fds: device_fds };
         attached.check()?;
         Ok(attached)
     }
@@ -110,6 +110,19 @@ impl Attached {
     pub fn bytes(&self, tensor: &AttachedTensor) -> Option<&[u8]> {
         let map = self.maps.get(tensor.buffer as usize)?.as_ref()?;
         map.get(tensor.offset as usize..(tensor.offset + tensor.size_bytes) as usize)
+    }
+
+    /// Whether the server closed the connection (a forced unload, shutdown) within `timeout`:
+    /// the lease is over, though the mappings stay valid until this value is dropped.
+    pub fn closed_by_server(&self, timeout: Duration) -> Result<bool, AttachError> {
+        self.socket.set_read_timeout(Some(timeout))?;
+        let mut byte = [0u8; 1];
+        match std::io::Read::read(&mut &self.socket, &mut byte) {
+            Ok(0) => Ok(true),
+            Ok(_) => Err(AttachError::Protocol("the server sent more after its answer".into())),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The descriptors of device buffers, in buffer order, for the caller to import.

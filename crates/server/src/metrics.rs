@@ -51,6 +51,7 @@ fn describe() {
     describe_gauge!("model_loader_device_budget_bytes", "The memory budget, per device.");
     describe_gauge!("model_loader_device_total_bytes", "The device's capacity, per device.");
     describe_gauge!("model_loader_watchers", "Open WatchModels streams.");
+    describe_gauge!("model_loader_attached_clients", "Connections holding a lease on the attach socket.");
 }
 
 /// Serves `/metrics` on `listener` until the task is aborted.
