@@ -107,6 +107,10 @@ def main():
     models, socket = work / "models", work / "attach.sock"
     expected = write_big_model(models / "big", args.gib)
     config = write_small_transformer(models / "tiny-llama")
+    (models / "f32small").mkdir(parents=True, exist_ok=True)
+    f32 = {f"w{i}": torch.randn(512, 1024, generator=torch.Generator().manual_seed(i)) for i in range(4)}
+    f32["ids"] = torch.arange(100, dtype=torch.int64)
+    save_file(f32, models / "f32small" / "model.safetensors")
     files = sorted((models / "big").glob("*.safetensors"))
     report, failed = {"gib": args.gib}, []
 
@@ -195,7 +199,20 @@ def main():
             failed.append("the attached model's logits differ from from_pretrained's")
         torch.cuda.empty_cache()
 
-        for model in ["big", "tiny-llama"]:
+        # Converted on the GPU (F32 files loaded as BF16): the attached bytes are torch's rounding
+        # of the files' values (both round to nearest even); integers untouched.
+        model_loader.load("f32small", server="127.0.0.1:50071", device="cuda:0", dtype="bf16", progress=False)
+        with model_loader.attach("f32small", socket=str(socket)) as converted:
+            got = {n: t.cpu() for n, t in converted.torch().items()}
+            report["converted_buffers"] = [(b.kind, b.size_bytes) for b in converted.buffers]
+        want_converted = {n: (t.to(torch.bfloat16) if t.is_floating_point() else t) for n, t in f32.items()}
+        report["converted_match"] = all(
+            got[n].dtype == w.dtype and torch.equal(got[n].view(torch.uint8), w.view(torch.uint8))
+            for n, w in want_converted.items())
+        if not report["converted_match"]:
+            failed.append("tensors converted on the GPU differ from the reference conversion")
+
+        for model in ["big", "tiny-llama", "f32small"]:
             subprocess.run(["python3", "-c", "import grpc, model_loader; from model_loader import pb2; "
                             "from model_loader._proto import model_loader_pb2_grpc as g; "
                             "s = g.ModelLoaderStub(grpc.insecure_channel('127.0.0.1:50071')); "

@@ -108,6 +108,18 @@ impl VmmMemory {
         self.size
     }
 
+    /// Copies `bytes` from the host to `offset`, synchronously.
+    pub fn write(&self, offset: usize, bytes: &[u8]) -> Result<(), DeviceError> {
+        if offset.checked_add(bytes.len()).is_none_or(|end| end > self.size) {
+            return Err(DeviceError::Refused(format!("{} bytes at {offset} past the end of {}", bytes.len(), self.size)));
+        }
+        self.gpu.bind_to_thread();
+        // SAFETY: the range is inside the mapped allocation (checked above); the source is a host
+        // slice of that length; the copy is synchronous.
+        unsafe { sys::cuMemcpyHtoD_v2(self.ptr + offset as u64, bytes.as_ptr().cast(), bytes.len()) }.result()?;
+        Ok(())
+    }
+
     /// Copies `len` bytes at `offset` back to the host (after every copy into them completed).
     pub fn read(&self, offset: usize, len: usize) -> Result<Vec<u8>, DeviceError> {
         if offset.checked_add(len).is_none_or(|end| end > self.size) {

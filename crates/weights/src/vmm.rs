@@ -19,7 +19,7 @@ use resource_manager::{
 
 use crate::{
     Error,
-    placement::{Chunk, Chunking, Destination, Group, Placed, PlacedTensor, Placement},
+    placement::{Chunk, Chunking, Destination, Group, Placed, PlacedTensor, Placement, converts_to},
     staged::{GroupViews, StagedPlacement, device_elems},
 };
 
@@ -156,6 +156,52 @@ impl VmmPlacement {
     }
 }
 
+impl VmmPlacement {
+    /// Step 7 into a new VMM allocation: every tensor, floats converted to `dtype` one at a time
+    /// by candle on the GPU, the others copied as they are, so the load's first allocation is
+    /// freed whole once its views are replaced. Through the host: candle's tensors cannot be the
+    /// driver's VMM memory, so each tensor goes there and back (a slow path, for loads that ask
+    /// for another dtype).
+    fn convert_into_vmm(
+        &self,
+        tensors: &mut [PlacedTensor],
+        dtype: DType,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<usize, Error> {
+        let place = |e: DeviceError| Error::place(&self.device, e);
+        let candle = |e: candle_core::Error| place(DeviceError::from(e));
+        let target = |t: &PlacedTensor| if converts_to(t.data.as_ref(), dtype) { dtype } else { t.data.dtype() };
+        let size = |t: &PlacedTensor| t.data.shape().iter().product::<usize>() * target(t).size_in_bytes();
+        let mut end = 0usize;
+        let starts: Vec<usize> = tensors
+            .iter()
+            .map(|t| {
+                let start = end.next_multiple_of(VMM_ALIGN);
+                end = start + size(t);
+                start
+            })
+            .collect();
+        let memory = Arc::new(VmmMemory::new(self.gpu.clone(), end).map_err(place)?);
+        let exported = Arc::new(Exported(memory.clone()));
+        let mut converted = 0;
+        for (t, &start) in tensors.iter_mut().zip(&starts) {
+            if cancel.is_cancelled() {
+                return Err(Error::Cancelled);
+            }
+            let bytes = if converts_to(t.data.as_ref(), dtype) {
+                converted += 1;
+                t.data.to_dtype(dtype).and_then(|c| c.bytes().map(Cow::into_owned)).map_err(candle)?
+            } else {
+                t.data.bytes().map_err(candle)?.into_owned()
+            };
+            memory.write(start, &bytes).map_err(place)?;
+            let (dtype, shape) = (target(t), t.data.shape().to_vec());
+            t.data = Box::new(VmmView { memory: exported.clone(), at: start, len: bytes.len(), dtype, shape });
+        }
+        Ok(converted)
+    }
+}
+
 impl Placement for VmmPlacement {
     fn chunking(&self, total: u64, threads: usize) -> Chunking {
         // As the GPU's own placement: the same pool and link.
@@ -169,5 +215,18 @@ impl Placement for VmmPlacement {
         readers: &(dyn Fn(&dyn Destination) + Sync),
     ) -> Result<Box<dyn Placed>, Error> {
         self.staged(groups)?.place(groups, chunks, readers)
+    }
+
+    fn convert(
+        &self,
+        tensors: &mut Vec<PlacedTensor>,
+        dtype: DType,
+        cancel: &tokio_util::sync::CancellationToken,
+        _device: &str,
+    ) -> Result<usize, Error> {
+        if !tensors.iter().any(|t| converts_to(t.data.as_ref(), dtype)) {
+            return Ok(0);
+        }
+        self.convert_into_vmm(tensors, dtype, cancel)
     }
 }
