@@ -111,7 +111,11 @@ impl VmmMemory {
     /// Copies `bytes` from the host to `offset`, synchronously.
     pub fn write(&self, offset: usize, bytes: &[u8]) -> Result<(), DeviceError> {
         if offset.checked_add(bytes.len()).is_none_or(|end| end > self.size) {
-            return Err(DeviceError::Refused(format!("{} bytes at {offset} past the end of {}", bytes.len(), self.size)));
+            return Err(DeviceError::Refused(format!(
+                "{} bytes at {offset} past the end of {}",
+                bytes.len(),
+                self.size
+            )));
         }
         self.gpu.bind_to_thread();
         // SAFETY: the range is inside the mapped allocation (checked above); the source is a host

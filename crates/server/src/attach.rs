@@ -192,8 +192,8 @@ fn answer<'a>(
         let name = if component.name.is_empty() { t.name.clone() } else { format!("{}/{}", component.name, t.name) };
         let region = t.data.region().ok_or_else(|| {
             Status::failed_precondition(format!(
-                "tensor {name} of {} is not in memory another process can map (converted to another dtype, or on a \
-                 GPU): attach does not reach it yet",
+                "tensor {name} of {} is not in memory another process can map: it was loaded without the attach \
+                 socket's placements",
                 pipeline.model_id
             ))
         })?;

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     Error, ReadAt,
     host::{CHUNK_BYTES, HostDestination, HostMemory, HostView, split},
-    placement::{Chunk, Chunking, Group, Placed, PlacedTensor, Placement, converts_to},
+    placement::{Chunk, Chunking, Group, Placed, PlacedTensor, Placement, converted_layout, converts_to},
     plan::LoadPlan,
 };
 
@@ -186,25 +186,15 @@ impl MemfdPlacement {
         device: &str,
     ) -> Result<usize, Error> {
         let place = |e: candle_core::Error| Error::place(device, DeviceError::from(e));
-        let target = |t: &PlacedTensor| if converts_to(t.data.as_ref(), dtype) { dtype } else { t.data.dtype() };
-        let size = |t: &PlacedTensor| (t.data.shape().iter().product::<usize>() * target(t).size_in_bytes()) as u64;
-        let mut end = 0u64;
-        let starts: Vec<u64> = tensors
-            .iter()
-            .map(|t| {
-                let start = end.next_multiple_of(ALIGN);
-                end = start + size(t);
-                start
-            })
-            .collect();
-        let (file, mut map) = Memfd::create(&self.name, end.next_multiple_of(ALIGN).max(ALIGN))?;
+        let (layout, end) = converted_layout(tensors, dtype, ALIGN as usize);
+        let (file, mut map) = Memfd::create(&self.name, (end as u64).next_multiple_of(ALIGN).max(ALIGN))?;
         let mut converted = 0;
-        for (t, &start) in tensors.iter().zip(&starts) {
+        for (t, at) in tensors.iter().zip(&layout) {
             if cancel.is_cancelled() {
                 return Err(Error::Cancelled);
             }
-            let to = &mut map[start as usize..(start + size(t)) as usize];
-            if converts_to(t.data.as_ref(), dtype) {
+            let to = &mut map[at.start..at.start + at.len];
+            if at.converts {
                 to.copy_from_slice(&t.data.to_dtype(dtype).map_err(place)?.bytes().map_err(place)?);
                 converted += 1;
             } else {
@@ -212,9 +202,8 @@ impl MemfdPlacement {
             }
         }
         let memory: Arc<dyn HostMemory> = Arc::new(Memfd::seal(file, map)?);
-        for (t, &start) in tensors.iter_mut().zip(&starts) {
-            let (dtype, len, shape) = (target(t), size(t) as usize, t.data.shape().to_vec());
-            let view = HostView::new(memory.clone(), start as usize, len, dtype, shape)
+        for (t, at) in tensors.iter_mut().zip(&layout) {
+            let view = HostView::new(memory.clone(), at.start, at.len, at.dtype, t.data.shape().to_vec())
                 .ok_or_else(|| Error::Internal(format!("tensor {}: its shape does not fit its bytes", t.name)))?;
             t.data = Box::new(view);
         }

@@ -147,6 +147,35 @@ pub fn convert_each(
     Ok(converted)
 }
 
+/// One tensor's place when a conversion writes every tensor of a load into one new allocation.
+#[derive(Debug, Clone, Copy)]
+pub struct Converted {
+    /// Its dtype after the conversion (`dtype`, or its own if it is not converted).
+    pub dtype: DType,
+    /// Its first byte, `align`-aligned, and its length.
+    pub start: usize,
+    pub len: usize,
+    pub converts: bool,
+}
+
+/// Where each of `tensors` lands when a conversion to `dtype` writes them all, back to back and
+/// `align`-aligned, into one new allocation; and that allocation's length.
+pub fn converted_layout(tensors: &[PlacedTensor], dtype: DType, align: usize) -> (Vec<Converted>, usize) {
+    let mut end = 0usize;
+    let layout = tensors
+        .iter()
+        .map(|t| {
+            let converts = converts_to(t.data.as_ref(), dtype);
+            let to = if converts { dtype } else { t.data.dtype() };
+            let start = end.next_multiple_of(align);
+            let len = t.data.shape().iter().product::<usize>() * to.size_in_bytes();
+            end = start + len;
+            Converted { dtype: to, start, len, converts }
+        })
+        .collect();
+    (layout, end)
+}
+
 /// Whether step 7 converts this tensor to `dtype`: a float of another width (see
 /// [`header::converts`]).
 pub fn converts_to(data: &dyn TensorData, dtype: DType) -> bool {

@@ -19,7 +19,7 @@ use resource_manager::{
 
 use crate::{
     Error,
-    placement::{Chunk, Chunking, Destination, Group, Placed, PlacedTensor, Placement, converts_to},
+    placement::{Chunk, Chunking, Destination, Group, Placed, PlacedTensor, Placement, converted_layout, converts_to},
     staged::{GroupViews, StagedPlacement, device_elems},
 };
 
@@ -170,33 +170,23 @@ impl VmmPlacement {
     ) -> Result<usize, Error> {
         let place = |e: DeviceError| Error::place(&self.device, e);
         let candle = |e: candle_core::Error| place(DeviceError::from(e));
-        let target = |t: &PlacedTensor| if converts_to(t.data.as_ref(), dtype) { dtype } else { t.data.dtype() };
-        let size = |t: &PlacedTensor| t.data.shape().iter().product::<usize>() * target(t).size_in_bytes();
-        let mut end = 0usize;
-        let starts: Vec<usize> = tensors
-            .iter()
-            .map(|t| {
-                let start = end.next_multiple_of(VMM_ALIGN);
-                end = start + size(t);
-                start
-            })
-            .collect();
+        let (layout, end) = converted_layout(tensors, dtype, VMM_ALIGN);
         let memory = Arc::new(VmmMemory::new(self.gpu.clone(), end).map_err(place)?);
         let exported = Arc::new(Exported(memory.clone()));
         let mut converted = 0;
-        for (t, &start) in tensors.iter_mut().zip(&starts) {
+        for (t, at) in tensors.iter_mut().zip(&layout) {
             if cancel.is_cancelled() {
                 return Err(Error::Cancelled);
             }
-            let bytes = if converts_to(t.data.as_ref(), dtype) {
+            let bytes = if at.converts {
                 converted += 1;
                 t.data.to_dtype(dtype).and_then(|c| c.bytes().map(Cow::into_owned)).map_err(candle)?
             } else {
                 t.data.bytes().map_err(candle)?.into_owned()
             };
-            memory.write(start, &bytes).map_err(place)?;
-            let (dtype, shape) = (target(t), t.data.shape().to_vec());
-            t.data = Box::new(VmmView { memory: exported.clone(), at: start, len: bytes.len(), dtype, shape });
+            memory.write(at.start, &bytes).map_err(place)?;
+            let shape = t.data.shape().to_vec();
+            t.data = Box::new(VmmView { memory: exported.clone(), at: at.start, len: at.len, dtype: at.dtype, shape });
         }
         Ok(converted)
     }
