@@ -1,7 +1,8 @@
 """Times attach() to usable tensors (numpy views over the server's memory) through the Python
 client (clients/python), `--runs` times after an untimed one whose tensors it hashes.
 
-Usage: attach_peer.py --runs N SOCKET MODEL_ID
+Usage: attach_peer.py --runs N [--torch] SOCKET MODEL_ID
+With --torch, usable tensors are torch tensors (CUDA ones for a model on a GPU, synchronized).
 Prints one JSON object: {"seconds": [...], "tensors": {name: [dtype, shape, sha256]}}.
 """
 
@@ -18,23 +19,36 @@ import model_loader
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--torch", action="store_true")
     parser.add_argument("socket")
     parser.add_argument("model_id")
     args = parser.parse_args()
 
+    def usable(model):
+        if not args.torch:
+            return model.tensors
+        import torch
+
+        tensors = model.torch()
+        torch.cuda.synchronize()
+        return tensors
+
+    def digest(a):
+        if args.torch:
+            a = a.contiguous().view(-1).view(__import__("torch").uint8).cpu().numpy()
+        return hashlib.sha256(memoryview(a.view(np.uint8))).hexdigest()
+
     with model_loader.attach(args.model_id, socket=args.socket) as model:
         specs = model.tensor_specs
-        tensors = {
-            name: [specs[name].dtype, list(specs[name].shape), hashlib.sha256(memoryview(a.view(np.uint8))).hexdigest()]
-            for name, a in model.tensors.items()
-        }
+        tensors = {name: [specs[name].dtype, list(specs[name].shape), digest(a)] for name, a in usable(model).items()}
     seconds = []
     for _ in range(args.runs):
         start = time.perf_counter()
         model = model_loader.attach(args.model_id, socket=args.socket)
-        arrays = model.tensors
+        arrays = usable(model)
         seconds.append(time.perf_counter() - start)
         assert len(arrays) == len(tensors)
+        del arrays
         model.close()
     print(json.dumps({"seconds": seconds, "tensors": tensors}))
 

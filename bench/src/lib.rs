@@ -11,6 +11,8 @@ pub mod chart;
 pub mod fanout;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+#[cfg(feature = "cuda")]
+pub mod gpu_attach;
 pub mod gpu_report;
 pub mod in_process;
 pub mod limit;
@@ -75,6 +77,10 @@ pub struct Options {
     /// written to `--out` (use docs/benchmarks/gpu).
     #[arg(long)]
     pub gpu: bool,
+    /// Run attach on the GPU instead (a `cuda` build): the dense BF16 model loaded for attach,
+    /// attached from Python against the Python GPU peers' reloads; `attach-bench.json` in `--out`.
+    #[arg(long)]
+    pub gpu_attach: bool,
     /// GPU mode: size of the dense BF16 model, in MiB (16 tensors per shard).
     #[arg(long, default_value_t = 8192)]
     pub gpu_dense_mib: usize,

@@ -9,8 +9,11 @@ async fn main() -> anyhow::Result<()> {
         let report: bench::gpu_report::GpuReport = serde_json::from_slice(&std::fs::read(dir.join("results.json"))?)?;
         return bench::gpu_report::write(dir, &report);
     }
-    let targets =
-        if options.gpu || options.gpu_candle_peer { gpu(&options).await? } else { bench::run(&options).await?.targets };
+    let targets = if options.gpu || options.gpu_candle_peer || options.gpu_attach {
+        gpu(&options).await?
+    } else {
+        bench::run(&options).await?.targets
+    };
     for target in &targets {
         eprintln!(
             "[bench] {:<55} {:>12} (goal {}){}",
@@ -27,6 +30,10 @@ async fn main() -> anyhow::Result<()> {
 async fn gpu(options: &bench::Options) -> anyhow::Result<Vec<bench::report::Target>> {
     if options.gpu_candle_peer {
         bench::gpu::candle_peer_main(&options.peer_files, options.gpu_runs)?;
+        return Ok(Vec::new());
+    }
+    if options.gpu_attach {
+        bench::gpu_attach::run(options).await?;
         return Ok(Vec::new());
     }
     Ok(bench::gpu::run(options).await?.targets)
