@@ -159,6 +159,21 @@ async fn bad_device_is_invalid_argument() {
     assert_refused_before_loading(requests.into(), Code::InvalidArgument, "device").await;
 }
 
+/// A device string of 16 KB is INVALID_ARGUMENT with a short message: echoing it whole made the
+/// status's grpc-message exceed default clients' header limit (RESOURCE_EXHAUSTED at the client).
+#[tokio::test]
+async fn a_huge_device_is_invalid_argument_with_a_short_message() {
+    let huge = "x".repeat(16 * 1024);
+    let request = pb::LoadModelRequest { device: Some(huge.clone()), ..tests::load(GOOD) };
+    assert_refused_before_loading(vec![request], Code::InvalidArgument, "device").await;
+    let root = model_root();
+    let (server, mut client) = tests::serve(root.path()).await;
+    let (_, end) = tests::load_all(&mut client, pb::LoadModelRequest { device: Some(huge), ..tests::load(GOOD) }).await;
+    let status = end.expect_err("refused");
+    assert!(status.message().len() < 300, "{} bytes of message", status.message().len());
+    server.stop().await;
+}
+
 /// Malformed or unsupported dtype strings are INVALID_ARGUMENT and start no load.
 #[tokio::test]
 async fn bad_dtype_is_invalid_argument() {

@@ -16,7 +16,9 @@ impl FromStr for DeviceRequest {
     type Err = ResourceError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let invalid = || ResourceError::InvalidDevice(s.to_owned());
+        // Only the start of a long value is echoed: errors travel in grpc-message, a header that
+        // default clients cap at a few KB (a 16 KB value failed the whole response).
+        let invalid = || ResourceError::InvalidDevice(s.chars().take(40).collect());
         match s {
             "cpu" => Ok(Self::Cpu),
             "cuda" => Ok(Self::Cuda(None)),

@@ -172,7 +172,8 @@ async fn lease(manager: &ModelManager, request: &pb::AttachRequest) -> Result<Le
     if let Some(device) = request.device.as_deref().filter(|d| !d.is_empty()) {
         let resident = lease.pipeline().device.to_string();
         if resident != device {
-            return Err(Status::failed_precondition(format!("model {id} is resident on {resident}, not {device}")));
+            let asked: String = device.chars().take(40).collect();
+            return Err(Status::failed_precondition(format!("model {id} is resident on {resident}, not {asked}")));
         }
     }
     Ok(lease)
