@@ -64,7 +64,8 @@ pub struct LoaderConfig {
     pub evict: EvictPolicy,
     /// Threads reading one load's tensors.
     pub read_threads: usize,
-    /// Place loads in memory other processes can attach to (a sealed memfd on the host).
+    /// Place loads in memory other processes can attach to: on the host the files mapped or a
+    /// sealed memfd, on a GPU one exportable CUDA VMM allocation.
     pub exportable: bool,
 }
 

@@ -1,11 +1,11 @@
 //! Which placement a load's bytes go to, chosen once per load from its device: host memory for
-//! the CPU (a sealed memfd when loads are exportable, for attach), pinned staging → CUDA for a
+//! the CPU (when loads are exportable, for attach: the files mapped, or a sealed memfd), pinned staging → CUDA for a
 //! GPU (into one exportable CUDA VMM allocation when loads are exportable).
 
 use std::sync::Arc;
 
 use resource_manager::{DeviceId, ResourceManager};
-use weights::{HostPlacement, MemfdPlacement, Placement};
+use weights::{HostPlacement, Placement, SharedHostPlacement};
 
 use crate::{LoadError, ModelId};
 
@@ -34,7 +34,7 @@ impl DevicePlacements {
 impl Placements for DevicePlacements {
     fn placement(&self, device: DeviceId, model: &ModelId) -> Result<Arc<dyn Placement>, LoadError> {
         match device {
-            DeviceId::Cpu if self.exportable => Ok(Arc::new(MemfdPlacement::new(format!("model-loader:{model}")))),
+            DeviceId::Cpu if self.exportable => Ok(Arc::new(SharedHostPlacement::new(format!("model-loader:{model}")))),
             DeviceId::Cpu => Ok(Arc::new(HostPlacement)),
             #[cfg(feature = "cuda")]
             DeviceId::Cuda(_) if self.exportable => {

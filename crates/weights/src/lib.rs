@@ -1,9 +1,9 @@
 //! A load's weights, from file names to bytes in place: which files of a folder to read
 //! ([`choice`]), each safetensors header validated ([`header`]), the load plan ([`plan`]), and
 //! step 4's reader ([`read`]), which fills the load's [`Placement`] — host memory
-//! ([`HostPlacement`]), a sealed memfd other processes attach to ([`MemfdPlacement`]) or pinned
-//! staging → CUDA ([`StagedPlacement`]) — with positioned reads
-//! through [`ReadAt`], on several threads, cancellable between chunks.
+//! ([`HostPlacement`]), host memory other processes attach to ([`SharedHostPlacement`]: the
+//! files mapped, or a sealed memfd) or pinned staging → CUDA ([`StagedPlacement`]) — with
+//! positioned reads through [`ReadAt`], on several threads, cancellable between chunks.
 //!
 //! It never finds or downloads a model (a source hands it [`ModelFiles`]), never books memory
 //! against a budget (`resource-manager` does), never keeps a loaded model (`pipeline-manager`
@@ -32,7 +32,7 @@ pub use crate::{
     header::MAX_HEADER_BYTES,
     host::{CHUNK_BYTES, HostBuffer, HostMemory, HostPlacement, HostView},
     mapped::MappedFile,
-    memfd::{Memfd, MemfdPlacement},
+    memfd::{Memfd, SharedHostPlacement},
     placement::{Placed, PlacedTensor, Placement},
     plan::{Layout, LoadPlan},
     staged::StagedPlacement,

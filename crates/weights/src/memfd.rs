@@ -1,4 +1,5 @@
-//! The memfd placement, for models other processes attach to: one memfd per load holding every
+//! The shared host placement, for models other processes attach to. Local files loaded as stored
+//! are mapped as they are (`mapped`); otherwise one memfd per load holds every
 //! group (64-byte aligned), filled in place by the same readers as host memory, then sealed
 //! against writes, growth and shrinking, and mapped read-only. Every tensor is a view into it,
 //! and its [`Region`](pipeline_manager::Region) is what an attaching client maps: no copy in the
@@ -88,14 +89,15 @@ impl SharedMemory for Memfd {
     }
 }
 
-/// Loads into one sealed memfd per load, for attach.
+/// Host memory other processes attach to: local files loaded as stored are mapped as they are
+/// (see `mapped`); other loads are read into one sealed memfd, and conversions write a new one.
 #[derive(Debug, Clone)]
-pub struct MemfdPlacement {
+pub struct SharedHostPlacement {
     /// The memfd's name (`model-loader:<model id>`).
     name: String,
 }
 
-impl MemfdPlacement {
+impl SharedHostPlacement {
     pub fn new(name: impl Into<String>) -> Self {
         Self { name: name.into() }
     }
@@ -116,7 +118,7 @@ fn layout(groups: &[Group]) -> (Vec<u64>, u64) {
     (starts, end.next_multiple_of(ALIGN).max(ALIGN))
 }
 
-impl Placement for MemfdPlacement {
+impl Placement for SharedHostPlacement {
     fn chunking(&self, _total: u64, _threads: usize) -> Chunking {
         Chunking { chunk: CHUNK_BYTES, edge_chunk: CHUNK_BYTES, edge: 0 }
     }
@@ -173,7 +175,7 @@ impl Placement for MemfdPlacement {
     }
 }
 
-impl MemfdPlacement {
+impl SharedHostPlacement {
     /// Step 7 into a new sealed memfd: every tensor, floats converted to `dtype` one at a time
     /// (candle's rounding, as the host placement), the others copied as they are, so the load's
     /// first memfd is freed whole once its views are replaced. The memory held at once: both
@@ -276,7 +278,8 @@ mod tests {
         let files: Vec<Arc<dyn ReadAt>> = vec![Arc::new(File::open(&path).expect("open"))];
         let cancel = CancellationToken::new();
         let options = ReadOptions { threads: 2, cancel: &cancel, interval: Duration::from_millis(1) };
-        let placed = read(&MemfdPlacement::new("model-loader:test"), &plan, &files, options, |_, _| {}).expect("map");
+        let placed =
+            read(&SharedHostPlacement::new("model-loader:test"), &plan, &files, options, |_, _| {}).expect("map");
         let (placed, _) = placed.finish(0, Duration::ZERO).expect("finish");
         for (t, p) in placed.iter().zip(&tensors) {
             assert_eq!(t.data.bytes().expect("bytes").as_ref(), &data[p.offset as usize..(p.offset + p.len) as usize]);
@@ -318,7 +321,7 @@ mod tests {
         let files: Vec<Arc<dyn ReadAt>> = vec![Arc::new(Remote(File::open(&path).expect("open")))];
         let cancel = CancellationToken::new();
         let options = ReadOptions { threads: 2, cancel: &cancel, interval: Duration::from_millis(1) };
-        let placement = MemfdPlacement::new("model-loader:test");
+        let placement = SharedHostPlacement::new("model-loader:test");
         let placed = read(&placement, &plan, &files, options, |_, _| {}).expect("read");
         let (placed, _) = placed.finish(0, Duration::ZERO).expect("finish");
         let mut fds = Vec::new();
