@@ -392,3 +392,105 @@ async fn list_tensors_of_a_model_not_loaded_is_failed_precondition() {
     drop(client);
     server.stop().await;
 }
+
+/// Makes a FIFO at `path` (a writer never comes: opening it for reading would block for ever).
+fn mkfifo(path: &std::path::Path) {
+    let made = std::process::Command::new("mkfifo").arg(path).status().expect("run mkfifo");
+    assert!(made.success(), "mkfifo {}", path.display());
+}
+
+/// A model file that is not a regular file is FAILED_PRECONDITION naming what it is, at once:
+/// a FIFO as the weights or as `config.json` (which used to hang the load at step 3 for ever,
+/// holding a load slot, the unload and shutdown), a directory as either, a symlink loop. The
+/// server stays healthy, with nothing held.
+#[tokio::test]
+async fn a_model_file_that_is_not_a_regular_file_is_failed_precondition() {
+    let root = model_root();
+    let weights = fixture::f32_tensors("w", 2, 32);
+    let fifo_weights = root.path().join("fifo-weights");
+    std::fs::create_dir(&fifo_weights).expect("folder");
+    std::fs::write(fifo_weights.join("config.json"), "{}").expect("config");
+    mkfifo(&fifo_weights.join("model.safetensors"));
+    let fifo_config = root.path().join("fifo-config");
+    fixture::single_file_model(&fifo_config, &weights).expect("model");
+    std::fs::remove_file(fifo_config.join("config.json")).expect("remove the config");
+    mkfifo(&fifo_config.join("config.json"));
+    let dir_weights = root.path().join("dir-weights");
+    fixture::single_file_model(&dir_weights, &weights).expect("model");
+    std::fs::remove_file(dir_weights.join("model.safetensors")).expect("remove the weights");
+    std::fs::create_dir(dir_weights.join("model.safetensors")).expect("a folder named like the weights");
+    let dir_config = root.path().join("dir-config");
+    fixture::single_file_model(&dir_config, &weights).expect("model");
+    std::fs::remove_file(dir_config.join("config.json")).expect("remove the config");
+    std::fs::create_dir(dir_config.join("config.json")).expect("a folder named like the config");
+    let looped = root.path().join("symlink-loop");
+    fixture::single_file_model(&looped, &weights).expect("model");
+    std::fs::remove_file(looped.join("model.safetensors")).expect("remove the weights");
+    std::os::unix::fs::symlink("other.safetensors", looped.join("model.safetensors")).expect("symlink");
+    std::os::unix::fs::symlink("model.safetensors", looped.join("other.safetensors")).expect("symlink");
+    let (server, mut client) = tests::serve(root.path()).await;
+
+    // Two FIFO loads at once used to hold both load slots: every later load waited for ever.
+    for (id, what) in [
+        ("fifo-weights", "a FIFO"),
+        ("fifo-config", "a FIFO"),
+        ("fifo-weights", "a FIFO"),
+        ("dir-weights", "a directory"),
+        ("dir-config", "a directory"),
+        ("symlink-loop", "a symlink loop"),
+    ] {
+        let (_, end) = tests::load_all(&mut client, tests::load(id)).await;
+        let status = expect_code(end, Code::FailedPrecondition, &format!("LoadModel {id}"));
+        assert!(status.message().contains(what) && status.message().contains(id), "{id}: {status:?}");
+        assert_failed_with(&mut client, id, &[what, "not a regular file"]).await;
+    }
+    assert_nothing_resident(&mut client).await;
+    assert_healthy(&mut client).await;
+    drop(client);
+    server.stop().await;
+}
+
+/// A LoadModel asking for another dtype or device than the model is resident as is refused
+/// with FAILED_PRECONDITION naming what is resident, never answered OK with something else (it
+/// used to be "already loaded", still F32); asking for what is resident, or for nothing, is OK.
+/// Two concurrent loads asking for different dtypes: one loads, the other is refused, and what
+/// is resident is what the one that loaded asked for.
+#[tokio::test]
+async fn a_load_asking_for_another_dtype_than_resident_is_failed_precondition() {
+    let root = model_root();
+    let (server, mut client) = tests::serve(root.path()).await;
+    let with = |dtype: &str, device: Option<&str>| pb::LoadModelRequest {
+        dtype: Some(dtype.into()),
+        device: device.map(Into::into),
+        ..tests::load(GOOD)
+    };
+    let (_, end) = tests::load_all(&mut client, with("f32", None)).await;
+    end.expect("loads as F32");
+    let (_, end) = tests::load_all(&mut client, with("bf16", None)).await;
+    let status = expect_code(end, Code::FailedPrecondition, "LoadModel bf16 of a model resident as F32");
+    for needle in [GOOD, "loaded on cpu as F32", "BF16", "unload it first"] {
+        assert!(status.message().contains(needle), "{needle:?}: {status:?}");
+    }
+    assert_eq!(tests::get_model(&mut client, GOOD).await.dtype, "F32", "still resident as it was");
+    for same in [with("f32", None), with("f32", Some("cpu")), tests::load(GOOD)] {
+        let (messages, end) = tests::load_all(&mut client, same.clone()).await;
+        end.unwrap_or_else(|s| panic!("{same:?}: {s:?}"));
+        assert_eq!(messages.last().map(|m| m.detail.as_str()), Some("already loaded"), "{messages:?}");
+    }
+    client.unload_model(pb::UnloadModelRequest { model_id: GOOD.into(), force: false }).await.expect("unload");
+
+    let mut other = server.client().await;
+    let (a, b) =
+        tokio::join!(tests::load_all(&mut client, with("f16", None)), tests::load_all(&mut other, with("bf16", None)));
+    let (ok, refused, resident) = match (a.1, b.1) {
+        (Ok(()), Err(refused)) => ("f16", refused, "F16"),
+        (Err(refused), Ok(())) => ("bf16", refused, "BF16"),
+        ends => panic!("one of two conflicting loads loads and the other is refused: {ends:?}"),
+    };
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{ok} loaded; the other: {refused:?}");
+    assert_eq!(tests::get_model(&mut client, GOOD).await.dtype, resident);
+    client.unload_model(pb::UnloadModelRequest { model_id: GOOD.into(), force: false }).await.expect("unload");
+    assert_healthy(&mut client).await;
+    drop((client, other));
+    server.stop().await;
+}

@@ -359,3 +359,62 @@ async fn two_models_download_in_parallel() {
     }
     server.stop().await;
 }
+
+/// Every file under `dir`, as paths relative to it (symlinks listed, not followed).
+fn tree_of(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(path.clone());
+            }
+            found.push(path.strip_prefix(dir).expect("inside").display().to_string());
+        }
+    }
+    found.sort();
+    found
+}
+
+/// A hub listing that names a path outside the snapshot folder (absolute, `..`, `.`, empty
+/// segments, a backslash, a NUL) is refused with PERMISSION_DENIED before anything touches the
+/// disk: no file is written at that path, nothing lands in the cache, and the server stays
+/// healthy (the good repo still loads from the hub).
+#[tokio::test]
+async fn hub_paths_that_leave_the_snapshot_are_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (hub, server, _) = setup(tmp.path()).await;
+    let mut client = server.client().await;
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir(&outside).expect("outside");
+    let absolute = outside.join("PWNED.json").display().to_string();
+    let good = tests::hub::read_dir_files(&tmp.path().join("repo")).expect("files");
+    let bad_paths = [
+        absolute.clone(),
+        "../PWNED_up.json".to_owned(),
+        "unet/../../PWNED_up2.json".to_owned(),
+        "./config.json".to_owned(),
+        "unet//config.json".to_owned(),
+        "a\\PWNED.json".to_owned(),
+        "PWNED\0.json".to_owned(),
+    ];
+    for (i, bad) in bad_paths.iter().enumerate() {
+        let id = format!("org/hostile-{i}");
+        let mut files = good.clone();
+        files.insert(bad.clone(), b"{}".to_vec().into());
+        hub.put_repo(HubRepo { id: id.clone(), ..HubRepo::new(&id, files) });
+        let (_, end) = load_all(&mut client, load(&id)).await;
+        let status = end.expect_err("a hostile listing is refused");
+        assert_eq!(status.code(), Code::PermissionDenied, "{bad:?}: {status:?}");
+        assert!(status.message().contains("refusing"), "{bad:?}: {status:?}");
+    }
+    assert!(!Path::new(&absolute).exists(), "nothing written at the absolute path");
+    assert_eq!(tree_of(&outside), Vec::<String>::new());
+    let cached = tree_of(&tmp.path().join("cache"));
+    assert!(cached.iter().all(|p| !p.contains("PWNED") && !p.contains("blobs/")), "nothing cached: {cached:?}");
+    assert!(!tmp.path().join("PWNED_up.json").exists() && !tmp.path().join("cache/PWNED_up.json").exists());
+    let (_, end) = load_all(&mut client, load(REPO)).await;
+    end.expect("the good repo still loads");
+    server.stop().await;
+}

@@ -366,3 +366,47 @@ async fn the_grace_runs_out_on_an_open_health_watch() {
     let end = tokio::time::timeout(WAIT, readiness.next()).await.expect("the Watch ends with the connection");
     assert!(!matches!(end, Some(Ok(_))), "no report after NOT_SERVING: {end:?}");
 }
+
+/// WatchModels streams end with UNAVAILABLE at shutdown, as LoadModel streams do, so a watcher
+/// can tell the server going away from a normal end; the process still exits 0.
+#[tokio::test]
+async fn watch_streams_end_unavailable_at_shutdown() {
+    let root = tempfile::tempdir().expect("root");
+    fixture::single_file_model(&root.path().join("small"), &fixture::f32_tensors("w", 2, 100)).expect("fixture");
+    let mut server = Binary::start(
+        &["--model-root", root.path().to_str().expect("a UTF-8 path"), "--offline", "--shutdown-grace", "10s"],
+        &[],
+    )
+    .await;
+    let mut client = connect(server.addr).await;
+    let mut streams = Vec::new();
+    for model_id in ["", "small"] {
+        let request = pb::WatchModelsRequest { model_id: model_id.into() };
+        let mut stream = tokio::time::timeout(WAIT, client.watch_models(request))
+            .await
+            .expect("WatchModels answers")
+            .expect("WatchModels")
+            .into_inner();
+        let snapshot = tokio::time::timeout(WAIT, stream.next()).await.expect("the snapshot comes");
+        assert!(matches!(snapshot, Some(Ok(_))), "{snapshot:?}");
+        streams.push(stream);
+    }
+
+    server.sigterm();
+    for mut stream in streams {
+        let end = loop {
+            match tokio::time::timeout(WAIT, stream.next()).await.expect("the watch ends at shutdown") {
+                Some(Ok(_)) => {}
+                end => break end,
+            }
+        };
+        let status = match end {
+            Some(Err(status)) => status,
+            other => panic!("a watch ended without a status: {other:?}"),
+        };
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert_eq!(status.message(), "the server is shutting down", "{status:?}");
+    }
+    let exit = server.wait_exit(WAIT).await;
+    log_after_exit_0(&server, exit).await;
+}

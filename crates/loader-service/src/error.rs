@@ -18,6 +18,10 @@ pub enum LoadError {
     /// The sources could not be set up (the hub client); no model is involved.
     #[error("configuring the sources: {0}")]
     Config(#[source] model_source::Error),
+    /// The model is resident or loading otherwise than the request asks (another device or
+    /// dtype): the request is refused rather than answered with something else.
+    #[error("model {model_id} is {current}; asked for {asked}: unload it first to load it so")]
+    Conflict { model_id: ModelId, current: String, asked: String },
     /// What failed while loading one model.
     #[error("model {model_id}{}{failure}", separator(failure))]
     Model { model_id: ModelId, failure: Failure },
@@ -31,6 +35,9 @@ pub enum Failure {
     Weights(#[from] weights::Error),
     #[error("the hub failed ({failure}): {reason}")]
     Hub { failure: HubFailure, reason: String },
+    /// File I/O that did not finish in time: a stalled filesystem, not bad input.
+    #[error("{what} did not finish within {after:?}: is the filesystem stalled?")]
+    Stalled { what: &'static str, after: std::time::Duration },
     /// A bug: a rule of the loader broken.
     #[error("internal error: {0}")]
     Internal(String),
@@ -58,6 +65,7 @@ fn separator(failure: &Failure) -> &'static str {
 pub enum Kind {
     InvalidRequest,
     InvalidDevice,
+    Conflict,
     DeviceUnavailable,
     OverBudget,
     NotFound,
@@ -66,7 +74,11 @@ pub enum Kind {
     UnsupportedDtype,
     Corrupt,
     BadConfig,
+    /// A model path that is not a regular file, or a symlink loop: the folder is wrong, not the
+    /// server.
+    NotAFile,
     ReadWeights,
+    Stalled,
     PlaceOnDevice,
     Hub(HubFailure),
     Cancelled,
@@ -80,6 +92,7 @@ impl Kind {
         match self {
             Self::InvalidRequest => "invalid_request",
             Self::InvalidDevice => "invalid_device",
+            Self::Conflict => "conflict",
             Self::DeviceUnavailable => "device_unavailable",
             Self::OverBudget => "over_budget",
             Self::NotFound => "not_found",
@@ -88,7 +101,9 @@ impl Kind {
             Self::UnsupportedDtype => "unsupported_dtype",
             Self::Corrupt => "corrupt",
             Self::BadConfig => "bad_config",
+            Self::NotAFile => "not_a_file",
             Self::ReadWeights => "read_weights",
+            Self::Stalled => "stalled",
             Self::PlaceOnDevice => "place_on_device",
             Self::Hub(failure) => failure.kind(),
             Self::Cancelled => "cancelled",
@@ -133,8 +148,10 @@ impl LoadError {
                 | ResourceError::NoRoom { .. },
             ) => Kind::OverBudget,
             Self::ShuttingDown => Kind::ShuttingDown,
+            Self::Conflict { .. } => Kind::Conflict,
             Self::Config(_) | Self::Model { failure: Failure::Internal(_), .. } => Kind::Internal,
             Self::Model { failure: Failure::Hub { failure, .. }, .. } => Kind::Hub(*failure),
+            Self::Model { failure: Failure::Stalled { .. }, .. } => Kind::Stalled,
             Self::Model { failure: Failure::Weights(e), .. } => match e {
                 W::NotFound(_) => Kind::NotFound,
                 W::PathEscapes { .. } => Kind::PathEscapes,
@@ -142,6 +159,8 @@ impl LoadError {
                 W::UnsupportedDtype { .. } => Kind::UnsupportedDtype,
                 W::Corrupt { .. } => Kind::Corrupt,
                 W::BadConfig { .. } => Kind::BadConfig,
+                W::NotAFile { .. } => Kind::NotAFile,
+                W::Read { source, .. } if is_bad_path(source) => Kind::NotAFile,
                 W::Read { .. } => Kind::ReadWeights,
                 W::Place { .. } => Kind::PlaceOnDevice,
                 W::Cancelled => Kind::Cancelled,
@@ -149,4 +168,11 @@ impl LoadError {
             },
         }
     }
+}
+
+/// An I/O error that says the path is wrong (a directory where a file belongs, a file where a
+/// folder belongs, a name too long), not that the server failed.
+fn is_bad_path(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as E;
+    matches!(e.kind(), E::IsADirectory | E::NotADirectory | E::InvalidFilename)
 }

@@ -7,14 +7,14 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use resource_manager::{ModelAllocation, Reservation, sync};
+use resource_manager::{DeviceId, ModelAllocation, Reservation, sync};
 use state_manager::StateManager;
 use steps::{ModelLoadProgress, ModelLoadStep, ProgressSink, emit_step};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use weights::{Placed, PlacedTensor};
 
-use crate::{LoadError, ModelId};
+use crate::{LoadError, ModelId, TargetDtype};
 
 /// How many progress messages a LoadModel caller may fall behind before it is resynchronised.
 const LOAD_STREAM_CAPACITY: usize = 256;
@@ -33,6 +33,9 @@ pub enum LoadUpdate {
 /// One load in flight: its cancellation, its latest message, and the fan-out to its callers.
 pub struct LoadHandle {
     model_id: ModelId,
+    /// Where and as what this load places the model: a request that asks for another device or
+    /// dtype does not join it.
+    pub(crate) wants: Wants,
     /// A child of the service's root token: shutdown cancels every load.
     pub(crate) cancel: CancellationToken,
     state: Arc<StateManager>,
@@ -42,6 +45,13 @@ pub struct LoadHandle {
     /// The memory of a load that failed or was cancelled holding tensors, freed by `run` once
     /// the load's streams have ended.
     pub(crate) set_aside: Mutex<Option<SetAside>>,
+}
+
+/// The device and the target dtype (`None`: as stored) of a load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Wants {
+    pub device: DeviceId,
+    pub dtype: Option<TargetDtype>,
 }
 
 /// What a failed load still holds: what it had placed, then the bytes they were booked under
@@ -101,10 +111,11 @@ struct LoadStream {
 }
 
 impl LoadHandle {
-    pub(crate) fn new(model_id: ModelId, cancel: CancellationToken, state: Arc<StateManager>) -> Self {
+    pub(crate) fn new(model_id: ModelId, wants: Wants, cancel: CancellationToken, state: Arc<StateManager>) -> Self {
         let (tx, _) = broadcast::channel(LOAD_STREAM_CAPACITY);
         Self {
             model_id,
+            wants,
             cancel,
             state,
             stream: Mutex::new(LoadStream { step_since: None, latest: None, outcome: None, tx }),

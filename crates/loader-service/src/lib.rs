@@ -24,14 +24,13 @@ use std::sync::Arc;
 
 use dashmap::{DashMap, mapref::entry::Entry};
 pub use model_source::{self, DEFAULT_HUB_STALL_TIMEOUT, HubConfig, HubFailure, SourceConfig, Sources};
-use pipeline_manager::PipelineManager;
+use pipeline_manager::{Pipeline, PipelineManager};
 use resource_manager::ResourceManager;
 use state_manager::{InvalidTransition, ModelState, StateManager, Transition};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 pub use weights::{self, CHUNK_BYTES, Layout, MAX_HEADER_BYTES};
 
-use crate::queue::LoadQueue;
 pub use crate::{
     error::{Failure, Kind, LoadError},
     handle::{LoadHandle, LoadOutcome, LoadSubscription, LoadUpdate},
@@ -39,6 +38,7 @@ pub use crate::{
     request::{DEFAULT_REVISION, InvalidRequest, LoadRequest, ModelId, Revision, TargetDtype},
     room::EvictPolicy,
 };
+use crate::{handle::Wants, queue::LoadQueue};
 
 /// Why [`LoaderService::unload_loaded`] unloaded nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,17 +148,30 @@ impl LoaderService {
     pub async fn load(self: &Arc<Self>, request: LoadRequest) -> Result<LoadSubscription, LoadError> {
         let device = self.resources.resolve(request.device)?;
         let id = request.model_id.clone();
+        let wants = Wants { device, dtype: request.dtype.or(self.config.default_dtype) };
         loop {
             if self.is_shutting_down() {
                 return Err(LoadError::ShuttingDown);
             }
             let wait_for = match self.inflight.entry(id.clone()) {
-                Entry::Occupied(load) => return Ok(load.get().subscribe()),
+                Entry::Occupied(load) => {
+                    let load = load.get();
+                    let (device, dtype) =
+                        (load.wants.device, load.wants.dtype.map_or("as stored".into(), |d| d.to_string()));
+                    conflict(&request, &wants, device == wants.device, load.wants.dtype == wants.dtype, || {
+                        format!("loading on {device} ({dtype})")
+                    })?;
+                    return Ok(load.subscribe());
+                }
                 Entry::Vacant(slot) => {
                     match self.state.apply(&id, Transition::StartLoad { device: device.to_string() }) {
                         Ok(_) => {
-                            let handle =
-                                Arc::new(LoadHandle::new(id.clone(), self.root.child_token(), self.state.clone()));
+                            let handle = Arc::new(LoadHandle::new(
+                                id.clone(),
+                                wants,
+                                self.root.child_token(),
+                                self.state.clone(),
+                            ));
                             let subscription = handle.subscribe();
                             slot.insert(handle.clone());
                             // `step` is recorded as the load moves on, so every line of a load says where it was.
@@ -167,6 +180,12 @@ impl LoaderService {
                             return Ok(subscription);
                         }
                         Err(InvalidTransition { current: ModelState::Loaded, .. }) => {
+                            if let Some(resident) = self.pipelines.get(&id) {
+                                let same_dtype = wants.dtype.is_none_or(|t| holds_floats_as(&resident, t));
+                                conflict(&request, &wants, resident.device == wants.device, same_dtype, || {
+                                    format!("loaded on {} as {}", resident.device, resident.dtype_summary())
+                                })?;
+                            }
                             // Asked for again: a use, for eviction's least-recently-used order.
                             self.pipelines.touch(&id);
                             return Ok(LoadSubscription::already_loaded(&id));
@@ -229,4 +248,35 @@ impl LoaderService {
         self.tracker.close();
         self.tracker.wait().await;
     }
+}
+
+/// Refuses a request that explicitly asks for another device or dtype than the model resident or
+/// loading (`what`: how it is), rather than answer OK with something else than asked. A request
+/// that names neither takes the model as it is.
+fn conflict(
+    request: &LoadRequest,
+    wants: &Wants,
+    same_device: bool,
+    same_dtype: bool,
+    what: impl FnOnce() -> String,
+) -> Result<(), LoadError> {
+    let other_device = request.device.is_some() && !same_device;
+    let other_dtype = request.dtype.is_some() && !same_dtype;
+    if !other_device && !other_dtype {
+        return Ok(());
+    }
+    let mut asked = Vec::new();
+    if other_device {
+        asked.push(wants.device.to_string());
+    }
+    if let Some(dtype) = request.dtype.filter(|_| other_dtype) {
+        asked.push(dtype.to_string());
+    }
+    Err(LoadError::Conflict { model_id: request.model_id.clone(), current: what(), asked: asked.join(" ") })
+}
+
+/// Whether every float tensor of `pipeline` (those a target dtype converts) is resident as `target`.
+fn holds_floats_as(pipeline: &Pipeline, target: TargetDtype) -> bool {
+    let target = target.candle();
+    pipeline.tensors().map(|(_, t)| t.data.dtype()).filter(|&d| weights::header::converts(d)).all(|d| d == target)
 }

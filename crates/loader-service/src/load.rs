@@ -1,7 +1,11 @@
 //! The spawned task of one load: the eight steps in order, each a short method, then the end
 //! state, the outcome for every stream, and the memory of a failed load freed last.
 
-use std::{collections::BTreeMap, sync::Arc, time::Instant};
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use dashmap::mapref::entry::Entry;
 use model_source::{Fetch, FetchProgress, Located, ModelSource, Wanted};
@@ -15,10 +19,14 @@ use weights::{
 };
 
 use crate::{
-    Kind, LoadError, LoadRequest, LoaderService, ModelId, TargetDtype,
+    Failure, Kind, LoadError, LoadRequest, LoaderService, ModelId, TargetDtype,
     handle::{Held, LoadHandle},
     queue,
 };
+
+/// How long step 3 may spend reading configs and headers (kilobytes, even for a thousand
+/// shards) before the load gives up on the filesystem.
+const PLAN_IO_BOUND: Duration = Duration::from_secs(120);
 
 /// A planned load, from step 4 on.
 struct Planned {
@@ -148,7 +156,7 @@ impl LoaderService {
         target: Option<TargetDtype>,
         files: Arc<dyn ModelFiles>,
     ) -> Result<(LoadPlan, Reservation), LoadError> {
-        let plan = plan(handle.model_id(), files, target).await?;
+        let plan = plan(handle, files, target).await?;
         let needed = plan.resident_bytes(target);
         let reservation = self.make_room(handle, device, needed, ModelLoadStep::BuildStrategies).await?;
         handle
@@ -278,14 +286,29 @@ impl LoaderService {
     }
 }
 
-/// Step 3's plan of the model's files, on a blocking thread.
-async fn plan(id: &ModelId, files: Arc<dyn ModelFiles>, target: Option<TargetDtype>) -> Result<LoadPlan, LoadError> {
+/// Step 3's plan of the model's files, on a blocking thread. A stalled filesystem (a hung
+/// network mount) can block that thread in the kernel for ever: the load does not wait for it
+/// past a cancel or [`PLAN_IO_BOUND`], so it cannot hold a load slot, an unload or shutdown.
+/// The thread is left to finish on its own.
+async fn plan(
+    handle: &LoadHandle,
+    files: Arc<dyn ModelFiles>,
+    target: Option<TargetDtype>,
+) -> Result<LoadPlan, LoadError> {
+    let id = handle.model_id();
     let owned = id.clone();
-    blocking(id, move || {
+    let planning = blocking(id, move || {
         weights::plan::build(files.as_ref(), target.and_then(TargetDtype::variant))
             .map_err(|e| LoadError::model(&owned, e))
-    })
-    .await
+    });
+    tokio::select! {
+        plan = planning => plan,
+        () = handle.cancel.cancelled() => Err(LoadError::cancelled(id)),
+        () = tokio::time::sleep(PLAN_IO_BOUND) => Err(LoadError::model(id, Failure::Stalled {
+            what: "reading the model's configs and safetensors headers",
+            after: PLAN_IO_BOUND,
+        })),
+    }
 }
 
 /// Step 7: float tensors converted to the target dtype, on their device, where the placement

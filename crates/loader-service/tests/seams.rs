@@ -228,3 +228,130 @@ fn a_toy_source_and_a_toy_placement_load_a_model_through_every_step() {
     });
     assert_eq!(message, "model toy/elsewhere not found: not in memory, and nothing else is asked");
 }
+
+/// Files on a filesystem that has stalled: listing them blocks until the gate opens, as a read
+/// from a hung network mount blocks in the kernel.
+struct StalledFiles(std::sync::Mutex<std::sync::mpsc::Receiver<()>>);
+
+impl ModelFiles for StalledFiles {
+    fn list(&self, _: &str) -> Result<Vec<String>, weights::Error> {
+        let _ = self.0.lock().expect("gate").recv();
+        Err(weights::Error::NotFound("the filesystem came back empty".into()))
+    }
+
+    fn is_dir(&self, _: &str) -> Result<bool, weights::Error> {
+        Ok(false)
+    }
+
+    fn open(&self, _: &str) -> Result<Option<Arc<dyn ReadAt>>, weights::Error> {
+        Ok(None)
+    }
+}
+
+/// A load whose files block for ever at step 3 does not wedge its load slot: CancelLoad ends it
+/// CANCELLED at once while the blocked thread is still stuck, and the next load (with one load
+/// slot in all) gets the slot and loads.
+#[test]
+fn a_load_stalled_in_its_files_is_cancelled_and_frees_its_slot() {
+    let stalled_id = ModelId::parse("toy/stalled").expect("id");
+    let good_id = ModelId::parse("toy/in-memory").expect("id");
+    // Made before the gate, so it is dropped after it: a failed assertion drops the gate, which
+    // frees the blocked thread the runtime's drop waits for.
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let (gate, stalled) = std::sync::mpsc::channel();
+    let stalled_files: Arc<dyn ModelFiles> = Arc::new(StalledFiles(std::sync::Mutex::new(stalled)));
+    let stalled = Arc::new(StalledSource { id: stalled_id.clone(), files: stalled_files });
+    let good = Arc::new(MemorySource {
+        id: good_id.clone(),
+        files: Arc::new(MemoryFiles(model().0)),
+        asked: AtomicUsize::new(0),
+    });
+    let resources =
+        ResourceManager::with_cpu_capacity(1 << 30, MemoryBudget::Bytes(1 << 20), DeviceRequest::Cpu).expect("cpu");
+    let seams = Seams {
+        sources: Sources::new(vec![stalled, good], "nothing else is asked"),
+        placements: Arc::new(Toy(Arc::new(CountingPlacement::default()))),
+    };
+    let parts = LoaderParts {
+        config: LoaderConfig { max_concurrent_loads: 1, ..LoaderConfig::default() },
+        state: Arc::new(StateManager::new(64)),
+        resources,
+        pipelines: Arc::new(PipelineManager::new()),
+        cancel: CancellationToken::new(),
+    };
+    let loader = LoaderService::with_seams(parts, seams);
+    runtime.block_on(async {
+        let wait = std::time::Duration::from_secs(30);
+        let mut stream = loader.load(LoadRequest::new(stalled_id.clone())).await.expect("the load starts");
+        // Step 3 reached: the plan's thread is blocked in the files.
+        loop {
+            match tokio::time::timeout(wait, stream.next()).await.expect("progress") {
+                Some(LoadUpdate::Progress(p)) if p.step.number() == 3 => break,
+                Some(LoadUpdate::Progress(_)) => {}
+                other => panic!("the stalled load ended early: {:?}", other.is_some()),
+            }
+        }
+        // A request for another dtype than the load in flight is refused, not joined.
+        let bf16 =
+            LoadRequest { dtype: Some(loader_service::TargetDtype::BF16), ..LoadRequest::new(stalled_id.clone()) };
+        let refused = loader.load(bf16).await.err().expect("another dtype than in flight is refused");
+        assert_eq!(refused.kind(), loader_service::Kind::Conflict, "{refused}");
+        assert_eq!(
+            refused.to_string(),
+            "model toy/stalled is loading on cpu (as stored); asked for BF16: unload it first to load it so"
+        );
+        let mut joined = loader.load(LoadRequest::new(stalled_id.clone())).await.expect("the same request joins");
+        assert!(loader.cancel(&stalled_id), "the stalled load is in flight");
+        let outcome = loop {
+            match tokio::time::timeout(wait, stream.next()).await.expect("the cancel ends the stalled load") {
+                Some(LoadUpdate::Done(outcome)) => break outcome,
+                Some(LoadUpdate::Progress(_)) => {}
+                None => panic!("no outcome"),
+            }
+        };
+        assert!(outcome.expect_err("cancelled").is_cancelled());
+        loop {
+            match tokio::time::timeout(wait, joined.next()).await.expect("the joined stream ends too") {
+                Some(LoadUpdate::Done(outcome)) => break assert!(outcome.expect_err("cancelled").is_cancelled()),
+                Some(LoadUpdate::Progress(_)) => {}
+                None => panic!("no outcome"),
+            }
+        }
+        let mut next = loader.load(LoadRequest::new(good_id.clone())).await.expect("the next load starts");
+        loop {
+            match tokio::time::timeout(wait, next.next()).await.expect("the next load gets the slot") {
+                Some(LoadUpdate::Done(outcome)) => break outcome.expect("the next load loads"),
+                Some(LoadUpdate::Progress(_)) => {}
+                None => panic!("no outcome"),
+            }
+        }
+    });
+    gate.send(()).expect("the blocked thread is still waiting");
+}
+
+/// One model whose files are given.
+struct StalledSource {
+    id: ModelId,
+    files: Arc<dyn ModelFiles>,
+}
+
+impl Source for StalledSource {
+    fn locate<'a>(&'a self, wanted: &'a Wanted) -> BoxFuture<'a, Result<Option<Located>, Error>> {
+        let found = (wanted.id == self.id).then(|| Located {
+            files: self.files.clone(),
+            source: ModelSource::Local,
+            revision: "stalled".into(),
+            description: "on a stalled filesystem".into(),
+            fetch: None,
+        });
+        Box::pin(async move { Ok(found) })
+    }
+
+    fn has(&self, id: &ModelId, _: &Revision) -> bool {
+        *id == self.id
+    }
+
+    fn lacks(&self, _: &Wanted) -> String {
+        "not there".into()
+    }
+}

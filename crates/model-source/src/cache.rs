@@ -9,6 +9,9 @@ use model_id::{ModelId, ModelSource, Revision};
 
 use crate::{Error, Located, Source, Wanted, local::LocalFiles};
 
+/// More than a ref file (a 40-hex commit and a newline) ever holds.
+pub(crate) const REF_LIMIT: u64 = 256;
+
 /// The HF cache, read only.
 #[derive(Debug, Clone)]
 pub struct HfCache {
@@ -54,9 +57,9 @@ pub fn in_hf_cache(cache: &Path, id: &ModelId, revision: &Revision) -> Result<Op
     let commit = if revision.is_commit() {
         revision.as_str().to_owned()
     } else {
-        match std::fs::read_to_string(repo_dir.join("refs").join(revision.as_str())) {
-            Ok(commit) => commit.trim().to_owned(),
-            Err(_) => return Ok(None),
+        match crate::open::read_small(&repo_dir.join("refs").join(revision.as_str()), REF_LIMIT) {
+            Some(commit) => commit.trim().to_owned(),
+            None => return Ok(None),
         }
     };
     if !is_commit(&commit) {

@@ -137,6 +137,11 @@ impl Hub {
         let mut tree = std::pin::pin!(tree);
         while let Some(entry) = tree.next().await {
             if let RepoTreeEntry::File { path, size, lfs, .. } = entry.map_err(hub_error)? {
+                // The listing is the hub's word on paths the download joins to the snapshot
+                // folder: a hostile or broken hub must not name one outside it.
+                if !is_repo_path(&path) {
+                    return Err(weights::Error::PathEscapes { path: shown_path(&path) }.into());
+                }
                 let sha256 = lfs.and_then(|l| l.sha256).filter(|s| s.len() == 64);
                 files.push(RemoteFile { path, size, sha256 });
             }
@@ -170,7 +175,7 @@ impl Hub {
             return Ok(());
         }
         let path = self.cache.join(repo_folder(id)).join("refs").join(revision.as_str());
-        if std::fs::read_to_string(&path).is_ok_and(|c| c.trim() == commit) {
+        if crate::open::read_small(&path, crate::cache::REF_LIMIT).is_some_and(|c| c.trim() == commit) {
             return Ok(());
         }
         let parent = path.parent().ok_or_else(|| std::io::Error::other("a ref has a folder"))?;
@@ -332,6 +337,24 @@ impl ProgressHandler for FileProgress {
     }
 }
 
+/// A relative path inside a repo: segments that are not empty, `.` or `..`, with no `\\`, NUL or
+/// other control character anywhere (so no absolute path, no climbing out, no Windows-style
+/// separator for a later tool to misread).
+fn is_repo_path(path: &str) -> bool {
+    !path.is_empty()
+        && !path.chars().any(|c| c == '\\' || c.is_control())
+        && path.split('/').all(|segment| !segment.is_empty() && segment != "." && segment != "..")
+}
+
+/// A path from the hub fit for a message: escaped, at most 80 characters.
+fn shown_path(path: &str) -> String {
+    let escaped = path.escape_debug().to_string();
+    match escaped.char_indices().nth(80) {
+        Some((end, _)) => format!("{}…", &escaped[..end]),
+        None => escaped,
+    }
+}
+
 fn is_commit(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
@@ -436,6 +459,18 @@ pub(crate) fn hub_error(e: HFError) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repo_paths_stay_inside_the_snapshot() {
+        for good in ["config.json", "unet/config.json", "a.b/c..d.json", "x/y/z.safetensors"] {
+            assert!(is_repo_path(good), "{good}");
+        }
+        for bad in ["", "/PWNED.json", "../up.json", "a/../../b", "./x", "a/.", "a//b", "a/", "a\\b", "x\0y", "x\ny"] {
+            assert!(!is_repo_path(bad), "{bad:?}");
+        }
+        assert_eq!(shown_path("a\0b"), "a\\0b");
+        assert_eq!(shown_path(&"x".repeat(200)).chars().count(), 81);
+    }
 
     fn files(paths: &[&str]) -> Vec<RemoteFile> {
         paths.iter().map(|p| RemoteFile { path: (*p).into(), size: 1, sha256: None }).collect()

@@ -13,6 +13,7 @@ mod cache;
 mod hub;
 mod hub_source;
 mod local;
+mod open;
 
 use std::{
     path::PathBuf,

@@ -3,7 +3,6 @@
 //! or `<root>/<org>/<name>`).
 
 use std::{
-    fs::File,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -12,7 +11,7 @@ use futures::future::BoxFuture;
 use model_id::{ModelId, ModelSource, Revision};
 use weights::{ModelFiles, ReadAt};
 
-use crate::{Error, Located, Source, Wanted};
+use crate::{Error, Located, Source, Wanted, open::open_regular};
 
 /// One model's folder. Every path is resolved with every symlink followed and must stay inside
 /// the canonical root: nothing outside it is ever opened.
@@ -35,6 +34,9 @@ impl LocalFiles {
         let real = match self.dir.join(path).canonicalize() {
             Ok(real) => real,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+                return Err(weights::Error::NotAFile { file: path.to_owned(), what: "a symlink loop" });
+            }
             Err(source) => return Err(weights::Error::Read { file: path.to_owned(), source }),
         };
         if !real.starts_with(&self.root) {
@@ -70,7 +72,7 @@ impl ModelFiles for LocalFiles {
 
     fn open(&self, path: &str) -> Result<Option<Arc<dyn ReadAt>>, weights::Error> {
         let Some(real) = self.confine(path)? else { return Ok(None) };
-        let file = File::open(&real).map_err(|source| weights::Error::Read { file: path.to_owned(), source })?;
+        let file = open_regular(&real).map_err(|e| e.into_files(path))?;
         Ok(Some(Arc::new(file)))
     }
 }

@@ -51,10 +51,16 @@ impl ModelLoader for ModelLoaderService {
         let id = request.into_inner().model_id;
         let filter = if id.is_empty() { None } else { Some(convert::model_id(&id)?) };
         let subscription = self.manager.watch(filter);
-        // The watcher gauge counts the stream until it is dropped (its client went away).
-        let stream = stream::unfold((subscription, crate::metrics::Watcher::open()), |(mut sub, watcher)| async move {
-            let event = sub.next().await?;
-            Some((Ok(convert::event(event)), (sub, watcher)))
+        // The watcher gauge counts the stream until it is dropped (its client went away). The
+        // stream only ends when the server shuts down, and then with UNAVAILABLE, as LoadModel
+        // streams do: a client can tell shutdown from a normal end and reconnect elsewhere.
+        let state = Some((subscription, crate::metrics::Watcher::open()));
+        let stream = stream::unfold(state, |state| async move {
+            let (mut sub, watcher) = state?;
+            match sub.next().await {
+                Some(event) => Some((Ok(convert::event(event)), Some((sub, watcher)))),
+                None => Some((Err(Status::unavailable("the server is shutting down")), None)),
+            }
         });
         Ok(Response::new(Box::pin(stream)))
     }

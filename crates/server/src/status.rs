@@ -17,13 +17,15 @@ pub fn from_manager(e: &ManagerError) -> Status {
 pub fn from_load(e: &LoadError) -> Status {
     let code = match e.kind() {
         Kind::InvalidRequest | Kind::InvalidDevice => Code::InvalidArgument,
-        Kind::DeviceUnavailable | Kind::PickleOnly | Kind::UnsupportedDtype => Code::FailedPrecondition,
+        Kind::DeviceUnavailable | Kind::PickleOnly | Kind::UnsupportedDtype | Kind::NotAFile | Kind::Conflict => {
+            Code::FailedPrecondition
+        }
         Kind::OverBudget => Code::ResourceExhausted,
         Kind::NotFound | Kind::Hub(HubFailure::NotFound) => Code::NotFound,
         Kind::PathEscapes | Kind::Hub(HubFailure::PermissionDenied) => Code::PermissionDenied,
         Kind::Corrupt | Kind::BadConfig => Code::DataLoss,
         Kind::Hub(HubFailure::Unauthenticated) => Code::Unauthenticated,
-        Kind::Hub(HubFailure::Unavailable) | Kind::ShuttingDown => Code::Unavailable,
+        Kind::Hub(HubFailure::Unavailable) | Kind::ShuttingDown | Kind::Stalled => Code::Unavailable,
         Kind::Cancelled => Code::Cancelled,
         Kind::ReadWeights | Kind::PlaceOnDevice | Kind::Hub(HubFailure::Other) | Kind::Internal => Code::Internal,
     };

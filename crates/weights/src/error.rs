@@ -20,6 +20,10 @@ pub enum Error {
     UnsupportedDtype { file: String, tensor: String, dtype: String },
     #[error("{file} is corrupt: {reason}")]
     Corrupt { file: String, reason: String },
+    /// A model file that is a FIFO, a directory, a socket or a device: never read (a FIFO would
+    /// block the load for ever).
+    #[error("{file} is {what}, not a regular file")]
+    NotAFile { file: String, what: &'static str },
     #[error("{file} is not valid JSON: {reason}")]
     BadConfig { file: String, reason: String },
     #[error("cannot read {file}: {source}")]
