@@ -10,10 +10,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     let descriptor = PathBuf::from(env::var("OUT_DIR")?).join("model_loader_descriptor.bin");
-    tonic_prost_build::configure().file_descriptor_set_path(&descriptor).compile_with_config(
-        config,
-        &[file],
-        &[root],
-    )?;
+    // Our codec: a request that does not decode is the caller's fault (see `codec` in src/lib.rs).
+    tonic_prost_build::configure()
+        .codec_path("crate::codec::RequestCodec")
+        .file_descriptor_set_path(&descriptor)
+        .compile_with_config(config, &[file], &[root])?;
     Ok(())
 }

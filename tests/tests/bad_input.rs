@@ -494,3 +494,49 @@ async fn a_load_asking_for_another_dtype_than_resident_is_failed_precondition() 
     drop((client, other));
     server.stop().await;
 }
+
+/// A message whose field 1 is a varint: where the service expects `model_id` (a string), the
+/// bytes do not decode.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Undecodable {
+    #[prost(uint64, tag = "1")]
+    model_id: u64,
+}
+
+/// Requests whose bytes do not decode as the RPC's message are INVALID_ARGUMENT (tonic's codec
+/// said INTERNAL, blaming the server), unary and streaming alike; the server stays healthy.
+#[tokio::test]
+async fn an_undecodable_request_is_invalid_argument() {
+    use tonic::codegen::http::uri::PathAndQuery;
+    let root = model_root();
+    let (server, mut client) = tests::serve(root.path()).await;
+    let channel = Channel::from_shared(format!("http://{}", server.addr)).expect("uri").connect_lazy();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let bad = || tonic::Request::new(Undecodable { model_id: 7 });
+    grpc.ready().await.expect("ready");
+    let unary = grpc
+        .unary(
+            bad(),
+            PathAndQuery::from_static("/modelloader.v1.ModelLoader/GetModel"),
+            proto::codec::RequestCodec::<Undecodable, pb::ModelStatus>::default(),
+        )
+        .await;
+    let status = expect_code(unary, Code::InvalidArgument, "GetModel of undecodable bytes");
+    assert!(status.message().contains("does not decode"), "{status:?}");
+    grpc.ready().await.expect("ready");
+    let streaming = grpc
+        .server_streaming(
+            bad(),
+            PathAndQuery::from_static("/modelloader.v1.ModelLoader/LoadModel"),
+            proto::codec::RequestCodec::<Undecodable, pb::ModelLoadProgress>::default(),
+        )
+        .await;
+    let end = match streaming {
+        Ok(mut stream) => stream.get_mut().message().await.map(|_| ()),
+        Err(status) => Err(status),
+    };
+    expect_code(end, Code::InvalidArgument, "LoadModel of undecodable bytes");
+    assert_healthy(&mut client).await;
+    drop(client);
+    server.stop().await;
+}
