@@ -540,3 +540,105 @@ async fn an_undecodable_request_is_invalid_argument() {
     drop(client);
     server.stop().await;
 }
+
+/// Whether the reference implementation (Python's `safetensors`, `pip install safetensors`)
+/// accepts each file: `safetensors.deserialize` of its bytes.
+fn reference_accepts(files: &[std::path::PathBuf]) -> Vec<bool> {
+    let script = "import sys, safetensors\n\
+                  for path in sys.argv[1:]:\n\
+                  \x20   try:\n\
+                  \x20       safetensors.deserialize(open(path, 'rb').read()); print('ok')\n\
+                  \x20   except Exception:\n\
+                  \x20       print('refused')\n";
+    let out = std::process::Command::new("python3").arg("-c").arg(script).args(files).output().expect("run python3");
+    assert!(out.status.success(), "python3 safetensors: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8").lines().map(|l| l == "ok").collect()
+}
+
+/// `__metadata__` is validated as the reference validates it, and a test runs the reference on
+/// the same files and agrees on each: strings to strings (or null) load; a number, a nested map,
+/// an array, `__metadata__` given twice, or invalid UTF-8 inside a metadata string are
+/// DATA_LOSS (all used to load).
+#[tokio::test]
+async fn metadata_is_validated_as_the_reference_does() {
+    let tensor = r#""w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}"#;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("strings", format!(r#"{{"__metadata__":{{"format":"pt"}},{tensor}}}"#).into_bytes()),
+        ("null", format!(r#"{{"__metadata__":null,{tensor}}}"#).into_bytes()),
+        ("a number", format!(r#"{{"__metadata__":{{"a":1}},{tensor}}}"#).into_bytes()),
+        ("a nested map", format!(r#"{{"__metadata__":{{"a":{{"b":"c"}}}},{tensor}}}"#).into_bytes()),
+        ("an array", format!(r#"{{"__metadata__":["a"],{tensor}}}"#).into_bytes()),
+        ("twice", format!(r#"{{"__metadata__":{{"a":"b"}},"__metadata__":{{"c":"d"}},{tensor}}}"#).into_bytes()),
+        (
+            "invalid UTF-8",
+            [br#"{"__metadata__":{"a":""#.as_slice(), b"\xff\xfe", br#""},"#, tensor.as_bytes(), b"}"].concat(),
+        ),
+    ];
+    let tmp = tempfile::tempdir().expect("tmp");
+    let paths: Vec<_> = cases
+        .iter()
+        .map(|(name, header)| {
+            let path = tmp.path().join(format!("{}.safetensors", name.replace(' ', "-")));
+            std::fs::write(&path, raw_safetensors(header, &[0u8; 8])).expect("write");
+            path
+        })
+        .collect();
+    let reference = reference_accepts(&paths);
+    assert_eq!(reference, [true, true, false, false, false, false, false], "the reference's verdicts");
+
+    let root = model_root();
+    for ((name, _), path) in cases.iter().zip(&paths) {
+        let dir = root.path().join(name.replace(' ', "-"));
+        std::fs::create_dir(&dir).expect("folder");
+        std::fs::copy(path, dir.join("model.safetensors")).expect("copy");
+    }
+    let (server, mut client) = tests::serve(root.path()).await;
+    for ((name, _), accepted) in cases.iter().zip(reference) {
+        let id = name.replace(' ', "-");
+        let (_, end) = tests::load_all(&mut client, tests::load(&id)).await;
+        if accepted {
+            end.unwrap_or_else(|s| panic!("metadata {name}: the reference accepts it, so do we: {s:?}"));
+        } else {
+            let status = expect_code(end, Code::DataLoss, &format!("metadata {name}"));
+            assert!(status.message().contains("model.safetensors"), "{status:?}");
+        }
+    }
+    assert_healthy(&mut client).await;
+    drop(client);
+    server.stop().await;
+}
+
+/// BOOL tensors keep their name (ListTensors says BOOL, not U8) and must hold only 0 and 1:
+/// bytes `07 02 ff 00` are DATA_LOSS naming the tensor (they used to load, listed as U8).
+#[tokio::test]
+async fn bool_tensors_are_listed_as_bool_and_hold_only_zero_and_one() {
+    let header = serde_json::json!({ "mask": { "dtype": "BOOL", "shape": [4], "data_offsets": [0, 4] } });
+    let root = model_root();
+    for (id, data) in [("bools", [1u8, 0, 0, 1]), ("not-bools", [7, 2, 0xff, 0])] {
+        std::fs::create_dir(root.path().join(id)).expect("folder");
+        std::fs::write(root.path().join(id).join("model.safetensors"), raw_with_json(&header, &data)).expect("write");
+    }
+    let (server, mut client) = tests::serve(root.path()).await;
+    let (_, end) = tests::load_all(&mut client, tests::load("bools")).await;
+    end.expect("a BOOL tensor of 0s and 1s loads");
+    let tensors = client
+        .list_tensors(pb::ListTensorsRequest { model_id: "bools".into(), with_checksums: true })
+        .await
+        .expect("ListTensors")
+        .into_inner()
+        .tensors;
+    assert_eq!(tensors.len(), 1);
+    assert_eq!((tensors[0].dtype.as_str(), tensors[0].shape.as_slice()), ("BOOL", [4u64].as_slice()));
+    assert_eq!(tests::get_model(&mut client, "bools").await.dtype, "BOOL");
+
+    let (_, end) = tests::load_all(&mut client, tests::load("not-bools")).await;
+    let status = expect_code(end, Code::DataLoss, "a BOOL tensor holding 7");
+    for needle in ["model.safetensors", "mask", "0x07"] {
+        assert!(status.message().contains(needle), "{needle}: {status:?}");
+    }
+    assert_failed_with(&mut client, "not-bools", &["a bool is 0 or 1"]).await;
+    client.unload_model(pb::UnloadModelRequest { model_id: "bools".into(), force: false }).await.expect("unload");
+    tests::assert_nothing_resident(&mut client).await;
+    drop(client);
+    server.stop().await;
+}

@@ -2,7 +2,7 @@
 //! state, the outcome for every stream, and the memory of a failed load freed last.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -14,7 +14,7 @@ use resource_manager::{DeviceId, Reservation, host, sync};
 use state_manager::{LoadFacts, Transition};
 use steps::{BYTE_PROGRESS_INTERVAL, ByteProgress, ModelLoadStep};
 use weights::{
-    LoadPlan, ModelFiles, Placement,
+    LoadPlan, ModelFiles, PlacedTensor, Placement,
     read::{ReadFailed, ReadOptions},
 };
 
@@ -249,6 +249,7 @@ impl LoaderService {
         let id = handle.model_id();
         // The reader numbers components in plan order; the pipeline keys them by name.
         let names: Vec<String> = planned.plan.components.iter().map(|c| c.name.clone()).collect();
+        let bools = bool_tensors(&planned.plan);
         let mut components: BTreeMap<String, Component> = planned
             .plan
             .components
@@ -260,7 +261,11 @@ impl LoaderService {
         for t in std::mem::take(&mut held.tensors) {
             let component = names.get(t.component).and_then(|name| components.get_mut(name));
             let component = component.ok_or_else(|| LoadError::internal(id, "tensor of an unknown component"))?;
-            component.tensors.push(ResidentTensor { name: t.name, data: t.data });
+            let is_bool = match (!bools.is_empty()).then(|| bools.get(&(t.component, t.name.clone()))).flatten() {
+                Some(file) => check_bools(file, &t).map_err(|e| LoadError::model(id, e)).map(|()| true)?,
+                None => false,
+            };
+            component.tensors.push(ResidentTensor { name: t.name, data: t.data, is_bool });
         }
         let weight_bytes: u64 = components.values().flat_map(|c| &c.tensors).map(ResidentTensor::size_bytes).sum();
         let reservation = held.reservation.take().ok_or_else(|| LoadError::internal(id, "reservation gone"))?;
@@ -308,6 +313,29 @@ async fn plan(
             what: "reading the model's configs and safetensors headers",
             after: PLAN_IO_BOUND,
         })),
+    }
+}
+
+/// The BOOL tensors of a plan (rare: masks), by component number and name, with their file.
+fn bool_tensors(plan: &LoadPlan) -> HashMap<(usize, String), String> {
+    let files =
+        plan.components.iter().enumerate().flat_map(|(c, component)| component.files.iter().map(move |f| (c, f)));
+    files
+        .flat_map(|(c, f)| f.tensors.iter().filter(|t| t.is_bool).map(move |t| ((c, t.name.clone()), f.path.clone())))
+        .collect()
+}
+
+/// A BOOL tensor's bytes are each 0 or 1: other bytes are not a bool in any framework that
+/// takes the weights (torch reads them as undefined behaviour), so the file is corrupt.
+fn check_bools(file: &str, tensor: &PlacedTensor) -> Result<(), weights::Error> {
+    let bytes =
+        tensor.data.bytes().map_err(|e| weights::Error::Internal(format!("reading {} back: {e}", tensor.name)))?;
+    match bytes.iter().position(|&b| b > 1) {
+        None => Ok(()),
+        Some(at) => Err(weights::Error::Corrupt {
+            file: file.to_owned(),
+            reason: format!("BOOL tensor {} holds byte {:#04x} at {at}: a bool is 0 or 1", tensor.name, bytes[at]),
+        }),
     }
 }
 

@@ -75,12 +75,14 @@ pub struct ResidentTensor {
     /// The name in its file (without the component prefix).
     pub name: String,
     pub data: Box<dyn TensorData>,
+    /// Stored as BOOL: its U8 bytes are each 0 or 1, and it is listed as BOOL.
+    pub is_bool: bool,
 }
 
 impl ResidentTensor {
-    /// The tensor's dtype as safetensors spells it ("F32", "BF16", ...).
+    /// The tensor's dtype as safetensors spells it ("F32", "BF16", "BOOL", ...).
     pub fn dtype_name(&self) -> &'static str {
-        dtype_name(self.data.dtype())
+        if self.is_bool { "BOOL" } else { dtype_name(self.data.dtype()) }
     }
 
     pub fn size_bytes(&self) -> u64 {
@@ -388,7 +390,11 @@ mod tests {
 
     fn tensor(name: &str, values: Vec<f32>) -> ResidentTensor {
         let n = values.len();
-        ResidentTensor { name: name.into(), data: Box::new(Tensor::from_vec(values, n, &Device::Cpu).expect("tensor")) }
+        ResidentTensor {
+            name: name.into(),
+            data: Box::new(Tensor::from_vec(values, n, &Device::Cpu).expect("tensor")),
+            is_bool: false,
+        }
     }
 
     /// One float dtype names the model; two make it "mixed"; integers count only without floats.

@@ -13,7 +13,7 @@ use candle_core::DType;
 use safetensors::Dtype;
 use serde::{
     Deserialize, Deserializer,
-    de::{IgnoredAny, MapAccess, Visitor},
+    de::{MapAccess, Visitor},
 };
 
 use model_id::TargetDtype;
@@ -32,6 +32,8 @@ pub struct TensorPlan {
     /// Absolute offset of its first byte in the file.
     pub offset: u64,
     pub len: u64,
+    /// Stored as BOOL: held as U8 (candle has no bool), listed as BOOL, each byte 0 or 1.
+    pub is_bool: bool,
 }
 
 /// Whether a load with a target dtype converts tensors of `dtype`: the 16-, 32- and 64-bit floats.
@@ -63,6 +65,9 @@ pub enum HeaderError {
 /// The tensors of `json` sorted by offset, checked against a data section of `data_len` bytes
 /// that starts at byte `data_start` of the file.
 pub fn tensors(json: &[u8], data_start: u64, data_len: u64) -> Result<Vec<TensorPlan>, HeaderError> {
+    // The whole header is UTF-8, as the reference insists: serde_json checks the strings it
+    // keeps, not those it skips.
+    std::str::from_utf8(json).map_err(|e| HeaderError::Corrupt(format!("the header is not UTF-8: {e}")))?;
     let Raw(mut raw) =
         serde_json::from_slice(json).map_err(|e| HeaderError::Corrupt(format!("invalid header: {e}")))?;
     let mut names = HashSet::with_capacity(raw.len());
@@ -101,7 +106,8 @@ pub fn tensors(json: &[u8], data_start: u64, data_len: u64) -> Result<Vec<Tensor
                     stop - start
                 )));
             }
-            Ok(TensorPlan { name, dtype, shape: info.shape, offset: data_start + start, len: stop - start })
+            let is_bool = info.dtype == Dtype::BOOL;
+            Ok(TensorPlan { name, dtype, shape: info.shape, offset: data_start + start, len: stop - start, is_bool })
         })
         .collect()
 }
@@ -134,7 +140,7 @@ struct Info {
 }
 
 /// The header's tensors in the order of their keys; `__metadata__` (free-form strings) is
-/// skipped without building it.
+/// validated and dropped.
 struct Raw(Vec<(String, Info)>);
 
 impl<'de> Deserialize<'de> for Raw {
@@ -149,9 +155,14 @@ impl<'de> Deserialize<'de> for Raw {
 
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Raw, A::Error> {
                 let mut tensors = Vec::with_capacity(map.size_hint().unwrap_or(0));
+                let mut metadata = false;
                 while let Some(name) = map.next_key::<String>()? {
                     if name == "__metadata__" {
-                        map.next_value::<IgnoredAny>()?;
+                        // As the reference reads it: once at most, null or strings by string.
+                        if std::mem::replace(&mut metadata, true) {
+                            return Err(serde::de::Error::duplicate_field("__metadata__"));
+                        }
+                        map.next_value::<Option<Metadata>>()?;
                     } else {
                         tensors.push((name, map.next_value()?));
                     }
@@ -160,6 +171,28 @@ impl<'de> Deserialize<'de> for Raw {
             }
         }
         deserializer.deserialize_map(Entries)
+    }
+}
+
+/// `__metadata__`: checked to be a map of strings to strings, and dropped.
+struct Metadata;
+
+impl<'de> Deserialize<'de> for Metadata {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Strings;
+        impl<'de> Visitor<'de> for Strings {
+            type Value = Metadata;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map of strings to strings")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Metadata, A::Error> {
+                while map.next_entry::<String, String>()?.is_some() {}
+                Ok(Metadata)
+            }
+        }
+        deserializer.deserialize_map(Strings)
     }
 }
 

@@ -268,6 +268,7 @@ mod tests {
             shape: vec![(len as usize) / dtype.size_in_bytes()],
             offset,
             len,
+            is_bool: false,
         };
         let tensors = vec![tensor("a", DType::U8, 8, 992), tensor("b", DType::F32, 1000, 1000)];
         let file = FilePlan { path: "model.safetensors".into(), tensors: tensors.clone() };
@@ -306,6 +307,7 @@ mod tests {
             shape: vec![(len as usize) / dtype.size_in_bytes()],
             offset,
             len,
+            is_bool: false,
         };
         let tensors = vec![
             tensor("a", DType::U8, 0, 1001),

@@ -218,6 +218,7 @@ mod tests {
                 shape: vec![n],
                 offset,
                 len: n as u64,
+                is_bool: false,
             });
         }
         let path = dir.path().join("model.safetensors");
@@ -265,8 +266,14 @@ mod tests {
         bytes.extend((0..1000u32).flat_map(u32::to_le_bytes));
         let path = dir.join("u32s.safetensors");
         std::fs::write(&path, bytes).expect("write");
-        let tensor =
-            TensorPlan { name: "t".into(), dtype: DType::U32, shape: vec![elems], offset: 100, len: 4 * elems as u64 };
+        let tensor = TensorPlan {
+            name: "t".into(),
+            dtype: DType::U32,
+            shape: vec![elems],
+            offset: 100,
+            len: 4 * elems as u64,
+            is_bool: false,
+        };
         let file = FilePlan { path: "u32s.safetensors".into(), tensors: vec![tensor] };
         let plan = LoadPlan {
             layout: Layout::SingleFile,

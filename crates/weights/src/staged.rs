@@ -568,6 +568,7 @@ mod tests {
                 shape: vec![n],
                 offset: data.len() as u64,
                 len: len as u64,
+                is_bool: false,
             });
             for _ in 0..len {
                 x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
