@@ -35,7 +35,7 @@ async fn attached_tensors_are_the_files_bytes_and_hold_the_model() {
     let server = TestServer::start(with_attach(config(&models), &socket)).await;
     let mut client = server.client().await;
     // The server task runs once the test yields: a gRPC answer says it has bound the socket too.
-    client.list_models(pb::ListModelsRequest {}).await.expect("ListModels");
+    client.list_models(pb::ListModelsRequest::default()).await.expect("ListModels");
 
     let refused = attach(&socket, request("mixed")).await.expect_err("not loaded yet");
     assert!(matches!(refused, attach::AttachError::Refused { code: 9, .. }), "{refused:?}");

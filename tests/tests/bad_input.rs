@@ -61,7 +61,7 @@ async fn assert_nothing_resident(client: &mut Client) {
 
 /// Every id the server tracks or lists.
 async fn listed_ids(client: &mut Client) -> Vec<String> {
-    let models = client.list_models(pb::ListModelsRequest {}).await.expect("ListModels").into_inner().models;
+    let models = client.list_models(pb::ListModelsRequest::default()).await.expect("ListModels").into_inner().models;
     models.into_iter().map(|m| m.model_id).collect()
 }
 
@@ -639,6 +639,58 @@ async fn bool_tensors_are_listed_as_bool_and_hold_only_zero_and_one() {
     assert_failed_with(&mut client, "not-bools", &["a bool is 0 or 1"]).await;
     client.unload_model(pb::UnloadModelRequest { model_id: "bools".into(), force: false }).await.expect("unload");
     tests::assert_nothing_resident(&mut client).await;
+    drop(client);
+    server.stop().await;
+}
+
+/// Every model ListModels gives, page by page (`page_size` as given), and the pages' sizes.
+async fn list_all_pages(client: &mut Client, page_size: u32) -> (Vec<pb::ModelStatus>, Vec<usize>) {
+    let (mut all, mut pages, mut token) = (Vec::new(), Vec::new(), String::new());
+    loop {
+        let page = client
+            .list_models(pb::ListModelsRequest { page_size, page_token: token })
+            .await
+            .expect("ListModels")
+            .into_inner();
+        pages.push(page.models.len());
+        all.extend(page.models);
+        if page.next_page_token.is_empty() {
+            return (all, pages);
+        }
+        token = page.next_page_token;
+        assert!(pages.len() < 1000, "ListModels pages end");
+    }
+}
+
+/// LoadModel of 2,000 distinct unknown ids (each NOT_FOUND) does not grow what the server
+/// tracks for ever: past the bound (1,024 models at rest) the oldest are forgotten, while the
+/// model root's models stay listed. ListModels comes in pages (100 by default, `page_size` up to
+/// 1,000), in id order without gaps or repeats, so it never outgrows a client's message limit
+/// (it used to list every id ever asked for, in one message).
+#[tokio::test]
+async fn unknown_ids_are_forgotten_and_list_models_pages() {
+    let root = model_root();
+    let (server, mut client) = tests::serve(root.path()).await;
+    for i in 0..2000 {
+        let (_, end) = tests::load_all(&mut client, tests::load(&format!("org/unknown-{i:04}"))).await;
+        expect_code(end, Code::NotFound, "an unknown id");
+    }
+    let (all, pages) = list_all_pages(&mut client, 0).await;
+    assert!(pages.iter().all(|&n| n <= 100), "default pages of at most 100: {pages:?}");
+    let ids: Vec<&str> = all.iter().map(|m| m.model_id.as_str()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "sorted, no repeats across pages");
+    assert!(ids.contains(&GOOD), "the model root's model is listed");
+    assert!(all.len() <= 1025, "at most 1,024 at rest plus the model root: {}", all.len());
+    assert!(!ids.contains(&"org/unknown-0000") && ids.contains(&"org/unknown-1999"), "the oldest went first");
+    let (big, big_pages) = list_all_pages(&mut client, 5000).await;
+    assert_eq!(big.len(), all.len());
+    assert!(big_pages[0] == 1000 || big_pages.len() == 1, "pages are capped at 1,000: {big_pages:?}");
+    expect_code(
+        client.list_models(pb::ListModelsRequest { page_size: 0, page_token: "../x".into() }).await,
+        Code::InvalidArgument,
+        "a page token that is no model id",
+    );
+    assert_healthy(&mut client).await;
     drop(client);
     server.stop().await;
 }

@@ -376,7 +376,7 @@ async fn client_task(
                 check_cpu(&r.devices, &models, budget, &what);
             }
             Op::ListModels => {
-                let listed = bounded(&what, client.list_models(pb::ListModelsRequest {}))
+                let listed = bounded(&what, client.list_models(pb::ListModelsRequest::default()))
                     .await
                     .unwrap_or_else(|s| panic!("{what}: ListModels is always OK: {s:?}"))
                     .into_inner()

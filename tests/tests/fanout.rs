@@ -561,7 +561,7 @@ async fn a_lagging_watcher_is_resynchronised_never_left_with_a_gap() {
             }
         }
     }
-    let current = client.list_models(pb::ListModelsRequest {}).await.expect("ListModels").into_inner().models;
+    let current = client.list_models(pb::ListModelsRequest::default()).await.expect("ListModels").into_inner().models;
     assert_eq!(current.iter().map(|s| s.model_id.as_str()).collect::<Vec<_>>(), ids, "ListModels: every model");
     let last_c = current.iter().find(|s| s.model_id == "c").expect("c").clone();
     assert_eq!(ids.last(), Some(&"c"), "c is the last status of a snapshot");

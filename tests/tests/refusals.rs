@@ -39,7 +39,7 @@ fn model_root() -> TempDir {
 }
 
 async fn list_models(client: &mut Client) -> Vec<pb::ModelStatus> {
-    tokio::time::timeout(tests::WAIT, client.list_models(pb::ListModelsRequest {}))
+    tokio::time::timeout(tests::WAIT, client.list_models(pb::ListModelsRequest::default()))
         .await
         .expect("ListModels answers")
         .expect("ListModels")

@@ -234,6 +234,17 @@ impl ModelManager {
         all.into_iter().map(|s| self.with_clients(s)).collect()
     }
 
+    /// Up to `size` models of [`Self::list`] after `after` (by id), and the last one's id if more
+    /// follow (the next page's token).
+    pub fn list_page(&self, after: Option<&ModelId>, size: usize) -> (Vec<ModelStatus>, Option<ModelId>) {
+        let mut page: Vec<ModelStatus> =
+            self.list().into_iter().filter(|s| after.is_none_or(|a| &s.model_id > a)).take(size + 1).collect();
+        let more = page.len() > size;
+        page.truncate(size);
+        let next = if more { page.last().map(|s| s.model_id.clone()) } else { None };
+        (page, next)
+    }
+
     /// The status with its attached clients counted (the state manager does not know leases).
     fn with_clients(&self, mut status: ModelStatus) -> ModelStatus {
         status.attached_clients = self.pipelines.clients(&status.model_id);

@@ -9,6 +9,11 @@ use tonic::{Request, Response, Status};
 
 use crate::{convert, status};
 
+/// ListModels' page size when a request names none, and the most it gives: a page of statuses
+/// stays far below a client's default 4 MiB message limit.
+const DEFAULT_PAGE_SIZE: u32 = 100;
+const MAX_PAGE_SIZE: u32 = 1000;
+
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// The gRPC face of a [`ModelManager`].
@@ -94,9 +99,27 @@ impl ModelLoader for ModelLoaderService {
         Ok(Response::new(convert::status(status)))
     }
 
-    async fn list_models(&self, _: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
-        let models = self.manager.list().into_iter().map(convert::status).collect();
-        Ok(Response::new(pb::ListModelsResponse { models }))
+    async fn list_models(
+        &self,
+        request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let request = request.into_inner();
+        let size = match request.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        // The token is the last id of the previous page: any valid id is a place to start after.
+        let after = match request.page_token.as_str() {
+            "" => None,
+            token => Some(convert::model_id(token).map_err(|s| {
+                Status::invalid_argument(format!("page_token is not one ListModels gave: {}", s.message()))
+            })?),
+        };
+        let (page, next) = self.manager.list_page(after.as_ref(), size as usize);
+        Ok(Response::new(pb::ListModelsResponse {
+            models: page.into_iter().map(convert::status).collect(),
+            next_page_token: next.map(|id| id.as_str().to_owned()).unwrap_or_default(),
+        }))
     }
 
     async fn get_resources(

@@ -6,6 +6,14 @@
 //! it happened. This crate knows nothing of loading, memory or gRPC: callers say what happened
 //! ([`Transition`]) and the table says whether it may.
 
+use std::{
+    collections::VecDeque,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
 use dashmap::DashMap;
 use steps::ModelLoadProgress;
 use tokio::sync::{broadcast, watch};
@@ -137,30 +145,65 @@ pub enum StateEvent {
     Progress(ModelLoadProgress),
 }
 
+/// How many models at rest (UNLOADED or FAILED) keep their record by default; older ones are
+/// forgotten (see [`StateManager::with_max_resting`]).
+pub const DEFAULT_MAX_RESTING: usize = 1024;
+
 /// The records of every tracked model and the stream of their changes.
 pub struct StateManager {
-    /// One record per model ever tracked. A record's entry lock is what makes a transition one
+    /// One record per model tracked. A record's entry lock is what makes a transition one
     /// atomic check-and-set; it is never held across an `.await`.
-    records: DashMap<ModelId, ModelStatus>,
+    records: DashMap<ModelId, Record>,
     /// Every change, published while the entry lock is held, so each model's events are ordered.
     events: broadcast::Sender<StateEvent>,
     /// Notified on every transition (`send_replace` notifies even an unchanged value), for callers that wait for a state to be left (an unload) or for
     /// memory held by a model in transition to become evictable.
     changed: watch::Sender<()>,
+    /// Models that came to rest, oldest first, each with the number of that rest: a client
+    /// asking for ids that do not exist must not grow the records (and ListModels) for ever.
+    resting: Mutex<VecDeque<(ModelId, u64)>>,
+    rests: AtomicU64,
+    max_resting: usize,
+}
+
+/// A model's status and the number of its latest rest.
+struct Record {
+    status: ModelStatus,
+    rest: u64,
 }
 
 impl StateManager {
     /// `event_capacity` is how many events a slow subscriber may fall behind before it lags.
     pub fn new(event_capacity: usize) -> Self {
         let (events, _) = broadcast::channel(event_capacity.max(1));
-        Self { records: DashMap::new(), events, changed: watch::Sender::new(()) }
+        Self {
+            records: DashMap::new(),
+            events,
+            changed: watch::Sender::new(()),
+            resting: Mutex::new(VecDeque::new()),
+            rests: AtomicU64::new(0),
+            max_resting: DEFAULT_MAX_RESTING,
+        }
+    }
+
+    /// Keeps the records of at most about `max` models at rest (UNLOADED or FAILED): once more
+    /// have come to rest, the record of the one that came to rest longest ago is forgotten (a
+    /// later GetModel sees it as never loaded). Models in LOADING, LOADED or UNLOADING are never
+    /// forgotten.
+    pub fn with_max_resting(mut self, max: usize) -> Self {
+        self.max_resting = max;
+        self
     }
 
     /// Applies `transition` if the table allows it from the model's current state (a model never
     /// seen is UNLOADED), publishes the new status and returns it.
     pub fn apply(&self, model_id: &ModelId, transition: Transition) -> Result<ModelStatus, InvalidTransition> {
-        let mut entry = self.records.entry(model_id.clone()).or_insert_with(|| ModelStatus::unloaded(model_id));
-        let record = entry.value_mut();
+        let mut entry = self
+            .records
+            .entry(model_id.clone())
+            .or_insert_with(|| Record { status: ModelStatus::unloaded(model_id), rest: 0 });
+        let rest = self.rests.fetch_add(1, Ordering::Relaxed) + 1;
+        let Record { status: record, rest: record_rest } = entry.value_mut();
         let Some(next) = transition.target(record.state) else {
             return Err(InvalidTransition {
                 model_id: model_id.clone(),
@@ -169,6 +212,7 @@ impl StateManager {
             });
         };
         record.state = next;
+        *record_rest = rest;
         match transition {
             Transition::StartLoad { device } => {
                 record.error = None;
@@ -190,33 +234,48 @@ impl StateManager {
         // No subscriber is not an error: nobody is watching.
         let _ = self.events.send(StateEvent::Status(status.clone()));
         drop(entry);
+        if is_resting(next) {
+            self.came_to_rest(model_id, rest);
+        }
         self.changed.send_replace(());
         Ok(status)
+    }
+
+    /// Notes that `model_id` came to rest (its rest number `rest`), and forgets the models that
+    /// came to rest longest ago beyond the bound, if they are still at rest since then.
+    fn came_to_rest(&self, model_id: &ModelId, rest: u64) {
+        // A poisoned lock's queue is still consistent: each update under it is one push or pop.
+        let mut resting = self.resting.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        resting.push_back((model_id.clone(), rest));
+        while resting.len() > self.max_resting {
+            let Some((id, rest)) = resting.pop_front() else { break };
+            self.records.remove_if(&id, |_, r| r.rest == rest && is_resting(r.status.state));
+        }
     }
 
     /// Records and publishes a progress message of a model that is LOADING; progress of a load
     /// that already ended is dropped (it cannot overtake the terminal status).
     pub fn record_progress(&self, progress: ModelLoadProgress) {
         if let Some(mut record) = self.records.get_mut(progress.model_id.as_str())
-            && record.state == ModelState::Loading
+            && record.status.state == ModelState::Loading
         {
-            record.last_progress = Some(progress.clone());
+            record.status.last_progress = Some(progress.clone());
             let _ = self.events.send(StateEvent::Progress(progress));
         }
     }
 
     /// The model's status; `None` for a model never tracked.
     pub fn get(&self, model_id: &ModelId) -> Option<ModelStatus> {
-        self.records.get(model_id).map(|r| r.clone())
+        self.records.get(model_id).map(|r| r.status.clone())
     }
 
     pub fn state(&self, model_id: &ModelId) -> ModelState {
-        self.records.get(model_id).map_or(ModelState::Unloaded, |r| r.state)
+        self.records.get(model_id).map_or(ModelState::Unloaded, |r| r.status.state)
     }
 
     /// Every tracked model's status, sorted by id.
     pub fn all(&self) -> Vec<ModelStatus> {
-        let mut all: Vec<_> = self.records.iter().map(|r| r.clone()).collect();
+        let mut all: Vec<_> = self.records.iter().map(|r| r.status.clone()).collect();
         all.sort_by(|a, b| a.model_id.cmp(&b.model_id));
         all
     }
@@ -241,6 +300,11 @@ impl StateManager {
     pub fn changes(&self) -> watch::Receiver<()> {
         self.changed.subscribe()
     }
+}
+
+/// UNLOADED or FAILED: nothing of the model is resident or in flight.
+fn is_resting(state: ModelState) -> bool {
+    matches!(state, ModelState::Unloaded | ModelState::Failed)
 }
 
 #[cfg(test)]
@@ -279,6 +343,32 @@ mod tests {
             assert!(entered, "{state} cannot be entered");
             assert!(left, "{state} cannot be left");
         }
+    }
+
+    /// Past the bound, the models that came to rest longest ago are forgotten; a model loading
+    /// or loaded is kept however old, and one that rested, loaded again and rested anew counts
+    /// from its latest rest.
+    #[test]
+    fn models_at_rest_are_forgotten_oldest_first_past_the_bound() {
+        let m = StateManager::new(16).with_max_resting(3);
+        let fail = |name: &str| {
+            m.apply(&id(name), Transition::StartLoad { device: "cpu".into() }).expect("start");
+            m.apply(&id(name), Transition::LoadFailed { reason: "not found".into() }).expect("fail");
+        };
+        m.apply(&id("loaded"), Transition::StartLoad { device: "cpu".into() }).expect("start");
+        m.apply(&id("loaded"), Transition::LoadSucceeded(LoadFacts::default())).expect("loaded");
+        for name in ["a", "b", "c"] {
+            fail(name);
+        }
+        fail("a");
+        fail("d");
+        let ids: Vec<String> = m.all().into_iter().map(|s| s.model_id.as_str().to_owned()).collect();
+        assert_eq!(ids, ["a", "c", "d", "loaded"], "b rested longest ago; a counts from its second rest");
+        for i in 0..1000 {
+            fail(&format!("unknown-{i}"));
+        }
+        assert_eq!(m.all().len(), 4, "three at rest and the loaded model");
+        assert_eq!(m.state(&id("loaded")), ModelState::Loaded);
     }
 
     /// A second StartLoad while loading is refused and reports the current state.

@@ -168,14 +168,20 @@ class ModelStatus(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., last_progress: _Optional[_Union[ModelLoadProgress, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., revision: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., sample_size: _Optional[int] = ..., error: _Optional[str] = ..., source: _Optional[_Union[ModelSource, str]] = ..., unload_reason: _Optional[str] = ..., attached_clients: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models",)
+    __slots__ = ("models", "next_page_token")
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class GetResourcesRequest(_message.Message):
     __slots__ = ()

@@ -125,7 +125,9 @@ class ModelLoaderServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """Every model in the local model root (UNLOADED until loaded) and every model the server tracks.
+        """Every model in the local model root (UNLOADED until loaded) and every model the server tracks,
+        a page at a time (sorted by id; follow next_page_token). Models that came to rest (UNLOADED or
+        FAILED) are forgotten past a bound, oldest first; the model root's are always listed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
