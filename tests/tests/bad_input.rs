@@ -694,3 +694,41 @@ async fn unknown_ids_are_forgotten_and_list_models_pages() {
     drop(client);
     server.stop().await;
 }
+
+/// Past the server's limits a model is refused with RESOURCE_EXHAUSTED naming the limit, before
+/// its metadata takes memory the budget does not count: a header of 300,000 zero-size tensors
+/// (over 250,000 a model; it used to cost ~350 bytes of memory each, counted as nothing) and a
+/// 17 MiB `config.json` (over 16 MiB; every config used to be kept whole with the model).
+#[tokio::test]
+async fn headers_and_configs_past_the_limits_are_resource_exhausted() {
+    let root = model_root();
+    let many = root.path().join("many-tensors");
+    std::fs::create_dir(&many).expect("folder");
+    let mut header = serde_json::Map::new();
+    for i in 0..300_000 {
+        header.insert(format!("t{i}"), json!({ "dtype": "F32", "shape": [0], "data_offsets": [0, 0] }));
+    }
+    header.insert("w".into(), json!({ "dtype": "F32", "shape": [1], "data_offsets": [0, 4] }));
+    std::fs::write(many.join("model.safetensors"), raw_with_json(&header.into(), &[0; 4])).expect("write");
+    let big_config = root.path().join("big-config");
+    fixture::single_file_model(&big_config, &fixture::f32_tensors("w", 2, 32)).expect("model");
+    let padding = "x".repeat(17 << 20);
+    std::fs::write(big_config.join("config.json"), format!(r#"{{"sample_size": 8, "pad": "{padding}"}}"#))
+        .expect("config");
+    let (server, mut client) = tests::serve(root.path()).await;
+
+    for (id, needles) in [
+        ("many-tensors", ["model.safetensors", "limit of 250000 tensors"]),
+        ("big-config", ["config.json", "16777216-byte limit"]),
+    ] {
+        let (_, end) = tests::load_all(&mut client, tests::load(id)).await;
+        let status = expect_code(end, Code::ResourceExhausted, id);
+        for needle in needles {
+            assert!(status.message().contains(needle), "{id}: {needle}: {status:?}");
+        }
+    }
+    assert_nothing_resident(&mut client).await;
+    assert_healthy(&mut client).await;
+    drop(client);
+    server.stop().await;
+}

@@ -474,3 +474,33 @@ async fn reserved_bytes_of_a_load_in_flight_are_not_evictable() {
     assert_eq!(per_model(&cpu), vec![("a".to_owned(), size), ("big".to_owned(), big)]);
     server.stop().await;
 }
+
+/// A load that converts reserves its peak, not only what stays: F32 weights are read whole
+/// before step 7 makes them BF16, so a 256 KiB F32 model loaded as BF16 needs 384 KiB at once.
+/// Under a budget of 320 KiB (room for the 128 KiB it keeps, not for the peak) it is refused at
+/// step 3 with RESOURCE_EXHAUSTED naming the peak (it used to reserve 128 KiB and hold 384);
+/// under 384 KiB it loads, and then holds 128 KiB.
+#[tokio::test]
+async fn a_converting_load_reserves_its_peak() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let root = tempfile::tempdir().expect("root");
+    let stored = small_model(root.path(), "wide");
+    let bf16 = pb::LoadModelRequest { dtype: Some("bf16".into()), ..load("wide") };
+    let peak = stored + stored / 2;
+
+    let server = server_with(root.path(), stored + stored / 4, EvictPolicy::None).await;
+    let mut client = server.client().await;
+    let (messages, end) = load_all(&mut client, bf16.clone()).await;
+    let status = end.expect_err("the peak does not fit");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains(&peak.to_string()), "names the peak, {peak} bytes: {status:?}");
+    assert_eq!(messages.last().map(|m| m.step), Some(3), "refused before a byte is read: {messages:?}");
+    server.stop().await;
+
+    let server = server_with(root.path(), peak, EvictPolicy::None).await;
+    let mut client = server.client().await;
+    load_ok(&mut client, bf16).await;
+    let cpu = cpu_resources(&mut client).await;
+    assert_eq!((cpu.used_bytes, cpu.reserved_bytes), (stored / 2, 0), "holds the BF16 bytes once loaded: {cpu:?}");
+    server.stop().await;
+}

@@ -74,6 +74,8 @@ pub enum Kind {
     UnsupportedDtype,
     Corrupt,
     BadConfig,
+    /// A file past a limit of the server (JSON size, tensor count).
+    OverLimit,
     /// A model path that is not a regular file, or a symlink loop: the folder is wrong, not the
     /// server.
     NotAFile,
@@ -101,6 +103,7 @@ impl Kind {
             Self::UnsupportedDtype => "unsupported_dtype",
             Self::Corrupt => "corrupt",
             Self::BadConfig => "bad_config",
+            Self::OverLimit => "over_limit",
             Self::NotAFile => "not_a_file",
             Self::ReadWeights => "read_weights",
             Self::Stalled => "stalled",
@@ -159,6 +162,7 @@ impl LoadError {
                 W::UnsupportedDtype { .. } => Kind::UnsupportedDtype,
                 W::Corrupt { .. } => Kind::Corrupt,
                 W::BadConfig { .. } => Kind::BadConfig,
+                W::OverLimit { .. } => Kind::OverLimit,
                 W::NotAFile { .. } => Kind::NotAFile,
                 W::Read { source, .. } if is_bad_path(source) => Kind::NotAFile,
                 W::Read { .. } => Kind::ReadWeights,

@@ -157,7 +157,8 @@ impl LoaderService {
         files: Arc<dyn ModelFiles>,
     ) -> Result<(LoadPlan, Reservation), LoadError> {
         let plan = plan(handle, files, target).await?;
-        let needed = plan.resident_bytes(target);
+        // The peak, not the end state: converted tensors are read whole as stored first.
+        let needed = plan.peak_bytes(target);
         let reservation = self.make_room(handle, device, needed, ModelLoadStep::BuildStrategies).await?;
         handle
             .note(ModelLoadStep::BuildStrategies, format!("{}; {needed} bytes reserved on {device}", plan.describe()));
@@ -254,7 +255,7 @@ impl LoaderService {
             .plan
             .components
             .into_iter()
-            .map(|c| (c.name.clone(), Component { name: c.name, config: c.config, tensors: Vec::new() }))
+            .map(|c| (c.name.clone(), Component { name: c.name, sample_size: c.sample_size, tensors: Vec::new() }))
             .collect();
         // Kept in file order: ListTensors sorts what it shows, so loads of checkpoints with
         // thousands of tensors do not pay for a sort (docs/benchmarks/design-choices.md).

@@ -117,8 +117,8 @@ pub fn dtype_name(dtype: DType) -> &'static str {
 pub struct Component {
     /// The component's folder; empty for a plain (non-pipeline) model.
     pub name: String,
-    /// Its parsed `config.json`, when it has one.
-    pub config: Option<serde_json::Value>,
+    /// `sample_size` from its `config.json`, when it has one (the config itself is not kept).
+    pub sample_size: Option<u32>,
     /// In file order (components' files in plan order); [`Pipeline::tensor_infos`] sorts by name.
     pub tensors: Vec<ResidentTensor>,
 }
@@ -178,14 +178,10 @@ impl Pipeline {
 
     /// `sample_size` from the `unet` component's config for pipelines, else the model's config.
     pub fn sample_size(&self) -> Option<u32> {
-        let config = match self.components.get("unet") {
-            Some(unet) => unet.config.as_ref(),
-            None => self.components.get("").and_then(|c| c.config.as_ref()),
-        }?;
-        let value = config.get("sample_size")?;
-        // diffusers writes an int; some configs give [h, w]: report the first.
-        let n = value.as_u64().or_else(|| value.as_array()?.first()?.as_u64())?;
-        u32::try_from(n).ok()
+        match self.components.get("unet") {
+            Some(unet) => unet.sample_size,
+            None => self.components.get("").and_then(|c| c.sample_size),
+        }
     }
 
     /// The dtype of the floating-point tensors ("F32", "BF16"), "mixed" when they differ, or the
@@ -402,7 +398,7 @@ mod tests {
     fn dtype_summary_of_floats_and_integers() {
         let cast = |t: ResidentTensor, d: DType| ResidentTensor { data: t.data.to_dtype(d).expect("cast"), ..t };
         let summary = |tensors: Vec<ResidentTensor>| {
-            pipeline(vec![Component { name: String::new(), config: None, tensors }]).1.dtype_summary()
+            pipeline(vec![Component { name: String::new(), sample_size: None, tensors }]).1.dtype_summary()
         };
         let (a, b, c) = (|| tensor("a", vec![1.0]), || tensor("b", vec![2.0]), || tensor("c", vec![3.0]));
         assert_eq!(summary(vec![cast(a(), DType::U8), cast(b(), DType::BF16), cast(c(), DType::BF16)]), "BF16");
@@ -416,12 +412,8 @@ mod tests {
     #[test]
     fn pipeline_facts_and_tensor_infos() {
         let (_rm, p) = pipeline(vec![
-            Component {
-                name: "unet".into(),
-                config: Some(serde_json::json!({"sample_size": 32})),
-                tensors: vec![tensor("w", vec![1.0, 2.0])],
-            },
-            Component { name: "vae".into(), config: Some(serde_json::json!({"sample_size": 256})), tensors: vec![] },
+            Component { name: "unet".into(), sample_size: Some(32), tensors: vec![tensor("w", vec![1.0, 2.0])] },
+            Component { name: "vae".into(), sample_size: Some(256), tensors: vec![] },
         ]);
         assert_eq!(p.sample_size(), Some(32));
         assert_eq!(p.weight_bytes(), 8);
@@ -445,7 +437,7 @@ mod tests {
     /// Removing a pipeline drops its allocation: the accounting goes back to zero.
     #[test]
     fn removing_frees_the_accounting() {
-        let (rm, p) = pipeline(vec![Component { name: String::new(), config: None, tensors: vec![] }]);
+        let (rm, p) = pipeline(vec![Component { name: String::new(), sample_size: None, tensors: vec![] }]);
         let store = PipelineManager::new();
         store.insert(p);
         assert_eq!(rm.usage()[0].used_bytes, 64);

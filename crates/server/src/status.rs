@@ -20,7 +20,7 @@ pub fn from_load(e: &LoadError) -> Status {
         Kind::DeviceUnavailable | Kind::PickleOnly | Kind::UnsupportedDtype | Kind::NotAFile | Kind::Conflict => {
             Code::FailedPrecondition
         }
-        Kind::OverBudget => Code::ResourceExhausted,
+        Kind::OverBudget | Kind::OverLimit => Code::ResourceExhausted,
         Kind::NotFound | Kind::Hub(HubFailure::NotFound) => Code::NotFound,
         Kind::PathEscapes | Kind::Hub(HubFailure::PermissionDenied) => Code::PermissionDenied,
         Kind::Corrupt | Kind::BadConfig => Code::DataLoss,

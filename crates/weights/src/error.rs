@@ -24,6 +24,10 @@ pub enum Error {
     /// block the load for ever).
     #[error("{file} is {what}, not a regular file")]
     NotAFile { file: String, what: &'static str },
+    /// A file past one of the server's limits (JSON side file size, tensors per model), refused
+    /// before it takes memory the budget does not count.
+    #[error("{file}: {what}")]
+    OverLimit { file: String, what: String },
     #[error("{file} is not valid JSON: {reason}")]
     BadConfig { file: String, reason: String },
     #[error("cannot read {file}: {source}")]

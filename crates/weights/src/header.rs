@@ -23,6 +23,11 @@ use crate::files::ReadAt;
 /// The largest safetensors header we read (the format's own limit).
 pub const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
 
+/// The most tensors a model may have. The largest public checkpoints have about 100,000 (a
+/// mixture of experts with per-expert scales); each resident tensor costs some 500 bytes of
+/// metadata that the budget does not count, so this bounds that memory (about 125 MB).
+pub const MAX_TENSORS: usize = 250_000;
+
 /// One tensor: where its bytes are and what they hold.
 #[derive(Debug, Clone)]
 pub struct TensorPlan {
@@ -59,7 +64,12 @@ impl TensorPlan {
 pub enum HeaderError {
     Io(std::io::Error),
     Corrupt(String),
-    Unsupported { tensor: String, dtype: String },
+    Unsupported {
+        tensor: String,
+        dtype: String,
+    },
+    /// More than [`MAX_TENSORS`] entries: refused while parsing, before they take memory.
+    TooManyTensors,
 }
 
 /// The tensors of `json` sorted by offset, checked against a data section of `data_len` bytes
@@ -68,8 +78,13 @@ pub fn tensors(json: &[u8], data_start: u64, data_len: u64) -> Result<Vec<Tensor
     // The whole header is UTF-8, as the reference insists: serde_json checks the strings it
     // keeps, not those it skips.
     std::str::from_utf8(json).map_err(|e| HeaderError::Corrupt(format!("the header is not UTF-8: {e}")))?;
-    let Raw(mut raw) =
-        serde_json::from_slice(json).map_err(|e| HeaderError::Corrupt(format!("invalid header: {e}")))?;
+    let Raw(mut raw) = serde_json::from_slice(json).map_err(|e| {
+        if e.to_string().starts_with(TOO_MANY_TENSORS) {
+            HeaderError::TooManyTensors
+        } else {
+            HeaderError::Corrupt(format!("invalid header: {e}"))
+        }
+    })?;
     let mut names = HashSet::with_capacity(raw.len());
     if let Some((name, _)) = raw.iter().find(|(name, _)| !names.insert(name.as_str())) {
         return Err(HeaderError::Corrupt(format!("tensor {name} appears twice in the header")));
@@ -163,6 +178,8 @@ impl<'de> Deserialize<'de> for Raw {
                             return Err(serde::de::Error::duplicate_field("__metadata__"));
                         }
                         map.next_value::<Option<Metadata>>()?;
+                    } else if tensors.len() == MAX_TENSORS {
+                        return Err(serde::de::Error::custom(TOO_MANY_TENSORS));
                     } else {
                         tensors.push((name, map.next_value()?));
                     }
@@ -173,6 +190,9 @@ impl<'de> Deserialize<'de> for Raw {
         deserializer.deserialize_map(Entries)
     }
 }
+
+/// The message of the parse error that stops a header at [`MAX_TENSORS`] entries.
+const TOO_MANY_TENSORS: &str = "too many tensors";
 
 /// `__metadata__`: checked to be a map of strings to strings, and dropped.
 struct Metadata;

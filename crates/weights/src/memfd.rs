@@ -274,7 +274,12 @@ mod tests {
         let file = FilePlan { path: "model.safetensors".into(), tensors: tensors.clone() };
         let plan = LoadPlan {
             layout: Layout::SingleFile,
-            components: vec![ComponentPlan { name: String::new(), config: None, files: vec![file], variant: None }],
+            components: vec![ComponentPlan {
+                name: String::new(),
+                sample_size: None,
+                files: vec![file],
+                variant: None,
+            }],
         };
         let files: Vec<Arc<dyn ReadAt>> = vec![Arc::new(File::open(&path).expect("open"))];
         let cancel = CancellationToken::new();
@@ -317,7 +322,12 @@ mod tests {
         let file = FilePlan { path: "model.safetensors".into(), tensors: tensors.clone() };
         let plan = LoadPlan {
             layout: Layout::SingleFile,
-            components: vec![ComponentPlan { name: String::new(), config: None, files: vec![file], variant: None }],
+            components: vec![ComponentPlan {
+                name: String::new(),
+                sample_size: None,
+                files: vec![file],
+                variant: None,
+            }],
         };
         // Not a local file (as a remote object is not): read into the memfd, not mapped.
         let files: Vec<Arc<dyn ReadAt>> = vec![Arc::new(Remote(File::open(&path).expect("open")))];

@@ -13,11 +13,13 @@ use crate::{
     Error,
     choice::{self, Choice},
     files::{ModelFiles, join},
-    header::{self, HeaderError, TensorPlan},
+    header::{self, HeaderError, MAX_TENSORS, TensorPlan},
 };
 
-/// The largest JSON side file (config, index) we read.
-const MAX_JSON_BYTES: u64 = 64 * 1024 * 1024;
+/// The largest JSON side file (config, index) we read: real ones are kilobytes (a thousand-shard
+/// index a few MiB); a bigger one is refused rather than parsed into memory the budget does not
+/// count.
+pub const MAX_JSON_BYTES: u64 = 16 * 1024 * 1024;
 
 /// How the model's weights are laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, strum::Display)]
@@ -41,7 +43,8 @@ pub struct LoadPlan {
 #[derive(Debug)]
 pub struct ComponentPlan {
     pub name: String,
-    pub config: Option<serde_json::Value>,
+    /// `sample_size` from its `config.json`: the one config fact kept (the config itself is not).
+    pub sample_size: Option<u32>,
     pub files: Vec<FilePlan>,
     /// The precision variant read (`fp16`), if any.
     pub variant: Option<String>,
@@ -71,6 +74,14 @@ impl LoadPlan {
     /// Bytes read from the files.
     pub fn read_bytes(&self) -> u64 {
         self.files().flat_map(|f| &f.tensors).map(|t| t.len).sum()
+    }
+
+    /// The most bytes a load to `target` holds at once: the resident bytes, plus the bytes as
+    /// read of each tensor a conversion replaces (read whole before step 7 converts them).
+    pub fn peak_bytes(&self, target: Option<TargetDtype>) -> u64 {
+        let replaced = |t: &TensorPlan| target.is_some_and(|d| header::converts(t.dtype) && t.dtype != d.candle());
+        let tensors = self.files().flat_map(|f| &f.tensors);
+        tensors.map(|t| t.resident_bytes(target) + if replaced(t) { t.len } else { 0 }).sum()
     }
 
     /// Bytes resident after conversion to `target`: what the budget must hold.
@@ -104,8 +115,8 @@ pub fn build(files: &dyn ModelFiles, variant: Option<&str>) -> Result<LoadPlan, 
     }
     let Weights { layout, files, variant } =
         planner.weights_in("")?.ok_or_else(|| Error::NotFound("no safetensors weights in its folder".into()))?;
-    let config = planner.read_json("config.json")?;
-    Ok(LoadPlan { layout, components: vec![ComponentPlan { name: String::new(), config, files, variant }] })
+    let sample_size = planner.config_facts("config.json")?;
+    Ok(LoadPlan { layout, components: vec![ComponentPlan { name: String::new(), sample_size, files, variant }] })
 }
 
 struct Planner<'a> {
@@ -124,12 +135,35 @@ impl Planner<'_> {
 
     /// A JSON side file, if it exists.
     fn read_json(&self, path: &str) -> Result<Option<serde_json::Value>, Error> {
+        let Some(text) = self.read_json_bytes(path)? else { return Ok(None) };
+        serde_json::from_slice(&text).map(Some).map_err(|e| self.bad_config(path, e.to_string()))
+    }
+
+    /// A JSON side file's bytes, if it exists, within [`MAX_JSON_BYTES`].
+    fn read_json_bytes(&self, path: &str) -> Result<Option<Vec<u8>>, Error> {
         let Some(file) = self.files.open(path)? else { return Ok(None) };
         let read_error = |source| Error::Read { file: path.to_owned(), source };
-        let len = file.size().map_err(read_error)?.min(MAX_JSON_BYTES);
+        let len = file.size().map_err(read_error)?;
+        if len > MAX_JSON_BYTES {
+            let what = format!("{len} bytes is over the {MAX_JSON_BYTES}-byte limit of a JSON side file");
+            return Err(Error::OverLimit { file: path.to_owned(), what });
+        }
         let mut text = vec![0u8; len as usize];
         file.read_exact_at(&mut text, 0).map_err(read_error)?;
-        serde_json::from_slice(&text).map(Some).map_err(|e| self.bad_config(path, e.to_string()))
+        Ok(Some(text))
+    }
+
+    /// The facts kept of a `config.json`: `sample_size` (diffusers writes an int, some configs
+    /// `[h, w]`: the first). Parsed into that one field; the rest is checked as JSON and dropped.
+    fn config_facts(&self, path: &str) -> Result<Option<u32>, Error> {
+        #[derive(serde::Deserialize)]
+        struct Facts {
+            sample_size: Option<serde_json::Value>,
+        }
+        let Some(text) = self.read_json_bytes(path)? else { return Ok(None) };
+        let facts: Facts = serde_json::from_slice(&text).map_err(|e| self.bad_config(path, e.to_string()))?;
+        let n = facts.sample_size.and_then(|v| v.as_u64().or_else(|| v.as_array()?.first()?.as_u64()));
+        Ok(n.and_then(|n| u32::try_from(n).ok()))
     }
 
     fn pipeline(&self, model_index: &serde_json::Value) -> Result<LoadPlan, Error> {
@@ -148,8 +182,8 @@ impl Planner<'_> {
             }
             // Components without weights (scheduler, tokenizer) are configuration only.
             let Some(Weights { files, variant, .. }) = self.weights_in(name)? else { continue };
-            let config = self.read_json(&join(name, "config.json"))?;
-            components.push(ComponentPlan { name: name.clone(), config, files, variant });
+            let sample_size = self.config_facts(&join(name, "config.json"))?;
+            components.push(ComponentPlan { name: name.clone(), sample_size, files, variant });
         }
         if components.is_empty() {
             return Err(Error::NotFound("model_index.json names no component with safetensors weights".into()));
@@ -204,7 +238,16 @@ impl Planner<'_> {
         Ok(files)
     }
 
+    /// Names are unique across the files, and there are at most [`MAX_TENSORS`] of them.
     fn check_unique(&self, files: &[FilePlan]) -> Result<(), Error> {
+        let count: usize = files.iter().map(|f| f.tensors.len()).sum();
+        if count > MAX_TENSORS {
+            let file = files.last().map_or_else(String::new, |f| f.path.clone());
+            return Err(Error::OverLimit {
+                file,
+                what: format!("{count} tensors: over the limit of {MAX_TENSORS} tensors a model"),
+            });
+        }
         let mut seen = HashMap::new();
         for f in files {
             for t in &f.tensors {
@@ -223,6 +266,10 @@ impl Planner<'_> {
         let tensors = header::read(file.as_ref()).map_err(|e| match e {
             HeaderError::Io(source) => Error::Read { file: path.to_owned(), source },
             HeaderError::Corrupt(reason) => self.corrupt(path, reason),
+            HeaderError::TooManyTensors => Error::OverLimit {
+                file: path.to_owned(),
+                what: format!("more than {MAX_TENSORS} tensors: over the limit of {MAX_TENSORS} tensors a model"),
+            },
             HeaderError::Unsupported { tensor, dtype } => {
                 Error::UnsupportedDtype { file: path.to_owned(), tensor, dtype }
             }

@@ -226,7 +226,12 @@ mod tests {
         let file = FilePlan { path: "model.safetensors".into(), tensors: tensors.clone() };
         let plan = LoadPlan {
             layout: Layout::SingleFile,
-            components: vec![ComponentPlan { name: String::new(), config: None, files: vec![file], variant: None }],
+            components: vec![ComponentPlan {
+                name: String::new(),
+                sample_size: None,
+                files: vec![file],
+                variant: None,
+            }],
         };
         let files: Vec<Arc<dyn ReadAt>> = vec![Arc::new(File::open(&path).expect("open the fixture"))];
         let cancel = CancellationToken::new();
@@ -277,7 +282,12 @@ mod tests {
         let file = FilePlan { path: "u32s.safetensors".into(), tensors: vec![tensor] };
         let plan = LoadPlan {
             layout: Layout::SingleFile,
-            components: vec![ComponentPlan { name: String::new(), config: None, files: vec![file], variant: None }],
+            components: vec![ComponentPlan {
+                name: String::new(),
+                sample_size: None,
+                files: vec![file],
+                variant: None,
+            }],
         };
         (plan, vec![Arc::new(File::open(&path).expect("open"))])
     }

@@ -583,7 +583,12 @@ mod tests {
         let file = FilePlan { path: "model.safetensors".into(), tensors };
         let plan = LoadPlan {
             layout: Layout::SingleFile,
-            components: vec![ComponentPlan { name: String::new(), config: None, files: vec![file], variant: None }],
+            components: vec![ComponentPlan {
+                name: String::new(),
+                sample_size: None,
+                files: vec![file],
+                variant: None,
+            }],
         };
         (plan, vec![Arc::new(File::open(&path).expect("open the fixture"))], data)
     }
