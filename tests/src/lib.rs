@@ -32,6 +32,7 @@ pub fn config(model_root: &Path) -> ServerConfig {
         log_format: LogFormat::Text,
         metrics_listen: None,
         attach: None,
+        security: server::SecurityConfig::default(),
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use crate::attach::AttachConfig;
+use crate::{attach::AttachConfig, connections::ConnectionLimits, tls::TlsFiles};
 
 use clap::{Parser, ValueEnum, builder::PossibleValuesParser, builder::TypedValueParser as _};
 use model_manager::{
@@ -116,6 +116,46 @@ pub struct Cli {
     #[arg(long, env = "MODEL_LOADER_ATTACH_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub attach_request_timeout: Duration,
 
+    /// Require a bearer token on the ModelLoader service: a file of `read:<token>` and
+    /// `admin:<token>` lines (read again on SIGHUP). Health and reflection stay open [default: off].
+    #[arg(long, env = "MODEL_LOADER_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+
+    /// Serve gRPC over TLS with this PEM certificate chain (with --tls-key); reloaded when it
+    /// changes [default: plaintext].
+    #[arg(long, env = "MODEL_LOADER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "MODEL_LOADER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Mutual TLS: clients must present a certificate signed by this PEM CA.
+    #[arg(long, env = "MODEL_LOADER_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// gRPC connections open at once; when all are taken, a new one replaces the connection
+    /// idle the longest (and is refused if none is idle).
+    #[arg(long, env = "MODEL_LOADER_MAX_CONNECTIONS", default_value_t = ConnectionLimits::default().max_connections)]
+    pub max_connections: usize,
+
+    /// A connection with no request in flight for this long is closed.
+    #[arg(long, env = "MODEL_LOADER_IDLE_TIMEOUT", default_value = "300s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// A connection must finish its TLS and HTTP/2 handshake within this.
+    #[arg(long, env = "MODEL_LOADER_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Requests (HTTP/2 streams) open at once on one connection; past it the client's new
+    /// streams are refused.
+    #[arg(long, env = "MODEL_LOADER_MAX_STREAMS_PER_CONNECTION", default_value_t = 128)]
+    pub max_streams_per_connection: u32,
+
+    /// WatchModels streams open at once in all; past it, WatchModels is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MODEL_LOADER_MAX_WATCHERS", default_value_t = 256)]
+    pub max_watchers: usize,
+
     /// Log format.
     #[arg(long, env = "MODEL_LOADER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -173,6 +213,32 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// The attach socket; `None`: off.
     pub attach: Option<AttachConfig>,
+    pub security: SecurityConfig,
+}
+
+/// Who may call, over what, and how much (SPEC §11).
+#[derive(Debug, Clone)]
+pub struct SecurityConfig {
+    /// The bearer-token file; `None`: no auth.
+    pub auth_token_file: Option<PathBuf>,
+    /// `None`: plaintext.
+    pub tls: Option<TlsFiles>,
+    pub connections: ConnectionLimits,
+    pub max_streams_per_connection: u32,
+    pub max_watchers: usize,
+}
+
+impl Default for SecurityConfig {
+    /// No auth, plaintext, the flags' default limits.
+    fn default() -> Self {
+        Self {
+            auth_token_file: None,
+            tls: None,
+            connections: ConnectionLimits::default(),
+            max_streams_per_connection: 128,
+            max_watchers: 256,
+        }
+    }
 }
 
 impl Cli {
@@ -219,6 +285,21 @@ impl Cli {
             log_format: self.log_format,
             metrics_listen: self.metrics_listen,
             attach,
+            security: SecurityConfig {
+                auth_token_file: self.auth_token_file,
+                tls: self.tls_cert.zip(self.tls_key).map(|(cert, key)| TlsFiles {
+                    cert,
+                    key,
+                    client_ca: self.tls_client_ca,
+                }),
+                connections: ConnectionLimits {
+                    max_connections: self.max_connections.max(1),
+                    idle_timeout: self.idle_timeout,
+                    handshake_timeout: self.handshake_timeout,
+                },
+                max_streams_per_connection: self.max_streams_per_connection.max(1),
+                max_watchers: self.max_watchers.max(1),
+            },
         })
     }
 }

@@ -5,12 +5,15 @@
 //! logic: every request is converted, handed to the facade, and its answer converted back.
 
 pub mod attach;
+mod auth;
 pub mod cli;
+pub mod connections;
 mod convert;
 mod logs;
 pub mod metrics;
 mod service;
 mod status;
+mod tls;
 
 use std::{future::Future, sync::Arc};
 
@@ -19,14 +22,22 @@ use model_manager::ModelManager;
 use proto::v1::model_loader_server::ModelLoaderServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 
 pub use crate::{
-    cli::{Cli, LogFormat, ServerConfig},
+    cli::{Cli, LogFormat, SecurityConfig, ServerConfig},
     logs::init_tracing,
     service::ModelLoaderService,
+    tls::TlsFiles,
 };
+
+/// The largest request message decoded: every request is an id and a few options.
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// HTTP/2 pings on every connection this often, and the peer's answer waited for this long.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Resolves on the first SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
@@ -61,19 +72,46 @@ pub async fn run(
     let (reflection_v1, reflection_v1alpha) = reflection()?;
 
     let addr = listener.local_addr().context("reading the listening address")?;
-    // TCP_NODELAY: progress messages and stream ends are small writes; with Nagle's algorithm
-    // (the default for sockets accepted from our own listener) each could wait ~40 ms for the
-    // client's delayed ACK.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let security = &config.security;
+    let tokens =
+        security.auth_token_file.as_deref().map(auth::Tokens::load).transpose().context("--auth-token-file")?;
+    let _reload_tokens = tokens.clone().map(auth::reload_on_sighup).transpose()?.map(AbortOnDrop);
+    if tokens.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "listening beyond loopback without --auth-token-file: anyone who reaches it can load and unload models");
+    }
+    let tls = security
+        .tls
+        .clone()
+        .map(tls::TlsAcceptor::new)
+        .transpose()
+        .context("TLS (--tls-cert, --tls-key, --tls-client-ca)")?;
+    let connections = Arc::new(connections::Registry::default());
+    let incoming =
+        connections::incoming(listener, security.connections, tls.clone(), connections.clone(), root.child_token());
+    let service = ModelLoaderServer::new(ModelLoaderService::new(manager.clone(), security.max_watchers))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
     let server = Server::builder()
+        .max_concurrent_streams(Some(security.max_streams_per_connection))
+        // Long streams (a load's progress, WatchModels) across proxies and NATs: pings keep the
+        // connection's state alive and find a peer that vanished.
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .layer(tower::ServiceBuilder::new().layer(connections::CountRequests).layer(auth::RequireToken(tokens.clone())))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(ModelLoaderServer::new(ModelLoaderService::new(manager.clone())))
+        .add_service(service)
         .serve_with_incoming_shutdown(incoming, root.clone().cancelled_owned());
     let mut server = tokio::spawn(server);
     log_memory(&manager, &config);
-    tracing::info!(%addr, "serving modelloader.v1.ModelLoader");
+    tracing::info!(
+        %addr,
+        tls = tls.is_some(),
+        mtls = security.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        auth = tokens.is_some(),
+        max_connections = security.connections.max_connections,
+        "serving modelloader.v1.ModelLoader"
+    );
     // Stops serving /metrics however `run` ends.
     let _metrics = serve_metrics(&config, &manager).await?.map(AbortOnDrop);
     // The attach socket closes its connections and goes when the root is cancelled.

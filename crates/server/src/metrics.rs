@@ -52,6 +52,18 @@ fn describe() {
     describe_gauge!("model_loader_device_total_bytes", "The device's capacity, per device.");
     describe_gauge!("model_loader_watchers", "Open WatchModels streams.");
     describe_gauge!("model_loader_attached_clients", "Connections holding a lease on the attach socket.");
+    describe_gauge!("model_loader_connections", "Open gRPC connections.");
+    describe_counter!(
+        "model_loader_connections_refused_total",
+        "gRPC connections refused: every place taken by a connection with requests in flight."
+    );
+    describe_counter!("model_loader_watchers_refused_total", "WatchModels refused past --max-watchers.");
+    describe_counter!("model_loader_auth_refused_total", "Requests refused by auth, by gRPC code.");
+}
+
+/// The open gRPC connections gauge.
+pub fn set_open_connections(open: usize) {
+    gauge!("model_loader_connections").set(open as f64);
 }
 
 /// Serves `/metrics` on `listener` until the task is aborted.

@@ -19,11 +19,14 @@ type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 /// The gRPC face of a [`ModelManager`].
 pub struct ModelLoaderService {
     manager: Arc<ModelManager>,
+    /// One permit per WatchModels stream open (`--max-watchers`).
+    watchers: Arc<tokio::sync::Semaphore>,
+    max_watchers: usize,
 }
 
 impl ModelLoaderService {
-    pub fn new(manager: Arc<ModelManager>) -> Self {
-        Self { manager }
+    pub fn new(manager: Arc<ModelManager>, max_watchers: usize) -> Self {
+        Self { manager, watchers: Arc::new(tokio::sync::Semaphore::new(max_watchers)), max_watchers }
     }
 }
 
@@ -55,15 +58,22 @@ impl ModelLoader for ModelLoaderService {
     ) -> Result<Response<Self::WatchModelsStream>, Status> {
         let id = request.into_inner().model_id;
         let filter = if id.is_empty() { None } else { Some(convert::model_id(&id)?) };
+        let permit = self.watchers.clone().try_acquire_owned().map_err(|_| {
+            metrics::counter!("model_loader_watchers_refused_total").increment(1);
+            Status::resource_exhausted(format!(
+                "{} WatchModels streams are open, the most this server serves (--max-watchers)",
+                self.max_watchers
+            ))
+        })?;
         let subscription = self.manager.watch(filter);
         // The watcher gauge counts the stream until it is dropped (its client went away). The
         // stream only ends when the server shuts down, and then with UNAVAILABLE, as LoadModel
         // streams do: a client can tell shutdown from a normal end and reconnect elsewhere.
-        let state = Some((subscription, crate::metrics::Watcher::open()));
+        let state = Some((subscription, crate::metrics::Watcher::open(), permit));
         let stream = stream::unfold(state, |state| async move {
-            let (mut sub, watcher) = state?;
+            let (mut sub, watcher, permit) = state?;
             match sub.next().await {
-                Some(event) => Some((Ok(convert::event(event)), Some((sub, watcher)))),
+                Some(event) => Some((Ok(convert::event(event)), Some((sub, watcher, permit)))),
                 None => Some((Err(Status::unavailable("the server is shutting down")), None)),
             }
         });
