@@ -10,6 +10,8 @@ offline, strict), and checks that the pieces agree with each other and with the 
 - terminationGracePeriodSeconds is above MODEL_LOADER_SHUTDOWN_GRACE;
 - the attach socket (MODEL_LOADER_ATTACH_SOCKET) lies on an emptyDir the server mounts, and every
   other container of the pod (a consumer) mounts that same volume at the same path;
+- the auth token file (MODEL_LOADER_AUTH_TOKEN_FILE) lies on a Secret volume the server mounts
+  read-only, and a NetworkPolicy selects the pod and admits only the gRPC and metrics ports;
 - every container runs as non-root with a read-only root filesystem, no privilege escalation and
   every capability dropped;
 - the gpu overlay asks for one nvidia.com/gpu and loads to cuda.
@@ -60,7 +62,8 @@ def check_overlay(name, docs, server_env):
     by_kind = {}
     for doc in docs:
         by_kind.setdefault(doc["kind"], []).append(doc)
-    for kind in ["Deployment", "Service", "ConfigMap", "ServiceAccount", "PersistentVolumeClaim", "PodDisruptionBudget"]:
+    for kind in ["Deployment", "Service", "ConfigMap", "Secret", "ServiceAccount", "PersistentVolumeClaim",
+                 "PodDisruptionBudget", "NetworkPolicy"]:
         if kind not in by_kind:
             errors.append(f"no {kind}")
     if errors:
@@ -106,6 +109,7 @@ def check_overlay(name, docs, server_env):
             errors.append(f"ConfigMap key {key} is no flag of the server")
 
     errors += check_attach(pod, container, env)
+    errors += check_auth(pod, container, env, deployment, by_kind["NetworkPolicy"])
     pod_security = pod.get("securityContext", {})
     for c in pod["containers"]:
         security = c.get("securityContext", {})
@@ -148,6 +152,35 @@ def check_attach(pod, server, env):
         theirs = {m["mountPath"]: m["name"] for m in other.get("volumeMounts", [])}
         if theirs.get(folder) != volume:
             errors.append(f"container {other['name']} does not mount volume {volume} at {folder}")
+    return errors
+
+
+def check_auth(pod, server, env, deployment, policies):
+    """The token file is on a Secret volume mounted read-only; a NetworkPolicy selects the pod and
+    lets in only its gRPC and metrics ports."""
+    errors = []
+    tokens = env.get("MODEL_LOADER_AUTH_TOKEN_FILE")
+    if not tokens:
+        errors.append("MODEL_LOADER_AUTH_TOKEN_FILE is not set: the gRPC service is open to anyone who reaches it")
+    else:
+        folder = str(pathlib.PurePosixPath(tokens).parent)
+        mount = next((m for m in server.get("volumeMounts", []) if m["mountPath"] == folder), None)
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        if mount is None or "secret" not in volumes.get(mount["name"], {}):
+            errors.append(f"the auth token file's folder {folder} is not a Secret volume the server mounts")
+        elif not mount.get("readOnly"):
+            errors.append(f"the Secret at {folder} is mounted writable")
+    labels = deployment["spec"]["template"]["metadata"].get("labels", {})
+    selecting = [p for p in policies
+                 if all(labels.get(k) == v for k, v in p["spec"]["podSelector"].get("matchLabels", {}).items())]
+    if not selecting:
+        errors.append("no NetworkPolicy selects the pod")
+    allowed = {"grpc", "metrics"} | {p["containerPort"] for p in server.get("ports", []) if p["name"] in ("grpc", "metrics")}
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            for port in rule.get("ports", [{"port": "any"}]):
+                if port.get("port") not in allowed:
+                    errors.append(f"NetworkPolicy {policy['metadata']['name']} admits port {port.get('port')}")
     return errors
 
 

@@ -53,14 +53,14 @@ fn the_committed_manifests_pass() {
     let (ok, text) = check(&repo().join("deploy/k8s"));
     assert!(ok, "{text}");
     for overlay in ["cpu", "cpu-consumer", "gpu"] {
-        assert!(text.contains(&format!("{overlay}: 6 objects valid")), "{overlay}: {text}");
+        assert!(text.contains(&format!("{overlay}: 8 objects valid")), "{overlay}: {text}");
     }
 }
 
 /// Each breakage is caught, and named.
 #[test]
 fn broken_manifests_fail() {
-    let breakages: [(&str, &str, &str, &str); 8] = [
+    let breakages: [(&str, &str, &str, &str); 10] = [
         // A readiness probe on a port the server does not listen on.
         (
             "base/deployment.yaml",
@@ -102,6 +102,15 @@ fn broken_manifests_fail() {
             "\"/var/run/attach.sock\"",
             "the server mounts nothing at /var/run",
         ),
+        // The token Secret mounted writable.
+        (
+            "base/deployment.yaml",
+            "              mountPath: /etc/model-loader/auth\n              readOnly: true",
+            "              mountPath: /etc/model-loader/auth",
+            "mounted writable",
+        ),
+        // A NetworkPolicy that lets in another port.
+        ("base/networkpolicy.yaml", "port: metrics", "port: 8080", "admits port 8080"),
     ];
     for (file, from, to, expected) in breakages {
         let k8s = copy_of_manifests();
