@@ -69,7 +69,7 @@ mod tests {
 
     #[test]
     fn a_fifo_a_directory_and_a_socket_are_refused_without_blocking() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("tempdir");
         let fifo = dir.path().join("fifo");
         rustix::fs::mknodat(
             rustix::fs::CWD,
@@ -78,15 +78,15 @@ mod tests {
             rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
             0,
         )
-        .unwrap();
+        .expect("mkfifo");
         assert!(matches!(open_regular(&fifo), Err(OpenError::NotAFile("a FIFO"))));
         assert!(matches!(open_regular(dir.path()), Err(OpenError::NotAFile("a directory"))));
         let socket = dir.path().join("socket");
-        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
         // Opening a socket fails (ENXIO) before the type check; either way it is refused.
         assert!(open_regular(&socket).is_err());
         let file = dir.path().join("file");
-        std::fs::write(&file, "abc").unwrap();
+        std::fs::write(&file, "abc").expect("write");
         assert!(open_regular(&file).is_ok());
         assert_eq!(read_small(&file, 2).as_deref(), Some("ab"));
         assert_eq!(read_small(&fifo, 2), None);

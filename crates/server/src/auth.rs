@@ -32,11 +32,14 @@ pub enum Role {
     Admin,
 }
 
+/// A role and the SHA-256 of its token.
+type Digest32 = (Role, [u8; 32]);
+
 /// The tokens in force, shared with the SIGHUP reloader.
 #[derive(Debug, Clone)]
 pub struct Tokens {
     file: Arc<PathBuf>,
-    digests: Arc<RwLock<Vec<(Role, [u8; 32])>>>,
+    digests: Arc<RwLock<Vec<Digest32>>>,
 }
 
 impl Tokens {
@@ -91,7 +94,7 @@ impl Tokens {
 }
 
 /// The token file: `role:token` lines; blank lines and `#` comments skipped.
-fn read(file: &Path) -> anyhow::Result<Vec<(Role, [u8; 32])>> {
+fn read(file: &Path) -> anyhow::Result<Vec<Digest32>> {
     let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let mut digests = Vec::new();
     for (n, line) in text.lines().enumerate() {

@@ -33,7 +33,7 @@ impl TlsFiles {
     }
 
     /// What identifies the files' current contents without reading them.
-    fn stamp(&self) -> Vec<Option<(SystemTime, u64)>> {
+    fn stamp(&self) -> Stamp {
         self.paths().map(|p| std::fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len())))).collect()
     }
 
@@ -70,11 +70,14 @@ impl TlsFiles {
     }
 }
 
+/// What identifies the files' contents: each one's modification time and size.
+type Stamp = Vec<Option<(SystemTime, u64)>>;
+
 /// Accepts TLS connections with the files' current configuration.
 #[derive(Clone)]
 pub struct TlsAcceptor {
     files: Arc<TlsFiles>,
-    current: Arc<Mutex<(Vec<Option<(SystemTime, u64)>>, tokio_rustls::TlsAcceptor)>>,
+    current: Arc<Mutex<(Stamp, tokio_rustls::TlsAcceptor)>>,
 }
 
 impl TlsAcceptor {
