@@ -732,3 +732,18 @@ async fn headers_and_configs_past_the_limits_are_resource_exhausted() {
     drop(client);
     server.stop().await;
 }
+
+/// A request over 64 KiB (every real one is an id and a few options) is refused before it is
+/// decoded (tonic says OUT_OF_RANGE), and the server stays healthy.
+#[tokio::test]
+async fn a_request_over_64_kib_is_refused_before_decoding() {
+    let root = model_root();
+    let (server, mut client) = tests::serve(root.path()).await;
+    let huge = "a".repeat(100 * 1024);
+    let (_, end) = tests::load_all(&mut client, tests::load(&huge)).await;
+    let status = expect_code(end, Code::OutOfRange, "a 100 KiB LoadModel");
+    assert!(status.message().contains("too large"), "{status:?}");
+    assert_healthy(&mut client).await;
+    drop(client);
+    server.stop().await;
+}

@@ -149,7 +149,7 @@ pub struct Cli {
 
     /// Requests (HTTP/2 streams) open at once on one connection; past it the client's new
     /// streams are refused.
-    #[arg(long, env = "MODEL_LOADER_MAX_STREAMS_PER_CONNECTION", default_value_t = 128)]
+    #[arg(long, env = "MODEL_LOADER_MAX_STREAMS_PER_CONNECTION", default_value_t = 1024)]
     pub max_streams_per_connection: u32,
 
     /// WatchModels streams open at once in all; past it, WatchModels is RESOURCE_EXHAUSTED.
@@ -235,7 +235,7 @@ impl Default for SecurityConfig {
             auth_token_file: None,
             tls: None,
             connections: ConnectionLimits::default(),
-            max_streams_per_connection: 128,
+            max_streams_per_connection: 1024,
             max_watchers: 256,
         }
     }
