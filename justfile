@@ -53,6 +53,19 @@ lint:
     command -v cargo-machete >/dev/null || cargo install --locked cargo-machete@0.9.2
     cargo machete
 
+# The fuzz targets (fuzz/: cargo-fuzz on libFuzzer, on a stable toolchain). cargo-fuzz is installed
+# from crates.io when missing, as a debug build: it only drives cargo and libFuzzer, and builds in
+# a third of the time. A crash's input is saved in fuzz/artifacts/<target>/.
+# Fuzz every target for RUNS executions, optimized: prints executions, exec/s, wall time, coverage.
+fuzz RUNS="10000000":
+    command -v cargo-fuzz >/dev/null || cargo install --locked --debug cargo-fuzz@0.13.2
+    fuzz/run {{RUNS}}
+
+# CI's fuzz step: every target built unoptimized, then run for SECONDS each from its seeds.
+fuzz-smoke SECONDS="5":
+    command -v cargo-fuzz >/dev/null || cargo install --locked --debug cargo-fuzz@0.13.2
+    fuzz/run --smoke {{SECONDS}}
+
 # Rewrite the bundled demo model (deterministic; a test checks the committed files match).
 demo-model:
     cargo run --locked -p tests --bin make-demo-model -- models/demo/tiny-sd
