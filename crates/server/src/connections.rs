@@ -83,7 +83,14 @@ impl ConnectionState {
 pub struct Registry {
     open: Mutex<HashMap<u64, Arc<ConnectionState>>>,
     next_id: AtomicU64,
+    /// When the cap was last logged (ms since the registry began): a flood of connections logs
+    /// one line every [`LOG_EVERY`], not one each.
+    logged_at: AtomicU64,
+    started: std::sync::OnceLock<Instant>,
 }
+
+/// How often the connection cap is logged at most while it is hit.
+const LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl Registry {
     /// A place for a new connection: a free one, or the place of the connection idle the
@@ -119,6 +126,15 @@ impl Registry {
         crate::metrics::set_open_connections(open.len());
     }
 
+    /// Whether to log the cap now (not within [`LOG_EVERY`] of the last time).
+    fn log_now(&self) -> bool {
+        let started = *self.started.get_or_init(Instant::now);
+        let now = started.elapsed().as_millis() as u64 + LOG_EVERY.as_millis() as u64;
+        let last = self.logged_at.load(Ordering::Relaxed);
+        (last == 0 || now >= last + LOG_EVERY.as_millis() as u64)
+            && self.logged_at.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    }
+
     /// How many connections are open.
     pub fn open(&self) -> usize {
         lock(&self.open).len()
@@ -151,12 +167,15 @@ pub fn incoming(
                 () = stop.cancelled() => return,
             };
             let Some(state) = registry.admit(limits.max_connections) else {
+                metrics::counter!("model_loader_connections_refused_total").increment(1);
+                if !registry.log_now() {
+                    continue;
+                }
                 tracing::warn!(
                     %peer,
                     max = limits.max_connections,
                     "connection limit reached and no connection is idle: refusing a connection"
                 );
-                metrics::counter!("model_loader_connections_refused_total").increment(1);
                 continue;
             };
             // TCP_NODELAY: progress messages and stream ends are small writes; with Nagle's

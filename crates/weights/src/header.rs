@@ -51,8 +51,11 @@ impl TensorPlan {
     /// Bytes it will occupy once converted to `target` (see [`converts`]).
     pub fn resident_bytes(&self, target: Option<TargetDtype>) -> u64 {
         match target {
+            // Saturating: a header may name a tensor (of a file still to fetch) so large that its
+            // widened size does not fit; the budget then refuses it instead of booking a wrapped size.
             Some(t) if converts(self.dtype) => {
-                (self.shape.iter().product::<usize>() * t.candle().size_in_bytes()) as u64
+                let elems = self.shape.iter().fold(1u64, |n, &d| n.saturating_mul(d as u64));
+                elems.saturating_mul(t.candle().size_in_bytes() as u64)
             }
             _ => self.len,
         }
@@ -250,6 +253,17 @@ mod tests {
 
     fn parse(header: serde_json::Value, data_len: u64) -> Result<Vec<TensorPlan>, HeaderError> {
         tensors(&serde_json::to_vec(&header).expect("json"), 0, data_len)
+    }
+
+    /// Found reading the code behind the `header` fuzz target (fuzz/): the size a load books for
+    /// a tensor converted to a wider dtype overflowed (wrapping to 0 in a release build) for a
+    /// header whose data section (the size the hub reports for a file still to fetch) is 2^63
+    /// bytes.
+    #[test]
+    fn resident_bytes_of_a_huge_tensor_do_not_overflow() {
+        let header = json!({"a": {"dtype": "F16", "shape": [1u64 << 62], "data_offsets": [0, 1u64 << 63]}});
+        let got = parse(header, 1 << 63).expect("valid");
+        assert!(got[0].resident_bytes(Some(TargetDtype::F32)) >= got[0].len);
     }
 
     fn corrupt(header: serde_json::Value, data_len: u64) -> String {

@@ -73,7 +73,7 @@ impl LoadPlan {
 
     /// Bytes read from the files.
     pub fn read_bytes(&self) -> u64 {
-        self.files().flat_map(|f| &f.tensors).map(|t| t.len).sum()
+        self.files().flat_map(|f| &f.tensors).map(|t| t.len).fold(0, u64::saturating_add)
     }
 
     /// The most bytes a load to `target` holds at once: the resident bytes, plus the bytes as
@@ -81,12 +81,14 @@ impl LoadPlan {
     pub fn peak_bytes(&self, target: Option<TargetDtype>) -> u64 {
         let replaced = |t: &TensorPlan| target.is_some_and(|d| header::converts(t.dtype) && t.dtype != d.candle());
         let tensors = self.files().flat_map(|f| &f.tensors);
-        tensors.map(|t| t.resident_bytes(target) + if replaced(t) { t.len } else { 0 }).sum()
+        tensors
+            .map(|t| t.resident_bytes(target).saturating_add(if replaced(t) { t.len } else { 0 }))
+            .fold(0, u64::saturating_add)
     }
 
     /// Bytes resident after conversion to `target`: what the budget must hold.
     pub fn resident_bytes(&self, target: Option<TargetDtype>) -> u64 {
-        self.files().flat_map(|f| &f.tensors).map(|t| t.resident_bytes(target)).sum()
+        self.files().flat_map(|f| &f.tensors).map(|t| t.resident_bytes(target)).fold(0, u64::saturating_add)
     }
 
     /// The step's detail: "strategy: sharded safetensors, 2 files, 4.3 GB".
