@@ -66,10 +66,10 @@ impl ModelFiles for MemoryFiles {
     }
 }
 
-/// One model, in memory; counts how often it was asked for.
+/// One model whose files are given (in memory); counts how often it was asked for.
 struct MemorySource {
     id: ModelId,
-    files: Arc<MemoryFiles>,
+    files: Arc<dyn ModelFiles>,
     asked: AtomicUsize,
 }
 
@@ -260,7 +260,7 @@ fn a_load_stalled_in_its_files_is_cancelled_and_frees_its_slot() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     let (gate, stalled) = std::sync::mpsc::channel();
     let stalled_files: Arc<dyn ModelFiles> = Arc::new(StalledFiles(std::sync::Mutex::new(stalled)));
-    let stalled = Arc::new(StalledSource { id: stalled_id.clone(), files: stalled_files });
+    let stalled = Arc::new(MemorySource { id: stalled_id.clone(), files: stalled_files, asked: AtomicUsize::new(0) });
     let good = Arc::new(MemorySource {
         id: good_id.clone(),
         files: Arc::new(MemoryFiles(model().0)),
@@ -327,31 +327,4 @@ fn a_load_stalled_in_its_files_is_cancelled_and_frees_its_slot() {
         }
     });
     gate.send(()).expect("the blocked thread is still waiting");
-}
-
-/// One model whose files are given.
-struct StalledSource {
-    id: ModelId,
-    files: Arc<dyn ModelFiles>,
-}
-
-impl Source for StalledSource {
-    fn locate<'a>(&'a self, wanted: &'a Wanted) -> BoxFuture<'a, Result<Option<Located>, Error>> {
-        let found = (wanted.id == self.id).then(|| Located {
-            files: self.files.clone(),
-            source: ModelSource::Local,
-            revision: "stalled".into(),
-            description: "on a stalled filesystem".into(),
-            fetch: None,
-        });
-        Box::pin(async move { Ok(found) })
-    }
-
-    fn has(&self, id: &ModelId, _: &Revision) -> bool {
-        *id == self.id
-    }
-
-    fn lacks(&self, _: &Wanted) -> String {
-        "not there".into()
-    }
 }
