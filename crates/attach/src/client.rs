@@ -50,7 +50,12 @@ impl Attached {
     pub fn attach(path: &Path, request: &AttachRequest, timeout: Duration) -> Result<Self, AttachError> {
         let socket = UnixStream::connect(path)?;
         socket.set_read_timeout(Some(timeout))?;
-        wire::write_frame(&socket, &wire::encode(request), &[])?;
+        // A server that refuses at once (too many clients) answers and closes before reading the
+        // request: the write then fails with EPIPE, but the refusal is waiting to be read.
+        match wire::write_frame(&socket, &wire::encode(request), &[]) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+            result => result?,
+        }
         let (body, fds) = wire::read_frame(&socket, wire::MAX_RESPONSE_BYTES)?;
         let response = AttachResponse::decode(body.as_slice())?;
         if response.code != 0 {
