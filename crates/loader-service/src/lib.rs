@@ -156,10 +156,10 @@ impl LoaderService {
             let wait_for = match self.inflight.entry(id.clone()) {
                 Entry::Occupied(load) => {
                     let load = load.get();
-                    let (device, dtype) =
-                        (load.wants.device, load.wants.dtype.map_or("as stored".into(), |d| d.to_string()));
-                    conflict(&request, &wants, device == wants.device, load.wants.dtype == wants.dtype, || {
-                        format!("loading on {device} ({dtype})")
+                    let theirs = load.wants;
+                    conflict(&request, &wants, theirs.device == wants.device, theirs.dtype == wants.dtype, || {
+                        let dtype = theirs.dtype.map_or("as stored".into(), |d| d.to_string());
+                        format!("loading on {} ({dtype})", theirs.device)
                     })?;
                     return Ok(load.subscribe());
                 }

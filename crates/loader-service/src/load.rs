@@ -262,7 +262,8 @@ impl LoaderService {
         for t in std::mem::take(&mut held.tensors) {
             let component = names.get(t.component).and_then(|name| components.get_mut(name));
             let component = component.ok_or_else(|| LoadError::internal(id, "tensor of an unknown component"))?;
-            let is_bool = match (!bools.is_empty()).then(|| bools.get(&(t.component, t.name.clone()))).flatten() {
+            let file = if bools.is_empty() { None } else { bools.get(&(t.component, t.name.clone())) };
+            let is_bool = match file {
                 Some(file) => check_bools(file, &t).map_err(|e| LoadError::model(id, e)).map(|()| true)?,
                 None => false,
             };

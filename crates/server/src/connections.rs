@@ -83,10 +83,9 @@ impl ConnectionState {
 pub struct Registry {
     open: Mutex<HashMap<u64, Arc<ConnectionState>>>,
     next_id: AtomicU64,
-    /// When the cap was last logged (ms since the registry began): a flood of connections logs
-    /// one line every [`LOG_EVERY`], not one each.
-    logged_at: AtomicU64,
-    started: std::sync::OnceLock<Instant>,
+    /// When the cap was last logged: a flood of connections logs one line every [`LOG_EVERY`],
+    /// not one each.
+    logged_at: Mutex<Option<Instant>>,
 }
 
 /// How often the connection cap is logged at most while it is hit.
@@ -128,11 +127,13 @@ impl Registry {
 
     /// Whether to log the cap now (not within [`LOG_EVERY`] of the last time).
     fn log_now(&self) -> bool {
-        let started = *self.started.get_or_init(Instant::now);
-        let now = started.elapsed().as_millis() as u64 + LOG_EVERY.as_millis() as u64;
-        let last = self.logged_at.load(Ordering::Relaxed);
-        (last == 0 || now >= last + LOG_EVERY.as_millis() as u64)
-            && self.logged_at.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        let mut last = lock(&self.logged_at);
+        let now = Instant::now();
+        if last.is_some_and(|t| now < t + LOG_EVERY) {
+            return false;
+        }
+        *last = Some(now);
+        true
     }
 
     /// How many connections are open.
