@@ -115,7 +115,7 @@ pub async fn run(
     // Stops serving /metrics however `run` ends.
     let _metrics = serve_metrics(&config, &manager).await?.map(AbortOnDrop);
     // The attach socket closes its connections and goes when the root is cancelled.
-    let _attach = attach_listener.map(|(listener, attach)| {
+    let mut attach = attach_listener.map(|(listener, attach)| {
         AbortOnDrop(tokio::spawn(attach::serve(listener, attach, manager.clone(), root.child_token())))
     });
 
@@ -138,6 +138,11 @@ pub async fn run(
             tracing::warn!("connections still open at the end of the shutdown grace; closing them");
             server.abort();
         }
+    }
+    // The attach task removes its socket once it sees the cancel: let it, rather than abort it
+    // first when `run` returns.
+    if let Some(attach) = attach.as_mut() {
+        let _ = tokio::time::timeout_at(deadline, &mut attach.0).await;
     }
     tracing::info!("shut down");
     Ok(())
