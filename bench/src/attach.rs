@@ -68,7 +68,7 @@ pub async fn run(
         anonymous_s,
         ready_s,
         attach_s: peer.seconds,
-        tensors: Expected { tensors: peer.tensors.into_iter().collect() },
+        tensors: Expected::observed(peer.tensors.into_iter().collect()),
     })
 }
 

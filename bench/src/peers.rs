@@ -101,6 +101,6 @@ pub fn python(script: &Path, files: &[PathBuf], runs: usize) -> anyhow::Result<P
     Ok(Python {
         version: run.version,
         runs: run.seconds.into_iter().map(Duration::from_secs_f64).collect(),
-        tensors: Expected { tensors: run.tensors.into_iter().collect() },
+        tensors: Expected::observed(run.tensors.into_iter().collect()),
     })
 }

@@ -92,15 +92,33 @@ impl XorShift {
 #[derive(Debug, Clone, Default)]
 pub struct Expected {
     pub tensors: BTreeMap<String, (String, Vec<u64>, String)>,
+    /// What the server books for the tensors' metadata (names as in their files).
+    metadata: u64,
 }
 
 impl Expected {
+    /// Tensors as a loader reported them (to compare with a fixture's); it books nothing.
+    pub fn observed(tensors: BTreeMap<String, (String, Vec<u64>, String)>) -> Self {
+        Self { tensors, metadata: 0 }
+    }
+
     fn add(&mut self, prefix: &str, tensors: &[TensorSpec]) {
         for t in tensors {
+            self.metadata += weights::header::metadata_bytes(&t.name, t.shape.len());
             let name = if prefix.is_empty() { t.name.clone() } else { format!("{prefix}/{}", t.name) };
             self.tensors
                 .insert(name, (format!("{:?}", t.dtype), t.shape.iter().map(|&d| d as u64).collect(), t.sha256()));
         }
+    }
+
+    /// Host bytes the server books for the tensors' metadata (ModelStatus.metadata_bytes).
+    pub fn metadata_bytes(&self) -> u64 {
+        self.metadata
+    }
+
+    /// What a load of it as stored holds on the CPU: its weights and their metadata.
+    pub fn booked(&self) -> u64 {
+        self.bytes() + self.metadata
     }
 
     /// Bytes of all tensors.

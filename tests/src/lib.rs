@@ -399,6 +399,16 @@ pub async fn cpu_resources_when(
 
 /// This process's resident set size in bytes (VmRSS).
 pub fn rss_bytes(pid: Option<u32>) -> u64 {
+    status_bytes(pid, "VmRSS:")
+}
+
+/// The high-water mark of the resident set (VmHWM) of `pid` (None: this process), in bytes.
+pub fn peak_rss_bytes(pid: Option<u32>) -> u64 {
+    status_bytes(pid, "VmHWM:")
+}
+
+/// A `/proc/PID/status` figure in kB, as bytes.
+fn status_bytes(pid: Option<u32>, field: &str) -> u64 {
     let path = match pid {
         Some(pid) => format!("/proc/{pid}/status"),
         None => "/proc/self/status".into(),
@@ -406,8 +416,8 @@ pub fn rss_bytes(pid: Option<u32>) -> u64 {
     let status = std::fs::read_to_string(path).expect("read /proc status");
     let kib: u64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS line");
+        .unwrap_or_else(|| panic!("no {field} line"));
     kib * 1024
 }

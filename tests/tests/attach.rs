@@ -96,7 +96,7 @@ async fn eviction_skips_an_attached_model() {
     let size = |id: &str| {
         fixture::single_file_model(&models.join(id), &fixture::f32_tensors("layer", 4, 16 * 1024))
             .expect("fixture")
-            .bytes()
+            .booked()
     };
     let bytes = size("a");
     for id in ["b", "c"] {

@@ -46,7 +46,7 @@ async fn a_load_right_after_a_cancel_gets_its_memory() {
     fixture::large_sharded_model(&tmp.path().join("b"), 512, 2, 4).expect("fixture");
     let mut cfg = config(tmp.path());
     // Room for one of the two, not both.
-    cfg.manager.budget = MemoryBudget::Bytes(a.bytes() + a.bytes() / 2);
+    cfg.manager.budget = MemoryBudget::Bytes(a.booked() + a.bytes() / 2);
     let server = TestServer::start(cfg).await;
     let mut client = server.client().await;
 
@@ -57,7 +57,7 @@ async fn a_load_right_after_a_cancel_gets_its_memory() {
     end.expect("b loads in the memory a gave back");
     assert_eq!(state_of(&mut client, "a").await, pb::ModelState::Unloaded);
     let cpu = cpu_resources_when(&mut client, |cpu| cpu.reserved_bytes == 0).await;
-    assert_eq!(cpu.used_bytes, a.bytes(), "only b is held: {cpu:?}");
+    assert_eq!(cpu.used_bytes, a.booked(), "only b is held: {cpu:?}");
     server.stop().await;
 }
 
@@ -84,7 +84,7 @@ async fn unloading_a_loading_model_cancels_it() {
 #[tokio::test]
 async fn over_budget_is_refused_before_reading() {
     let tmp = tempfile::tempdir().expect("tmp");
-    fixture::large_sharded_model(&tmp.path().join("big"), 16, 2, 2).expect("fixture");
+    let big = fixture::large_sharded_model(&tmp.path().join("big"), 16, 2, 2).expect("fixture");
     let mut cfg = config(tmp.path());
     cfg.manager.budget = model_manager::resource_manager::MemoryBudget::Bytes(1 << 20);
     let server = TestServer::start(cfg).await;
@@ -92,7 +92,8 @@ async fn over_budget_is_refused_before_reading() {
     let (messages, end) = load_all(&mut client, load("big")).await;
     let status = end.expect_err("over budget");
     assert_eq!(status.code(), Code::ResourceExhausted);
-    assert!(status.message().contains("needs 16777216 bytes"), "{}", status.message());
+    let needs = format!("needs {} bytes", big.booked());
+    assert!(status.message().contains(&needs), "{needs}: {}", status.message());
     assert_eq!(messages.iter().map(|m| m.step).max(), Some(3), "nothing was read");
     assert_eq!(state_of(&mut client, "big").await, pb::ModelState::Failed);
     server.stop().await;

@@ -103,19 +103,21 @@ async fn narrowing_matches_a_reference_conversion() {
         let expected_bytes = (8 + 64 * 33 + 17) * 2 + 10 * 8;
         let status = tests::get_model(&mut client, "mixed").await;
         assert_eq!((status.dtype.as_str(), status.weight_bytes), (target.to_string().as_str(), expected_bytes));
-        assert_eq!(cpu_resources(&mut client).await.used_bytes, expected_bytes, "the budget holds the converted size");
+        let booked = expected_bytes + status.metadata_bytes;
+        assert_eq!(cpu_resources(&mut client).await.used_bytes, booked, "the budget holds the converted size");
         unload(&mut client, "mixed").await;
     }
     server.stop().await;
 }
 
 /// BF16 → F32 widens exactly; F32 tensors are left as they are; the budget reserved the load's
-/// peak: the widened size plus the BF16 bytes read before step 7 converts them.
+/// peak: the widened size plus the BF16 bytes read before step 7 converts them (and the tensors'
+/// metadata).
 #[tokio::test]
 async fn widening_is_exact() {
     let tmp = tempfile::tempdir().expect("tmp");
     let tensors = mixed_tensors();
-    fixture::single_file_model(&tmp.path().join("mixed"), &tensors).expect("fixture");
+    let fixture = fixture::single_file_model(&tmp.path().join("mixed"), &tensors).expect("fixture");
     let server = TestServer::start(config(tmp.path())).await;
     let mut client = server.client().await;
 
@@ -126,7 +128,7 @@ async fn widening_is_exact() {
     assert_eq!(resident, references(&tensors, TargetDtype::F32));
     assert_eq!(resident["known"].2, tensors[0].sha256(), "F32 stays byte for byte");
     let expected_bytes = (8 + 64 * 33 + 17) * 4 + 10 * 8;
-    let peak = expected_bytes + 17 * 2;
+    let peak = expected_bytes + 17 * 2 + fixture.metadata_bytes();
     assert!(
         messages.iter().any(|m| m.step == 3 && m.detail.contains(&format!("{peak} bytes reserved on cpu"))),
         "step 3 reserves the peak: {messages:?}"
@@ -173,7 +175,12 @@ async fn fp8_tensors_load_as_stored() {
     let resident = tests::checksums(&mut client, "fp8").await;
     assert_eq!(resident, expected.tensors);
     assert_eq!(resident["layer.weight"].0, "F8_E4M3");
-    assert_eq!(cpu_resources(&mut client).await.used_bytes, 32 * 48 + 4 + 48 * 2, "one byte per FP8 element");
+    let metadata = expected.metadata_bytes();
+    assert_eq!(
+        cpu_resources(&mut client).await.used_bytes,
+        32 * 48 + 4 + 48 * 2 + metadata,
+        "one byte per FP8 element"
+    );
     unload(&mut client, "fp8").await;
 
     let (messages, end) = load_all(&mut client, with_dtype("fp8", "bf16")).await;
@@ -182,7 +189,7 @@ async fn fp8_tensors_load_as_stored() {
     let resident = tests::checksums(&mut client, "fp8").await;
     assert_eq!(resident["layer.weight"], expected.tensors["layer.weight"], "FP8 is never converted");
     assert_eq!(resident, references(&tensors, TargetDtype::BF16));
-    assert_eq!(cpu_resources(&mut client).await.used_bytes, 32 * 48 + 2 + 48 * 2);
+    assert_eq!(cpu_resources(&mut client).await.used_bytes, 32 * 48 + 2 + 48 * 2 + metadata);
     server.stop().await;
 }
 

@@ -98,6 +98,9 @@ async fn readme_quick_start_serves_the_demo() {
 #[tokio::test]
 async fn readme_grpcurl_commands_work() {
     let repo_root = fixture::repo_models_dir().join("..");
+    // What the demo books: the committed model is the fixture's (load::committed_demo_model_is_reproducible).
+    let tmp = tempfile::tempdir().expect("tmp");
+    let demo = fixture::demo_tiny_sd(tmp.path()).expect("demo");
     let server = Binary::start_in(&repo_root, &[], &[]).await;
     let lines = readme_grpcurl_lines();
     assert!(lines.len() >= 10, "the README shows the grpcurl commands: {lines:?}");
@@ -134,7 +137,7 @@ async fn readme_grpcurl_commands_work() {
             "GetResources" => {
                 let cpu = &out.messages()[0]["devices"][0];
                 assert_eq!(cpu["name"], "cpu");
-                assert_eq!(cpu["usedBytes"], "2839824", "{text}");
+                assert_eq!(cpu["usedBytes"], demo.booked().to_string(), "{text}");
             }
             "ListModels" => assert!(text.contains("\"demo/tiny-sd\""), "{text}"),
             "UnloadModel" => assert_eq!(out.messages()[0]["wasLoaded"], true, "{text}"),

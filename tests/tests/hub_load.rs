@@ -102,10 +102,10 @@ async fn plans_from_headers_read_ahead_then_downloads() {
     let planning = std::time::Instant::now();
     let before = read_until(&mut stream, "step 4", |m| m.step == 4).await;
     eprintln!("step 3 with the headers of 3 shards read ahead: {:.1} ms", planning.elapsed().as_secs_f64() * 1e3);
-    let reserved = format!("{} bytes reserved on cpu", expected.bytes());
+    let reserved = format!("{} bytes reserved on cpu", expected.booked());
     assert!(before.iter().any(|m| m.step == 3 && m.detail.ends_with(&reserved)), "{reserved}: {before:?}");
     let cpu = cpu_resources(&mut client).await;
-    assert_eq!((cpu.used_bytes, cpu.reserved_bytes), (0, expected.bytes()), "reserved through step 4: {cpu:?}");
+    assert_eq!((cpu.used_bytes, cpu.reserved_bytes), (0, expected.booked()), "reserved through step 4: {cpu:?}");
     let (rest, end) = end_of(stream).await;
     end.expect("loads from the hub");
 
@@ -158,7 +158,7 @@ async fn hub_faults_map_to_codes_and_recover() {
     }
     hub.clear_faults();
     load_all(&mut client, load(REPO)).await.1.expect("loads once the hub is healthy");
-    assert_eq!(cpu_resources(&mut client).await.used_bytes, expected.bytes());
+    assert_eq!(cpu_resources(&mut client).await.used_bytes, expected.booked());
     server.stop().await;
 }
 

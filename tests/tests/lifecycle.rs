@@ -298,7 +298,7 @@ async fn a_load_asked_for_while_unloading_waits_then_loads() {
     let unloaded = tokio::time::timeout(WAIT, unload).await.expect("the unload ends").expect("the unload thread");
     assert_eq!(
         unloaded.expect("unload"),
-        Unloaded { was_loaded: true, freed_bytes: expected.bytes() },
+        Unloaded { was_loaded: true, freed_bytes: expected.booked() },
         "the unload freed the whole model"
     );
     let subscription = tokio::time::timeout(WAIT, load).await.expect("the waiting load starts").expect("load");

@@ -52,6 +52,7 @@ async fn demo_pipeline_loads_with_every_step() {
     assert_eq!(status.sample_size, Some(32));
     assert_eq!((status.device.as_str(), status.dtype.as_str()), ("cpu", "F32"));
     assert_eq!(status.weight_bytes, expected.bytes());
+    assert_eq!(status.metadata_bytes, expected.metadata_bytes(), "its tensors' metadata is booked too");
     assert_eq!(status.source(), pb::ModelSource::Local);
     assert_eq!(checksums(&mut client, "demo/tiny-sd").await, expected.tensors);
     server.stop().await;
@@ -152,7 +153,7 @@ async fn late_joiner_starts_from_the_latest_message() {
         assert!(joined.windows(2).all(|w| w[0].step <= w[1].step));
         assert_eq!(state_of(&mut client, "big").await, pb::ModelState::Loaded);
         let resources = tests::cpu_resources(&mut client).await;
-        assert_eq!(resources.used_bytes, expected.bytes());
+        assert_eq!(resources.used_bytes, expected.booked());
         server.stop().await;
         return;
     }

@@ -27,14 +27,14 @@ async fn unload_gives_the_memory_back() {
     load_all(&mut client, load("big")).await.1.expect("load");
     let loaded = rss_bytes(None);
     let cpu = cpu_resources(&mut client).await;
-    assert_eq!(cpu.used_bytes, expected.bytes());
+    assert_eq!(cpu.used_bytes, expected.booked());
     assert_eq!(cpu.models.len(), 1);
 
     let unload =
         client.unload_model(pb::UnloadModelRequest { model_id: "big".into(), force: false }).await.expect("unload");
     let unload = unload.into_inner();
     assert!(unload.was_loaded);
-    assert_eq!(unload.freed_bytes, expected.bytes());
+    assert_eq!(unload.freed_bytes, expected.booked());
     let after = rss_bytes(None);
     eprintln!(
         "RSS of a {:.0} MiB model: before load {:.0} MiB, loaded {:.0} MiB, after unload {:.0} MiB",
@@ -84,7 +84,7 @@ async fn twenty_cycles_give_the_memory_back() {
         loaded.push(rss());
         let unload =
             client.unload_model(pb::UnloadModelRequest { model_id: "tf".into(), force: false }).await.expect("unload");
-        assert_eq!(unload.into_inner().freed_bytes, expected.bytes(), "cycle {cycle}");
+        assert_eq!(unload.into_inner().freed_bytes, expected.booked(), "cycle {cycle}");
         unloaded.push(rss());
     }
     let (first, last) = (unloaded[0], unloaded[CYCLES - 1]);

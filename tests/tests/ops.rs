@@ -186,7 +186,7 @@ async fn metrics_count_loads_failures_and_cancels() {
     loop {
         let m = scrape(&metrics_addr).await;
         let used = value(&m, r#"model_loader_device_used_bytes{device="cpu"}"#);
-        if used == good.bytes() as f64 && value(&m, "model_loader_watchers") == 0.0 {
+        if used == good.booked() as f64 && value(&m, "model_loader_watchers") == 0.0 {
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "used {used}, watchers {}", value(&m, "model_loader_watchers"));

@@ -280,7 +280,7 @@ async fn shutdown_unloads_every_loaded_model() {
         let status = tests::get_model(&mut client, id).await;
         assert_eq!(status.state(), pb::ModelState::Loaded, "{status:?}");
         assert!(status.weight_bytes > 0, "{status:?}");
-        held.push((id, status.weight_bytes));
+        held.push((id, status.weight_bytes + status.metadata_bytes));
     }
     drop(client);
 

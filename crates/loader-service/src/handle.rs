@@ -59,6 +59,8 @@ pub(crate) struct Wants {
 pub(crate) struct SetAside {
     _placed: Option<Box<dyn Placed>>,
     _tensors: Vec<PlacedTensor>,
+    /// The host bytes of a device load's tensor metadata.
+    _host: Option<ModelAllocation>,
     booked: ModelAllocation,
 }
 
@@ -81,11 +83,14 @@ pub(crate) struct Held<'h> {
     pub placed: Option<Box<dyn Placed>>,
     pub tensors: Vec<PlacedTensor>,
     pub reservation: Option<Reservation>,
+    /// For a load to a GPU: the host bytes of its tensors' metadata (a CPU load's are part of
+    /// `reservation`).
+    pub host_reservation: Option<Reservation>,
 }
 
 impl<'h> Held<'h> {
-    pub fn new(handle: &'h LoadHandle, reservation: Reservation) -> Self {
-        Self { handle, placed: None, tensors: Vec::new(), reservation: Some(reservation) }
+    pub fn new(handle: &'h LoadHandle, reservation: Reservation, host_reservation: Option<Reservation>) -> Self {
+        Self { handle, placed: None, tensors: Vec::new(), reservation: Some(reservation), host_reservation }
     }
 }
 
@@ -95,6 +100,7 @@ impl Drop for Held<'_> {
             let aside = SetAside {
                 _placed: self.placed.take(),
                 _tensors: std::mem::take(&mut self.tensors),
+                _host: self.host_reservation.take().map(Reservation::into_leaving),
                 booked: reservation.into_leaving(),
             };
             *sync::lock(&self.handle.set_aside) = Some(aside);

@@ -209,7 +209,11 @@ impl LoaderService {
         self.state.apply(model_id, Transition::StartUnload { reason }).map_err(|e| NotUnloaded::State(e.current))?;
         let freed_bytes = self.pipelines.remove(model_id).map_or(0, |pipeline| {
             pipeline.allocation.leave();
-            pipeline.weight_bytes()
+            if let Some(host) = &pipeline.host_allocation {
+                host.leave();
+            }
+            // What its device's books get back (on the CPU, with the tensors' metadata).
+            pipeline.allocation.bytes()
         });
         // Only this caller can end the UNLOADING it began: a refusal is a bug, not a race.
         if let Err(e) = self.state.apply(model_id, Transition::UnloadFinished) {

@@ -28,6 +28,13 @@ use crate::{
 /// shards) before the load gives up on the filesystem.
 const PLAN_IO_BOUND: Duration = Duration::from_secs(120);
 
+/// What step 3 reserved: the device's bytes (on the CPU with the tensors' metadata), and for a
+/// GPU the host bytes of the metadata.
+struct Reservations {
+    device: Reservation,
+    host: Option<Reservation>,
+}
+
 /// A planned load, from step 4 on.
 struct Planned {
     device: DeviceId,
@@ -136,7 +143,7 @@ impl LoaderService {
             }
             None => located.files.clone(),
         };
-        let (plan, reservation) = self.plan_and_reserve(handle, device, target, plan_files).await?;
+        let (plan, reservations) = self.plan_and_reserve(handle, device, target, plan_files).await?;
         if let Some(fetch) = &located.fetch {
             self.fetch(handle, fetch.as_ref()).await?;
         }
@@ -144,26 +151,37 @@ impl LoaderService {
         let Located { files, source, revision, .. } = located;
         let planned = Planned { device, target, plan, files, source, revision, placement };
         let (this, handle, span) = (self.clone(), handle.clone(), tracing::Span::current());
-        blocking(&id, move || span.in_scope(|| this.read_and_register(&handle, planned, reservation))).await
+        blocking(&id, move || span.in_scope(|| this.read_and_register(&handle, planned, reservations))).await
     }
 
     /// Step 3: the plan from the files' headers, then the exact bytes reserved before step 4
-    /// moves any byte of weights (for a source that fetches, the files as they will be).
+    /// moves any byte of weights (for a source that fetches, the files as they will be): the
+    /// weights on the device, the tensors' metadata on the host.
     async fn plan_and_reserve(
         &self,
         handle: &LoadHandle,
         device: DeviceId,
         target: Option<TargetDtype>,
         files: Arc<dyn ModelFiles>,
-    ) -> Result<(LoadPlan, Reservation), LoadError> {
+    ) -> Result<(LoadPlan, Reservations), LoadError> {
         let plan = plan(handle, files, target).await?;
+        let step = ModelLoadStep::BuildStrategies;
         // The peak, not the end state: converted tensors are read whole as stored first.
         let needed = plan.peak_bytes(target);
-        let reservation = self.make_room(handle, device, needed, ModelLoadStep::BuildStrategies).await?;
-        handle
-            .note(ModelLoadStep::BuildStrategies, format!("{}; {needed} bytes reserved on {device}", plan.describe()));
+        let metadata = plan.metadata_bytes();
+        let (reservations, detail) = if device == DeviceId::Cpu {
+            let total = needed.saturating_add(metadata);
+            let reserved = self.make_room(handle, device, total, step).await?;
+            (Reservations { device: reserved, host: None }, format!("{total} bytes reserved on {device}"))
+        } else {
+            let reserved = self.make_room(handle, device, needed, step).await?;
+            let host = self.make_room(handle, DeviceId::Cpu, metadata, step).await?;
+            let detail = format!("{needed} bytes reserved on {device}, {metadata} on cpu for the tensors' metadata");
+            (Reservations { device: reserved, host: Some(host) }, detail)
+        };
+        handle.note(step, format!("{}; {detail}", plan.describe()));
         handle.step(ModelLoadStep::LoadWeights)?;
-        Ok((plan, reservation))
+        Ok((plan, reservations))
     }
 
     /// Fetches the missing files with byte progress over all of them (step 4).
@@ -196,12 +214,17 @@ impl LoaderService {
         &self,
         handle: &LoadHandle,
         planned: Planned,
-        reservation: Reservation,
+        reservations: Reservations,
     ) -> Result<LoadFacts, LoadError> {
-        let mut held = Held::new(handle, reservation);
+        let mut held = Held::new(handle, reservations.device, reservations.host);
         self.read(handle, &planned, &mut held)?;
         convert(handle, &planned, &mut held)?;
-        self.register(handle, planned, held)
+        let facts = self.register(handle, planned, held)?;
+        // The plan and the tensors as read before a conversion are freed by now: small blocks
+        // scattered in the heap (a checkpoint of many small tensors frees tens of MB of them),
+        // which stay resident unless handed back.
+        host::release_free_memory();
+        Ok(facts)
     }
 
     /// Step 4's read into the load's placement, then steps 5 and 6 (the placement's last copies).
@@ -251,6 +274,7 @@ impl LoaderService {
         // The reader numbers components in plan order; the pipeline keys them by name.
         let names: Vec<String> = planned.plan.components.iter().map(|c| c.name.clone()).collect();
         let bools = bool_tensors(&planned.plan);
+        let metadata_bytes = planned.plan.metadata_bytes();
         let mut components: BTreeMap<String, Component> = planned
             .plan
             .components
@@ -271,18 +295,25 @@ impl LoaderService {
         }
         let weight_bytes: u64 = components.values().flat_map(|c| &c.tensors).map(ResidentTensor::size_bytes).sum();
         let reservation = held.reservation.take().ok_or_else(|| LoadError::internal(id, "reservation gone"))?;
+        // What the plan's metadata estimate booked stays booked: the resident tensors hold it.
+        let (allocation, host_allocation) = match held.host_reservation.take() {
+            Some(host) => (reservation.commit(weight_bytes), Some(host.commit(metadata_bytes))),
+            None => (reservation.commit(weight_bytes.saturating_add(metadata_bytes)), None),
+        };
         let pipeline = Pipeline {
             model_id: id.clone(),
             components,
             device: planned.device,
             revision: planned.revision.clone(),
-            allocation: reservation.commit(weight_bytes),
+            host_allocation,
+            allocation,
         };
         let facts = LoadFacts {
             device: planned.device.to_string(),
             dtype: pipeline.dtype_summary(),
             revision: planned.revision,
             weight_bytes,
+            metadata_bytes,
             sample_size: pipeline.sample_size(),
             source: Some(planned.source),
         };

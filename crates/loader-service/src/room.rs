@@ -178,7 +178,8 @@ mod tests {
             cancel: Default::default(),
         })
         .expect("service");
-        // Another model's 8,000 bytes are on their way out: 2,000 free, 4,000 needed.
+        // Another model's 8,000 bytes are on their way out: 2,000 free, 4,000 needed and the
+        // tensor's metadata.
         let leaving = resources
             .reserve(DeviceId::Cpu, &ModelId::parse("other").expect("id"), 8_000)
             .expect("fits")
@@ -188,9 +189,12 @@ mod tests {
         loop {
             match load.next().await.expect("the load goes on") {
                 LoadUpdate::Progress(p) if p.detail.starts_with("waiting for memory being freed") => {
+                    let needed = 4000 + weights::header::metadata_bytes("w", 1);
                     assert_eq!(
                         p.detail,
-                        "waiting for memory being freed: 4000 bytes needed, 2000 free, 8000 on their way back"
+                        format!(
+                            "waiting for memory being freed: {needed} bytes needed, 2000 free, 8000 on their way back"
+                        )
                     );
                     break;
                 }
@@ -208,6 +212,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(resources.usage_of(DeviceId::Cpu).expect("cpu").used_bytes, 4000);
+        let booked = 4000 + weights::header::metadata_bytes("w", 1);
+        assert_eq!(resources.usage_of(DeviceId::Cpu).expect("cpu").used_bytes, booked);
     }
 }

@@ -131,6 +131,9 @@ pub struct Pipeline {
     pub components: BTreeMap<String, Component>,
     pub device: DeviceId,
     pub revision: String,
+    /// For a model on a GPU, the host bytes of its tensors' metadata (names, shapes, views); a
+    /// model on the CPU books them in `allocation`.
+    pub host_allocation: Option<ModelAllocation>,
     /// The accounting of its bytes. Declared last: fields drop in order, so the tensors are freed
     /// before the allocation gives their bytes back to the budget (and the heap to the OS).
     pub allocation: ModelAllocation,
@@ -379,6 +382,7 @@ mod tests {
             components: components.into_iter().map(|c| (c.name.clone(), c)).collect(),
             device: DeviceId::Cpu,
             revision: String::new(),
+            host_allocation: None,
             allocation,
         };
         (rm, pipeline)
@@ -459,6 +463,7 @@ mod tests {
                 components: BTreeMap::new(),
                 device: DeviceId::Cpu,
                 revision: String::new(),
+                host_allocation: None,
                 allocation: rm.reserve(DeviceId::Cpu, &id, bytes).expect("fits").commit(bytes),
             });
         }

@@ -82,6 +82,7 @@ pub fn status(s: ModelStatus) -> pb::ModelStatus {
         dtype: s.facts.dtype,
         revision: s.facts.revision,
         weight_bytes: s.facts.weight_bytes,
+        metadata_bytes: s.facts.metadata_bytes,
         sample_size: s.facts.sample_size,
         error: s.error.unwrap_or_default(),
         source: source as i32,

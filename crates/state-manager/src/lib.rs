@@ -41,6 +41,8 @@ pub struct LoadFacts {
     /// The resolved revision (a commit for the HF cache; empty for the model root).
     pub revision: String,
     pub weight_bytes: u64,
+    /// Host bytes booked for its tensors' metadata (names, shapes, views).
+    pub metadata_bytes: u64,
     pub sample_size: Option<u32>,
     pub source: Option<ModelSource>,
 }
@@ -224,6 +226,7 @@ impl StateManager {
             Transition::LoadFailed { reason } => {
                 record.error = Some(reason);
                 record.facts.weight_bytes = 0;
+                record.facts.metadata_bytes = 0;
             }
             // Nothing of the model stays resident: its facts went with it.
             Transition::LoadCancelled | Transition::UnloadFinished => record.facts = LoadFacts::default(),

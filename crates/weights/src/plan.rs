@@ -91,6 +91,12 @@ impl LoadPlan {
         self.files().flat_map(|f| &f.tensors).map(|t| t.resident_bytes(target)).fold(0, u64::saturating_add)
     }
 
+    /// Host bytes of the tensors' metadata (names, shapes, views) while the model is loaded: on
+    /// the host whatever the device, and booked there.
+    pub fn metadata_bytes(&self) -> u64 {
+        self.files().flat_map(|f| &f.tensors).map(TensorPlan::metadata_bytes).fold(0, u64::saturating_add)
+    }
+
     /// The step's detail: "strategy: sharded safetensors, 2 files, 4.3 GB".
     pub fn describe(&self) -> String {
         let files = self.files().count();

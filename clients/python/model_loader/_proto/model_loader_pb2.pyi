@@ -140,7 +140,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("model_id", "state", "last_progress", "device", "dtype", "revision", "weight_bytes", "sample_size", "error", "source", "unload_reason", "attached_clients")
+    __slots__ = ("model_id", "state", "last_progress", "device", "dtype", "revision", "weight_bytes", "sample_size", "error", "source", "unload_reason", "attached_clients", "metadata_bytes")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_PROGRESS_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +153,7 @@ class ModelStatus(_message.Message):
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     UNLOAD_REASON_FIELD_NUMBER: _ClassVar[int]
     ATTACHED_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_BYTES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     state: ModelState
     last_progress: ModelLoadProgress
@@ -165,7 +166,8 @@ class ModelStatus(_message.Message):
     source: ModelSource
     unload_reason: str
     attached_clients: int
-    def __init__(self, model_id: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., last_progress: _Optional[_Union[ModelLoadProgress, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., revision: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., sample_size: _Optional[int] = ..., error: _Optional[str] = ..., source: _Optional[_Union[ModelSource, str]] = ..., unload_reason: _Optional[str] = ..., attached_clients: _Optional[int] = ...) -> None: ...
+    metadata_bytes: int
+    def __init__(self, model_id: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., last_progress: _Optional[_Union[ModelLoadProgress, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., revision: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., sample_size: _Optional[int] = ..., error: _Optional[str] = ..., source: _Optional[_Union[ModelSource, str]] = ..., unload_reason: _Optional[str] = ..., attached_clients: _Optional[int] = ..., metadata_bytes: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ("page_size", "page_token")
