@@ -3,7 +3,7 @@
 //! its [`Kind`], which names it in logs and metrics and picks its gRPC code in the server.
 
 use model_id::{InvalidRequest, ModelId};
-use model_source::HubFailure;
+use model_source::{HubFailure, ObjectError, ObjectFailure};
 use resource_manager::ResourceError;
 
 /// Why a load failed. Messages name the model, the file and the reason.
@@ -35,6 +35,8 @@ pub enum Failure {
     Weights(#[from] weights::Error),
     #[error("the hub failed ({failure}): {reason}")]
     Hub { failure: HubFailure, reason: String },
+    #[error("the object store failed ({failure}): {reason}")]
+    Object { failure: ObjectFailure, reason: String },
     /// File I/O that did not finish in time: a stalled filesystem, not bad input.
     #[error("{what} did not finish within {after:?}: is the filesystem stalled?")]
     Stalled { what: &'static str, after: std::time::Duration },
@@ -48,6 +50,7 @@ impl From<model_source::Error> for Failure {
         match e {
             model_source::Error::Files(e) => Self::Weights(e),
             model_source::Error::Hub { failure, reason } => Self::Hub { failure, reason },
+            model_source::Error::Object(e) => Self::Object { failure: e.failure, reason: e.reason },
         }
     }
 }
@@ -83,6 +86,7 @@ pub enum Kind {
     Stalled,
     PlaceOnDevice,
     Hub(HubFailure),
+    Object(ObjectFailure),
     Cancelled,
     ShuttingDown,
     Internal,
@@ -109,6 +113,7 @@ impl Kind {
             Self::Stalled => "stalled",
             Self::PlaceOnDevice => "place_on_device",
             Self::Hub(failure) => failure.kind(),
+            Self::Object(failure) => failure.kind(),
             Self::Cancelled => "cancelled",
             Self::ShuttingDown => "shutting_down",
             Self::Internal => "internal",
@@ -154,6 +159,7 @@ impl LoadError {
             Self::Conflict { .. } => Kind::Conflict,
             Self::Config(_) | Self::Model { failure: Failure::Internal(_), .. } => Kind::Internal,
             Self::Model { failure: Failure::Hub { failure, .. }, .. } => Kind::Hub(*failure),
+            Self::Model { failure: Failure::Object { failure, .. }, .. } => Kind::Object(*failure),
             Self::Model { failure: Failure::Stalled { .. }, .. } => Kind::Stalled,
             Self::Model { failure: Failure::Weights(e), .. } => match e {
                 W::NotFound(_) => Kind::NotFound,
@@ -165,6 +171,9 @@ impl LoadError {
                 W::OverLimit { .. } => Kind::OverLimit,
                 W::NotAFile { .. } => Kind::NotAFile,
                 W::Read { source, .. } if is_bad_path(source) => Kind::NotAFile,
+                W::Read { source, .. } if ObjectError::of(source).is_some() => {
+                    Kind::Object(ObjectError::of(source).map_or(ObjectFailure::Other, |e| e.failure))
+                }
                 W::Read { .. } => Kind::ReadWeights,
                 W::Place { .. } => Kind::PlaceOnDevice,
                 W::Cancelled => Kind::Cancelled,

@@ -23,7 +23,10 @@ mod room;
 use std::sync::Arc;
 
 use dashmap::{DashMap, mapref::entry::Entry};
-pub use model_source::{self, DEFAULT_HUB_STALL_TIMEOUT, HubConfig, HubFailure, SourceConfig, Sources};
+pub use model_source::{
+    self, DEFAULT_HUB_STALL_TIMEOUT, DEFAULT_OBJECT_CONCURRENCY, HubConfig, HubFailure, ObjectConfig, ObjectFailure,
+    SourceConfig, Sources,
+};
 use pipeline_manager::{Pipeline, PipelineManager};
 use resource_manager::ResourceManager;
 use state_manager::{InvalidTransition, ModelState, StateManager, Transition};

@@ -130,7 +130,7 @@ impl LoaderService {
 
         handle.step(ModelLoadStep::CacheCheck)?;
         let variant = target.and_then(TargetDtype::variant);
-        let wanted = Wanted { id: id.clone(), revision: request.revision, variant };
+        let wanted = Wanted { id: id.clone(), revision: request.revision, variant, cancel: handle.cancel.clone() };
         let located = self.sources.locate(&wanted).await.map_err(|e| LoadError::model(&id, e))?;
         handle.note(ModelLoadStep::CacheCheck, located.description.clone());
 
@@ -240,9 +240,15 @@ impl LoaderService {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let total = planned.plan.read_bytes();
-        let threads = self.config.read_threads;
+        let reading = planned.files.reading();
+        let threads = reading.map_or(self.config.read_threads, |r| r.threads);
         let mut bytes = ByteProgress::new(id.as_str(), ModelLoadStep::LoadWeights, total, handle);
-        let options = ReadOptions { threads, cancel: &handle.cancel, interval: BYTE_PROGRESS_INTERVAL };
+        let options = ReadOptions {
+            threads,
+            cancel: &handle.cancel,
+            interval: BYTE_PROGRESS_INTERVAL,
+            chunk_bytes: reading.map(|r| r.chunk_bytes),
+        };
         let started = Instant::now();
         let read = weights::read::read(planned.placement.as_ref(), &planned.plan, &files, options, |done, file| {
             bytes.update(done, file)

@@ -2,15 +2,20 @@
 //! revision, the target dtype, and which kind of source the files came from. The lowest crate:
 //! every other one keys and reports models by these types. It never touches a file or a device.
 
+mod object;
+
 use std::{fmt, str::FromStr};
+
+pub use crate::object::{MAX_OBJECT_ID, ObjectUrl, Scheme};
 
 /// The longest part of a repo id the hub accepts.
 const MAX_ID_PART: usize = 96;
 /// The longest revision we accept (a branch or tag name; commits are 40 hex digits).
 const MAX_REVISION: usize = 255;
 
-/// A model id: a Hugging Face repo id (`org/name`) or the name of a folder under the model root
-/// (`name`). Checked against the hub's rules, so it can never name a path outside the roots.
+/// A model id: a Hugging Face repo id (`org/name`), the name of a folder under the model root
+/// (`name`), or a prefix in an object store (`s3://bucket/prefix`, see [`ObjectUrl`]). Checked
+/// against the hub's (or the store's) rules, so it can never name a path outside the roots.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ModelId(String);
 
@@ -26,6 +31,9 @@ pub struct InvalidRequest {
 impl ModelId {
     pub fn parse(id: &str) -> Result<Self, InvalidRequest> {
         let invalid = |reason| InvalidRequest { field: "model_id", value: id.chars().take(120).collect(), reason };
+        if ObjectUrl::parse(id).map_err(invalid)?.is_some() {
+            return Ok(Self(id.to_owned()));
+        }
         if id.is_empty() {
             return Err(invalid("empty"));
         }
@@ -44,6 +52,12 @@ impl ModelId {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// Its object-store location, for an id in URL form.
+    pub fn object_url(&self) -> Option<ObjectUrl> {
+        // Parsed when the id was made: it cannot fail now.
+        ObjectUrl::parse(&self.0).ok().flatten()
     }
 
     /// `(org, name)` for an `org/name` id.
@@ -98,6 +112,9 @@ pub enum ModelSource {
     Cache,
     /// Downloaded from the hub.
     Hub,
+    /// Read from an object store (`s3://`, `gs://`, `az://`, `https://`).
+    #[strum(serialize = "object_store")]
+    ObjectStore,
 }
 
 /// A branch, tag or commit.

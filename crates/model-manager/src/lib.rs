@@ -16,8 +16,9 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 pub use loader_service::{
-    DEFAULT_MAX_CONCURRENT_LOADS, EvictPolicy, HubConfig, HubFailure, InvalidRequest, Kind, LoadError, LoadOutcome,
-    LoadRequest, LoadSubscription, LoadUpdate, ModelId, Revision, SourceConfig, TargetDtype,
+    DEFAULT_MAX_CONCURRENT_LOADS, DEFAULT_OBJECT_CONCURRENCY, EvictPolicy, HubConfig, HubFailure, InvalidRequest, Kind,
+    LoadError, LoadOutcome, LoadRequest, LoadSubscription, LoadUpdate, ModelId, ObjectConfig, ObjectFailure, Revision,
+    SourceConfig, TargetDtype,
 };
 pub use pipeline_manager;
 pub use resource_manager;

@@ -1,8 +1,9 @@
 //! Where a model's files come from, behind one trait: [`Source`] resolves an id and a revision to
 //! the model's files ([`weights::ModelFiles`]: a listing, and files opened for positioned reads)
 //! and says what must be fetched first ([`Fetch`]). Implemented by the model root
-//! ([`ModelRoot`]), the Hugging Face cache ([`HfCache`]) and the Hub ([`HubSource`], which
-//! downloads into that cache); [`Sources`] asks them in order.
+//! ([`ModelRoot`]), the Hugging Face cache ([`HfCache`]), the Hub ([`HubSource`], which
+//! downloads into that cache) and object stores ([`ObjectSource`], for `s3://…` ids); [`Sources`]
+//! asks them in order.
 //!
 //! Adding a source is one module implementing [`Source`], its place in [`Sources::from_config`]
 //! and its settings. This crate never parses weights, never books memory and never speaks gRPC;
@@ -13,6 +14,7 @@ mod cache;
 mod hub;
 mod hub_source;
 mod local;
+mod object;
 mod open;
 
 use std::{
@@ -34,6 +36,10 @@ pub use crate::{
     hub::{DEFAULT_HUB_STALL_TIMEOUT, DOWNLOAD_WORKERS, HubConfig},
     hub_source::HubSource,
     local::{LocalFiles, ModelRoot},
+    object::{
+        DEFAULT_OBJECT_CHUNK, DEFAULT_OBJECT_CONCURRENCY, DEFAULT_OBJECT_STALL_TIMEOUT, ObjectConfig, ObjectError,
+        ObjectFailure, ObjectSource,
+    },
 };
 
 /// Why a source failed.
@@ -44,6 +50,8 @@ pub enum Error {
     Files(#[from] weights::Error),
     #[error("the hub failed ({failure}): {reason}")]
     Hub { failure: HubFailure, reason: String },
+    #[error("the object store failed ({}): {}", .0.failure, .0.reason)]
+    Object(#[from] ObjectError),
 }
 
 /// How a hub request failed, for the gRPC code.
@@ -80,6 +88,8 @@ pub struct Wanted {
     pub revision: Revision,
     /// The precision variant preferred where a folder has it (`fp16`).
     pub variant: Option<&'static str>,
+    /// The load's cancel: sources whose files are read over the network end their requests on it.
+    pub cancel: CancellationToken,
 }
 
 /// A model found: its files, where they came from, and what must be fetched before they are read.
@@ -154,6 +164,8 @@ pub struct SourceConfig {
     pub offline: bool,
     /// How to reach the hub when not offline.
     pub hub: HubConfig,
+    /// How to reach object stores (ids in URL form).
+    pub object: ObjectConfig,
 }
 
 /// The sources of a server, asked in order.
@@ -172,7 +184,8 @@ impl Sources {
     /// The model root, then the hub (which falls back to the HF cache when unreachable) or,
     /// offline or without a cache to download into, the HF cache.
     pub fn from_config(config: &SourceConfig) -> Result<Self, Error> {
-        let mut chain: Vec<Arc<dyn Source>> = Vec::new();
+        // First: it answers only ids in URL form, which no other source could.
+        let mut chain: Vec<Arc<dyn Source>> = vec![Arc::new(ObjectSource::new(config.object.clone()))];
         if let Some(root) = &config.model_root {
             chain.push(Arc::new(ModelRoot::new(root.clone())));
         }
@@ -198,6 +211,15 @@ impl Sources {
 
     /// The first source's answer that has the model, else NOT_FOUND saying where it was looked for.
     pub async fn locate(&self, wanted: &Wanted) -> Result<Located, Error> {
+        if wanted.id.object_url().is_some() {
+            // Only an object source reads URLs; the others would take `s3:` for a folder.
+            for source in &self.chain {
+                if let Some(found) = source.locate(wanted).await? {
+                    return Ok(found);
+                }
+            }
+            return Err(weights::Error::NotFound(format!("{}: no object-store source is configured", wanted.id)).into());
+        }
         for source in &self.chain {
             if let Some(found) = source.locate(wanted).await? {
                 return Ok(found);
@@ -210,7 +232,7 @@ impl Sources {
 
     /// Whether any source has the model without asking the network.
     pub fn has(&self, id: &ModelId, revision: &Revision) -> bool {
-        self.chain.iter().any(|s| s.has(id, revision))
+        id.object_url().is_none() && self.chain.iter().any(|s| s.has(id, revision))
     }
 
     /// The models the sources list, sorted, each once.

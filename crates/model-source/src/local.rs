@@ -169,7 +169,7 @@ mod tests {
     /// The offline sources of `config` asked for `id` at `revision`.
     fn locate(config: &SourceConfig, id: &ModelId, revision: &Revision) -> Result<Located, Error> {
         let sources = Sources::from_config(config).expect("sources");
-        let wanted = Wanted { id: id.clone(), revision: revision.clone(), variant: None };
+        let wanted = Wanted { id: id.clone(), revision: revision.clone(), variant: None, cancel: Default::default() };
         let runtime = tokio::runtime::Builder::new_current_thread().build().expect("a runtime");
         runtime.block_on(sources.locate(&wanted))
     }

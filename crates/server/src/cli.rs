@@ -7,7 +7,7 @@ use crate::{attach::AttachConfig, connections::ConnectionLimits, tls::TlsFiles};
 
 use clap::{Parser, ValueEnum, builder::PossibleValuesParser, builder::TypedValueParser as _};
 use model_manager::{
-    DEFAULT_EVENT_CAPACITY, EvictPolicy, HubConfig, ManagerConfig, SourceConfig, TargetDtype,
+    DEFAULT_EVENT_CAPACITY, EvictPolicy, HubConfig, ManagerConfig, ObjectConfig, SourceConfig, TargetDtype,
     resource_manager::{DeviceRequest, MemoryBudget},
 };
 
@@ -48,6 +48,25 @@ pub struct Cli {
     /// How long the hub may send nothing (no answer, no byte) before a load fails with UNAVAILABLE.
     #[arg(long, env = "MODEL_LOADER_HF_TIMEOUT", default_value = DEFAULT_HF_TIMEOUT, value_parser = humantime::parse_duration)]
     pub hf_timeout: Duration,
+
+    /// The S3-compatible endpoint for `s3://` ids (`http://127.0.0.1:9000`) [default:
+    /// $AWS_ENDPOINT_URL_S3, else $AWS_ENDPOINT_URL, else AWS]. Credentials come from the standard
+    /// AWS_*, GOOGLE_* and AZURE_* variables; plain http needs AWS_ALLOW_HTTP=true or an http:// endpoint here.
+    #[arg(long, env = "MODEL_LOADER_OBJECT_ENDPOINT")]
+    pub object_endpoint: Option<String>,
+
+    /// Bytes of one ranged GET of an object store's weights (at most a staging buffer for a GPU).
+    #[arg(long, env = "MODEL_LOADER_OBJECT_CHUNK", default_value = "16MiB", value_parser = parse_size)]
+    pub object_chunk: bytesize::ByteSize,
+
+    /// Ranged GETs in flight at once for one load from an object store.
+    #[arg(long, env = "MODEL_LOADER_OBJECT_CONCURRENCY", default_value_t = model_manager::DEFAULT_OBJECT_CONCURRENCY)]
+    pub object_concurrency: usize,
+
+    /// How long an object store may send nothing (no answer, no byte) before a GET is retried,
+    /// and after the retries the load fails with UNAVAILABLE.
+    #[arg(long, env = "MODEL_LOADER_OBJECT_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub object_timeout: Duration,
 
     /// Never contact the hub (also set by HF_HUB_OFFLINE=1, ON, YES or TRUE, in any case).
     #[arg(long, env = "MODEL_LOADER_OFFLINE")]
@@ -263,7 +282,13 @@ impl Cli {
             token: self.hf_token.or_else(|| env("HF_TOKEN")).filter(|t| !t.is_empty()),
             stall_timeout: self.hf_timeout,
         };
-        manager.loader.sources = SourceConfig { model_root: Some(self.model_root), hf_cache, offline, hub };
+        let object = ObjectConfig {
+            endpoint: self.object_endpoint.filter(|e| !e.is_empty()),
+            chunk_bytes: usize::try_from(self.object_chunk.as_u64()).unwrap_or(usize::MAX).max(4096),
+            concurrency: self.object_concurrency.max(1),
+            stall_timeout: self.object_timeout,
+        };
+        manager.loader.sources = SourceConfig { model_root: Some(self.model_root), hf_cache, offline, hub, object };
         manager.loader.default_dtype = self.dtype;
         manager.loader.max_concurrent_loads = self.max_concurrent_loads.max(1);
         if let Some(threads) = self.read_threads {

@@ -73,6 +73,7 @@ pub fn status(s: ModelStatus) -> pb::ModelStatus {
         Some(ModelSource::Local) => pb::ModelSource::Local,
         Some(ModelSource::Cache) => pb::ModelSource::Cache,
         Some(ModelSource::Hub) => pb::ModelSource::Hub,
+        Some(ModelSource::ObjectStore) => pb::ModelSource::ObjectStore,
     };
     pb::ModelStatus {
         model_id: s.model_id.to_string(),

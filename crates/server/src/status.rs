@@ -1,7 +1,7 @@
 //! The one table mapping errors to gRPC status codes. Nothing is logged here: errors are logged
 //! where they are handled.
 
-use model_manager::{HubFailure, Kind, LoadError, ManagerError};
+use model_manager::{HubFailure, Kind, LoadError, ManagerError, ObjectFailure};
 use tonic::{Code, Status};
 
 /// The gRPC status for a facade error.
@@ -21,13 +21,23 @@ pub fn from_load(e: &LoadError) -> Status {
             Code::FailedPrecondition
         }
         Kind::OverBudget | Kind::OverLimit => Code::ResourceExhausted,
-        Kind::NotFound | Kind::Hub(HubFailure::NotFound) => Code::NotFound,
-        Kind::PathEscapes | Kind::Hub(HubFailure::PermissionDenied) => Code::PermissionDenied,
+        Kind::NotFound | Kind::Hub(HubFailure::NotFound) | Kind::Object(ObjectFailure::NotFound) => Code::NotFound,
+        Kind::PathEscapes | Kind::Hub(HubFailure::PermissionDenied) | Kind::Object(ObjectFailure::PermissionDenied) => {
+            Code::PermissionDenied
+        }
         Kind::Corrupt | Kind::BadConfig => Code::DataLoss,
-        Kind::Hub(HubFailure::Unauthenticated) => Code::Unauthenticated,
-        Kind::Hub(HubFailure::Unavailable) | Kind::ShuttingDown | Kind::Stalled => Code::Unavailable,
+        Kind::Hub(HubFailure::Unauthenticated) | Kind::Object(ObjectFailure::Unauthenticated) => Code::Unauthenticated,
+        Kind::Hub(HubFailure::Unavailable)
+        | Kind::Object(ObjectFailure::Unavailable)
+        | Kind::ShuttingDown
+        | Kind::Stalled => Code::Unavailable,
+        Kind::Object(ObjectFailure::Changed) => Code::Aborted,
         Kind::Cancelled => Code::Cancelled,
-        Kind::ReadWeights | Kind::PlaceOnDevice | Kind::Hub(HubFailure::Other) | Kind::Internal => Code::Internal,
+        Kind::ReadWeights
+        | Kind::PlaceOnDevice
+        | Kind::Hub(HubFailure::Other)
+        | Kind::Object(ObjectFailure::Other)
+        | Kind::Internal => Code::Internal,
     };
     Status::new(code, e.to_string())
 }

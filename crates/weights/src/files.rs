@@ -41,6 +41,19 @@ pub trait ModelFiles: Send + Sync {
     fn is_dir(&self, dir: &str) -> Result<bool, Error>;
     /// Opens `path` for positioned reads; `None` if it does not exist.
     fn open(&self, path: &str) -> Result<Option<Arc<dyn ReadAt>>, Error>;
+    /// How its files are best read, where that differs from a local disk: a remote store wants
+    /// many large requests in flight.
+    fn reading(&self) -> Option<Reading> {
+        None
+    }
+}
+
+/// How step 4 reads a source's files: this many readers at once, in chunks of this many bytes
+/// (or the most the placement takes, if that is less).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reading {
+    pub threads: usize,
+    pub chunk_bytes: usize,
 }
 
 /// `dir/name`, or `name` in the model's own folder.

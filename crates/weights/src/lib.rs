@@ -28,7 +28,7 @@ mod vmm;
 pub use crate::vmm::{VmmPlacement, VmmView};
 pub use crate::{
     error::Error,
-    files::{ModelFiles, ReadAt},
+    files::{ModelFiles, ReadAt, Reading},
     header::MAX_HEADER_BYTES,
     host::{CHUNK_BYTES, HostBuffer, HostMemory, HostPlacement, HostView},
     mapped::MappedFile,

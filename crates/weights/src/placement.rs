@@ -98,6 +98,10 @@ pub trait Destination: Sync {
 pub trait Placement: Send + Sync {
     /// How the groups of a load of `total` bytes read on `threads` threads are cut.
     fn chunking(&self, total: u64, threads: usize) -> Chunking;
+    /// The largest chunk it can take (a staging buffer's size); any, for memory of its own.
+    fn max_chunk(&self) -> usize {
+        usize::MAX
+    }
     /// Allocates every group, runs `readers` (which fill every chunk through the destination,
     /// then return) beside whatever the placement runs itself, and returns what was placed
     /// (copies may still be in flight: see [`Placed::finish`]). An error of the placement's own

@@ -33,6 +33,9 @@ pub struct ReadOptions<'a> {
     pub cancel: &'a CancellationToken,
     /// How often progress is reported while reading.
     pub interval: Duration,
+    /// Chunks of this many bytes (capped by [`Placement::max_chunk`]) instead of the placement's
+    /// own choice: a remote store's requests.
+    pub chunk_bytes: Option<usize>,
 }
 
 /// A read that failed, and what it had placed by then: the caller frees that when it suits it
@@ -75,7 +78,11 @@ pub fn read(
         let tensor = g.members.first().map_or("", |m| m.name.as_str());
         return Err(unsupported_dtype(names[g.file], tensor, g.dtype).into());
     }
-    let cut = placement.chunking(plan.read_bytes(), options.threads);
+    let mut cut = placement.chunking(plan.read_bytes(), options.threads);
+    if let Some(bytes) = options.chunk_bytes {
+        cut.chunk = bytes.clamp(1, placement.max_chunk());
+        cut.edge_chunk = cut.edge_chunk.min(cut.chunk);
+    }
     let chunks = placement::chunks(&groups, cut);
 
     let next = AtomicUsize::new(0);
@@ -100,9 +107,10 @@ pub fn read(
             current_file.store(group.file, Ordering::Relaxed);
             let stop = || options.cancel.is_cancelled() || failed.load(Ordering::Relaxed);
             let mut read_chunk = |buffer: &mut [u8]| {
-                files[group.file]
-                    .read_exact_at(buffer, group.start + chunk.offset)
-                    .map_err(|e| Error::read(names[group.file], e))?;
+                files[group.file].read_exact_at(buffer, group.start + chunk.offset).map_err(|e| {
+                    // A read the cancel ended (a remote request aborted) is the cancel.
+                    if options.cancel.is_cancelled() { Error::Cancelled } else { Error::read(names[group.file], e) }
+                })?;
                 // A cancel that came during the read stops before the bytes go on.
                 match options.cancel.is_cancelled() {
                     true => Err(Error::Cancelled),

@@ -86,6 +86,10 @@ where
     /// Whole buffers for large loads, smaller pieces for small ones; the first and the last chunk
     /// of every reader (the reads in flight when the first copy and the last one are queued) are
     /// short, so the link starts early and is not left with one long copy at the end.
+    fn max_chunk(&self) -> usize {
+        self.pool.buffer_bytes()
+    }
+
     fn chunking(&self, total: u64, threads: usize) -> Chunking {
         let chunk = chunk_bytes(total, threads, self.pool.buffer_bytes());
         Chunking { chunk, edge_chunk: MIN_CHUNK_BYTES.min(chunk), edge: (threads * chunk) as u64 }

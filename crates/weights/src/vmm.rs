@@ -193,6 +193,10 @@ impl VmmPlacement {
 }
 
 impl Placement for VmmPlacement {
+    fn max_chunk(&self) -> usize {
+        self.pool.buffer_bytes()
+    }
+
     fn chunking(&self, total: u64, threads: usize) -> Chunking {
         // As the GPU's own placement: the same pool and link.
         StagedPlacement::new(self.gpu.clone(), self.pool.clone(), self.device.clone()).chunking(total, threads)
