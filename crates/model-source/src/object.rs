@@ -116,16 +116,6 @@ impl ObjectError {
 /// What an `object_store` error means for a load of `what`.
 fn classify(what: &str, e: &object_store::Error) -> ObjectError {
     use object_store::Error as E;
-    let failure = match e {
-        E::NotFound { .. } => ObjectFailure::NotFound,
-        E::Precondition { .. } | E::NotModified { .. } => ObjectFailure::Changed,
-        E::PermissionDenied { .. } => ObjectFailure::PermissionDenied,
-        E::Unauthenticated { .. } => ObjectFailure::Unauthenticated,
-        // Retries exhausted, timeouts, connection errors and unexpected statuses all come back
-        // as Generic; their text says which.
-        E::Generic { .. } => ObjectFailure::Unavailable,
-        _ => ObjectFailure::Other,
-    };
     // object_store's messages stop at reqwest's ("builder error"): the causes say what it was.
     let mut text = e.to_string();
     let mut cause = std::error::Error::source(e);
@@ -136,11 +126,37 @@ fn classify(what: &str, e: &object_store::Error) -> ObjectError {
         }
         cause = c.source();
     }
+    let failure = match e {
+        E::NotFound { .. } => ObjectFailure::NotFound,
+        E::Precondition { .. } | E::NotModified { .. } => ObjectFailure::Changed,
+        E::PermissionDenied { .. } => ObjectFailure::PermissionDenied,
+        E::Unauthenticated { .. } => ObjectFailure::Unauthenticated,
+        // A listing's or an unexpected status comes back Generic, its status only in the text:
+        // object_store keeps the error that holds it private.
+        E::Generic { .. } => match http_status(&text) {
+            Some(404) => ObjectFailure::NotFound,
+            Some(403) => ObjectFailure::PermissionDenied,
+            Some(401) => ObjectFailure::Unauthenticated,
+            Some(304 | 412) => ObjectFailure::Changed,
+            Some(400..=499) => ObjectFailure::Other,
+            // 5xx after the retries, timeouts, refused or broken connections.
+            _ => ObjectFailure::Unavailable,
+        },
+        _ => ObjectFailure::Other,
+    };
     let reason = match failure {
-        ObjectFailure::Changed => format!("{what} changed while it was being read (its ETag no longer matches): {text}"),
+        ObjectFailure::Changed => {
+            format!("{what} changed while it was being read (its ETag no longer matches): {text}")
+        }
         _ => format!("{what}: {text}"),
     };
     ObjectError { failure, reason }
+}
+
+/// The HTTP status in an object_store error's text ("... status code: 404 Not Found ...").
+fn http_status(text: &str) -> Option<u16> {
+    let (_, rest) = text.split_once("status code: ")?;
+    rest.get(..3)?.parse().ok()
 }
 
 /// Models in object stores, for ids in URL form.

@@ -283,7 +283,8 @@ mod tests {
         };
         let files: Vec<Arc<dyn ReadAt>> = vec![Arc::new(File::open(&path).expect("open"))];
         let cancel = CancellationToken::new();
-        let options = ReadOptions { threads: 2, cancel: &cancel, interval: Duration::from_millis(1) };
+        let options =
+            ReadOptions { threads: 2, cancel: &cancel, interval: Duration::from_millis(1), chunk_bytes: None };
         let placed =
             read(&SharedHostPlacement::new("model-loader:test"), &plan, &files, options, |_, _| {}).expect("map");
         let (placed, _) = placed.finish(0, Duration::ZERO).expect("finish");
@@ -332,7 +333,8 @@ mod tests {
         // Not a local file (as a remote object is not): read into the memfd, not mapped.
         let files: Vec<Arc<dyn ReadAt>> = vec![Arc::new(Remote(File::open(&path).expect("open")))];
         let cancel = CancellationToken::new();
-        let options = ReadOptions { threads: 2, cancel: &cancel, interval: Duration::from_millis(1) };
+        let options =
+            ReadOptions { threads: 2, cancel: &cancel, interval: Duration::from_millis(1), chunk_bytes: None };
         let placement = SharedHostPlacement::new("model-loader:test");
         let placed = read(&placement, &plan, &files, options, |_, _| {}).expect("read");
         let (placed, _) = placed.finish(0, Duration::ZERO).expect("finish");

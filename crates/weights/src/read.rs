@@ -243,7 +243,8 @@ mod tests {
         };
         let files: Vec<Arc<dyn ReadAt>> = vec![Arc::new(File::open(&path).expect("open the fixture"))];
         let cancel = CancellationToken::new();
-        let options = ReadOptions { threads: 4, cancel: &cancel, interval: Duration::from_millis(1) };
+        let options =
+            ReadOptions { threads: 4, cancel: &cancel, interval: Duration::from_millis(1), chunk_bytes: None };
         let placed = read(&HostPlacement, &plan, &files, options, |_, _| {}).expect("read");
         let (read, _) = placed.finish(0, Duration::ZERO).expect("finish");
         let names: Vec<&str> = read.iter().map(|t| t.name.as_str()).collect();
@@ -307,7 +308,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let (plan, files) = u32s(dir.path(), 1000);
         let cancel = CancellationToken::new();
-        let options = ReadOptions { threads: 3, cancel: &cancel, interval: Duration::from_millis(1) };
+        let options =
+            ReadOptions { threads: 3, cancel: &cancel, interval: Duration::from_millis(1), chunk_bytes: None };
         let mut counted = 0;
         let placed = read(&Chunked(7), &plan, &files, options, |done, _| counted = done).expect("read");
         let (tensors, _) = placed.finish(0, Duration::ZERO).expect("finish");
@@ -323,7 +325,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let (plan, files) = u32s(dir.path(), 1001);
         let cancel = CancellationToken::new();
-        let options = ReadOptions { threads: 1, cancel: &cancel, interval: Duration::from_millis(1) };
+        let options =
+            ReadOptions { threads: 1, cancel: &cancel, interval: Duration::from_millis(1), chunk_bytes: None };
         let short = read(&Chunked(1 << 20), &plan, &files, options, |_, _| {}).err().expect("the file ends");
         assert!(matches!(&short.error, Error::Corrupt { reason, .. } if reason.contains("truncated")), "{short:?}");
 

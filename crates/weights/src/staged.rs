@@ -612,7 +612,7 @@ mod tests {
         E::Allocation: 'static,
     {
         let placement = StagedPlacement::new(Arc::new(engine.clone()), pool.clone(), "fake:0".into());
-        let options = ReadOptions { threads, cancel, interval: Duration::from_millis(1) };
+        let options = ReadOptions { threads, cancel, interval: Duration::from_millis(1), chunk_bytes: None };
         read_into(&placement, plan, files, options, on_progress)
     }
 
