@@ -12,6 +12,7 @@ offline, strict), and checks that the pieces agree with each other and with the 
   other container of the pod (a consumer) mounts that same volume at the same path;
 - the auth token file (MODEL_LOADER_AUTH_TOKEN_FILE) lies on a Secret volume the server mounts
   read-only, and a NetworkPolicy selects the pod and admits only the gRPC and metrics ports;
+- object-store credentials come from a Secret the overlay renders (envFrom), shipped without values;
 - every container runs as non-root with a read-only root filesystem, no privilege escalation and
   every capability dropped;
 - the gpu overlay asks for one nvidia.com/gpu and loads to cuda.
@@ -110,6 +111,7 @@ def check_overlay(name, docs, server_env):
 
     errors += check_attach(pod, container, env)
     errors += check_auth(pod, container, env, deployment, by_kind["NetworkPolicy"])
+    errors += check_object_store(container, by_kind["Secret"])
     pod_security = pod.get("securityContext", {})
     for c in pod["containers"]:
         security = c.get("securityContext", {})
@@ -181,6 +183,19 @@ def check_auth(pod, server, env, deployment, policies):
             for port in rule.get("ports", [{"port": "any"}]):
                 if port.get("port") not in allowed:
                     errors.append(f"NetworkPolicy {policy['metadata']['name']} admits port {port.get('port')}")
+    return errors
+
+
+def check_object_store(server, secrets):
+    """Object-store credentials come from a Secret the overlay renders, which ships no values."""
+    names = [s["secretRef"]["name"] for s in server.get("envFrom", []) if "secretRef" in s]
+    rendered = {s["metadata"]["name"]: s for s in secrets}
+    errors = [f"envFrom names the Secret {n}, which the overlay does not render" for n in names if n not in rendered]
+    if not names:
+        errors.append("no Secret gives the container its object-store credentials (envFrom secretRef)")
+    for name in names:
+        if rendered.get(name, {}).get("stringData") or rendered.get(name, {}).get("data"):
+            errors.append(f"the Secret {name} ships credentials")
     return errors
 
 

@@ -53,14 +53,14 @@ fn the_committed_manifests_pass() {
     let (ok, text) = check(&repo().join("deploy/k8s"));
     assert!(ok, "{text}");
     for overlay in ["cpu", "cpu-consumer", "gpu"] {
-        assert!(text.contains(&format!("{overlay}: 8 objects valid")), "{overlay}: {text}");
+        assert!(text.contains(&format!("{overlay}: 9 objects valid")), "{overlay}: {text}");
     }
 }
 
 /// Each breakage is caught, and named.
 #[test]
 fn broken_manifests_fail() {
-    let breakages: [(&str, &str, &str, &str); 10] = [
+    let breakages: [(&str, &str, &str, &str); 12] = [
         // A readiness probe on a port the server does not listen on.
         (
             "base/deployment.yaml",
@@ -111,6 +111,15 @@ fn broken_manifests_fail() {
         ),
         // A NetworkPolicy that lets in another port.
         ("base/networkpolicy.yaml", "port: metrics", "port: 8080", "admits port 8080"),
+        // Object-store credentials committed with the manifests.
+        ("base/object-store-secret.yaml", "stringData: {}", "stringData:\n  AWS_SECRET_ACCESS_KEY: x", "ships credentials"),
+        // The container reading a credentials Secret nobody renders.
+        (
+            "base/deployment.yaml",
+            "                name: model-loader-object-store",
+            "                name: model-loader-s3",
+            "names the Secret model-loader-s3",
+        ),
     ];
     for (file, from, to, expected) in breakages {
         let k8s = copy_of_manifests();
