@@ -17,6 +17,7 @@ pub mod gpu_report;
 pub mod in_process;
 pub mod limit;
 pub mod models;
+pub mod object;
 pub mod peers;
 pub mod report;
 pub mod server;
@@ -114,6 +115,24 @@ pub struct Options {
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/attach_peer.py"))]
     #[serde(skip)]
     pub attach_script: PathBuf,
+    /// Run the object-storage benchmark instead: a local S3 server, ours against the Run:ai
+    /// streamer, boto3 and the limit; written to `--out`/object.
+    #[arg(long)]
+    pub object: bool,
+    /// Object mode: size of the dense F32 model, in MiB (4 shards).
+    #[arg(long, default_value_t = 1024)]
+    pub object_mib: usize,
+    /// Object mode: timed runs of each loader, after a warm-up.
+    #[arg(long, default_value_t = 3)]
+    pub object_runs: usize,
+    /// Object mode: the Python with the peers installed (runai-model-streamer, boto3).
+    #[arg(long, default_value = "python3")]
+    #[serde(skip)]
+    pub object_python: PathBuf,
+    /// Object mode: the peers' script.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/peer_object.py"))]
+    #[serde(skip)]
+    pub object_script: PathBuf,
     /// The Python peer's script.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/peer_safetensors.py"))]
     #[serde(skip)]

@@ -9,7 +9,9 @@ async fn main() -> anyhow::Result<()> {
         let report: bench::gpu_report::GpuReport = serde_json::from_slice(&std::fs::read(dir.join("results.json"))?)?;
         return bench::gpu_report::write(dir, &report);
     }
-    let targets = if options.gpu || options.gpu_candle_peer || options.gpu_attach {
+    let targets = if options.object {
+        bench::object::run(&options).await?.targets
+    } else if options.gpu || options.gpu_candle_peer || options.gpu_attach {
         gpu(&options).await?
     } else {
         bench::run(&options).await?.targets

@@ -112,7 +112,12 @@ fn broken_manifests_fail() {
         // A NetworkPolicy that lets in another port.
         ("base/networkpolicy.yaml", "port: metrics", "port: 8080", "admits port 8080"),
         // Object-store credentials committed with the manifests.
-        ("base/object-store-secret.yaml", "stringData: {}", "stringData:\n  AWS_SECRET_ACCESS_KEY: x", "ships credentials"),
+        (
+            "base/object-store-secret.yaml",
+            "stringData: {}",
+            "stringData:\n  AWS_SECRET_ACCESS_KEY: x",
+            "ships credentials",
+        ),
         // The container reading a credentials Secret nobody renders.
         (
             "base/deployment.yaml",
