@@ -86,30 +86,7 @@ pub async fn run(options: &Options) -> anyhow::Result<ObjectReport> {
     let mut tried = Vec::new();
     let mut checks = Vec::new();
 
-    let store = Arc::new(
-        AmazonS3Builder::new()
-            .with_bucket_name(BUCKET)
-            .with_endpoint(&s3.endpoint)
-            .with_allow_http(true)
-            .with_access_key_id(ACCESS_KEY)
-            .with_secret_access_key(SECRET_KEY)
-            .with_region("us-east-1")
-            .build()?,
-    );
-    let mut limits = Vec::new();
-    for concurrency in [8, 16, 32] {
-        let mut seconds = Vec::new();
-        for run in 0..=options.object_runs {
-            let started = std::time::Instant::now();
-            let fetched = fetch_all(store.clone(), concurrency).await?;
-            anyhow::ensure!(fetched >= bytes, "the limit fetched {fetched} bytes of {bytes}");
-            if run > 0 {
-                seconds.push(started.elapsed().as_secs_f64());
-            }
-        }
-        limits.push(run_of("limit: ranged GETs, discarded", format!("{concurrency} at once"), seconds, bytes));
-    }
-    let limit = best(limits, &mut tried);
+    let limit = best(limits(options, &s3, bytes).await?, &mut tried);
     eprintln!("[bench] object: limit {:.2} GB/s ({})", limit.gb_per_s, limit.setting);
 
     let mut loads = Vec::new();
@@ -133,9 +110,53 @@ pub async fn run(options: &Options) -> anyhow::Result<ObjectReport> {
     checks.push(Check::compare(&boto.version, &model, &boto.tensors));
     let boto3 = run_of(&boto.version, "download, then load".into(), boto.seconds, bytes);
 
+    let targets = targets(&ours, &runai, &limit);
+    let report = ObjectReport {
+        machine: Machine::here(std::thread::available_parallelism().map_or(1, |n| n.get())),
+        model_bytes: bytes,
+        files: model.files.len(),
+        runs: vec![limit, ours, runai, boto3],
+        tried,
+        checks,
+        targets,
+    };
+    write(&options.out.join("object"), &report)?;
+    Ok(report)
+}
+
+/// The limit at 8, 16 and 32 ranged GETs at once.
+async fn limits(options: &Options, s3: &S3Server, bytes: u64) -> anyhow::Result<Vec<Run>> {
+    let store = Arc::new(
+        AmazonS3Builder::new()
+            .with_bucket_name(BUCKET)
+            .with_endpoint(&s3.endpoint)
+            .with_allow_http(true)
+            .with_access_key_id(ACCESS_KEY)
+            .with_secret_access_key(SECRET_KEY)
+            .with_region("us-east-1")
+            .build()?,
+    );
+    let mut limits = Vec::new();
+    for concurrency in [8, 16, 32] {
+        let mut seconds = Vec::new();
+        for run in 0..=options.object_runs {
+            let started = std::time::Instant::now();
+            let fetched = fetch_all(store.clone(), concurrency).await?;
+            anyhow::ensure!(fetched >= bytes, "the limit fetched {fetched} bytes of {bytes}");
+            if run > 0 {
+                seconds.push(started.elapsed().as_secs_f64());
+            }
+        }
+        limits.push(run_of("limit: ranged GETs, discarded", format!("{concurrency} at once"), seconds, bytes));
+    }
+    Ok(limits)
+}
+
+/// The goals: ≥ 1.2× the Run:ai streamer, ≥ 0.85× the limit (ratios of median times).
+fn targets(ours: &Run, runai: &Run, limit: &Run) -> Vec<Target> {
     let vs_runai = runai.seconds_median / ours.seconds_median;
     let vs_limit = limit.seconds_median / ours.seconds_median;
-    let targets = vec![
+    vec![
         Target {
             name: "object store: ours vs the Run:ai streamer (time ratio)".into(),
             target: "≥ 1.20×".into(),
@@ -148,18 +169,7 @@ pub async fn run(options: &Options) -> anyhow::Result<ObjectReport> {
             measured: format!("{vs_limit:.2}×"),
             met: vs_limit >= 0.85,
         },
-    ];
-    let report = ObjectReport {
-        machine: Machine::here(std::thread::available_parallelism().map_or(1, |n| n.get())),
-        model_bytes: bytes,
-        files: model.files.len(),
-        runs: vec![limit, ours, runai, boto3],
-        tried,
-        checks,
-        targets,
-    };
-    write(&options.out.join("object"), &report)?;
-    Ok(report)
+    ]
 }
 
 /// Every object of the prefix in `CHUNK` ranged GETs, `concurrency` at once, each into a fresh

@@ -393,7 +393,7 @@ impl Shared {
 /// a time after deciding what to do with each.
 async fn relay(client: TcpStream, server: TcpStream, shared: &Shared) {
     let (mut client_read, client_write) = client.into_split();
-    let (mut server_read, mut server_write) = server.into_split();
+    let (server_read, mut server_write) = server.into_split();
     let client_write = tokio::sync::Mutex::new(client_write);
     // Bytes the response in flight may still pass before the connection is cut.
     let cut: Mutex<Option<usize>> = Mutex::new(None);
@@ -414,17 +414,8 @@ async fn relay(client: TcpStream, server: TcpStream, shared: &Shared) {
                     Action::Forward => {}
                     Action::Answer(status) => {
                         shared.counts.answered.fetch_add(1, Ordering::SeqCst);
-                        let body = format!(
-                            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>Injected{status}</Code><Message>a fault \
-                             of the test proxy</Message></Error>"
-                        );
-                        let answer = format!(
-                            "HTTP/1.1 {status} Injected\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\
-                             Connection: close\r\n\r\n{body}",
-                            body.len()
-                        );
                         let mut to_client = client_write.lock().await;
-                        let _ = to_client.write_all(answer.as_bytes()).await;
+                        let _ = to_client.write_all(injected(status).as_bytes()).await;
                         let _ = to_client.shutdown().await;
                         break 'requests;
                     }
@@ -452,36 +443,56 @@ async fn relay(client: TcpStream, server: TcpStream, shared: &Shared) {
         }
         let _ = server_write.shutdown().await;
     };
-    let downstream = async {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = match server_read.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            let pass = {
-                let mut cut = cut.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                match cut.as_mut() {
-                    None => n,
-                    Some(left) => {
-                        let pass = n.min(*left);
-                        *left -= pass;
-                        pass
-                    }
+    tokio::join!(upstream, responses(server_read, &client_write, &cut, &shared.counts));
+}
+
+/// An S3-style error answer with `status`, closing the connection.
+fn injected(status: u16) -> String {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>Injected{status}</Code><Message>a fault of the \
+         test proxy</Message></Error>"
+    );
+    format!(
+        "HTTP/1.1 {status} Injected\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Passes the server's bytes to the client until either closes, cutting the connection where a
+/// [`Fault::Drop`] says.
+async fn responses(
+    mut server_read: tokio::net::tcp::OwnedReadHalf,
+    client_write: &tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>,
+    cut: &Mutex<Option<usize>>,
+    counts: &ProxyCounts,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match server_read.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let pass = {
+            let mut cut = cut.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match cut.as_mut() {
+                None => n,
+                Some(left) => {
+                    let pass = n.min(*left);
+                    *left -= pass;
+                    pass
                 }
-            };
-            let mut to_client = client_write.lock().await;
-            if to_client.write_all(&buf[..pass]).await.is_err() {
-                break;
             }
-            if pass < n {
-                // The cut: the client sees the connection drop in the middle of a body.
-                shared.counts.cuts.fetch_add(1, Ordering::SeqCst);
-                let _ = to_client.shutdown().await;
-                break;
-            }
+        };
+        let mut to_client = client_write.lock().await;
+        if to_client.write_all(&buf[..pass]).await.is_err() {
+            break;
         }
-        let _ = client_write.lock().await.shutdown().await;
-    };
-    tokio::join!(upstream, downstream);
+        if pass < n {
+            // The cut: the client sees the connection drop in the middle of a body.
+            counts.cuts.fetch_add(1, Ordering::SeqCst);
+            let _ = to_client.shutdown().await;
+            break;
+        }
+    }
+    let _ = client_write.lock().await.shutdown().await;
 }
