@@ -279,3 +279,39 @@ async fn cancel_aborts_the_gets_and_concurrent_loads_share_one_set() {
     assert_eq!(two, one, "two concurrent loads made one load's GETs");
     assert_eq!(checksums(&mut client, id).await, model.tensors);
 }
+
+/// With the attach socket on, a model from `s3://` (no local file to map) is read into sealed
+/// memfds that another process maps: the attached tensors are the objects' bytes.
+#[tokio::test]
+async fn a_model_from_s3_attaches_from_memfds() {
+    use sha2::{Digest, Sha256};
+    let Behind { s3, tmp, model, proxy, _root, server: _plain, client: _unused } = behind_a_proxy(&[]).await;
+    let socket = tmp.path().join("attach.sock");
+    let root = tempfile::tempdir().expect("empty model root");
+    let socket_arg = socket.to_str().expect("utf-8 path");
+    let server = server_with(&s3, &proxy.endpoint(), root.path(), &["--attach-socket", socket_arg]).await;
+    let mut client = connect(server.addr).await;
+    let id = "s3://models/m";
+    load_all(&mut client, load(id)).await.1.expect("loads from s3");
+    let request = attach::AttachRequest { model_id: id.into(), ..Default::default() };
+    let attached = tokio::task::spawn_blocking(move || {
+        attach::Attached::attach(&socket, &request, std::time::Duration::from_secs(30))
+    })
+    .await
+    .expect("attach task")
+    .expect("attaches");
+    assert!(
+        attached.buffers().iter().all(|b| b.kind() == pb::BufferKind::HostMemfd),
+        "read into memfds: {:?}",
+        attached.buffers()
+    );
+    let got: std::collections::BTreeMap<String, (String, Vec<u64>, String)> = attached
+        .tensors()
+        .iter()
+        .map(|t| {
+            let bytes = attached.bytes(t).expect("host bytes");
+            (t.name.clone(), (t.dtype.clone(), t.shape.clone(), hex::encode(Sha256::digest(bytes))))
+        })
+        .collect();
+    assert_eq!(got, model.tensors, "the attached bytes are the objects'");
+}
