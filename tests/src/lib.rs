@@ -399,6 +399,11 @@ pub async fn cpu_resources_when(
     }
 }
 
+/// Bytes as MiB, for messages.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1 << 20) as f64
+}
+
 /// This process's resident set size in bytes (VmRSS).
 pub fn rss_bytes(pid: Option<u32>) -> u64 {
     status_bytes(pid, "VmRSS:")

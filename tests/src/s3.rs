@@ -132,10 +132,6 @@ impl S3Server {
         }
         unreachable!("the loop returns")
     }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.child.id()
-    }
 }
 
 /// A WebDAV server (wsgidav, from PyPI) serving `root` read-only on 127.0.0.1 without auth: an
@@ -196,10 +192,11 @@ with open(path, "rb") as f:
 /// meanwhile. Each call of this process tries the next port of its own stretch.
 fn free_port() -> std::io::Result<u16> {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let start = 20_000 + (std::process::id() as usize % 250) * 48;
+    // Ports 20000–31999, from a start of this process's own.
+    let start = std::process::id() as usize % 250 * 48;
     for _ in 0..2_000 {
-        let port = start + NEXT.fetch_add(1, Ordering::SeqCst) % 12_000;
-        let port = u16::try_from(if port > 32_000 { port - 12_000 } else { port }).unwrap_or(20_000);
+        let port = 20_000 + (start + NEXT.fetch_add(1, Ordering::SeqCst)) % 12_000;
+        let port = u16::try_from(port).expect("below 32000");
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return Ok(port);
         }
@@ -221,8 +218,6 @@ async fn answers_http(port: u16) -> bool {
 /// What a [`S3Proxy`] saw.
 #[derive(Debug, Default)]
 pub struct ProxyCounts {
-    /// Connections accepted.
-    pub connections: AtomicUsize,
     /// Connections open now, and the most open at once.
     pub open: AtomicUsize,
     pub most_open: AtomicUsize,
@@ -291,7 +286,6 @@ impl S3Proxy {
                 let shared = shared.clone();
                 connections.spawn(async move {
                     let Ok(server) = TcpStream::connect(upstream).await else { return };
-                    shared.counts.connections.fetch_add(1, Ordering::SeqCst);
                     let open = shared.counts.open.fetch_add(1, Ordering::SeqCst) + 1;
                     shared.counts.most_open.fetch_max(open, Ordering::SeqCst);
                     relay(client, server, &shared).await;

@@ -15,7 +15,7 @@ use tests::{
     fixture::TensorSpec,
     get_model,
     hub::{Fault, HubRepo, TestHub},
-    load, load_all, load_ok, next_event, next_status, open_load, peak_rss_bytes, rchar, read_until, rss_bytes,
+    load, load_all, load_ok, mib, next_event, next_status, open_load, peak_rss_bytes, rchar, read_until, rss_bytes,
     state_of, watch,
 };
 use tonic::{Code, Streaming, transport::Channel};
@@ -523,10 +523,6 @@ async fn a_converting_load_reserves_its_peak() {
         "holds the BF16 bytes once loaded: {cpu:?}"
     );
     server.stop().await;
-}
-
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1 << 20) as f64
 }
 
 /// 200,000 one-element tensors (800 KB of weights; tens of MB of names, shapes and views) in the

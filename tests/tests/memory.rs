@@ -3,15 +3,11 @@
 //! binary over many load/unload cycles.
 
 use proto::v1 as pb;
-use tests::{TestServer, binary::Binary, config, cpu_resources, fixture, load, load_all, rss_bytes, state_of};
+use tests::{TestServer, binary::Binary, config, cpu_resources, fixture, load, load_all, mib, rss_bytes, state_of};
 
 /// The tests of this file measure RSS: they run one at a time so one's fixture does not blur the
 /// other's figures.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1 << 20) as f64
-}
 
 /// UnloadModel of a ~500 MB model brings accounting to zero and RSS back down; unloading again
 /// is OK with was_loaded = false.

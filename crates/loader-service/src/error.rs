@@ -171,10 +171,9 @@ impl LoadError {
                 W::OverLimit { .. } => Kind::OverLimit,
                 W::NotAFile { .. } => Kind::NotAFile,
                 W::Read { source, .. } if is_bad_path(source) => Kind::NotAFile,
-                W::Read { source, .. } if ObjectError::of(source).is_some() => {
-                    Kind::Object(ObjectError::of(source).map_or(ObjectFailure::Other, |e| e.failure))
+                W::Read { source, .. } => {
+                    ObjectError::of(source).map_or(Kind::ReadWeights, |e| Kind::Object(e.failure))
                 }
-                W::Read { .. } => Kind::ReadWeights,
                 W::Place { .. } => Kind::PlaceOnDevice,
                 W::Cancelled => Kind::Cancelled,
                 W::Internal(_) => Kind::Internal,

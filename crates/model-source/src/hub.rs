@@ -139,7 +139,7 @@ impl Hub {
             if let RepoTreeEntry::File { path, size, lfs, .. } = entry.map_err(hub_error)? {
                 // The listing is the hub's word on paths the download joins to the snapshot
                 // folder: a hostile or broken hub must not name one outside it.
-                if !is_repo_path(&path) {
+                if !crate::is_relative_path(&path) {
                     return Err(weights::Error::PathEscapes { path: shown_path(&path) }.into());
                 }
                 let sha256 = lfs.and_then(|l| l.sha256).filter(|s| s.len() == 64);
@@ -337,15 +337,6 @@ impl ProgressHandler for FileProgress {
     }
 }
 
-/// A relative path inside a repo: segments that are not empty, `.` or `..`, with no `\\`, NUL or
-/// other control character anywhere (so no absolute path, no climbing out, no Windows-style
-/// separator for a later tool to misread).
-fn is_repo_path(path: &str) -> bool {
-    !path.is_empty()
-        && !path.chars().any(|c| c == '\\' || c.is_control())
-        && path.split('/').all(|segment| !segment.is_empty() && segment != "." && segment != "..")
-}
-
 /// A path from the hub fit for a message: escaped, at most 80 characters.
 fn shown_path(path: &str) -> String {
     let escaped = path.escape_debug().to_string();
@@ -463,10 +454,10 @@ mod tests {
     #[test]
     fn repo_paths_stay_inside_the_snapshot() {
         for good in ["config.json", "unet/config.json", "a.b/c..d.json", "x/y/z.safetensors"] {
-            assert!(is_repo_path(good), "{good}");
+            assert!(crate::is_relative_path(good), "{good}");
         }
         for bad in ["", "/PWNED.json", "../up.json", "a/../../b", "./x", "a/.", "a//b", "a/", "a\\b", "x\0y", "x\ny"] {
-            assert!(!is_repo_path(bad), "{bad:?}");
+            assert!(!crate::is_relative_path(bad), "{bad:?}");
         }
         assert_eq!(shown_path("a\0b"), "a\\0b");
         assert_eq!(shown_path(&"x".repeat(200)).chars().count(), 81);

@@ -168,24 +168,27 @@ pub struct SourceConfig {
     pub object: ObjectConfig,
 }
 
-/// The sources of a server, asked in order.
+/// The sources of a server: ids in URL form go to the object-store source, every other id to
+/// the chain, asked in order.
 pub struct Sources {
     chain: Vec<Arc<dyn Source>>,
+    /// For `s3://…` ids; none of the chain's sources is ever asked for one (they would take
+    /// `s3:` for a folder name).
+    object: Option<Arc<dyn Source>>,
     /// Appended to the NOT_FOUND of a model no source has.
     last_word: String,
 }
 
 impl Sources {
-    /// These sources, in this order.
+    /// These sources, in this order (and no object-store source).
     pub fn new(chain: Vec<Arc<dyn Source>>, last_word: impl Into<String>) -> Self {
-        Self { chain, last_word: last_word.into() }
+        Self { chain, object: None, last_word: last_word.into() }
     }
 
     /// The model root, then the hub (which falls back to the HF cache when unreachable) or,
     /// offline or without a cache to download into, the HF cache.
     pub fn from_config(config: &SourceConfig) -> Result<Self, Error> {
-        // First: it answers only ids in URL form, which no other source could.
-        let mut chain: Vec<Arc<dyn Source>> = vec![Arc::new(ObjectSource::new(config.object.clone()))];
+        let mut chain: Vec<Arc<dyn Source>> = Vec::new();
         if let Some(root) = &config.model_root {
             chain.push(Arc::new(ModelRoot::new(root.clone())));
         }
@@ -206,19 +209,20 @@ impl Sources {
                 }
             }
         };
-        Ok(Self::new(chain, last_word))
+        let object: Arc<dyn Source> = Arc::new(ObjectSource::new(config.object.clone()));
+        Ok(Self { object: Some(object), ..Self::new(chain, last_word) })
     }
 
     /// The first source's answer that has the model, else NOT_FOUND saying where it was looked for.
     pub async fn locate(&self, wanted: &Wanted) -> Result<Located, Error> {
         if wanted.id.object_url().is_some() {
-            // Only an object source reads URLs; the others would take `s3:` for a folder.
-            for source in &self.chain {
-                if let Some(found) = source.locate(wanted).await? {
-                    return Ok(found);
-                }
-            }
-            return Err(weights::Error::NotFound(format!("{}: no object-store source is configured", wanted.id)).into());
+            let found = match &self.object {
+                Some(object) => object.locate(wanted).await?,
+                None => None,
+            };
+            return found.ok_or_else(|| {
+                weights::Error::NotFound(format!("{}: no object-store source is configured", wanted.id)).into()
+            });
         }
         for source in &self.chain {
             if let Some(found) = source.locate(wanted).await? {
@@ -242,6 +246,15 @@ impl Sources {
         ids.dedup();
         ids
     }
+}
+
+/// A relative path a remote source names (a hub listing, an object key under a prefix): segments
+/// that are not empty, `.` or `..`, with no `\\`, NUL or other control character anywhere (so no
+/// absolute path, no climbing out, no Windows-style separator for a later tool to misread).
+pub(crate) fn is_relative_path(path: &str) -> bool {
+    !path.is_empty()
+        && !path.chars().any(|c| c == '\\' || c.is_control())
+        && path.split('/').all(|segment| !segment.is_empty() && segment != "." && segment != "..")
 }
 
 /// Bytes fetched so far over all files of a load, and the files being fetched.

@@ -197,6 +197,8 @@ mod tests {
         assert_eq!(by_commit.revision, commit);
         let missing = locate(&config, &id("org/missing"), &Revision::default()).expect_err("missing");
         assert!(matches!(missing, Error::Files(weights::Error::NotFound(_))), "{missing}");
+        // Only the sources that could hold a repo id speak: the object-store source is not asked.
+        assert!(!missing.to_string().contains("object-store"), "{missing}");
         let other_rev = locate(&config, &id("org/cached"), &Revision::parse("v2").expect("rev"));
         assert!(matches!(other_rev, Err(Error::Files(weights::Error::NotFound(_)))));
     }

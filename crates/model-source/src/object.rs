@@ -257,7 +257,7 @@ impl ObjectSource {
                 if url.prefix.is_empty() { Some(key) } else { key.strip_prefix(&format!("{}/", url.prefix)) };
             // Keys the listing returns outside the prefix, or that are not plain relative paths,
             // are not the model's files.
-            if let Some(relative) = relative.filter(|r| is_relative_path(r)) {
+            if let Some(relative) = relative.filter(|r| crate::is_relative_path(r)) {
                 objects.insert(relative.to_owned(), meta);
             }
         }
@@ -317,11 +317,6 @@ impl Source for ObjectSource {
     }
 }
 
-/// A key relative to the model's prefix that is a plain path: no empty, `.` or `..` segment.
-fn is_relative_path(path: &str) -> bool {
-    !path.is_empty() && path.split('/').all(|s| !s.is_empty() && s != "." && s != "..")
-}
-
 /// The revision of a model in an object store: sha256 over its objects' paths, sizes and ETags.
 fn digest(objects: &BTreeMap<String, ObjectMeta>) -> String {
     let mut hash = Sha256::new();
@@ -364,6 +359,8 @@ impl ModelFiles for ObjectFiles {
             .filter_map(|path| path.strip_prefix(&under))
             .map(|rest| rest.split('/').next().unwrap_or(rest).to_owned())
             .collect();
+        // Keys are sorted, names are not quite ("a.json" < "a/b", but "a" < "a.json").
+        names.sort();
         names.dedup();
         Ok(names)
     }
