@@ -125,6 +125,10 @@ pub struct Options {
     /// Object mode: timed runs of each loader, after a warm-up.
     #[arg(long, default_value_t = 3)]
     pub object_runs: usize,
+    /// Object mode: where ours loads to: `cpu`, or `cuda:0` with the `cuda` feature (the limit
+    /// and the peers fetch into host memory either way).
+    #[arg(long, default_value = "cpu")]
+    pub object_device: String,
     /// Object mode: the Python with the peers installed (runai-model-streamer, boto3).
     #[arg(long, default_value = "python3")]
     #[serde(skip)]
