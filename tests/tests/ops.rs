@@ -33,7 +33,9 @@ async fn json_logs_carry_the_model_and_the_step() {
     let mut client = connect(server.addr).await;
     let (_, end) = load_all(&mut client, load("demo/tiny-sd")).await;
     end.expect("the demo loads");
-    // The load's last line is logged before its stream ends.
+    // The load's last line is written before its stream ends, but the log's reader may not have
+    // read it yet: wait for it.
+    server.wait_for_line(|l| l.contains("step=8/8")).await;
     let lines = server.log();
     let records: Vec<Value> = lines
         .iter()
