@@ -22,6 +22,28 @@ use tonic::{Status, transport::Channel};
 /// The longest any single wait in a test may take before the test fails instead of hanging.
 pub const WAIT: Duration = Duration::from_secs(60);
 
+/// Waits until `$cond` holds, evaluating it again every few milliseconds (it may `.await`), and
+/// fails the test with the message if it still does not hold after [`WAIT`]: the one way the tests
+/// wait for something the server does asynchronously (a lease released, memory freed), after
+/// linkerd2-proxy's `assert_eventually!`.
+///
+/// ```ignore
+/// tests::eventually!(get_model(&mut client, "m").await.attached_clients == 0, "the lease is never released");
+/// ```
+#[macro_export]
+macro_rules! eventually {
+    ($cond:expr, $($message:tt)+) => {{
+        let deadline = tokio::time::Instant::now() + $crate::WAIT;
+        while !$cond {
+            assert!(tokio::time::Instant::now() < deadline, $($message)+);
+            tokio::time::sleep($crate::POLL).await;
+        }
+    }};
+}
+
+/// How often [`eventually!`] asks again.
+pub const POLL: Duration = Duration::from_millis(5);
+
 /// A server configuration for tests: the given model root, no HF cache, everything else default.
 pub fn config(model_root: &Path) -> ServerConfig {
     let mut manager = ManagerConfig::default();
@@ -382,22 +404,19 @@ pub async fn device_resources(client: &mut ModelLoaderClient<Channel>, device: &
     devices.into_iter().find(|d| d.name == device).unwrap_or_else(|| panic!("no device {device}"))
 }
 
-/// GetResources' CPU entry once `done` holds of it, asked again every millisecond for at most
+/// GetResources' CPU entry once `done` holds of it, asked again every few milliseconds for at most
 /// [`WAIT`]: the memory of a failed or cancelled load is freed (and booked as leaving until then)
 /// just after its streams end, so "all memory is back" is something to wait for, briefly.
 pub async fn cpu_resources_when(
     client: &mut ModelLoaderClient<Channel>,
     done: impl Fn(&pb::DeviceResources) -> bool,
 ) -> pb::DeviceResources {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let cpu = cpu_resources(client).await;
-        if done(&cpu) {
-            return cpu;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "GetResources never got there within {WAIT:?}: {cpu:?}");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let mut last = None;
+    eventually!(
+        done(last.insert(cpu_resources(client).await)),
+        "GetResources never got there within {WAIT:?}: {last:?}"
+    );
+    last.expect("asked at least once")
 }
 
 /// Bytes as MiB, for messages.

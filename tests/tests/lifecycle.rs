@@ -10,7 +10,6 @@ use std::{
         Arc, Condvar, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
 };
 
 use model_manager::{
@@ -203,14 +202,10 @@ async fn a_client_that_disconnects_mid_load_does_not_stop_it() {
     drop(leaver);
 
     // The connection is gone once the kernel shows it closed; asked again every millisecond.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !closed(server.addr, leaver_port) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the leaving client's connection was not closed within {WAIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    tests::eventually!(
+        closed(server.addr, leaver_port),
+        "the leaving client's connection was not closed within {WAIT:?}"
+    );
     let now = tokio::time::timeout(WAIT, observer.get_model(pb::GetModelRequest { model_id: "big".into() }))
         .await
         .expect("GetModel answers")

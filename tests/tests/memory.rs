@@ -1,6 +1,6 @@
 //! Memory coming back after an unload, measured as RSS: of this process for the in-process server
-//! (alone in its own test binary so no other test's allocations blur the figures), and of the real
-//! binary over many load/unload cycles.
+//! (alone in its own test binary: memory that other tests freed but the allocator kept would
+//! blur the figures), and of the real binary over many load/unload cycles.
 
 use proto::v1 as pb;
 use tests::{TestServer, binary::Binary, config, cpu_resources, fixture, load, load_all, mib, rss_bytes, state_of};

@@ -1,5 +1,5 @@
 //! CancelLoad on the CPU path stops the reads between chunks, measured in bytes this process read
-//! (`rchar`): a test binary of its own, so no other test's reads blur the count.
+//! (`rchar`): one test at a time in a binary of their own, so no other test's reads blur the count.
 
 use proto::v1 as pb;
 use tests::{
@@ -16,6 +16,7 @@ use tonic::Code;
 /// Then the model is UNLOADED and the CPU holds and reserves nothing.
 #[tokio::test]
 async fn a_cancel_in_step_4_stops_the_reads_between_chunks() {
+    let _alone = super::ONE_AT_A_TIME.lock().await;
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("big");
     let expected = fixture::large_sharded_model(&dir, 768, 3, 4).expect("fixture");

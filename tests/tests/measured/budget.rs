@@ -22,9 +22,7 @@ use tonic::{Code, Streaming, transport::Channel};
 
 type Client = ModelLoaderClient<Channel>;
 
-/// The tests of this file run one at a time: the first measures the bytes this process reads
-/// (`rchar`), which another test's loads would blur, and the others stall a load on purpose.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+use super::ONE_AT_A_TIME;
 
 /// A hub repo whose weight file the test hub stalls on (half the body, then nothing).
 const STALLED: &str = "org/stalled";

@@ -184,16 +184,15 @@ async fn metrics_count_loads_failures_and_cancels() {
 
     // The cancelled load's memory is freed just after its stream ended; then only `good` is held.
     drop(watch);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let m = scrape(&metrics_addr).await;
-        let used = value(&m, r#"model_loader_device_used_bytes{device="cpu"}"#);
-        if used == good.booked() as f64 && value(&m, "model_loader_watchers") == 0.0 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "used {used}, watchers {}", value(&m, "model_loader_watchers"));
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    let mut last = None;
+    tests::eventually!(
+        {
+            let m = last.insert(scrape(&metrics_addr).await);
+            value(m, r#"model_loader_device_used_bytes{device="cpu"}"#) == good.booked() as f64
+                && value(m, "model_loader_watchers") == 0.0
+        },
+        "used bytes and watchers never came back: {last:?}"
+    );
 }
 
 /// With `--preload`, readiness (`modelloader.v1.ModelLoader`) is NOT_SERVING until the model is

@@ -225,15 +225,10 @@ async fn reqwest_text(addr: std::net::SocketAddr) -> String {
 async fn idle_and_half_open_connections_are_closed() {
     let root = model_root();
     let server = Binary::start(
-        &["--model-root", path(root.path()), "--offline", "--handshake-timeout", "1s", "--idle-timeout", "2s"],
+        &["--model-root", path(root.path()), "--offline", "--handshake-timeout", "2s", "--idle-timeout", "2s"],
         &[],
     )
     .await;
-    let mut half = half_open(server.addr).await;
-    assert!(closed_within(&mut half, Duration::from_secs(20)).await, "a half-open connection is closed");
-    let mut silent = tokio::net::TcpStream::connect(server.addr).await.expect("connect");
-    assert!(closed_within(&mut silent, Duration::from_secs(20)).await, "a silent connection is closed");
-
     let mut watching = connect(server.addr).await;
     let mut stream = watching
         .watch_models(pb::WatchModelsRequest { model_id: String::new() })
@@ -241,8 +236,15 @@ async fn idle_and_half_open_connections_are_closed() {
         .expect("WatchModels")
         .into_inner();
     stream.message().await.expect("the snapshot");
+
+    // Opened after the stream's last message, so once they are closed (at the 2 s timeouts) the
+    // stream's connection has had no message for longer than the idle timeout too.
+    let mut half = half_open(server.addr).await;
+    let mut silent = tokio::net::TcpStream::connect(server.addr).await.expect("connect");
+    assert!(closed_within(&mut half, Duration::from_secs(20)).await, "a half-open connection is closed");
+    assert!(closed_within(&mut silent, Duration::from_secs(20)).await, "a silent connection is closed");
+
     // Past the idle timeout with the stream open, the stream still carries events.
-    tokio::time::sleep(Duration::from_secs(4)).await;
     let mut other = connect(server.addr).await;
     tests::load_all(&mut other, tests::load("small")).await.1.expect("loads");
     let event = tokio::time::timeout(WAIT, stream.message()).await.expect("an event").expect("the stream is alive");
@@ -269,14 +271,12 @@ async fn watchers_past_the_limit_are_resource_exhausted() {
     assert!(first.message().await.expect("events").is_some(), "the first watcher still gets events");
     drop(first);
     // The permit goes back when the server sees the stream dropped: retry within the wait.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    tests::eventually!(
         match client.watch_models(watch()).await {
-            Ok(_) => break,
-            Err(s) if s.code() == Code::ResourceExhausted && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            Ok(_) => true,
+            Err(s) if s.code() == Code::ResourceExhausted => false,
             Err(s) => panic!("a watcher after one left: {s:?}"),
-        }
-    }
+        },
+        "no watcher is served after one left"
+    );
 }

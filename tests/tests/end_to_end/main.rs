@@ -1,0 +1,14 @@
+//! End-to-end tests: the real `model-loader` binary driven by the real grpcurl, Python clients,
+//! the deployment check, and real object stores (SeaweedFS, Azurite, WebDAV): one module per area,
+//! one binary. `just test` builds the binaries they start first.
+
+mod attach_python;
+mod deploy;
+mod e2e;
+mod hub_protocol;
+mod hub_python;
+mod manifest;
+mod object_store;
+mod ops;
+mod security;
+mod shutdown;

@@ -1,0 +1,17 @@
+//! Integration tests against servers running in this process (`tests::TestServer` on port 0) and
+//! the test hub: one module per area, one binary, so the server is linked once. Nothing here starts
+//! the real binary, Python or an object store: `just test-fast` runs these.
+
+mod attach;
+mod attach_bad_input;
+mod bad_input;
+mod cancel_unload;
+mod concurrency;
+mod dtype;
+mod facade;
+mod fanout;
+mod hub_load;
+mod load;
+mod refusals;
+mod single_flight;
+mod watch;
