@@ -37,6 +37,14 @@ deploy-check:
     cargo build --locked -p server --bin model-loader
     python3 deploy/check.py --server target/debug/model-loader
 
+# The inner loop, a few minutes after a change: every crate's unit tests, the loader's seam tests
+# and the in-process integration tests (no real binary, Python, object store or release build).
+# `just test` stays everything; CI and the README run that.
+test-fast:
+    cargo test --locked --workspace --lib --bins
+    cargo test --locked -p loader-service --test seams
+    cargo test --locked -p tests --test in_process
+
 # The load benchmark: fixture models, the machine's limits, peer loaders and ours side by side;
 # writes docs/benchmarks/ (results.json, README.md, charts). Sizes are flags: `just bench --help`.
 bench *ARGS:
@@ -65,6 +73,11 @@ lint:
     cargo clippy --locked --workspace --all-targets -- -D warnings
     command -v cargo-machete >/dev/null || cargo install --locked cargo-machete@0.9.2
     cargo machete
+
+# The `cuda` feature compiled and linted with a stub CUDA toolchain from PyPI (scripts/build-cuda);
+# candle's kernels are built once per machine into a cache outside the clone. No GPU needed.
+lint-cuda:
+    scripts/build-cuda --clippy
 
 # The fuzz targets (fuzz/: cargo-fuzz on libFuzzer, on a stable toolchain). cargo-fuzz is installed
 # from crates.io when missing, as a debug build: it only drives cargo and libFuzzer, and builds in
