@@ -367,6 +367,8 @@ impl Source for ObjectSource {
 const PAGE_KEYS: usize = 1000;
 /// Keys `object_store` cannot parse that one listing skips before it gives up.
 const MAX_SKIPPED_KEYS: usize = 1000;
+/// Empty pages in a row that say there is more, followed before the listing is taken as done.
+const EMPTY_PAGES: usize = 3;
 
 /// The objects under `url`'s prefix. A key `object_store` cannot parse (an empty, `.` or `..`
 /// segment, a control character: legal in S3) fails the whole page it is on; with a paginated
@@ -386,8 +388,16 @@ async fn list(client: &Client, url: &ObjectUrl) -> Result<Vec<ObjectMeta>, Objec
     let mut after: Option<String> = None;
     let mut keys = PAGE_KEYS;
     let mut skipped = 0;
+    // The store's token for the page after an empty one that says there is more.
+    let mut token: Option<String> = None;
+    let mut empty_pages = 0;
     while objects.len() <= MAX_OBJECTS {
-        let options = PaginatedListOptions { offset: after.clone(), max_keys: Some(keys), ..Default::default() };
+        let options = PaginatedListOptions {
+            offset: after.clone(),
+            max_keys: Some(keys),
+            page_token: token.take(),
+            ..Default::default()
+        };
         let page = match pages.list_paginated(prefix.as_deref(), options).await {
             Ok(page) => page,
             Err(e) => match unparsable_key(&e) {
@@ -406,7 +416,17 @@ async fn list(client: &Client, url: &ObjectUrl) -> Result<Vec<ObjectMeta>, Objec
             },
         };
         let more = page.page_token.is_some();
-        let Some(last) = page.result.objects.iter().map(|m| m.location.to_string()).max() else { break };
+        let Some(last) = page.result.objects.iter().map(|m| m.location.to_string()).max() else {
+            // Azure counts the key at its (inclusive) offset in the page, then drops it: a page
+            // of one can come back empty with more to come, reached through its token.
+            empty_pages += 1;
+            match (more, empty_pages) {
+                (true, ..=EMPTY_PAGES) => token = page.page_token,
+                _ => break,
+            }
+            continue;
+        };
+        empty_pages = 0;
         objects.extend(page.result.objects);
         // A key with a trailing '/' (a folder marker) is listed without it: the next page starts
         // after the key as it is stored.
@@ -837,10 +857,15 @@ mod tests {
 
     use super::*;
 
-    /// A store's listing as S3 serves it (sorted keys, `start-after`, `max-keys`), parsed as
-    /// object_store parses it: a page holding a key it cannot parse fails whole.
+    /// A store's listing as S3 serves it (sorted keys, `start-after`, `max-keys`), or as Azure
+    /// does (an inclusive `startFrom` whose key counts in the page and is then dropped, a marker
+    /// to go on from), parsed as object_store parses it: a page holding a key it cannot parse
+    /// fails whole.
     #[derive(Debug)]
-    struct Keys(Vec<String>);
+    struct Keys {
+        keys: Vec<String>,
+        azure: bool,
+    }
 
     impl PaginatedListStore for Keys {
         // What `#[async_trait]` makes of `async fn list_paginated`, written out.
@@ -855,12 +880,21 @@ mod tests {
             Self: 'c,
         {
             let prefix = prefix.unwrap_or("").to_owned();
-            let mut keys: Vec<&str> = self.0.iter().map(String::as_str).filter(|k| k.starts_with(&prefix)).collect();
+            let mut keys: Vec<&str> = self.keys.iter().map(String::as_str).filter(|k| k.starts_with(&prefix)).collect();
             keys.sort_unstable();
-            let after = options.offset.unwrap_or_default();
-            let page: Vec<&str> = keys.iter().copied().filter(|k| *k > after.as_str()).collect();
-            let more = page.len() > options.max_keys.unwrap_or(1000);
-            let page = &page[..page.len().min(options.max_keys.unwrap_or(1000))];
+            let offset = options.offset.unwrap_or_default();
+            let page: Vec<&str> = match &options.page_token {
+                Some(marker) => keys.into_iter().filter(|k| *k > marker.as_str()).collect(),
+                None if self.azure => keys.into_iter().filter(|k| *k >= offset.as_str()).collect(),
+                None => keys.into_iter().filter(|k| *k > offset.as_str()).collect(),
+            };
+            let max = options.max_keys.unwrap_or(1000);
+            let more = page.len() > max;
+            let mut page = page[..page.len().min(max)].to_vec();
+            let token = more.then(|| page.last().map(|k| (*k).to_owned())).flatten();
+            if self.azure && options.page_token.is_none() && page.first() == Some(&offset.as_str()) {
+                page.remove(0);
+            }
             let parsed = page
                 .iter()
                 .map(|k| {
@@ -876,7 +910,7 @@ mod tests {
             Box::pin(async move {
                 let objects = parsed?;
                 let result = ListResult { common_prefixes: Vec::new(), objects, extensions: Default::default() };
-                Ok(PaginatedListResult { result, page_token: more.then(|| "more".to_owned()) })
+                Ok(PaginatedListResult { result, page_token: token })
             })
         }
     }
@@ -889,11 +923,14 @@ mod tests {
         let good: Vec<String> = (0..2500).map(|i| format!("m/file-{i:04}.json")).collect();
         let mut keys: Vec<String> = odd.iter().map(|k| (*k).to_owned()).chain(good.iter().cloned()).collect();
         keys.push("other/model.safetensors".into());
-        let client = Client { store: Arc::new(InMemory::new()), pages: Some(Arc::new(Keys(keys))) };
-        let url = ObjectUrl::parse("s3://bucket/m").expect("valid").expect("a URL");
-        let listed = list(&client, &url).await.expect("listed");
-        let mut names: Vec<String> = listed.iter().map(|m| m.location.to_string()).collect();
-        names.sort();
-        assert_eq!(names, good);
+        for azure in [false, true] {
+            let pages = Arc::new(Keys { keys: keys.clone(), azure });
+            let client = Client { store: Arc::new(InMemory::new()), pages: Some(pages) };
+            let url = ObjectUrl::parse("s3://bucket/m").expect("valid").expect("a URL");
+            let listed = list(&client, &url).await.expect("listed");
+            let mut names: Vec<String> = listed.iter().map(|m| m.location.to_string()).collect();
+            names.sort();
+            assert_eq!(names, good, "azure: {azure}");
+        }
     }
 }
