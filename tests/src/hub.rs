@@ -297,6 +297,10 @@ struct Shared {
     log: Mutex<Vec<HubRequest>>,
     active_bodies: AtomicUsize,
     events: watch::Sender<u64>,
+    /// While true, requests to `/api/` are held unanswered (a hub that is slow to resolve).
+    api_held: watch::Sender<bool>,
+    /// `/api/` requests being held now.
+    held_api: AtomicUsize,
 }
 
 /// Locks a mutex, ignoring poisoning (a panicking test must not hide the hub's state).
@@ -355,6 +359,8 @@ impl TestHub {
             log: Mutex::default(),
             active_bodies: AtomicUsize::new(0),
             events: watch::channel(0).0,
+            api_held: watch::channel(false).0,
+            held_api: AtomicUsize::new(0),
         });
         let app = Router::new().fallback(handle).with_state(shared.clone());
         let mut tasks = Vec::new();
@@ -453,6 +459,22 @@ impl TestHub {
         self.shared.bump();
     }
 
+    /// Holds every `/api/` request (repo info, listings: what resolving a revision asks) without
+    /// an answer until [`TestHub::answer_api`]; a client that gives up ends its request.
+    pub fn hold_api(&self) {
+        self.shared.api_held.send_replace(true);
+    }
+
+    /// Lets held `/api/` requests (and later ones) be answered.
+    pub fn answer_api(&self) {
+        self.shared.api_held.send_replace(false);
+    }
+
+    /// `/api/` requests held right now.
+    pub fn held_api(&self) -> usize {
+        self.shared.held_api.load(Ordering::SeqCst)
+    }
+
     /// Bodies being streamed right now (a body ends when it is sent or the client goes away).
     pub fn active_bodies(&self) -> usize {
         self.shared.active_bodies.load(Ordering::SeqCst)
@@ -499,6 +521,9 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
     let path = request.uri().path().to_owned();
     let query = request.uri().query().unwrap_or_default().to_owned();
 
+    if path.starts_with("/api/") {
+        hold_while_asked(&shared).await;
+    }
     let response = route(&shared, &method, &path, &query, &headers);
 
     let text = |name: HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
@@ -512,6 +537,26 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
     });
     shared.bump();
     response
+}
+
+/// Waits while [`TestHub::hold_api`] is in force, counted in `held_api` (also when the client
+/// leaves and the request is dropped).
+async fn hold_while_asked(shared: &Shared) {
+    struct Held<'a>(&'a Shared);
+    impl Drop for Held<'_> {
+        fn drop(&mut self) {
+            self.0.held_api.fetch_sub(1, Ordering::SeqCst);
+            self.0.bump();
+        }
+    }
+    let mut held = shared.api_held.subscribe();
+    if !*held.borrow_and_update() {
+        return;
+    }
+    shared.held_api.fetch_add(1, Ordering::SeqCst);
+    shared.bump();
+    let _held = Held(shared);
+    let _ = held.wait_for(|on| !*on).await;
 }
 
 fn route(shared: &Arc<Shared>, method: &Method, path: &str, query: &str, headers: &HeaderMap) -> Response {

@@ -12,7 +12,7 @@ use std::{
     path::Path,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -362,6 +362,8 @@ async fn answers_http(port: u16) -> bool {
 /// What a [`S3Proxy`] saw.
 #[derive(Debug, Default)]
 pub struct ProxyCounts {
+    /// Connections accepted in all.
+    pub connections: AtomicUsize,
     /// Connections open now, and the most open at once.
     pub open: AtomicUsize,
     pub most_open: AtomicUsize,
@@ -388,6 +390,12 @@ pub enum Fault {
     Stall,
     /// Those whose range starts at `offset` or later wait until [`S3Proxy::release`].
     HoldFrom { offset: u64 },
+    /// The first whose range starts at `offset` or later is answered with `status`; the later
+    /// ones are held, as by [`Fault::HoldFrom`].
+    FailOneHoldFrom { offset: u64, status: u16 },
+    /// Responses to a range longer than `after` bytes pass `after` bytes (headers included), then
+    /// one byte every `every`: a store that trickles without ever falling silent.
+    Trickle { after: usize, every: Duration },
 }
 
 #[derive(Debug, Default)]
@@ -404,6 +412,8 @@ pub struct S3Proxy {
     pub addr: SocketAddr,
     pub counts: Arc<ProxyCounts>,
     faults: Arc<Mutex<Faults>>,
+    /// Set: `If-Match` is taken out of every request, as by a store or cache that ignores it.
+    drop_if_match: Arc<AtomicBool>,
     released: Arc<tokio::sync::Notify>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -415,29 +425,57 @@ impl Drop for S3Proxy {
 }
 
 impl S3Proxy {
+    /// In front of `upstream` (`http://127.0.0.1:PORT`; or `https://…`, whose TLS passes through
+    /// untouched: only connections are counted, and faults do not apply).
     pub async fn start(upstream: &str) -> anyhow::Result<Self> {
-        let upstream: SocketAddr = upstream.trim_start_matches("http://").parse().context("upstream address")?;
+        let tls = upstream.starts_with("https://");
+        let address = upstream.trim_start_matches("http://").trim_start_matches("https://");
+        let upstream: SocketAddr = address.parse().context("upstream address")?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let counts = Arc::new(ProxyCounts::default());
         let faults = Arc::new(Mutex::new(Faults::default()));
         let released = Arc::new(tokio::sync::Notify::new());
-        let shared = Shared { counts: counts.clone(), faults: faults.clone(), released: released.clone() };
+        let drop_if_match = Arc::new(AtomicBool::new(false));
+        let shared = Shared {
+            counts: counts.clone(),
+            faults: faults.clone(),
+            released: released.clone(),
+            drop_if_match: drop_if_match.clone(),
+        };
         let task = tokio::spawn(async move {
             // Owned here: aborting this task (the proxy dropped) aborts every connection.
             let mut connections = tokio::task::JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
                 let shared = shared.clone();
+                shared.counts.connections.fetch_add(1, Ordering::SeqCst);
                 connections.spawn(async move {
                     let Ok(server) = TcpStream::connect(upstream).await else { return };
                     let open = shared.counts.open.fetch_add(1, Ordering::SeqCst) + 1;
                     shared.counts.most_open.fetch_max(open, Ordering::SeqCst);
-                    relay(client, server, &shared).await;
+                    if tls {
+                        let (mut client, mut server) = (client, server);
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    } else {
+                        relay(client, server, &shared).await;
+                    }
                     shared.counts.open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
-        Ok(Self { addr, counts, faults, released, task })
+        Ok(Self { addr, counts, faults, drop_if_match, released, task })
+    }
+
+    /// From now on, requests reach the store without their `If-Match` header: the store serves
+    /// whatever version it has, as one (or a cache in front of it) that ignores `If-Match` does.
+    /// Only for unsigned requests: a signature covers the header.
+    pub fn drop_if_match(&self) {
+        self.drop_if_match.store(true, Ordering::SeqCst);
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.counts.connections.load(Ordering::SeqCst)
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -492,6 +530,7 @@ struct Shared {
     counts: Arc<ProxyCounts>,
     faults: Arc<Mutex<Faults>>,
     released: Arc<tokio::sync::Notify>,
+    drop_if_match: Arc<AtomicBool>,
 }
 
 fn lock(faults: &Mutex<Faults>) -> std::sync::MutexGuard<'_, Faults> {
@@ -503,6 +542,7 @@ enum Action {
     Forward,
     Answer(u16),
     Cut(usize),
+    Trickle(usize, Duration),
     Swallow,
     Hold,
 }
@@ -523,6 +563,13 @@ impl Shared {
             Some(Fault::Stall) => (Action::Swallow, None),
             Some(Fault::HoldFrom { offset }) if start >= offset && !faults.released => (Action::Hold, None),
             Some(Fault::HoldFrom { .. }) => (Action::Forward, None),
+            Some(Fault::FailOneHoldFrom { offset, status }) if start >= offset => {
+                faults.fault = Some(Fault::HoldFrom { offset });
+                return Action::Answer(status);
+            }
+            Some(Fault::FailOneHoldFrom { .. }) => (Action::Forward, None),
+            Some(Fault::Trickle { after, every }) if len > after as u64 => (Action::Trickle(after, every), None),
+            Some(Fault::Trickle { .. }) => return Action::Forward,
         };
         match left {
             Some(0) => faults.fault = None,
@@ -567,8 +614,8 @@ async fn relay(client: TcpStream, server: TcpStream, shared: &Shared) {
     let (mut client_read, client_write) = client.into_split();
     let (server_read, mut server_write) = server.into_split();
     let client_write = tokio::sync::Mutex::new(client_write);
-    // Bytes the response in flight may still pass before the connection is cut.
-    let cut: Mutex<Option<usize>> = Mutex::new(None);
+    // Bytes the response in flight may still pass before the connection is cut or trickles.
+    let cut: Mutex<Option<Pass>> = Mutex::new(None);
     let upstream = async {
         let mut buf = vec![0u8; 64 * 1024];
         let mut pending = Vec::new();
@@ -591,7 +638,13 @@ async fn relay(client: TcpStream, server: TcpStream, shared: &Shared) {
                         let _ = to_client.shutdown().await;
                         break 'requests;
                     }
-                    Action::Cut(after) => *cut.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(after),
+                    Action::Cut(after) => {
+                        *cut.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Pass::Cut(after));
+                    }
+                    Action::Trickle(after, every) => {
+                        *cut.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                            Some(Pass::Trickle(after, every));
+                    }
                     Action::Swallow => {
                         // Nothing is ever answered on this connection again.
                         futures::future::pending::<()>().await;
@@ -608,6 +661,8 @@ async fn relay(client: TcpStream, server: TcpStream, shared: &Shared) {
                         }
                     }
                 }
+                let request =
+                    if shared.drop_if_match.load(Ordering::SeqCst) { without_if_match(&request) } else { request };
                 if server_write.write_all(&request).await.is_err() {
                     break 'requests;
                 }
@@ -630,12 +685,30 @@ fn injected(status: u16) -> String {
     )
 }
 
-/// Passes the server's bytes to the client until either closes, cutting the connection where a
-/// [`Fault::Drop`] says.
+/// How much of the response in flight passes at full speed.
+#[derive(Debug, Clone, Copy)]
+enum Pass {
+    /// This many bytes, then the connection is cut.
+    Cut(usize),
+    /// This many bytes, then one byte every so often.
+    Trickle(usize, Duration),
+}
+
+/// A request head without its `If-Match` line.
+fn without_if_match(request: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(request);
+    text.split_inclusive("\r\n")
+        .filter(|line| !line.to_ascii_lowercase().starts_with("if-match:"))
+        .collect::<String>()
+        .into_bytes()
+}
+
+/// Passes the server's bytes to the client until either closes, cutting the connection or
+/// trickling where a [`Fault::Drop`] or [`Fault::Trickle`] says.
 async fn responses(
     mut server_read: tokio::net::tcp::OwnedReadHalf,
     client_write: &tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>,
-    cut: &Mutex<Option<usize>>,
+    cut: &Mutex<Option<Pass>>,
     counts: &ProxyCounts,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
@@ -644,20 +717,35 @@ async fn responses(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let pass = {
+        let (pass, trickle) = {
             let mut cut = cut.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             match cut.as_mut() {
-                None => n,
-                Some(left) => {
+                None => (n, None),
+                Some(Pass::Cut(left)) => {
                     let pass = n.min(*left);
                     *left -= pass;
-                    pass
+                    (pass, None)
+                }
+                Some(Pass::Trickle(left, every)) => {
+                    let pass = n.min(*left);
+                    *left -= pass;
+                    (pass, Some(*every))
                 }
             }
         };
         let mut to_client = client_write.lock().await;
         if to_client.write_all(&buf[..pass]).await.is_err() {
             break;
+        }
+        if let Some(every) = trickle {
+            // The pace of the trickle (not a wait for an event): the rest, a byte at a time.
+            for byte in &buf[pass..n] {
+                tokio::time::sleep(every).await;
+                if to_client.write_all(std::slice::from_ref(byte)).await.is_err() {
+                    return;
+                }
+            }
+            continue;
         }
         if pass < n {
             // The cut: the client sees the connection drop in the middle of a body.

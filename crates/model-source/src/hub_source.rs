@@ -38,7 +38,12 @@ impl Source for HubSource {
         Box::pin(async move {
             let hub = &self.hub;
             let (id, revision) = (&wanted.id, &wanted.revision);
-            let snapshot = match hub.resolve(id, revision, wanted.variant).await {
+            // A hub that answers slowly (within its stall timeout) must not hold a cancelled load.
+            let resolved = tokio::select! {
+                resolved = hub.resolve(id, revision, wanted.variant) => resolved,
+                () = wanted.cancel.cancelled() => return Err(weights::Error::Cancelled.into()),
+            };
+            let snapshot = match resolved {
                 Ok(snapshot) => snapshot,
                 Err(Error::Hub { failure: HubFailure::Unavailable, reason })
                     if let Some(mut cached) = cache::in_hf_cache(&hub.cache, id, revision)? =>

@@ -68,6 +68,12 @@ pub struct Cli {
     #[arg(long, env = "MODEL_LOADER_OBJECT_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub object_timeout: Duration,
 
+    /// Bytes per second a ranged GET of an object store must average over each `--object-timeout`
+    /// window; a store that trickles below it is retried like a silent one, then the load fails
+    /// with UNAVAILABLE. 0 turns it off (only silence counts).
+    #[arg(long, env = "MODEL_LOADER_OBJECT_MIN_THROUGHPUT", default_value = "16KiB", value_parser = parse_size)]
+    pub object_min_throughput: bytesize::ByteSize,
+
     /// Never contact the hub (also set by HF_HUB_OFFLINE=1, ON, YES or TRUE, in any case).
     #[arg(long, env = "MODEL_LOADER_OFFLINE")]
     pub offline: bool,
@@ -287,6 +293,7 @@ impl Cli {
             chunk_bytes: usize::try_from(self.object_chunk.as_u64()).unwrap_or(usize::MAX).max(4096),
             concurrency: self.object_concurrency.max(1),
             stall_timeout: self.object_timeout,
+            min_throughput: self.object_min_throughput.as_u64(),
         };
         manager.loader.sources = SourceConfig { model_root: Some(self.model_root), hf_cache, offline, hub, object };
         manager.loader.default_dtype = self.dtype;

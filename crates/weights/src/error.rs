@@ -28,7 +28,9 @@ pub enum Error {
     /// before it takes memory the budget does not count.
     #[error("{file}: {what}")]
     OverLimit { file: String, what: String },
-    #[error("{file} is not valid JSON: {reason}")]
+    /// A JSON side file that is not JSON, or JSON of another shape than the one it must have:
+    /// `reason` says which.
+    #[error("{file}: {reason}")]
     BadConfig { file: String, reason: String },
     #[error("cannot read {file}: {source}")]
     Read {

@@ -141,10 +141,23 @@ impl Planner<'_> {
         Error::BadConfig { file: file.to_owned(), reason: reason.into() }
     }
 
+    /// Why `path` did not parse: not JSON at all, or JSON of the wrong shape (serde says what it
+    /// expected and what it found).
+    fn json_error(&self, path: &str, e: &serde_json::Error) -> Error {
+        match e.classify() {
+            serde_json::error::Category::Data => self.bad_config(path, format!("valid JSON of the wrong shape: {e}")),
+            _ => self.bad_config(path, format!("not valid JSON: {e}")),
+        }
+    }
+
+    fn not_an_object(&self, path: &str, value: &serde_json::Value) -> Error {
+        self.bad_config(path, format!("not a JSON object but {}", json_kind(value)))
+    }
+
     /// A JSON side file, if it exists.
     fn read_json(&self, path: &str) -> Result<Option<serde_json::Value>, Error> {
         let Some(text) = self.read_json_bytes(path)? else { return Ok(None) };
-        serde_json::from_slice(&text).map(Some).map_err(|e| self.bad_config(path, e.to_string()))
+        serde_json::from_slice(&text).map(Some).map_err(|e| self.json_error(path, &e))
     }
 
     /// A JSON side file's bytes, if it exists, within [`MAX_JSON_BYTES`].
@@ -169,14 +182,19 @@ impl Planner<'_> {
             sample_size: Option<serde_json::Value>,
         }
         let Some(text) = self.read_json_bytes(path)? else { return Ok(None) };
-        let facts: Facts = serde_json::from_slice(&text).map_err(|e| self.bad_config(path, e.to_string()))?;
+        // serde would also take an array for the struct (`[64]`): anything but an object is
+        // parsed whole, only to say what it is.
+        if text.trim_ascii_start().first() != Some(&b'{') {
+            let value: serde_json::Value = serde_json::from_slice(&text).map_err(|e| self.json_error(path, &e))?;
+            return Err(self.not_an_object(path, &value));
+        }
+        let facts: Facts = serde_json::from_slice(&text).map_err(|e| self.json_error(path, &e))?;
         let n = facts.sample_size.and_then(|v| v.as_u64().or_else(|| v.as_array()?.first()?.as_u64()));
         Ok(n.and_then(|n| u32::try_from(n).ok()))
     }
 
     fn pipeline(&self, model_index: &serde_json::Value) -> Result<LoadPlan, Error> {
-        let entries =
-            model_index.as_object().ok_or_else(|| self.bad_config("model_index.json", "not a JSON object"))?;
+        let entries = model_index.as_object().ok_or_else(|| self.not_an_object("model_index.json", model_index))?;
         let mut components = Vec::new();
         for (name, value) in entries {
             // Components are `"unet": ["diffusers", "UNet2DConditionModel"]`; keys starting with
@@ -225,7 +243,7 @@ impl Planner<'_> {
         let weight_map = index
             .get("weight_map")
             .and_then(|m| m.as_object())
-            .ok_or_else(|| self.bad_config(&index_path, "no \"weight_map\" object"))?;
+            .ok_or_else(|| self.bad_config(&index_path, "expected an object with a \"weight_map\" object"))?;
         let mut expected: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
         for (tensor, shard) in weight_map {
             let shard = shard.as_str().filter(|s| is_plain_file_name(s)).ok_or_else(|| {
@@ -286,6 +304,93 @@ impl Planner<'_> {
     }
 }
 
+/// What a JSON value is, for messages.
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
 fn is_plain_file_name(s: &str) -> bool {
     !s.is_empty() && !s.contains('/') && !s.contains('\\') && s != "." && s != ".." && s.ends_with(".safetensors")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::ReadAt;
+
+    /// A model folder on disk without subfolders.
+    struct Folder(tempfile::TempDir);
+
+    impl Folder {
+        /// A one-tensor `model.safetensors` and the side files `files`.
+        fn with(files: &[(&str, &str)]) -> Self {
+            let dir = tempfile::tempdir().expect("tmp");
+            let mut header = br#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#.to_vec();
+            header.resize(header.len().next_multiple_of(8), b' ');
+            let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+            bytes.extend(header);
+            bytes.extend(1f32.to_le_bytes());
+            std::fs::write(dir.path().join("model.safetensors"), bytes).expect("weights");
+            for (name, text) in files {
+                std::fs::write(dir.path().join(name), text).expect("side file");
+            }
+            Self(dir)
+        }
+    }
+
+    impl ModelFiles for Folder {
+        fn list(&self, dir: &str) -> Result<Vec<String>, Error> {
+            assert!(dir.is_empty(), "no subfolders");
+            let entries = std::fs::read_dir(self.0.path()).expect("read_dir");
+            let mut names: Vec<String> =
+                entries.map(|e| e.expect("entry").file_name().into_string().expect("utf-8")).collect();
+            names.sort();
+            Ok(names)
+        }
+
+        fn is_dir(&self, dir: &str) -> Result<bool, Error> {
+            Ok(dir.is_empty())
+        }
+
+        fn open(&self, path: &str) -> Result<Option<Arc<dyn ReadAt>>, Error> {
+            Ok(std::fs::File::open(self.0.path().join(path)).ok().map(|f| Arc::new(f) as Arc<dyn ReadAt>))
+        }
+    }
+
+    fn refusal(files: &[(&str, &str)]) -> String {
+        let folder = Folder::with(files);
+        let err = build(&folder, None).expect_err("refused");
+        assert!(matches!(err, Error::BadConfig { .. }), "{err:?}");
+        err.to_string()
+    }
+
+    /// Valid JSON of the wrong shape says what was expected, not that the JSON is invalid; JSON
+    /// that does not parse says so.
+    #[test]
+    fn a_side_file_of_the_wrong_shape_says_what_is_wrong() {
+        let folder = Folder::with(&[("config.json", r#"{"sample_size": 64}"#)]);
+        assert_eq!(build(&folder, None).expect("plans").components[0].sample_size, Some(64));
+
+        for (file, text, says) in [
+            ("config.json", "[1, 2]", "config.json: not a JSON object but an array"),
+            ("config.json", " [64]", "config.json: not a JSON object but an array"),
+            ("config.json", r#""text""#, "config.json: not a JSON object but a string"),
+            ("config.json", r#"{"sample_size": 64"#, "config.json: not valid JSON"),
+            ("config.json", "{\"sample_size\": 1,", "config.json: not valid JSON"),
+            ("model_index.json", "[]", "model_index.json: not a JSON object but an array"),
+        ] {
+            let said = refusal(&[(file, text)]);
+            assert!(said.contains(says), "{file} = {text}: {said}");
+            assert_eq!(said.contains("not valid JSON"), says.contains("not valid JSON"), "{file} = {text}: {said}");
+        }
+    }
 }

