@@ -53,6 +53,7 @@ struct Rig {
 
 /// Runs the GPU benchmark and writes `results.json`, `README.md` and `throughput.png` under
 /// `options.out`.
+#[allow(clippy::too_many_lines)] // the benchmark's sections in order, read top to bottom
 pub async fn run(options: &Options) -> anyhow::Result<GpuReport> {
     let exe = options.server_exe()?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
