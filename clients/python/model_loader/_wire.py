@@ -1,7 +1,8 @@
 """Frames on the attach socket: a 4-byte little-endian length, then that many bytes of one message.
 
-The answer's file descriptors travel as SCM_RIGHTS ancillary data. They ride on the first bytes
-of the answer, but every recvmsg's ancillary data is collected, so the split does not matter.
+The answer's file descriptors travel as SCM_RIGHTS ancillary data, at most 253 a message: more come
+over several messages, each with a part of the answer's bytes. Every recvmsg's ancillary data is
+collected while the frame is read, so the split does not matter.
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ def _recv_exactly(
                 fds.extend(got_fds)
         if flags & socket.MSG_CTRUNC:
             raise AttachError.from_code(
-                INTERNAL, "the answer carried more file descriptors than one message can hold"
+                INTERNAL,
+                "file descriptors sent with the answer were dropped: is this process at its "
+                "open-file limit (ulimit -n)?",
             )
         if not data:
             if got == 0 and what == "header":

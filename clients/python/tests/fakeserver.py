@@ -102,13 +102,27 @@ def response_for(model: Model, contents: List[bytes], specs: List[pb2.AttachedTe
     )
 
 
+# Linux passes at most SCM_MAX_FD descriptors in one message.
+MAX_FDS = 253
+
+
+def send_with_fds(conn: socket.socket, data: bytes, fds: List[int]) -> None:
+    """Send a frame the way the server does: at most MAX_FDS descriptors a message, each message
+    but the last with one byte of the frame, the last with the rest."""
+    chunks = [fds[i:i + MAX_FDS] for i in range(0, len(fds), MAX_FDS)] or [[]]
+    for i, chunk in enumerate(chunks):
+        piece = data[i:i + 1] if i < len(chunks) - 1 else data[i:]
+        sent = socket.send_fds(conn, [piece], chunk)
+        conn.sendall(piece[sent:])
+
+
 def answer(conn: socket.socket, model: Model, model_id: str = "org/model") -> None:
     """Send the model the way the server does: the response, its descriptors in SCM_RIGHTS."""
     contents, specs = model.layout()
     fds = [sealed_memfd(c) for c in contents]
     try:
         response = response_for(model, contents, specs, model_id)
-        socket.send_fds(conn, [frame(response.SerializeToString())], fds)
+        send_with_fds(conn, frame(response.SerializeToString()), fds)
     finally:
         for fd in fds:
             os.close(fd)

@@ -27,6 +27,7 @@ from fakeserver import (
     open_fds,
     response_for,
     sealed_memfd,
+    send_with_fds,
 )
 
 import model_loader
@@ -296,6 +297,47 @@ def test_many_tensors_and_buffers(serve: Serve) -> None:
         t = att.tensors
         assert len(t) == 2000
         assert t["t039.49"].tolist() == [39, 49, 39 * 49]
+
+
+def wide_model(buffers: int) -> Model:
+    return Model([[Tensor(f"t{i:03}", "I32", (1,), np.array([i], dtype="<i4").tobytes())]
+                  for i in range(buffers)])
+
+
+def test_more_buffers_than_one_message_carries(serve: Serve) -> None:
+    # 600 descriptors: three messages of at most 253, each with a part of the one frame.
+    server = serve(lambda conn, request: answer(conn, wide_model(600)))
+    fds = open_fds()
+    with attach("org/model", server.path) as att:
+        assert len(att.buffers) == 600
+        assert [int(att.tensors[f"t{i:03}"][0]) for i in range(600)] == list(range(600))
+    assert server.hangups.acquire(timeout=10)  # the fake server's end of the connection closed
+    assert open_fds() == fds
+
+
+def test_the_open_file_limit_is_a_readable_error(serve: Serve) -> None:
+    # Descriptors the kernel cannot install (this process at its limit) are an error that says
+    # so, and none of those that did arrive stays open.
+    import resource
+
+    server = serve(lambda conn, request: send_with_fds(conn, frame(response.SerializeToString()), sent))
+    before = open_fds()
+    contents, specs = wide_model(600).layout()
+    sent = [sealed_memfd(c) for c in contents]  # made before the limit is lowered
+    response = response_for(wide_model(600), contents, specs, "org/model")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fds = open_fds()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (fds + 300, hard))
+    try:
+        with pytest.raises(AttachError) as refused:
+            attach("org/model", server.path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for fd in sent:
+            os.close(fd)
+    assert "open-file limit" in str(refused.value)
+    assert server.hangups.acquire(timeout=10)  # the fake server's end of the connection closed
+    assert open_fds() == before
 
 
 def test_repr_mentions_the_model(model_server: FakeServer) -> None:

@@ -114,14 +114,20 @@ fn read(file: &Path) -> anyhow::Result<Vec<Digest32>> {
     Ok(digests)
 }
 
-/// Re-reads the tokens on every SIGHUP until the process ends.
-pub fn reload_on_sighup(tokens: Tokens) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+/// Handles every SIGHUP until the process ends: re-reads the tokens, or says nothing is
+/// reloadable without them.
+pub fn reload_on_sighup(tokens: Option<Tokens>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
     Ok(tokio::spawn(async move {
         while hangup.recv().await.is_some() {
-            tracing::info!("SIGHUP received: reloading the auth tokens");
-            tokens.reload();
+            match &tokens {
+                Some(tokens) => {
+                    tracing::info!("SIGHUP received: reloading the auth tokens");
+                    tokens.reload();
+                }
+                None => tracing::info!("SIGHUP received: nothing to reload (no --auth-token-file)"),
+            }
         }
     }))
 }

@@ -9,6 +9,7 @@ mod auth;
 pub mod cli;
 pub mod connections;
 mod convert;
+mod health;
 mod logs;
 pub mod metrics;
 mod service;
@@ -39,6 +40,25 @@ const MAX_REQUEST_BYTES: usize = 64 * 1024;
 const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
+/// Raises the soft open-file limit to the hard one, as most servers do: every gRPC and attach
+/// connection, load and mapped model file holds a descriptor, and the usual soft 1,024 is soon
+/// reached. Logs the limit it serves with.
+pub fn raise_open_files_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current == limit.maximum {
+        return tracing::info!(limit = ?limit.current, "open-file limit");
+    }
+    match setrlimit(Resource::Nofile, Rlimit { current: limit.maximum, maximum: limit.maximum }) {
+        Ok(()) => {
+            tracing::info!(from = ?limit.current, to = ?limit.maximum, "raised the open-file limit to the hard limit")
+        }
+        Err(e) => {
+            tracing::warn!(limit = ?limit.current, hard = ?limit.maximum, cause = %e, "could not raise the open-file limit")
+        }
+    }
+}
+
 /// Resolves on the first SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -66,7 +86,7 @@ pub async fn run(
         Some(attach) => Some((attach::bind(attach)?, attach.clone())),
         None => None,
     };
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let (health, health_service, end_health_watches) = health::service();
     health.set_not_serving::<ModelLoaderServer<ModelLoaderService>>().await;
     let preload = tokio::spawn(preload(manager.clone(), health.clone(), config.preload.clone()));
     let (reflection_v1, reflection_v1alpha) = reflection()?;
@@ -75,7 +95,8 @@ pub async fn run(
     let security = &config.security;
     let tokens =
         security.auth_token_file.as_deref().map(auth::Tokens::load).transpose().context("--auth-token-file")?;
-    let _reload_tokens = tokens.clone().map(auth::reload_on_sighup).transpose()?.map(AbortOnDrop);
+    // Always handled: SIGHUP's default action would kill the server.
+    let _reload_on_sighup = AbortOnDrop(auth::reload_on_sighup(tokens.clone())?);
     if tokens.is_none() && !addr.ip().is_loopback() {
         tracing::warn!(%addr, "listening beyond loopback without --auth-token-file: anyone who reaches it can load and unload models");
     }
@@ -127,6 +148,7 @@ pub async fn run(
     let deadline = tokio::time::Instant::now() + config.shutdown_grace;
     tracing::info!(grace = ?config.shutdown_grace, "shutting down");
     health.set_not_serving::<ModelLoaderServer<ModelLoaderService>>().await;
+    end_health_watches.cancel();
     preload.abort();
     if tokio::time::timeout_at(deadline, manager.shutdown()).await.is_err() {
         tracing::warn!("loads did not end within the shutdown grace");

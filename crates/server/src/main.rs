@@ -14,6 +14,7 @@ const BLOCKING_THREADS_GRACE: Duration = Duration::from_millis(200);
 fn main() -> anyhow::Result<()> {
     let config = Cli::parse().into_config(|name| std::env::var(name).ok())?;
     init_tracing(config.log_format);
+    server::raise_open_files_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     let result = runtime.block_on(async {
         let listener =

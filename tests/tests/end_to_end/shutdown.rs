@@ -1,5 +1,6 @@
 //! Shutdown of the real binary: new loads refused while it drains, SIGINT as SIGTERM, models
-//! dropped before the exit, and the two ways the grace can run out.
+//! dropped before the exit, the grace running out on a load that cannot stop, open Watch streams
+//! ended, and SIGHUP survived.
 //!
 //! "During shutdown" is made deterministic with a hub that accepts connections and never answers:
 //! a load of a repo id waits in step 2 for the hub's answer, which it does not give up on when
@@ -337,34 +338,70 @@ async fn the_grace_runs_out_on_a_load_that_cannot_stop() {
     drop(hub);
 }
 
-/// The grace runs out on a stream the server does not end: a readiness Watch stays open through
-/// shutdown (after reporting NOT_SERVING), so its connection cannot close. With `--shutdown-grace
-/// 1s` the log says connections were still open (the loads ended: none ran), the process exits 0
-/// soon after the grace, and the Watch ends with the connection.
+/// An open health Watch does not hold up shutdown: the readiness Watch reports only NOT_SERVING,
+/// then ends with UNAVAILABLE, and the process exits 0 long before its (60 s) grace, with no word
+/// of connections still open.
 #[tokio::test]
-async fn the_grace_runs_out_on_an_open_health_watch() {
+async fn an_open_health_watch_ends_at_shutdown() {
     let models = fixture::repo_models_dir();
-    let grace = Duration::from_secs(1);
     let mut server = Binary::start(
-        &["--model-root", models.to_str().expect("a UTF-8 path"), "--offline", "--shutdown-grace", "1s"],
+        &["--model-root", models.to_str().expect("a UTF-8 path"), "--offline", "--shutdown-grace", "60s"],
         &[],
     )
     .await;
     let (_health, mut readiness) = watch_readiness(&server, ServingStatus::Serving).await;
 
-    // Taken before the signal: the server's grace starts after this.
-    let signalled = Instant::now();
     server.sigterm();
-    assert_eq!(next_readiness(&server, &mut readiness).await, ServingStatus::NotServing);
-    let exit = server.wait_exit(grace + Duration::from_secs(10)).await;
-    let took = signalled.elapsed();
+    let end = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match readiness.next().await {
+                Some(Ok(report)) => assert_eq!(report.status(), ServingStatus::NotServing),
+                end => break end,
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the Watch is still open 20 s into a 60 s grace:\n{}", server.log().join("\n")));
+    match end {
+        Some(Err(status)) if status.code() == Code::Unavailable => {}
+        // The process may be gone, its connection reset, before this client read the end.
+        Some(Err(status)) if status.message().contains("connection") => {}
+        other => panic!("the Watch ends with UNAVAILABLE, not {other:?}"),
+    }
+    let exit = server.wait_exit(Duration::from_secs(20)).await;
     let log = log_after_exit_0(&server, exit).await;
-    assert!(took >= grace, "the process waited for the grace ({took:?}):\n{}", log.join("\n"));
-    assert!(!has_line(&log, LOADS_DID_NOT_END), "{}", log.join("\n"));
-    let order = ["shutting down", CONNECTIONS_STILL_OPEN, " shut down"].map(|l| line_index(&log, l));
-    assert!(order.is_sorted(), "lines in this order {order:?}:\n{}", log.join("\n"));
-    let end = tokio::time::timeout(WAIT, readiness.next()).await.expect("the Watch ends with the connection");
-    assert!(!matches!(end, Some(Ok(_))), "no report after NOT_SERVING: {end:?}");
+    assert!(!has_line(&log, CONNECTIONS_STILL_OPEN), "{}", log.join("\n"));
+}
+
+/// SIGHUP never kills the server, with nothing to reload (no `--auth-token-file`): it logs that,
+/// keeps answering, then exits 0 on SIGTERM and removes its attach socket.
+#[tokio::test]
+async fn sighup_without_tokens_keeps_serving() {
+    let root = tempfile::tempdir().expect("root");
+    let socket = root.path().join("attach.sock");
+    let mut server = Binary::start(
+        &[
+            "--model-root",
+            root.path().to_str().expect("a UTF-8 path"),
+            "--offline",
+            "--attach-socket",
+            socket.to_str().expect("a UTF-8 path"),
+        ],
+        &[],
+    )
+    .await;
+    let mut client = connect(server.addr).await;
+    client.list_models(pb::ListModelsRequest::default()).await.expect("ListModels before SIGHUP");
+    let status =
+        std::process::Command::new("kill").args(["-HUP", "--", &server.pid().to_string()]).status().expect("run kill");
+    assert!(status.success(), "kill -HUP failed");
+    server.wait_for_line(|l| l.contains("SIGHUP received")).await;
+    client.list_models(pb::ListModelsRequest::default()).await.expect("ListModels after SIGHUP");
+    assert!(socket.exists(), "the socket is still served");
+    server.sigterm();
+    let exit = server.wait_exit(WAIT).await;
+    log_after_exit_0(&server, exit).await;
+    assert!(!socket.exists(), "the socket is removed at exit");
 }
 
 /// WatchModels streams end with UNAVAILABLE at shutdown, as LoadModel streams do, so a watcher

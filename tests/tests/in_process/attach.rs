@@ -2,6 +2,7 @@
 //! tensor's bytes are the file's (checked against the fixture's sha256), in the model's own files
 //! mapped read-only; while attached the model cannot be unloaded without force, and after
 //! the client goes it can; a forced unload, and shutdown, close an attached client's connection.
+//! A model of more files than one message can pass descriptors for attaches too.
 
 use std::time::Duration;
 
@@ -127,5 +128,29 @@ async fn eviction_skips_an_attached_model() {
     }
     let messages = load_ok(&mut client, load("b")).await;
     assert!(messages.iter().any(|m| m.detail.starts_with("evicted a ")), "A goes once detached: {messages:?}");
+    server.stop().await;
+}
+
+/// A model of 300 shards, more files than one message can pass descriptors for, attaches: every
+/// tensor's bytes are the file's.
+#[tokio::test]
+async fn a_model_of_three_hundred_shards_attaches() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let models = tmp.path().join("models");
+    let expected =
+        fixture::sharded_model(&models.join("many"), &fixture::f32_tensors("t", 300, 64), 300).expect("fixture");
+    let socket = tmp.path().join("attach.sock");
+    let server = TestServer::start(with_attach(config(&models), &socket)).await;
+    let mut client = server.client().await;
+    load_ok(&mut client, load("many")).await;
+    let attached = attach(&socket, request("many")).await.expect("a 300-shard model attaches");
+    let got: Vec<(String, String)> = attached
+        .tensors()
+        .iter()
+        .map(|t| (t.name.clone(), hex::encode(Sha256::digest(attached.bytes(t).expect("host bytes")))))
+        .collect();
+    let want: Vec<(String, String)> = expected.tensors.iter().map(|(n, (_, _, h))| (n.clone(), h.clone())).collect();
+    assert_eq!(got, want);
+    drop(attached);
     server.stop().await;
 }

@@ -1,7 +1,9 @@
 //! Bad input on the attach socket: garbage, a request cut short, a huge length prefix, an unknown
 //! model, a client that connects and never speaks, more clients than allowed, and 1,000 clients
-//! at once. Each gets an error answer or a close, never a panic or a leak; the server stays
-//! healthy and a good client attaches after every one.
+//! at once, idle connections filling every place or more than the descriptor limit, a client that
+//! never reads its answer, and socket paths that are not ours to take. Each gets an error answer
+//! or a close, never a panic or a leak; the server stays healthy and a good client attaches after
+//! every one.
 
 use std::{
     io::Write,
@@ -12,7 +14,7 @@ use std::{
 
 use attach::{AttachRequest, AttachResponse, Attached, wire};
 use prost::Message;
-use tests::{TestServer, config, fixture, load, load_ok, with_attach};
+use tests::{TestServer, binary::Binary, config, fixture, load, load_ok, with_attach};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -137,4 +139,197 @@ async fn connections_are_capped_and_a_thousand_clients_attach() {
     }
     healthy(&socket).await;
     server.stop().await;
+}
+
+/// Connections that never send a request do not lock out attach: with every place taken by such
+/// connections, a real client attaches at once (the oldest idle one makes way for it), well within
+/// the 10 s request timeout.
+#[tokio::test]
+async fn idle_connections_do_not_lock_out_attach() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (server, socket) = start(tmp.path(), 8, Duration::from_secs(10)).await;
+    let idle: Vec<UnixStream> = (0..8).map(|_| UnixStream::connect(&socket).expect("connect")).collect();
+    let attached = tokio::time::timeout(Duration::from_secs(3), attach(&socket, "m"))
+        .await
+        .expect("attached well within the request timeout")
+        .expect("a real client attaches while idle connections fill every place");
+    assert_eq!(attached.tensors().len(), 2);
+    // The oldest idle connection was the one closed.
+    let oldest = idle[0].try_clone().expect("clone");
+    let closed = tokio::task::spawn_blocking(move || {
+        oldest.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        std::io::Read::read(&mut &oldest, &mut [0u8; 1])
+    })
+    .await
+    .expect("read task");
+    assert_eq!(closed.expect("read"), 0, "the oldest idle connection is closed without an answer");
+    drop((idle, attached));
+    server.stop().await;
+}
+
+/// The server run on `socket` until `shutdown`: its result (an error when it cannot serve there).
+async fn run_on(models: &Path, socket: &Path, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.expect("bind");
+    server::run(with_attach(config(models), socket), listener, shutdown).await
+}
+
+/// `--attach-socket` naming a file that is not a socket is refused with a clear message, and the
+/// file is left as it was.
+#[tokio::test]
+async fn a_file_at_the_socket_path_is_refused_and_kept() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = tmp.path().join("precious.txt");
+    std::fs::write(&path, "keep me").expect("write");
+    let refused = run_on(tmp.path(), &path, async {}).await.expect_err("not a socket");
+    assert!(format!("{refused:#}").contains("not a socket"), "{refused:#}");
+    assert_eq!(std::fs::read_to_string(&path).expect("the file is still there"), "keep me");
+}
+
+/// A server removes at shutdown only the socket it created: once its socket file was removed and
+/// a second server bound the path, the first one's shutdown leaves the second's socket alone.
+#[tokio::test]
+async fn shutdown_leaves_another_servers_socket() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let socket = tmp.path().join("attach.sock");
+    let first = TestServer::start(with_attach(config(tmp.path()), &socket)).await;
+    first.client().await.list_models(proto::v1::ListModelsRequest::default()).await.expect("first serves");
+    std::fs::remove_file(&socket).expect("remove the first's socket file");
+    let second = TestServer::start(with_attach(config(tmp.path()), &socket)).await;
+    second.client().await.list_models(proto::v1::ListModelsRequest::default()).await.expect("second serves");
+    first.stop().await;
+    assert!(socket.exists(), "the first server's shutdown removed the second's socket");
+    UnixStream::connect(&socket).expect("the second server still answers there");
+    second.stop().await;
+    assert!(!socket.exists(), "the second server removes its own socket");
+}
+
+/// A socket in a directory anyone may write to (and not sticky) is refused: another user could
+/// replace it. A leftover socket another user owns is refused too, never taken over.
+#[tokio::test]
+async fn a_socket_others_could_take_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let open = tmp.path().join("open");
+    std::fs::create_dir(&open).expect("mkdir");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let refused = run_on(tmp.path(), &open.join("attach.sock"), async {}).await.expect_err("world-writable");
+    assert!(format!("{refused:#}").contains("world-writable"), "{refused:#}");
+    assert!(!open.join("attach.sock").exists());
+
+    // A dead socket of another user (made here and given away, which only root can do).
+    // Files this process makes are its own: owned by uid 0 when it runs as root.
+    if std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(tmp.path()).expect("stat")) == 0 {
+        let theirs = tmp.path().join("theirs.sock");
+        drop(std::os::unix::net::UnixListener::bind(&theirs).expect("bind"));
+        std::os::unix::fs::chown(&theirs, Some(65534), None).expect("chown");
+        let refused = run_on(tmp.path(), &theirs, async {}).await.expect_err("another user's socket");
+        assert!(format!("{refused:#}").contains("owned by uid 65534"), "{refused:#}");
+        assert!(theirs.exists(), "their socket is left alone");
+    }
+}
+
+/// Bytes the `cpu` device holds for models.
+async fn cpu_used(client: &mut proto::v1::model_loader_client::ModelLoaderClient<tonic::transport::Channel>) -> u64 {
+    let resources = client.get_resources(proto::v1::GetResourcesRequest::default()).await.expect("GetResources");
+    resources.into_inner().devices.iter().find(|d| d.name == "cpu").expect("a cpu device").used_bytes
+}
+
+/// A forced unload ends a client that asked for a large answer and never reads it: within a
+/// bounded wait the model's bytes are freed and the connection is closed.
+#[tokio::test]
+async fn a_forced_unload_ends_a_client_that_never_reads() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let models = tmp.path().join("models");
+    // 30,000 tensors: an answer of about 1 MB, far more than a socket's buffer holds.
+    fixture::single_file_model(&models.join("wide"), &fixture::f32_tensors("t", 30_000, 1)).expect("fixture");
+    let socket = tmp.path().join("attach.sock");
+    let server = TestServer::start(with_attach(config(&models), &socket)).await;
+    let mut client = server.client().await;
+    let idle = cpu_used(&mut client).await;
+    load_ok(&mut client, load("wide")).await;
+    assert!(cpu_used(&mut client).await > idle);
+
+    let request = AttachRequest { model_id: "wide".into(), ..Default::default() }.encode_to_vec();
+    let mut stream = UnixStream::connect(&socket).expect("connect");
+    stream.write_all(&frame(&request)).expect("write the request");
+    // Never read: wait until the server holds the lease and is stuck writing its answer.
+    let deadline = tokio::time::Instant::now() + tests::WAIT;
+    while tests::get_model(&mut client, "wide").await.attached_clients == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the client never gets its lease");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let forced = proto::v1::UnloadModelRequest { model_id: "wide".into(), force: true };
+    client.unload_model(forced).await.expect("forced unload");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while cpu_used(&mut client).await > idle {
+        assert!(tokio::time::Instant::now() < deadline, "the bytes are still booked 10 s after a forced unload");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Only now read: whatever of the answer was sent, then the end.
+    let rest = tokio::task::spawn_blocking(move || {
+        stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        let mut rest = Vec::new();
+        std::io::Read::read_to_end(&mut stream, &mut rest).map(|_| rest.len())
+    })
+    .await
+    .expect("read task");
+    let sent = rest.expect("the connection ends");
+    assert!(sent < 1_000_000, "the answer was abandoned, not completed: {sent} bytes");
+    server.stop().await;
+}
+
+/// CPU time (user and system, in clock ticks) that process `pid` has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // After `pid (comm)`: state is the first field, utime the 12th and stime the 13th.
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 1..].split_whitespace().collect();
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+/// With a low descriptor limit (soft 128, hard 256: the server raises the soft one), 400 idle
+/// attach connections neither make the server spin nor flood its log; gRPC still takes new
+/// connections; once they close, a client attaches again.
+#[tokio::test]
+async fn more_idle_connections_than_descriptors() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let models = tmp.path().join("models");
+    fixture::single_file_model(&models.join("m"), &fixture::f32_tensors("layer", 2, 1024)).expect("fixture");
+    let socket = tmp.path().join("attach.sock");
+    let mut command = tokio::process::Command::new("prlimit");
+    command.args(["--nofile=128:256", "--"]).arg(tests::binary::binary_path()).args(["--listen", "127.0.0.1:0"]);
+    command.arg("--model-root").arg(&models).arg("--offline").arg("--attach-socket").arg(&socket);
+    let mut server = Binary::spawn(command);
+    server.addr = server.logged_addr("serving modelloader.v1.ModelLoader").await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid())).expect("limits");
+    let open_files = limits.lines().find(|l| l.starts_with("Max open files")).expect("a nofile line");
+    assert_eq!(open_files.split_whitespace().collect::<Vec<_>>()[3..5], ["256", "256"], "raised: {open_files}");
+    load_ok(&mut tests::connect(server.addr).await, load("m")).await;
+
+    let (lines, ticks, started) = (server.log().len(), cpu_ticks(server.pid()), std::time::Instant::now());
+    let mut idle = Vec::new();
+    for _ in 0..400 {
+        // Non-blocking connects: one the full backlog refuses is simply not held.
+        if let Ok(stream) = tokio::net::UnixStream::connect(&socket).await {
+            idle.push(stream);
+        }
+    }
+    // A new gRPC connection is still accepted and answered.
+    let answered = tokio::time::timeout(Duration::from_secs(10), async {
+        tests::connect(server.addr).await.list_models(proto::v1::ListModelsRequest::default()).await
+    })
+    .await;
+    assert!(matches!(answered, Ok(Ok(_))), "gRPC does not answer with the attach connections open: {answered:?}");
+    // A measuring window, not a wait for an event: how much CPU and log the idle crowd costs.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (spent, window) = (cpu_ticks(server.pid()) - ticks, started.elapsed());
+    let added = server.log().len() - lines;
+    assert!(added < 50, "{added} log lines in {window:?}:\n{}", server.log()[lines..lines + 20].join("\n"));
+    // Clock ticks are 1/100 s: a spinning loop uses the whole window, an idle server next to nothing.
+    assert!((spent as f64) < window.as_secs_f64() * 100.0 / 2.0, "{spent} ticks of CPU in {window:?}");
+
+    drop(idle);
+    let attached = tokio::time::timeout(Duration::from_secs(10), attach(&socket, "m")).await;
+    assert!(matches!(attached, Ok(Ok(_))), "attach works again once they close: {attached:?}");
+    server.sigterm();
+    assert!(server.wait_exit(tests::WAIT).await.success());
 }
