@@ -29,6 +29,9 @@ use crate::{
 /// Where each group starts: aligned for any element type and for vector loads in clients.
 const ALIGN: u64 = 64;
 
+/// The longest memfd name the kernel takes: `NAME_MAX` less the `memfd:` it puts in front.
+const MAX_NAME_BYTES: usize = 255 - "memfd:".len();
+
 /// A sealed memfd mapped read-only: the memory of one load's tensors.
 #[derive(Debug)]
 pub struct Memfd {
@@ -37,11 +40,13 @@ pub struct Memfd {
 }
 
 impl Memfd {
-    /// A memfd of `len` bytes named `name` (shown in `/proc/<pid>/maps` as `/memfd:<name>`),
-    /// mapped read-write for the readers to fill.
+    /// A memfd of `len` bytes named `name` (shown in `/proc/<pid>/maps` as `/memfd:<name>`;
+    /// cut at a character boundary to the kernel's limit), mapped read-write for the readers to
+    /// fill.
     #[allow(unsafe_code)] // mapping a file is unsafe in Rust: see the SAFETY note
     pub fn create(name: &str, len: u64) -> Result<(File, MmapMut), Error> {
         let failed = |what: &str, e: std::io::Error| Error::Internal(format!("{what} a memfd of {len} bytes: {e}"));
+        let name = &name[..name.floor_char_boundary(MAX_NAME_BYTES)];
         let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
             .map_err(|e| failed("creating", e.into()))?;
         let file = File::from(fd);
@@ -231,7 +236,10 @@ impl Placed for MemfdPlaced {
 
 #[cfg(test)]
 mod tests {
-    use std::{os::unix::fs::FileExt, time::Duration};
+    use std::{
+        os::{fd::AsRawFd, unix::fs::FileExt},
+        time::Duration,
+    };
 
     use super::*;
     use crate::{
@@ -296,6 +304,19 @@ mod tests {
                 (MemoryKind::HostFile, p.offset, 2000)
             );
         }
+    }
+
+    /// A memfd's name is cut, at a character boundary, to the kernel's limit of 249 bytes: an
+    /// object store id of 300 characters still loads for attach.
+    #[test]
+    fn a_long_name_is_cut_to_the_kernels_limit() {
+        let name = format!("model-loader:{}{}", "a".repeat(235), "é".repeat(52));
+        assert_eq!(name.chars().count(), 300);
+        let (file, _map) = Memfd::create(&name, 64).expect("a memfd of a long name");
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", file.as_fd().as_raw_fd())).expect("its name");
+        let shown = link.to_string_lossy().into_owned();
+        // 13 + 235 bytes, and the é across byte 249 left out whole.
+        assert_eq!(shown, format!("/memfd:model-loader:{} (deleted)", "a".repeat(235)));
     }
 
     /// Tensors of three dtypes (three groups) read into one memfd: every view holds its file's
