@@ -202,6 +202,10 @@ impl SharedHostPlacement {
         device: &str,
     ) -> Result<usize, Error> {
         let place = |e: candle_core::Error| Error::place(device, DeviceError::from(e));
+        let changed = |t: &PlacedTensor| {
+            let changed = t.data.region()?.memory.check().err()?;
+            Some(Error::Corrupt { file: changed.file, reason: format!("it changed while loading ({})", changed.what) })
+        };
         let (layout, end) = converted_layout(tensors, dtype, ALIGN as usize);
         let (file, mut map) = Memfd::create(&self.name, (end as u64).next_multiple_of(ALIGN).max(ALIGN))?;
         let mut converted = 0;
@@ -210,12 +214,14 @@ impl SharedHostPlacement {
                 return Err(Error::Cancelled);
             }
             let to = &mut map[at.start..at.start + at.len];
-            if at.converts {
-                to.copy_from_slice(&t.data.to_dtype(dtype).map_err(place)?.bytes().map_err(place)?);
-                converted += 1;
+            let copied = if at.converts {
+                t.data.to_dtype(dtype).and_then(|c| c.bytes().map(|bytes| to.copy_from_slice(&bytes)))
             } else {
-                to.copy_from_slice(&t.data.bytes().map_err(place)?);
-            }
+                t.data.bytes().map(|bytes| to.copy_from_slice(&bytes))
+            };
+            // A mapped file that changed under the load is corrupt (DATA_LOSS), not a device's fault.
+            copied.map_err(|e| changed(t).unwrap_or_else(|| place(e)))?;
+            converted += usize::from(at.converts);
         }
         let memory: Arc<dyn HostMemory> = Arc::new(Memfd::seal(file, map)?);
         for (t, at) in tensors.iter_mut().zip(&layout) {
@@ -393,7 +399,7 @@ mod tests {
         immutable.lift();
         File::options().write(true).open(&path).expect("open").set_len(100).expect("truncate");
         let failed = placement.convert(&mut placed, DType::BF16, &cancel, "cpu").expect_err("the file changed");
-        assert!(failed.to_string().contains("model.safetensors"), "names the file: {failed}");
+        assert!(matches!(&failed, Error::Corrupt { file, .. } if file == "model.safetensors"), "{failed}");
         assert!(placed[0].data.bytes().is_err(), "no bytes of a changed file");
     }
 
