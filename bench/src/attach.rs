@@ -1,6 +1,8 @@
-//! Attach on the CPU: loads ready for attach (local files loaded as stored are mapped as they
-//! are) against loads into anonymous memory, run by run in the same rounds on two servers, and the time from `attach()` to usable
-//! tensors in a Python process (clients/python), whose tensors are checked against the files.
+//! Attach on the CPU: loads ready for attach against loads into anonymous memory, run by run in
+//! the same rounds on two servers: files that can change are read into a sealed memfd, and the
+//! same files made immutable (`chattr +i`, where the filesystem allows) are mapped as they are.
+//! Then the time from `attach()` to usable tensors in a Python process (clients/python), whose
+//! tensors are checked against the files.
 
 use std::{collections::HashMap, path::Path, process::Command};
 
@@ -14,8 +16,12 @@ use crate::{models::Model, peers::json_of, server, stats::median};
 pub struct AttachRuns {
     /// LoadModel into anonymous memory (no attach socket), seconds.
     pub anonymous_s: Vec<f64>,
-    /// LoadModel ready for attach (with the attach socket: local files are mapped), seconds.
+    /// LoadModel ready for attach (with the attach socket: files that can change are read into a
+    /// sealed memfd), seconds.
     pub ready_s: Vec<f64>,
+    /// LoadModel ready for attach of the same files made immutable (mapped, nothing read),
+    /// seconds; empty where the filesystem refuses the attribute.
+    pub mapped_s: Vec<f64>,
     /// `attach()` to a dict of numpy views, seconds.
     pub attach_s: Vec<f64>,
     /// What the Python client mapped.
@@ -43,7 +49,7 @@ pub async fn run(
     let plain = server::start(exe, root, &[]).await;
     let exportable = server::start(exe, root, &["--attach-socket", socket.to_str().context("a UTF-8 path")?]).await;
     let (mut to_plain, mut to_exportable) = (tests::connect(plain.addr).await, tests::connect(exportable.addr).await);
-    let (mut anonymous_s, mut ready_s) = (Vec::new(), Vec::new());
+    let (mut anonymous_s, mut ready_s, mut mapped_s) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..runs {
         // Alternate which goes first, so neither always follows the other's unload.
         for k in 0..2 {
@@ -55,6 +61,14 @@ pub async fn run(
             times.push(server::load(client, &model.id).await?.total.as_secs_f64());
             server::unload(client, &model.id).await?;
         }
+        if !immutable(&model.files, true) {
+            continue;
+        }
+        let mapped = server::load(&mut to_exportable, &model.id).await;
+        let unloaded = server::unload(&mut to_exportable, &model.id).await;
+        immutable(&model.files, false);
+        mapped_s.push(mapped?.total.as_secs_f64());
+        unloaded?;
     }
     drop(plain);
     server::load(&mut to_exportable, &model.id).await?;
@@ -67,9 +81,27 @@ pub async fn run(
     Ok(AttachRuns {
         anonymous_s,
         ready_s,
+        mapped_s,
         attach_s: peer.seconds,
         tensors: Expected::observed(peer.tensors.into_iter().collect()),
     })
+}
+
+/// Sets (`on`) or lifts the immutable attribute of `files` with `chattr`; false, said once on
+/// stderr, where it cannot.
+fn immutable(files: &[std::path::PathBuf], on: bool) -> bool {
+    let flag = if on { "+i" } else { "-i" };
+    match Command::new("chattr").arg(flag).args(files).output() {
+        Ok(out) if out.status.success() => true,
+        Ok(out) => {
+            eprintln!("[bench] chattr {flag}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            false
+        }
+        Err(e) => {
+            eprintln!("[bench] chattr {flag}: {e}");
+            false
+        }
+    }
 }
 
 /// The attach section of the report.
@@ -79,12 +111,18 @@ pub struct Attach {
     pub bytes: u64,
     pub anonymous_s: Vec<f64>,
     pub ready_s: Vec<f64>,
+    pub mapped_s: Vec<f64>,
     pub attach_s: Vec<f64>,
     pub anonymous_s_median: f64,
     pub ready_s_median: f64,
+    /// 0 where no immutable file could be mapped.
+    pub mapped_s_median: f64,
     pub attach_ms_median: f64,
-    /// Speed of a load ready for attach over a load into anonymous memory.
+    /// Speed of a load ready for attach (a memfd) over a load into anonymous memory.
     pub ready_ratio: f64,
+    /// Speed of a load of immutable files ready for attach (mapped) over a load into anonymous
+    /// memory.
+    pub mapped_ratio: f64,
     /// The peer whose warm load of the same files was fastest in this run, and its median.
     pub fastest_reload: String,
     pub fastest_reload_s: f64,
@@ -96,6 +134,8 @@ impl Attach {
     /// From the runs, against the peers' `(name, median seconds)` on the same model.
     pub fn from_runs(model: &Model, runs: &AttachRuns, peers: &[(&str, f64)]) -> Self {
         let (anonymous_s_median, ready_s_median) = (median(&runs.anonymous_s), median(&runs.ready_s));
+        let mapped_s_median = if runs.mapped_s.is_empty() { 0.0 } else { median(&runs.mapped_s) };
+        let over = |s: f64| if s > 0.0 { anonymous_s_median / s } else { 0.0 };
         let attach_s_median = median(&runs.attach_s);
         let fastest = peers.iter().filter(|(_, s)| *s > 0.0).min_by(|a, b| a.1.total_cmp(&b.1));
         let (fastest_reload, fastest_reload_s) = fastest.map_or((String::new(), 0.0), |(n, s)| ((*n).to_owned(), *s));
@@ -104,11 +144,14 @@ impl Attach {
             bytes: model.bytes,
             anonymous_s: runs.anonymous_s.clone(),
             ready_s: runs.ready_s.clone(),
+            mapped_s: runs.mapped_s.clone(),
             attach_s: runs.attach_s.clone(),
             anonymous_s_median,
             ready_s_median,
+            mapped_s_median,
             attach_ms_median: attach_s_median * 1e3,
-            ready_ratio: if ready_s_median > 0.0 { anonymous_s_median / ready_s_median } else { 0.0 },
+            ready_ratio: over(ready_s_median),
+            mapped_ratio: over(mapped_s_median),
             speedup: if attach_s_median > 0.0 { fastest_reload_s / attach_s_median } else { 0.0 },
             fastest_reload,
             fastest_reload_s,
@@ -129,14 +172,28 @@ impl Attach {
             gbps(self.anonymous_s_median)
         );
         md += &format!(
-            "| LoadModel ready for attach (local files as stored: mapped, nothing read) | {:.3} s | {:.2} GB/s ({:.2}×) |\n",
+            "| LoadModel ready for attach: read into a sealed memfd (files that can change) | {:.3} s | {:.2} GB/s ({:.2}×) |\n",
             self.ready_s_median,
             gbps(self.ready_s_median),
             self.ready_ratio
         );
+        if self.mapped_s_median > 0.0 {
+            md += &format!(
+                "| LoadModel ready for attach: immutable files mapped, nothing read | {:.3} s | {:.2} GB/s ({:.2}×) |\n",
+                self.mapped_s_median,
+                gbps(self.mapped_s_median),
+                self.mapped_ratio
+            );
+        } else {
+            md += "| LoadModel ready for attach: immutable files mapped | not measured: `chattr +i` refused | |\n";
+        }
+        let against = match self.fastest_reload.as_str() {
+            "" => "no peer ran".to_owned(),
+            peer => format!("{:.0}× faster than {peer} ({:.3} s)", self.speedup, self.fastest_reload_s),
+        };
         md += &format!(
-            "| `attach()` to usable numpy tensors (Python client) | {:.2} ms | {:.0}× faster than {} ({:.3} s) |\n\n",
-            self.attach_ms_median, self.speedup, self.fastest_reload, self.fastest_reload_s
+            "| `attach()` to usable numpy tensors (Python client) | {:.2} ms | {against} |\n\n",
+            self.attach_ms_median
         );
         md
     }

@@ -111,6 +111,10 @@ pub struct Options {
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/peer_gpu.py"))]
     #[serde(skip)]
     pub gpu_python_script: PathBuf,
+    /// Run only the attach section, on the dense model (`--dense-mib`, `--runs`), and print its
+    /// Markdown (nothing is written to `--out`): to measure a change to attach alone.
+    #[arg(long)]
+    pub attach_only: bool,
     /// The attach benchmark's Python script (clients/python).
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/attach_peer.py"))]
     #[serde(skip)]
@@ -161,6 +165,20 @@ impl Options {
 /// Prints a line of progress to stderr (the results go to files).
 macro_rules! say {
     ($($arg:tt)*) => { eprintln!("[bench] {}", format!($($arg)*)) };
+}
+
+/// Runs the attach section alone on the dense model and returns its Markdown (no peers ran: the
+/// attach row's comparison with their reloads is left empty).
+pub async fn attach_only(options: &Options) -> anyhow::Result<String> {
+    let exe = options.server_exe()?;
+    let root = std::path::absolute(options.work.join("models"))?;
+    let dense = models::dense(&root, "dense", options.dense_mib, options.shards, options.per_shard)?;
+    limit::warm(&dense.files)?;
+    say!("attach: {} loaded for attach and attached from Python", dense.id);
+    let runs = attach::run(&exe, &root, &options.work, &options.attach_script, &dense, options.runs).await?;
+    let check = Check::compare(report::OURS_ATTACH, &dense, &runs.tensors);
+    anyhow::ensure!(check.same_tensors, "the attached tensors are not the files': {check:?}");
+    Ok(attach::Attach::from_runs(&dense, &runs, &[]).markdown())
 }
 
 /// Runs the whole benchmark and returns its report (also written to `options.out`).

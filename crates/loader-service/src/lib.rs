@@ -207,6 +207,26 @@ impl LoaderService {
     /// unloads (evictions). A model with attached clients is refused unless `force`, which
     /// revokes their leases. Returns the bytes freed, or why nothing was unloaded.
     pub fn unload_loaded(&self, model_id: &ModelId, reason: Option<String>, force: bool) -> Result<u64, NotUnloaded> {
+        self.take_out(model_id, reason, force, Transition::UnloadFinished)
+    }
+
+    /// Frees a LOADED model whose resident bytes were lost (a file it is mapped from changed), as
+    /// a forced unload does (its clients' leases revoked), and marks it FAILED with `reason`.
+    pub fn fail_loaded(&self, model_id: &ModelId, reason: String) -> Result<u64, NotUnloaded> {
+        let end = Transition::UnloadedLost { reason: reason.clone() };
+        let freed = self.take_out(model_id, Some(reason.clone()), true, end)?;
+        tracing::error!(%model_id, reason, "a loaded model's file changed: unloaded and marked FAILED");
+        Ok(freed)
+    }
+
+    /// An unload ending with `end` (UNLOADED, or FAILED for a lost model).
+    fn take_out(
+        &self,
+        model_id: &ModelId,
+        reason: Option<String>,
+        force: bool,
+        end: Transition,
+    ) -> Result<u64, NotUnloaded> {
         // Closed to new leases first, so no client attaches to it on its way out.
         self.pipelines.close(model_id, force).map_err(NotUnloaded::Attached)?;
         self.state.apply(model_id, Transition::StartUnload { reason }).map_err(|e| NotUnloaded::State(e.current))?;
@@ -219,7 +239,7 @@ impl LoaderService {
             pipeline.allocation.bytes()
         });
         // Only this caller can end the UNLOADING it began: a refusal is a bug, not a race.
-        if let Err(e) = self.state.apply(model_id, Transition::UnloadFinished) {
+        if let Err(e) = self.state.apply(model_id, end) {
             tracing::error!(cause = %e, "state transition refused during an unload");
         }
         tracing::info!(%model_id, freed_bytes, "model unloaded");

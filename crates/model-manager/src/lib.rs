@@ -9,7 +9,7 @@
 use std::{collections::VecDeque, sync::Arc};
 
 use loader_service::{LoaderConfig, LoaderParts, LoaderService, NotUnloaded};
-use pipeline_manager::{Attached, Lease, PipelineManager, ReadBackError, TensorInfo};
+use pipeline_manager::{Attached, FileChanged, Lease, PipelineManager, ReadBackError, TensorInfo, TensorsError};
 use resource_manager::{DeviceRequest, DeviceUsage, MemoryBudget, ResourceError, ResourceManager};
 use state_manager::{ModelState, StateEvent, StateManager, Transition};
 use tokio::sync::broadcast;
@@ -74,6 +74,13 @@ pub enum ManagerError {
     ReadBack(Arc<ReadBackError>),
     #[error("model {model_id} has {clients} attached clients; unload with force to close their connections")]
     Attached { model_id: String, clients: usize },
+    /// A file the model's tensors were mapped from changed: it was unloaded and marked FAILED.
+    #[error("model {model_id}: {source}; it was unloaded and marked FAILED: load it again")]
+    Changed {
+        model_id: String,
+        #[source]
+        source: FileChanged,
+    },
 }
 
 impl ManagerError {
@@ -84,6 +91,7 @@ impl ManagerError {
             Self::NotLoaded { .. } => "not_loaded",
             Self::ReadBack(_) => "read_back",
             Self::Attached { .. } => "attached",
+            Self::Changed { .. } => "file_changed",
         }
     }
 }
@@ -205,6 +213,11 @@ impl ModelManager {
             }
         }
         if let Some(lease) = self.pipelines.attach(model_id) {
+            // A client must never map bytes other than those loaded.
+            if let Err(changed) = lease.pipeline().check_files() {
+                drop(lease);
+                return Err(self.lost(model_id, changed));
+            }
             return Ok(lease);
         }
         // A model that exists nowhere is NOT_FOUND; one that merely is not loaded is not.
@@ -265,10 +278,23 @@ impl ModelManager {
         };
         // Reading its tensors is a use, for eviction's least-recently-used order.
         self.pipelines.touch(model_id);
-        tokio::task::spawn_blocking(move || pipeline.tensor_infos(with_checksums))
+        let infos = tokio::task::spawn_blocking(move || pipeline.tensor_infos(with_checksums))
             .await
-            .map_err(|e| ManagerError::from(LoadError::internal(model_id, e.to_string())))?
-            .map_err(|e| ManagerError::ReadBack(Arc::new(e)))
+            .map_err(|e| ManagerError::from(LoadError::internal(model_id, e.to_string())))?;
+        match infos {
+            Ok(infos) => Ok(infos),
+            Err(TensorsError::ReadBack(e)) => Err(ManagerError::ReadBack(Arc::new(e))),
+            Err(TensorsError::Changed(changed)) => Err(self.lost(model_id, changed)),
+        }
+    }
+
+    /// A LOADED model whose file changed under it: freed as a forced unload would (its clients'
+    /// connections closed) and marked FAILED, never served again as it is; the error to answer.
+    fn lost(&self, model_id: &ModelId, changed: FileChanged) -> ManagerError {
+        let error = ManagerError::Changed { model_id: model_id.to_string(), source: changed };
+        // Another caller may have seen the change first: then it is on its way out already.
+        let _ = self.loader.fail_loaded(model_id, error.to_string());
+        error
     }
 
     /// A snapshot of one model (or of all, for `None`), then every later change.

@@ -13,7 +13,8 @@ mod shared;
 
 use std::{
     borrow::Cow,
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
+    os::fd::AsRawFd,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -29,7 +30,7 @@ use sha2::{Digest, Sha256};
 use crate::leases::Clients;
 pub use crate::{
     leases::{Attached, Lease},
-    shared::{MemoryKind, Region, SharedMemory},
+    shared::{FileChanged, MemoryKind, Region, SharedMemory},
 };
 
 /// A tensor's values where they are resident, whoever owns that memory.
@@ -168,7 +169,31 @@ pub struct ReadBackError {
     pub source: candle_core::Error,
 }
 
+/// Why ListTensors could not read a model's tensors.
+#[derive(Debug, thiserror::Error)]
+pub enum TensorsError {
+    #[error(transparent)]
+    ReadBack(#[from] ReadBackError),
+    /// A file its tensors are mapped from changed: the model must not be served any more.
+    #[error(transparent)]
+    Changed(#[from] FileChanged),
+}
+
 impl Pipeline {
+    /// Whether every memory its tensors live in still holds the bytes loaded (see
+    /// [`SharedMemory::check`]); each memory is checked once.
+    pub fn check_files(&self) -> Result<(), FileChanged> {
+        let mut seen = HashSet::new();
+        for (_, t) in self.tensors() {
+            if let Some(region) = t.data.region()
+                && seen.insert(region.memory.fd().as_raw_fd())
+            {
+                region.memory.check()?;
+            }
+        }
+        Ok(())
+    }
+
     /// Bytes of every resident tensor.
     pub fn weight_bytes(&self) -> u64 {
         self.tensors().map(|(_, t)| t.size_bytes()).sum()
@@ -199,9 +224,14 @@ impl Pipeline {
         }
     }
 
-    /// What is resident, sorted by full name; checksums read every byte back from the device.
-    pub fn tensor_infos(&self, with_checksums: bool) -> Result<Vec<TensorInfo>, ReadBackError> {
-        let mut infos = self
+    /// What is resident, sorted by full name; checksums read every byte back from the device,
+    /// with the model's files checked before and after (a read that raced a change of a file
+    /// reports the change).
+    pub fn tensor_infos(&self, with_checksums: bool) -> Result<Vec<TensorInfo>, TensorsError> {
+        if with_checksums {
+            self.check_files()?;
+        }
+        let infos = self
             .tensors()
             .map(|(component, t)| {
                 let name =
@@ -220,7 +250,11 @@ impl Pipeline {
                     name,
                 })
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, ReadBackError>>();
+        if with_checksums {
+            self.check_files()?;
+        }
+        let mut infos = infos?;
         // Names are unique: an unstable sort gives the one order.
         infos.sort_unstable_by(|a, b| a.name.cmp(&b.name));
         Ok(infos)

@@ -10,6 +10,7 @@ pub fn from_manager(e: &ManagerError) -> Status {
         ManagerError::Load(e) => from_load(e),
         ManagerError::NotLoaded { .. } | ManagerError::Attached { .. } => Status::failed_precondition(e.to_string()),
         ManagerError::ReadBack(_) => Status::internal(e.to_string()),
+        ManagerError::Changed { .. } => Status::data_loss(e.to_string()),
     }
 }
 

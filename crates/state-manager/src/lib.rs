@@ -96,6 +96,9 @@ pub enum Transition {
     StartUnload { reason: Option<String> },
     /// The unload finished: the memory is back.
     UnloadFinished,
+    /// The unload of a model whose resident bytes were lost (a file it was mapped from changed)
+    /// finished: the memory is back and the model is FAILED, the reason kept for GetModel.
+    UnloadedLost { reason: String },
     /// The failure of the last load is forgotten (an unload of a FAILED model).
     ClearFailure,
 }
@@ -112,6 +115,7 @@ impl Transition {
             (Self::LoadCancelled, S::Loading) => Some(S::Unloaded),
             (Self::StartUnload { .. }, S::Loaded) => Some(S::Unloading),
             (Self::UnloadFinished, S::Unloading) => Some(S::Unloaded),
+            (Self::UnloadedLost { .. }, S::Unloading) => Some(S::Failed),
             (Self::ClearFailure, S::Failed) => Some(S::Unloaded),
             _ => None,
         }
@@ -125,6 +129,7 @@ impl Transition {
             Self::LoadCancelled => "load cancelled",
             Self::StartUnload { .. } => "start unload",
             Self::UnloadFinished => "unload finished",
+            Self::UnloadedLost { .. } => "unload of a lost model finished",
             Self::ClearFailure => "clear failure",
         }
     }
@@ -230,6 +235,10 @@ impl StateManager {
             }
             // Nothing of the model stays resident: its facts went with it.
             Transition::LoadCancelled | Transition::UnloadFinished => record.facts = LoadFacts::default(),
+            Transition::UnloadedLost { reason } => {
+                record.error = Some(reason);
+                record.facts = LoadFacts::default();
+            }
             Transition::ClearFailure => record.error = None,
             Transition::StartUnload { reason } => record.unload_reason = reason,
         }
@@ -332,6 +341,7 @@ mod tests {
             Transition::LoadCancelled,
             Transition::StartUnload { reason: None },
             Transition::UnloadFinished,
+            Transition::UnloadedLost { reason: "x".into() },
             Transition::ClearFailure,
         ]
     }

@@ -41,18 +41,33 @@ impl HostBuffer {
 }
 
 /// Host memory that tensor views point into: a heap buffer, or a mapping other processes can
-/// share ([`crate::memfd`]).
+/// share ([`crate::memfd`], [`crate::mapped`]).
 pub trait HostMemory: Send + Sync + std::fmt::Debug {
-    fn bytes(&self) -> &[u8];
+    /// Its length in bytes.
+    fn size(&self) -> usize;
+    /// The `len` bytes at `at` (within [`HostMemory::size`]): borrowed from memory nobody else
+    /// can change, or read through a file's descriptor where touching a mapping's pages could
+    /// fault (a file truncated under it).
+    fn read(&self, at: usize, len: usize) -> std::io::Result<Cow<'_, [u8]>>;
     /// The memory as another process maps it, where it can.
     fn shared(&self) -> Option<&dyn SharedMemory> {
         None
     }
 }
 
-impl HostMemory for HostBuffer {
-    fn bytes(&self) -> &[u8] {
+impl HostBuffer {
+    pub fn bytes(&self) -> &[u8] {
         &bytemuck::cast_slice(&self.words)[..self.len]
+    }
+}
+
+impl HostMemory for HostBuffer {
+    fn size(&self) -> usize {
+        self.len
+    }
+
+    fn read(&self, at: usize, len: usize) -> std::io::Result<Cow<'_, [u8]>> {
+        Ok(Cow::Borrowed(&self.bytes()[at..at + len]))
     }
 }
 
@@ -71,7 +86,7 @@ impl HostView {
     /// The `len` bytes at `at` of `buffer` as a tensor of `dtype` and `shape`; `None` if they do
     /// not fit the buffer or the shape.
     pub fn new(buffer: Arc<dyn HostMemory>, at: usize, len: usize, dtype: DType, shape: Vec<usize>) -> Option<Self> {
-        let fits = at.checked_add(len).is_some_and(|end| end <= buffer.bytes().len());
+        let fits = at.checked_add(len).is_some_and(|end| end <= buffer.size());
         let sized = shape.iter().product::<usize>() * dtype.size_in_bytes() == len;
         (fits && sized).then_some(Self { buffer, at, len, dtype, shape })
     }
@@ -87,7 +102,7 @@ impl TensorData for HostView {
     }
 
     fn bytes(&self) -> candle_core::Result<Cow<'_, [u8]>> {
-        Ok(Cow::Borrowed(&self.buffer.bytes()[self.at..self.at + self.len]))
+        self.buffer.read(self.at, self.len).map_err(candle_core::Error::wrap)
     }
 
     fn to_dtype(&self, dtype: DType) -> candle_core::Result<Box<dyn TensorData>> {

@@ -1,11 +1,14 @@
 //! The shared host placement, for models other processes attach to. Local files loaded as stored
-//! are mapped as they are (`mapped`); otherwise one memfd per load holds every
-//! group (64-byte aligned), filled in place by the same readers as host memory, then sealed
-//! against writes, growth and shrinking, and mapped read-only. Every tensor is a view into it,
-//! and its [`Region`](pipeline_manager::Region) is what an attaching client maps: no copy in the
-//! server, none in the client.
+//! are mapped as they are where the kernel keeps them from changing (immutable or fs-verity:
+//! `mapped`); otherwise one memfd per load holds every group (64-byte aligned), filled in place
+//! by the same readers as host memory, then sealed against writes, growth and shrinking, and
+//! mapped read-only. Every tensor is a view into it, and its
+//! [`Region`](pipeline_manager::Region) is what an attaching client maps: no copy in the server,
+//! none in the client. The memfd is a snapshot: nobody (the server, a client reopening its
+//! descriptor, root) can write, grow or shrink it, whatever happens to the files afterwards.
 
 use std::{
+    borrow::Cow,
     fs::File,
     os::fd::{AsFd, BorrowedFd},
     sync::{Arc, OnceLock},
@@ -29,6 +32,9 @@ use crate::{
 /// Where each group starts: aligned for any element type and for vector loads in clients.
 const ALIGN: u64 = 64;
 
+/// The longest memfd name the kernel takes: `NAME_MAX` less the `memfd:` it puts in front.
+const MAX_NAME_BYTES: usize = 255 - "memfd:".len();
+
 /// A sealed memfd mapped read-only: the memory of one load's tensors.
 #[derive(Debug)]
 pub struct Memfd {
@@ -37,11 +43,13 @@ pub struct Memfd {
 }
 
 impl Memfd {
-    /// A memfd of `len` bytes named `name` (shown in `/proc/<pid>/maps` as `/memfd:<name>`),
-    /// mapped read-write for the readers to fill.
+    /// A memfd of `len` bytes named `name` (shown in `/proc/<pid>/maps` as `/memfd:<name>`;
+    /// cut at a character boundary to the kernel's limit), mapped read-write for the readers to
+    /// fill.
     #[allow(unsafe_code)] // mapping a file is unsafe in Rust: see the SAFETY note
     pub fn create(name: &str, len: u64) -> Result<(File, MmapMut), Error> {
         let failed = |what: &str, e: std::io::Error| Error::Internal(format!("{what} a memfd of {len} bytes: {e}"));
+        let name = &name[..name.floor_char_boundary(MAX_NAME_BYTES)];
         let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
             .map_err(|e| failed("creating", e.into()))?;
         let file = File::from(fd);
@@ -66,8 +74,13 @@ impl Memfd {
 }
 
 impl HostMemory for Memfd {
-    fn bytes(&self) -> &[u8] {
-        &self.map
+    fn size(&self) -> usize {
+        self.map.len()
+    }
+
+    /// The pages themselves: sealed, nobody can change or shrink them.
+    fn read(&self, at: usize, len: usize) -> std::io::Result<Cow<'_, [u8]>> {
+        Ok(Cow::Borrowed(&self.map[at..at + len]))
     }
 
     fn shared(&self) -> Option<&dyn SharedMemory> {
@@ -89,8 +102,9 @@ impl SharedMemory for Memfd {
     }
 }
 
-/// Host memory other processes attach to: local files loaded as stored are mapped as they are
-/// (see `mapped`); other loads are read into one sealed memfd, and conversions write a new one.
+/// Host memory other processes attach to: local files loaded as stored that the kernel keeps from
+/// changing are mapped as they are (see `mapped`); other loads are read into one sealed memfd,
+/// and conversions write a new one.
 #[derive(Debug, Clone)]
 pub struct SharedHostPlacement {
     /// The memfd's name (`model-loader:<model id>`).
@@ -155,8 +169,8 @@ impl Placement for SharedHostPlacement {
         Ok(Box::new(MemfdPlaced { tensors, len }))
     }
 
-    /// Local files are mapped as they are (see `mapped`), faster than filling a memfd; a
-    /// conversion then writes into a memfd.
+    /// Immutable (or fs-verity) local files are mapped as they are (see `mapped`), faster than
+    /// filling a memfd; a conversion then writes into a memfd.
     fn map(&self, plan: &LoadPlan, files: &[Arc<dyn ReadAt>]) -> Option<Result<Box<dyn Placed>, Error>> {
         crate::mapped::map_files(plan, files)
     }
@@ -188,6 +202,10 @@ impl SharedHostPlacement {
         device: &str,
     ) -> Result<usize, Error> {
         let place = |e: candle_core::Error| Error::place(device, DeviceError::from(e));
+        let changed = |t: &PlacedTensor| {
+            let changed = t.data.region()?.memory.check().err()?;
+            Some(Error::Corrupt { file: changed.file, reason: format!("it changed while loading ({})", changed.what) })
+        };
         let (layout, end) = converted_layout(tensors, dtype, ALIGN as usize);
         let (file, mut map) = Memfd::create(&self.name, (end as u64).next_multiple_of(ALIGN).max(ALIGN))?;
         let mut converted = 0;
@@ -196,12 +214,14 @@ impl SharedHostPlacement {
                 return Err(Error::Cancelled);
             }
             let to = &mut map[at.start..at.start + at.len];
-            if at.converts {
-                to.copy_from_slice(&t.data.to_dtype(dtype).map_err(place)?.bytes().map_err(place)?);
-                converted += 1;
+            let copied = if at.converts {
+                t.data.to_dtype(dtype).and_then(|c| c.bytes().map(|bytes| to.copy_from_slice(&bytes)))
             } else {
-                to.copy_from_slice(&t.data.bytes().map_err(place)?);
-            }
+                t.data.bytes().map(|bytes| to.copy_from_slice(&bytes))
+            };
+            // A mapped file that changed under the load is corrupt (DATA_LOSS), not a device's fault.
+            copied.map_err(|e| changed(t).unwrap_or_else(|| place(e)))?;
+            converted += usize::from(at.converts);
         }
         let memory: Arc<dyn HostMemory> = Arc::new(Memfd::seal(file, map)?);
         for (t, at) in tensors.iter_mut().zip(&layout) {
@@ -231,7 +251,10 @@ impl Placed for MemfdPlaced {
 
 #[cfg(test)]
 mod tests {
-    use std::{os::unix::fs::FileExt, time::Duration};
+    use std::{
+        os::{fd::AsRawFd, unix::fs::FileExt},
+        time::Duration,
+    };
 
     use super::*;
     use crate::{
@@ -254,25 +277,10 @@ mod tests {
         }
     }
 
-    /// A local file is mapped as it is: every view is at its offset in the file, whose
-    /// descriptor is what a client maps.
-    #[test]
-    fn maps_a_local_file_as_it_is() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let data: Vec<u8> = (0..2000u32).map(|i| (i * 13 % 251) as u8).collect();
-        let path = dir.path().join("model.safetensors");
-        std::fs::write(&path, &data).expect("write");
-        let tensor = |name: &str, dtype: DType, offset: u64, len: u64| TensorPlan {
-            name: name.into(),
-            dtype,
-            shape: vec![(len as usize) / dtype.size_in_bytes()],
-            offset,
-            len,
-            is_bool: false,
-        };
-        let tensors = vec![tensor("a", DType::U8, 8, 992), tensor("b", DType::F32, 1000, 1000)];
-        let file = FilePlan { path: "model.safetensors".into(), tensors: tensors.clone() };
-        let plan = LoadPlan {
+    /// A one-file plan of `tensors` in `model.safetensors`.
+    fn plan_of(tensors: &[TensorPlan]) -> LoadPlan {
+        let file = FilePlan { path: "model.safetensors".into(), tensors: tensors.to_vec() };
+        LoadPlan {
             layout: Layout::SingleFile,
             components: vec![ComponentPlan {
                 name: String::new(),
@@ -280,15 +288,79 @@ mod tests {
                 files: vec![file],
                 variant: None,
             }],
-        };
-        let files: Vec<Arc<dyn ReadAt>> = vec![Arc::new(File::open(&path).expect("open"))];
+        }
+    }
+
+    fn tensor(name: &str, dtype: DType, offset: u64, len: u64) -> TensorPlan {
+        TensorPlan {
+            name: name.into(),
+            dtype,
+            shape: vec![(len as usize) / dtype.size_in_bytes()],
+            offset,
+            len,
+            is_bool: false,
+        }
+    }
+
+    /// Reads (step 4) `plan` from the local file at `path` into the shared host placement.
+    fn place(plan: &LoadPlan, path: &std::path::Path) -> Vec<PlacedTensor> {
+        let files: Vec<Arc<dyn ReadAt>> = vec![Arc::new(File::open(path).expect("open"))];
         let cancel = CancellationToken::new();
         let options =
             ReadOptions { threads: 2, cancel: &cancel, interval: Duration::from_millis(1), chunk_bytes: None };
         let placed =
-            read(&SharedHostPlacement::new("model-loader:test"), &plan, &files, options, |_, _| {}).expect("map");
-        let (placed, _) = placed.finish(0, Duration::ZERO).expect("finish");
-        for (t, p) in placed.iter().zip(&tensors) {
+            read(&SharedHostPlacement::new("model-loader:test"), plan, &files, options, |_, _| {}).expect("placed");
+        placed.finish(0, Duration::ZERO).expect("finish").0
+    }
+
+    /// Sets the immutable attribute of `path` (FS_IOC_SETFLAGS, as `chattr +i`), lifted again on
+    /// drop so the temporary folder can go; `None` where the filesystem or the process may not.
+    struct Immutable(std::path::PathBuf);
+
+    impl Immutable {
+        fn set(path: &std::path::Path) -> Option<Self> {
+            let file = File::open(path).ok()?;
+            let flags = rustix::fs::ioctl_getflags(&file).ok()?;
+            match rustix::fs::ioctl_setflags(&file, flags | rustix::fs::IFlags::IMMUTABLE) {
+                Ok(()) => Some(Self(path.to_owned())),
+                Err(e) => {
+                    eprintln!("the immutable attribute is refused here ({e}): its mapping is not tested");
+                    None
+                }
+            }
+        }
+
+        fn lift(&self) {
+            let file = File::open(&self.0).expect("open");
+            let flags = rustix::fs::ioctl_getflags(&file).expect("flags");
+            rustix::fs::ioctl_setflags(&file, flags - rustix::fs::IFlags::IMMUTABLE).expect("lift the attribute");
+        }
+    }
+
+    impl Drop for Immutable {
+        fn drop(&mut self) {
+            self.lift();
+        }
+    }
+
+    /// A plain local file is read into a sealed memfd (it could change under a mapping); an
+    /// immutable one is mapped as it is, every view at its offset in the file, whose descriptor
+    /// is what a client maps.
+    #[test]
+    fn maps_only_files_that_cannot_change() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data: Vec<u8> = (0..2000u32).map(|i| (i * 13 % 251) as u8).collect();
+        let path = dir.path().join("model.safetensors");
+        std::fs::write(&path, &data).expect("write");
+        let tensors = vec![tensor("a", DType::U8, 8, 992), tensor("b", DType::F32, 1000, 1000)];
+        let plan = plan_of(&tensors);
+        for t in place(&plan, &path) {
+            let region = t.data.region().expect("shared");
+            assert_eq!(region.memory.kind(), MemoryKind::HostMemfd, "a file that can change is not mapped");
+        }
+
+        let Some(_immutable) = Immutable::set(&path) else { return };
+        for (t, p) in place(&plan, &path).iter().zip(&tensors) {
             assert_eq!(t.data.bytes().expect("bytes").as_ref(), &data[p.offset as usize..(p.offset + p.len) as usize]);
             let region = t.data.region().expect("shared");
             assert_eq!(
@@ -296,6 +368,52 @@ mod tests {
                 (MemoryKind::HostFile, p.offset, 2000)
             );
         }
+    }
+
+    /// A file truncated after step 4 cannot fault step 7's conversion: a plain file's tensors are
+    /// the memfd's snapshot and convert as loaded; an immutable file whose attribute root lifts
+    /// before truncating it is read through its descriptor, so the conversion fails naming the
+    /// file, and its check says what changed.
+    #[test]
+    fn a_file_truncated_before_the_conversion_cannot_fault_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let values: Vec<f32> = (0..4096).map(|i| i as f32 * 0.25).collect();
+        let data: Vec<u8> = bytemuck::cast_slice(&values).to_vec();
+        let path = dir.path().join("model.safetensors");
+        std::fs::write(&path, &data).expect("write");
+        let plan = plan_of(&[tensor("w", DType::F32, 0, data.len() as u64)]);
+        let placement = SharedHostPlacement::new("model-loader:test");
+        let cancel = CancellationToken::new();
+
+        let mut placed = place(&plan, &path);
+        File::options().write(true).open(&path).expect("open").set_len(0).expect("truncate");
+        assert_eq!(placement.convert(&mut placed, DType::BF16, &cancel, "cpu").expect("converts"), 1);
+        let loaded = candle_core::Tensor::from_slice(&values, values.len(), &candle_core::Device::Cpu).expect("tensor");
+        let want = pipeline_manager::resident_bytes(&loaded.to_dtype(DType::BF16).expect("bf16")).expect("bytes");
+        assert_eq!(placed[0].data.bytes().expect("bytes").as_ref(), want.as_slice(), "the bytes as loaded");
+
+        std::fs::write(&path, &data).expect("write again");
+        let Some(immutable) = Immutable::set(&path) else { return };
+        let mut placed = place(&plan, &path);
+        assert_eq!(placed[0].data.region().expect("shared").memory.kind(), MemoryKind::HostFile);
+        immutable.lift();
+        File::options().write(true).open(&path).expect("open").set_len(100).expect("truncate");
+        let failed = placement.convert(&mut placed, DType::BF16, &cancel, "cpu").expect_err("the file changed");
+        assert!(matches!(&failed, Error::Corrupt { file, .. } if file == "model.safetensors"), "{failed}");
+        assert!(placed[0].data.bytes().is_err(), "no bytes of a changed file");
+    }
+
+    /// A memfd's name is cut, at a character boundary, to the kernel's limit of 249 bytes: an
+    /// object store id of 300 characters still loads for attach.
+    #[test]
+    fn a_long_name_is_cut_to_the_kernels_limit() {
+        let name = format!("model-loader:{}{}", "a".repeat(235), "é".repeat(52));
+        assert_eq!(name.chars().count(), 300);
+        let (file, _map) = Memfd::create(&name, 64).expect("a memfd of a long name");
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", file.as_fd().as_raw_fd())).expect("its name");
+        let shown = link.to_string_lossy().into_owned();
+        // 13 + 235 bytes, and the é across byte 249 left out whole.
+        assert_eq!(shown, format!("/memfd:model-loader:{} (deleted)", "a".repeat(235)));
     }
 
     /// Tensors of three dtypes (three groups) read into one memfd: every view holds its file's

@@ -1,6 +1,6 @@
 //! The attach socket through the Rust client: a sharded model of mixed dtypes attaches, every
-//! tensor's bytes are the file's (checked against the fixture's sha256), in the model's own files
-//! mapped read-only; while attached the model cannot be unloaded without force, and after
+//! tensor's bytes are the file's (checked against the fixture's sha256), in one sealed memfd (its
+//! files could change: only immutable ones are mapped, see attach_files.rs); while attached the model cannot be unloaded without force, and after
 //! the client goes it can; a forced unload, and shutdown, close an attached client's connection.
 //! A model of more files than one message can pass descriptors for attaches too.
 
@@ -42,9 +42,9 @@ async fn attached_tensors_are_the_files_bytes_and_hold_the_model() {
     assert!(matches!(refused, attach::AttachError::Refused { code: 9, .. }), "{refused:?}");
     load_ok(&mut client, load("mixed")).await;
     let attached = attach(&socket, request("mixed")).await.expect("attaches");
-    // Loaded as stored from local files: the two shards themselves, mapped.
-    assert_eq!(attached.buffers().len(), 2, "one buffer per shard: {:?}", attached.buffers());
-    assert!(attached.buffers().iter().all(|b| b.kind() == pb::BufferKind::HostFile), "{:?}", attached.buffers());
+    // Loaded as stored from local files that could change: read into one memfd, not mapped.
+    assert_eq!(attached.buffers().len(), 1, "one memfd for the load: {:?}", attached.buffers());
+    assert!(attached.buffers().iter().all(|b| b.kind() == pb::BufferKind::HostMemfd), "{:?}", attached.buffers());
     assert_eq!(attached.status().map(|s| s.attached_clients), Some(1));
     let got: Vec<(String, String, Vec<u64>, String)> = attached
         .tensors()
