@@ -2,11 +2,9 @@
 //! dropped before the exit, the grace running out on a load that cannot stop, open Watch streams
 //! ended, and SIGHUP survived.
 //!
-//! "During shutdown" is made deterministic with a hub that accepts connections and never answers:
-//! a load of a repo id waits in step 2 for the hub's answer, which it does not give up on when
-//! cancelled (only at `--hf-timeout`), so the loader's shutdown cannot finish while it waits, and
-//! the server has not begun closing connections yet. Dropping that hub lets the load fail and the
-//! shutdown go on.
+//! "During shutdown" is made deterministic with a load converting one large tensor in step 7: one
+//! call that sees no cancel until it returns, so the loader's shutdown cannot finish while it
+//! runs, and the server has not begun closing connections yet.
 
 use std::{
     process::ExitStatus,
@@ -21,7 +19,6 @@ use tests::{
     hub::{Fault, HubRepo, TestHub},
     load, load_ok, open_load, read_until,
 };
-use tokio::{io::AsyncReadExt, net::TcpListener, sync::watch, task::JoinSet};
 use tokio_stream::StreamExt;
 use tonic::{Code, Streaming, transport::Channel};
 use tonic_health::pb::{
@@ -31,61 +28,6 @@ use tonic_health::pb::{
 /// The warn lines of `server::run` when the grace runs out.
 const LOADS_DID_NOT_END: &str = "loads did not end within the shutdown grace";
 const CONNECTIONS_STILL_OPEN: &str = "connections still open at the end of the shutdown grace; closing them";
-
-/// A "hub" that accepts every connection, reads the request head and never answers; the
-/// connections stay open until it is dropped (then they are closed and the port refuses).
-struct SilentHub {
-    url: String,
-    /// The request lines received so far.
-    requests: watch::Receiver<Vec<String>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl SilentHub {
-    async fn start() -> Self {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).await.expect("bind the silent hub");
-        let url = format!("http://{}", listener.local_addr().expect("its address"));
-        let (tx, requests) = watch::channel(Vec::new());
-        let task = tokio::spawn(async move {
-            // Dropped with the task: every connection is closed with it.
-            let mut connections = JoinSet::new();
-            loop {
-                let Ok((mut socket, _)) = listener.accept().await else { continue };
-                let tx = tx.clone();
-                connections.spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match socket.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let line = String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_owned();
-                    tx.send_modify(|r| r.push(line));
-                    // Holds the socket open, answering nothing.
-                    std::future::pending::<()>().await;
-                });
-            }
-        });
-        Self { url, requests, task }
-    }
-
-    /// Waits (bounded) until a request has come in; returns its request line.
-    async fn first_request(&mut self) -> String {
-        let requests = tokio::time::timeout(WAIT, self.requests.wait_for(|r| !r.is_empty()))
-            .await
-            .expect("the server asks the hub within the wait")
-            .expect("the silent hub runs");
-        requests[0].clone()
-    }
-}
-
-impl Drop for SilentHub {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
 
 /// Starts the binary on `model_root` with an empty HF cache in `cache` and the hub at `hub_url`
 /// (never offline, a hub timeout far beyond any wait here), plus `args`.
@@ -157,32 +99,25 @@ fn has_line(log: &[String], text: &str) -> bool {
 /// A LoadModel sent during shutdown, on an already-open connection, is refused with UNAVAILABLE
 /// by the server itself, and the load in flight ends with UNAVAILABLE.
 ///
-/// Deterministic: with `--max-concurrent-loads 1`, a load of a repo id holds the only slot while
-/// it waits for the silent hub in step 2; a local load queued behind it is the load in flight (it
-/// cannot finish). After SIGTERM, readiness turns NOT_SERVING (Watch stream) and the queued load's
-/// stream ends with UNAVAILABLE: the loader has set "shutting down" (it does before it cancels).
-/// The hub load keeps the loader's shutdown from finishing, so the server has not begun closing
-/// connections, and the new LoadModel reaches the service. Dropping the hub then lets shutdown end:
+/// Deterministic: with `--max-concurrent-loads 1`, a load converting one large tensor in step 7
+/// (one call that sees no cancel until it returns, seconds in the debug binary) holds the only
+/// slot; a local load queued behind it is the load in flight. After SIGTERM, readiness turns
+/// NOT_SERVING (Watch stream) and the queued load's stream ends with UNAVAILABLE: the loader has
+/// set "shutting down" (it does before it cancels). The conversion keeps the loader's shutdown
+/// from finishing, so the server has not begun closing connections, and the new LoadModel
+/// reaches the service. Once the tensor is converted the load sees the cancel and shutdown ends:
 /// the process exits 0 long before the (300 s) grace, with no grace warning.
 #[tokio::test]
 async fn a_load_during_shutdown_gets_unavailable() {
-    let (root, cache) = (tempfile::tempdir().expect("root"), tempfile::tempdir().expect("cache"));
+    let root = tempfile::tempdir().expect("root");
     fixture::single_file_model(&root.path().join("small"), &fixture::f32_tensors("w", 2, 256)).expect("fixture");
-    let mut hub = SilentHub::start().await;
-    let mut server = start_with_hub(
-        root.path(),
-        cache.path(),
-        &hub.url,
-        &["--max-concurrent-loads", "1", "--shutdown-grace", "300s"],
-    )
-    .await;
+    one_large_tensor(root.path());
+    let mut server = start_local(root.path(), &["--max-concurrent-loads", "1", "--shutdown-grace", "300s"]).await;
     let (health, mut readiness) = watch_readiness(&server, ServingStatus::Serving).await;
     let mut client = connect(server.addr).await;
 
-    let mut stuck = open_load(&mut client, load("org/stuck")).await;
-    read_until(&mut stuck, "org/stuck: step 2", |m| m.step == 2).await;
-    let request = hub.first_request().await;
-    assert!(request.contains("org/stuck"), "the load asks the hub about its repo: {request}");
+    let mut converting = open_load(&mut client, converted(LARGE)).await;
+    read_until(&mut converting, "large: step 7", |m| m.step == 7).await;
     let mut queued = open_load(&mut client, load("small")).await;
     read_until(&mut queued, "small: queued", |m| m.step == 1 && m.detail.starts_with("queued: ")).await;
 
@@ -194,7 +129,7 @@ async fn a_load_during_shutdown_gets_unavailable() {
     assert_eq!(status.message(), "the server is shutting down", "{status:?}");
     drop((readiness, health));
 
-    // Shutdown is in progress (the stuck load holds it): a new LoadModel, on the open connection.
+    // Shutdown is in progress (the conversion holds it): a new LoadModel, on the open connection.
     let refused = tokio::time::timeout(WAIT, client.load_model(load("small"))).await.expect("LoadModel answers");
     let status = refused.expect_err("a load during shutdown is refused");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
@@ -202,11 +137,9 @@ async fn a_load_during_shutdown_gets_unavailable() {
     let log = server.log();
     assert!(!log.iter().any(|l| l.ends_with(" shut down")), "still shutting down:\n{}", log.join("\n"));
 
-    // The hub goes away: the stuck load fails, and shutdown finishes well within its grace.
-    drop(hub);
-    let (_, end) = end_of(stuck).await;
-    let status = end.expect_err("the stuck load does not succeed");
-    assert_eq!(status.code(), Code::Unavailable, "the hub was unreachable: {status:?}");
+    // The conversion returns, the load sees the cancel, and shutdown finishes well within its grace.
+    let (_, end) = end_of(converting).await;
+    end.expect_err("the converting load does not succeed");
     let exit = server.wait_exit(WAIT).await;
     let log = log_after_exit_0(&server, exit).await;
     for warn in [LOADS_DID_NOT_END, CONNECTIONS_STILL_OPEN] {
@@ -309,20 +242,20 @@ async fn shutdown_unloads_every_loaded_model() {
     }
 }
 
-/// The grace runs out on a load that cannot stop: a load waiting in step 2 for a hub that never
-/// answers does not see the shutdown's cancel. With `--shutdown-grace 1s` the log says the loads
-/// did not end (and, as the load's stream is still open, that connections were closed), and the
-/// process still exits 0 soon after the grace; the load's stream ends with the connection.
+/// The grace runs out on a load that cannot stop in time: a load converting one large tensor in
+/// step 7 sees the shutdown's cancel only when the conversion returns. With `--shutdown-grace
+/// 100ms` the log says the loads did not end (and, as the load's stream is still open, that
+/// connections were closed), and the process still exits 0 soon after the grace; the load's
+/// stream ends with the connection.
 #[tokio::test]
 async fn the_grace_runs_out_on_a_load_that_cannot_stop() {
-    let (root, cache) = (tempfile::tempdir().expect("root"), tempfile::tempdir().expect("cache"));
-    let mut hub = SilentHub::start().await;
-    let grace = Duration::from_secs(1);
-    let mut server = start_with_hub(root.path(), cache.path(), &hub.url, &["--shutdown-grace", "1s"]).await;
+    let root = tempfile::tempdir().expect("root");
+    one_large_tensor(root.path());
+    let grace = Duration::from_millis(100);
+    let mut server = start_local(root.path(), &["--shutdown-grace", "100ms"]).await;
     let mut client = connect(server.addr).await;
-    let mut stuck = open_load(&mut client, load("org/stuck")).await;
-    read_until(&mut stuck, "org/stuck: step 2", |m| m.step == 2).await;
-    hub.first_request().await;
+    let mut converting = open_load(&mut client, converted(LARGE)).await;
+    read_until(&mut converting, "large: step 7", |m| m.step == 7).await;
 
     // Taken before the signal: the server's grace starts after this.
     let signalled = Instant::now();
@@ -333,9 +266,28 @@ async fn the_grace_runs_out_on_a_load_that_cannot_stop() {
     assert!(took >= grace, "the process waited for the grace ({took:?}):\n{}", log.join("\n"));
     let order = ["shutting down", LOADS_DID_NOT_END, CONNECTIONS_STILL_OPEN, " shut down"].map(|l| line_index(&log, l));
     assert!(order.is_sorted(), "lines in this order {order:?}:\n{}", log.join("\n"));
-    let (_, end) = end_of(stuck).await;
-    assert!(end.is_err(), "the stuck load's stream does not end well");
-    drop(hub);
+    let (_, end) = end_of(converting).await;
+    assert!(end.is_err(), "the converting load's stream does not end well");
+}
+
+/// The model of [`one_large_tensor`].
+const LARGE: &str = "large";
+
+/// A model of one F32 tensor of 2^27 elements (512 MiB) under `root`: converting it to BF16 in
+/// step 7 is one call that checks no cancellation, seconds long in the debug binary.
+fn one_large_tensor(root: &std::path::Path) {
+    fixture::single_file_model(&root.join(LARGE), &fixture::f32_tensors("w", 1, 1 << 27)).expect("fixture");
+}
+
+/// A LoadModel of `id` converting its floats to BF16.
+fn converted(id: &str) -> pb::LoadModelRequest {
+    pb::LoadModelRequest { dtype: Some("bf16".into()), ..load(id) }
+}
+
+/// The real binary serving the model root `root` offline, with `args`.
+async fn start_local(root: &std::path::Path, args: &[&str]) -> Binary {
+    let root = root.to_str().expect("a UTF-8 path");
+    Binary::start(&[&["--model-root", root, "--offline"], args].concat(), &[]).await
 }
 
 /// An open health Watch does not hold up shutdown: the readiness Watch reports only NOT_SERVING,
