@@ -30,8 +30,17 @@ pub const WAIT: Duration = Duration::from_secs(60);
 /// ```ignore
 /// tests::eventually!(get_model(&mut client, "m").await.attached_clients == 0, "the lease is never released");
 /// ```
+/// `eventually!(within LIMIT, …)` waits at most `LIMIT` instead: where the bound is what the test
+/// shows.
 #[macro_export]
 macro_rules! eventually {
+    (within $limit:expr, $cond:expr, $($message:tt)+) => {{
+        let deadline = tokio::time::Instant::now() + $limit;
+        while !$cond {
+            assert!(tokio::time::Instant::now() < deadline, $($message)+);
+            tokio::time::sleep($crate::POLL).await;
+        }
+    }};
     ($cond:expr, $($message:tt)+) => {{
         let deadline = tokio::time::Instant::now() + $crate::WAIT;
         while !$cond {

@@ -517,11 +517,7 @@ impl S3Proxy {
 
     /// Waits until `pred` holds of the counts (or fails the test after [`WAIT`]).
     pub async fn wait_until(&self, what: &str, pred: impl Fn(&Self) -> bool) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while !pred(self) {
-            assert!(tokio::time::Instant::now() < deadline, "the proxy never saw: {what}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        crate::eventually!(pred(self), "the proxy never saw: {what}");
     }
 }
 

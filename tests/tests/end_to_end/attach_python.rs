@@ -5,12 +5,7 @@
 //! without force is refused while it is attached; once it goes the unload works and the memory comes back;
 //! SIGKILL of a consumer releases its lease; 100 clients of one process attach at once.
 
-use std::{
-    collections::BTreeMap,
-    path::Path,
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, path::Path, process::Stdio, time::Duration};
 
 use proto::v1::{self as pb, model_loader_client::ModelLoaderClient};
 use serde_json::Value;
@@ -65,11 +60,7 @@ async fn attached_clients(client: &mut Client) -> u32 {
 }
 
 async fn wait_for_clients(client: &mut Client, want: u32) {
-    let deadline = Instant::now() + WAIT;
-    while attached_clients(client).await != want {
-        assert!(Instant::now() < deadline, "attached clients never became {want}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tests::eventually!(attached_clients(client).await == want, "attached clients never became {want}");
 }
 
 // One scenario, read top to bottom.
@@ -151,11 +142,10 @@ async fn a_python_process_maps_the_servers_memory() {
     assert!(unloaded.was_loaded);
     let cpu = cpu_resources(&mut client).await;
     assert_eq!((cpu.used_bytes, cpu.reserved_bytes), (0, 0), "{cpu:?}");
-    let deadline = Instant::now() + WAIT;
-    while loaded.saturating_sub(rss_bytes(Some(server.pid()))) < expected.bytes() * 9 / 10 {
-        assert!(Instant::now() < deadline, "the memfd's memory never came back");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tests::eventually!(
+        loaded.saturating_sub(rss_bytes(Some(server.pid()))) >= expected.bytes() * 9 / 10,
+        "the memfd's memory never came back"
+    );
 }
 
 /// The README's Attach section works as written: its `cargo run` line, run from the repository

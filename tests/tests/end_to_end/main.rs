@@ -2,6 +2,8 @@
 //! the deployment check, and real object stores (SeaweedFS, Azurite, WebDAV): one module per area,
 //! one binary. `just test` builds the binaries they start first.
 
+mod attach_bad_input;
+mod attach_files;
 mod attach_python;
 mod deploy;
 mod e2e;

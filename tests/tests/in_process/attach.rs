@@ -64,11 +64,7 @@ async fn attached_tensors_are_the_files_bytes_and_hold_the_model() {
     assert!(status.message().contains("1 attached clients"), "{status:?}");
     drop(attached);
     // The server sees the connection close at once, but asynchronously: wait for the lease to go.
-    let deadline = tokio::time::Instant::now() + tests::WAIT;
-    while client.unload_model(unload.clone()).await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "the lease is never released");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tests::eventually!(client.unload_model(unload.clone()).await.is_ok(), "the lease is never released");
 
     // A forced unload takes an attached model.
     load_ok(&mut client, load("mixed")).await;
@@ -121,11 +117,7 @@ async fn eviction_skips_an_attached_model() {
     assert_eq!(state(tests::get_model(&mut client, "b").await), (pb::ModelState::Unloaded, 0));
 
     drop(attached);
-    let deadline = tokio::time::Instant::now() + tests::WAIT;
-    while tests::get_model(&mut client, "a").await.attached_clients > 0 {
-        assert!(tokio::time::Instant::now() < deadline, "the lease is never released");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tests::eventually!(tests::get_model(&mut client, "a").await.attached_clients == 0, "the lease is never released");
     let messages = load_ok(&mut client, load("b")).await;
     assert!(messages.iter().any(|m| m.detail.starts_with("evicted a ")), "A goes once detached: {messages:?}");
     server.stop().await;

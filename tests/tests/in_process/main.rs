@@ -3,7 +3,6 @@
 //! the real binary, Python or an object store: `just test-fast` runs these.
 
 mod attach;
-mod attach_bad_input;
 mod bad_input;
 mod cancel_unload;
 mod concurrency;

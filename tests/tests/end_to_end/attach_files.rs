@@ -15,7 +15,6 @@ use std::{
     },
     path::{Path, PathBuf},
     process::Command,
-    time::Duration,
 };
 
 use attach::{AttachRequest, AttachResponse, wire};
@@ -279,15 +278,14 @@ async fn an_immutable_file_is_mapped_and_a_change_fails_the_model() {
     assert!(failed.error.contains("model.safetensors"), "{failed:?}");
     let closed = tokio::task::spawn_blocking(move || before.closed_by_server()).await.expect("task");
     assert!(closed, "the client attached before is let go");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let cpu = served.reader.get_resources(pb::GetResourcesRequest {}).await.expect("resources").into_inner();
-        if cpu.devices.iter().all(|d| d.used_bytes == 0) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "its memory never came back: {cpu:?}");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let mut last = None;
+    tests::eventually!(
+        last.insert(served.reader.get_resources(pb::GetResourcesRequest {}).await.expect("resources").into_inner())
+            .devices
+            .iter()
+            .all(|d| d.used_bytes == 0),
+        "its memory never came back: {last:?}"
+    );
 
     assert!(chattr("+i", &file));
     load(&mut served.admin).await.expect("loads again");

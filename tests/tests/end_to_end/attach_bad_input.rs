@@ -132,11 +132,7 @@ async fn connections_are_capped_and_a_thousand_clients_attach() {
         .expect("a thousand attach");
     assert_eq!(tests::get_model(&mut client, "m").await.attached_clients, 1000);
     drop(all);
-    let deadline = tokio::time::Instant::now() + tests::WAIT;
-    while tests::get_model(&mut client, "m").await.attached_clients > 0 {
-        assert!(tokio::time::Instant::now() < deadline, "leases are never released");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tests::eventually!(tests::get_model(&mut client, "m").await.attached_clients == 0, "leases are never released");
     healthy(&socket).await;
     server.stop().await;
 }
@@ -253,18 +249,17 @@ async fn a_forced_unload_ends_a_client_that_never_reads() {
     let mut stream = UnixStream::connect(&socket).expect("connect");
     stream.write_all(&frame(&request)).expect("write the request");
     // Never read: wait until the server holds the lease and is stuck writing its answer.
-    let deadline = tokio::time::Instant::now() + tests::WAIT;
-    while tests::get_model(&mut client, "wide").await.attached_clients == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "the client never gets its lease");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tests::eventually!(
+        tests::get_model(&mut client, "wide").await.attached_clients > 0,
+        "the client never gets its lease"
+    );
     let forced = proto::v1::UnloadModelRequest { model_id: "wide".into(), force: true };
     client.unload_model(forced).await.expect("forced unload");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while cpu_used(&mut client).await > idle {
-        assert!(tokio::time::Instant::now() < deadline, "the bytes are still booked 10 s after a forced unload");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tests::eventually!(
+        within Duration::from_secs(10),
+        cpu_used(&mut client).await <= idle,
+        "the bytes are still booked 10 s after a forced unload"
+    );
     // Only now read: whatever of the answer was sent, then the end.
     let rest = tokio::task::spawn_blocking(move || {
         stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
