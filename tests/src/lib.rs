@@ -27,7 +27,7 @@ pub const WAIT: Duration = Duration::from_secs(60);
 /// wait for something the server does asynchronously (a lease released, memory freed), after
 /// linkerd2-proxy's `assert_eventually!`.
 ///
-/// ```ignore
+/// ```text
 /// tests::eventually!(get_model(&mut client, "m").await.attached_clients == 0, "the lease is never released");
 /// ```
 /// `eventually!(within LIMIT, …)` waits at most `LIMIT` instead: where the bound is what the test
