@@ -425,29 +425,12 @@ mod tests {
         let data: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
         let path = dir.path().join("model.safetensors");
         std::fs::write(&path, &data).expect("write");
-        let tensor = |name: &str, dtype, offset: u64, len: u64| TensorPlan {
-            name: name.into(),
-            dtype,
-            shape: vec![(len as usize) / dtype.size_in_bytes()],
-            offset,
-            len,
-            is_bool: false,
-        };
         let tensors = vec![
             tensor("a", DType::U8, 0, 1001),
             tensor("b", DType::F32, 1004, 1000),
             tensor("c", DType::I64, 2008, 992),
         ];
-        let file = FilePlan { path: "model.safetensors".into(), tensors: tensors.clone() };
-        let plan = LoadPlan {
-            layout: Layout::SingleFile,
-            components: vec![ComponentPlan {
-                name: String::new(),
-                sample_size: None,
-                files: vec![file],
-                variant: None,
-            }],
-        };
+        let plan = plan_of(&tensors);
         // Not a local file (as a remote object is not): read into the memfd, not mapped.
         let files: Vec<Arc<dyn ReadAt>> = vec![Arc::new(Remote(File::open(&path).expect("open")))];
         let cancel = CancellationToken::new();
