@@ -15,7 +15,7 @@ use std::{
     },
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::Context;
@@ -32,7 +32,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
-use crate::{convert, status};
+use crate::{convert, status, throttle::LogThrottle};
 
 /// The attach socket's settings.
 #[derive(Debug, Clone)]
@@ -164,7 +164,7 @@ const ACCEPT_RETRY_MAX: Duration = Duration::from_secs(1);
 pub async fn serve(bound: Bound, config: AttachConfig, manager: Arc<ModelManager>, stop: CancellationToken) {
     let Bound { listener, made } = bound;
     let places = Arc::new(Places::new(max_connections(config.max_clients)));
-    let (mut retry, mut failures, mut logged) = (ACCEPT_RETRY, 0u64, None::<Instant>);
+    let (mut retry, mut failures, accept_log) = (ACCEPT_RETRY, 0u64, LogThrottle::default());
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -174,7 +174,7 @@ pub async fn serve(bound: Bound, config: AttachConfig, manager: Arc<ModelManager
                     let out_of_fds = [Errno::MFILE, Errno::NFILE].iter().any(|n| e.raw_os_error() == Some(n.raw_os_error()));
                     retry = if out_of_fds { (retry * 2).min(ACCEPT_RETRY_MAX) } else { ACCEPT_RETRY };
                     failures += 1;
-                    if log_now(&mut logged) {
+                    if accept_log.allow(LOG_EVERY) {
                         tracing::warn!(cause = %e, failures, retry = ?retry, "accepting attach connections fails; backing off");
                         failures = 0;
                     }
@@ -210,6 +210,8 @@ pub async fn serve(bound: Bound, config: AttachConfig, manager: Arc<ModelManager
 struct Places {
     max: usize,
     open: Mutex<Open>,
+    /// Replacements and refusals, logged once every [`LOG_EVERY`].
+    log: LogThrottle,
 }
 
 #[derive(Debug, Default)]
@@ -217,7 +219,6 @@ struct Open {
     next_id: u64,
     /// By age (ids grow): whether each is still waiting for its request, and its closer.
     connections: BTreeMap<u64, (bool, CancellationToken)>,
-    logged_at: Option<Instant>,
 }
 
 /// One connection's place, given back when dropped.
@@ -230,7 +231,7 @@ struct Place {
 
 impl Places {
     fn new(max: usize) -> Self {
-        Self { max, open: Mutex::new(Open::default()) }
+        Self { max, open: Mutex::new(Open::default()), log: LogThrottle::default() }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
@@ -245,7 +246,7 @@ impl Places {
                 replaced.cancel();
             }
             metrics::counter!("model_loader_attach_connections_replaced_total").increment(1);
-            if log_now(&mut open.logged_at) {
+            if self.log.allow(LOG_EVERY) {
                 tracing::info!(
                     max = self.max,
                     "attach connections at the cap: closing the one waiting longest for its request"
@@ -260,7 +261,7 @@ impl Places {
 
     /// Whether to log a refusal now (not within [`LOG_EVERY`] of the last line).
     fn log_now(&self) -> bool {
-        log_now(&mut self.lock().logged_at)
+        self.log.allow(LOG_EVERY)
     }
 }
 
@@ -277,15 +278,6 @@ impl Drop for Place {
     fn drop(&mut self) {
         self.places.lock().connections.remove(&self.id);
     }
-}
-
-/// Whether a rate-limited line may be logged now; if so, from now on not for [`LOG_EVERY`].
-fn log_now(logged_at: &mut Option<Instant>) -> bool {
-    if logged_at.is_some_and(|at| at.elapsed() < LOG_EVERY) {
-        return false;
-    }
-    *logged_at = Some(Instant::now());
-    true
 }
 
 /// One client: its request, the lease and the answer, then the open connection until the client

@@ -34,7 +34,7 @@ use tokio::{
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::tls::TlsAcceptor;
+use crate::{throttle::LogThrottle, tls::TlsAcceptor};
 
 /// What bounds the connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,12 +83,11 @@ impl ConnectionState {
 pub struct Registry {
     open: Mutex<HashMap<u64, Arc<ConnectionState>>>,
     next_id: AtomicU64,
-    /// When the cap was last logged: a flood of connections logs one line every [`LOG_EVERY`],
-    /// not one each.
-    logged_at: Mutex<Option<Instant>>,
+    /// A flood of connections logs the cap once every [`LOG_EVERY`], not once each.
+    cap_log: LogThrottle,
 }
 
-/// How often the connection cap is logged at most while it is hit.
+/// How often the connection cap, and `accept` failing, are logged at most.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl Registry {
@@ -127,13 +126,7 @@ impl Registry {
 
     /// Whether to log the cap now (not within [`LOG_EVERY`] of the last time).
     fn log_now(&self) -> bool {
-        let mut last = lock(&self.logged_at);
-        let now = Instant::now();
-        if last.is_some_and(|t| now < t + LOG_EVERY) {
-            return false;
-        }
-        *last = Some(now);
-        true
+        self.cap_log.allow(LOG_EVERY)
     }
 
     /// How many connections are open.
@@ -153,14 +146,17 @@ pub fn incoming(
 ) -> ReceiverStream<io::Result<Connection>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
+        let accept_log = LogThrottle::default();
         loop {
             let (socket, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
                         // Out of file descriptors, or the peer gave up before accept: wait a
-                        // little rather than spin, and go on.
-                        tracing::warn!(error = %e, "accepting a connection failed");
+                        // little rather than spin, and go on (logged once every LOG_EVERY).
+                        if accept_log.allow(LOG_EVERY) {
+                            tracing::warn!(error = %e, "accepting a connection failed");
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }

@@ -14,6 +14,7 @@ mod logs;
 pub mod metrics;
 mod service;
 mod status;
+mod throttle;
 mod tls;
 
 use std::{future::Future, sync::Arc};
