@@ -72,6 +72,9 @@ async fn text_logs_carry_the_span_with_one_step() {
     let mut client = connect(server.addr).await;
     let (_, end) = load_all(&mut client, load("demo/tiny-sd")).await;
     end.expect("the demo loads");
+    // The load's last line is written before its stream ends, but the log's reader may not have
+    // read it yet: wait for it.
+    server.wait_for_line(|l| l.contains("step=8/8")).await;
     let lines = server.log();
     let spans: Vec<&str> = lines
         .iter()
