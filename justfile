@@ -93,6 +93,14 @@ fuzz-smoke SECONDS="5":
     command -v cargo-fuzz >/dev/null || cargo install --locked --debug cargo-fuzz@0.13.2
     fuzz/run --smoke {{SECONDS}}
 
+# The man pages of `model-loader` (its flags, and one page per subcommand), rendered by
+# clap_mangen from the same definitions as `--help`: target/man/model-loader.1 and
+# model-loader-SUBCOMMAND.1 (`man -l target/man/model-loader.1`).
+man:
+    cargo build --locked -p server --bin model-loader
+    mkdir -p target/man
+    target/debug/model-loader man target/man
+
 # Rewrite the bundled demo model (deterministic; a test checks the committed files match).
 demo-model:
     cargo run --locked -p tests --bin make-demo-model -- models/demo/tiny-sd

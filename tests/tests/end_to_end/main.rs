@@ -5,6 +5,7 @@
 mod attach_bad_input;
 mod attach_files;
 mod attach_python;
+mod cli;
 mod deploy;
 mod e2e;
 mod hub_protocol;
