@@ -7,6 +7,14 @@
 //! imports the server's crates and holds no model logic of its own: nothing here reaches past the
 //! public gRPC API.
 
+/// `println!` that ends the command quietly (exit 0) when stdout is closed (`| head`), where
+/// `println!` would panic.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::print_line(format_args!($($arg)*))
+    };
+}
+
 mod exit;
 mod load;
 mod progress;
@@ -276,20 +284,33 @@ fn print_all<T: serde::Serialize>(output: Output, items: &[T], text: impl FnOnce
     if output == Output::Json {
         items.iter().for_each(print_json);
     } else {
-        text(items).iter().for_each(|line| println!("{line}"));
+        text(items).iter().for_each(|line| say!("{line}"));
     }
 }
 
 /// A JSON object or a line of text.
 fn print_one(output: Output, json: &serde_json::Value, text: &str) {
     if output == Output::Json {
-        println!("{json}");
+        say!("{json}");
     } else {
-        println!("{text}");
+        say!("{text}");
+    }
+}
+
+/// One line on stdout; a reader that went away ends the command.
+pub(crate) fn print_line(text: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = writeln!(stdout, "{text}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(i32::from(exit::OK));
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(i32::from(exit::OTHER));
     }
 }
 
 /// One JSON object on a line of stdout.
 pub(crate) fn print_json<T: serde::Serialize + ?Sized>(value: &T) {
-    println!("{}", serde_json::to_string(value).expect("a proto message or JSON value serialises"));
+    say!("{}", serde_json::to_string(value).expect("a proto message or JSON value serialises"));
 }

@@ -102,13 +102,13 @@ fn finished(
     match result {
         Ok(()) => {
             if output != Output::Json {
-                println!("{model_id}: LOADED");
+                say!("{model_id}: LOADED");
             }
             Ok(exit::OK)
         }
         Err(e) if e.code() == tonic::Code::Cancelled && phase == Phase::Cancelling => {
             if output != Output::Json {
-                println!("{model_id}: CANCELLED ({})", e.message());
+                say!("{model_id}: CANCELLED ({})", e.message());
             }
             Ok(exit::CANCELLED)
         }

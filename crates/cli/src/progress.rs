@@ -104,14 +104,14 @@ impl View {
                 let change = runs.follow(p);
                 let step = (p.step, p.detail.clone());
                 if last.as_ref() != Some(&step) {
-                    println!("{}", render::step_line(p));
+                    say!("{}", render::step_line(p));
                     *last = Some(step);
                 }
                 if let RunChange::Started(label) = change {
-                    println!("  {label}: {}", render::size(p.bytes_total));
+                    say!("  {label}: {}", render::size(p.bytes_total));
                 }
                 if p.bytes_total > 0 && p.bytes_done == p.bytes_total {
-                    println!("  done: {} of {}", render::size(p.bytes_done), render::size(p.bytes_total));
+                    say!("  done: {} of {}", render::size(p.bytes_done), render::size(p.bytes_total));
                 }
             }
             View::Live(live) => live.show(p),

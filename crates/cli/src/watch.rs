@@ -98,14 +98,14 @@ fn plain_line(event: &WatchEvent, last: &mut BTreeMap<String, (u32, String)>) {
             if !m.error.is_empty() {
                 line.push_str(&format!(": {} [{}]", m.error, m.error_kind));
             }
-            println!("{line}");
+            say!("{line}");
         }
         WatchEvent::Progress(progress) => {
             let p = progress.raw();
             let key = (p.step, p.detail.clone());
             let done = p.bytes_total > 0 && p.bytes_done == p.bytes_total;
             if last.get(&p.model_id) != Some(&key) || done {
-                println!("{} {}{}", p.model_id, render::step_line(p), if done { " [bytes done]" } else { "" });
+                say!("{} {}{}", p.model_id, render::step_line(p), if done { " [bytes done]" } else { "" });
                 last.insert(p.model_id.clone(), key);
             }
         }
