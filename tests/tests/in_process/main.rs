@@ -5,6 +5,7 @@
 mod attach;
 mod bad_input;
 mod cancel_unload;
+mod client;
 mod concurrency;
 mod dtype;
 mod facade;
