@@ -49,7 +49,7 @@ async fn load_streams_typed_progress_and_finishes_ok() {
         assert_eq!((p.message.as_str(), p.phase), (message, Phase::from(phase)), "{p:?}");
         assert_eq!((p.total, p.model_id.as_str(), p.raw().step), (8, "demo/tiny-sd", p.step));
     }
-    let read = progress.iter().filter(|p| p.bytes_total > 0).last().expect("byte progress");
+    let read = progress.iter().rfind(|p| p.bytes_total > 0).expect("byte progress");
     assert_eq!((read.phase, read.phase.to_string().as_str()), (Phase::Loading, "loading"));
     assert_eq!((read.bytes_done, read.bytes_total), (expected.bytes(), expected.bytes()));
 

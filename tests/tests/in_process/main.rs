@@ -8,6 +8,7 @@ mod cancel_unload;
 mod client;
 mod concurrency;
 mod dtype;
+mod error_kind;
 mod facade;
 mod fanout;
 mod hub_load;
