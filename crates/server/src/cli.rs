@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use crate::{attach::AttachConfig, connections::ConnectionLimits, tls::TlsFiles};
+use crate::{attach::AttachConfig, connections::ConnectionLimits, tls::TlsFiles, web::CorsOrigin};
 
 use clap::{Parser, ValueEnum, builder::PossibleValuesParser, builder::TypedValueParser as _};
 use model_manager::{
@@ -159,6 +159,12 @@ pub struct Cli {
     #[arg(long, env = "MODEL_LOADER_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
+    /// Browser pages of this origin (`https://host:port`) may call over gRPC-web (repeatable, or
+    /// comma-separated). Pages served by this server (the dashboard) need none [default: same
+    /// origin only].
+    #[arg(long, env = "MODEL_LOADER_CORS_ORIGIN", value_delimiter = ',')]
+    pub cors_origin: Vec<CorsOrigin>,
+
     /// gRPC connections open at once; when all are taken, a new one replaces the connection
     /// idle the longest (and is refused if none is idle).
     #[arg(long, env = "MODEL_LOADER_MAX_CONNECTIONS", default_value_t = ConnectionLimits::default().max_connections)]
@@ -168,7 +174,8 @@ pub struct Cli {
     #[arg(long, env = "MODEL_LOADER_IDLE_TIMEOUT", default_value = "300s", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
 
-    /// A connection must finish its TLS and HTTP/2 handshake within this.
+    /// A connection must finish its TLS handshake and send its first request (or HTTP/2
+    /// preface) within this.
     #[arg(long, env = "MODEL_LOADER_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
 
@@ -251,6 +258,8 @@ pub struct SecurityConfig {
     pub connections: ConnectionLimits,
     pub max_streams_per_connection: u32,
     pub max_watchers: usize,
+    /// Origins other than its own whose pages may call over gRPC-web.
+    pub cors_origins: Vec<CorsOrigin>,
 }
 
 impl Default for SecurityConfig {
@@ -262,6 +271,7 @@ impl Default for SecurityConfig {
             connections: ConnectionLimits::default(),
             max_streams_per_connection: 1024,
             max_watchers: 256,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -331,6 +341,7 @@ impl Cli {
                 },
                 max_streams_per_connection: self.max_streams_per_connection.max(1),
                 max_watchers: self.max_watchers.max(1),
+                cors_origins: self.cors_origin,
             },
         })
     }

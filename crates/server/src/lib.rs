@@ -1,5 +1,6 @@
-//! The `model-loader` server: the tonic service over the [`ModelManager`] facade, gRPC health and
-//! reflection, configuration from flags, logs, and graceful shutdown.
+//! The `model-loader` server: the tonic service over the [`ModelManager`] facade (gRPC, and
+//! gRPC-web for browsers on the same port), gRPC health and reflection, configuration from flags,
+//! logs, and graceful shutdown.
 //!
 //! This is the only crate that knows tonic's server side or parses flags. It holds no model
 //! logic: every request is converted, handed to the facade, and its answer converted back.
@@ -16,6 +17,7 @@ mod service;
 mod status;
 mod throttle;
 mod tls;
+pub mod web;
 
 use std::{future::Future, sync::Arc};
 
@@ -26,6 +28,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
+use tower::layer::util::{Identity, Stack};
 
 pub use crate::{
     cli::{Cli, LogFormat, SecurityConfig, ServerConfig},
@@ -101,24 +104,21 @@ pub async fn run(
     if tokens.is_none() && !addr.ip().is_loopback() {
         tracing::warn!(%addr, "listening beyond loopback without --auth-token-file: anyone who reaches it can load and unload models");
     }
-    let tls = security
-        .tls
-        .clone()
-        .map(tls::TlsAcceptor::new)
-        .transpose()
-        .context("TLS (--tls-cert, --tls-key, --tls-client-ca)")?;
+    let tls = tls::TlsAcceptor::for_flags(security.tls.clone())?;
     let connections = Arc::new(connections::Registry::default());
     let incoming =
         connections::incoming(listener, security.connections, tls.clone(), connections.clone(), root.child_token());
     let service = ModelLoaderServer::new(ModelLoaderService::new(manager.clone(), security.max_watchers))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let server = Server::builder()
+        // gRPC-web from browsers comes over HTTP/1.1 as often as HTTP/2.
+        .accept_http1(true)
         .max_concurrent_streams(Some(security.max_streams_per_connection))
         // Long streams (a load's progress, WatchModels) across proxies and NATs: pings keep the
         // connection's state alive and find a peer that vanished.
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .layer(tower::ServiceBuilder::new().layer(connections::CountRequests).layer(auth::RequireToken(tokens.clone())))
+        .layer(layers(tokens.clone(), &web::Origins::new(tls.is_some(), &security.cors_origins)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -169,6 +169,29 @@ pub async fn run(
     }
     tracing::info!("shut down");
     Ok(())
+}
+
+/// The layers in front of every service, outermost first.
+type Layers = tower::ServiceBuilder<
+    Stack<
+        auth::RequireToken,
+        Stack<
+            tonic_web::GrpcWebLayer,
+            Stack<tower_http::cors::CorsLayer, Stack<web::RequireOrigin, Stack<connections::CountRequests, Identity>>>,
+        >,
+    >,
+>;
+
+/// The layers in front of every service: connection accounting, then the browser's origin
+/// checks, gRPC-web's translation, and auth inside it (so a refusal reaches a browser as a
+/// gRPC-web status).
+fn layers(tokens: Option<auth::Tokens>, origins: &web::Origins) -> Layers {
+    tower::ServiceBuilder::new()
+        .layer(connections::CountRequests)
+        .layer(web::RequireOrigin(origins.clone()))
+        .layer(origins.cors())
+        .layer(tonic_web::GrpcWebLayer::new())
+        .layer(auth::RequireToken(tokens))
 }
 
 /// Both reflection versions, each knowing every service (grpcurl 1.8 speaks only v1alpha).
