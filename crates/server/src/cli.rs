@@ -165,6 +165,10 @@ pub struct Cli {
     #[arg(long, env = "MODEL_LOADER_CORS_ORIGIN", value_delimiter = ',')]
     pub cors_origin: Vec<CorsOrigin>,
 
+    /// Do not serve the dashboard page at `GET /` of the gRPC port (404 instead).
+    #[arg(long, env = "MODEL_LOADER_NO_DASHBOARD")]
+    pub no_dashboard: bool,
+
     /// gRPC connections open at once; when all are taken, a new one replaces the connection
     /// idle the longest (and is refused if none is idle).
     #[arg(long, env = "MODEL_LOADER_MAX_CONNECTIONS", default_value_t = ConnectionLimits::default().max_connections)]
@@ -260,6 +264,8 @@ pub struct SecurityConfig {
     pub max_watchers: usize,
     /// Origins other than its own whose pages may call over gRPC-web.
     pub cors_origins: Vec<CorsOrigin>,
+    /// Whether the dashboard page is served (without a token: its calls need one).
+    pub dashboard: bool,
 }
 
 impl Default for SecurityConfig {
@@ -272,6 +278,7 @@ impl Default for SecurityConfig {
             max_streams_per_connection: 1024,
             max_watchers: 256,
             cors_origins: Vec::new(),
+            dashboard: true,
         }
     }
 }
@@ -342,6 +349,7 @@ impl Cli {
                 max_streams_per_connection: self.max_streams_per_connection.max(1),
                 max_watchers: self.max_watchers.max(1),
                 cors_origins: self.cors_origin,
+                dashboard: !self.no_dashboard,
             },
         })
     }
@@ -426,6 +434,18 @@ mod tests {
         assert_eq!(cache(&[("HUGGINGFACE_HUB_CACHE", "/legacy"), ("HF_HOME", "/hf")]), Some("/legacy".into()));
         assert_eq!(cache(&[("HF_HUB_CACHE", "/new"), ("HUGGINGFACE_HUB_CACHE", "/legacy")]), Some("/new".into()));
         assert_eq!(cache(&[("HF_HOME", "/hf")]), Some("/hf/hub".into()));
+    }
+
+    /// The dashboard is on by default and `--no-dashboard` turns it off; `--cors-origin` takes a
+    /// list of origins and refuses anything else.
+    #[test]
+    fn web_flags() {
+        let web =
+            parse(&["--cors-origin", "https://a.example,http://b.example:8080", "--no-dashboard"]).expect("valid");
+        assert_eq!(web.security.cors_origins.len(), 2);
+        assert!(!web.security.dashboard);
+        assert!(parse(&[]).expect("valid").security.dashboard);
+        assert!(parse(&["--cors-origin", "a.example"]).expect_err("bad origin").contains("--cors-origin"));
     }
 
     /// Flags are validated into typed values; bad ones are refused with the flag's name.

@@ -10,6 +10,7 @@ mod auth;
 pub mod cli;
 pub mod connections;
 mod convert;
+mod dashboard;
 mod health;
 mod logs;
 pub mod metrics;
@@ -118,7 +119,7 @@ pub async fn run(
         // connection's state alive and find a peer that vanished.
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .layer(layers(tokens.clone(), &web::Origins::new(tls.is_some(), &security.cors_origins)))
+        .layer(layers(tokens.clone(), &web::Origins::new(tls.is_some(), &security.cors_origins), security.dashboard))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -177,17 +178,21 @@ type Layers = tower::ServiceBuilder<
         auth::RequireToken,
         Stack<
             tonic_web::GrpcWebLayer,
-            Stack<tower_http::cors::CorsLayer, Stack<web::RequireOrigin, Stack<connections::CountRequests, Identity>>>,
+            Stack<
+                tower_http::cors::CorsLayer,
+                Stack<web::RequireOrigin, Stack<dashboard::ServePage, Stack<connections::CountRequests, Identity>>>,
+            >,
         >,
     >,
 >;
 
-/// The layers in front of every service: connection accounting, then the browser's origin
-/// checks, gRPC-web's translation, and auth inside it (so a refusal reaches a browser as a
+/// The layers in front of every service: connection accounting, the dashboard page (GET), then
+/// the browser's origin checks, gRPC-web's translation, and auth inside it (so a refusal reaches a browser as a
 /// gRPC-web status).
-fn layers(tokens: Option<auth::Tokens>, origins: &web::Origins) -> Layers {
+fn layers(tokens: Option<auth::Tokens>, origins: &web::Origins, dashboard: bool) -> Layers {
     tower::ServiceBuilder::new()
         .layer(connections::CountRequests)
+        .layer(dashboard::ServePage(dashboard.then(dashboard::Page::embedded)))
         .layer(web::RequireOrigin(origins.clone()))
         .layer(origins.cors())
         .layer(tonic_web::GrpcWebLayer::new())

@@ -1,6 +1,7 @@
 //! gRPC-web on the gRPC port, driven by the real curl with gRPC-web framing (as a browser's
 //! client sends it): a unary call and the LoadModel stream over HTTP/1.1, HTTP/2 and TLS; pages
-//! of other origins refused unless `--cors-origin` allows them; auth enforced as on gRPC.
+//! of other origins refused unless `--cors-origin` allows them; auth enforced as on gRPC. And the
+//! dashboard page at `GET /`: the committed bundle, its ETag and 304, and `--no-dashboard`.
 
 use std::path::Path;
 
@@ -256,4 +257,60 @@ async fn grpc_web_over_tls_negotiates_http1_and_h2() {
         assert_eq!(reply.version, version, "ALPN gave {protocol}'s protocol");
         assert_eq!((reply.status, reply.grpc_status().as_str()), (200, "0"), "{protocol}: {reply:?}");
     }
+}
+
+/// A file of the committed bundle, as the binary embeds it.
+fn bundle_file(name: &str) -> Vec<u8> {
+    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../web/dist").join(name)).expect("the committed bundle")
+}
+
+/// `GET /` serves the committed page without a token even with auth on, with a strong ETag that
+/// is its SHA-256, `Cache-Control: no-cache` and a strict CSP; `If-None-Match` with that ETag is
+/// 304 with no body; the script is its own file, served as JavaScript; unknown paths are 404.
+#[tokio::test]
+async fn the_page_is_served_with_a_content_hash_etag_and_revalidated() {
+    let root = model_root();
+    let tokens = root.path().join("tokens");
+    std::fs::write(&tokens, "admin:page-admin-1\n").expect("tokens");
+    let server =
+        Binary::start(&["--model-root", path(root.path()), "--offline", "--auth-token-file", path(&tokens)], &[]).await;
+    let base = format!("http://{}", server.addr);
+
+    let page = curl(&[&format!("{base}/")]).await;
+    assert_eq!(page.status, 200, "{page:?}");
+    assert_eq!(page.body, bundle_file("index.html"), "the embedded page is the committed one");
+    assert_eq!(page.header("content-type"), Some("text/html; charset=utf-8"));
+    let etag = format!("\"{}\"", hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&page.body)));
+    assert_eq!(page.header("etag"), Some(etag.as_str()), "a strong ETag: the content's hash");
+    assert_eq!(page.header("cache-control"), Some("no-cache"));
+    let csp = page.header("content-security-policy").expect("a CSP");
+    assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'"), "{csp}");
+    assert!(!csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"), "{csp}");
+
+    let again = curl(&["-H", &format!("if-none-match: {etag}"), &format!("{base}/")]).await;
+    assert_eq!((again.status, again.body.len()), (304, 0), "{again:?}");
+    assert_eq!(again.header("etag"), Some(etag.as_str()));
+    let stale = curl(&["-H", "if-none-match: \"an-older-page\"", &format!("{base}/")]).await;
+    assert_eq!(stale.status, 200, "another ETag gets the page");
+
+    let script = curl(&["--http2-prior-knowledge", &format!("{base}/app.js")]).await;
+    assert_eq!((script.status, script.header("content-type")), (200, Some("text/javascript; charset=utf-8")));
+    assert_eq!(script.body, bundle_file("app.js"));
+    assert_ne!(script.header("etag"), Some(etag.as_str()), "each file has its own hash");
+    assert_eq!(curl(&[&format!("{base}/secrets.txt")]).await.status, 404);
+}
+
+/// With --no-dashboard, `GET /` and the assets are 404, and gRPC-web still answers.
+#[tokio::test]
+async fn no_dashboard_turns_the_page_off() {
+    let root = model_root();
+    let server = Binary::start(&["--model-root", path(root.path()), "--offline", "--no-dashboard"], &[]).await;
+    let base = format!("http://{}", server.addr);
+    for file in ["", "app.js"] {
+        let reply = curl(&[&format!("{base}/{file}")]).await;
+        assert_eq!(reply.status, 404, "/{file}: {reply:?}");
+        assert!(String::from_utf8_lossy(&reply.body).contains("--no-dashboard"), "the 404 says why");
+    }
+    let empty = frame_file(root.path(), "empty", &pb::GetResourcesRequest::default());
+    assert_eq!(grpc_web(&base, RESOURCES, &empty, &["--http1.1"]).await.grpc_status(), "0");
 }
