@@ -160,8 +160,8 @@ pub struct Cli {
     pub tls_client_ca: Option<PathBuf>,
 
     /// Browser pages of this origin (`https://host:port`) may call over gRPC-web (repeatable, or
-    /// comma-separated). Pages served by this server (the dashboard) need none [default: same
-    /// origin only].
+    /// comma-separated). The dashboard needs none when opened by IP address or localhost; opened
+    /// by a DNS name, list that origin (a defence against DNS rebinding) [default: same origin].
     #[arg(long, env = "MODEL_LOADER_CORS_ORIGIN", value_delimiter = ',')]
     pub cors_origin: Vec<CorsOrigin>,
 

@@ -7,6 +7,10 @@
 //! (a `no-cors` POST, which would otherwise reach the service and act, though its page could not
 //! read the answer). Requests without `Origin` (grpcurl, tonic, curl) are not browsers' and pass.
 //! Allowed origins get their CORS headers from tower-http's `CorsLayer`.
+//!
+//! The server's own origin counts only when the page reached it by IP address or `localhost`:
+//! a page of a DNS name that an attacker points at this address (DNS rebinding) would otherwise
+//! be "same origin" with it. Reached by a DNS name, the name's origin goes in `--cors-origin`.
 
 use std::{
     future::Future,
@@ -64,7 +68,9 @@ impl Origins {
     fn allows(&self, origin: &HeaderValue, host: Option<&str>) -> bool {
         let Ok(origin) = origin.to_str() else { return false };
         let origin = origin.to_ascii_lowercase();
-        let own = host.is_some_and(|host| origin == format!("{}://{}", self.scheme, host.to_ascii_lowercase()));
+        let own = host
+            .filter(|host| by_address(host))
+            .is_some_and(|host| origin == format!("{}://{}", self.scheme, host.to_ascii_lowercase()));
         own || self.allowed.iter().any(|a| a.0 == origin)
     }
 
@@ -93,6 +99,13 @@ impl Origins {
             ])
             .max_age(Duration::from_secs(600))
     }
+}
+
+/// Whether `host` (`name[:port]`) is an IP address or `localhost`, which no DNS answer can move.
+fn by_address(host: &str) -> bool {
+    let Ok(authority) = host.parse::<http::uri::Authority>() else { return false };
+    let name = authority.host().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+    name.parse::<std::net::IpAddr>().is_ok() || name == "localhost"
 }
 
 /// The host a request was sent to.
@@ -185,6 +198,11 @@ mod tests {
         assert!(!plain.allows(&origin("https://evil.example.com"), Some("127.0.0.1:50051")));
         assert!(!plain.allows(&origin("null"), Some("127.0.0.1:50051")));
         assert!(!plain.allows(&origin("http://127.0.0.1:50051"), None), "no host: not the own origin");
-        assert!(Origins::new(true, &[]).allows(&origin("https://host:1"), Some("host:1")));
+        assert!(Origins::new(true, &[]).allows(&origin("https://localhost:1"), Some("localhost:1")));
+        assert!(plain.allows(&origin("http://[::1]:50051"), Some("[::1]:50051")));
+        let rebound = origin("http://attacker.example:50051");
+        assert!(!plain.allows(&rebound, Some("attacker.example:50051")), "a DNS name is not trusted as own");
+        let named = Origins::new(false, &["http://attacker.example:50051".parse().expect("valid")]);
+        assert!(named.allows(&rebound, Some("attacker.example:50051")), "unless listed");
     }
 }

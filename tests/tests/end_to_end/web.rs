@@ -160,8 +160,8 @@ async fn grpc_web_answers_a_unary_call_and_streams_a_load_to_8_of_8() {
     assert_eq!(tests::state_of(&mut client, "small").await, pb::ModelState::Loaded);
 }
 
-/// A page of another origin is refused with 403, its preflight and its request alike, and its
-/// request does nothing; an origin given with --cors-origin gets its CORS headers and its answer;
+/// A page of another origin (or of a DNS name rebound to the server) is refused with 403, its
+/// preflight and its request alike, and its request does nothing; an origin given with --cors-origin gets its CORS headers and its answer;
 /// the server's own origin (the dashboard's) needs no flag.
 #[tokio::test]
 async fn other_origins_are_refused_unless_allowed() {
@@ -193,6 +193,11 @@ async fn other_origins_are_refused_unless_allowed() {
     let refused = grpc_web(&base, LOAD, &load, &["--http1.1", "-H", "origin: http://evil.example"]).await;
     assert_eq!(refused.status, 403, "{refused:?}");
     assert!(String::from_utf8_lossy(&refused.body).contains("--cors-origin"), "the refusal says what to do");
+    // DNS rebinding: a page of a name pointed at this server is "same origin" by Host, yet refused.
+    let rebound = format!("attacker.example:{}", server.addr.port());
+    let (host, origin) = (format!("host: {rebound}"), format!("origin: http://{rebound}"));
+    let refused = grpc_web(&base, LOAD, &load, &["--http1.1", "-H", &host, "-H", &origin]).await;
+    assert_eq!(refused.status, 403, "a DNS name is not the server's own origin unless listed: {refused:?}");
     let mut client = connect(server.addr).await;
     assert_eq!(tests::state_of(&mut client, "small").await, pb::ModelState::Unloaded, "a refused request does nothing");
 
