@@ -242,7 +242,7 @@ async fn auth_applies_to_grpc_web() {
 }
 
 /// Over TLS the port offers HTTP/1.1 by ALPN as well as h2: curl negotiates each, and gRPC-web
-/// answers on both.
+/// and the page answer on both.
 #[tokio::test]
 async fn grpc_web_over_tls_negotiates_http1_and_h2() {
     let root = model_root();
@@ -261,6 +261,8 @@ async fn grpc_web_over_tls_negotiates_http1_and_h2() {
         let reply = grpc_web(&base, RESOURCES, &empty, &[protocol, "--cacert", path(&ca)]).await;
         assert_eq!(reply.version, version, "ALPN gave {protocol}'s protocol");
         assert_eq!((reply.status, reply.grpc_status().as_str()), (200, "0"), "{protocol}: {reply:?}");
+        let page = curl(&[protocol, "--cacert", path(&ca), &format!("{base}/")]).await;
+        assert_eq!((page.version.as_str(), page.status), (version, 200), "the page over {protocol}");
     }
 }
 
