@@ -89,15 +89,28 @@ def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def server(model_root: Path, tmp_path: Path) -> Iterator[Server]:
+def start_server(model_root: Path, tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Starts servers on free ports (with extra flags), stopped at the test's end."""
     assert BINARY.exists(), "build the server first: cargo build --locked -p server --bin model-loader"
-    port = free_port()
-    # One read thread: the big load takes long enough to be cancelled by a click.
-    args = ["--listen", f"127.0.0.1:{port}", "--model-root", str(model_root), "--read-threads", "1"]
-    s = Server(url=f"http://127.0.0.1:{port}/", args=args, log=tmp_path / "server.log")
-    s.start()
-    yield s
-    s.stop()
+    started: list[Server] = []
+
+    def start(*extra: str) -> Server:
+        port = free_port()
+        # One read thread: the big load takes long enough to be cancelled by a click.
+        args = ["--listen", f"127.0.0.1:{port}", "--model-root", str(model_root), "--read-threads", "1", *extra]
+        s = Server(url=f"http://127.0.0.1:{port}/", args=args, log=tmp_path / f"server-{port}.log")
+        started.append(s)
+        s.start()
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture
+def server(start_server: Callable[..., Server]) -> Server:
+    return start_server()
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,8 @@ memory bars, two tabs live, a reconnect after a restart; a screenshot mid-load."
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from playwright.sync_api import Page, expect
@@ -66,7 +68,8 @@ def test_cancel_a_slow_load_from_the_form(context: Any, server: Server) -> None:
 
     big = card(first, "big")
     expect(big).to_have_attribute("data-state", "LOADING", timeout=TIMEOUT_MS)
-    expect(big.locator(".byte-label")).to_have_text(re.compile(r" of 768 MiB"), timeout=TIMEOUT_MS)
+    # Mid-load with a rate and an ETA: the screenshot the README shows.
+    expect(big.locator(".byte-label")).to_have_text(re.compile(r" of 768 MiB · .*/s · about .* left"), timeout=TIMEOUT_MS)
     expect(card(second, "big").locator(".byte-bar")).to_be_visible(timeout=TIMEOUT_MS)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     first.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
@@ -110,3 +113,35 @@ def test_page_fits_400_px_and_reloads_fast_enough_to_measure(context: Any, serve
         times.append(page.evaluate("performance.getEntriesByName('models-rendered')[0].startTime"))
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "reload-ms.txt").write_text(" ".join(f"{t:.0f}" for t in times) + "\n")
+
+
+def test_with_auth_the_page_asks_for_a_token_kept_in_the_tab(context: Any, start_server: Callable[..., Server],
+                                                              tmp_path: Path) -> None:
+    """With --auth-token-file the page asks for a token, uses it as a bearer token, keeps it in
+    sessionStorage only; a read token may watch but Load is refused with PERMISSION_DENIED."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("admin:admin-secret-token\nread:read-secret-token\n")
+    server = start_server("--auth-token-file", str(tokens))
+    page = context.new_page()
+    page.goto(server.url)
+    expect(page.locator("#connection")).to_have_text("The server wants a token.", timeout=TIMEOUT_MS)
+    page.get_by_label("Token").fill("read-secret-token")
+    page.get_by_role("button", name="Use token").click()
+    expect(page.locator("#connection")).to_have_text("Live.", timeout=TIMEOUT_MS)
+    expect(card(page, DEMO)).to_have_attribute("data-state", "UNLOADED")
+    assert page.evaluate("sessionStorage.getItem('model-loader-token')") == "read-secret-token"
+    assert page.evaluate("localStorage.length") == 0
+
+    page.get_by_role("button", name=f"Load {DEMO}").click()
+    expect(page.locator("#action")).to_have_text(re.compile(r"^Load demo/tiny-sd failed: PERMISSION_DENIED: "),
+                                                 timeout=TIMEOUT_MS)
+
+    # Another tab of the same browser has its own sessionStorage: it asks again.
+    other = context.new_page()
+    other.goto(server.url)
+    expect(other.locator("#connection")).to_have_text("The server wants a token.", timeout=TIMEOUT_MS)
+    other.get_by_label("Token").fill("admin-secret-token")
+    other.get_by_role("button", name="Use token").click()
+    other.get_by_role("button", name=f"Load {DEMO}").click()
+    expect(card(other, DEMO)).to_have_attribute("data-state", "LOADED", timeout=TIMEOUT_MS)
+    expect(card(page, DEMO)).to_have_attribute("data-state", "LOADED", timeout=TIMEOUT_MS)
