@@ -2,7 +2,7 @@
 // Unload, and the memory of each device. Only the public gRPC API, over gRPC-web.
 
 import { type Api, Code, code, connect, describe, setToken, token } from "./api.js";
-import type { ModelStatus } from "./gen/modelloader/v1/model_loader_pb.js";
+import { ModelState, type ModelStatus } from "./gen/modelloader/v1/model_loader_pb.js";
 import { duration } from "./format.js";
 import { renderDevices } from "./memory.js";
 import { type Actions, ModelCard, stateName } from "./model.js";
@@ -143,6 +143,24 @@ async function follow(onLive: () => void): Promise<void> {
   }
 }
 
+/**
+ * Attaching and detaching are no WatchModels event, so the list is asked again every few seconds
+ * for the attached clients. A listed status replaces the card's only when its state is the one
+ * the card shows (and not a load in flight): the watch stays the word on every change.
+ */
+async function refreshAttached(): Promise<void> {
+  try {
+    for (const m of await listAll()) {
+      const c = cards.get(m.modelId);
+      if (c && c.status.state === m.state && m.state !== ModelState.LOADING && c.status.attachedClients !== m.attachedClients) {
+        c.setStatus(m);
+      }
+    }
+  } catch {
+    // The watch reports a lost connection.
+  }
+}
+
 /** Follows the server for ever, reconnecting with backoff (0.5 s doubling to 10 s). */
 async function stayConnected(): Promise<void> {
   let attempt = 0;
@@ -210,6 +228,9 @@ function wireForms(): void {
 wireForms();
 if (token() === null) byId<HTMLFormElement>("token-form").hidden = true;
 void stayConnected();
+setInterval(() => {
+  if (connection.dataset.state === "live" && document.visibilityState === "visible") void refreshAttached();
+}, 5000);
 // For the browser tests and people's consoles: the state of every model as the page shows it.
 (window as unknown as { modelStates: () => Record<string, string> }).modelStates = () =>
   Object.fromEntries([...cards].map(([id, c]) => [id, stateName(c.status.state)]));

@@ -1,7 +1,7 @@
 // One model's card in the list: built once, then updated in place on every event, so a button
 // that has the keyboard's focus keeps it while the numbers change.
 
-import { type ModelLoadProgress, ModelSource, ModelState, type ModelStatus } from "./gen/modelloader/v1/model_loader_pb.js";
+import { ModelLoadPhase, type ModelLoadProgress, ModelSource, ModelState, type ModelStatus } from "./gen/modelloader/v1/model_loader_pb.js";
 import { byteProgress, bytes, Rate } from "./format.js";
 
 /** What a card's buttons ask for; the page makes the calls. */
@@ -153,7 +153,8 @@ export class ModelCard {
     this.progress.hidden = !show;
     if (!show || !p) return;
     const total = p.total || 8;
-    this.stepLabel.textContent = `step ${p.step}/${total} ${p.message}`;
+    const phase = p.phase === ModelLoadPhase.UNSPECIFIED ? "" : ` (${(ModelLoadPhase[p.phase] ?? "").toLowerCase()} phase)`;
+    this.stepLabel.textContent = `step ${p.step}/${total} ${p.message}${phase}`;
     this.stepBar.max = total;
     this.stepBar.value = p.step;
     const moving = p.bytesTotal > 0n && s.state === ModelState.LOADING;

@@ -145,3 +145,32 @@ def test_with_auth_the_page_asks_for_a_token_kept_in_the_tab(context: Any, start
     other.get_by_role("button", name=f"Load {DEMO}").click()
     expect(card(other, DEMO)).to_have_attribute("data-state", "LOADED", timeout=TIMEOUT_MS)
     expect(card(page, DEMO)).to_have_attribute("data-state", "LOADED", timeout=TIMEOUT_MS)
+
+
+def test_unload_of_an_attached_model_asks_then_forces(context: Any, start_server: Callable[..., Server],
+                                                      tmp_path: Path) -> None:
+    """A model with an attached client shows the count and a Force unload button; dismissing the
+    confirmation leaves it LOADED, accepting it unloads with force and closes the client."""
+    from model_loader import attach
+
+    sock = tmp_path / "attach.sock"
+    server = start_server("--attach-socket", str(sock))
+    page = open_page(context, server)
+    with attach(DEMO, sock, load_if_needed=True) as client:
+        demo = card(page, DEMO)
+        expect(demo).to_have_attribute("data-state", "LOADED", timeout=TIMEOUT_MS)
+        expect(demo.locator(".facts")).to_contain_text(re.compile(r"attached clients\s*1$"), timeout=TIMEOUT_MS)
+        button = page.get_by_role("button", name=f"Unload {DEMO}")
+        expect(button).to_have_text("Force unload")
+
+        asked: list[str] = []
+        page.once("dialog", lambda d: (asked.append(d.message), d.dismiss()))
+        button.click()
+        eventually(lambda: len(asked) == 1, "the confirmation")
+        assert "1 attached client" in asked[0], asked
+        expect(demo).to_have_attribute("data-state", "LOADED")
+
+        page.once("dialog", lambda d: d.accept())
+        button.click()
+        expect(demo).to_have_attribute("data-state", "UNLOADED", timeout=TIMEOUT_MS)
+        assert client.wait_closed(timeout=30), "the forced unload closes the attached client"
