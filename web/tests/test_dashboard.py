@@ -33,7 +33,11 @@ def seen(page: Page, model_id: str) -> list[str]:
 
 def test_load_shows_every_step_in_both_tabs_then_unload(context: Any, server: Server) -> None:
     """Load on the demo model shows the step bar pass step 4 and reach 8/8 in the tab that
-    clicked and in a second tab; the memory bar counts it; Unload in the second tab empties both."""
+    clicked and in a second tab; the memory bar counts it; Unload in the second tab empties both.
+    No console error on the way (a Content-Security-Policy violation would be one)."""
+    errors: list[str] = []
+    context.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    context.on("weberror", lambda e: errors.append(str(e.error)))
     first, second = open_page(context, server), open_page(context, server)
     expect(card(first, DEMO)).to_have_attribute("data-state", "UNLOADED")
 
@@ -56,6 +60,7 @@ def test_load_shows_every_step_in_both_tabs_then_unload(context: Any, server: Se
         expect(card(page, DEMO)).to_have_attribute("data-state", "UNLOADED", timeout=TIMEOUT_MS)
         expect(page.get_by_role("button", name=f"Load {DEMO}")).to_be_visible()
     expect(second.locator("#action")).to_have_text(f"Unloaded {DEMO}.")
+    assert errors == [], errors
 
 
 def test_cancel_a_slow_load_from_the_form(context: Any, server: Server) -> None:
