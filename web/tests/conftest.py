@@ -77,7 +77,8 @@ class Server:
 
 @pytest.fixture(scope="session")
 def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bundled demo model, and `big`: one large f32 tensor, slow to load as bf16."""
+    """The bundled demo model; `big`: one large f32 tensor, slow to load as bf16; `broken`: a
+    truncated safetensors file."""
     root = tmp_path_factory.mktemp("models")
     shutil.copytree(REPO / "models" / "demo" / "tiny-sd", root / "demo" / "tiny-sd")
     big = root / "big"
@@ -85,6 +86,12 @@ def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (big / "config.json").write_text('{"model_type": "test"}')
     weights = np.random.default_rng(7).standard_normal(BIG_BYTES // 4, dtype=np.float32)
     save_file({"w": weights.reshape(-1, 1024)}, str(big / "model.safetensors"))
+    # `broken`: a safetensors header that promises more bytes than the file holds.
+    broken = root / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "test"}')
+    header = b'{"w":{"dtype":"F32","shape":[1024],"data_offsets":[0,4096]}}'
+    (broken / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
     return root
 
 

@@ -179,3 +179,15 @@ def test_unload_of_an_attached_model_asks_then_forces(context: Any, start_server
         button.click()
         expect(demo).to_have_attribute("data-state", "UNLOADED", timeout=TIMEOUT_MS)
         assert client.wait_closed(timeout=30), "the forced unload closes the attached client"
+
+
+def test_a_failed_load_shows_its_error_in_every_tab(context: Any, server: Server) -> None:
+    """Loading a corrupt model leaves it FAILED with the server's message (and its kind) on the
+    card, in the tab that clicked and in another; Load stays offered to retry."""
+    first, second = open_page(context, server), open_page(context, server)
+    first.get_by_role("button", name="Load broken").click()
+    for page in (first, second):
+        broken = card(page, "broken")
+        expect(broken).to_have_attribute("data-state", "FAILED", timeout=TIMEOUT_MS)
+        expect(broken.locator(".error")).to_have_text(re.compile(r"^Last error.*: .*model\.safetensors"))
+        expect(page.get_by_role("button", name="Load broken")).to_be_visible()
