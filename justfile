@@ -26,9 +26,10 @@ test:
     # the attach tests, against the server.
     python3 -c "import model_loader, pytest" || { echo 'pip install "./clients/python[grpc,tqdm,test]"' >&2; exit 1; }
     python3 -m pytest -q clients/python/tests
-    cargo test --locked --workspace --no-fail-fast
+    # The dashboard: its committed bundle against its sources, then the page in headless Chromium.
     just web-check
     just web-test
+    cargo test --locked --workspace --no-fail-fast
 
 # The dashboard page (web/): npm ci, the TypeScript client generated from the proto into
 # web/src/gen, and the esbuild bundle into web/dist (both committed; the server embeds web/dist).
