@@ -65,7 +65,7 @@ async function load(id: string, device = "", dtype = ""): Promise<void> {
     );
     // Its messages are not shown: the watch brings the same ones, in order with the statuses.
     for await (const p of stream) {
-      say(p.step >= p.total ? `${id} is loaded.` : `The server is loading ${id}.`);
+      say(p.step >= p.total ? `${id} is loaded.` : `The server took the load of ${id}.`);
       stop.abort();
       break;
     }

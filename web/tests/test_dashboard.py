@@ -47,6 +47,8 @@ def test_load_shows_every_step_in_both_tabs_then_unload(context: Any, server: Se
         expect(card(page, DEMO)).to_have_attribute("data-state", "LOADED", timeout=TIMEOUT_MS)
         expect(card(page, DEMO).locator(".step-label")).to_have_text(re.compile(r"^step 8/8 "))
         expect(card(page, DEMO).locator("progress.step-bar")).to_have_attribute("value", "8")
+        # A loaded model keeps its last step but no byte figures.
+        expect(card(page, DEMO).locator(".byte-label")).to_be_hidden()
         steps = seen(page, DEMO)
         assert any(s.startswith("step 4/8 Loading model weights") for s in steps), steps
         assert steps[-1].startswith("step 8/8"), steps
@@ -83,7 +85,7 @@ def test_cancel_a_slow_load_from_the_form(context: Any, server: Server) -> None:
     for page in (first, second):
         expect(card(page, "big")).to_have_attribute("data-state", "UNLOADED", timeout=TIMEOUT_MS)
         expect(card(page, "big").locator(".outcome")).to_have_text(re.compile(r"^CANCELLED: the load stopped at step [4-7]/8"))
-        expect(card(page, "big").locator("progress.byte-bar")).to_be_hidden()
+        expect(card(page, "big").locator(".progress")).to_be_hidden()
     expect(first.locator("#action")).to_have_text("Cancelled the load of big.")
     # Nothing stays booked for the cancelled load.
     expect(first.locator('.device[data-device="cpu"] .summary')).to_contain_text("reserved 0 B", timeout=TIMEOUT_MS)
