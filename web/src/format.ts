@@ -16,7 +16,7 @@ export function bytes(n: bigint | number): string {
 
 /** Seconds as `42 s`, `3 min 5 s`, `1 h 2 min`. */
 export function duration(seconds: number): string {
-  const s = Math.max(0, Math.round(seconds));
+  const s = Math.max(0, Math.ceil(seconds));
   if (s < 60) return `${s} s`;
   if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
   return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
@@ -48,7 +48,7 @@ export class Rate {
       return 0;
     }
     const dt = (now - this.lastTime) / 1000;
-    if (dt >= 0.2 && done > this.lastBytes) {
+    if (dt >= 0.1 && done > this.lastBytes) {
       const instant = (done - this.lastBytes) / dt;
       this.perSecond = this.perSecond === 0 ? instant : 0.7 * this.perSecond + 0.3 * instant;
       this.lastBytes = done;

@@ -50,6 +50,7 @@ class Server:
     """A running `model-loader` and how to start it again on the same port."""
 
     url: str
+    model_root: Path
     args: list[str]
     log: Path
     process: subprocess.Popen[bytes] | None = None
@@ -105,7 +106,7 @@ def start_server(model_root: Path, tmp_path: Path) -> Iterator[Callable[..., Ser
         port = free_port()
         # One read thread: the big load takes long enough to be cancelled by a click.
         args = ["--listen", f"127.0.0.1:{port}", "--model-root", str(model_root), "--read-threads", "1", *extra]
-        s = Server(url=f"http://127.0.0.1:{port}/", args=args, log=tmp_path / f"server-{port}.log")
+        s = Server(url=f"http://127.0.0.1:{port}/", model_root=model_root, args=args, log=tmp_path / f"server-{port}.log")
         started.append(s)
         s.start()
         return s
