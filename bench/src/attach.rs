@@ -7,8 +7,8 @@
 use std::{collections::HashMap, path::Path, process::Command};
 
 use anyhow::Context;
+use fixtures::fixture::Expected;
 use serde::Deserialize;
-use tests::fixture::Expected;
 
 use crate::{models::Model, peers::json_of, server, stats::median};
 
@@ -48,36 +48,33 @@ pub async fn run(
     let socket = std::path::absolute(work.join("attach.sock"))?;
     let plain = server::start(exe, root, &[]).await;
     let exportable = server::start(exe, root, &["--attach-socket", socket.to_str().context("a UTF-8 path")?]).await;
-    let (mut to_plain, mut to_exportable) = (tests::connect(plain.addr).await, tests::connect(exportable.addr).await);
+    let (to_plain, to_exportable) = (server::connect(plain.addr).await?, server::connect(exportable.addr).await?);
     let (mut anonymous_s, mut ready_s, mut mapped_s) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..runs {
         // Alternate which goes first, so neither always follows the other's unload.
         for k in 0..2 {
-            let (client, times) = if (k + round) % 2 == 0 {
-                (&mut to_plain, &mut anonymous_s)
-            } else {
-                (&mut to_exportable, &mut ready_s)
-            };
+            let (client, times) =
+                if (k + round) % 2 == 0 { (&to_plain, &mut anonymous_s) } else { (&to_exportable, &mut ready_s) };
             times.push(server::load(client, &model.id).await?.total.as_secs_f64());
             server::unload(client, &model.id).await?;
         }
         if !immutable(&model.files, true) {
             continue;
         }
-        let mapped = server::load(&mut to_exportable, &model.id).await;
-        let unloaded = server::unload(&mut to_exportable, &model.id).await;
+        let mapped = server::load(&to_exportable, &model.id).await;
+        let unloaded = server::unload(&to_exportable, &model.id).await;
         immutable(&model.files, false);
         mapped_s.push(mapped?.total.as_secs_f64());
         unloaded?;
     }
     drop(plain);
-    server::load(&mut to_exportable, &model.id).await?;
+    server::load(&to_exportable, &model.id).await?;
     let peer: AttachPeer = json_of(
         Command::new("python3").arg(script).arg("--runs").arg(runs.to_string()).arg(&socket).arg(&model.id),
         "the attach script",
     )
     .context("(`pip install ./clients/python` installs what it needs)")?;
-    server::unload(&mut to_exportable, &model.id).await?;
+    server::unload(&to_exportable, &model.id).await?;
     Ok(AttachRuns {
         anonymous_s,
         ready_s,

@@ -12,8 +12,8 @@ use std::{
 };
 
 use anyhow::{Context, anyhow, bail};
+use fixtures::binary::Binary;
 use proto::v1::{self as pb, model_event::Event, model_loader_client::ModelLoaderClient};
-use tests::binary::Binary;
 use tokio::sync::Notify;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
@@ -78,8 +78,8 @@ pub async fn round(server: &Binary, id: &str, watchers: usize) -> anyhow::Result
     }
 
     let log_mark = server.log().len();
-    let mut client = ModelLoaderClient::new(channels[0].clone());
-    server::load(&mut client, id).await?;
+    let client = client::Client::from_channel(channels[0].clone());
+    server::load(&client, id).await?;
     let mut round = Round { watchers, ..Round::default() };
     let mut seen = Vec::with_capacity(watchers);
     for task in tasks {
@@ -106,7 +106,7 @@ pub async fn round(server: &Binary, id: &str, watchers: usize) -> anyhow::Result
             }
         }
     }
-    server::unload(&mut client, id).await?;
+    server::unload(&client, id).await?;
     Ok(round)
 }
 

@@ -24,12 +24,12 @@ use std::{
 
 use anyhow::{Context, anyhow, bail};
 use candle_core::{DType, Device};
+use fixtures::fixture::Expected;
 use model_manager::resource_manager::{
     gpu::{DeviceBuffer, Gpu, PinnedPool, pinned_pool},
     staging::{BUFFER_BYTES, CopyEngine, chunk_bytes},
 };
 use serde::{Deserialize, Serialize};
-use tests::fixture::Expected;
 
 use crate::{
     Options,
@@ -86,7 +86,7 @@ pub async fn run(options: &Options) -> anyhow::Result<GpuReport> {
 
     let manager = in_process::manager_on(&root, model_manager::resource_manager::DeviceRequest::Cuda(Some(0)))?;
     let server = server::start(&exe, &root, &["--device", "cuda:0"]).await;
-    let mut client = tests::connect(server.addr).await;
+    let client = server::connect(server.addr).await?;
     let mut step4 = Duration::ZERO;
     for model in [&dense, &small] {
         say(format!("{}: {} tensors, {} bytes in {} files", model.id, model.tensors, model.bytes, model.files_count));
@@ -97,10 +97,10 @@ pub async fn run(options: &Options) -> anyhow::Result<GpuReport> {
         report.checks.push(Check::compare(OURS_IN_PROCESS, model, &in_process::resident(&manager, &model.id).await?));
         in_process::unload(&manager, &model.id).await?;
         say("  in process checked");
-        server::load(&mut client, &model.id).await?;
-        let tensors = Expected::observed(tests::checksums(&mut client, &model.id).await);
+        server::load(&client, &model.id).await?;
+        let tensors = Expected::observed(server::checksums(&client, &model.id).await?);
         report.checks.push(Check::compare(OURS_GRPC, model, &tensors));
-        server::unload(&mut client, &model.id).await?;
+        server::unload(&client, &model.id).await?;
 
         let mut times: Vec<(&str, Vec<f64>)> =
             [LIMIT_H2D, LIMIT_READ, LIMIT_BOTH, OURS_IN_PROCESS, OURS_GRPC].iter().map(|&n| (n, Vec::new())).collect();
@@ -118,8 +118,8 @@ pub async fn run(options: &Options) -> anyhow::Result<GpuReport> {
                         (OURS_IN_PROCESS, took)
                     }
                     _ => {
-                        let t = server::load(&mut client, &model.id).await?;
-                        server::unload(&mut client, &model.id).await?;
+                        let t = server::load(&client, &model.id).await?;
+                        server::unload(&client, &model.id).await?;
                         say(format!(
                             "  (gRPC: first message {:.1} ms, step 4 began {:.1} ms, step 5 {:.1} ms)",
                             t.first_message.as_secs_f64() * 1e3,
@@ -169,8 +169,8 @@ pub async fn run(options: &Options) -> anyhow::Result<GpuReport> {
         // compares with the peer measured just before it rather than minutes before.
         let mut again = Vec::new();
         for _ in 0..options.gpu_runs {
-            again.push(server::load(&mut client, &model.id).await?.total.as_secs_f64());
-            server::unload(&mut client, &model.id).await?;
+            again.push(server::load(&client, &model.id).await?.total.as_secs_f64());
+            server::unload(&client, &model.id).await?;
         }
         times.push((OURS_GRPC_AGAIN, again));
         for (loader, seconds) in times {
@@ -187,8 +187,8 @@ pub async fn run(options: &Options) -> anyhow::Result<GpuReport> {
                 drop_caches()?;
                 disk.push(read_to_pinned(&rig, &dense.files, threads)?.as_secs_f64());
                 drop_caches()?;
-                let t = server::load(&mut client, &dense.id).await?;
-                server::unload(&mut client, &dense.id).await?;
+                let t = server::load(&client, &dense.id).await?;
+                server::unload(&client, &dense.id).await?;
                 ours.push(t.total.as_secs_f64());
             }
             report.rows.push(row(&dense, LIMIT_DISK, disk));
@@ -206,8 +206,8 @@ pub async fn run(options: &Options) -> anyhow::Result<GpuReport> {
         let _busy = BusyCores::start(threads)?;
         for _ in 0..options.gpu_runs {
             both.push(read_while_copying(&rig, &dense.files, threads, dense.bytes as usize)?.as_secs_f64());
-            ours.push(server::load(&mut client, &dense.id).await?.total.as_secs_f64());
-            server::unload(&mut client, &dense.id).await?;
+            ours.push(server::load(&client, &dense.id).await?.total.as_secs_f64());
+            server::unload(&client, &dense.id).await?;
         }
     }
     report.rows.push(row(&dense, LIMIT_BOTH_BUSY, both));
@@ -216,17 +216,17 @@ pub async fn run(options: &Options) -> anyhow::Result<GpuReport> {
     say("GPU memory over 5 cycles, cancels");
     for _ in 0..5 {
         let free = |d: proto::v1::DeviceResources| d.available_bytes;
-        let free_before = free(tests::device_resources(&mut client, "cuda:0").await);
-        server::load(&mut client, &dense.id).await?;
-        let free_loaded = free(tests::device_resources(&mut client, "cuda:0").await);
-        server::unload(&mut client, &dense.id).await?;
-        let free_after_unload = free(tests::device_resources(&mut client, "cuda:0").await);
+        let free_before = free(server::device_resources(&client, "cuda:0").await?);
+        server::load(&client, &dense.id).await?;
+        let free_loaded = free(server::device_resources(&client, "cuda:0").await?);
+        server::unload(&client, &dense.id).await?;
+        let free_after_unload = free(server::device_resources(&client, "cuda:0").await?);
         report.cycles.push(Cycle { free_before, free_loaded, free_after_unload });
     }
-    let floor = tests::device_resources(&mut client, "cuda:0").await.available_bytes.saturating_sub(FREE_SLACK);
+    let floor = server::device_resources(&client, "cuda:0").await?.available_bytes.saturating_sub(FREE_SLACK);
     let (mut cancels, mut late) = (Vec::new(), 0);
     while cancels.len() < options.gpu_cancels {
-        match server::cancel_once(&mut client, &dense.id, step4 * 9 / 10, "cuda:0", floor).await? {
+        match server::cancel_once(&client, &dense.id, step4 * 9 / 10, "cuda:0", floor).await? {
             Some(times) => cancels.push(times),
             None if late < 10 * options.gpu_cancels => late += 1,
             None => bail!("{late} cancels arrived after the load had finished"),

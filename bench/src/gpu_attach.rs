@@ -7,8 +7,8 @@
 use std::{path::Path, process::Command};
 
 use anyhow::Context;
+use fixtures::fixture::Expected;
 use serde::{Deserialize, Serialize};
-use tests::fixture::Expected;
 
 use crate::{
     Options,
@@ -50,13 +50,13 @@ pub async fn run(options: &Options) -> anyhow::Result<GpuAttach> {
     let socket = std::path::absolute(options.work.join("attach.sock"))?;
     let server =
         server::start(&exe, &root, &["--device", "cuda:0", "--attach-socket", socket.to_str().context("UTF-8")?]).await;
-    let mut client = tests::connect(server.addr).await;
+    let client = server::connect(server.addr).await?;
     let mut load_s = Vec::new();
     for _ in 0..options.gpu_runs {
-        load_s.push(server::load(&mut client, &dense.id).await?.total.as_secs_f64());
-        server::unload(&mut client, &dense.id).await?;
+        load_s.push(server::load(&client, &dense.id).await?.total.as_secs_f64());
+        server::unload(&client, &dense.id).await?;
     }
-    server::load(&mut client, &dense.id).await?;
+    server::load(&client, &dense.id).await?;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("attach_peer.py");
     let attach: Peer = json_of(
         Command::new("python3")
@@ -66,7 +66,7 @@ pub async fn run(options: &Options) -> anyhow::Result<GpuAttach> {
             .arg(&dense.id),
         "the attach script",
     )?;
-    server::unload(&mut client, &dense.id).await?;
+    server::unload(&client, &dense.id).await?;
     drop(server);
     let mut checks = vec![Check::compare("model-loader attach (torch)", &dense, &Expected::observed(attach.tensors))];
     let mut peers = Vec::new();

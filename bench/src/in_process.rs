@@ -8,8 +8,8 @@ use std::{
 };
 
 use anyhow::{Context, anyhow};
+use fixtures::fixture::Expected;
 use model_manager::{LoadRequest, LoadUpdate, ManagerConfig, ModelId, ModelManager};
-use tests::fixture::Expected;
 
 /// A model manager over `model_root`, offline, with the default budget.
 pub fn manager(model_root: &Path) -> anyhow::Result<Arc<ModelManager>> {

@@ -27,9 +27,9 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
+use fixtures::fixture::Expected;
 use models::Model;
 use report::{Cancel, Check, Fanout, Grpc, LoaderRun, Report};
-use tests::fixture::Expected;
 
 /// The benchmark's options: the defaults are the committed run; tests use tiny sizes.
 #[derive(Debug, Clone, Parser, serde::Serialize)]
@@ -208,12 +208,12 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
 
     say!("gRPC end to end, cancel latency, memory");
     let server = server::start(&exe, &root, &[]).await;
-    let mut client = tests::connect(server.addr).await;
-    report.memory.idle_rss_bytes = tests::rss_bytes(Some(server.pid()));
+    let client = server::connect(server.addr).await?;
+    report.memory.idle_rss_bytes = fixtures::rss_bytes(Some(server.pid()));
     let mut cancels = Vec::new();
     let mut late = 0;
     while cancels.len() < options.cancel_tries {
-        match server::cancel_once(&mut client, &dense.id, step4 * 9 / 10, "cpu", 0).await? {
+        match server::cancel_once(&client, &dense.id, step4 * 9 / 10, "cpu", 0).await? {
             Some(times) => cancels.push(times),
             // A cancel that lands after the load finished says nothing; a few are expected.
             None if late < 10 * options.cancel_tries => late += 1,
@@ -223,9 +223,9 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
     report.cancel = Cancel::from_runs(&cancels, late);
     let mut after_unload = Vec::new();
     for _ in 0..options.cycles {
-        server::load(&mut client, &dense.id).await?;
-        server::unload(&mut client, &dense.id).await?;
-        after_unload.push(tests::rss_bytes(Some(server.pid())));
+        server::load(&client, &dense.id).await?;
+        server::unload(&client, &dense.id).await?;
+        after_unload.push(fixtures::rss_bytes(Some(server.pid())));
     }
     report.memory.after_unload_rss_bytes = after_unload;
     drop(server);
@@ -275,7 +275,7 @@ async fn loaders(
 ) -> anyhow::Result<(Vec<LoaderRun>, Vec<Check>, Vec<server::LoadTimes>)> {
     let manager = in_process::manager(root)?;
     let server = server::start(exe, root, &[]).await;
-    let mut client = tests::connect(server.addr).await;
+    let client = server::connect(server.addr).await?;
     let check = |loader: &str, got: &Expected| Check::compare(loader, model, got);
     let mut checks = Vec::new();
 
@@ -289,9 +289,9 @@ async fn loaders(
     in_process::load(&manager, &model.id).await?;
     checks.push(check(report::OURS_IN_PROCESS, &in_process::resident(&manager, &model.id).await?));
     in_process::unload(&manager, &model.id).await?;
-    server::load(&mut client, &model.id).await?;
-    checks.push(check(report::OURS_GRPC, &Expected::observed(tests::checksums(&mut client, &model.id).await)));
-    server::unload(&mut client, &model.id).await?;
+    server::load(&client, &model.id).await?;
+    checks.push(check(report::OURS_GRPC, &Expected::observed(server::checksums(&client, &model.id).await?)));
+    server::unload(&client, &model.id).await?;
 
     let mut runs: Vec<(&str, Vec<f64>)> = report::LOADERS.iter().map(|&name| (name, Vec::new())).collect();
     let mut record = |name: &str, d: Duration| {
@@ -315,10 +315,10 @@ async fn loaders(
                     in_process::unload(&manager, &model.id).await?;
                 }
                 _ => {
-                    let times = server::load(&mut client, &model.id).await?;
+                    let times = server::load(&client, &model.id).await?;
                     record(report::OURS_GRPC, times.total);
                     grpc.push(times);
-                    server::unload(&mut client, &model.id).await?;
+                    server::unload(&client, &model.id).await?;
                 }
             }
         }

@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use fixtures::fixture::{self, Expected, TensorSpec};
 use safetensors::Dtype;
 use serde::Serialize;
 use serde_json::json;
-use tests::fixture::{self, Expected, TensorSpec};
 
 /// A fixture model on disk and what it holds.
 #[derive(Debug, Clone, Serialize)]

@@ -15,18 +15,19 @@
 use std::{path::Path, process::Command, sync::Arc};
 
 use anyhow::Context;
-use futures::{StreamExt, TryStreamExt};
-use object_store::{ObjectStore, ObjectStoreExt, aws::AmazonS3Builder, path::Path as ObjectPath};
-use serde::{Deserialize, Serialize};
-use tests::{
+use fixtures::{
     binary::Binary,
     fixture::Expected,
     stores::{ACCESS_KEY, S3Server, SECRET_KEY},
 };
+use futures::{StreamExt, TryStreamExt};
+use object_store::{ObjectStore, ObjectStoreExt, aws::AmazonS3Builder, path::Path as ObjectPath};
+use serde::{Deserialize, Serialize};
 
 use crate::{
     Options, models,
     report::{Check, Machine, Target},
+    server,
     stats::median,
 };
 
@@ -234,23 +235,21 @@ async fn ours(
         &concurrency_arg,
     ];
     let server = Binary::start_exe(&exe, root.path(), &args, &env).await;
-    let mut client = tests::connect(server.addr).await;
+    let client = server::connect(server.addr).await?;
     let id = format!("s3://{BUCKET}/{PREFIX}");
-    let request = proto::v1::LoadModelRequest { device: Some(options.object_device.clone()), ..tests::load(&id) };
+    let request = client::LoadRequest { device: Some(options.object_device.clone()), ..client::LoadRequest::new(&id) };
     let mut seconds = Vec::new();
     for run in 0..=options.object_runs {
         let started = std::time::Instant::now();
-        let (_, end) = tests::load_all(&mut client, request.clone()).await;
-        end.map_err(|s| anyhow::anyhow!("LoadModel {id}: {s:?}"))?;
+        client.load(request.clone()).await?.finish().await.with_context(|| format!("LoadModel {id}"))?;
         let took = started.elapsed().as_secs_f64();
         if run == 0 {
-            let got = Expected::observed(tests::checksums(&mut client, &id).await);
+            let got = Expected::observed(server::checksums(&client, &id).await?);
             checks.push(Check::compare("model-loader", model, &got));
         } else {
             seconds.push(took);
         }
-        let unload = proto::v1::UnloadModelRequest { model_id: id.clone(), force: false };
-        client.unload_model(unload).await.context("UnloadModel")?;
+        client.unload(&id, false).await.context("UnloadModel")?;
     }
     let loader = format!("model-loader (gRPC, to {})", options.object_device);
     Ok(run_of(&loader, format!("16 MiB chunks, {concurrency} at once"), seconds, bytes))

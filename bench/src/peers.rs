@@ -11,9 +11,9 @@ use std::{
 
 use anyhow::{Context, bail};
 use candle_core::{Device, Tensor};
+use fixtures::fixture::Expected;
 use model_manager::pipeline_manager::{dtype_name, resident_bytes};
 use serde::Deserialize;
-use tests::fixture::Expected;
 
 use crate::models::sha256;
 

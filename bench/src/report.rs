@@ -3,8 +3,8 @@
 
 use std::{fmt::Write as _, path::Path};
 
+use fixtures::fixture::Expected;
 use serde::Serialize;
-use tests::fixture::Expected;
 
 use crate::{
     Options,

@@ -2,16 +2,36 @@
 //! process, for load times, cancel latency, memory and start-up.
 
 use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
     path::Path,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, anyhow, bail};
-use proto::v1::{self as pb, model_loader_client::ModelLoaderClient};
+use client::{Client, ConnectOptions, LoadRequest, LoadUpdate, pb};
+use fixtures::binary::Binary;
+use futures::StreamExt;
 use rand::Rng;
-use tests::binary::Binary;
-use tokio_stream::StreamExt;
 use tonic::{Code, transport::Channel};
+
+/// A client of the server at `addr`.
+pub async fn connect(addr: SocketAddr) -> anyhow::Result<Client> {
+    Ok(Client::connect(&ConnectOptions::new(addr.to_string())).await?)
+}
+
+/// ListTensors with checksums of a loaded model, as name → (dtype, shape, sha256), the form of
+/// [`fixtures::fixture::Expected::observed`].
+pub async fn checksums(client: &Client, id: &str) -> anyhow::Result<BTreeMap<String, (String, Vec<u64>, String)>> {
+    let tensors = client.tensors(id, true).await.context("ListTensors")?;
+    Ok(tensors.into_iter().map(|t| (t.name, (t.dtype, t.shape, t.sha256))).collect())
+}
+
+/// GetResources' entry for `device`.
+pub async fn device_resources(client: &Client, device: &str) -> anyhow::Result<pb::DeviceResources> {
+    let resources = client.resources().await.context("GetResources")?;
+    resources.devices.into_iter().find(|d| d.name == device).with_context(|| format!("no device {device}"))
+}
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
 /// The service whose health turns SERVING when the server is ready for loads.
@@ -39,12 +59,18 @@ pub struct LoadTimes {
     pub notes: Vec<String>,
 }
 
-pub async fn load(client: &mut ModelLoaderClient<Channel>, id: &str) -> anyhow::Result<LoadTimes> {
+pub async fn load(client: &Client, id: &str) -> anyhow::Result<LoadTimes> {
     let start = Instant::now();
-    let mut stream = client.load_model(tests::load(id)).await.context("LoadModel")?.into_inner();
+    let mut stream = client.load(LoadRequest::new(id)).await.context("LoadModel")?;
     let (mut first, mut steps, mut notes, mut last_step) = (None, [None; 8], Vec::new(), 0);
-    while let Some(message) = stream.next().await {
-        let message = message.with_context(|| format!("loading {id}"))?;
+    while let Some(update) = stream.next().await {
+        let message = match update {
+            LoadUpdate::Progress(p) => p,
+            LoadUpdate::Finished(outcome) => {
+                outcome.with_context(|| format!("loading {id}"))?;
+                break;
+            }
+        };
         let now = start.elapsed();
         first.get_or_insert(now);
         if let Some(at) = (message.step as usize).checked_sub(1).and_then(|i| steps.get_mut(i)) {
@@ -75,8 +101,8 @@ impl LoadTimes {
     }
 }
 
-pub async fn unload(client: &mut ModelLoaderClient<Channel>, id: &str) -> anyhow::Result<()> {
-    client.unload_model(pb::UnloadModelRequest { model_id: id.into(), force: false }).await.context("UnloadModel")?;
+pub async fn unload(client: &Client, id: &str) -> anyhow::Result<()> {
+    client.unload(id, false).await.context("UnloadModel")?;
     Ok(())
 }
 
@@ -95,43 +121,47 @@ pub struct CancelTimes {
 /// memory, for a GPU). `None` when the load finished before the cancel arrived (the caller tries
 /// again).
 pub async fn cancel_once(
-    client: &mut ModelLoaderClient<Channel>,
+    client: &Client,
     id: &str,
     within: Duration,
     device: &str,
     free_floor: u64,
 ) -> anyhow::Result<Option<CancelTimes>> {
-    let mut stream = client.load_model(tests::load(id)).await.context("LoadModel")?.into_inner();
+    let mut stream = client.load(LoadRequest::new(id)).await.context("LoadModel")?;
     loop {
         match stream.next().await {
-            Some(Ok(m)) if m.step >= 4 => break,
-            Some(Ok(_)) => {}
-            Some(Err(status)) => bail!("the load of {id} failed before step 4: {status}"),
-            None => bail!("the load of {id} ended before step 4"),
+            Some(LoadUpdate::Progress(p)) if p.step >= 4 => break,
+            Some(LoadUpdate::Progress(_)) => {}
+            Some(LoadUpdate::Finished(Err(e))) => bail!("the load of {id} failed before step 4: {e}"),
+            Some(LoadUpdate::Finished(Ok(()))) | None => bail!("the load of {id} ended before step 4"),
         }
     }
     let delay = rand::rng().random_range(Duration::ZERO..within.max(Duration::from_micros(1)));
     tokio::time::sleep(delay).await;
     let cancelled_at = Instant::now();
-    let mut canceller = client.clone();
-    let cancel = canceller.cancel_load(pb::CancelLoadRequest { model_id: id.into() });
+    let cancel = client.cancel(id);
     let stream_end = async {
         loop {
             match stream.next().await {
-                Some(Ok(_)) => {}
-                Some(Err(status)) if status.code() == Code::Cancelled => return Ok(Some(cancelled_at.elapsed())),
-                Some(Err(status)) => bail!("the load of {id} failed instead of being cancelled: {status}"),
-                None => return Ok(None),
+                Some(LoadUpdate::Progress(_)) => {}
+                Some(LoadUpdate::Finished(Err(e))) if e.code() == Code::Cancelled => {
+                    return Ok(Some(cancelled_at.elapsed()));
+                }
+                Some(LoadUpdate::Finished(Err(e))) => bail!("the load of {id} failed instead of being cancelled: {e}"),
+                Some(LoadUpdate::Finished(Ok(()))) | None => return Ok(None),
             }
         }
     };
-    let mut poller = client.clone();
+    let poller = client.clone();
     let device = device.to_owned();
     let released = async move {
         let device = device.as_str();
         loop {
-            let d = tests::device_resources(&mut poller, device).await;
-            if d.used_bytes == 0 && d.reserved_bytes == 0 && d.available_bytes >= free_floor {
+            if let Ok(d) = device_resources(&poller, device).await
+                && d.used_bytes == 0
+                && d.reserved_bytes == 0
+                && d.available_bytes >= free_floor
+            {
                 return cancelled_at.elapsed();
             }
             tokio::time::sleep(Duration::from_micros(200)).await;

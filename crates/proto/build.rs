@@ -1,4 +1,5 @@
-//! Generates the tonic/prost code and the descriptor set (for reflection) from the workspace proto.
+//! Generates the tonic/prost code, its serde impls (the canonical JSON mapping) and the descriptor
+//! set (for reflection) from the workspace proto.
 
 use std::{env, path::PathBuf};
 
@@ -15,5 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .codec_path("crate::codec::RequestCodec")
         .file_descriptor_set_path(&descriptor)
         .compile_with_config(config, &[file], &[root])?;
+    // serde impls in the proto's canonical JSON mapping (as grpcurl prints), from the same
+    // descriptors: a hand-written mapping would drift from the proto.
+    pbjson_build::Builder::new().register_descriptors(&std::fs::read(&descriptor)?)?.build(&[".modelloader.v1"])?;
     Ok(())
 }

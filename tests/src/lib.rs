@@ -1,14 +1,13 @@
-//! Workspace-level tests of model-loader: the fixture model builder, a helper that runs the server
-//! in process on `127.0.0.1:0`, helpers that start the real binary, a test hub and real object
-//! stores, certificates made by openssl, and gRPC client helpers.
+//! Workspace-level tests of model-loader: a helper that runs the server in process on
+//! `127.0.0.1:0`, a test hub, certificates made by openssl, and gRPC client helpers; the fixture
+//! models, the real binary and the object stores come from the `fixtures` crate, re-exported here.
 //!
 //! The tests themselves live in `tests/tests/`; nothing here downloads anything.
 
-pub mod binary;
-pub mod fixture;
 pub mod hub;
-pub mod stores;
 pub mod tls;
+
+pub use fixtures::{POLL, WAIT, binary, eventually, fixture, peak_rss_bytes, rss_bytes, stores};
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
@@ -18,40 +17,6 @@ use server::{LogFormat, ServerConfig};
 use tokio::{sync::oneshot, task::JoinHandle};
 use tokio_stream::StreamExt;
 use tonic::{Status, transport::Channel};
-
-/// The longest any single wait in a test may take before the test fails instead of hanging.
-pub const WAIT: Duration = Duration::from_secs(60);
-
-/// Waits until `$cond` holds, evaluating it again every few milliseconds (it may `.await`), and
-/// fails the test with the message if it still does not hold after [`WAIT`]: the one way the tests
-/// wait for something the server does asynchronously (a lease released, memory freed), after
-/// linkerd2-proxy's `assert_eventually!`.
-///
-/// ```text
-/// tests::eventually!(get_model(&mut client, "m").await.attached_clients == 0, "the lease is never released");
-/// ```
-/// `eventually!(within LIMIT, …)` waits at most `LIMIT` instead: where the bound is what the test
-/// shows.
-#[macro_export]
-macro_rules! eventually {
-    (within $limit:expr, $cond:expr, $($message:tt)+) => {{
-        let deadline = tokio::time::Instant::now() + $limit;
-        while !$cond {
-            assert!(tokio::time::Instant::now() < deadline, $($message)+);
-            tokio::time::sleep($crate::POLL).await;
-        }
-    }};
-    ($cond:expr, $($message:tt)+) => {{
-        let deadline = tokio::time::Instant::now() + $crate::WAIT;
-        while !$cond {
-            assert!(tokio::time::Instant::now() < deadline, $($message)+);
-            tokio::time::sleep($crate::POLL).await;
-        }
-    }};
-}
-
-/// How often [`eventually!`] asks again.
-pub const POLL: Duration = Duration::from_millis(5);
 
 /// A server configuration for tests: the given model root, no HF cache, everything else default.
 pub fn config(model_root: &Path) -> ServerConfig {
@@ -431,29 +396,4 @@ pub async fn cpu_resources_when(
 /// Bytes as MiB, for messages.
 pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1 << 20) as f64
-}
-
-/// This process's resident set size in bytes (VmRSS).
-pub fn rss_bytes(pid: Option<u32>) -> u64 {
-    status_bytes(pid, "VmRSS:")
-}
-
-/// The high-water mark of the resident set (VmHWM) of `pid` (None: this process), in bytes.
-pub fn peak_rss_bytes(pid: Option<u32>) -> u64 {
-    status_bytes(pid, "VmHWM:")
-}
-
-/// A `/proc/PID/status` figure in kB, as bytes.
-fn status_bytes(pid: Option<u32>, field: &str) -> u64 {
-    let path = match pid {
-        Some(pid) => format!("/proc/{pid}/status"),
-        None => "/proc/self/status".into(),
-    };
-    let status = std::fs::read_to_string(path).expect("read /proc status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} line"));
-    kib * 1024
 }

@@ -211,9 +211,10 @@ impl LoaderService {
     }
 
     /// Frees a LOADED model whose resident bytes were lost (a file it is mapped from changed), as
-    /// a forced unload does (its clients' leases revoked), and marks it FAILED with `reason`.
-    pub fn fail_loaded(&self, model_id: &ModelId, reason: String) -> Result<u64, NotUnloaded> {
-        let end = Transition::UnloadedLost { reason: reason.clone() };
+    /// a forced unload does (its clients' leases revoked), and marks it FAILED with `reason` and
+    /// its stable `kind`.
+    pub fn fail_loaded(&self, model_id: &ModelId, reason: String, kind: &'static str) -> Result<u64, NotUnloaded> {
+        let end = Transition::UnloadedLost { reason: reason.clone(), kind };
         let freed = self.take_out(model_id, Some(reason.clone()), true, end)?;
         tracing::error!(%model_id, reason, "a loaded model's file changed: unloaded and marked FAILED");
         Ok(freed)

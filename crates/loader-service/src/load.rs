@@ -73,7 +73,7 @@ impl LoaderService {
                     _ => {
                         tracing::warn!(kind = kind.name(), cause = %e, "load failed");
                         labels = ("failed", kind.name());
-                        Transition::LoadFailed { reason: e.to_string() }
+                        Transition::LoadFailed { reason: e.to_string(), kind: kind.name() }
                     }
                 };
                 (transition, Err(Arc::new(e)))

@@ -259,9 +259,11 @@ impl ModelManager {
         (page, next)
     }
 
-    /// The status with its attached clients counted (the state manager does not know leases).
+    /// The status with its attached clients counted and its last use (the state manager knows
+    /// neither leases nor uses).
     fn with_clients(&self, mut status: ModelStatus) -> ModelStatus {
         status.attached_clients = self.pipelines.clients(&status.model_id);
+        status.last_used_unix_ms = self.pipelines.last_used_unix_ms(&status.model_id);
         status
     }
 
@@ -293,7 +295,7 @@ impl ModelManager {
     fn lost(&self, model_id: &ModelId, changed: FileChanged) -> ManagerError {
         let error = ManagerError::Changed { model_id: model_id.to_string(), source: changed };
         // Another caller may have seen the change first: then it is on its way out already.
-        let _ = self.loader.fail_loaded(model_id, error.to_string());
+        let _ = self.loader.fail_loaded(model_id, error.to_string(), error.kind());
         error
     }
 

@@ -297,6 +297,9 @@ pub struct PipelineManager {
 struct Stored {
     pipeline: Arc<Pipeline>,
     last_used: u64,
+    /// The wall-clock time of the same use (milliseconds since the Unix epoch), for people: the
+    /// tick orders uses, this says when.
+    used_unix_ms: u64,
     clients: Arc<Clients>,
     /// On its way out: no new lease.
     closed: bool,
@@ -320,11 +323,22 @@ impl PipelineManager {
         self.clock.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Milliseconds since the Unix epoch now (0 for a clock set before it).
+    fn now_unix_ms() -> u64 {
+        let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// Stores a finished pipeline (a use); a previous one of the same model (there should be none)
     /// is returned to the caller to drop.
     pub fn insert(&self, pipeline: Pipeline) -> Option<Arc<Pipeline>> {
-        let stored =
-            Stored { pipeline: Arc::new(pipeline), last_used: self.tick(), clients: Arc::default(), closed: false };
+        let stored = Stored {
+            pipeline: Arc::new(pipeline),
+            last_used: self.tick(),
+            used_unix_ms: Self::now_unix_ms(),
+            clients: Arc::default(),
+            closed: false,
+        };
         self.pipelines.insert(stored.pipeline.model_id.clone(), stored).map(|old| old.pipeline)
     }
 
@@ -335,7 +349,19 @@ impl PipelineManager {
     /// Marks the model as used now (asked for again, or its tensors read); false if not stored.
     pub fn touch(&self, model_id: &ModelId) -> bool {
         let tick = self.tick();
-        self.pipelines.get_mut(model_id).map(|mut p| p.last_used = tick).is_some()
+        let now = Self::now_unix_ms();
+        self.pipelines
+            .get_mut(model_id)
+            .map(|mut p| {
+                p.last_used = tick;
+                p.used_unix_ms = now;
+            })
+            .is_some()
+    }
+
+    /// When the model was last used, in milliseconds since the Unix epoch; 0 if not stored.
+    pub fn last_used_unix_ms(&self, model_id: &ModelId) -> u64 {
+        self.pipelines.get(model_id).map_or(0, |p| p.used_unix_ms)
     }
 
     /// A lease on the model's pipeline (a use), unless it is not stored or on its way out.
@@ -343,6 +369,7 @@ impl PipelineManager {
         let tick = self.tick();
         let mut stored = self.pipelines.get_mut(model_id).filter(|s| !s.closed)?;
         stored.last_used = tick;
+        stored.used_unix_ms = Self::now_unix_ms();
         Some(stored.clients.lease(stored.pipeline.clone()))
     }
 

@@ -1,5 +1,6 @@
-//! Generated gRPC code for `modelloader.v1`: messages, the client and the server stubs, and the
-//! encoded file descriptor set that reflection serves.
+//! Generated gRPC code for `modelloader.v1`: messages (with serde impls in the proto's canonical
+//! JSON mapping), the client and the server stubs, and the encoded file descriptor set that
+//! reflection serves.
 //!
 //! Generated code, and the one codec it uses; conversions to domain types happen in the server.
 
@@ -8,6 +9,9 @@
 /// `modelloader.v1`: the messages and the `ModelLoader` service.
 pub mod v1 {
     tonic::include_proto!("modelloader.v1");
+    // serde impls in the proto's canonical JSON mapping: camelCase fields, enums by name, 64-bit
+    // integers as strings, default values left out (as grpcurl prints).
+    include!(concat!(env!("OUT_DIR"), "/modelloader.v1.serde.rs"));
 }
 
 /// The encoded `FileDescriptorSet` of the proto, for server reflection.
@@ -69,5 +73,37 @@ pub mod codec {
         fn buffer_settings(&self) -> BufferSettings {
             self.0.buffer_settings()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::v1 as pb;
+
+    /// A status serialises as grpcurl prints it: camelCase names, enums by name, uint64 as
+    /// strings, default values left out.
+    #[test]
+    fn json_is_the_canonical_mapping() {
+        let status = pb::ModelStatus {
+            model_id: "demo".into(),
+            state: pb::ModelState::Loaded.into(),
+            weight_bytes: 1024,
+            error_kind: String::new(),
+            last_used_unix_ms: 1_700_000_000_000,
+            last_progress: Some(pb::ModelLoadProgress {
+                step: 8,
+                total: 8,
+                phase: pb::ModelLoadPhase::Finalization.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&status).expect("a status serialises");
+        assert_eq!(
+            json,
+            r#"{"modelId":"demo","state":"MODEL_STATE_LOADED","lastProgress":{"step":8,"total":8,"phase":"MODEL_LOAD_PHASE_FINALIZATION"},"weightBytes":"1024","lastUsedUnixMs":"1700000000000"}"#
+        );
+        let back: pb::ModelStatus = serde_json::from_str(&json).expect("and reads back");
+        assert_eq!(back, status);
     }
 }

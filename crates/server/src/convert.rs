@@ -86,6 +86,8 @@ pub fn status(s: ModelStatus) -> pb::ModelStatus {
         metadata_bytes: s.facts.metadata_bytes,
         sample_size: s.facts.sample_size,
         error: s.error.unwrap_or_default(),
+        error_kind: s.error_kind.unwrap_or_default().to_owned(),
+        last_used_unix_ms: s.last_used_unix_ms,
         source: source as i32,
         unload_reason: s.unload_reason.unwrap_or_default(),
         attached_clients: u32::try_from(s.attached_clients).unwrap_or(u32::MAX),

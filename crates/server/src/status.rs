@@ -4,17 +4,28 @@
 use model_manager::{HubFailure, Kind, LoadError, ManagerError, ObjectFailure};
 use tonic::{Code, Status};
 
-/// The gRPC status for a facade error.
+/// The metadata entry holding an error status's stable kind (`not_found`, `corrupt`, ...), so a
+/// client need not parse the message. The proto's `ModelStatus.error_kind` lists the kinds.
+pub const KIND_KEY: &str = "model-loader-error-kind";
+
+/// The gRPC status for a facade error, with its kind.
 pub fn from_manager(e: &ManagerError) -> Status {
-    match e {
-        ManagerError::Load(e) => from_load(e),
+    let status = match e {
+        ManagerError::Load(e) => return from_load(e),
         ManagerError::NotLoaded { .. } | ManagerError::Attached { .. } => Status::failed_precondition(e.to_string()),
         ManagerError::ReadBack(_) => Status::internal(e.to_string()),
         ManagerError::Changed { .. } => Status::data_loss(e.to_string()),
-    }
+    };
+    with_kind(status, e.kind())
 }
 
-/// The gRPC status for a load error.
+/// `status` carrying `kind` in its metadata.
+fn with_kind(mut status: Status, kind: &'static str) -> Status {
+    status.metadata_mut().insert(KIND_KEY, tonic::metadata::MetadataValue::from_static(kind));
+    status
+}
+
+/// The gRPC status for a load error, with its kind.
 pub fn from_load(e: &LoadError) -> Status {
     let code = match e.kind() {
         Kind::InvalidRequest | Kind::InvalidDevice => Code::InvalidArgument,
@@ -40,5 +51,5 @@ pub fn from_load(e: &LoadError) -> Status {
         | Kind::Object(ObjectFailure::Other)
         | Kind::Internal => Code::Internal,
     };
-    Status::new(code, e.to_string())
+    with_kind(Status::new(code, e.to_string()), e.kind().name())
 }

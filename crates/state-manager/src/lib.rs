@@ -56,6 +56,8 @@ pub struct ModelStatus {
     pub last_progress: Option<ModelLoadProgress>,
     /// Why the last load failed (state FAILED).
     pub error: Option<String>,
+    /// The stable kind of that failure (`not_found`, `corrupt`, ...), for programs.
+    pub error_kind: Option<&'static str>,
     /// Why the server itself unloaded it (evicted to make room for another model); kept until
     /// the next load, so an operator can see where a model went.
     pub unload_reason: Option<String>,
@@ -63,6 +65,9 @@ pub struct ModelStatus {
     /// Processes attached to it now. Leases are not state: the state manager records 0 and the
     /// facade fills in the count where it answers.
     pub attached_clients: usize,
+    /// When it was last used (milliseconds since the Unix epoch; 0 when not resident). Like
+    /// `attached_clients`, filled in by the facade from the pipelines it keeps.
+    pub last_used_unix_ms: u64,
 }
 
 impl ModelStatus {
@@ -73,9 +78,11 @@ impl ModelStatus {
             state: ModelState::Unloaded,
             last_progress: None,
             error: None,
+            error_kind: None,
             unload_reason: None,
             facts: LoadFacts::default(),
             attached_clients: 0,
+            last_used_unix_ms: 0,
         }
     }
 }
@@ -87,8 +94,8 @@ pub enum Transition {
     StartLoad { device: String },
     /// The load finished: the model is resident.
     LoadSucceeded(LoadFacts),
-    /// The load failed; the reason is kept for GetModel.
-    LoadFailed { reason: String },
+    /// The load failed; the reason and its stable kind are kept for GetModel.
+    LoadFailed { reason: String, kind: &'static str },
     /// The load was cancelled: nothing of it stays.
     LoadCancelled,
     /// An unload begins (from LOADED); `reason` when the server unloads it by itself (an
@@ -98,7 +105,7 @@ pub enum Transition {
     UnloadFinished,
     /// The unload of a model whose resident bytes were lost (a file it was mapped from changed)
     /// finished: the memory is back and the model is FAILED, the reason kept for GetModel.
-    UnloadedLost { reason: String },
+    UnloadedLost { reason: String, kind: &'static str },
     /// The failure of the last load is forgotten (an unload of a FAILED model).
     ClearFailure,
 }
@@ -146,6 +153,9 @@ pub struct InvalidTransition {
 }
 
 /// A change published to subscribers, in the order it happened for each model.
+// Statuses are rare next to progress messages and each is cloned once per subscriber anyway: a
+// box would add an allocation per status for a few hundred bytes of channel slot.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StateEvent {
     Status(ModelStatus),
@@ -223,23 +233,29 @@ impl StateManager {
         match transition {
             Transition::StartLoad { device } => {
                 record.error = None;
+                record.error_kind = None;
                 record.unload_reason = None;
                 record.last_progress = None;
                 record.facts = LoadFacts { device, ..LoadFacts::default() };
             }
             Transition::LoadSucceeded(facts) => record.facts = facts,
-            Transition::LoadFailed { reason } => {
+            Transition::LoadFailed { reason, kind } => {
                 record.error = Some(reason);
+                record.error_kind = Some(kind);
                 record.facts.weight_bytes = 0;
                 record.facts.metadata_bytes = 0;
             }
             // Nothing of the model stays resident: its facts went with it.
             Transition::LoadCancelled | Transition::UnloadFinished => record.facts = LoadFacts::default(),
-            Transition::UnloadedLost { reason } => {
+            Transition::UnloadedLost { reason, kind } => {
                 record.error = Some(reason);
+                record.error_kind = Some(kind);
                 record.facts = LoadFacts::default();
             }
-            Transition::ClearFailure => record.error = None,
+            Transition::ClearFailure => {
+                record.error = None;
+                record.error_kind = None;
+            }
             Transition::StartUnload { reason } => record.unload_reason = reason,
         }
         let status = record.clone();
@@ -337,11 +353,11 @@ mod tests {
         vec![
             Transition::StartLoad { device: "cpu".into() },
             Transition::LoadSucceeded(LoadFacts::default()),
-            Transition::LoadFailed { reason: "x".into() },
+            Transition::LoadFailed { reason: "x".into(), kind: "internal" },
             Transition::LoadCancelled,
             Transition::StartUnload { reason: None },
             Transition::UnloadFinished,
-            Transition::UnloadedLost { reason: "x".into() },
+            Transition::UnloadedLost { reason: "x".into(), kind: "changed" },
             Transition::ClearFailure,
         ]
     }
@@ -366,7 +382,7 @@ mod tests {
         let m = StateManager::new(16).with_max_resting(3);
         let fail = |name: &str| {
             m.apply(&id(name), Transition::StartLoad { device: "cpu".into() }).expect("start");
-            m.apply(&id(name), Transition::LoadFailed { reason: "not found".into() }).expect("fail");
+            m.apply(&id(name), Transition::LoadFailed { reason: "not found".into(), kind: "not_found" }).expect("fail");
         };
         m.apply(&id("loaded"), Transition::StartLoad { device: "cpu".into() }).expect("start");
         m.apply(&id("loaded"), Transition::LoadSucceeded(LoadFacts::default())).expect("loaded");
@@ -405,9 +421,12 @@ mod tests {
         m.apply(&id("a"), Transition::StartUnload { reason: None }).expect("unload");
         assert_eq!(m.apply(&id("a"), Transition::UnloadFinished).expect("done").facts, LoadFacts::default());
         m.apply(&id("a"), Transition::StartLoad { device: "cpu".into() }).expect("start again");
-        let failed = m.apply(&id("a"), Transition::LoadFailed { reason: "bad file".into() }).expect("fail");
+        let failed =
+            m.apply(&id("a"), Transition::LoadFailed { reason: "bad file".into(), kind: "corrupt" }).expect("fail");
         assert_eq!(failed.error.as_deref(), Some("bad file"));
-        assert_eq!(m.apply(&id("a"), Transition::StartLoad { device: "cpu".into() }).expect("retry").error, None);
+        assert_eq!(failed.error_kind, Some("corrupt"));
+        let retried = m.apply(&id("a"), Transition::StartLoad { device: "cpu".into() }).expect("retry");
+        assert_eq!((retried.error, retried.error_kind), (None, None));
 
         let mut states = Vec::new();
         while let Ok(ev) = rx.try_recv() {

@@ -5,8 +5,10 @@
 mod attach;
 mod bad_input;
 mod cancel_unload;
+mod client;
 mod concurrency;
 mod dtype;
+mod error_kind;
 mod facade;
 mod fanout;
 mod hub_load;

@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!modelloader/v1/model_loader.proto\x12\x0emodelloader.v1\"\xbb\x01\n\x11ModelLoadProgress\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\r\n\x05total\x18\x03 \x01(\r\x12-\n\x05phase\x18\x04 \x01(\x0e\x32\x1e.modelloader.v1.ModelLoadPhase\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x12\n\nbytes_done\x18\x07 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x08 \x01(\x04\"\x86\x01\n\x10LoadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\x08revision\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x06\x64\x65vice\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\x12\n\x05\x64type\x18\x04 \x01(\tH\x02\x88\x01\x01\x42\x0b\n\t_revisionB\t\n\x07_deviceB\x08\n\x06_dtype\"&\n\x12WatchModelsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"{\n\nModelEvent\x12-\n\x06status\x18\x01 \x01(\x0b\x32\x1b.modelloader.v1.ModelStatusH\x00\x12\x35\n\x08progress\x18\x02 \x01(\x0b\x32!.modelloader.v1.ModelLoadProgressH\x00\x42\x07\n\x05\x65vent\"%\n\x11\x43\x61ncelLoadRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\")\n\x12\x43\x61ncelLoadResponse\x12\x13\n\x0bwas_loading\x18\x01 \x01(\x08\"5\n\x12UnloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\">\n\x13UnloadModelResponse\x12\x12\n\nwas_loaded\x18\x01 \x01(\x08\x12\x13\n\x0b\x66reed_bytes\x18\x02 \x01(\x04\"#\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\xfa\x02\n\x0bModelStatus\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.modelloader.v1.ModelState\x12\x38\n\rlast_progress\x18\x03 \x01(\x0b\x32!.modelloader.v1.ModelLoadProgress\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x07 \x01(\x04\x12\x18\n\x0bsample_size\x18\x08 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05\x65rror\x18\t \x01(\t\x12+\n\x06source\x18\n \x01(\x0e\x32\x1b.modelloader.v1.ModelSource\x12\x15\n\runload_reason\x18\x0b \x01(\t\x12\x18\n\x10\x61ttached_clients\x18\x0c \x01(\r\x12\x16\n\x0emetadata_bytes\x18\r \x01(\x04\x42\x0e\n\x0c_sample_size\":\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"Z\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.modelloader.v1.ModelStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x15\n\x13GetResourcesRequest\"H\n\x14GetResourcesResponse\x12\x30\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x1f.modelloader.v1.DeviceResources\"\xd3\x01\n\x0f\x44\x65viceResources\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x16\n\x0ereserved_bytes\x18\x04 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x05 \x01(\x04\x12.\n\x06models\x18\x06 \x03(\x0b\x32\x1e.modelloader.v1.ModelResources\x12\x17\n\x0f\x61vailable_bytes\x18\x07 \x01(\x04\x12\x12\n\npeak_bytes\x18\x08 \x01(\x04\"1\n\x0eModelResources\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\">\n\x12ListTensorsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0ewith_checksums\x18\x02 \x01(\x08\"B\n\x13ListTensorsResponse\x12+\n\x07tensors\x18\x01 \x03(\x0b\x32\x1a.modelloader.v1.TensorInfo\"\\\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"}\n\rAttachRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\x08revision\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x06\x64\x65vice\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\x16\n\x0eload_if_needed\x18\x04 \x01(\x08\x42\x0b\n\t_revisionB\t\n\x07_device\"\xbe\x01\n\x0e\x41ttachResponse\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12+\n\x06status\x18\x03 \x01(\x0b\x32\x1b.modelloader.v1.ModelStatus\x12/\n\x07\x62uffers\x18\x04 \x03(\x0b\x32\x1e.modelloader.v1.AttachedBuffer\x12/\n\x07tensors\x18\x05 \x03(\x0b\x32\x1e.modelloader.v1.AttachedTensor\"^\n\x0e\x41ttachedBuffer\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.modelloader.v1.BufferKind\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\"p\n\x0e\x41ttachedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06\x62uffer\x18\x04 \x01(\r\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04*\xd8\x01\n\x0eModelLoadPhase\x12 \n\x1cMODEL_LOAD_PHASE_UNSPECIFIED\x10\x00\x12#\n\x1fMODEL_LOAD_PHASE_INITIALIZATION\x10\x01\x12\x1c\n\x18MODEL_LOAD_PHASE_LOADING\x10\x02\x12\x1b\n\x17MODEL_LOAD_PHASE_DEVICE\x10\x03\x12!\n\x1dMODEL_LOAD_PHASE_OPTIMIZATION\x10\x04\x12!\n\x1dMODEL_LOAD_PHASE_FINALIZATION\x10\x05*\xa7\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x16\n\x12MODEL_STATE_LOADED\x10\x03\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x04\x12\x16\n\x12MODEL_STATE_FAILED\x10\x05*q\n\x0bModelSource\x12\x1c\n\x18MODEL_SOURCE_UNSPECIFIED\x10\x00\x12\x16\n\x12MODEL_SOURCE_LOCAL\x10\x01\x12\x16\n\x12MODEL_SOURCE_CACHE\x10\x02\x12\x14\n\x10MODEL_SOURCE_HUB\x10\x03*z\n\nBufferKind\x12\x1b\n\x17\x42UFFER_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42UFFER_KIND_HOST_MEMFD\x10\x01\x12\x19\n\x15\x42UFFER_KIND_HOST_FILE\x10\x02\x12\x18\n\x14\x42UFFER_KIND_CUDA_VMM\x10\x03\x32\xb1\x05\n\x0bModelLoader\x12R\n\tLoadModel\x12 .modelloader.v1.LoadModelRequest\x1a!.modelloader.v1.ModelLoadProgress0\x01\x12O\n\x0bWatchModels\x12\".modelloader.v1.WatchModelsRequest\x1a\x1a.modelloader.v1.ModelEvent0\x01\x12S\n\nCancelLoad\x12!.modelloader.v1.CancelLoadRequest\x1a\".modelloader.v1.CancelLoadResponse\x12V\n\x0bUnloadModel\x12\".modelloader.v1.UnloadModelRequest\x1a#.modelloader.v1.UnloadModelResponse\x12H\n\x08GetModel\x12\x1f.modelloader.v1.GetModelRequest\x1a\x1b.modelloader.v1.ModelStatus\x12S\n\nListModels\x12!.modelloader.v1.ListModelsRequest\x1a\".modelloader.v1.ListModelsResponse\x12Y\n\x0cGetResources\x12#.modelloader.v1.GetResourcesRequest\x1a$.modelloader.v1.GetResourcesResponse\x12V\n\x0bListTensors\x12\".modelloader.v1.ListTensorsRequest\x1a#.modelloader.v1.ListTensorsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!modelloader/v1/model_loader.proto\x12\x0emodelloader.v1\"\xbb\x01\n\x11ModelLoadProgress\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\r\n\x05total\x18\x03 \x01(\r\x12-\n\x05phase\x18\x04 \x01(\x0e\x32\x1e.modelloader.v1.ModelLoadPhase\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x12\n\nbytes_done\x18\x07 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x08 \x01(\x04\"\x86\x01\n\x10LoadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\x08revision\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x06\x64\x65vice\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\x12\n\x05\x64type\x18\x04 \x01(\tH\x02\x88\x01\x01\x42\x0b\n\t_revisionB\t\n\x07_deviceB\x08\n\x06_dtype\"&\n\x12WatchModelsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"{\n\nModelEvent\x12-\n\x06status\x18\x01 \x01(\x0b\x32\x1b.modelloader.v1.ModelStatusH\x00\x12\x35\n\x08progress\x18\x02 \x01(\x0b\x32!.modelloader.v1.ModelLoadProgressH\x00\x42\x07\n\x05\x65vent\"%\n\x11\x43\x61ncelLoadRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\")\n\x12\x43\x61ncelLoadResponse\x12\x13\n\x0bwas_loading\x18\x01 \x01(\x08\"5\n\x12UnloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\">\n\x13UnloadModelResponse\x12\x12\n\nwas_loaded\x18\x01 \x01(\x08\x12\x13\n\x0b\x66reed_bytes\x18\x02 \x01(\x04\"#\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\xa9\x03\n\x0bModelStatus\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.modelloader.v1.ModelState\x12\x38\n\rlast_progress\x18\x03 \x01(\x0b\x32!.modelloader.v1.ModelLoadProgress\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x07 \x01(\x04\x12\x18\n\x0bsample_size\x18\x08 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05\x65rror\x18\t \x01(\t\x12+\n\x06source\x18\n \x01(\x0e\x32\x1b.modelloader.v1.ModelSource\x12\x15\n\runload_reason\x18\x0b \x01(\t\x12\x18\n\x10\x61ttached_clients\x18\x0c \x01(\r\x12\x16\n\x0emetadata_bytes\x18\r \x01(\x04\x12\x12\n\nerror_kind\x18\x0e \x01(\t\x12\x19\n\x11last_used_unix_ms\x18\x0f \x01(\x04\x42\x0e\n\x0c_sample_size\":\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"Z\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.modelloader.v1.ModelStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x15\n\x13GetResourcesRequest\"H\n\x14GetResourcesResponse\x12\x30\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x1f.modelloader.v1.DeviceResources\"\xd3\x01\n\x0f\x44\x65viceResources\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x16\n\x0ereserved_bytes\x18\x04 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x05 \x01(\x04\x12.\n\x06models\x18\x06 \x03(\x0b\x32\x1e.modelloader.v1.ModelResources\x12\x17\n\x0f\x61vailable_bytes\x18\x07 \x01(\x04\x12\x12\n\npeak_bytes\x18\x08 \x01(\x04\"1\n\x0eModelResources\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\">\n\x12ListTensorsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0ewith_checksums\x18\x02 \x01(\x08\"B\n\x13ListTensorsResponse\x12+\n\x07tensors\x18\x01 \x03(\x0b\x32\x1a.modelloader.v1.TensorInfo\"\\\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"}\n\rAttachRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\x08revision\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x06\x64\x65vice\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\x16\n\x0eload_if_needed\x18\x04 \x01(\x08\x42\x0b\n\t_revisionB\t\n\x07_device\"\xbe\x01\n\x0e\x41ttachResponse\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12+\n\x06status\x18\x03 \x01(\x0b\x32\x1b.modelloader.v1.ModelStatus\x12/\n\x07\x62uffers\x18\x04 \x03(\x0b\x32\x1e.modelloader.v1.AttachedBuffer\x12/\n\x07tensors\x18\x05 \x03(\x0b\x32\x1e.modelloader.v1.AttachedTensor\"^\n\x0e\x41ttachedBuffer\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.modelloader.v1.BufferKind\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\"p\n\x0e\x41ttachedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06\x62uffer\x18\x04 \x01(\r\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04*\xd8\x01\n\x0eModelLoadPhase\x12 \n\x1cMODEL_LOAD_PHASE_UNSPECIFIED\x10\x00\x12#\n\x1fMODEL_LOAD_PHASE_INITIALIZATION\x10\x01\x12\x1c\n\x18MODEL_LOAD_PHASE_LOADING\x10\x02\x12\x1b\n\x17MODEL_LOAD_PHASE_DEVICE\x10\x03\x12!\n\x1dMODEL_LOAD_PHASE_OPTIMIZATION\x10\x04\x12!\n\x1dMODEL_LOAD_PHASE_FINALIZATION\x10\x05*\xa7\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x16\n\x12MODEL_STATE_LOADED\x10\x03\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x04\x12\x16\n\x12MODEL_STATE_FAILED\x10\x05*\x90\x01\n\x0bModelSource\x12\x1c\n\x18MODEL_SOURCE_UNSPECIFIED\x10\x00\x12\x16\n\x12MODEL_SOURCE_LOCAL\x10\x01\x12\x16\n\x12MODEL_SOURCE_CACHE\x10\x02\x12\x14\n\x10MODEL_SOURCE_HUB\x10\x03\x12\x1d\n\x19MODEL_SOURCE_OBJECT_STORE\x10\x04*z\n\nBufferKind\x12\x1b\n\x17\x42UFFER_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42UFFER_KIND_HOST_MEMFD\x10\x01\x12\x19\n\x15\x42UFFER_KIND_HOST_FILE\x10\x02\x12\x18\n\x14\x42UFFER_KIND_CUDA_VMM\x10\x03\x32\xb1\x05\n\x0bModelLoader\x12R\n\tLoadModel\x12 .modelloader.v1.LoadModelRequest\x1a!.modelloader.v1.ModelLoadProgress0\x01\x12O\n\x0bWatchModels\x12\".modelloader.v1.WatchModelsRequest\x1a\x1a.modelloader.v1.ModelEvent0\x01\x12S\n\nCancelLoad\x12!.modelloader.v1.CancelLoadRequest\x1a\".modelloader.v1.CancelLoadResponse\x12V\n\x0bUnloadModel\x12\".modelloader.v1.UnloadModelRequest\x1a#.modelloader.v1.UnloadModelResponse\x12H\n\x08GetModel\x12\x1f.modelloader.v1.GetModelRequest\x1a\x1b.modelloader.v1.ModelStatus\x12S\n\nListModels\x12!.modelloader.v1.ListModelsRequest\x1a\".modelloader.v1.ListModelsResponse\x12Y\n\x0cGetResources\x12#.modelloader.v1.GetResourcesRequest\x1a$.modelloader.v1.GetResourcesResponse\x12V\n\x0bListTensors\x12\".modelloader.v1.ListTensorsRequest\x1a#.modelloader.v1.ListTensorsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelloader.v1.model_loader_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELLOADPHASE']._serialized_start=2435
-  _globals['_MODELLOADPHASE']._serialized_end=2651
-  _globals['_MODELSTATE']._serialized_start=2654
-  _globals['_MODELSTATE']._serialized_end=2821
-  _globals['_MODELSOURCE']._serialized_start=2823
-  _globals['_MODELSOURCE']._serialized_end=2936
-  _globals['_BUFFERKIND']._serialized_start=2938
-  _globals['_BUFFERKIND']._serialized_end=3060
+  _globals['_MODELLOADPHASE']._serialized_start=2482
+  _globals['_MODELLOADPHASE']._serialized_end=2698
+  _globals['_MODELSTATE']._serialized_start=2701
+  _globals['_MODELSTATE']._serialized_end=2868
+  _globals['_MODELSOURCE']._serialized_start=2871
+  _globals['_MODELSOURCE']._serialized_end=3015
+  _globals['_BUFFERKIND']._serialized_start=3017
+  _globals['_BUFFERKIND']._serialized_end=3139
   _globals['_MODELLOADPROGRESS']._serialized_start=54
   _globals['_MODELLOADPROGRESS']._serialized_end=241
   _globals['_LOADMODELREQUEST']._serialized_start=244
@@ -58,33 +58,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELREQUEST']._serialized_start=746
   _globals['_GETMODELREQUEST']._serialized_end=781
   _globals['_MODELSTATUS']._serialized_start=784
-  _globals['_MODELSTATUS']._serialized_end=1162
-  _globals['_LISTMODELSREQUEST']._serialized_start=1164
-  _globals['_LISTMODELSREQUEST']._serialized_end=1222
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1224
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1314
-  _globals['_GETRESOURCESREQUEST']._serialized_start=1316
-  _globals['_GETRESOURCESREQUEST']._serialized_end=1337
-  _globals['_GETRESOURCESRESPONSE']._serialized_start=1339
-  _globals['_GETRESOURCESRESPONSE']._serialized_end=1411
-  _globals['_DEVICERESOURCES']._serialized_start=1414
-  _globals['_DEVICERESOURCES']._serialized_end=1625
-  _globals['_MODELRESOURCES']._serialized_start=1627
-  _globals['_MODELRESOURCES']._serialized_end=1676
-  _globals['_LISTTENSORSREQUEST']._serialized_start=1678
-  _globals['_LISTTENSORSREQUEST']._serialized_end=1740
-  _globals['_LISTTENSORSRESPONSE']._serialized_start=1742
-  _globals['_LISTTENSORSRESPONSE']._serialized_end=1808
-  _globals['_TENSORINFO']._serialized_start=1810
-  _globals['_TENSORINFO']._serialized_end=1902
-  _globals['_ATTACHREQUEST']._serialized_start=1904
-  _globals['_ATTACHREQUEST']._serialized_end=2029
-  _globals['_ATTACHRESPONSE']._serialized_start=2032
-  _globals['_ATTACHRESPONSE']._serialized_end=2222
-  _globals['_ATTACHEDBUFFER']._serialized_start=2224
-  _globals['_ATTACHEDBUFFER']._serialized_end=2318
-  _globals['_ATTACHEDTENSOR']._serialized_start=2320
-  _globals['_ATTACHEDTENSOR']._serialized_end=2432
-  _globals['_MODELLOADER']._serialized_start=3063
-  _globals['_MODELLOADER']._serialized_end=3752
+  _globals['_MODELSTATUS']._serialized_end=1209
+  _globals['_LISTMODELSREQUEST']._serialized_start=1211
+  _globals['_LISTMODELSREQUEST']._serialized_end=1269
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1271
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1361
+  _globals['_GETRESOURCESREQUEST']._serialized_start=1363
+  _globals['_GETRESOURCESREQUEST']._serialized_end=1384
+  _globals['_GETRESOURCESRESPONSE']._serialized_start=1386
+  _globals['_GETRESOURCESRESPONSE']._serialized_end=1458
+  _globals['_DEVICERESOURCES']._serialized_start=1461
+  _globals['_DEVICERESOURCES']._serialized_end=1672
+  _globals['_MODELRESOURCES']._serialized_start=1674
+  _globals['_MODELRESOURCES']._serialized_end=1723
+  _globals['_LISTTENSORSREQUEST']._serialized_start=1725
+  _globals['_LISTTENSORSREQUEST']._serialized_end=1787
+  _globals['_LISTTENSORSRESPONSE']._serialized_start=1789
+  _globals['_LISTTENSORSRESPONSE']._serialized_end=1855
+  _globals['_TENSORINFO']._serialized_start=1857
+  _globals['_TENSORINFO']._serialized_end=1949
+  _globals['_ATTACHREQUEST']._serialized_start=1951
+  _globals['_ATTACHREQUEST']._serialized_end=2076
+  _globals['_ATTACHRESPONSE']._serialized_start=2079
+  _globals['_ATTACHRESPONSE']._serialized_end=2269
+  _globals['_ATTACHEDBUFFER']._serialized_start=2271
+  _globals['_ATTACHEDBUFFER']._serialized_end=2365
+  _globals['_ATTACHEDTENSOR']._serialized_start=2367
+  _globals['_ATTACHEDTENSOR']._serialized_end=2479
+  _globals['_MODELLOADER']._serialized_start=3142
+  _globals['_MODELLOADER']._serialized_end=3831
 # @@protoc_insertion_point(module_scope)

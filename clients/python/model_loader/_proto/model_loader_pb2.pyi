@@ -31,6 +31,7 @@ class ModelSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_SOURCE_LOCAL: _ClassVar[ModelSource]
     MODEL_SOURCE_CACHE: _ClassVar[ModelSource]
     MODEL_SOURCE_HUB: _ClassVar[ModelSource]
+    MODEL_SOURCE_OBJECT_STORE: _ClassVar[ModelSource]
 
 class BufferKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -54,6 +55,7 @@ MODEL_SOURCE_UNSPECIFIED: ModelSource
 MODEL_SOURCE_LOCAL: ModelSource
 MODEL_SOURCE_CACHE: ModelSource
 MODEL_SOURCE_HUB: ModelSource
+MODEL_SOURCE_OBJECT_STORE: ModelSource
 BUFFER_KIND_UNSPECIFIED: BufferKind
 BUFFER_KIND_HOST_MEMFD: BufferKind
 BUFFER_KIND_HOST_FILE: BufferKind
@@ -140,7 +142,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("model_id", "state", "last_progress", "device", "dtype", "revision", "weight_bytes", "sample_size", "error", "source", "unload_reason", "attached_clients", "metadata_bytes")
+    __slots__ = ("model_id", "state", "last_progress", "device", "dtype", "revision", "weight_bytes", "sample_size", "error", "source", "unload_reason", "attached_clients", "metadata_bytes", "error_kind", "last_used_unix_ms")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_PROGRESS_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +156,8 @@ class ModelStatus(_message.Message):
     UNLOAD_REASON_FIELD_NUMBER: _ClassVar[int]
     ATTACHED_CLIENTS_FIELD_NUMBER: _ClassVar[int]
     METADATA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_KIND_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     state: ModelState
     last_progress: ModelLoadProgress
@@ -167,7 +171,9 @@ class ModelStatus(_message.Message):
     unload_reason: str
     attached_clients: int
     metadata_bytes: int
-    def __init__(self, model_id: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., last_progress: _Optional[_Union[ModelLoadProgress, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., revision: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., sample_size: _Optional[int] = ..., error: _Optional[str] = ..., source: _Optional[_Union[ModelSource, str]] = ..., unload_reason: _Optional[str] = ..., attached_clients: _Optional[int] = ..., metadata_bytes: _Optional[int] = ...) -> None: ...
+    error_kind: str
+    last_used_unix_ms: int
+    def __init__(self, model_id: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., last_progress: _Optional[_Union[ModelLoadProgress, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., revision: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., sample_size: _Optional[int] = ..., error: _Optional[str] = ..., source: _Optional[_Union[ModelSource, str]] = ..., unload_reason: _Optional[str] = ..., attached_clients: _Optional[int] = ..., metadata_bytes: _Optional[int] = ..., error_kind: _Optional[str] = ..., last_used_unix_ms: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ("page_size", "page_token")
