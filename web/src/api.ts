@@ -31,12 +31,14 @@ export function connect(): Api {
   return createClient(ModelLoader, transport);
 }
 
-/** A failed call as a person reads it: the gRPC code's name and the server's message. */
+/** A failed call as a person reads it: the gRPC code's name, the kind and the server's message. */
 export function describe(err: unknown): string {
   const e = ConnectError.from(err);
   // Code's names are CamelCase ("FailedPrecondition"); gRPC's own spelling is FAILED_PRECONDITION.
   const name = (Code[e.code] ?? String(e.code)).replace(/([a-z])([A-Z])/g, "$1_$2").toUpperCase();
-  return `${name}: ${e.rawMessage}`;
+  // The server's stable kind of the failure, when it sends one (see ModelStatus.error_kind).
+  const kind = e.metadata.get("model-loader-error-kind");
+  return `${name}${kind ? ` (${kind})` : ""}: ${e.rawMessage}`;
 }
 
 export function code(err: unknown): Code {

@@ -2,7 +2,7 @@
 // that has the keyboard's focus keeps it while the numbers change.
 
 import { ModelLoadPhase, type ModelLoadProgress, ModelSource, ModelState, type ModelStatus } from "./gen/modelloader/v1/model_loader_pb.js";
-import { byteProgress, bytes, Rate } from "./format.js";
+import { byteProgress, bytes, Rate, when } from "./format.js";
 
 /** What a card's buttons ask for; the page makes the calls. */
 export interface Actions {
@@ -24,12 +24,6 @@ export function stateName(s: ModelState): string {
 
 function sourceName(s: ModelSource): string {
   return s === ModelSource.UNSPECIFIED ? "" : (ModelSource[s] ?? "").toLowerCase().replace("_", " ");
-}
-
-/** The error's machine-readable kind, from servers that send one (empty otherwise). */
-function errorKind(status: ModelStatus): string {
-  const kind = (status as { errorKind?: unknown }).errorKind;
-  return typeof kind === "string" ? kind : "";
 }
 
 export class ModelCard {
@@ -114,7 +108,7 @@ export class ModelCard {
     this.state.textContent = name;
     this.renderFacts(s);
     this.renderProgress(s);
-    const kind = errorKind(s);
+    const kind = s.errorKind;
     this.error.hidden = s.state !== ModelState.FAILED || s.error === "";
     this.error.textContent = `Last error${kind ? ` (${kind})` : ""}: ${s.error}`;
     this.note.hidden = s.unloadReason === "";
@@ -137,6 +131,7 @@ export class ModelCard {
     if (source) facts.push(["source", source]);
     if (s.revision) facts.push(["revision", s.revision.slice(0, 12)]);
     facts.push(["attached clients", String(s.attachedClients)]);
+    if (s.lastUsedUnixMs > 0n) facts.push(["last used", when(s.lastUsedUnixMs)]);
     this.facts.replaceChildren(
       ...facts.flatMap(([k, v]) => {
         const div = el("div");
