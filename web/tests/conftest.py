@@ -77,7 +77,7 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The bundled demo model; `big`: one large f32 tensor, slow to load as bf16; `broken`: a
     truncated safetensors file."""
     root = tmp_path_factory.mktemp("models")
@@ -93,7 +93,9 @@ def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (broken / "config.json").write_text('{"model_type": "test"}')
     header = b'{"w":{"dtype":"F32","shape":[1024],"data_offsets":[0,4096]}}'
     (broken / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
-    return root
+    yield root
+    # pytest keeps the last runs' temporary folders: not this one's large file.
+    (big / "model.safetensors").unlink()
 
 
 @pytest.fixture
