@@ -93,7 +93,7 @@ function upsert(status: ModelStatus): void {
   byId("known-models").append(option);
 }
 
-// GetResources after events, at most every half second: a load sends many progress messages.
+// GetResources after events, at most every 150 ms: a load sends many progress messages.
 let resourcesTimer: number | undefined;
 function refreshResources(): void {
   if (resourcesTimer !== undefined) return;
@@ -105,7 +105,7 @@ function refreshResources(): void {
     } catch {
       // The watch reports a lost connection; the next event asks again.
     }
-  }, 500);
+  }, 150);
 }
 
 async function listAll(): Promise<ModelStatus[]> {
