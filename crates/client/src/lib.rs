@@ -158,3 +158,37 @@ impl Client {
         Ok(response.tensors)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A unary call that gets no answer ends at the request timeout with kind `timeout`; a
+    /// stream is never cut by it.
+    #[tokio::test]
+    async fn a_silent_server_times_out_unary_calls() {
+        // Accepts connections and reads whatever comes, but never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                let (mut reader, writer) = socket.into_split();
+                held.push(writer);
+                tokio::spawn(async move { tokio::io::copy(&mut reader, &mut tokio::io::sink()).await });
+            }
+        });
+        let after = Duration::from_millis(300);
+        let options = ConnectOptions::new(addr.to_string()).request_timeout(Some(after));
+        let bound = Duration::from_secs(30);
+        let client =
+            tokio::time::timeout(bound, Client::connect(&options)).await.expect("connect ends").expect("a TCP peer");
+        let e =
+            tokio::time::timeout(bound, client.get("demo")).await.expect("the timeout fires").expect_err("no answer");
+        assert_eq!((e.code(), e.kind()), (tonic::Code::DeadlineExceeded, "timeout"), "{e}");
+        assert!(e.to_string().starts_with("GetModel: no answer within"), "{e}");
+        // A watch waits as long as it takes: still pending well past the request timeout.
+        let watch = tokio::time::timeout(after * 3, client.watch(None)).await;
+        assert!(watch.is_err(), "a stream is not cut by the request timeout");
+    }
+}

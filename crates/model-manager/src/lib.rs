@@ -308,7 +308,7 @@ impl ModelManager {
 
     fn snapshot(&self, model_id: Option<&ModelId>) -> Vec<StateEvent> {
         let statuses = match model_id {
-            Some(id) => vec![self.state.get(id).unwrap_or_else(|| ModelStatus::unloaded(id))],
+            Some(id) => vec![self.state.get(id).map_or_else(|| ModelStatus::unloaded(id), |s| self.with_clients(s))],
             None => self.list(),
         };
         statuses.into_iter().map(StateEvent::Status).collect()
@@ -348,6 +348,10 @@ impl WatchSubscription {
                 () = self.manager.shutdown.cancelled() => return None,
             };
             match received {
+                // A status as GetModel gives it: with its attached clients and last use.
+                Ok(StateEvent::Status(status)) if self.wanted_id(status.model_id.as_str()) => {
+                    return Some(StateEvent::Status(self.manager.with_clients(status)));
+                }
                 Ok(event) if self.wanted(&event) => return Some(event),
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
@@ -361,11 +365,13 @@ impl WatchSubscription {
     }
 
     fn wanted(&self, event: &StateEvent) -> bool {
-        let Some(filter) = &self.filter else { return true };
-        let id = match event {
+        self.wanted_id(match event {
             StateEvent::Status(s) => s.model_id.as_str(),
             StateEvent::Progress(p) => p.model_id.as_str(),
-        };
-        id == filter.as_str()
+        })
+    }
+
+    fn wanted_id(&self, id: &str) -> bool {
+        self.filter.as_ref().is_none_or(|filter| id == filter.as_str())
     }
 }

@@ -174,7 +174,8 @@ async fn readme_grpcurl_commands_work() {
     }
 }
 
-/// A malformed request through grpcurl gets INVALID_ARGUMENT, and the server keeps serving.
+/// A malformed request through grpcurl gets INVALID_ARGUMENT, a missing model NOT_FOUND with its
+/// kind in the trailers, and the server keeps serving.
 #[tokio::test]
 async fn grpcurl_sees_error_codes() {
     let models = fixture::repo_models_dir();
@@ -184,10 +185,24 @@ async fn grpcurl_sees_error_codes() {
         grpcurl(&["-plaintext", "-d", r#"{"model_id":"../x"}"#, &addr, "modelloader.v1.ModelLoader/LoadModel"]).await;
     assert!(!out.success);
     assert!(out.stderr.contains("Code: InvalidArgument"), "{}", out.stderr);
-    let out =
-        grpcurl(&["-plaintext", "-d", r#"{"model_id":"no/such"}"#, &addr, "modelloader.v1.ModelLoader/LoadModel"])
-            .await;
+    // -v shows the trailers: the error's stable kind rides beside the code.
+    let out = grpcurl(&[
+        "-plaintext",
+        "-v",
+        "-d",
+        r#"{"model_id":"no/such"}"#,
+        &addr,
+        "modelloader.v1.ModelLoader/LoadModel",
+    ])
+    .await;
     assert!(out.stderr.contains("Code: NotFound"), "{}", out.stderr);
+    let all = format!("{}{}", out.stdout, out.stderr);
+    assert!(all.contains("model-loader-error-kind: not_found"), "{all}");
+    // The kinds are documented where grpcurl users look: the proto's comments.
+    let out = grpcurl(&["-plaintext", &addr, "describe", "modelloader.v1.ModelStatus"]).await;
+    assert!(out.stdout.contains("string error_kind = 14;"), "{}", out.stdout);
+    assert!(out.stdout.contains("model-loader-error-kind"), "{}", out.stdout);
+    assert!(out.stdout.contains("uint64 last_used_unix_ms = 15;"), "{}", out.stdout);
     let out = grpcurl(&["-plaintext", &addr, "grpc.health.v1.Health/Check"]).await;
     assert_eq!(out.messages()[0]["status"], "SERVING", "{}", out.stdout);
 }

@@ -60,6 +60,9 @@ async fn failed_load_has_its_kind_in_status_and_stream() {
         (before..=now_ms()).contains(&loaded.last_used_unix_ms),
         "last use is the load, between {before} and now: {loaded:?}"
     );
+    // The watch's LOADED status tells the same last use as GetModel.
+    let last_used = loaded.last_used_unix_ms;
+    until_status(&mut watcher, "bad", pb::ModelState::Loaded, |s| s.last_used_unix_ms == last_used).await;
     server.stop().await;
 }
 
