@@ -137,36 +137,19 @@ async function follow(onLive: () => void): Promise<void> {
   if (performance.getEntriesByName("models-rendered").length === 0) performance.mark("models-rendered");
   refreshResources();
   for await (const event of api.watchModels({ modelId: "" })) {
-    if (event.event.case === "status") fromWatch(event.event.value);
+    if (event.event.case === "status") upsert(event.event.value);
     else if (event.event.case === "progress") cards.get(event.event.value.modelId)?.setProgress(event.event.value);
     refreshResources();
   }
 }
 
 /**
- * A watched status without the two figures the watch does not carry (attached clients, last
- * use: only GetModel and ListModels count them): the card keeps its own, and the list is asked
- * again soon for fresh ones.
- */
-function fromWatch(status: ModelStatus): void {
-  const known = cards.get(status.modelId)?.status;
-  if (known && status.state === ModelState.LOADED) {
-    status.attachedClients = known.attachedClients;
-    status.lastUsedUnixMs = known.lastUsedUnixMs;
-    if (!attachedTimer) attachedTimer = window.setTimeout(() => void refreshAttached(), 300);
-  }
-  upsert(status);
-}
-
-let attachedTimer: number | undefined;
-
-/**
- * Attaching and detaching are no WatchModels event, so the list is asked again every few seconds
- * for the attached clients (and last use). A listed status replaces the card's only when its state is the one
+ * Attaching and detaching are no WatchModels event (its statuses count attached clients, but a
+ * new client sends none), so the list is asked again every few seconds for the attached clients
+ * and last use. A listed status replaces the card's only when its state is the one
  * the card shows (and not a load in flight): the watch stays the word on every change.
  */
 async function refreshAttached(): Promise<void> {
-  attachedTimer = undefined;
   try {
     for (const m of await listAll()) {
       const c = cards.get(m.modelId);

@@ -1121,8 +1121,9 @@ export const ModelLoader: GenService<{
    * Loads a model and streams its progress from step 1 to step 8, then ends OK. A call for a model
    * that is already loading joins that load (it first receives the latest message); a call for a
    * loaded model receives one message (step 8, detail "already loaded"). A failed load ends the
-   * stream with an error status. The load does not depend on its caller: disconnecting does not
-   * stop it, CancelLoad does.
+   * stream with an error status, its kind in the `model-loader-error-kind` trailer (see
+   * ModelStatus.error_kind); there is no FAILED progress message. The load does not depend on its
+   * caller: disconnecting does not stop it, CancelLoad does.
    *
    * @generated from rpc modelloader.v1.ModelLoader.LoadModel
    */
