@@ -26,7 +26,43 @@ test:
     # the attach tests, against the server.
     python3 -c "import model_loader, pytest" || { echo 'pip install "./clients/python[grpc,tqdm,test]"' >&2; exit 1; }
     python3 -m pytest -q clients/python/tests
+    # The dashboard: its committed bundle against its sources, then the page in headless Chromium.
+    just web-check
+    just web-test
     cargo test --locked --workspace --no-fail-fast
+
+# The dashboard page (web/): npm ci, the TypeScript client generated from the proto into
+# web/src/gen, and the esbuild bundle into web/dist (both committed; the server embeds web/dist).
+web:
+    command -v npm >/dev/null || { echo "npm is missing: install Node.js and npm (Debian: npm)" >&2; exit 1; }
+    cd web && npm ci --no-audit --no-fund --loglevel=error && npx buf generate && npx tsc --noEmit && node build.mjs
+
+# Fails when the committed web/src/gen or web/dist differ from what `just web` makes of the proto
+# and web/src (rebuilt into a temporary folder), and when the TypeScript does not type-check.
+web-check:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq npm >/dev/null; } || { echo "npm is missing: install Node.js and npm (Debian: npm)" >&2; exit 1; }
+    out=$(mktemp -d)
+    trap 'rm -rf "$out"' EXIT
+    cd web
+    npm ci --no-audit --no-fund --loglevel=error
+    npx buf generate --output "$out"
+    npx tsc --noEmit
+    node build.mjs "$out/dist"
+    stale=0
+    diff -r src/gen "$out/src/gen" >/dev/null || { echo "web/src/gen is stale against the proto" >&2; stale=1; }
+    diff -r dist "$out/dist" >/dev/null || { echo "web/dist is stale against web/src" >&2; stale=1; }
+    if [ "$stale" = 1 ]; then echo "run \`just web\` and commit web/src/gen and web/dist" >&2; exit 1; fi
+    echo "web/src/gen and web/dist match their sources"
+
+# The dashboard in headless Chromium (Debian's, installed when missing) against the debug server,
+# driven by Playwright with that system browser; the screenshot lands in target/web-artifacts/.
+web-test:
+    command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || { echo "Chromium is missing (Debian: apt-get install chromium)" >&2; exit 1; }
+    python3 -c "import playwright" || { echo "pip install -r requirements-test.txt (playwright)" >&2; exit 1; }
+    cargo build --locked -p server --bin model-loader
+    python3 -m pytest -q -p no:cacheprovider web/tests
 
 # Render both Kubernetes overlays (kubectl kustomize) and check them against the Kubernetes
 # schemas, each other and the server's flags (deploy/check.py).

@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use crate::{attach::AttachConfig, connections::ConnectionLimits, tls::TlsFiles};
+use crate::{attach::AttachConfig, connections::ConnectionLimits, tls::TlsFiles, web::CorsOrigin};
 
 use clap::{Parser, ValueEnum, builder::PossibleValuesParser, builder::TypedValueParser as _};
 use model_manager::{
@@ -159,6 +159,16 @@ pub struct Cli {
     #[arg(long, env = "MODEL_LOADER_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
+    /// Browser pages of this origin (`https://host:port`) may call over gRPC-web (repeatable, or
+    /// comma-separated). The dashboard needs none when opened by IP address or localhost; opened
+    /// by a DNS name, list that origin (a defence against DNS rebinding) [default: same origin].
+    #[arg(long, env = "MODEL_LOADER_CORS_ORIGIN", value_delimiter = ',')]
+    pub cors_origin: Vec<CorsOrigin>,
+
+    /// Do not serve the dashboard page at `GET /` of the gRPC port (404 instead).
+    #[arg(long, env = "MODEL_LOADER_NO_DASHBOARD")]
+    pub no_dashboard: bool,
+
     /// gRPC connections open at once; when all are taken, a new one replaces the connection
     /// idle the longest (and is refused if none is idle).
     #[arg(long, env = "MODEL_LOADER_MAX_CONNECTIONS", default_value_t = ConnectionLimits::default().max_connections)]
@@ -168,7 +178,8 @@ pub struct Cli {
     #[arg(long, env = "MODEL_LOADER_IDLE_TIMEOUT", default_value = "300s", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
 
-    /// A connection must finish its TLS and HTTP/2 handshake within this.
+    /// A connection must finish its TLS handshake and send its first request (or HTTP/2
+    /// preface) within this.
     #[arg(long, env = "MODEL_LOADER_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
 
@@ -251,6 +262,10 @@ pub struct SecurityConfig {
     pub connections: ConnectionLimits,
     pub max_streams_per_connection: u32,
     pub max_watchers: usize,
+    /// Origins other than its own whose pages may call over gRPC-web.
+    pub cors_origins: Vec<CorsOrigin>,
+    /// Whether the dashboard page is served (without a token: its calls need one).
+    pub dashboard: bool,
 }
 
 impl Default for SecurityConfig {
@@ -262,6 +277,8 @@ impl Default for SecurityConfig {
             connections: ConnectionLimits::default(),
             max_streams_per_connection: 1024,
             max_watchers: 256,
+            cors_origins: Vec::new(),
+            dashboard: true,
         }
     }
 }
@@ -331,6 +348,8 @@ impl Cli {
                 },
                 max_streams_per_connection: self.max_streams_per_connection.max(1),
                 max_watchers: self.max_watchers.max(1),
+                cors_origins: self.cors_origin,
+                dashboard: !self.no_dashboard,
             },
         })
     }
@@ -415,6 +434,18 @@ mod tests {
         assert_eq!(cache(&[("HUGGINGFACE_HUB_CACHE", "/legacy"), ("HF_HOME", "/hf")]), Some("/legacy".into()));
         assert_eq!(cache(&[("HF_HUB_CACHE", "/new"), ("HUGGINGFACE_HUB_CACHE", "/legacy")]), Some("/new".into()));
         assert_eq!(cache(&[("HF_HOME", "/hf")]), Some("/hf/hub".into()));
+    }
+
+    /// The dashboard is on by default and `--no-dashboard` turns it off; `--cors-origin` takes a
+    /// list of origins and refuses anything else.
+    #[test]
+    fn web_flags() {
+        let web =
+            parse(&["--cors-origin", "https://a.example,http://b.example:8080", "--no-dashboard"]).expect("valid");
+        assert_eq!(web.security.cors_origins.len(), 2);
+        assert!(!web.security.dashboard);
+        assert!(parse(&[]).expect("valid").security.dashboard);
+        assert!(parse(&["--cors-origin", "a.example"]).expect_err("bad origin").contains("--cors-origin"));
     }
 
     /// Flags are validated into typed values; bad ones are refused with the flag's name.

@@ -1,6 +1,6 @@
 //! The gRPC listener's connections, bounded: at most `max_connections` at once, each closed once
 //! it has been idle (no request in flight) for `idle_timeout`, or when it has not finished its
-//! handshake (TLS, then the HTTP/2 preface) within `handshake_timeout`. When every place is taken,
+//! handshake (TLS, then the HTTP/2 preface or a first HTTP/1.1 request) within `handshake_timeout`. When every place is taken,
 //! a new connection takes the place of the connection idle the longest, so a crowd of idle or
 //! half-open connections cannot lock out health probes and real clients; when none is idle, the
 //! new one is refused and the refusal logged.
@@ -19,7 +19,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll, ready},
     time::Duration,
@@ -42,7 +42,8 @@ pub struct ConnectionLimits {
     pub max_connections: usize,
     /// A connection with no request in flight for this long is closed.
     pub idle_timeout: Duration,
-    /// The TLS handshake and the HTTP/2 preface must be done within this.
+    /// The TLS handshake and the HTTP/2 preface (or a first HTTP/1.1 request) must be done
+    /// within this.
     pub handshake_timeout: Duration,
 }
 
@@ -66,6 +67,8 @@ pub struct ConnectionState {
     id: u64,
     /// Requests whose response has not ended (a stream open).
     in_flight: AtomicUsize,
+    /// Set by the first request: an HTTP/1.1 request may be shorter than the HTTP/2 handshake.
+    requested: AtomicBool,
     /// When the last request ended, or the connection opened.
     idle_since: Mutex<Instant>,
     /// Cancelled to close the connection: its stream then reads end-of-file.
@@ -110,6 +113,7 @@ impl Registry {
         let state = Arc::new(ConnectionState {
             id,
             in_flight: AtomicUsize::new(0),
+            requested: AtomicBool::new(false),
             idle_since: Mutex::new(Instant::now()),
             close: CancellationToken::new(),
         });
@@ -248,8 +252,9 @@ impl Connection {
         }
         while self.check.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
-            let next = if self.read < HANDSHAKE_BYTES {
-                tracing::info!(peer = %self.info.peer, "closing a connection that did not finish its HTTP/2 handshake");
+            let handshaken = self.read >= HANDSHAKE_BYTES || self.guard.state.requested.load(Ordering::SeqCst);
+            let next = if !handshaken {
+                tracing::info!(peer = %self.info.peer, "closing a connection that did not finish its handshake");
                 None
             } else {
                 match self.guard.state.idle_since() {
@@ -391,6 +396,7 @@ struct RequestHeld(Arc<ConnectionState>);
 impl RequestHeld {
     fn new(state: Arc<ConnectionState>) -> Self {
         state.in_flight.fetch_add(1, Ordering::SeqCst);
+        state.requested.store(true, Ordering::SeqCst);
         Self(state)
     }
 }

@@ -1,5 +1,6 @@
-//! The `model-loader` server: the tonic service over the [`ModelManager`] facade, gRPC health and
-//! reflection, configuration from flags, logs, and graceful shutdown.
+//! The `model-loader` server: the tonic service over the [`ModelManager`] facade (gRPC, and
+//! gRPC-web for browsers on the same port), gRPC health and reflection, configuration from flags,
+//! logs, and graceful shutdown.
 //!
 //! This is the only crate that knows tonic's server side or parses flags. It holds no model
 //! logic: every request is converted, handed to the facade, and its answer converted back.
@@ -9,6 +10,7 @@ mod auth;
 pub mod cli;
 pub mod connections;
 mod convert;
+mod dashboard;
 mod health;
 mod logs;
 pub mod metrics;
@@ -16,6 +18,7 @@ mod service;
 mod status;
 mod throttle;
 mod tls;
+pub mod web;
 
 use std::{future::Future, sync::Arc};
 
@@ -26,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
+use tower::layer::util::{Identity, Stack};
 
 pub use crate::{
     cli::{Cli, LogFormat, SecurityConfig, ServerConfig},
@@ -60,13 +64,18 @@ pub fn raise_open_files_limit() {
     }
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+/// Resolves on the first SIGTERM or SIGINT. The handlers are installed by this call, not at the
+/// future's first poll: `run` polls it only once it serves, and a signal in between would
+/// otherwise kill the process without a drain. Call it within the runtime.
+pub fn shutdown_signal() -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler succeeds at start-up");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler succeeds at start-up");
+    async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }
 
@@ -101,24 +110,21 @@ pub async fn run(
     if tokens.is_none() && !addr.ip().is_loopback() {
         tracing::warn!(%addr, "listening beyond loopback without --auth-token-file: anyone who reaches it can load and unload models");
     }
-    let tls = security
-        .tls
-        .clone()
-        .map(tls::TlsAcceptor::new)
-        .transpose()
-        .context("TLS (--tls-cert, --tls-key, --tls-client-ca)")?;
+    let tls = tls::TlsAcceptor::for_flags(security.tls.clone())?;
     let connections = Arc::new(connections::Registry::default());
     let incoming =
         connections::incoming(listener, security.connections, tls.clone(), connections.clone(), root.child_token());
     let service = ModelLoaderServer::new(ModelLoaderService::new(manager.clone(), security.max_watchers))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let server = Server::builder()
+        // gRPC-web from browsers comes over HTTP/1.1 as often as HTTP/2.
+        .accept_http1(true)
         .max_concurrent_streams(Some(security.max_streams_per_connection))
         // Long streams (a load's progress, WatchModels) across proxies and NATs: pings keep the
         // connection's state alive and find a peer that vanished.
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .layer(tower::ServiceBuilder::new().layer(connections::CountRequests).layer(auth::RequireToken(tokens.clone())))
+        .layer(layers(tokens.clone(), &web::Origins::new(tls.is_some(), &security.cors_origins), security.dashboard))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -169,6 +175,33 @@ pub async fn run(
     }
     tracing::info!("shut down");
     Ok(())
+}
+
+/// The layers in front of every service, outermost first.
+type Layers = tower::ServiceBuilder<
+    Stack<
+        auth::RequireToken,
+        Stack<
+            tonic_web::GrpcWebLayer,
+            Stack<
+                tower_http::cors::CorsLayer,
+                Stack<web::RequireOrigin, Stack<dashboard::ServePage, Stack<connections::CountRequests, Identity>>>,
+            >,
+        >,
+    >,
+>;
+
+/// The layers in front of every service: connection accounting, the dashboard page (GET), then
+/// the browser's origin checks, gRPC-web's translation, and auth inside it (so a refusal reaches a browser as a
+/// gRPC-web status).
+fn layers(tokens: Option<auth::Tokens>, origins: &web::Origins, dashboard: bool) -> Layers {
+    tower::ServiceBuilder::new()
+        .layer(connections::CountRequests)
+        .layer(dashboard::ServePage(dashboard.then(dashboard::Page::embedded)))
+        .layer(web::RequireOrigin(origins.clone()))
+        .layer(origins.cors())
+        .layer(tonic_web::GrpcWebLayer::new())
+        .layer(auth::RequireToken(tokens))
 }
 
 /// Both reflection versions, each knowing every service (grpcurl 1.8 speaks only v1alpha).

@@ -65,7 +65,8 @@ impl TlsFiles {
             }
         };
         let mut config = builder.with_single_cert(certs, key).context("the certificate and key do not match")?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        // HTTP/1.1 too: browsers' gRPC-web calls and the dashboard page.
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(config)
     }
 }
@@ -87,6 +88,11 @@ impl TlsAcceptor {
         let config = files.load()?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         Ok(Self { files: Arc::new(files), current: Arc::new(Mutex::new((stamp, acceptor))) })
+    }
+
+    /// The acceptor for `files` if TLS is on (an error names the flags).
+    pub fn for_flags(files: Option<TlsFiles>) -> anyhow::Result<Option<Self>> {
+        files.map(Self::new).transpose().context("TLS (--tls-cert, --tls-key, --tls-client-ca)")
     }
 
     /// The acceptor, reloaded first if a file changed.

@@ -1,6 +1,6 @@
 //! End-to-end tests: the real `model-loader` binary driven by the real grpcurl, Python clients,
-//! the deployment check, and real object stores (SeaweedFS, Azurite, WebDAV): one module per area,
-//! one binary. `just test` builds the binaries they start first.
+//! curl speaking gRPC-web, the deployment check, and real object stores (SeaweedFS, Azurite,
+//! WebDAV): one module per area, one binary. `just test` builds the binaries they start first.
 
 mod attach_bad_input;
 mod attach_files;
@@ -15,3 +15,4 @@ mod object_store;
 mod ops;
 mod security;
 mod shutdown;
+mod web;
