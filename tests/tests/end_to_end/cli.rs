@@ -1,6 +1,7 @@
 //! The command line (`model-loader load|ps|get|…`) against the real server binary: each
 //! subcommand's output and exit code, `--json`, auth, an unreachable server, and under a real
 //! pseudo-terminal the live bars, Ctrl-C's prompt and `watch`'s redraws.
+use crate::path;
 
 use std::{path::Path, process::Stdio};
 
@@ -286,10 +287,6 @@ async fn cancel_stops_a_load_in_flight() {
     assert_eq!(load.code, 7, "{load:?}");
     assert!(load.stderr.contains("[cancelled]"), "{load:?}");
     assert_eq!(state_of(&mut client, "large").await, pb::ModelState::Unloaded);
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("a UTF-8 path")
 }
 
 /// `model-loader ARGS` under a pseudo-terminal of 120 columns, with colour allowed.

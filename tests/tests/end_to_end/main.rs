@@ -16,3 +16,16 @@ mod ops;
 mod security;
 mod shutdown;
 mod web;
+
+/// A model root with one small model, `small`.
+fn small_model_root() -> tempfile::TempDir {
+    let root = tempfile::tempdir().expect("root");
+    tests::fixture::single_file_model(&root.path().join("small"), &tests::fixture::f32_tensors("w", 2, 64))
+        .expect("fixture");
+    root
+}
+
+/// A path as a command-line argument.
+fn path(p: &std::path::Path) -> &str {
+    p.to_str().expect("a UTF-8 path")
+}

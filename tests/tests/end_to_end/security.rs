@@ -3,14 +3,15 @@
 //! (a client with a certificate of another CA is refused), and the connection limits (2,000 idle
 //! connections while health still answers, idle and half-open connections closed, WatchModels
 //! past --max-watchers RESOURCE_EXHAUSTED while the others keep working).
+use crate::path;
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use proto::v1 as pb;
 use tests::{
     WAIT,
     binary::{Binary, grpcurl},
-    connect, fixture,
+    connect,
     tls::{make_ca, make_cert},
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,17 +20,6 @@ use tonic::Code;
 const LOAD: &str = "modelloader.v1.ModelLoader/LoadModel";
 const LIST: &str = "modelloader.v1.ModelLoader/ListModels";
 const HEALTH: &str = "grpc.health.v1.Health/Check";
-
-/// A model root with one small model, `small`.
-fn model_root() -> tempfile::TempDir {
-    let root = tempfile::tempdir().expect("root");
-    fixture::single_file_model(&root.path().join("small"), &fixture::f32_tensors("w", 2, 64)).expect("fixture");
-    root
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("a UTF-8 path")
-}
 
 /// grpcurl over plaintext to `server`, with `header` if given, and the rest of `args`.
 async fn call(server: &Binary, header: Option<&str>, args: &[&str]) -> tests::binary::GrpcurlOutput {
@@ -50,7 +40,7 @@ async fn call(server: &Binary, header: Option<&str>, args: &[&str]) -> tests::bi
 /// new one works; no token appears in the log.
 #[tokio::test]
 async fn tokens_gate_the_service_and_reload_on_sighup() {
-    let root = model_root();
+    let root = crate::small_model_root();
     let tokens = root.path().join("tokens");
     std::fs::write(&tokens, "admin:admin-secret-1\nread:reader-secret-1\n").expect("tokens");
     let server =
@@ -94,7 +84,7 @@ async fn tokens_gate_the_service_and_reload_on_sighup() {
 /// client trusting only the old CA is refused, one trusting the new CA is served.
 #[tokio::test]
 async fn tls_and_mutual_tls_with_real_certificates_reloaded_when_they_change() {
-    let root = model_root();
+    let root = crate::small_model_root();
     let pki = tempfile::tempdir().expect("pki");
     let dir = pki.path();
     make_ca(dir, "ca");
@@ -179,7 +169,7 @@ async fn closed_within(socket: &mut tokio::net::TcpStream, limit: Duration) -> b
 /// the cap, the server ran out of file descriptors: new clients timed out, nothing was logged.)
 #[tokio::test]
 async fn two_thousand_idle_connections_do_not_lock_out_health() {
-    let root = model_root();
+    let root = crate::small_model_root();
     let mut command = tokio::process::Command::new("prlimit");
     command
         .args(["--nofile=1024:1024", "--"])
@@ -223,7 +213,7 @@ async fn reqwest_text(addr: std::net::SocketAddr) -> String {
 /// request in flight at `--idle-timeout`; one with a WatchModels stream open stays.
 #[tokio::test]
 async fn idle_and_half_open_connections_are_closed() {
-    let root = model_root();
+    let root = crate::small_model_root();
     let server = Binary::start(
         &["--model-root", path(root.path()), "--offline", "--handshake-timeout", "2s", "--idle-timeout", "2s"],
         &[],
@@ -255,7 +245,7 @@ async fn idle_and_half_open_connections_are_closed() {
 /// working, and once one ends a new watcher is served.
 #[tokio::test]
 async fn watchers_past_the_limit_are_resource_exhausted() {
-    let root = model_root();
+    let root = crate::small_model_root();
     let server = Binary::start(&["--model-root", path(root.path()), "--offline", "--max-watchers", "2"], &[]).await;
     let mut client = connect(server.addr).await;
     let watch = || pb::WatchModelsRequest { model_id: String::new() };

@@ -2,6 +2,7 @@
 //! client sends it): a unary call and the LoadModel stream over HTTP/1.1, HTTP/2 and TLS; pages
 //! of other origins refused unless `--cors-origin` allows them; auth enforced as on gRPC. And the
 //! dashboard page at `GET /`: the committed bundle, its ETag and 304, and `--no-dashboard`.
+use crate::path;
 
 use std::path::Path;
 
@@ -10,23 +11,12 @@ use proto::v1 as pb;
 use tests::{
     WAIT,
     binary::Binary,
-    connect, fixture,
+    connect,
     tls::{make_ca, make_cert},
 };
 
 const RESOURCES: &str = "modelloader.v1.ModelLoader/GetResources";
 const LOAD: &str = "modelloader.v1.ModelLoader/LoadModel";
-
-/// A model root with one small model, `small`.
-fn model_root() -> tempfile::TempDir {
-    let root = tempfile::tempdir().expect("root");
-    fixture::single_file_model(&root.path().join("small"), &fixture::f32_tensors("w", 2, 64)).expect("fixture");
-    root
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("a UTF-8 path")
-}
 
 /// One HTTP response as curl printed it.
 #[derive(Debug)]
@@ -141,7 +131,7 @@ fn assert_loaded(reply: &Reply) {
 /// LoadModel stream reaches step 8/8 with every progress message framed and a final OK status.
 #[tokio::test]
 async fn grpc_web_answers_a_unary_call_and_streams_a_load_to_8_of_8() {
-    let root = model_root();
+    let root = crate::small_model_root();
     let server = Binary::start(&["--model-root", path(root.path()), "--offline"], &[]).await;
     let base = format!("http://{}", server.addr);
     let empty = frame_file(root.path(), "empty", &pb::GetResourcesRequest::default());
@@ -165,7 +155,7 @@ async fn grpc_web_answers_a_unary_call_and_streams_a_load_to_8_of_8() {
 /// the server's own origin (the dashboard's) needs no flag.
 #[tokio::test]
 async fn other_origins_are_refused_unless_allowed() {
-    let root = model_root();
+    let root = crate::small_model_root();
     let allowed = "http://dashboard.example:8080";
     let server =
         Binary::start(&["--model-root", path(root.path()), "--offline"], &[("MODEL_LOADER_CORS_ORIGIN", allowed)])
@@ -221,7 +211,7 @@ async fn other_origins_are_refused_unless_allowed() {
 /// reads but may not load (PERMISSION_DENIED, 7), and an admin token loads, exactly as over gRPC.
 #[tokio::test]
 async fn auth_applies_to_grpc_web() {
-    let root = model_root();
+    let root = crate::small_model_root();
     let tokens = root.path().join("tokens");
     std::fs::write(&tokens, "admin:web-admin-1\nread:web-reader-1\n").expect("tokens");
     let server =
@@ -245,7 +235,7 @@ async fn auth_applies_to_grpc_web() {
 /// and the page answer on both.
 #[tokio::test]
 async fn grpc_web_over_tls_negotiates_http1_and_h2() {
-    let root = model_root();
+    let root = crate::small_model_root();
     let dir = root.path();
     make_ca(dir, "ca");
     make_cert(dir, "ca", "server", "serverAuth");
@@ -276,7 +266,7 @@ fn bundle_file(name: &str) -> Vec<u8> {
 /// 304 with no body; the script is its own file, served as JavaScript; unknown paths are 404.
 #[tokio::test]
 async fn the_page_is_served_with_a_content_hash_etag_and_revalidated() {
-    let root = model_root();
+    let root = crate::small_model_root();
     let tokens = root.path().join("tokens");
     std::fs::write(&tokens, "admin:page-admin-1\n").expect("tokens");
     let server =
@@ -310,7 +300,7 @@ async fn the_page_is_served_with_a_content_hash_etag_and_revalidated() {
 /// With --no-dashboard, `GET /` and the assets are 404, and gRPC-web still answers.
 #[tokio::test]
 async fn no_dashboard_turns_the_page_off() {
-    let root = model_root();
+    let root = crate::small_model_root();
     let server = Binary::start(&["--model-root", path(root.path()), "--offline", "--no-dashboard"], &[]).await;
     let base = format!("http://{}", server.addr);
     for file in ["", "app.js"] {
