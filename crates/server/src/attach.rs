@@ -436,7 +436,7 @@ fn answer<'a>(
         })
         .collect();
     let status = manager.get(&pipeline.model_id).map(convert::status).ok();
-    Ok((pb::AttachResponse { code: 0, message: String::new(), status, buffers, tensors }, memories))
+    Ok((pb::AttachResponse { code: 0, message: String::new(), status, buffers, tensors, files: Vec::new() }, memories))
 }
 
 fn error_response(status: &Status) -> pb::AttachResponse {

@@ -34,6 +34,7 @@ impl ModelLoaderService {
 impl ModelLoader for ModelLoaderService {
     type LoadModelStream = ResponseStream<pb::ModelLoadProgress>;
     type WatchModelsStream = ResponseStream<pb::ModelEvent>;
+    type ReadModelFileStream = ResponseStream<pb::ModelFileChunk>;
 
     async fn load_model(
         &self,
@@ -148,5 +149,19 @@ impl ModelLoader for ModelLoaderService {
         let id = convert::model_id(&request.model_id)?;
         let tensors = self.manager.tensors(&id, request.with_checksums).await.map_err(|e| status::from_manager(&e))?;
         Ok(Response::new(pb::ListTensorsResponse { tensors: tensors.into_iter().map(convert::tensor).collect() }))
+    }
+
+    async fn get_model_files(
+        &self,
+        _request: Request<pb::GetModelFilesRequest>,
+    ) -> Result<Response<pb::GetModelFilesResponse>, Status> {
+        Err(Status::unimplemented("GetModelFiles is not implemented yet"))
+    }
+
+    async fn read_model_file(
+        &self,
+        _request: Request<pb::ReadModelFileRequest>,
+    ) -> Result<Response<Self::ReadModelFileStream>, Status> {
+        Err(Status::unimplemented("ReadModelFile is not implemented yet"))
     }
 }

@@ -257,31 +257,77 @@ class TensorInfo(_message.Message):
     sha256: str
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
+class GetModelFilesRequest(_message.Message):
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
+class GetModelFilesResponse(_message.Message):
+    __slots__ = ("files",)
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    files: _containers.RepeatedCompositeFieldContainer[ModelFile]
+    def __init__(self, files: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ...) -> None: ...
+
+class ModelFile(_message.Message):
+    __slots__ = ("path", "size_bytes", "sha256", "content")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    size_bytes: int
+    sha256: str
+    content: bytes
+    def __init__(self, path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., content: _Optional[bytes] = ...) -> None: ...
+
+class ReadModelFileRequest(_message.Message):
+    __slots__ = ("model_id", "path")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    path: str
+    def __init__(self, model_id: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+
+class ModelFileChunk(_message.Message):
+    __slots__ = ("offset", "data")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
 class AttachRequest(_message.Message):
-    __slots__ = ("model_id", "revision", "device", "load_if_needed")
+    __slots__ = ("model_id", "revision", "device", "load_if_needed", "dtype", "include_files")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     LOAD_IF_NEEDED_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_FILES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     revision: str
     device: str
     load_if_needed: bool
-    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., device: _Optional[str] = ..., load_if_needed: bool = ...) -> None: ...
+    dtype: str
+    include_files: bool
+    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., device: _Optional[str] = ..., load_if_needed: bool = ..., dtype: _Optional[str] = ..., include_files: bool = ...) -> None: ...
 
 class AttachResponse(_message.Message):
-    __slots__ = ("code", "message", "status", "buffers", "tensors")
+    __slots__ = ("code", "message", "status", "buffers", "tensors", "files")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     BUFFERS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
     status: ModelStatus
     buffers: _containers.RepeatedCompositeFieldContainer[AttachedBuffer]
     tensors: _containers.RepeatedCompositeFieldContainer[AttachedTensor]
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., status: _Optional[_Union[ModelStatus, _Mapping]] = ..., buffers: _Optional[_Iterable[_Union[AttachedBuffer, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[AttachedTensor, _Mapping]]] = ...) -> None: ...
+    files: _containers.RepeatedCompositeFieldContainer[ModelFile]
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., status: _Optional[_Union[ModelStatus, _Mapping]] = ..., buffers: _Optional[_Iterable[_Union[AttachedBuffer, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[AttachedTensor, _Mapping]]] = ..., files: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ...) -> None: ...
 
 class AttachedBuffer(_message.Message):
     __slots__ = ("kind", "device", "size_bytes")

@@ -75,6 +75,16 @@ class ModelLoaderStub(object):
                 request_serializer=modelloader_dot_v1_dot_model__loader__pb2.ListTensorsRequest.SerializeToString,
                 response_deserializer=modelloader_dot_v1_dot_model__loader__pb2.ListTensorsResponse.FromString,
                 _registered_method=True)
+        self.GetModelFiles = channel.unary_unary(
+                '/modelloader.v1.ModelLoader/GetModelFiles',
+                request_serializer=modelloader_dot_v1_dot_model__loader__pb2.GetModelFilesRequest.SerializeToString,
+                response_deserializer=modelloader_dot_v1_dot_model__loader__pb2.GetModelFilesResponse.FromString,
+                _registered_method=True)
+        self.ReadModelFile = channel.unary_stream(
+                '/modelloader.v1.ModelLoader/ReadModelFile',
+                request_serializer=modelloader_dot_v1_dot_model__loader__pb2.ReadModelFileRequest.SerializeToString,
+                response_deserializer=modelloader_dot_v1_dot_model__loader__pb2.ModelFileChunk.FromString,
+                _registered_method=True)
 
 
 class ModelLoaderServicer(object):
@@ -148,6 +158,23 @@ class ModelLoaderServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModelFiles(self, request, context):
+        """The small non-weight files kept with a LOADED model (configs, tokenizer, scheduler,
+        generation and sentence-transformers configs: docs/model-files.md lists which): each file's
+        path, size and sha256, without its bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadModelFile(self, request, context):
+        """One of those files' bytes, in chunks of at most 1 MiB in order (a tokenizer.json can be tens
+        of MB, past a client's default message limit).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelLoaderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +217,16 @@ def add_ModelLoaderServicer_to_server(servicer, server):
                     servicer.ListTensors,
                     request_deserializer=modelloader_dot_v1_dot_model__loader__pb2.ListTensorsRequest.FromString,
                     response_serializer=modelloader_dot_v1_dot_model__loader__pb2.ListTensorsResponse.SerializeToString,
+            ),
+            'GetModelFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelFiles,
+                    request_deserializer=modelloader_dot_v1_dot_model__loader__pb2.GetModelFilesRequest.FromString,
+                    response_serializer=modelloader_dot_v1_dot_model__loader__pb2.GetModelFilesResponse.SerializeToString,
+            ),
+            'ReadModelFile': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadModelFile,
+                    request_deserializer=modelloader_dot_v1_dot_model__loader__pb2.ReadModelFileRequest.FromString,
+                    response_serializer=modelloader_dot_v1_dot_model__loader__pb2.ModelFileChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -409,6 +446,60 @@ class ModelLoader(object):
             '/modelloader.v1.ModelLoader/ListTensors',
             modelloader_dot_v1_dot_model__loader__pb2.ListTensorsRequest.SerializeToString,
             modelloader_dot_v1_dot_model__loader__pb2.ListTensorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelloader.v1.ModelLoader/GetModelFiles',
+            modelloader_dot_v1_dot_model__loader__pb2.GetModelFilesRequest.SerializeToString,
+            modelloader_dot_v1_dot_model__loader__pb2.GetModelFilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadModelFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/modelloader.v1.ModelLoader/ReadModelFile',
+            modelloader_dot_v1_dot_model__loader__pb2.ReadModelFileRequest.SerializeToString,
+            modelloader_dot_v1_dot_model__loader__pb2.ModelFileChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -13,7 +13,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file modelloader/v1/model_loader.proto.
  */
 export const file_modelloader_v1_model_loader: GenFile = /*@__PURE__*/
-  fileDesc("CiFtb2RlbGxvYWRlci92MS9tb2RlbF9sb2FkZXIucHJvdG8SDm1vZGVsbG9hZGVyLnYxIrsBChFNb2RlbExvYWRQcm9ncmVzcxIQCghtb2RlbF9pZBgBIAEoCRIMCgRzdGVwGAIgASgNEg0KBXRvdGFsGAMgASgNEi0KBXBoYXNlGAQgASgOMh4ubW9kZWxsb2FkZXIudjEuTW9kZWxMb2FkUGhhc2USDwoHbWVzc2FnZRgFIAEoCRIOCgZkZXRhaWwYBiABKAkSEgoKYnl0ZXNfZG9uZRgHIAEoBBITCgtieXRlc190b3RhbBgIIAEoBCKGAQoQTG9hZE1vZGVsUmVxdWVzdBIQCghtb2RlbF9pZBgBIAEoCRIVCghyZXZpc2lvbhgCIAEoCUgAiAEBEhMKBmRldmljZRgDIAEoCUgBiAEBEhIKBWR0eXBlGAQgASgJSAKIAQFCCwoJX3JldmlzaW9uQgkKB19kZXZpY2VCCAoGX2R0eXBlIiYKEldhdGNoTW9kZWxzUmVxdWVzdBIQCghtb2RlbF9pZBgBIAEoCSJ7CgpNb2RlbEV2ZW50Ei0KBnN0YXR1cxgBIAEoCzIbLm1vZGVsbG9hZGVyLnYxLk1vZGVsU3RhdHVzSAASNQoIcHJvZ3Jlc3MYAiABKAsyIS5tb2RlbGxvYWRlci52MS5Nb2RlbExvYWRQcm9ncmVzc0gAQgcKBWV2ZW50IiUKEUNhbmNlbExvYWRSZXF1ZXN0EhAKCG1vZGVsX2lkGAEgASgJIikKEkNhbmNlbExvYWRSZXNwb25zZRITCgt3YXNfbG9hZGluZxgBIAEoCCI1ChJVbmxvYWRNb2RlbFJlcXVlc3QSEAoIbW9kZWxfaWQYASABKAkSDQoFZm9yY2UYAiABKAgiPgoTVW5sb2FkTW9kZWxSZXNwb25zZRISCgp3YXNfbG9hZGVkGAEgASgIEhMKC2ZyZWVkX2J5dGVzGAIgASgEIiMKD0dldE1vZGVsUmVxdWVzdBIQCghtb2RlbF9pZBgBIAEoCSKpAwoLTW9kZWxTdGF0dXMSEAoIbW9kZWxfaWQYASABKAkSKQoFc3RhdGUYAiABKA4yGi5tb2RlbGxvYWRlci52MS5Nb2RlbFN0YXRlEjgKDWxhc3RfcHJvZ3Jlc3MYAyABKAsyIS5tb2RlbGxvYWRlci52MS5Nb2RlbExvYWRQcm9ncmVzcxIOCgZkZXZpY2UYBCABKAkSDQoFZHR5cGUYBSABKAkSEAoIcmV2aXNpb24YBiABKAkSFAoMd2VpZ2h0X2J5dGVzGAcgASgEEhgKC3NhbXBsZV9zaXplGAggASgNSACIAQESDQoFZXJyb3IYCSABKAkSKwoGc291cmNlGAogASgOMhsubW9kZWxsb2FkZXIudjEuTW9kZWxTb3VyY2USFQoNdW5sb2FkX3JlYXNvbhgLIAEoCRIYChBhdHRhY2hlZF9jbGllbnRzGAwgASgNEhYKDm1ldGFkYXRhX2J5dGVzGA0gASgEEhIKCmVycm9yX2tpbmQYDiABKAkSGQoRbGFzdF91c2VkX3VuaXhfbXMYDyABKARCDgoMX3NhbXBsZV9zaXplIjoKEUxpc3RNb2RlbHNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoDRISCgpwYWdlX3Rva2VuGAIgASgJIloKEkxpc3RNb2RlbHNSZXNwb25zZRIrCgZtb2RlbHMYASADKAsyGy5tb2RlbGxvYWRlci52MS5Nb2RlbFN0YXR1cxIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiFQoTR2V0UmVzb3VyY2VzUmVxdWVzdCJIChRHZXRSZXNvdXJjZXNSZXNwb25zZRIwCgdkZXZpY2VzGAEgAygLMh8ubW9kZWxsb2FkZXIudjEuRGV2aWNlUmVzb3VyY2VzItMBCg9EZXZpY2VSZXNvdXJjZXMSDAoEbmFtZRgBIAEoCRITCgt0b3RhbF9ieXRlcxgCIAEoBBISCgp1c2VkX2J5dGVzGAMgASgEEhYKDnJlc2VydmVkX2J5dGVzGAQgASgEEhQKDGJ1ZGdldF9ieXRlcxgFIAEoBBIuCgZtb2RlbHMYBiADKAsyHi5tb2RlbGxvYWRlci52MS5Nb2RlbFJlc291cmNlcxIXCg9hdmFpbGFibGVfYnl0ZXMYByABKAQSEgoKcGVha19ieXRlcxgIIAEoBCIxCg5Nb2RlbFJlc291cmNlcxIQCghtb2RlbF9pZBgBIAEoCRINCgVieXRlcxgCIAEoBCI+ChJMaXN0VGVuc29yc1JlcXVlc3QSEAoIbW9kZWxfaWQYASABKAkSFgoOd2l0aF9jaGVja3N1bXMYAiABKAgiQgoTTGlzdFRlbnNvcnNSZXNwb25zZRIrCgd0ZW5zb3JzGAEgAygLMhoubW9kZWxsb2FkZXIudjEuVGVuc29ySW5mbyJcCgpUZW5zb3JJbmZvEgwKBG5hbWUYASABKAkSDQoFZHR5cGUYAiABKAkSDQoFc2hhcGUYAyADKAQSEgoKc2l6ZV9ieXRlcxgEIAEoBBIOCgZzaGEyNTYYBSABKAkifQoNQXR0YWNoUmVxdWVzdBIQCghtb2RlbF9pZBgBIAEoCRIVCghyZXZpc2lvbhgCIAEoCUgAiAEBEhMKBmRldmljZRgDIAEoCUgBiAEBEhYKDmxvYWRfaWZfbmVlZGVkGAQgASgIQgsKCV9yZXZpc2lvbkIJCgdfZGV2aWNlIr4BCg5BdHRhY2hSZXNwb25zZRIMCgRjb2RlGAEgASgFEg8KB21lc3NhZ2UYAiABKAkSKwoGc3RhdHVzGAMgASgLMhsubW9kZWxsb2FkZXIudjEuTW9kZWxTdGF0dXMSLwoHYnVmZmVycxgEIAMoCzIeLm1vZGVsbG9hZGVyLnYxLkF0dGFjaGVkQnVmZmVyEi8KB3RlbnNvcnMYBSADKAsyHi5tb2RlbGxvYWRlci52MS5BdHRhY2hlZFRlbnNvciJeCg5BdHRhY2hlZEJ1ZmZlchIoCgRraW5kGAEgASgOMhoubW9kZWxsb2FkZXIudjEuQnVmZmVyS2luZBIOCgZkZXZpY2UYAiABKAkSEgoKc2l6ZV9ieXRlcxgDIAEoBCJwCg5BdHRhY2hlZFRlbnNvchIMCgRuYW1lGAEgASgJEg0KBWR0eXBlGAIgASgJEg0KBXNoYXBlGAMgAygEEg4KBmJ1ZmZlchgEIAEoDRIOCgZvZmZzZXQYBSABKAQSEgoKc2l6ZV9ieXRlcxgGIAEoBCrYAQoOTW9kZWxMb2FkUGhhc2USIAocTU9ERUxfTE9BRF9QSEFTRV9VTlNQRUNJRklFRBAAEiMKH01PREVMX0xPQURfUEhBU0VfSU5JVElBTElaQVRJT04QARIcChhNT0RFTF9MT0FEX1BIQVNFX0xPQURJTkcQAhIbChdNT0RFTF9MT0FEX1BIQVNFX0RFVklDRRADEiEKHU1PREVMX0xPQURfUEhBU0VfT1BUSU1JWkFUSU9OEAQSIQodTU9ERUxfTE9BRF9QSEFTRV9GSU5BTElaQVRJT04QBSqnAQoKTW9kZWxTdGF0ZRIbChdNT0RFTF9TVEFURV9VTlNQRUNJRklFRBAAEhgKFE1PREVMX1NUQVRFX1VOTE9BREVEEAESFwoTTU9ERUxfU1RBVEVfTE9BRElORxACEhYKEk1PREVMX1NUQVRFX0xPQURFRBADEhkKFU1PREVMX1NUQVRFX1VOTE9BRElORxAEEhYKEk1PREVMX1NUQVRFX0ZBSUxFRBAFKpABCgtNb2RlbFNvdXJjZRIcChhNT0RFTF9TT1VSQ0VfVU5TUEVDSUZJRUQQABIWChJNT0RFTF9TT1VSQ0VfTE9DQUwQARIWChJNT0RFTF9TT1VSQ0VfQ0FDSEUQAhIUChBNT0RFTF9TT1VSQ0VfSFVCEAMSHQoZTU9ERUxfU09VUkNFX09CSkVDVF9TVE9SRRAEKnoKCkJ1ZmZlcktpbmQSGwoXQlVGRkVSX0tJTkRfVU5TUEVDSUZJRUQQABIaChZCVUZGRVJfS0lORF9IT1NUX01FTUZEEAESGQoVQlVGRkVSX0tJTkRfSE9TVF9GSUxFEAISGAoUQlVGRkVSX0tJTkRfQ1VEQV9WTU0QAzKxBQoLTW9kZWxMb2FkZXISUgoJTG9hZE1vZGVsEiAubW9kZWxsb2FkZXIudjEuTG9hZE1vZGVsUmVxdWVzdBohLm1vZGVsbG9hZGVyLnYxLk1vZGVsTG9hZFByb2dyZXNzMAESTwoLV2F0Y2hNb2RlbHMSIi5tb2RlbGxvYWRlci52MS5XYXRjaE1vZGVsc1JlcXVlc3QaGi5tb2RlbGxvYWRlci52MS5Nb2RlbEV2ZW50MAESUwoKQ2FuY2VsTG9hZBIhLm1vZGVsbG9hZGVyLnYxLkNhbmNlbExvYWRSZXF1ZXN0GiIubW9kZWxsb2FkZXIudjEuQ2FuY2VsTG9hZFJlc3BvbnNlElYKC1VubG9hZE1vZGVsEiIubW9kZWxsb2FkZXIudjEuVW5sb2FkTW9kZWxSZXF1ZXN0GiMubW9kZWxsb2FkZXIudjEuVW5sb2FkTW9kZWxSZXNwb25zZRJICghHZXRNb2RlbBIfLm1vZGVsbG9hZGVyLnYxLkdldE1vZGVsUmVxdWVzdBobLm1vZGVsbG9hZGVyLnYxLk1vZGVsU3RhdHVzElMKCkxpc3RNb2RlbHMSIS5tb2RlbGxvYWRlci52MS5MaXN0TW9kZWxzUmVxdWVzdBoiLm1vZGVsbG9hZGVyLnYxLkxpc3RNb2RlbHNSZXNwb25zZRJZCgxHZXRSZXNvdXJjZXMSIy5tb2RlbGxvYWRlci52MS5HZXRSZXNvdXJjZXNSZXF1ZXN0GiQubW9kZWxsb2FkZXIudjEuR2V0UmVzb3VyY2VzUmVzcG9uc2USVgoLTGlzdFRlbnNvcnMSIi5tb2RlbGxvYWRlci52MS5MaXN0VGVuc29yc1JlcXVlc3QaIy5tb2RlbGxvYWRlci52MS5MaXN0VGVuc29yc1Jlc3BvbnNlYgZwcm90bzM");
+  fileDesc("CiFtb2RlbGxvYWRlci92MS9tb2RlbF9sb2FkZXIucHJvdG8SDm1vZGVsbG9hZGVyLnYxIrsBChFNb2RlbExvYWRQcm9ncmVzcxIQCghtb2RlbF9pZBgBIAEoCRIMCgRzdGVwGAIgASgNEg0KBXRvdGFsGAMgASgNEi0KBXBoYXNlGAQgASgOMh4ubW9kZWxsb2FkZXIudjEuTW9kZWxMb2FkUGhhc2USDwoHbWVzc2FnZRgFIAEoCRIOCgZkZXRhaWwYBiABKAkSEgoKYnl0ZXNfZG9uZRgHIAEoBBITCgtieXRlc190b3RhbBgIIAEoBCKGAQoQTG9hZE1vZGVsUmVxdWVzdBIQCghtb2RlbF9pZBgBIAEoCRIVCghyZXZpc2lvbhgCIAEoCUgAiAEBEhMKBmRldmljZRgDIAEoCUgBiAEBEhIKBWR0eXBlGAQgASgJSAKIAQFCCwoJX3JldmlzaW9uQgkKB19kZXZpY2VCCAoGX2R0eXBlIiYKEldhdGNoTW9kZWxzUmVxdWVzdBIQCghtb2RlbF9pZBgBIAEoCSJ7CgpNb2RlbEV2ZW50Ei0KBnN0YXR1cxgBIAEoCzIbLm1vZGVsbG9hZGVyLnYxLk1vZGVsU3RhdHVzSAASNQoIcHJvZ3Jlc3MYAiABKAsyIS5tb2RlbGxvYWRlci52MS5Nb2RlbExvYWRQcm9ncmVzc0gAQgcKBWV2ZW50IiUKEUNhbmNlbExvYWRSZXF1ZXN0EhAKCG1vZGVsX2lkGAEgASgJIikKEkNhbmNlbExvYWRSZXNwb25zZRITCgt3YXNfbG9hZGluZxgBIAEoCCI1ChJVbmxvYWRNb2RlbFJlcXVlc3QSEAoIbW9kZWxfaWQYASABKAkSDQoFZm9yY2UYAiABKAgiPgoTVW5sb2FkTW9kZWxSZXNwb25zZRISCgp3YXNfbG9hZGVkGAEgASgIEhMKC2ZyZWVkX2J5dGVzGAIgASgEIiMKD0dldE1vZGVsUmVxdWVzdBIQCghtb2RlbF9pZBgBIAEoCSKpAwoLTW9kZWxTdGF0dXMSEAoIbW9kZWxfaWQYASABKAkSKQoFc3RhdGUYAiABKA4yGi5tb2RlbGxvYWRlci52MS5Nb2RlbFN0YXRlEjgKDWxhc3RfcHJvZ3Jlc3MYAyABKAsyIS5tb2RlbGxvYWRlci52MS5Nb2RlbExvYWRQcm9ncmVzcxIOCgZkZXZpY2UYBCABKAkSDQoFZHR5cGUYBSABKAkSEAoIcmV2aXNpb24YBiABKAkSFAoMd2VpZ2h0X2J5dGVzGAcgASgEEhgKC3NhbXBsZV9zaXplGAggASgNSACIAQESDQoFZXJyb3IYCSABKAkSKwoGc291cmNlGAogASgOMhsubW9kZWxsb2FkZXIudjEuTW9kZWxTb3VyY2USFQoNdW5sb2FkX3JlYXNvbhgLIAEoCRIYChBhdHRhY2hlZF9jbGllbnRzGAwgASgNEhYKDm1ldGFkYXRhX2J5dGVzGA0gASgEEhIKCmVycm9yX2tpbmQYDiABKAkSGQoRbGFzdF91c2VkX3VuaXhfbXMYDyABKARCDgoMX3NhbXBsZV9zaXplIjoKEUxpc3RNb2RlbHNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoDRISCgpwYWdlX3Rva2VuGAIgASgJIloKEkxpc3RNb2RlbHNSZXNwb25zZRIrCgZtb2RlbHMYASADKAsyGy5tb2RlbGxvYWRlci52MS5Nb2RlbFN0YXR1cxIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiFQoTR2V0UmVzb3VyY2VzUmVxdWVzdCJIChRHZXRSZXNvdXJjZXNSZXNwb25zZRIwCgdkZXZpY2VzGAEgAygLMh8ubW9kZWxsb2FkZXIudjEuRGV2aWNlUmVzb3VyY2VzItMBCg9EZXZpY2VSZXNvdXJjZXMSDAoEbmFtZRgBIAEoCRITCgt0b3RhbF9ieXRlcxgCIAEoBBISCgp1c2VkX2J5dGVzGAMgASgEEhYKDnJlc2VydmVkX2J5dGVzGAQgASgEEhQKDGJ1ZGdldF9ieXRlcxgFIAEoBBIuCgZtb2RlbHMYBiADKAsyHi5tb2RlbGxvYWRlci52MS5Nb2RlbFJlc291cmNlcxIXCg9hdmFpbGFibGVfYnl0ZXMYByABKAQSEgoKcGVha19ieXRlcxgIIAEoBCIxCg5Nb2RlbFJlc291cmNlcxIQCghtb2RlbF9pZBgBIAEoCRINCgVieXRlcxgCIAEoBCI+ChJMaXN0VGVuc29yc1JlcXVlc3QSEAoIbW9kZWxfaWQYASABKAkSFgoOd2l0aF9jaGVja3N1bXMYAiABKAgiQgoTTGlzdFRlbnNvcnNSZXNwb25zZRIrCgd0ZW5zb3JzGAEgAygLMhoubW9kZWxsb2FkZXIudjEuVGVuc29ySW5mbyJcCgpUZW5zb3JJbmZvEgwKBG5hbWUYASABKAkSDQoFZHR5cGUYAiABKAkSDQoFc2hhcGUYAyADKAQSEgoKc2l6ZV9ieXRlcxgEIAEoBBIOCgZzaGEyNTYYBSABKAkiKAoUR2V0TW9kZWxGaWxlc1JlcXVlc3QSEAoIbW9kZWxfaWQYASABKAkiQQoVR2V0TW9kZWxGaWxlc1Jlc3BvbnNlEigKBWZpbGVzGAEgAygLMhkubW9kZWxsb2FkZXIudjEuTW9kZWxGaWxlIk4KCU1vZGVsRmlsZRIMCgRwYXRoGAEgASgJEhIKCnNpemVfYnl0ZXMYAiABKAQSDgoGc2hhMjU2GAMgASgJEg8KB2NvbnRlbnQYBCABKAwiNgoUUmVhZE1vZGVsRmlsZVJlcXVlc3QSEAoIbW9kZWxfaWQYASABKAkSDAoEcGF0aBgCIAEoCSIuCg5Nb2RlbEZpbGVDaHVuaxIOCgZvZmZzZXQYASABKAQSDAoEZGF0YRgCIAEoDCKyAQoNQXR0YWNoUmVxdWVzdBIQCghtb2RlbF9pZBgBIAEoCRIVCghyZXZpc2lvbhgCIAEoCUgAiAEBEhMKBmRldmljZRgDIAEoCUgBiAEBEhYKDmxvYWRfaWZfbmVlZGVkGAQgASgIEhIKBWR0eXBlGAUgASgJSAKIAQESFQoNaW5jbHVkZV9maWxlcxgGIAEoCEILCglfcmV2aXNpb25CCQoHX2RldmljZUIICgZfZHR5cGUi6AEKDkF0dGFjaFJlc3BvbnNlEgwKBGNvZGUYASABKAUSDwoHbWVzc2FnZRgCIAEoCRIrCgZzdGF0dXMYAyABKAsyGy5tb2RlbGxvYWRlci52MS5Nb2RlbFN0YXR1cxIvCgdidWZmZXJzGAQgAygLMh4ubW9kZWxsb2FkZXIudjEuQXR0YWNoZWRCdWZmZXISLwoHdGVuc29ycxgFIAMoCzIeLm1vZGVsbG9hZGVyLnYxLkF0dGFjaGVkVGVuc29yEigKBWZpbGVzGAYgAygLMhkubW9kZWxsb2FkZXIudjEuTW9kZWxGaWxlIl4KDkF0dGFjaGVkQnVmZmVyEigKBGtpbmQYASABKA4yGi5tb2RlbGxvYWRlci52MS5CdWZmZXJLaW5kEg4KBmRldmljZRgCIAEoCRISCgpzaXplX2J5dGVzGAMgASgEInAKDkF0dGFjaGVkVGVuc29yEgwKBG5hbWUYASABKAkSDQoFZHR5cGUYAiABKAkSDQoFc2hhcGUYAyADKAQSDgoGYnVmZmVyGAQgASgNEg4KBm9mZnNldBgFIAEoBBISCgpzaXplX2J5dGVzGAYgASgEKtgBCg5Nb2RlbExvYWRQaGFzZRIgChxNT0RFTF9MT0FEX1BIQVNFX1VOU1BFQ0lGSUVEEAASIwofTU9ERUxfTE9BRF9QSEFTRV9JTklUSUFMSVpBVElPThABEhwKGE1PREVMX0xPQURfUEhBU0VfTE9BRElORxACEhsKF01PREVMX0xPQURfUEhBU0VfREVWSUNFEAMSIQodTU9ERUxfTE9BRF9QSEFTRV9PUFRJTUlaQVRJT04QBBIhCh1NT0RFTF9MT0FEX1BIQVNFX0ZJTkFMSVpBVElPThAFKqcBCgpNb2RlbFN0YXRlEhsKF01PREVMX1NUQVRFX1VOU1BFQ0lGSUVEEAASGAoUTU9ERUxfU1RBVEVfVU5MT0FERUQQARIXChNNT0RFTF9TVEFURV9MT0FESU5HEAISFgoSTU9ERUxfU1RBVEVfTE9BREVEEAMSGQoVTU9ERUxfU1RBVEVfVU5MT0FESU5HEAQSFgoSTU9ERUxfU1RBVEVfRkFJTEVEEAUqkAEKC01vZGVsU291cmNlEhwKGE1PREVMX1NPVVJDRV9VTlNQRUNJRklFRBAAEhYKEk1PREVMX1NPVVJDRV9MT0NBTBABEhYKEk1PREVMX1NPVVJDRV9DQUNIRRACEhQKEE1PREVMX1NPVVJDRV9IVUIQAxIdChlNT0RFTF9TT1VSQ0VfT0JKRUNUX1NUT1JFEAQqegoKQnVmZmVyS2luZBIbChdCVUZGRVJfS0lORF9VTlNQRUNJRklFRBAAEhoKFkJVRkZFUl9LSU5EX0hPU1RfTUVNRkQQARIZChVCVUZGRVJfS0lORF9IT1NUX0ZJTEUQAhIYChRCVUZGRVJfS0lORF9DVURBX1ZNTRADMugGCgtNb2RlbExvYWRlchJSCglMb2FkTW9kZWwSIC5tb2RlbGxvYWRlci52MS5Mb2FkTW9kZWxSZXF1ZXN0GiEubW9kZWxsb2FkZXIudjEuTW9kZWxMb2FkUHJvZ3Jlc3MwARJPCgtXYXRjaE1vZGVscxIiLm1vZGVsbG9hZGVyLnYxLldhdGNoTW9kZWxzUmVxdWVzdBoaLm1vZGVsbG9hZGVyLnYxLk1vZGVsRXZlbnQwARJTCgpDYW5jZWxMb2FkEiEubW9kZWxsb2FkZXIudjEuQ2FuY2VsTG9hZFJlcXVlc3QaIi5tb2RlbGxvYWRlci52MS5DYW5jZWxMb2FkUmVzcG9uc2USVgoLVW5sb2FkTW9kZWwSIi5tb2RlbGxvYWRlci52MS5VbmxvYWRNb2RlbFJlcXVlc3QaIy5tb2RlbGxvYWRlci52MS5VbmxvYWRNb2RlbFJlc3BvbnNlEkgKCEdldE1vZGVsEh8ubW9kZWxsb2FkZXIudjEuR2V0TW9kZWxSZXF1ZXN0GhsubW9kZWxsb2FkZXIudjEuTW9kZWxTdGF0dXMSUwoKTGlzdE1vZGVscxIhLm1vZGVsbG9hZGVyLnYxLkxpc3RNb2RlbHNSZXF1ZXN0GiIubW9kZWxsb2FkZXIudjEuTGlzdE1vZGVsc1Jlc3BvbnNlElkKDEdldFJlc291cmNlcxIjLm1vZGVsbG9hZGVyLnYxLkdldFJlc291cmNlc1JlcXVlc3QaJC5tb2RlbGxvYWRlci52MS5HZXRSZXNvdXJjZXNSZXNwb25zZRJWCgtMaXN0VGVuc29ycxIiLm1vZGVsbG9hZGVyLnYxLkxpc3RUZW5zb3JzUmVxdWVzdBojLm1vZGVsbG9hZGVyLnYxLkxpc3RUZW5zb3JzUmVzcG9uc2USXAoNR2V0TW9kZWxGaWxlcxIkLm1vZGVsbG9hZGVyLnYxLkdldE1vZGVsRmlsZXNSZXF1ZXN0GiUubW9kZWxsb2FkZXIudjEuR2V0TW9kZWxGaWxlc1Jlc3BvbnNlElcKDVJlYWRNb2RlbEZpbGUSJC5tb2RlbGxvYWRlci52MS5SZWFkTW9kZWxGaWxlUmVxdWVzdBoeLm1vZGVsbG9hZGVyLnYxLk1vZGVsRmlsZUNodW5rMAFiBnByb3RvMw");
 
 /**
  * One progress message of a load: a step, or byte progress inside a step.
@@ -735,6 +735,136 @@ export const TensorInfoSchema: GenMessage<TensorInfo> = /*@__PURE__*/
   messageDesc(file_modelloader_v1_model_loader, 18);
 
 /**
+ * Asks for a LOADED model's small files.
+ *
+ * @generated from message modelloader.v1.GetModelFilesRequest
+ */
+export type GetModelFilesRequest = Message<"modelloader.v1.GetModelFilesRequest"> & {
+  /**
+   * @generated from field: string model_id = 1;
+   */
+  modelId: string;
+};
+
+/**
+ * Describes the message modelloader.v1.GetModelFilesRequest.
+ * Use `create(GetModelFilesRequestSchema)` to create a new message.
+ */
+export const GetModelFilesRequestSchema: GenMessage<GetModelFilesRequest> = /*@__PURE__*/
+  messageDesc(file_modelloader_v1_model_loader, 19);
+
+/**
+ * A LOADED model's small files, sorted by path.
+ *
+ * @generated from message modelloader.v1.GetModelFilesResponse
+ */
+export type GetModelFilesResponse = Message<"modelloader.v1.GetModelFilesResponse"> & {
+  /**
+   * @generated from field: repeated modelloader.v1.ModelFile files = 1;
+   */
+  files: ModelFile[];
+};
+
+/**
+ * Describes the message modelloader.v1.GetModelFilesResponse.
+ * Use `create(GetModelFilesResponseSchema)` to create a new message.
+ */
+export const GetModelFilesResponseSchema: GenMessage<GetModelFilesResponse> = /*@__PURE__*/
+  messageDesc(file_modelloader_v1_model_loader, 20);
+
+/**
+ * One small non-weight file of a model, as the server fetched and keeps it.
+ *
+ * @generated from message modelloader.v1.ModelFile
+ */
+export type ModelFile = Message<"modelloader.v1.ModelFile"> & {
+  /**
+   * Its path in the model's folder ("config.json", "tokenizer/vocab.json", "1_Pooling/config.json").
+   *
+   * @generated from field: string path = 1;
+   */
+  path: string;
+
+  /**
+   * @generated from field: uint64 size_bytes = 2;
+   */
+  sizeBytes: bigint;
+
+  /**
+   * Hex sha256 of its bytes.
+   *
+   * @generated from field: string sha256 = 3;
+   */
+  sha256: string;
+
+  /**
+   * Its bytes: only in AttachResponse, and only when AttachRequest.include_files is set; empty
+   * elsewhere (ReadModelFile reads them over gRPC).
+   *
+   * @generated from field: bytes content = 4;
+   */
+  content: Uint8Array;
+};
+
+/**
+ * Describes the message modelloader.v1.ModelFile.
+ * Use `create(ModelFileSchema)` to create a new message.
+ */
+export const ModelFileSchema: GenMessage<ModelFile> = /*@__PURE__*/
+  messageDesc(file_modelloader_v1_model_loader, 21);
+
+/**
+ * Asks for one small file's bytes.
+ *
+ * @generated from message modelloader.v1.ReadModelFileRequest
+ */
+export type ReadModelFileRequest = Message<"modelloader.v1.ReadModelFileRequest"> & {
+  /**
+   * @generated from field: string model_id = 1;
+   */
+  modelId: string;
+
+  /**
+   * As in ModelFile.path.
+   *
+   * @generated from field: string path = 2;
+   */
+  path: string;
+};
+
+/**
+ * Describes the message modelloader.v1.ReadModelFileRequest.
+ * Use `create(ReadModelFileRequestSchema)` to create a new message.
+ */
+export const ReadModelFileRequestSchema: GenMessage<ReadModelFileRequest> = /*@__PURE__*/
+  messageDesc(file_modelloader_v1_model_loader, 22);
+
+/**
+ * A piece of a file: its bytes from `offset` on. The chunks of one call come in order and cover
+ * the file; an empty file is one empty chunk.
+ *
+ * @generated from message modelloader.v1.ModelFileChunk
+ */
+export type ModelFileChunk = Message<"modelloader.v1.ModelFileChunk"> & {
+  /**
+   * @generated from field: uint64 offset = 1;
+   */
+  offset: bigint;
+
+  /**
+   * @generated from field: bytes data = 2;
+   */
+  data: Uint8Array;
+};
+
+/**
+ * Describes the message modelloader.v1.ModelFileChunk.
+ * Use `create(ModelFileChunkSchema)` to create a new message.
+ */
+export const ModelFileChunkSchema: GenMessage<ModelFileChunk> = /*@__PURE__*/
+  messageDesc(file_modelloader_v1_model_loader, 23);
+
+/**
  * What a client asks for on the attach socket.
  *
  * @generated from message modelloader.v1.AttachRequest
@@ -768,6 +898,23 @@ export type AttachRequest = Message<"modelloader.v1.AttachRequest"> & {
    * @generated from field: bool load_if_needed = 4;
    */
   loadIfNeeded: boolean;
+
+  /**
+   * As for LoadModel ("f32", "f16", "bf16"): the dtype the client expects the tensors in, which the
+   * server converts to when it loads (with load_if_needed). A model resident in another dtype is
+   * FAILED_PRECONDITION naming both; empty: any.
+   *
+   * @generated from field: optional string dtype = 5;
+   */
+  dtype?: string;
+
+  /**
+   * Send the model's small files' bytes in AttachResponse.files[].content (their paths, sizes and
+   * sha256 come always).
+   *
+   * @generated from field: bool include_files = 6;
+   */
+  includeFiles: boolean;
 };
 
 /**
@@ -775,7 +922,7 @@ export type AttachRequest = Message<"modelloader.v1.AttachRequest"> & {
  * Use `create(AttachRequestSchema)` to create a new message.
  */
 export const AttachRequestSchema: GenMessage<AttachRequest> = /*@__PURE__*/
-  messageDesc(file_modelloader_v1_model_loader, 19);
+  messageDesc(file_modelloader_v1_model_loader, 24);
 
 /**
  * The server's answer: the model's memory and every tensor's place in it, or an error.
@@ -815,6 +962,14 @@ export type AttachResponse = Message<"modelloader.v1.AttachResponse"> & {
    * @generated from field: repeated modelloader.v1.AttachedTensor tensors = 5;
    */
   tensors: AttachedTensor[];
+
+  /**
+   * The model's small files (configs, tokenizer, ...), sorted by path: as GetModelFiles, with
+   * their bytes when the request set include_files.
+   *
+   * @generated from field: repeated modelloader.v1.ModelFile files = 6;
+   */
+  files: ModelFile[];
 };
 
 /**
@@ -822,7 +977,7 @@ export type AttachResponse = Message<"modelloader.v1.AttachResponse"> & {
  * Use `create(AttachResponseSchema)` to create a new message.
  */
 export const AttachResponseSchema: GenMessage<AttachResponse> = /*@__PURE__*/
-  messageDesc(file_modelloader_v1_model_loader, 20);
+  messageDesc(file_modelloader_v1_model_loader, 25);
 
 /**
  * One buffer of a model's memory.
@@ -855,7 +1010,7 @@ export type AttachedBuffer = Message<"modelloader.v1.AttachedBuffer"> & {
  * Use `create(AttachedBufferSchema)` to create a new message.
  */
 export const AttachedBufferSchema: GenMessage<AttachedBuffer> = /*@__PURE__*/
-  messageDesc(file_modelloader_v1_model_loader, 21);
+  messageDesc(file_modelloader_v1_model_loader, 26);
 
 /**
  * One tensor: where its bytes are in which buffer.
@@ -907,7 +1062,7 @@ export type AttachedTensor = Message<"modelloader.v1.AttachedTensor"> & {
  * Use `create(AttachedTensorSchema)` to create a new message.
  */
 export const AttachedTensorSchema: GenMessage<AttachedTensor> = /*@__PURE__*/
-  messageDesc(file_modelloader_v1_model_loader, 22);
+  messageDesc(file_modelloader_v1_model_loader, 27);
 
 /**
  * The phase a load step belongs to.
@@ -1207,6 +1362,29 @@ export const ModelLoader: GenService<{
     methodKind: "unary";
     input: typeof ListTensorsRequestSchema;
     output: typeof ListTensorsResponseSchema;
+  },
+  /**
+   * The small non-weight files kept with a LOADED model (configs, tokenizer, scheduler,
+   * generation and sentence-transformers configs: docs/model-files.md lists which): each file's
+   * path, size and sha256, without its bytes.
+   *
+   * @generated from rpc modelloader.v1.ModelLoader.GetModelFiles
+   */
+  getModelFiles: {
+    methodKind: "unary";
+    input: typeof GetModelFilesRequestSchema;
+    output: typeof GetModelFilesResponseSchema;
+  },
+  /**
+   * One of those files' bytes, in chunks of at most 1 MiB in order (a tokenizer.json can be tens
+   * of MB, past a client's default message limit).
+   *
+   * @generated from rpc modelloader.v1.ModelLoader.ReadModelFile
+   */
+  readModelFile: {
+    methodKind: "server_streaming";
+    input: typeof ReadModelFileRequestSchema;
+    output: typeof ModelFileChunkSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_modelloader_v1_model_loader, 0);
