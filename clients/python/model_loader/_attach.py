@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import select
@@ -17,6 +18,7 @@ from google.protobuf.message import DecodeError
 
 from . import _cuda, _dtypes, _wire
 from ._errors import (
+    DATA_LOSS,
     DEADLINE_EXCEEDED,
     INTERNAL,
     PERMISSION_DENIED,
@@ -74,10 +76,34 @@ class TensorSpec:
         return _dtypes.numel(self.shape)
 
 
+@dataclass(frozen=True)
+class FileSpec:
+    """One of the model's small files (a config, the tokenizer, ...) as the server keeps it."""
+
+    path: str
+    size_bytes: int
+    # Hex sha256 of its bytes.
+    sha256: str
+
+
 def _buffer_kind(kind: int) -> str:
     if kind not in pb2.BufferKind.values():
         return f"UNKNOWN_{kind}"
     return pb2.BufferKind.Name(kind).removeprefix("BUFFER_KIND_")
+
+
+def _checked_files(files: Any, with_content: bool) -> Dict[str, bytes]:
+    """The files' bytes by path, each checked against its size and sha256 (empty unless asked)."""
+    out: Dict[str, bytes] = {}
+    if not with_content:
+        return out
+    for f in files:
+        if len(f.content) != f.size_bytes or hashlib.sha256(f.content).hexdigest() != f.sha256:
+            raise AttachError.from_code(
+                DATA_LOSS, f"file {f.path} arrived with {len(f.content)} bytes that do not match "
+                f"its size ({f.size_bytes}) or sha256 ({f.sha256})")
+        out[f.path] = bytes(f.content)
+    return out
 
 
 def _check_layout(buffers: Tuple[BufferInfo, ...], specs: Dict[str, TensorSpec]) -> None:
@@ -147,7 +173,8 @@ class Attached:
     cannot be marked read-only, and a write through one kills the process with SIGSEGV.
     """
 
-    def __init__(self, sock: _socket.socket, response: pb2.AttachResponse, fds: List[int]) -> None:
+    def __init__(self, sock: _socket.socket, response: pb2.AttachResponse, fds: List[int],
+                 with_files: bool = False) -> None:
         """Made by attach(); takes ownership of sock and fds unless it raises."""
         self.status: pb2.ModelStatus = response.status
         self.buffers: Tuple[BufferInfo, ...] = tuple(
@@ -157,6 +184,11 @@ class Attached:
             t.name: TensorSpec(t.name, t.dtype, tuple(t.shape), t.buffer, t.offset, t.size_bytes)
             for t in response.tensors}
         _check_layout(self.buffers, self.tensor_specs)
+        # The model's small files: always their names, sizes and digests; bytes when asked.
+        self.file_specs: Dict[str, FileSpec] = {
+            f.path: FileSpec(f.path, f.size_bytes, f.sha256) for f in response.files}
+        self._files = _checked_files(response.files, with_files)
+        self._with_files = with_files
         # Nothing may raise past this point: the finalizer owns sock and fds from here on.
         self._res = _Resources(sock, fds)
         self._finalizer = weakref.finalize(self, self._res.release)
@@ -223,6 +255,14 @@ class Attached:
     def _check_open(self) -> None:
         if self.closed:
             raise ValueError(f"the attachment of {self.model_id!r} is closed")
+
+    @property
+    def files(self) -> Dict[str, bytes]:
+        """The model's small files' bytes by path (``attach(..., files=True)``), sha256-checked."""
+        if not self._with_files:
+            raise ValueError(f"the files of {self.model_id!r} were not asked for: attach with "
+                             "files=True (file_specs lists them without their bytes)")
+        return dict(self._files)
 
     # --- host memory ----------------------------------------------------------------------------
 
@@ -366,25 +406,33 @@ def attach(
     *,
     revision: Optional[str] = None,
     device: Optional[str] = None,
+    dtype: Optional[str] = None,
     load_if_needed: bool = False,
+    files: bool = False,
     timeout: Optional[float] = 30.0,
 ) -> Attached:
     """Attach to a loaded model over the server's attach socket.
 
     socket: the server's ``--attach-socket`` path; default $MODEL_LOADER_ATTACH_SOCKET, else
     DEFAULT_SOCKET. device: the device the caller expects the model on ("cpu", "cuda:0"); the
-    server refuses another. load_if_needed: load the model first (with revision and device) if
-    it is not loaded; otherwise a model that is not LOADED is FAILED_PRECONDITION.
+    server refuses another. dtype: the dtype expected ("f32", "f16", "bf16", as LoadModel's): a
+    load_if_needed load converts to it, a model resident in another is FAILED_PRECONDITION.
+    load_if_needed: load the model first (with revision, device and dtype) if it is not loaded;
+    otherwise a model that is not LOADED is FAILED_PRECONDITION. files: also fetch the model's
+    small files' bytes (``Attached.files``; ``Attached.file_specs`` lists them always).
     timeout: seconds for the whole exchange, a load included; None waits as long as it takes.
 
     Raises AttachError with the server's gRPC status code, or UNAVAILABLE, DEADLINE_EXCEEDED or
     INTERNAL for a connection that fails, an answer that does not come, or one that is malformed.
     """
-    request = pb2.AttachRequest(model_id=model_id, load_if_needed=load_if_needed)
+    request = pb2.AttachRequest(model_id=model_id, load_if_needed=load_if_needed,
+                                include_files=files)
     if revision is not None:
         request.revision = revision
     if device is not None:
         request.device = device
+    if dtype is not None:
+        request.dtype = dtype
     path = os.fspath(socket) if socket is not None else default_socket()
 
     deadline = _wire.Deadline(timeout)
@@ -415,7 +463,7 @@ def attach(
                 f"{len(fds)} file descriptors")
         # From here on the socket only signals the end of the lease.
         sock.settimeout(None)
-        return Attached(sock, response, fds)
+        return Attached(sock, response, fds, with_files=files)
     except BaseException:
         for fd in fds:
             os.close(fd)

@@ -30,6 +30,7 @@ DEADLINE_EXCEEDED = 4
 PERMISSION_DENIED = 7
 INTERNAL = 13
 UNAVAILABLE = 14
+DATA_LOSS = 15
 
 
 def code_name(code: int) -> str:

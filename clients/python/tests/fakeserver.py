@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import mmap
 import os
 import socket
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -39,6 +42,8 @@ class Model:
     buffers: List[List[Tensor]]
     kinds: Optional[List[pb2.BufferKind]] = None
     device: str = "cpu"
+    # The model's small files by path (config.json, ...).
+    files: Dict[str, bytes] = field(default_factory=dict)
 
     def layout(self) -> Tuple[List[bytes], List[pb2.AttachedTensor]]:
         contents, specs = [], []
@@ -88,8 +93,14 @@ def read_request(conn: socket.socket) -> pb2.AttachRequest:
     return pb2.AttachRequest.FromString(exactly(length))
 
 
+def model_files(model: Model, include_files: bool) -> List[pb2.ModelFile]:
+    return [pb2.ModelFile(path=path, size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                          content=data if include_files else b"")
+            for path, data in sorted(model.files.items())]
+
+
 def response_for(model: Model, contents: List[bytes], specs: List[pb2.AttachedTensor],
-                 model_id: str) -> pb2.AttachResponse:
+                 model_id: str, include_files: bool = False) -> pb2.AttachResponse:
     kinds = model.kinds or [pb2.BUFFER_KIND_HOST_MEMFD] * len(contents)
     return pb2.AttachResponse(
         code=0,
@@ -99,6 +110,7 @@ def response_for(model: Model, contents: List[bytes], specs: List[pb2.AttachedTe
         buffers=[pb2.AttachedBuffer(kind=k, device=model.device, size_bytes=len(c))
                  for k, c in zip(kinds, contents)],
         tensors=specs,
+        files=model_files(model, include_files),
     )
 
 
@@ -116,12 +128,13 @@ def send_with_fds(conn: socket.socket, data: bytes, fds: List[int]) -> None:
         conn.sendall(piece[sent:])
 
 
-def answer(conn: socket.socket, model: Model, model_id: str = "org/model") -> None:
+def answer(conn: socket.socket, model: Model, model_id: str = "org/model",
+           include_files: bool = False) -> None:
     """Send the model the way the server does: the response, its descriptors in SCM_RIGHTS."""
     contents, specs = model.layout()
     fds = [sealed_memfd(c) for c in contents]
     try:
-        response = response_for(model, contents, specs, model_id)
+        response = response_for(model, contents, specs, model_id, include_files)
         send_with_fds(conn, frame(response.SerializeToString()), fds)
     finally:
         for fd in fds:
@@ -210,3 +223,40 @@ def open_fds() -> int:
 def memfd_mappings() -> List[str]:
     with open("/proc/self/maps") as f:
         return [line for line in f if f"/memfd:{MEMFD_NAME}" in line]
+
+
+# Suffixes of weight files: everything else in a model folder is one of its small files.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+
+
+def folder_model(root: Path) -> Model:
+    """A saved model folder as the server holds it: one buffer per safetensors file (tensors
+    named with the file's folder as prefix, "unet/conv_in.weight"), the other files small."""
+    buffers: List[List[Tensor]] = []
+    files: Dict[str, bytes] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if not path.name.endswith(WEIGHT_SUFFIXES):
+            files[rel] = path.read_bytes()
+            continue
+        if not path.name.endswith(".safetensors"):
+            continue
+        data = path.read_bytes()
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + n])
+        prefix = "" if "/" not in rel else rel.rsplit("/", 1)[0] + "/"
+        tensors = []
+        for name, info in sorted(header.items()):
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            tensors.append(Tensor(prefix + name, info["dtype"], tuple(info["shape"]),
+                                  data[8 + n + start:8 + n + end]))
+        buffers.append(tensors)
+    return Model(buffers, files=files)
+
+
+def serve_folder(root: Path) -> Handler:
+    """A handler answering every request with the model saved in root."""
+    model = folder_model(root)
+    return lambda conn, request: answer(conn, model, request.model_id, request.include_files)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import os
 import signal
 import socket
@@ -60,11 +61,59 @@ def test_values_and_metadata(model_server: FakeServer) -> None:
 
 def test_request_fields(model_server: FakeServer) -> None:
     attach("org/model", model_server.path).close()
-    attach("org/model", model_server.path, revision="v2", device="cpu", load_if_needed=True).close()
+    attach("org/model", model_server.path, revision="v2", device="cpu", dtype="bf16",
+           load_if_needed=True, files=True).close()
     plain, full = model_server.requests
     assert not plain.HasField("revision") and not plain.HasField("device")
-    assert not plain.load_if_needed
-    assert (full.revision, full.device, full.load_if_needed) == ("v2", "cpu", True)
+    assert not plain.HasField("dtype")
+    assert not plain.load_if_needed and not plain.include_files
+    assert (full.revision, full.device, full.dtype, full.load_if_needed, full.include_files) == (
+        "v2", "cpu", "bf16", True, True)
+
+
+def _model_with_files() -> Model:
+    model = Model([[Tensor("w", "F32", (1,), np.ones(1, "<f4").tobytes())]])
+    model.files = {"config.json": b'{"model_type": "llama"}', "tokenizer/vocab.txt": b"a\nb\n",
+                   "empty.txt": b""}
+    return model
+
+
+def test_files_arrive_checked_when_asked(serve: Serve) -> None:
+    """The model's small files: listed always, their bytes (sha256-checked) with files=True."""
+    server = serve(lambda conn, r: answer(conn, _model_with_files(), r.model_id, r.include_files))
+    with attach("org/model", server.path) as att:
+        assert sorted(att.file_specs) == ["config.json", "empty.txt", "tokenizer/vocab.txt"]
+        spec = att.file_specs["tokenizer/vocab.txt"]
+        assert (spec.size_bytes, spec.sha256) == (4, hashlib.sha256(b"a\nb\n").hexdigest())
+        with pytest.raises(ValueError, match="files=True"):
+            att.files
+    with attach("org/model", server.path, files=True) as att:
+        assert att.files == _model_with_files().files
+    for _ in range(2):
+        assert server.hangups.acquire(timeout=5)
+
+
+def test_a_file_that_does_not_match_its_sha256_is_data_loss(serve: Serve) -> None:
+    """Bytes that differ from the digest the server sent are refused, and nothing stays open."""
+    def corrupt(conn: socket.socket, request: pb2.AttachRequest) -> None:
+        model = _model_with_files()
+        contents, specs = model.layout()
+        response = response_for(model, contents, specs, request.model_id, True)
+        response.files[0].content = b'{"model_type": "bert"}'
+        fds = [sealed_memfd(c) for c in contents]
+        try:
+            send_with_fds(conn, frame(response.SerializeToString()), fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    server = serve(corrupt)
+    before = open_fds()
+    with pytest.raises(AttachError) as e:
+        attach("org/model", server.path, files=True)
+    assert e.value.code_name == "DATA_LOSS" and "config.json" in e.value.message
+    assert server.hangups.acquire(timeout=10)
+    assert open_fds() == before
 
 
 def test_socket_from_environment(model_server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
