@@ -1,0 +1,73 @@
+"""The adapters' plumbing without the real server: the served-files folder, the attached/copied
+count, the lease tied to the model (a fake attach server serving a saved folder)."""
+
+from __future__ import annotations
+
+import gc
+import stat
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+import torch
+from fakeserver import FakeServer, serve_folder
+
+import model_loader
+from model_loader import _adapt
+from model_loader import transformers as ml
+
+
+@pytest.fixture
+def qwen_server(built: Callable[[str], Path], tmp_path: Path) -> Iterator[FakeServer]:
+    server = FakeServer(str(tmp_path / "attach.sock"), serve_folder(built("qwen2-tied")))
+    yield server
+    server.stop()
+
+
+def test_served_folder_is_private_and_removed() -> None:
+    """The small files land in a 0700 folder, sub-folders included, gone after the block."""
+    with _adapt.served_folder({"config.json": b"{}", "tokenizer/vocab.txt": b"a\n"}) as folder:
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        assert (folder / "tokenizer" / "vocab.txt").read_bytes() == b"a\n"
+    assert not folder.exists()
+
+
+@pytest.mark.parametrize("path", ["../escape.json", "/etc/passwd", "a/../../b", "", "a//b"])
+def test_a_file_path_that_leaves_the_folder_is_refused(path: str) -> None:
+    """A served path that is absolute or climbs out is an AdapterError, and nothing is written."""
+    with pytest.raises(model_loader.AdapterError, match="unsafe path"):
+        with _adapt.served_folder({path: b"x"}):
+            pass
+
+
+def test_stats_count_copies_and_the_lease_ends_with_the_model(qwen_server: FakeServer) -> None:
+    """A converted (here: cloned) tensor counts as copied, the rest as attached; the lease ends
+    when the model is collected, and release() on anything else is a TypeError."""
+    model = ml.from_server("org/qwen", socket=qwen_server.path)
+    stats = model.model_loader_stats
+    assert stats.copied_bytes == 0 and stats.copied == []
+    # Tied: the LM head is the embedding, counted once.
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert qwen_server.answered.acquire(timeout=10)
+    att = model._model_loader_lease[1]
+    state = att.torch()
+    model.model.norm.weight = torch.nn.Parameter(model.model.norm.weight.detach().clone())
+    again = _adapt.measure(model, att, state)
+    assert again.copied == ["model.norm.weight"]
+    assert again.copied_bytes == model.model.norm.weight.numel() * 4
+    assert again.attached_bytes + again.copied_bytes == stats.attached_bytes
+    del model, att, state
+    gc.collect()
+    assert qwen_server.hangups.acquire(timeout=10), "the lease outlived the model"
+    with pytest.raises(TypeError, match="not built by a model_loader adapter"):
+        model_loader.release(torch.nn.Linear(1, 1))
+
+
+def test_an_auto_class_picks_the_concrete_one(qwen_server: FakeServer) -> None:
+    """cls=AutoModel builds the config's base model (Qwen2Model), not the causal LM."""
+    from transformers import AutoModel, Qwen2Model
+
+    model = ml.from_server("org/qwen", socket=qwen_server.path, cls=AutoModel)
+    assert type(model) is Qwen2Model
+    model_loader.release(model)
+    assert qwen_server.hangups.acquire(timeout=10)
