@@ -30,7 +30,7 @@ def _attached_transformer(base: Any, state: Dict[str, Any], dtype: Any) -> Any:
     """A subclass of the Transformer module class base whose model comes from the state dict."""
     transformers = _tf._import()
 
-    class AttachedTransformer(base):  # type: ignore[misc,valid-type]
+    class AttachedTransformer(base):  # type: ignore[misc]
         def _load_model(self, model_name_or_path: str, transformer_task: str, config: Any,
                         backend: str, is_peft_model: bool, **model_kwargs: Any) -> Any:
             if backend != "torch" or is_peft_model:

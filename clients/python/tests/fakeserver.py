@@ -225,18 +225,30 @@ def memfd_mappings() -> List[str]:
         return [line for line in f if f"/memfd:{MEMFD_NAME}" in line]
 
 
-# Suffixes of weight files: everything else in a model folder is one of its small files.
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+# The small files the server keeps with a model (docs/model-files.md): these names and
+# sentencepiece's *.model, in the model's folder or one folder down.
+SMALL_FILES = {
+    "config.json", "generation_config.json", "model_index.json", "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "preprocessor_config.json", "processor_config.json", "scheduler_config.json", "modules.json",
+    "sentence_bert_config.json", "config_sentence_transformers.json",
+}
+
+
+def is_small_file(rel: str) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    return rel.count("/") <= 1 and (name in SMALL_FILES or name.endswith(".model"))
 
 
 def folder_model(root: Path) -> Model:
     """A saved model folder as the server holds it: one buffer per safetensors file (tensors
-    named with the file's folder as prefix, "unet/conv_in.weight"), the other files small."""
+    named with the file's folder as prefix, "unet/conv_in.weight") and its small files."""
     buffers: List[List[Tensor]] = []
     files: Dict[str, bytes] = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
-        if not path.name.endswith(WEIGHT_SUFFIXES):
+        if is_small_file(rel):
             files[rel] = path.read_bytes()
             continue
         if not path.name.endswith(".safetensors"):

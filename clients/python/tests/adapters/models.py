@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Tuple
 
 # Text the tokenizers are trained on and the models are run on.
 TEXT = ["the server keeps the weights", "a model attached from shared memory",
@@ -181,19 +181,19 @@ def run(kind: str, model: Any, tokenizer: Any = None) -> Dict[str, Any]:
         return {"image": image}
 
 
-def reference(kind: str, folder: Path) -> Dict[str, Any]:
-    """The outputs of the model loaded the frameworks' usual way, from its folder."""
+def from_pretrained(kind: str, folder: Path) -> Tuple[Any, Any]:
+    """The model (and an LM's tokenizer) loaded the frameworks' usual way, from its folder."""
     if kind == "lm":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
-        return run(kind, model, AutoTokenizer.from_pretrained(folder))
+        return model, AutoTokenizer.from_pretrained(folder)
     if kind == "st":
         from sentence_transformers import SentenceTransformer
 
-        return run(kind, SentenceTransformer(str(folder), device="cpu"))
+        return SentenceTransformer(str(folder), device="cpu"), None
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    return run(kind, pipe)
+    return pipe, None

@@ -105,11 +105,16 @@ class Server:
             self.proc.wait()
 
 
+_next_port = [0]
+
+
 def _free_port() -> int:
-    """A port free now below the kernel's ephemeral range (weed binds it a moment later)."""
+    """A port free now below the kernel's ephemeral range (weed binds it a moment later): each
+    call tries the next of this process's own stretch, so no two calls give the same port."""
     start = os.getpid() % 250 * 48
-    for i in range(2000):
-        port = 20000 + (start + i * 7 + int(time.monotonic_ns() % 97)) % 12000
+    for _ in range(2000):
+        port = 20000 + (start + _next_port[0]) % 12000
+        _next_port[0] += 1
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
