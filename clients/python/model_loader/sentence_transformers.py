@@ -26,7 +26,7 @@ def _import() -> Any:
     return sentence_transformers
 
 
-def _attached_transformer(base: Any, state: Dict[str, Any], dtype: Any) -> Any:
+def _attached_transformer(base: Any, state: Dict[str, Any], dtype: Any, device: str) -> Any:
     """A subclass of the Transformer module class base whose model comes from the state dict."""
     transformers = _tf._import()
 
@@ -45,13 +45,14 @@ def _attached_transformer(base: Any, state: Dict[str, Any], dtype: Any) -> Any:
             if auto is None:
                 raise AdapterError(f"the transformer task {transformer_task!r} is not supported")
             klass = _tf.model_class(transformers, config, auto)
-            return _tf.build(transformers, klass, config, state, dtype, None)
+            return _tf.build(transformers, klass, config, state, dtype, device)
 
     AttachedTransformer.__name__ = AttachedTransformer.__qualname__ = base.__name__
     return AttachedTransformer
 
 
-def _module_classes(folder: Any, state: Dict[str, Any], dtype: Any) -> Dict[str, Any]:
+def _module_classes(folder: Any, state: Dict[str, Any], dtype: Any,
+                    device: str) -> Dict[str, Any]:
     """modules.json's Transformer types, each mapped to its attached subclass."""
     from sentence_transformers.base.modules.transformer import Transformer
     from sentence_transformers.util.misc import import_from_string
@@ -65,7 +66,7 @@ def _module_classes(folder: Any, state: Dict[str, Any], dtype: Any) -> Dict[str,
             continue
         klass = import_from_string(ref)
         if isinstance(klass, type) and issubclass(klass, Transformer):
-            classes[ref] = _attached_transformer(klass, state, dtype)
+            classes[ref] = _attached_transformer(klass, state, dtype, device)
     if not classes:
         raise AdapterError("modules.json lists no Transformer module to attach")
     return classes
@@ -97,7 +98,7 @@ def from_server(
         build_dtype = _adapt.torch_dtype(torch, dtype, state)
         target = device or (att.buffers[0].device if att.buffers else "cpu")
         with _adapt.served_folder(att.files) as folder:
-            classes = _module_classes(folder, state, build_dtype)
+            classes = _module_classes(folder, state, build_dtype, target)
             # The private entry point sentence-transformers keeps for models already in memory:
             # modules.json's types resolve to the classes given instead of being imported.
             model = st.SentenceTransformer._load_with_module_classes(

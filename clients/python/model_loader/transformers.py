@@ -68,7 +68,11 @@ def build(transformers: Any, cls: Any, config: Any, state: Dict[str, Any], dtype
     """from_pretrained with the attached tensors as its state dict (no files read)."""
     import torch
 
-    kwargs = {} if dtype is None else {"dtype": dtype}
+    kwargs: Dict[str, Any] = {} if dtype is None else {"dtype": dtype}
+    if device is not None:
+        # Without a device map from_pretrained places every tensor on the CPU: GPU tensors would
+        # be copied there. One device: no dispatch hooks, the tensors stay where they are.
+        kwargs["device_map"] = {"": device}
     model = cls.from_pretrained(None, config=config, state_dict=state, **kwargs)
     if device is not None and torch.device(device).type != "cpu":
         # The parameters are on the device already; the buffers transformers computes (rotary
