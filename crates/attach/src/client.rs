@@ -11,7 +11,7 @@ use std::{
 
 use memmap2::{Mmap, MmapOptions};
 use prost::Message;
-use proto::v1::{AttachRequest, AttachResponse, AttachedBuffer, BufferKind, ModelStatus};
+use proto::v1::{AttachRequest, AttachResponse, AttachedBuffer, BufferKind, ModelFile, ModelStatus};
 
 use crate::wire;
 
@@ -108,6 +108,12 @@ impl Attached {
     /// Sorted by name.
     pub fn tensors(&self) -> &[AttachedTensor] {
         &self.response.tensors
+    }
+
+    /// The model's small files (configs, tokenizer), sorted by path; their `content` is there
+    /// when the request set `include_files`.
+    pub fn files(&self) -> &[ModelFile] {
+        &self.response.files
     }
 
     /// The bytes of a tensor in host memory (read-only, the server's own pages); `None` on a

@@ -10,4 +10,4 @@ mod client;
 pub mod wire;
 
 pub use crate::client::{AttachError, Attached, AttachedTensor};
-pub use proto::v1::{AttachRequest, AttachResponse, AttachedBuffer, BufferKind};
+pub use proto::v1::{AttachRequest, AttachResponse, AttachedBuffer, BufferKind, ModelFile};

@@ -9,7 +9,7 @@ use std::{
 
 use dashmap::mapref::entry::Entry;
 use model_source::{Fetch, FetchProgress, Located, ModelSource, Wanted};
-use pipeline_manager::{Component, Pipeline, ResidentTensor};
+use pipeline_manager::{Component, ModelFile, Pipeline, ResidentTensor};
 use resource_manager::{DeviceId, Reservation, host, sync};
 use state_manager::{LoadFacts, Transition};
 use steps::{BYTE_PROGRESS_INTERVAL, ByteProgress, ModelLoadStep};
@@ -35,11 +35,18 @@ struct Reservations {
     host: Option<Reservation>,
 }
 
+/// Step 3's reading of the model's files: the plan of its weights and its small files.
+struct Planning {
+    plan: LoadPlan,
+    small_files: Vec<Arc<ModelFile>>,
+}
+
 /// A planned load, from step 4 on.
 struct Planned {
     device: DeviceId,
     target: Option<TargetDtype>,
     plan: LoadPlan,
+    small_files: Vec<Arc<ModelFile>>,
     files: Arc<dyn ModelFiles>,
     source: ModelSource,
     revision: String,
@@ -143,32 +150,35 @@ impl LoaderService {
             }
             None => located.files.clone(),
         };
-        let (plan, reservations) = self.plan_and_reserve(handle, device, target, plan_files).await?;
+        let (Planning { plan, small_files }, reservations) =
+            self.plan_and_reserve(handle, device, target, plan_files).await?;
         if let Some(fetch) = &located.fetch {
             self.fetch(handle, fetch.as_ref()).await?;
         }
         let placement = self.placements.placement(device, &id)?;
         let Located { files, source, revision, .. } = located;
-        let planned = Planned { device, target, plan, files, source, revision, placement };
+        let planned = Planned { device, target, plan, small_files, files, source, revision, placement };
         let (this, handle, span) = (self.clone(), handle.clone(), tracing::Span::current());
         blocking(&id, move || span.in_scope(|| this.read_and_register(&handle, planned, reservations))).await
     }
 
-    /// Step 3: the plan from the files' headers, then the exact bytes reserved before step 4
-    /// moves any byte of weights (for a source that fetches, the files as they will be): the
-    /// weights on the device, the tensors' metadata on the host.
+    /// Step 3: the plan from the files' headers and the small files read, then the exact bytes
+    /// reserved before step 4 moves any byte of weights (for a source that fetches, the files as
+    /// they will be): the weights on the device, the tensors' metadata and the small files on
+    /// the host.
     async fn plan_and_reserve(
         &self,
         handle: &LoadHandle,
         device: DeviceId,
         target: Option<TargetDtype>,
         files: Arc<dyn ModelFiles>,
-    ) -> Result<(LoadPlan, Reservations), LoadError> {
-        let plan = plan(handle, files, target).await?;
+    ) -> Result<(Planning, Reservations), LoadError> {
+        let planning = plan(handle, files, target).await?;
+        let plan = &planning.plan;
         let step = ModelLoadStep::BuildStrategies;
         // The peak, not the end state: converted tensors are read whole as stored first.
         let needed = plan.peak_bytes(target);
-        let metadata = plan.metadata_bytes();
+        let metadata = host_bytes(&planning);
         let (reservations, detail) = if device == DeviceId::Cpu {
             let total = needed.saturating_add(metadata);
             let reserved = self.make_room(handle, device, total, step).await?;
@@ -176,12 +186,15 @@ impl LoaderService {
         } else {
             let reserved = self.make_room(handle, device, needed, step).await?;
             let host = self.make_room(handle, DeviceId::Cpu, metadata, step).await?;
-            let detail = format!("{needed} bytes reserved on {device}, {metadata} on cpu for the tensors' metadata");
+            let detail = format!(
+                "{needed} bytes reserved on {device}, {metadata} on cpu for the tensors' metadata and small files"
+            );
             (Reservations { device: reserved, host: Some(host) }, detail)
         };
-        handle.note(step, format!("{}; {detail}", plan.describe()));
+        let small = weights::small_files::describe(&planning.small_files);
+        handle.note(step, format!("{}, {small}; {detail}", plan.describe()));
         handle.step(ModelLoadStep::LoadWeights)?;
-        Ok((plan, reservations))
+        Ok((planning, reservations))
     }
 
     /// Fetches the missing files with byte progress over all of them (step 4).
@@ -280,7 +293,7 @@ impl LoaderService {
         // The reader numbers components in plan order; the pipeline keys them by name.
         let names: Vec<String> = planned.plan.components.iter().map(|c| c.name.clone()).collect();
         let bools = bool_tensors(&planned.plan);
-        let metadata_bytes = planned.plan.metadata_bytes();
+        let metadata_bytes = planned.plan.metadata_bytes().saturating_add(small_files_bytes(&planned.small_files));
         let mut components: BTreeMap<String, Component> = planned
             .plan
             .components
@@ -309,6 +322,7 @@ impl LoaderService {
         let pipeline = Pipeline {
             model_id: id.clone(),
             components,
+            files: planned.small_files,
             device: planned.device,
             revision: planned.revision.clone(),
             host_allocation,
@@ -330,20 +344,23 @@ impl LoaderService {
     }
 }
 
-/// Step 3's plan of the model's files, on a blocking thread. A stalled filesystem (a hung
-/// network mount) can block that thread in the kernel for ever: the load does not wait for it
-/// past a cancel or [`PLAN_IO_BOUND`], so it cannot hold a load slot, an unload or shutdown.
-/// The thread is left to finish on its own.
+/// Step 3's plan of the model's files and its small files read (bounded by
+/// `weights::small_files`' limits, like the plan's headers, before the reservation books them),
+/// on a blocking thread. A stalled filesystem (a hung network mount) can block that thread in the
+/// kernel for ever: the load does not wait for it past a cancel or [`PLAN_IO_BOUND`], so it
+/// cannot hold a load slot, an unload or shutdown. The thread is left to finish on its own.
 async fn plan(
     handle: &LoadHandle,
     files: Arc<dyn ModelFiles>,
     target: Option<TargetDtype>,
-) -> Result<LoadPlan, LoadError> {
+) -> Result<Planning, LoadError> {
     let id = handle.model_id();
     let owned = id.clone();
     let planning = blocking(id, move || {
-        weights::plan::build(files.as_ref(), target.and_then(TargetDtype::variant))
-            .map_err(|e| LoadError::model(&owned, e))
+        let plan = weights::plan::build(files.as_ref(), target.and_then(TargetDtype::variant))
+            .map_err(|e| LoadError::model(&owned, e))?;
+        let small_files = weights::small_files::collect(files.as_ref()).map_err(|e| LoadError::model(&owned, e))?;
+        Ok(Planning { plan, small_files })
     });
     tokio::select! {
         plan = planning => plan,
@@ -353,6 +370,15 @@ async fn plan(
             after: PLAN_IO_BOUND,
         })),
     }
+}
+
+/// Host bytes a loaded model holds besides its weights: its tensors' metadata and small files.
+fn host_bytes(planning: &Planning) -> u64 {
+    planning.plan.metadata_bytes().saturating_add(small_files_bytes(&planning.small_files))
+}
+
+fn small_files_bytes(files: &[Arc<ModelFile>]) -> u64 {
+    files.iter().map(|f| f.size_bytes()).fold(0, u64::saturating_add)
 }
 
 /// The BOOL tensors of a plan (rare: masks), by component number and name, with their file.

@@ -9,7 +9,9 @@
 use std::{collections::VecDeque, sync::Arc};
 
 use loader_service::{LoaderConfig, LoaderParts, LoaderService, NotUnloaded};
-use pipeline_manager::{Attached, FileChanged, Lease, PipelineManager, ReadBackError, TensorInfo, TensorsError};
+use pipeline_manager::{
+    Attached, FileChanged, Lease, ModelFile, Pipeline, PipelineManager, ReadBackError, TensorInfo, TensorsError,
+};
 use resource_manager::{DeviceRequest, DeviceUsage, MemoryBudget, ResourceError, ResourceManager};
 use state_manager::{ModelState, StateEvent, StateManager, Transition};
 use tokio::sync::broadcast;
@@ -72,6 +74,9 @@ pub enum ManagerError {
     NotLoaded { model_id: String, state: ModelState },
     #[error(transparent)]
     ReadBack(Arc<ReadBackError>),
+    /// A LOADED model has no small file at that path.
+    #[error("model {model_id} has no file {path} (GetModelFiles lists its files)")]
+    NoSuchFile { model_id: String, path: String },
     #[error("model {model_id} has {clients} attached clients; unload with force to close their connections")]
     Attached { model_id: String, clients: usize },
     /// A file the model's tensors were mapped from changed: it was unloaded and marked FAILED.
@@ -89,6 +94,7 @@ impl ManagerError {
         match self {
             Self::Load(e) => e.kind().name(),
             Self::NotLoaded { .. } => "not_loaded",
+            Self::NoSuchFile { .. } => "not_found",
             Self::ReadBack(_) => "read_back",
             Self::Attached { .. } => "attached",
             Self::Changed { .. } => "file_changed",
@@ -271,15 +277,35 @@ impl ModelManager {
         self.resources.usage()
     }
 
-    /// What is resident for a LOADED model; checksums are computed on a blocking thread.
-    pub async fn tensors(&self, model_id: &ModelId, with_checksums: bool) -> Result<Vec<TensorInfo>, ManagerError> {
+    /// The LOADED model's pipeline, used now (for eviction's least-recently-used order); NOT_FOUND
+    /// for a model that exists nowhere, NotLoaded for one that merely is not loaded.
+    fn loaded(&self, model_id: &ModelId) -> Result<Arc<Pipeline>, ManagerError> {
         let Some(pipeline) = self.pipelines.get(model_id) else {
-            // A model that exists nowhere is NOT_FOUND; one that merely is not loaded is not.
             self.get(model_id)?;
             return Err(ManagerError::NotLoaded { model_id: model_id.to_string(), state: self.state.state(model_id) });
         };
-        // Reading its tensors is a use, for eviction's least-recently-used order.
         self.pipelines.touch(model_id);
+        Ok(pipeline)
+    }
+
+    /// A LOADED model's small files (configs, tokenizer), sorted by path.
+    pub fn files(&self, model_id: &ModelId) -> Result<Vec<Arc<ModelFile>>, ManagerError> {
+        Ok(self.loaded(model_id)?.files.clone())
+    }
+
+    /// One small file of a LOADED model, by its path.
+    pub fn file(&self, model_id: &ModelId, path: &str) -> Result<Arc<ModelFile>, ManagerError> {
+        let pipeline = self.loaded(model_id)?;
+        let file = pipeline.file(path).cloned();
+        // Only the start of a long path is echoed: errors travel in a header (grpc-message).
+        let shown = || path.chars().take(200).collect();
+        file.ok_or_else(|| ManagerError::NoSuchFile { model_id: model_id.to_string(), path: shown() })
+    }
+
+    /// What is resident for a LOADED model; checksums are computed on a blocking thread.
+    pub async fn tensors(&self, model_id: &ModelId, with_checksums: bool) -> Result<Vec<TensorInfo>, ManagerError> {
+        // Reading its tensors is a use, for eviction's least-recently-used order.
+        let pipeline = self.loaded(model_id)?;
         let infos = tokio::task::spawn_blocking(move || pipeline.tensor_infos(with_checksums))
             .await
             .map_err(|e| ManagerError::from(LoadError::internal(model_id, e.to_string())))?;

@@ -25,7 +25,10 @@ use hf_hub::{
 use model_id::{ModelId, Revision};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
-use weights::choice::{self, Choice};
+use weights::{
+    choice::{self, Choice},
+    small_files,
+};
 
 use crate::{Error, FetchProgress, HubFailure, cache::repo_folder};
 
@@ -351,8 +354,11 @@ fn is_commit(s: &str) -> bool {
 }
 
 /// The files a load of this repo needs, chosen by name the way the loader picks its layout
-/// ([`weights::choose`], preferring the precision `variant` where a folder has it): the JSON side
-/// files of the top and of each component folder, and each folder's chosen weights. Never `*.bin`.
+/// ([`weights::choose`], preferring the precision `variant` where a folder has it): the small
+/// files that travel with a model ([`small_files::travels`]: configs, tokenizer files), each
+/// folder's chosen weights and the index naming its shards. Nothing else is ever requested (never
+/// `*.bin`, a README or a stray file), and small files past their limits are refused from the
+/// listing's sizes, before any download.
 fn needed_files(files: &[RemoteFile], variant: Option<&str>) -> Result<Vec<RemoteFile>, Error> {
     let mut by_dir: BTreeMap<&str, Vec<&RemoteFile>> = BTreeMap::new();
     for f in files {
@@ -369,7 +375,10 @@ fn needed_files(files: &[RemoteFile], variant: Option<&str>) -> Result<Vec<Remot
     for (dir, entries) in &by_dir {
         let names: Vec<String> = entries.iter().map(|f| name(f)).collect();
         let chosen = match choice::choose(&names, variant) {
-            Choice::Sharded { shards, .. } => shards,
+            Choice::Sharded { mut shards, index, .. } => {
+                shards.push(index);
+                shards
+            }
             Choice::Files { files, .. } => files,
             Choice::PickleOnly(files) => {
                 if dir.is_empty() {
@@ -377,19 +386,14 @@ fn needed_files(files: &[RemoteFile], variant: Option<&str>) -> Result<Vec<Remot
                 }
                 Vec::new()
             }
-            // A component without weights (scheduler, tokenizer): its JSON only.
+            // A component without weights (scheduler, tokenizer): its small files only.
             Choice::Nothing => Vec::new(),
         };
         needed.extend(
-            entries
-                .iter()
-                .filter(|f| {
-                    let n = name(f);
-                    n.ends_with(".json") || chosen.contains(&n)
-                })
-                .map(|f| (*f).clone()),
+            entries.iter().filter(|f| small_files::travels(&f.path) || chosen.contains(&name(f))).map(|f| (*f).clone()),
         );
     }
+    small_files::check(needed.iter().filter(|f| small_files::travels(&f.path)).map(|f| (f.path.as_str(), f.size)))?;
     if !needed.iter().any(|f| f.path.ends_with(".safetensors")) {
         if !pickles.is_empty() {
             return Err(weights::Error::PickleOnly { files: pickles.join(", ") }.into());
@@ -477,6 +481,26 @@ mod tests {
     fn picks_only_the_files_the_layout_needs() {
         let single = needed(&["config.json", "model.safetensors", "pytorch_model.bin", "README.md"]).expect("single");
         assert_eq!(single, ["config.json", "model.safetensors"]);
+        let tokenizer = needed(&[
+            ".gitattributes",
+            "1_Pooling/config.json",
+            "README.md",
+            "config.json",
+            "extra/secret.txt",
+            "merges.txt",
+            "model.safetensors",
+            "onnx/model.onnx",
+            "pytorch_model.bin",
+            "tokenizer.model",
+            "train_args.json",
+            "vocab.txt",
+            "x/y/config.json",
+        ])
+        .expect("tokenizer files");
+        assert_eq!(
+            tokenizer,
+            ["config.json", "merges.txt", "model.safetensors", "tokenizer.model", "vocab.txt", "1_Pooling/config.json"]
+        );
         let sharded = needed(&[
             "config.json",
             "model.safetensors.index.json",
@@ -520,6 +544,18 @@ mod tests {
         assert!(matches!(needed(&["README.md"]), Err(Error::Files(weights::Error::NotFound(_)))));
     }
 
+    /// A small file past its limit is refused from the listing, before anything is downloaded.
+    #[test]
+    fn a_small_file_past_its_limit_is_refused_before_any_download() {
+        let mut listing = files(&["config.json", "model.safetensors", "tokenizer.json"]);
+        listing[2].size = small_files::MAX_FILE_BYTES + 1;
+        let err = needed_files(&listing, None).expect_err("too big");
+        assert!(
+            matches!(&err, Error::Files(weights::Error::OverLimit { file, .. }) if file == "tokenizer.json"),
+            "{err}"
+        );
+    }
+
     /// An F16 load downloads the fp16 variant of each component that has one, and the plain
     /// weights of the others.
     #[test]
@@ -543,7 +579,6 @@ mod tests {
             [
                 "model_index.json",
                 "unet/config.json",
-                "unet/diffusion_pytorch_model.safetensors.index.json",
                 "unet/diffusion_pytorch_model.safetensors.index.fp16.json",
                 "unet/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
                 "unet/diffusion_pytorch_model.fp16-00002-of-00002.safetensors",

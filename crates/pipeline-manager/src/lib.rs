@@ -1,5 +1,6 @@
 //! Storage of loaded pipelines: each model's components, their tensors as resident on the device,
-//! their `config.json`, and the facts read from it (`sample_size`).
+//! the facts read from their configs (`sample_size`), and the model's small files ([`ModelFile`]:
+//! configs, tokenizer, scheduler) as plain bytes, served to clients that share no filesystem.
 //!
 //! A [`Pipeline`] owns its tensors and its [`ModelAllocation`]: removing it from the store drops
 //! both at once, which is what gives the memory back. A resident tensor is [`TensorData`]: a view
@@ -124,12 +125,39 @@ pub struct Component {
     pub tensors: Vec<ResidentTensor>,
 }
 
+/// One small non-weight file of a model (a config, a tokenizer file), kept whole with its
+/// pipeline: `weights::small_files` says which files these are and fills them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelFile {
+    /// Relative to the model's folder (`config.json`, `tokenizer/vocab.json`).
+    pub path: String,
+    /// Hex sha256 of `content`.
+    pub sha256: String,
+    /// Shared, so a stream of it outlives no lock and copies nothing up front.
+    pub content: Arc<[u8]>,
+}
+
+impl ModelFile {
+    /// The file at `path` holding `content`, its checksum computed.
+    pub fn new(path: String, content: Vec<u8>) -> Self {
+        let sha256 = hex::encode(Sha256::digest(&content));
+        Self { path, sha256, content: content.into() }
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.content.len() as u64
+    }
+}
+
 /// A loaded model: everything resident for it, and the memory it holds.
 #[derive(Debug)]
 pub struct Pipeline {
     pub model_id: ModelId,
     /// Keyed by component name.
     pub components: BTreeMap<String, Component>,
+    /// Its small files, sorted by path; their bytes are booked in the host's allocation with the
+    /// tensors' metadata.
+    pub files: Vec<Arc<ModelFile>>,
     pub device: DeviceId,
     pub revision: String,
     /// For a model on a GPU, the host bytes of its tensors' metadata (names, shapes, views); a
@@ -192,6 +220,16 @@ impl Pipeline {
             }
         }
         Ok(())
+    }
+
+    /// The small file at `path`, if the model has it.
+    pub fn file(&self, path: &str) -> Option<&Arc<ModelFile>> {
+        self.files.binary_search_by(|f| f.path.as_str().cmp(path)).ok().and_then(|i| self.files.get(i))
+    }
+
+    /// Bytes of its small files.
+    pub fn files_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size_bytes()).sum()
     }
 
     /// Bytes of every resident tensor.
@@ -441,6 +479,7 @@ mod tests {
         let pipeline = Pipeline {
             model_id: id("m"),
             components: components.into_iter().map(|c| (c.name.clone(), c)).collect(),
+            files: Vec::new(),
             device: DeviceId::Cpu,
             revision: String::new(),
             host_allocation: None,
@@ -499,6 +538,18 @@ mod tests {
         );
     }
 
+    /// A small file is found by its exact path among files sorted by path, with its checksum.
+    #[test]
+    fn small_files_by_path() {
+        let (_rm, mut p) = pipeline(vec![]);
+        let file = |path: &str, text: &str| Arc::new(ModelFile::new(path.into(), text.as_bytes().to_vec()));
+        p.files = vec![file("config.json", "{}"), file("tokenizer/vocab.json", "{\"a\": 1}")];
+        assert_eq!(p.file("tokenizer/vocab.json").map(|f| f.size_bytes()), Some(8));
+        assert_eq!(p.file("config.json").map(|f| f.sha256.clone()), Some(hex::encode(Sha256::digest(b"{}"))));
+        assert!(p.file("vocab.json").is_none() && p.file("").is_none());
+        assert_eq!(p.files_bytes(), 10);
+    }
+
     /// Removing a pipeline drops its allocation: the accounting goes back to zero.
     #[test]
     fn removing_frees_the_accounting() {
@@ -522,6 +573,7 @@ mod tests {
             store.insert(Pipeline {
                 model_id: id.clone(),
                 components: BTreeMap::new(),
+                files: Vec::new(),
                 device: DeviceId::Cpu,
                 revision: String::new(),
                 host_allocation: None,

@@ -33,6 +33,18 @@ impl FromStr for DeviceRequest {
     }
 }
 
+impl DeviceRequest {
+    /// The device it names: "cuda" is the first GPU. Whether this build and machine have it is
+    /// `ResourceManager::resolve`'s to say; comparing a request with a resident model's device
+    /// goes through here, never through their spellings.
+    pub fn id(self) -> DeviceId {
+        match self {
+            Self::Cpu => DeviceId::Cpu,
+            Self::Cuda(n) => DeviceId::Cuda(n.unwrap_or(0)),
+        }
+    }
+}
+
 /// A device this process can place tensors on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DeviceId {

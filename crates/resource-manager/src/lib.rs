@@ -216,8 +216,8 @@ impl ResourceManager {
             None => Ok(self.default_device),
             Some(DeviceRequest::Cpu) => Ok(DeviceId::Cpu),
             #[cfg(feature = "cuda")]
-            Some(DeviceRequest::Cuda(n)) => {
-                let id = DeviceId::Cuda(n.unwrap_or(0));
+            Some(request @ DeviceRequest::Cuda(_)) => {
+                let id = request.id();
                 match self.devices.iter().any(|d| d.id == id) {
                     true => Ok(id),
                     false => Err(ResourceError::DeviceUnavailable {
@@ -227,8 +227,8 @@ impl ResourceManager {
                 }
             }
             #[cfg(not(feature = "cuda"))]
-            Some(DeviceRequest::Cuda(n)) => Err(ResourceError::DeviceUnavailable {
-                device: format!("cuda:{}", n.unwrap_or(0)),
+            Some(request @ DeviceRequest::Cuda(_)) => Err(ResourceError::DeviceUnavailable {
+                device: request.id().to_string(),
                 reason: "this build has no CUDA support (built without the `cuda` feature)".into(),
             }),
         }
@@ -488,6 +488,17 @@ mod tests {
         let m = manager(1000, MemoryBudget::Bytes(100));
         assert_eq!(m.resolve(None), Ok(DeviceId::Cpu));
         assert!(matches!(m.resolve(Some(DeviceRequest::Cuda(Some(0)))), Err(ResourceError::DeviceUnavailable { .. })));
+    }
+
+    /// "cuda" and "cuda:0" name the same device; "cuda:1" another; spellings never compare.
+    #[test]
+    fn requests_name_devices_parsed() {
+        let id = |s: &str| s.parse::<DeviceRequest>().expect("parses").id();
+        assert_eq!(id("cuda"), DeviceId::Cuda(0));
+        assert_eq!(id("cuda"), id("cuda:0"));
+        assert_eq!(id("cuda:00"), DeviceId::Cuda(0));
+        assert_ne!(id("cuda:1"), id("cuda"));
+        assert_eq!(id("cpu"), DeviceId::Cpu);
     }
 
     /// Budgets parse as sizes or percentages.

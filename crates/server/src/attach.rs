@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::Context;
 use attach::wire;
-use model_manager::{ModelManager, pipeline_manager::Lease};
+use model_manager::{ModelManager, TargetDtype, pipeline_manager::Lease, resource_manager::DeviceRequest};
 use pipeline_manager::MemoryKind;
 use prost::Message;
 use proto::v1 as pb;
@@ -317,7 +317,7 @@ async fn connection(
             return;
         }
     };
-    let (response, memories) = match answer(manager, &lease) {
+    let (response, memories) = match answer(manager, &lease, request.include_files) {
         Ok(answer) => answer,
         Err(refusal) => {
             let _ = respond(&stream, &error_response(&refusal), &[]).await;
@@ -366,34 +366,46 @@ async fn read_request(stream: &mut UnixStream) -> Result<pb::AttachRequest, Stat
         .map_err(|e| Status::invalid_argument(format!("the request is not an AttachRequest: {e}")))
 }
 
-/// The lease the request asks for, loading the model first where asked to.
+/// The lease the request asks for, loading the model first where asked to. A device or dtype
+/// the request names must be the resident model's, compared parsed ("cuda" is "cuda:0", "bf16"
+/// is "BF16"), never as strings; an unparsable one is INVALID_ARGUMENT before anything loads.
 async fn lease(manager: &ModelManager, request: &pb::AttachRequest) -> Result<Lease, Status> {
-    let id = convert::model_id(&request.model_id)?;
-    let load = match request.load_if_needed {
-        true => Some(convert::load_request(pb::LoadModelRequest {
-            model_id: request.model_id.clone(),
-            revision: request.revision.clone(),
-            device: request.device.clone(),
-            dtype: None,
-        })?),
-        false => None,
-    };
+    // LoadModel's own conversion: the same checks and the same errors for the same fields.
+    let asked = convert::load_request(pb::LoadModelRequest {
+        model_id: request.model_id.clone(),
+        revision: request.revision.clone(),
+        device: request.device.clone(),
+        dtype: request.dtype.clone(),
+    })?;
+    let (id, device, dtype) = (asked.model_id.clone(), asked.device, asked.dtype);
+    let load = request.load_if_needed.then_some(asked);
     let lease = manager.attach(&id, load).await.map_err(|e| status::from_manager(&e))?;
-    if let Some(device) = request.device.as_deref().filter(|d| !d.is_empty()) {
-        let resident = lease.pipeline().device.to_string();
-        if resident != device {
-            let asked: String = device.chars().take(40).collect();
-            return Err(Status::failed_precondition(format!("model {id} is resident on {resident}, not {asked}")));
+    let pipeline = lease.pipeline();
+    if let Some(device) = device.map(DeviceRequest::id).filter(|&d| d != pipeline.device) {
+        let resident = pipeline.device;
+        return Err(Status::failed_precondition(format!("model {id} is resident on {resident}, not {device}")));
+    }
+    if let Some(dtype) = dtype {
+        let resident = pipeline.dtype_summary();
+        if resident.parse::<TargetDtype>().ok() != Some(dtype) {
+            let resident = if resident.is_empty() { "no tensors" } else { resident.as_str() };
+            return Err(Status::failed_precondition(format!(
+                "model {id} is resident as {resident}, not {dtype}: unload it first to load it so"
+            )));
         }
     }
     Ok(lease)
 }
 
-/// The answer for a lease: the model's status, its buffers and its tensors; and the memories
-/// whose descriptors go with it, in buffer order.
+/// The answer for a lease: the model's status, its buffers, its tensors and its small files
+/// (with their bytes when asked: at most `MAX_MODEL_FILES_BYTES`, 128 MiB, which with the tensor
+/// table of the most tensors a model may have, about 25 MB, stays under the 256 MiB a client
+/// reads, `wire::MAX_RESPONSE_BYTES`); and the memories whose descriptors go with it, in buffer
+/// order.
 fn answer<'a>(
     manager: &ModelManager,
     lease: &'a Lease,
+    include_files: bool,
 ) -> Result<(pb::AttachResponse, Vec<&'a dyn pipeline_manager::SharedMemory>), Status> {
     let pipeline = lease.pipeline();
     let mut memories: Vec<&dyn pipeline_manager::SharedMemory> = Vec::new();
@@ -436,7 +448,8 @@ fn answer<'a>(
         })
         .collect();
     let status = manager.get(&pipeline.model_id).map(convert::status).ok();
-    Ok((pb::AttachResponse { code: 0, message: String::new(), status, buffers, tensors, files: Vec::new() }, memories))
+    let files = pipeline.files.iter().map(|f| convert::model_file(f, include_files)).collect();
+    Ok((pb::AttachResponse { code: 0, message: String::new(), status, buffers, tensors, files }, memories))
 }
 
 fn error_response(status: &Status) -> pb::AttachResponse {

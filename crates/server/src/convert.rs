@@ -3,7 +3,7 @@
 
 use model_manager::{
     LoadRequest, ModelId, ModelSource, ModelStatus, Revision, TargetDtype,
-    pipeline_manager::TensorInfo,
+    pipeline_manager::{ModelFile, TensorInfo},
     resource_manager::{DeviceRequest, DeviceUsage},
     state_manager::{ModelState, StateEvent},
     steps::{ModelLoadPhase, ModelLoadProgress},
@@ -127,5 +127,15 @@ pub fn tensor(t: TensorInfo) -> pb::TensorInfo {
         shape: t.shape,
         size_bytes: t.size_bytes,
         sha256: t.sha256.unwrap_or_default(),
+    }
+}
+
+/// A small file as GetModelFiles and the attach socket list it; with its bytes where asked.
+pub fn model_file(f: &ModelFile, with_content: bool) -> pb::ModelFile {
+    pb::ModelFile {
+        path: f.path.clone(),
+        size_bytes: f.size_bytes(),
+        sha256: f.sha256.clone(),
+        content: if with_content { f.content.to_vec() } else { Vec::new() },
     }
 }

@@ -13,6 +13,8 @@ use crate::{convert, status};
 /// stays far below a client's default 4 MiB message limit.
 const DEFAULT_PAGE_SIZE: u32 = 100;
 const MAX_PAGE_SIZE: u32 = 1000;
+/// ReadModelFile's chunks: far below a client's default 4 MiB message limit.
+const FILE_CHUNK_BYTES: usize = 1024 * 1024;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -153,15 +155,30 @@ impl ModelLoader for ModelLoaderService {
 
     async fn get_model_files(
         &self,
-        _request: Request<pb::GetModelFilesRequest>,
+        request: Request<pb::GetModelFilesRequest>,
     ) -> Result<Response<pb::GetModelFilesResponse>, Status> {
-        Err(Status::unimplemented("GetModelFiles is not implemented yet"))
+        let id = convert::model_id(&request.into_inner().model_id)?;
+        let files = self.manager.files(&id).map_err(|e| status::from_manager(&e))?;
+        Ok(Response::new(pb::GetModelFilesResponse {
+            files: files.iter().map(|f| convert::model_file(f, false)).collect(),
+        }))
     }
 
     async fn read_model_file(
         &self,
-        _request: Request<pb::ReadModelFileRequest>,
+        request: Request<pb::ReadModelFileRequest>,
     ) -> Result<Response<Self::ReadModelFileStream>, Status> {
-        Err(Status::unimplemented("ReadModelFile is not implemented yet"))
+        let request = request.into_inner();
+        let id = convert::model_id(&request.model_id)?;
+        let file = self.manager.file(&id, &request.path).map_err(|e| status::from_manager(&e))?;
+        // Each chunk is copied as it is sent: the stream holds the file's shared bytes, not a
+        // copy of them all. An empty file is one empty chunk.
+        let chunks = file.content.len().div_ceil(FILE_CHUNK_BYTES).max(1);
+        let stream = stream::iter((0..chunks).map(move |i| {
+            let start = i * FILE_CHUNK_BYTES;
+            let end = (start + FILE_CHUNK_BYTES).min(file.content.len());
+            Ok(pb::ModelFileChunk { offset: start as u64, data: file.content[start..end].to_vec() })
+        }));
+        Ok(Response::new(Box::pin(stream)))
     }
 }

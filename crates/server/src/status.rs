@@ -13,6 +13,7 @@ pub fn from_manager(e: &ManagerError) -> Status {
     let status = match e {
         ManagerError::Load(e) => return from_load(e),
         ManagerError::NotLoaded { .. } | ManagerError::Attached { .. } => Status::failed_precondition(e.to_string()),
+        ManagerError::NoSuchFile { .. } => Status::not_found(e.to_string()),
         ManagerError::ReadBack(_) => Status::internal(e.to_string()),
         ManagerError::Changed { .. } => Status::data_loss(e.to_string()),
     };

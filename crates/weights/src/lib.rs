@@ -3,7 +3,9 @@
 //! step 4's reader ([`read`]), which fills the load's [`Placement`] — host memory
 //! ([`HostPlacement`]), host memory other processes attach to ([`SharedHostPlacement`]: the
 //! files mapped, or a sealed memfd) or pinned staging → CUDA ([`StagedPlacement`]) — with
-//! positioned reads through [`ReadAt`], on several threads, cancellable between chunks.
+//! positioned reads through [`ReadAt`], on several threads, cancellable between chunks. The
+//! model's small files that travel with it (configs, tokenizer) are chosen and read in
+//! [`small_files`].
 //!
 //! It never finds or downloads a model (a source hands it [`ModelFiles`]), never books memory
 //! against a budget (`resource-manager` does), never keeps a loaded model (`pipeline-manager`
@@ -19,6 +21,7 @@ mod memfd;
 pub mod placement;
 pub mod plan;
 pub mod read;
+pub mod small_files;
 // The GPU's placement; its scheduling is built and tested in every build.
 mod staged;
 #[cfg(feature = "cuda")]

@@ -134,6 +134,14 @@ async fn readme_grpcurl_commands_work() {
                 assert_eq!(tensors.len(), 18, "{text}");
                 assert!(tensors.iter().all(|t| t["sha256"].as_str().is_some_and(|s| s.len() == 64)));
             }
+            "GetModelFiles" => {
+                let files = out.messages()[0]["files"].as_array().expect("files").clone();
+                let paths: Vec<&str> = files.iter().filter_map(|f| f["path"].as_str()).collect();
+                let want =
+                    ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json"];
+                assert_eq!(paths, want, "{text}");
+                assert!(files.iter().all(|f| f["sha256"].as_str().is_some_and(|s| s.len() == 64)), "{text}");
+            }
             "GetResources" => {
                 let cpu = &out.messages()[0]["devices"][0];
                 assert_eq!(cpu["name"], "cpu");

@@ -11,6 +11,7 @@ mod e2e;
 mod hub_protocol;
 mod hub_python;
 mod manifest;
+mod model_files;
 mod object_store;
 mod ops;
 mod security;

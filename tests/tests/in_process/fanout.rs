@@ -276,6 +276,12 @@ async fn a_slow_load_caller_is_resynchronised() {
             .expect("victim")
             .booked();
     }
+    // Each victim's config.json travels with it and is booked: the target's vocab.txt books as
+    // much as the victims' configs but its own.
+    let config_len = std::fs::metadata(tmp.path().join(&victims[0]).join("config.json")).expect("config").len();
+    std::fs::create_dir_all(tmp.path().join("target")).expect("mkdir");
+    std::fs::write(tmp.path().join("target/vocab.txt"), vec![b'a'; (VICTIMS - 1) * config_len as usize])
+        .expect("vocab");
     let target = fixture::single_file_model(&tmp.path().join("target"), &fixture::f32_tensors("w", VICTIMS, ELEMS))
         .expect("target");
     // The budget is the target: every victim fits in it, and the target fits only once all of

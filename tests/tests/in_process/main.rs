@@ -13,6 +13,7 @@ mod facade;
 mod fanout;
 mod hub_load;
 mod load;
+mod model_files;
 mod refusals;
 mod single_flight;
 mod watch;

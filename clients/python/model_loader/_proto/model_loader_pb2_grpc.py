@@ -161,7 +161,8 @@ class ModelLoaderServicer(object):
     def GetModelFiles(self, request, context):
         """The small non-weight files kept with a LOADED model (configs, tokenizer, scheduler,
         generation and sentence-transformers configs: docs/model-files.md lists which): each file's
-        path, size and sha256, without its bytes.
+        path, size and sha256, without its bytes. NOT_FOUND for an unknown model,
+        FAILED_PRECONDITION for one that is not LOADED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -169,7 +170,7 @@ class ModelLoaderServicer(object):
 
     def ReadModelFile(self, request, context):
         """One of those files' bytes, in chunks of at most 1 MiB in order (a tokenizer.json can be tens
-        of MB, past a client's default message limit).
+        of MB, past a client's default message limit). NOT_FOUND for a path the model does not have.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

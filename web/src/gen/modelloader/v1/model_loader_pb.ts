@@ -400,8 +400,8 @@ export type ModelStatus = Message<"modelloader.v1.ModelStatus"> & {
   attachedClients: number;
 
   /**
-   * Host memory booked for its tensors' metadata (names, shapes, views): counted in the cpu's
-   * used_bytes whatever its device, on top of weight_bytes.
+   * Host memory booked for its tensors' metadata (names, shapes, views) and its small files
+   * (GetModelFiles): counted in the cpu's used_bytes whatever its device, on top of weight_bytes.
    *
    * @generated from field: uint64 metadata_bytes = 13;
    */
@@ -412,12 +412,14 @@ export type ModelStatus = Message<"modelloader.v1.ModelStatus"> & {
    * `error` is). Error statuses of every RPC carry the same kind in the ASCII metadata entry
    * `model-loader-error-kind`. The kinds: invalid_request, invalid_device, conflict,
    * device_unavailable, over_budget, not_found, path_escapes, pickle_only, unsupported_dtype,
-   * corrupt, bad_config, over_limit, not_a_file, read_weights, stalled, place_on_device,
-   * cancelled, shutting_down, internal; from the Hugging Face Hub: hub_not_found,
-   * hub_unauthenticated, hub_permission_denied, hub_unavailable, hub_other; from an object store:
-   * object_not_found, object_unauthenticated, object_permission_denied, object_unavailable,
-   * object_changed, object_other; and for calls on a model rather than a load: not_loaded,
-   * attached, read_back, changed (a file a loaded model was mapped from changed: it is FAILED).
+   * corrupt, bad_config, over_limit (a file past a limit of the server: a JSON side file, a small
+   * file or a model's small files in all, the tensors of a model), not_a_file, read_weights,
+   * stalled, place_on_device, cancelled, shutting_down, internal; from the Hugging Face Hub:
+   * hub_not_found, hub_unauthenticated, hub_permission_denied, hub_unavailable, hub_other; from an
+   * object store: object_not_found, object_unauthenticated, object_permission_denied,
+   * object_unavailable, object_changed, object_other; and for calls on a model rather than a
+   * load: not_loaded, attached, read_back, changed (a file a loaded model was mapped from
+   * changed: it is FAILED), not_found (also a ReadModelFile path the model does not have).
    * An error status without the entry (a malformed request, a refused token, a full server) has
    * only its gRPC code to go by.
    *
@@ -886,6 +888,8 @@ export type AttachRequest = Message<"modelloader.v1.AttachRequest"> & {
 
   /**
    * As for LoadModel: the device the client expects the model on ("cpu", "cuda:0"); empty: any.
+   * Compared parsed ("cuda" is "cuda:0"); another device is FAILED_PRECONDITION, one that does
+   * not parse INVALID_ARGUMENT.
    *
    * @generated from field: optional string device = 3;
    */
@@ -1366,7 +1370,8 @@ export const ModelLoader: GenService<{
   /**
    * The small non-weight files kept with a LOADED model (configs, tokenizer, scheduler,
    * generation and sentence-transformers configs: docs/model-files.md lists which): each file's
-   * path, size and sha256, without its bytes.
+   * path, size and sha256, without its bytes. NOT_FOUND for an unknown model,
+   * FAILED_PRECONDITION for one that is not LOADED.
    *
    * @generated from rpc modelloader.v1.ModelLoader.GetModelFiles
    */
@@ -1377,7 +1382,7 @@ export const ModelLoader: GenService<{
   },
   /**
    * One of those files' bytes, in chunks of at most 1 MiB in order (a tokenizer.json can be tens
-   * of MB, past a client's default message limit).
+   * of MB, past a client's default message limit). NOT_FOUND for a path the model does not have.
    *
    * @generated from rpc modelloader.v1.ModelLoader.ReadModelFile
    */
