@@ -95,6 +95,12 @@ def from_server(
         _adapt.check_names(att.file_specs, ["modules.json"], "sentence-transformers modules",
                            model_id)
         state = att.torch()
+        in_modules = sorted({name.split("/", 1)[0] for name in state if "/" in name})
+        if in_modules:
+            # Their modules (Dense, ...) would read weight files of their own.
+            raise AdapterError(f"{model_id!r} has modules with weights of their own "
+                               f"({', '.join(in_modules)}): only the Transformer module's "
+                               "weights can be attached so far")
         build_dtype = _adapt.torch_dtype(torch, dtype, state)
         target = device or (att.buffers[0].device if att.buffers else "cpu")
         with _adapt.served_folder(att.files) as folder:

@@ -71,3 +71,27 @@ def test_an_auto_class_picks_the_concrete_one(qwen_server: FakeServer) -> None:
     assert type(model) is Qwen2Model
     model_loader.release(model)
     assert qwen_server.hangups.acquire(timeout=10)
+
+
+def test_a_sentence_module_with_weights_of_its_own_is_refused(
+        built: Callable[[str], Path], tmp_path: Path) -> None:
+    """A sentence-transformers model whose Dense module has its own weights is an AdapterError
+    naming the module (it would read a weight file), and the lease ends."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from model_loader import sentence_transformers as ml_st
+
+    folder = tmp_path / "with-dense"
+    shutil.copytree(built("bert-st"), folder)
+    (folder / "2_Dense").mkdir()
+    (folder / "2_Dense" / "config.json").write_text('{"in_features": 64, "out_features": 8}')
+    save_file({"linear.weight": torch.zeros(8, 64)}, str(folder / "2_Dense" / "model.safetensors"))
+    server = FakeServer(str(tmp_path / "attach.sock"), serve_folder(folder))
+    try:
+        with pytest.raises(model_loader.AdapterError, match="2_Dense"):
+            ml_st.from_server("org/dense", socket=server.path)
+        assert server.hangups.acquire(timeout=10)
+    finally:
+        server.stop()
