@@ -64,13 +64,19 @@ def test_stats_count_copies_and_the_lease_ends_with_the_model(qwen_server: FakeS
 
 
 def test_an_auto_class_picks_the_concrete_one(qwen_server: FakeServer) -> None:
-    """cls=AutoModel builds the config's base model (Qwen2Model), not the causal LM."""
+    """cls=AutoModel builds the config's base model (Qwen2Model), not the causal LM; after
+    release() the lease is over but the model's memory stays mapped while the model lives."""
     from transformers import AutoModel, Qwen2Model
 
     model = ml.from_server("org/qwen", socket=qwen_server.path, cls=AutoModel)
     assert type(model) is Qwen2Model
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        before = model(ids).last_hidden_state
     model_loader.release(model)
     assert qwen_server.hangups.acquire(timeout=10)
+    with torch.no_grad():
+        assert torch.equal(model(ids).last_hidden_state, before)
 
 
 def test_a_sentence_module_with_weights_of_its_own_is_refused(
