@@ -23,6 +23,10 @@ def _import() -> Any:
     except ImportError:
         raise ImportError("model_loader.sentence_transformers needs sentence-transformers: pip "
                           "install 'model-loader-client[sentence-transformers]'") from None
+    if not hasattr(sentence_transformers.SentenceTransformer, "_load_with_module_classes"):
+        raise ImportError(f"sentence-transformers {sentence_transformers.__version__} cannot "
+                          "take a model already in memory: pip install "
+                          "'sentence-transformers>=6.3'")
     return sentence_transformers
 
 
