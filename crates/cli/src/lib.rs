@@ -1,5 +1,5 @@
 //! The command line for people: `model-loader load|ps|get|unload|cancel|watch|resources|tensors|
-//! completions`. Each subcommand is a thin rendering of one call of the typed client (`client`): a
+//! files|completions`. Each subcommand is a thin rendering of one call of the typed client (`client`): a
 //! step line and byte bars, a table, or `--json` (one object per line, the proto's JSON mapping).
 //!
 //! Collaborators: `client` (connection, auth, TLS, typed errors) and the server binary, which
@@ -141,6 +141,15 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// The small files kept with a loaded model (configs, tokenizer): path, size, sha256; with
+    /// PATH, that file's bytes on stdout.
+    Files {
+        model_id: String,
+        /// A file of the model (`config.json`, `tokenizer/vocab.json`): print its bytes.
+        path: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Print a shell completion script (e.g. `model-loader completions bash > ~/.local/share/bash-completion/completions/model-loader`).
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff), or with DIR write one page per subcommand there
@@ -179,7 +188,8 @@ pub fn run(command: Command, app: impl FnOnce() -> clap::Command) -> ExitCode {
         | Command::Cancel { ref client, .. }
         | Command::Watch { ref client, .. }
         | Command::Resources { ref client }
-        | Command::Tensors { ref client, .. } => client.clone(),
+        | Command::Tensors { ref client, .. }
+        | Command::Files { ref client, .. } => client.clone(),
     };
     let output = Output::detect(client_args.json);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime starts");
@@ -275,6 +285,16 @@ async fn execute(command: Command, args: &ClientArgs, output: Output) -> Result<
             print_all(output, &tensors, |t| render::tensors(t, checksums));
             Ok(exit::OK)
         }
+        Command::Files { model_id, path: None, .. } => {
+            let files = client.files(&model_id).await?;
+            print_all(output, &files, render::files);
+            Ok(exit::OK)
+        }
+        Command::Files { model_id, path: Some(path), .. } => {
+            let content = client.read_file(&model_id, &path).await?;
+            write_stdout(&content);
+            Ok(exit::OK)
+        }
         Command::Completions { .. } | Command::Man { .. } => unreachable!("run answers these without a server"),
     }
 }
@@ -302,6 +322,19 @@ pub(crate) fn print_line(text: std::fmt::Arguments<'_>) {
     use std::io::Write as _;
     let mut stdout = std::io::stdout().lock();
     if let Err(e) = writeln!(stdout, "{text}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(i32::from(exit::OK));
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(i32::from(exit::OTHER));
+    }
+}
+
+/// Bytes as they are on stdout; a reader that went away ends the command.
+fn write_stdout(bytes: &[u8]) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_all(bytes).and_then(|()| stdout.flush()) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             std::process::exit(i32::from(exit::OK));
         }

@@ -173,6 +173,15 @@ pub fn tensors(tensors: &[pb::TensorInfo], checksums: bool) -> Vec<String> {
     lines(&t)
 }
 
+/// The files table: path, size, sha256.
+pub fn files(files: &[pb::ModelFile]) -> Vec<String> {
+    let mut t = table(&["PATH", "SIZE", "SHA256"]);
+    for f in files {
+        t.add_row(vec![f.path.clone(), size(f.size_bytes), f.sha256.clone()]);
+    }
+    lines(&t)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

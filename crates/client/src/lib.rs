@@ -157,6 +157,38 @@ impl Client {
         let response = if checksums { call.await?.into_inner() } else { self.unary("ListTensors", call).await? };
         Ok(response.tensors)
     }
+
+    /// The small files of a LOADED model (configs, tokenizer): path, size and sha256, sorted by
+    /// path, without their bytes.
+    pub async fn files(&self, model_id: &str) -> Result<Vec<pb::ModelFile>, Error> {
+        let request = pb::GetModelFilesRequest { model_id: model_id.to_owned() };
+        Ok(self.unary("GetModelFiles", self.inner.clone().get_model_files(request)).await?.files)
+    }
+
+    /// One small file's bytes, from its chunks, each checked to follow the last. The whole read
+    /// is one call under the request timeout (a file is at most 64 MiB).
+    pub async fn read_file(&self, model_id: &str, path: &str) -> Result<Vec<u8>, Error> {
+        let request = pb::ReadModelFileRequest { model_id: model_id.to_owned(), path: path.to_owned() };
+        let mut inner = self.inner.clone();
+        let read = async move {
+            let mut stream = inner.read_model_file(request).await?.into_inner();
+            let mut content = Vec::new();
+            while let Some(chunk) = stream.message().await? {
+                if chunk.offset != content.len() as u64 {
+                    let message = format!("{path}: a chunk at {} where {} was next", chunk.offset, content.len());
+                    return Err(Error::new(tonic::Code::DataLoss, "protocol", message));
+                }
+                content.extend(chunk.data);
+            }
+            Ok(content)
+        };
+        match self.request_timeout {
+            Some(after) => {
+                tokio::time::timeout(after, read).await.map_err(|_| Error::timeout("ReadModelFile", after))?
+            }
+            None => read.await,
+        }
+    }
 }
 
 #[cfg(test)]

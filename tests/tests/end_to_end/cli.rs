@@ -8,6 +8,7 @@ use std::{path::Path, process::Stdio};
 use expectrl::{Eof, Expect as _, process::unix::WaitStatus, session::OsSession as Session};
 use proto::v1 as pb;
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use tests::{
     WAIT,
     binary::{Binary, binary_path},
@@ -181,6 +182,51 @@ async fn json_is_one_proto_object_per_line() {
         (Some(5), Some("not_found")),
         "{error}"
     );
+}
+
+/// `files ID` lists a loaded model's small files (path, size, sha256 of the committed files),
+/// `--json` one object per line; `files ID PATH` prints the file's bytes as they are; a path the
+/// model does not have exits 3 (not found), a model not loaded 4.
+#[tokio::test]
+async fn files_lists_and_prints_a_models_small_files() {
+    let server = demo_server().await;
+    let not_loaded = cli(&server, &["files", DEMO]).await;
+    assert_eq!(not_loaded.code, 4, "{not_loaded:?}");
+    assert_eq!(cli(&server, &["load", DEMO]).await.code, 0);
+    let dir = fixture::repo_models_dir().join(DEMO);
+    let files = fixture::small_files(&dir).expect("the demo's files");
+    assert_eq!(files.len(), 4, "{:?}", files.iter().map(|(p, _)| p).collect::<Vec<_>>());
+
+    let table = cli(&server, &["files", DEMO]).await;
+    assert_eq!(table.code, 0, "{table:?}");
+    assert_eq!(
+        table.stdout.lines().next().map(|l| l.split_whitespace().collect::<Vec<_>>()),
+        Some(vec!["PATH", "SIZE", "SHA256"])
+    );
+    for (path, content) in &files {
+        let row = table.row(path);
+        assert_eq!(row.last(), Some(&hex::encode(Sha256::digest(content))), "{path}: {row:?}");
+    }
+    let json = cli(&server, &["files", DEMO, "--json"]).await.json();
+    let got: Vec<(String, String, String)> = json
+        .iter()
+        .map(|f| {
+            let field = |k: &str| f[k].as_str().unwrap_or_else(|| panic!("{k} in {f}")).to_owned();
+            (field("path"), field("sizeBytes"), field("sha256"))
+        })
+        .collect();
+    let want: Vec<(String, String, String)> =
+        files.iter().map(|(p, b)| (p.clone(), b.len().to_string(), hex::encode(Sha256::digest(b)))).collect();
+    assert_eq!(got, want);
+
+    for (path, content) in &files {
+        let bytes = cli(&server, &["files", DEMO, path]).await;
+        assert_eq!(bytes.code, 0, "{bytes:?}");
+        assert!(bytes.stdout.as_bytes() == content.as_slice(), "{path}: the file's bytes as they are");
+    }
+    let missing = cli(&server, &["files", DEMO, "unet/diffusion_pytorch_model.safetensors"]).await;
+    assert_eq!(missing.code, 3, "{missing:?}");
+    assert!(missing.stderr.contains("[not_found]") && missing.stdout.is_empty(), "{missing:?}");
 }
 
 /// `completions SHELL` prints a script that knows the subcommands and their flags, and the man

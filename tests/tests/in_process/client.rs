@@ -28,6 +28,34 @@ async fn connect(options: &ConnectOptions) -> Client {
     tokio::time::timeout(WAIT, Client::connect(options)).await.expect("connect answers").expect("connect")
 }
 
+/// `files` lists a loaded model's small files and `read_file` gives each one's bytes (a file of
+/// several chunks whole); a path it does not have is NOT_FOUND with kind not_found.
+#[tokio::test]
+async fn files_and_read_file_give_a_models_small_files() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("demo/tiny-sd");
+    std::fs::create_dir_all(dir.join("tokenizer")).expect("mkdir");
+    let vocab: Vec<u8> = (0..(5 << 19)).map(|i: u32| (i % 253) as u8).collect();
+    std::fs::write(dir.join("tokenizer/vocab.json"), &vocab).expect("vocab");
+    fixture::demo_tiny_sd(&dir).expect("fixture");
+    let files = fixture::small_files(&dir).expect("small files");
+    let server = TestServer::start(config(tmp.path())).await;
+    let client = connect(&ConnectOptions::new(server.addr.to_string())).await;
+    let (_, outcome) = drain(client.load(LoadRequest::new("demo/tiny-sd")).await.expect("load")).await;
+    outcome.expect("loads");
+
+    let listed = client.files("demo/tiny-sd").await.expect("files");
+    let paths: Vec<&str> = listed.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(paths, files.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>());
+    for (path, content) in &files {
+        let read = client.read_file("demo/tiny-sd", path).await.expect("read_file");
+        assert!(read == *content, "{path}: {} bytes read, {} in the file", read.len(), content.len());
+    }
+    let missing = client.read_file("demo/tiny-sd", "README.md").await.expect_err("no such file");
+    assert_eq!((missing.code(), missing.kind()), (tonic::Code::NotFound, "not_found"), "{missing}");
+    server.stop().await;
+}
+
 /// A load streams typed progress for steps 1..=8 (the table's phase, bytes to their total) and
 /// ends with exactly one Finished(Ok); the model is then LOADED.
 #[tokio::test]
