@@ -195,6 +195,11 @@ mod tests {
         let get = "/modelloader.v1.ModelLoader/GetModel";
         assert!(t.check(load, Some(b"Bearer s3cret")).is_ok());
         assert!(t.check(get, Some(b"Bearer viewer")).is_ok());
+        // A model's small files change nothing: a read token reads them.
+        for method in ["GetModelFiles", "ReadModelFile", "ListTensors"] {
+            let path = format!("/modelloader.v1.ModelLoader/{method}");
+            assert!(t.check(&path, Some(b"Bearer viewer")).is_ok(), "{method} with a read token");
+        }
         assert_eq!(t.check(load, Some(b"Bearer viewer")).map_err(|s| s.code()), Err(tonic::Code::PermissionDenied));
         assert_eq!(t.check(get, Some(b"Bearer nope")).map_err(|s| s.code()), Err(tonic::Code::Unauthenticated));
         assert_eq!(t.check(get, None).map_err(|s| s.code()), Err(tonic::Code::Unauthenticated));

@@ -126,11 +126,16 @@ pub fn collect(files: &dyn ModelFiles) -> Result<Vec<Arc<ModelFile>>, Error> {
         .collect()
 }
 
-/// The step's words for them: "7 small files (2.1 MB)".
+/// The step's words for them: "7 small files (2.1 MB)", "4 small files (712 B)".
 pub fn describe(files: &[Arc<ModelFile>]) -> String {
     let bytes: u64 = files.iter().map(|f| f.size_bytes()).sum();
     let s = if files.len() == 1 { "" } else { "s" };
-    format!("{} small file{s} ({:.1} MB)", files.len(), bytes as f64 / 1e6)
+    let size = match bytes {
+        0..1_000 => format!("{bytes} B"),
+        1_000..1_000_000 => format!("{:.1} kB", bytes as f64 / 1e3),
+        _ => format!("{:.1} MB", bytes as f64 / 1e6),
+    };
+    format!("{} small file{s} ({size})", files.len())
 }
 
 #[cfg(test)]
@@ -198,6 +203,16 @@ mod tests {
         ] {
             assert!(!travels(path), "{path} never travels");
         }
+    }
+
+    /// The step's words count the files and give their bytes in a unit that shows them.
+    #[test]
+    fn described_in_a_readable_unit() {
+        let file = |len: usize| Arc::new(ModelFile::new("config.json".into(), vec![0; len]));
+        assert_eq!(describe(&[]), "0 small files (0 B)");
+        assert_eq!(describe(&[file(712)]), "1 small file (712 B)");
+        assert_eq!(describe(&[file(1500), file(600)]), "2 small files (2.1 kB)");
+        assert_eq!(describe(&[file(2_100_000)]), "1 small file (2.1 MB)");
     }
 
     /// The limits name the file, its size and the limit crossed.
