@@ -84,7 +84,7 @@ test-fast:
 # The load benchmark: fixture models, the machine's limits, peer loaders and ours side by side;
 # writes docs/benchmarks/ (results.json, README.md, charts). Sizes are flags: `just bench --help`.
 bench *ARGS:
-    pip install --quiet safetensors numpy ml_dtypes
+    pip install --quiet safetensors numpy ml_dtypes "./clients/python[transformers]"
     cargo build --locked --release -p server -p bench
     target/release/model-loader-bench {{ARGS}}
 

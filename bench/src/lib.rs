@@ -3,9 +3,11 @@
 //! plain `read`), the peers (candle's `safetensors::load` and `MmapedSafetensors`, Python's
 //! `safetensors.numpy`), our loader in process and end to end through gRPC, cancel latency,
 //! fan-out to many watchers, the server's memory and start-up, and attach (loads into a memfd
-//! against anonymous memory, and `attach()` from Python against the peers' reloads). Every loader's tensors are
-//! checked against the files. Results go to `results.json`, a Markdown table and PNG charts.
+//! against anonymous memory, and `attach()` from Python against the peers' reloads), and the time
+//! to a ready transformers model through `model_loader.transformers` against `from_pretrained`.
+//! Every loader's tensors are checked against the files. Results go to `results.json`, a Markdown table and PNG charts.
 
+pub mod adapter;
 pub mod attach;
 pub mod chart;
 pub mod fanout;
@@ -115,6 +117,25 @@ pub struct Options {
     /// Markdown (nothing is written to `--out`): to measure a change to attach alone.
     #[arg(long)]
     pub attach_only: bool,
+    /// Run only the adapter section (`model_loader.transformers.from_server` against
+    /// `from_pretrained`, warm) on `--adapter-device`, print its Markdown and write
+    /// `adapter-KIND.json` in `--out` (on a GPU: a `cuda` build, `--out docs/benchmarks/gpu`).
+    #[arg(long)]
+    pub adapter: bool,
+    /// The adapter section's device: `cpu`, or `cuda:0` with a `cuda` build.
+    #[arg(long, default_value = "cpu")]
+    pub adapter_device: String,
+    /// The adapter section's Python script (clients/python with the `transformers` extra).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/adapter_peer.py"))]
+    #[serde(skip)]
+    pub adapter_script: PathBuf,
+    /// The adapter section's model: `llama` (transformers) or `sd` (an SD-1.5-shaped diffusers
+    /// pipeline, about 2 GB).
+    #[arg(long, default_value = "llama")]
+    pub adapter_kind: String,
+    /// The adapter section's Llama, in MiB (F32 on the CPU, BF16 on a GPU).
+    #[arg(long, default_value_t = 512)]
+    pub adapter_mib: usize,
     /// The attach benchmark's Python script (clients/python).
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/attach_peer.py"))]
     #[serde(skip)]
@@ -179,6 +200,17 @@ pub async fn attach_only(options: &Options) -> anyhow::Result<String> {
     let check = Check::compare(report::OURS_ATTACH, &dense, &runs.tensors);
     anyhow::ensure!(check.same_tensors, "the attached tensors are not the files': {check:?}");
     Ok(attach::Attach::from_runs(&dense, &runs, &[]).markdown())
+}
+
+/// Runs the adapter section alone and returns its Markdown; `adapter-KIND.json` goes to `options.out`.
+pub async fn adapter_only(options: &Options) -> anyhow::Result<String> {
+    say!("adapter: {} ({} MiB for a Llama) on {}", options.adapter_kind, options.adapter_mib, options.adapter_device);
+    let kind = &options.adapter_kind;
+    let adapter = adapter::run(options, kind, &options.adapter_device, options.adapter_mib, options.runs).await?;
+    std::fs::create_dir_all(&options.out)?;
+    std::fs::write(options.out.join(format!("adapter-{kind}.json")), serde_json::to_string_pretty(&adapter)? + "\n")?;
+    anyhow::ensure!(adapter.same, "the adapter's model and from_pretrained's give different {}", adapter.compared);
+    Ok(adapter.markdown())
 }
 
 /// Runs the whole benchmark and returns its report (also written to `options.out`).
@@ -246,6 +278,9 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
         .collect();
     report.attach = attach::Attach::from_runs(&dense, &runs, &peers);
 
+    say!("adapter: a Llama of {} MiB through model_loader.transformers against from_pretrained", options.adapter_mib);
+    report.adapter = adapter::run(options, "llama", "cpu", options.adapter_mib, options.runs).await?;
+
     say!("fan-out: {} watchers × {} loads", options.watchers, options.fanout_loads);
     let server = server::start(&exe, &root, &["--log-format", "json"]).await;
     let mut rounds = Vec::new();
@@ -261,6 +296,7 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
     say!("wrote {}", options.out.display());
     let failed: Vec<_> = report.checks.iter().filter(|c| !c.same_tensors).collect();
     anyhow::ensure!(failed.is_empty(), "loaders that read different tensors than the files hold: {failed:?}");
+    anyhow::ensure!(report.adapter.same, "the adapter's model and from_pretrained's give different logits");
     Ok(report)
 }
 

@@ -9,6 +9,10 @@ async fn main() -> anyhow::Result<()> {
         let report: bench::gpu_report::GpuReport = serde_json::from_slice(&std::fs::read(dir.join("results.json"))?)?;
         return bench::gpu_report::write(dir, &report);
     }
+    if options.adapter {
+        println!("{}", bench::adapter_only(&options).await?);
+        return Ok(());
+    }
     if options.attach_only {
         println!("{}", bench::attach_only(&options).await?);
         return Ok(());

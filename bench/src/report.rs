@@ -235,6 +235,7 @@ pub struct Report {
     pub fanout: Fanout,
     pub memory: Memory,
     pub attach: crate::attach::Attach,
+    pub adapter: crate::adapter::Adapter,
     pub targets: Vec<Target>,
 }
 
@@ -251,6 +252,7 @@ impl Report {
             fanout: Fanout::default(),
             memory: Memory::default(),
             attach: crate::attach::Attach::default(),
+            adapter: crate::adapter::Adapter::default(),
             targets: Vec::new(),
         }
     }
@@ -301,6 +303,9 @@ impl Report {
         );
         at_least("load ready for attach vs into anonymous memory", self.attach.ready_ratio, 0.9, "×");
         at_least("attach to usable tensors vs the fastest peer's warm reload", self.attach.speedup, 20.0, "×");
+        // On the CPU both map the same page cache: the adapter must not be slower, while needing
+        // nothing but the socket and sharing the server's memory (on a GPU it skips the copy).
+        at_least("ready transformers model: adapter vs from_pretrained (warm)", self.adapter.speedup, 0.9, "×");
         let mut at_most = |name: &str, measured: f64, target: f64, unit: &str| {
             targets.push(Target {
                 name: name.into(),
@@ -443,6 +448,7 @@ impl Report {
         let _ = writeln!(md, "| start to health SERVING (median) | {:.1} ms |\n", mem.start_to_serving_ms_median);
         let _ = writeln!(md, "![fan-out latency](fanout.png)\n");
         md += &self.attach.markdown();
+        md += &self.adapter.markdown();
         let _ = writeln!(md, "## Targets\n\n| target | goal | measured | met |\n|---|---|---|---|");
         for t in &self.targets {
             let _ = writeln!(
