@@ -178,8 +178,8 @@ mod tests {
             cancel: Default::default(),
         })
         .expect("service");
-        // Another model's 8,000 bytes are on their way out: 2,000 free, 4,000 needed and the
-        // tensor's metadata.
+        // Another model's 8,000 bytes are on their way out: 2,000 free, 4,000 needed, the
+        // tensor's metadata and the config's 2 bytes (a small file kept with the model).
         let leaving = resources
             .reserve(DeviceId::Cpu, &ModelId::parse("other").expect("id"), 8_000)
             .expect("fits")
@@ -189,7 +189,7 @@ mod tests {
         loop {
             match load.next().await.expect("the load goes on") {
                 LoadUpdate::Progress(p) if p.detail.starts_with("waiting for memory being freed") => {
-                    let needed = 4000 + weights::header::metadata_bytes("w", 1);
+                    let needed = 4000 + weights::header::metadata_bytes("w", 1) + 2;
                     assert_eq!(
                         p.detail,
                         format!(
@@ -212,7 +212,7 @@ mod tests {
                 }
             }
         }
-        let booked = 4000 + weights::header::metadata_bytes("w", 1);
+        let booked = 4000 + weights::header::metadata_bytes("w", 1) + 2;
         assert_eq!(resources.usage_of(DeviceId::Cpu).expect("cpu").used_bytes, booked);
     }
 }

@@ -215,9 +215,14 @@ fn a_toy_source_and_a_toy_placement_load_a_model_through_every_step() {
         assert_eq!(&info.name, name);
         assert_eq!(info.sha256.as_deref(), Some(hex::encode(Sha256::digest(bytes)).as_str()), "{name}");
     }
-    // `w` is 30×10, `ids` 10.
+    // `w` is 30×10, `ids` 10; the config travels with the model as a small file.
     let metadata = weights::header::metadata_bytes("w", 2) + weights::header::metadata_bytes("ids", 1);
-    assert_eq!(resources.usage()[0].used_bytes, data_bytes + metadata, "booked: the weights and their metadata");
+    let small_files = br#"{"sample_size": 8}"#.len() as u64;
+    assert_eq!(
+        resources.usage()[0].used_bytes,
+        data_bytes + metadata + small_files,
+        "booked: the weights, their metadata and the config"
+    );
 
     let missing = ModelId::parse("toy/elsewhere").expect("id");
     let message = runtime.block_on(async move {
