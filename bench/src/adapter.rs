@@ -74,7 +74,7 @@ pub async fn run(options: &Options, kind: &str, device: &str, mib: usize, runs: 
     let made: Made = json_of(
         Command::new("python3")
             .arg(script)
-            .args(["make", "--mib", &mib.to_string(), "--dtype", dtype, "--out"])
+            .args(["make", "--kind", kind, "--mib", &mib.to_string(), "--dtype", dtype, "--out"])
             .arg(&folder),
         "the adapter script (pip install './clients/python[transformers]')",
     )?;
