@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import re
 import select
 import socket as _socket
 import warnings
@@ -70,10 +71,18 @@ class TensorSpec:
     buffer: int
     offset: int
     size_bytes: int
+    # The checkpoint file it was read from, relative to the model's folder ("" from a server
+    # older than this field).
+    file: str = ""
 
     @property
     def numel(self) -> int:
         return _dtypes.numel(self.shape)
+
+
+def _natural_key(path: str) -> List[Union[int, str]]:
+    """Digits compared as numbers: ``model-00002-of-00010`` and ``model-2-of-10`` both in order."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", path)]
 
 
 @dataclass(frozen=True)
@@ -181,7 +190,8 @@ class Attached:
             BufferInfo(i, _buffer_kind(b.kind), b.device, b.size_bytes, fds[i])
             for i, b in enumerate(response.buffers))
         self.tensor_specs: Dict[str, TensorSpec] = {
-            t.name: TensorSpec(t.name, t.dtype, tuple(t.shape), t.buffer, t.offset, t.size_bytes)
+            t.name: TensorSpec(t.name, t.dtype, tuple(t.shape), t.buffer, t.offset, t.size_bytes,
+                               t.file)
             for t in response.tensors}
         _check_layout(self.buffers, self.tensor_specs)
         # The model's small files: always their names, sizes and digests; bytes when asked.
@@ -337,6 +347,12 @@ class Attached:
                 raise TypeError(f"tensor {spec.name} is in host memory: use .tensors or torch()")
             out[spec.name] = self._cuda_array(spec)
         return out
+
+    def checkpoint_order(self) -> List[str]:
+        """The tensors' names in the order an engine reading the checkpoint meets them: its files
+        in natural order (``model-2-of-10`` before ``model-10-of-10``), then the names within a
+        file sorted, as safetensors lists them (vLLM's own loader iterates this way)."""
+        return sorted(self.tensor_specs, key=lambda n: (_natural_key(self.tensor_specs[n].file), n))
 
     # --- torch ----------------------------------------------------------------------------------
 

@@ -293,6 +293,8 @@ impl LoaderService {
         // The reader numbers components in plan order; the pipeline keys them by name.
         let names: Vec<String> = planned.plan.components.iter().map(|c| c.name.clone()).collect();
         let bools = bool_tensors(&planned.plan);
+        // One shared string per file: every tensor names its file (the attach socket says it).
+        let files: Vec<Arc<str>> = planned.plan.files().map(|f| Arc::from(f.path.as_str())).collect();
         let metadata_bytes = planned.plan.metadata_bytes().saturating_add(small_files_bytes(&planned.small_files));
         let mut components: BTreeMap<String, Component> = planned
             .plan
@@ -310,7 +312,9 @@ impl LoaderService {
                 Some(file) => check_bools(file, &t).map_err(|e| LoadError::model(id, e)).map(|()| true)?,
                 None => false,
             };
-            component.tensors.push(ResidentTensor { name: t.name, data: t.data, is_bool });
+            let source = files.get(t.file).cloned();
+            let source = source.ok_or_else(|| LoadError::internal(id, "tensor of an unknown file"))?;
+            component.tensors.push(ResidentTensor { name: t.name, data: t.data, is_bool, file: source });
         }
         let weight_bytes: u64 = components.values().flat_map(|c| &c.tensors).map(ResidentTensor::size_bytes).sum();
         let reservation = held.reservation.take().ok_or_else(|| LoadError::internal(id, "reservation gone"))?;

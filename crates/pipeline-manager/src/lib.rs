@@ -79,6 +79,9 @@ pub struct ResidentTensor {
     pub data: Box<dyn TensorData>,
     /// Stored as BOOL: its U8 bytes are each 0 or 1, and it is listed as BOOL.
     pub is_bool: bool,
+    /// The checkpoint file it was read from, relative to the model's folder (one string shared
+    /// by the file's tensors).
+    pub file: Arc<str>,
 }
 
 impl ResidentTensor {
@@ -494,6 +497,7 @@ mod tests {
             name: name.into(),
             data: Box::new(Tensor::from_vec(values, n, &Device::Cpu).expect("tensor")),
             is_bool: false,
+            file: "model.safetensors".into(),
         }
     }
 

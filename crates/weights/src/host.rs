@@ -165,7 +165,12 @@ impl Placement for HostPlacement {
                     .ok_or_else(|| {
                     Error::Internal(format!("tensor {}: its shape does not fit its bytes", m.name))
                 })?;
-                tensors.push(PlacedTensor { component: m.component, name: m.name.clone(), data: Box::new(view) });
+                tensors.push(PlacedTensor {
+                    component: m.component,
+                    file: group.file,
+                    name: m.name.clone(),
+                    data: Box::new(view),
+                });
             }
         }
         Ok(Box::new(HostPlaced { tensors, unfilled }))

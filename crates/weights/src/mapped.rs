@@ -167,7 +167,7 @@ pub fn map_files(plan: &LoadPlan, files: &[Arc<dyn ReadAt>]) -> Option<Result<Bo
 fn map_local(plan: &LoadPlan, files: &[&File], identities: &[Identity]) -> Result<Box<dyn Placed>, Error> {
     let mut tensors = Vec::new();
     let planned = plan.components.iter().enumerate().flat_map(|(c, comp)| comp.files.iter().map(move |f| (c, f)));
-    for (((component, file_plan), file), identity) in planned.zip(files).zip(identities) {
+    for (index, (((component, file_plan), file), identity)) in planned.zip(files).zip(identities).enumerate() {
         let memory: Arc<dyn HostMemory> = Arc::new(MappedFile::new(file, &file_plan.path, *identity)?);
         for t in &file_plan.tensors {
             let view = HostView::new(memory.clone(), t.offset as usize, t.len as usize, t.dtype, t.shape.clone())
@@ -175,7 +175,7 @@ fn map_local(plan: &LoadPlan, files: &[&File], identities: &[Identity]) -> Resul
                     file: file_plan.path.clone(),
                     reason: format!("tensor {} lies past the end of the file: truncated while loading?", t.name),
                 })?;
-            tensors.push(PlacedTensor { component, name: t.name.clone(), data: Box::new(view) });
+            tensors.push(PlacedTensor { component, file: index, name: t.name.clone(), data: Box::new(view) });
         }
     }
     Ok(Box::new(Mapped { tensors }))

@@ -163,7 +163,12 @@ impl Placement for SharedHostPlacement {
                 let at = (start + m.at) as usize;
                 let view = HostView::new(memory.clone(), at, m.len as usize, group.dtype, m.shape.clone())
                     .ok_or_else(|| Error::Internal(format!("tensor {}: its shape does not fit its bytes", m.name)))?;
-                tensors.push(PlacedTensor { component: m.component, name: m.name.clone(), data: Box::new(view) });
+                tensors.push(PlacedTensor {
+                    component: m.component,
+                    file: group.file,
+                    name: m.name.clone(),
+                    data: Box::new(view),
+                });
             }
         }
         Ok(Box::new(MemfdPlaced { tensors, len }))

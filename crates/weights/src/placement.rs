@@ -74,9 +74,12 @@ pub struct Chunking {
     pub edge: u64,
 }
 
-/// One tensor placed: its component, its name in its file, and its data at the destination.
+/// One tensor placed: its component, its file, its name in its file, and its data at the
+/// destination.
 pub struct PlacedTensor {
     pub component: usize,
+    /// Numbered as [`LoadPlan::files`] yields them.
+    pub file: usize,
     pub name: String,
     pub data: Box<dyn TensorData>,
 }

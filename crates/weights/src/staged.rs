@@ -292,7 +292,12 @@ pub fn candle_views<E: CopyEngine>(
             .narrow(0, (m.at / size) as usize, (m.len / size) as usize)
             .and_then(|v| v.reshape(m.shape.as_slice()))
             .map_err(|e| DeviceError::Tensor { tensor: m.name.clone(), source: e })?;
-        into.push(PlacedTensor { component: m.component, name: m.name.clone(), data: Box::new(view) });
+        into.push(PlacedTensor {
+            component: m.component,
+            file: group.file,
+            name: m.name.clone(),
+            data: Box::new(view),
+        });
     }
     Ok(())
 }

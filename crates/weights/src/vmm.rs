@@ -127,7 +127,12 @@ impl GroupViews for Engine {
                 dtype: group.dtype,
                 shape: m.shape.clone(),
             };
-            into.push(PlacedTensor { component: m.component, name: m.name.clone(), data: Box::new(view) });
+            into.push(PlacedTensor {
+                component: m.component,
+                file: group.file,
+                name: m.name.clone(),
+                data: Box::new(view),
+            });
         }
         Ok(())
     }

@@ -124,7 +124,7 @@ async fn eviction_skips_an_attached_model() {
 }
 
 /// A model of 300 shards, more files than one message can pass descriptors for, attaches: every
-/// tensor's bytes are the file's.
+/// tensor's bytes are the file's, and it names its shard.
 #[tokio::test]
 async fn a_model_of_three_hundred_shards_attaches() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -143,6 +143,11 @@ async fn a_model_of_three_hundred_shards_attaches() {
         .collect();
     let want: Vec<(String, String)> = expected.tensors.iter().map(|(n, (_, _, h))| (n.clone(), h.clone())).collect();
     assert_eq!(got, want);
+    // Each tensor names the shard it was read from (the fixture puts tensor i in shard i + 1).
+    for t in attached.tensors() {
+        let i: usize = t.name.trim_start_matches("t.").trim_end_matches(".weight").parse().expect("fixture name");
+        assert_eq!(t.file, format!("model-{:05}-of-00300.safetensors", i + 1), "{}", t.name);
+    }
     drop(attached);
     server.stop().await;
 }

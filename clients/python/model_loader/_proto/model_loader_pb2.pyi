@@ -340,17 +340,19 @@ class AttachedBuffer(_message.Message):
     def __init__(self, kind: _Optional[_Union[BufferKind, str]] = ..., device: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class AttachedTensor(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "buffer", "offset", "size_bytes")
+    __slots__ = ("name", "dtype", "shape", "buffer", "offset", "size_bytes", "file")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     BUFFER_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     buffer: int
     offset: int
     size_bytes: int
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., buffer: _Optional[int] = ..., offset: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    file: str
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., buffer: _Optional[int] = ..., offset: _Optional[int] = ..., size_bytes: _Optional[int] = ..., file: _Optional[str] = ...) -> None: ...
