@@ -69,7 +69,7 @@ def torch_dtype(torch: Any, dtype: Optional[str], state: Dict[str, Any]) -> Any:
     return max(by_dtype, key=lambda d: by_dtype[d]) if by_dtype else None
 
 
-def _safe_path(root: Path, path: str) -> Path:
+def safe_path(root: Path, path: str) -> Path:
     """root/path for a path the server sent, refused when it would leave root."""
     parts = path.split("/")
     if any(p in ("..", ".", "") or "\0" in p for p in parts):
@@ -85,7 +85,7 @@ def served_folder(files: Dict[str, bytes]) -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="model-loader-"))
     try:
         for path, data in files.items():
-            target = _safe_path(root, path)
+            target = safe_path(root, path)
             target.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:

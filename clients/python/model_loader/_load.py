@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ._errors import UNKNOWN, LoadError
 from ._proto import model_loader_pb2 as pb2
@@ -68,12 +68,14 @@ def load(
     dtype: Optional[str] = None,
     progress: bool = True,
     timeout: Optional[float] = None,
+    on_progress: Optional[Callable[[pb2.ModelLoadProgress], None]] = None,
 ) -> pb2.ModelLoadProgress:
     """Load a model with LoadModel and follow its progress to the end; returns the last message.
 
     A model that is loading already is joined; a loaded one answers at once (step 8, detail
     "already loaded"). progress: show a tqdm bar (a plain line a step without tqdm). timeout:
-    seconds for the whole stream; None waits. Raises LoadError with the stream's gRPC status.
+    seconds for the whole stream; None waits. on_progress: called with every message (an
+    engine's log, say). Raises LoadError with the stream's gRPC status.
     Interrupting the call stops following the load, not the load (CancelLoad stops it).
     """
     try:
@@ -99,6 +101,8 @@ def load(
                 for msg in call:
                     last = msg
                     bar.update(msg)
+                    if on_progress is not None:
+                        on_progress(msg)
             except grpc.RpcError as e:
                 status = e.code()
                 raise LoadError(status.value[0], status.name, e.details() or "") from e

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Callable, Iterator, List
@@ -12,6 +13,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fakeserver import FakeServer, Handler, answer, mixed_model  # noqa: E402
+
+# The vLLM plugin's tests run in vLLM's own environment (`just vllm-test`), not beside the
+# adapters' frameworks (vLLM pins other transformers versions).
+collect_ignore = ["vllm"] if importlib.util.find_spec("vllm") is None else []
 
 
 @pytest.fixture
