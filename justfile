@@ -29,7 +29,15 @@ test:
     # The dashboard: its committed bundle against its sources, then the page in headless Chromium.
     just web-check
     just web-test
+    just vllm-test
     cargo test --locked --workspace --no-fail-fast
+
+# The vLLM plugin (clients/python, load format model-loader) against vLLM's CPU build and the
+# debug server: its own environment (scripts/vllm-env: pinned, cached outside the tree; vLLM pins
+# other transformers than the adapters' tests use).
+vllm-test:
+    cargo build --locked -p server --bin model-loader
+    venv=$(scripts/vllm-env) && "$venv/bin/python" -m pytest -q -p no:cacheprovider clients/python/tests/vllm
 
 # The dashboard page (web/): npm ci, the TypeScript client generated from the proto into
 # web/src/gen, and the esbuild bundle into web/dist (both committed; the server embeds web/dist).

@@ -43,7 +43,7 @@ import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from . import _adapt
 from ._attach import Attached, PathLike, attach, default_socket
@@ -119,7 +119,7 @@ def write_files(model_id: str, folder: PathLike, *, socket: Optional[PathLike] =
     return sorted(files)
 
 
-def check_loaded(model: Any, loaded: set, quantization: Optional[str], model_id: str,
+def check_loaded(model: Any, loaded: Set[str], quantization: Optional[str], model_id: str,
                  disk: Any) -> None:
     """Fail naming every parameter of vLLM's model that the checkpoint did not fill.
 
@@ -185,9 +185,10 @@ def _loader_class() -> Any:
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
     from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
-    vllm_log = init_logger("model_loader.vllm")
+    # Under "vllm": vLLM configures the handlers of its own logger tree only.
+    vllm_log = init_logger("vllm.plugins.model_loader")
 
-    class ModelLoaderServerLoader(BaseModelLoader):  # type: ignore[misc,valid-type]
+    class ModelLoaderServerLoader(BaseModelLoader):  # type: ignore[misc]
         """Weights from a model-loader server over its attach socket (module docstring)."""
 
         def __init__(self, load_config: Any) -> None:

@@ -32,7 +32,9 @@ def generate(folder: Path, load_format: str, env: Dict[str, str], *extra: str) -
     run = subprocess.run([sys.executable, str(HERE / "generate.py"), str(folder), load_format,
                           *extra], env=env, text=True, capture_output=True, timeout=ENGINE_WAIT)
     assert run.returncode == 0, run.stderr[-6000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result["log"] = run.stdout + run.stderr
+    return result
 
 
 def transformers_greedy(folder: Path) -> List[int]:
@@ -79,3 +81,8 @@ def test_generates_the_same_tokens_as_vllms_loader_and_transformers(
                 if "client attached" in line and model_id in line]
     assert any(re.search(rf"pid\D+{got['pid']}\b", line) for line in attached), attached
     assert got["clients_while_serving"] == 0, "the engine still held the lease after loading"
+    # The plugin's own account in vLLM's log: every parameter a copy in vLLM's memory.
+    found = re.search(r"model-loader: \d+ tensors of vllm/generate .* (\d+) bytes of parameters "
+                      r"copied, (\d+) still in the server's memory", got["log"])
+    assert found and int(found.group(1)) > 0 and found.group(2) == "0", got["log"][-3000:]
+    print(f"greedy tokens: {got['tokens']} (auto and transformers the same); {found.group(0)}")
