@@ -89,12 +89,13 @@ test-fast:
     cargo test --locked -p loader-service --test seams
     cargo test --locked -p tests --test in_process
 
-# The load benchmark: fixture models, the machine's limits, peer loaders and ours side by side;
+# The load benchmark: fixture models, the machine's limits, peer loaders and ours side by side, and
+# vLLM with the plugin (the Python of scripts/vllm-env);
 # writes docs/benchmarks/ (results.json, README.md, charts). Sizes are flags: `just bench --help`.
 bench *ARGS:
     pip install --quiet safetensors numpy ml_dtypes "./clients/python[transformers]"
     cargo build --locked --release -p server -p bench
-    target/release/model-loader-bench {{ARGS}}
+    venv=$(scripts/vllm-env) && target/release/model-loader-bench --vllm-python "$venv/bin/python" {{ARGS}}
 
 # The object-storage benchmark (docs/benchmarks/object): a local S3 server (SeaweedFS), ours
 # against the Run:ai Model Streamer (its wheel pulls torch, some 5 GB), boto3 and the ranged-GET

@@ -4,7 +4,8 @@
 //! `safetensors.numpy`), our loader in process and end to end through gRPC, cancel latency,
 //! fan-out to many watchers, the server's memory and start-up, and attach (loads into a memfd
 //! against anonymous memory, and `attach()` from Python against the peers' reloads), and the time
-//! to a ready transformers model through `model_loader.transformers` against `from_pretrained`.
+//! to a ready transformers model through `model_loader.transformers` against `from_pretrained`,
+//! and vLLM's start-up to its first token with `--load-format model-loader` against `auto`.
 //! Every loader's tensors are checked against the files. Results go to `results.json`, a Markdown table and PNG charts.
 
 pub mod adapter;
@@ -24,6 +25,7 @@ pub mod peers;
 pub mod report;
 pub mod server;
 pub mod stats;
+pub mod vllm;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -136,6 +138,22 @@ pub struct Options {
     /// The adapter section's Llama, in MiB (F32 on the CPU, BF16 on a GPU).
     #[arg(long, default_value_t = 512)]
     pub adapter_mib: usize,
+    /// The Python of the vLLM environment (`scripts/vllm-env`; `just bench` passes it): the vLLM
+    /// section runs only with it.
+    #[arg(long)]
+    #[serde(skip)]
+    pub vllm_python: Option<PathBuf>,
+    /// Run only the vLLM section (needs `--vllm-python`), print its Markdown and write
+    /// `vllm.json` in `--out`.
+    #[arg(long)]
+    pub vllm: bool,
+    /// The vLLM section's script.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/vllm_peer.py"))]
+    #[serde(skip)]
+    pub vllm_script: PathBuf,
+    /// The vLLM section's Llama, in MiB (F32).
+    #[arg(long, default_value_t = 512)]
+    pub vllm_mib: usize,
     /// The attach benchmark's Python script (clients/python).
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/attach_peer.py"))]
     #[serde(skip)]
@@ -213,6 +231,18 @@ pub async fn adapter_only(options: &Options) -> anyhow::Result<String> {
     Ok(adapter.markdown())
 }
 
+/// Runs the vLLM section alone and returns its Markdown; `vllm.json` goes to `options.out`.
+pub async fn vllm_only(options: &Options) -> anyhow::Result<String> {
+    let python =
+        options.vllm_python.as_deref().context("--vllm needs --vllm-python (scripts/vllm-env prints its venv)")?;
+    say!("vllm: a Llama of {} MiB, load format model-loader against auto", options.vllm_mib);
+    let vllm = vllm::run(options, python, options.vllm_mib, options.runs).await?;
+    std::fs::create_dir_all(&options.out)?;
+    std::fs::write(options.out.join("vllm.json"), serde_json::to_string_pretty(&vllm)? + "\n")?;
+    anyhow::ensure!(vllm.same, "vLLM generated different tokens with load format model-loader than with auto");
+    Ok(vllm.markdown())
+}
+
 /// Runs the whole benchmark and returns its report (also written to `options.out`).
 pub async fn run(options: &Options) -> anyhow::Result<Report> {
     let exe = options.server_exe()?;
@@ -281,6 +311,14 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
     say!("adapter: a Llama of {} MiB through model_loader.transformers against from_pretrained", options.adapter_mib);
     report.adapter = adapter::run(options, "llama", "cpu", options.adapter_mib, options.runs).await?;
 
+    match &options.vllm_python {
+        Some(python) => {
+            say!("vllm: a Llama of {} MiB, load format model-loader against auto", options.vllm_mib);
+            report.vllm = Some(vllm::run(options, python, options.vllm_mib, options.runs).await?);
+        }
+        None => say!("vllm: skipped (no --vllm-python; `just bench` passes scripts/vllm-env's)"),
+    }
+
     say!("fan-out: {} watchers × {} loads", options.watchers, options.fanout_loads);
     let server = server::start(&exe, &root, &["--log-format", "json"]).await;
     let mut rounds = Vec::new();
@@ -297,6 +335,10 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
     let failed: Vec<_> = report.checks.iter().filter(|c| !c.same_tensors).collect();
     anyhow::ensure!(failed.is_empty(), "loaders that read different tensors than the files hold: {failed:?}");
     anyhow::ensure!(report.adapter.same, "the adapter's model and from_pretrained's give different logits");
+    anyhow::ensure!(
+        report.vllm.as_ref().is_none_or(|v| v.same),
+        "vLLM generated different tokens with load format model-loader than with auto"
+    );
     Ok(report)
 }
 

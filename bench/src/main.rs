@@ -13,6 +13,10 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", bench::adapter_only(&options).await?);
         return Ok(());
     }
+    if options.vllm {
+        println!("{}", bench::vllm_only(&options).await?);
+        return Ok(());
+    }
     if options.attach_only {
         println!("{}", bench::attach_only(&options).await?);
         return Ok(());

@@ -236,6 +236,8 @@ pub struct Report {
     pub memory: Memory,
     pub attach: crate::attach::Attach,
     pub adapter: crate::adapter::Adapter,
+    /// Run when `--vllm-python` is given.
+    pub vllm: Option<crate::vllm::Vllm>,
     pub targets: Vec<Target>,
 }
 
@@ -253,6 +255,7 @@ impl Report {
             memory: Memory::default(),
             attach: crate::attach::Attach::default(),
             adapter: crate::adapter::Adapter::default(),
+            vllm: None,
             targets: Vec::new(),
         }
     }
@@ -306,6 +309,10 @@ impl Report {
         // On the CPU both map the same page cache: the adapter must not be slower, while needing
         // nothing but the socket and sharing the server's memory (on a GPU it skips the copy).
         at_least("ready transformers model: adapter vs from_pretrained (warm)", self.adapter.speedup, 0.9, "×");
+        if let Some(vllm) = &self.vllm {
+            // On the CPU vLLM copies either way (from the page cache or from shared memory).
+            at_least("vLLM to first token: load format model-loader vs auto (warm)", vllm.speedup, 0.9, "×");
+        }
         let mut at_most = |name: &str, measured: f64, target: f64, unit: &str| {
             targets.push(Target {
                 name: name.into(),
@@ -449,6 +456,9 @@ impl Report {
         let _ = writeln!(md, "![fan-out latency](fanout.png)\n");
         md += &self.attach.markdown();
         md += &self.adapter.markdown();
+        if let Some(vllm) = &self.vllm {
+            md += &vllm.markdown();
+        }
         let _ = writeln!(md, "## Targets\n\n| target | goal | measured | met |\n|---|---|---|---|");
         for t in &self.targets {
             let _ = writeln!(
