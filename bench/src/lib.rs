@@ -308,16 +308,7 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
         .collect();
     report.attach = attach::Attach::from_runs(&dense, &runs, &peers);
 
-    say!("adapter: a Llama of {} MiB through model_loader.transformers against from_pretrained", options.adapter_mib);
-    report.adapter = adapter::run(options, "llama", "cpu", options.adapter_mib, options.runs).await?;
-
-    match &options.vllm_python {
-        Some(python) => {
-            say!("vllm: a Llama of {} MiB, load format model-loader against auto", options.vllm_mib);
-            report.vllm = Some(vllm::run(options, python, options.vllm_mib, options.runs).await?);
-        }
-        None => say!("vllm: skipped (no --vllm-python; `just bench` passes scripts/vllm-env's)"),
-    }
+    engines(options, &mut report).await?;
 
     say!("fan-out: {} watchers × {} loads", options.watchers, options.fanout_loads);
     let server = server::start(&exe, &root, &["--log-format", "json"]).await;
@@ -340,6 +331,20 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
         "vLLM generated different tokens with load format model-loader than with auto"
     );
     Ok(report)
+}
+
+/// The engines' front doors: the transformers adapter and, with `--vllm-python`, vLLM's plugin.
+async fn engines(options: &Options, report: &mut Report) -> anyhow::Result<()> {
+    say!("adapter: a Llama of {} MiB through model_loader.transformers against from_pretrained", options.adapter_mib);
+    report.adapter = adapter::run(options, "llama", "cpu", options.adapter_mib, options.runs).await?;
+    match &options.vllm_python {
+        Some(python) => {
+            say!("vllm: a Llama of {} MiB, load format model-loader against auto", options.vllm_mib);
+            report.vllm = Some(vllm::run(options, python, options.vllm_mib, options.runs).await?);
+        }
+        None => say!("vllm: skipped (no --vllm-python; `just bench` passes scripts/vllm-env's)"),
+    }
+    Ok(())
 }
 
 /// Every loader on one model, in rounds (one run of each per round, so drift in the machine hits
