@@ -314,8 +314,8 @@ fn sparse_safetensors(dir: &Path, header_len: u64, file_len: u64) -> PathBuf {
 /// A header longer than the limit (in a file long enough to hold it, so only the limit refuses
 /// it), and one claiming u64::MAX bytes, are DATA_LOSS naming the model, the file and the limit,
 /// refused at step 3 before the header or any weight byte is read: no step-4 message, nothing ever
-/// reserved (peak 0), and this process read far less than the header (`rchar`; the other tests of
-/// this file read well under a MiB each).
+/// reserved (peak 0), and this process read less than the header (`rchar`, which also counts the
+/// tests running beside it).
 #[tokio::test]
 async fn header_over_the_size_limit_is_data_loss_before_reading() {
     let root = model_root();
@@ -331,7 +331,10 @@ async fn header_over_the_size_limit_is_data_loss_before_reading() {
             refused(&mut client, id, Code::DataLoss, &["model.safetensors", &claimed.to_string(), "limit"]).await;
         let read = tests::rchar() - read_before;
         eprintln!("{id}: bytes this process read while the load was refused: {read}");
-        assert!(read < MAX_HEADER_BYTES / 4, "{id}: the header is never read: {read} bytes read");
+        // `rchar` counts the whole test process: the tests running beside this one have read
+        // 52 MB in this window on a busy 2-core machine. Reading the header would be more than
+        // MAX_HEADER_BYTES by itself.
+        assert!(read < MAX_HEADER_BYTES, "{id}: the header is never read: {read} bytes read");
         assert_eq!(messages.last().map(|m| m.step), Some(3), "{id}: {messages:?}");
         assert!(status.message().contains(&MAX_HEADER_BYTES.to_string()), "{id}: names the limit: {status:?}");
         assert_failed_with(&mut client, id, &["model.safetensors", "corrupt", "limit"]).await;
