@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, List
 from checkpoints import PROMPT, TOKENS
 from conftest import Root
 
+from model_loader import vllm as plugin
+
 HERE = Path(__file__).resolve().parent
 # A cold engine start on the 2-core machine takes about 20 s.
 ENGINE_WAIT = 300
@@ -32,7 +34,8 @@ def generate(folder: Path, load_format: str, env: Dict[str, str], *extra: str) -
     run = subprocess.run([sys.executable, str(HERE / "generate.py"), str(folder), load_format,
                           *extra], env=env, text=True, capture_output=True, timeout=ENGINE_WAIT)
     assert run.returncode == 0, run.stderr[-6000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    # vLLM logs to stdout too (its engine processes, after this line).
+    result = json.loads(run.stdout.split("RESULT ", 1)[1].splitlines()[0])
     result["log"] = run.stdout + run.stderr
     return result
 
@@ -72,7 +75,8 @@ def test_generates_the_same_tokens_as_vllms_loader_and_transformers(
         log_before = len(served.server.log.lines)
         extra = json.dumps({"socket": served.server.socket, "server": served.server.addr,
                             "model_id": model_id})
-        got = generate(small, "model-loader", env, extra, served.server.addr, model_id)
+        got = generate(small, "model-loader", env, "--extra", extra, "--server",
+                       served.server.addr, "--model-id", model_id)
     finally:
         hidden.rename(published)
     assert got["prompt"] == want["prompt"]
@@ -86,3 +90,31 @@ def test_generates_the_same_tokens_as_vllms_loader_and_transformers(
                       r"copied, (\d+) still in the server's memory", got["log"])
     assert found and int(found.group(1)) > 0 and found.group(2) == "0", got["log"][-3000:]
     print(f"greedy tokens: {got['tokens']} (auto and transformers the same); {found.group(0)}")
+
+
+def test_tensor_parallel_ranks_each_attach_and_generate_the_same_tokens(
+        served: Root, built: Callable[[str], Path], tmp_path: Path) -> None:
+    """Tensor parallelism 2 on the CPU: each rank's worker process attaches (vLLM's weight
+    loaders narrow every tensor to the rank's slice), and the tokens are those of one engine
+    loading from files."""
+    folder = built("llama-sharded")
+    model_id = "vllm/tensor-parallel"
+    served.publish(folder, model_id)
+    env = engine_env(served)
+    want = generate(folder, "auto", env)
+    small = tmp_path / "small"
+    plugin.write_files(model_id, small, socket=served.server.socket)
+    # Two workers on a machine of one NUMA node: vLLM asks for their cores by hand.
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+    env["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    log_before = len(served.server.log.lines)
+    extra = json.dumps({"socket": served.server.socket, "server": served.server.addr,
+                        "model_id": model_id})
+    got = generate(small, "model-loader", env, "--extra", extra, "--tp", "2")
+    assert got["tokens"] == want["tokens"], (got["tokens"], want["tokens"])
+    pids = {m.group(1) for line in served.server.log.lines[log_before:]
+            if "client attached" in line and model_id in line
+            for m in [re.search(r"pid\D+(\d+)", line)] if m}
+    pids.discard(str(os.getpid()))  # write_files' short lease, logged a moment late
+    assert len(pids) == 2 and str(got["pid"]) not in pids, served.server.log.lines[log_before:]
+    assert served.server.clients(model_id) == 0
