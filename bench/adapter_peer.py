@@ -119,31 +119,44 @@ def time_pipeline(args):
         with torch.no_grad():
             return pipe("a photo", num_inference_steps=2, generator=generator, output_type="pt").images.cpu()
 
+    same, stats, drop, seconds = compare_and_time(device, args.runs, from_pretrained, from_server, image)
+    print(json.dumps({"seconds": seconds, "same": same, "compared": "a 2-step image",
+                      "stats": stats, "gpu_free_drop_bytes": drop,
+                      "torch": torch.__version__, "framework": "diffusers " + __import__("diffusers").__version__},
+                     default=str))
+
+
+def compare_and_time(device, runs, from_pretrained, from_server, output):
+    """Both paths' outputs compared (bit for bit), the adapter's stats and the GPU's free memory
+    drop while it builds, then `runs` rounds of both builds alternating, warm: (same, stats,
+    drop, seconds)."""
+    import torch
+
+    cuda = device.startswith("cuda")
     reference = from_pretrained()
-    expected = image(reference)
+    expected = output(reference)
     del reference
     gc.collect()
-    free_before = torch.cuda.mem_get_info()[0] if device.startswith("cuda") else 0
-    pipe = from_server()
-    free_after = torch.cuda.mem_get_info()[0] if device.startswith("cuda") else 0
-    got = image(pipe)
-    stats = getattr(pipe, "model_loader_stats", None)
+    free_before = torch.cuda.mem_get_info()[0] if cuda else 0
+    built = from_server()
+    free_after = torch.cuda.mem_get_info()[0] if cuda else 0
+    same = torch.equal(output(built), expected)
+    stats = getattr(built, "model_loader_stats", None)
     stats = dict(vars(stats)) if stats is not None and hasattr(stats, "__dict__") else stats
-    del pipe
+    del built
     gc.collect()
     seconds = {"from_pretrained": [], "from_server": []}
-    for run in range(args.runs):
+    for run in range(runs):
         for k in range(2):
             name, build = [("from_pretrained", from_pretrained), ("from_server", from_server)][(k + run) % 2]
             start = time.perf_counter()
-            pipe = build()
+            built = build()
             seconds[name].append(time.perf_counter() - start)
-            del pipe
+            del built
             gc.collect()
-    print(json.dumps({"seconds": seconds, "same": torch.equal(got, expected), "compared": "a 2-step image",
-                      "stats": stats, "gpu_free_drop_bytes": free_before - free_after,
-                      "torch": torch.__version__, "framework": "diffusers " + __import__("diffusers").__version__},
-                     default=str))
+            if cuda:
+                torch.cuda.empty_cache()
+    return same, stats, free_before - free_after, seconds
 
 
 def ready(device, model):
@@ -180,30 +193,8 @@ def time_them(args):
     def from_server():
         return ready(device, adapter.from_server(args.model_id, socket=args.socket, device=device))
 
-    reference = from_pretrained()
-    expected = logits(reference, device)
-    del reference
-    gc.collect()
-    free_before = torch.cuda.mem_get_info()[0] if device.startswith("cuda") else 0
-    model = from_server()
-    free_after = torch.cuda.mem_get_info()[0] if device.startswith("cuda") else 0
-    same = torch.equal(logits(model, device), expected)
-    stats = getattr(model, "model_loader_stats", None)
-    stats = dict(vars(stats)) if stats is not None and hasattr(stats, "__dict__") else stats
-    del model
-    gc.collect()
-
-    seconds = {"from_pretrained": [], "from_server": []}
-    for run in range(args.runs):
-        for k in range(2):
-            name, build = [("from_pretrained", from_pretrained), ("from_server", from_server)][(k + run) % 2]
-            start = time.perf_counter()
-            model = build()
-            seconds[name].append(time.perf_counter() - start)
-            del model
-            gc.collect()
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
+    same, stats, drop, seconds = compare_and_time(device, args.runs, from_pretrained, from_server,
+                                                  lambda model: logits(model, device))
     print(
         json.dumps(
             {
@@ -211,7 +202,7 @@ def time_them(args):
                 "same": same,
                 "compared": "logits",
                 "stats": stats,
-                "gpu_free_drop_bytes": free_before - free_after,
+                "gpu_free_drop_bytes": drop,
                 "torch": torch.__version__,
                 "framework": "transformers " + __import__("transformers").__version__,
             },

@@ -84,15 +84,21 @@ def served_folder(files: Dict[str, bytes]) -> Iterator[Path]:
     The weights are never among them: they come from attached memory."""
     root = Path(tempfile.mkdtemp(prefix="model-loader-"))
     try:
-        for path, data in files.items():
-            target = safe_path(root, path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+        write_files(root, files, exclusive=True)
         yield root
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def write_files(root: Path, files: Dict[str, bytes], exclusive: bool = False) -> None:
+    """Each served file at its path under root (paths that would leave root are refused).
+    exclusive: create each anew, owner-only (a private folder); else replace what is there."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    for path, data in files.items():
+        target = safe_path(root, path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with os.fdopen(os.open(target, flags, 0o600 if exclusive else 0o644), "wb") as f:
+            f.write(data)
 
 
 def _attached_ranges(att: Attached, state: Dict[str, Any]) -> List[Tuple[str, int, int]]:

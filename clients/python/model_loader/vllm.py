@@ -107,15 +107,11 @@ def write_files(model_id: str, folder: PathLike, *, socket: Optional[PathLike] =
     """Write the small files the server keeps with the model (config, tokenizer, generation
     config) into folder, for vLLM's ``--model``; returns their paths. The weights stay on the
     server. A short lease reads them (loading the model first when load_if_needed)."""
-    root = Path(folder)
     with attach(model_id, socket, device=device, load_if_needed=load_if_needed, files=True,
                 timeout=None) as att:
         files = att.files
     _adapt.check_names(files, ("config.json",), "config.json", model_id)
-    for path, data in files.items():
-        target = _adapt.safe_path(root, path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
+    _adapt.write_files(Path(folder), files)
     return sorted(files)
 
 

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
+import realserver  # noqa: E402
 from realserver import S3, Server, hf_cache_layout  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[4]
@@ -30,11 +31,7 @@ FRAMEWORKS = ("torch", "transformers", "tokenizers", "sentence_transformers", "d
 
 @pytest.fixture(scope="session")
 def server_binary() -> Path:
-    path = Path(os.environ.get("MODEL_LOADER_BIN") or REPO / "target" / "debug" / "model-loader")
-    if not path.is_file():
-        pytest.fail(f"{path} is missing: build it with `cargo build --locked -p server --bin "
-                    "model-loader` (`just test` does), or point MODEL_LOADER_BIN at one")
-    return path
+    return realserver.server_binary(REPO, "just test")
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ TEXT = ["the server keeps the weights", "a model attached from shared memory",
 PROMPT = "the model keeps its weights in shared memory"
 
 
-def _word_tokenizer(vocab_size: int) -> Any:
+def word_tokenizer(vocab_size: int) -> Any:
     """A byte-level BPE tokenizer trained on TEXT, as transformers' fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -29,7 +29,7 @@ def _word_tokenizer(vocab_size: int) -> Any:
 
 def _save_lm(model: Any, path: Path, vocab_size: int) -> Path:
     model.save_pretrained(path)
-    _word_tokenizer(vocab_size).save_pretrained(path)
+    word_tokenizer(vocab_size).save_pretrained(path)
     return path
 
 

@@ -29,6 +29,27 @@ def eventually(cond: Callable[[], bool], what: str, timeout: float = WAIT) -> No
         time.sleep(0.05)
 
 
+def server_binary(repo: Path, recipe: str) -> Path:
+    """The debug server binary (or $MODEL_LOADER_BIN); fails the test naming how to build it."""
+    import pytest
+
+    path = Path(os.environ.get("MODEL_LOADER_BIN") or repo / "target" / "debug" / "model-loader")
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: build it with `cargo build --locked -p server --bin "
+                    f"model-loader` (`{recipe}` does), or point MODEL_LOADER_BIN at one")
+    return path
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Terminate, then kill what does not exit within WAIT."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=WAIT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class _Lines:
     """A process's stderr lines, collected by a thread."""
 
@@ -98,12 +119,7 @@ class Server:
 
     def stop(self) -> None:
         self._channel.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=WAIT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
 
 
 _next_port = [0]
@@ -183,12 +199,7 @@ class S3:
             s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=WAIT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
         self._data.cleanup()
 
 

@@ -15,7 +15,7 @@ TOKENS = 12
 
 def _save(model: Any, path: Path, **kwargs: Any) -> Path:
     model.save_pretrained(path, **kwargs)
-    models._word_tokenizer(300).save_pretrained(path)
+    models.word_tokenizer(300).save_pretrained(path)
     return path
 
 

@@ -21,6 +21,7 @@ sys.path.insert(0, str(HERE.parent / "adapters"))
 sys.path.insert(0, str(HERE.parents[1]))
 
 import checkpoints  # noqa: E402
+import realserver  # noqa: E402
 from realserver import Server  # noqa: E402
 
 REPO = HERE.parents[3]
@@ -28,11 +29,7 @@ REPO = HERE.parents[3]
 
 @pytest.fixture(scope="session")
 def server_binary() -> Path:
-    path = Path(os.environ.get("MODEL_LOADER_BIN") or REPO / "target" / "debug" / "model-loader")
-    if not path.is_file():
-        pytest.fail(f"{path} is missing: build it with `cargo build --locked -p server --bin "
-                    "model-loader` (`just vllm-test` does), or point MODEL_LOADER_BIN at one")
-    return path
+    return realserver.server_binary(REPO, "just vllm-test")
 
 
 @pytest.fixture(scope="session")
