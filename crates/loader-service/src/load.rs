@@ -293,8 +293,8 @@ impl LoaderService {
         // The reader numbers components in plan order; the pipeline keys them by name.
         let names: Vec<String> = planned.plan.components.iter().map(|c| c.name.clone()).collect();
         let bools = bool_tensors(&planned.plan);
-        // One shared string per file: every tensor names its file (the attach socket says it).
-        let files: Vec<Arc<str>> = planned.plan.files().map(|f| Arc::from(f.path.as_str())).collect();
+        // Every tensor names its file (the attach socket says it): an index into these.
+        let weight_files: Vec<String> = planned.plan.files().map(|f| f.path.clone()).collect();
         let metadata_bytes = planned.plan.metadata_bytes().saturating_add(small_files_bytes(&planned.small_files));
         let mut components: BTreeMap<String, Component> = planned
             .plan
@@ -312,7 +312,7 @@ impl LoaderService {
                 Some(file) => check_bools(file, &t).map_err(|e| LoadError::model(id, e)).map(|()| true)?,
                 None => false,
             };
-            let source = files.get(t.file).cloned();
+            let source = u32::try_from(t.file).ok().filter(|&f| (f as usize) < weight_files.len());
             let source = source.ok_or_else(|| LoadError::internal(id, "tensor of an unknown file"))?;
             component.tensors.push(ResidentTensor { name: t.name, data: t.data, is_bool, file: source });
         }
@@ -327,6 +327,7 @@ impl LoaderService {
             model_id: id.clone(),
             components,
             files: planned.small_files,
+            weight_files,
             device: planned.device,
             revision: planned.revision.clone(),
             host_allocation,

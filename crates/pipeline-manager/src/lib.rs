@@ -79,9 +79,9 @@ pub struct ResidentTensor {
     pub data: Box<dyn TensorData>,
     /// Stored as BOOL: its U8 bytes are each 0 or 1, and it is listed as BOOL.
     pub is_bool: bool,
-    /// The checkpoint file it was read from, relative to the model's folder (one string shared
-    /// by the file's tensors).
-    pub file: Arc<str>,
+    /// The checkpoint file it was read from: an index into [`Pipeline::weight_files`] (a u32
+    /// sits in the padding after `is_bool`: a tensor's metadata does not grow).
+    pub file: u32,
 }
 
 impl ResidentTensor {
@@ -161,6 +161,9 @@ pub struct Pipeline {
     /// Its small files, sorted by path; their bytes are booked in the host's allocation with the
     /// tensors' metadata.
     pub files: Vec<Arc<ModelFile>>,
+    /// Its checkpoint files, relative to the model's folder, in plan order
+    /// (`unet/diffusion_pytorch_model.safetensors`); [`ResidentTensor::file`] indexes them.
+    pub weight_files: Vec<String>,
     pub device: DeviceId,
     pub revision: String,
     /// For a model on a GPU, the host bytes of its tensors' metadata (names, shapes, views); a
@@ -228,6 +231,11 @@ impl Pipeline {
     /// The small file at `path`, if the model has it.
     pub fn file(&self, path: &str) -> Option<&Arc<ModelFile>> {
         self.files.binary_search_by(|f| f.path.as_str().cmp(path)).ok().and_then(|i| self.files.get(i))
+    }
+
+    /// The checkpoint file `tensor` was read from ("" if the index is not one of its files).
+    pub fn weight_file(&self, tensor: &ResidentTensor) -> &str {
+        self.weight_files.get(tensor.file as usize).map_or("", String::as_str)
     }
 
     /// Bytes of its small files.
@@ -483,6 +491,7 @@ mod tests {
             model_id: id("m"),
             components: components.into_iter().map(|c| (c.name.clone(), c)).collect(),
             files: Vec::new(),
+            weight_files: Vec::new(),
             device: DeviceId::Cpu,
             revision: String::new(),
             host_allocation: None,
@@ -491,13 +500,20 @@ mod tests {
         (rm, pipeline)
     }
 
+    /// The file index sits in padding: a resident tensor is as large as before it named its
+    /// file (the budget's per-tensor metadata figure was measured at this size).
+    #[test]
+    fn naming_the_file_does_not_grow_a_tensor() {
+        assert_eq!(std::mem::size_of::<ResidentTensor>(), 48);
+    }
+
     fn tensor(name: &str, values: Vec<f32>) -> ResidentTensor {
         let n = values.len();
         ResidentTensor {
             name: name.into(),
             data: Box::new(Tensor::from_vec(values, n, &Device::Cpu).expect("tensor")),
             is_bool: false,
-            file: "model.safetensors".into(),
+            file: 0,
         }
     }
 
@@ -578,6 +594,7 @@ mod tests {
                 model_id: id.clone(),
                 components: BTreeMap::new(),
                 files: Vec::new(),
+                weight_files: Vec::new(),
                 device: DeviceId::Cpu,
                 revision: String::new(),
                 host_allocation: None,

@@ -431,7 +431,7 @@ fn answer<'a>(
             buffer,
             offset: region.offset,
             size_bytes: t.size_bytes(),
-            file: t.file.to_string(),
+            file: pipeline.weight_file(t).to_owned(),
         });
     }
     tensors.sort_unstable_by(|a, b| a.name.cmp(&b.name));
