@@ -69,7 +69,7 @@ web-check:
 web-test:
     command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || { echo "Chromium is missing (Debian: apt-get install chromium)" >&2; exit 1; }
     python3 -c "import playwright" || { echo "pip install -r requirements-test.txt (playwright)" >&2; exit 1; }
-    cargo build --locked -p server --bin model-loader
+    cargo build --locked -p server --bin model-loader -p tests --bin test-hub
     python3 -m pytest -q -p no:cacheprovider web/tests
 
 # Render both Kubernetes overlays (kubectl kustomize) and check them against the Kubernetes

@@ -20,14 +20,18 @@ from safetensors.numpy import save_file
 
 REPO = Path(__file__).resolve().parents[2]
 BINARY = REPO / "target" / "debug" / "model-loader"
+HUB_BINARY = REPO / "target" / "debug" / "test-hub"
 ARTIFACTS = REPO / "target" / "web-artifacts"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 # How long the server may take to start, and a page to show what it waits for.
 DEADLINE_S = 60.0
 
-# The slow load: one f32 tensor of this many bytes, loaded as bf16 (read, then converted), so a
-# test can press Cancel while it runs.
-BIG_BYTES = 768 << 20
+# The slow load: `org/big`, one f32 tensor of this many bytes on the tests' local Hub, which
+# streams it at SLOW_BYTES_PER_SEC (half a minute), so a test can watch step 4 and press Cancel
+# while it runs however fast the machine's disk is.
+BIG = "org/big"
+BIG_BYTES = 64 << 20
+SLOW_BYTES_PER_SEC = 2 << 20
 
 
 def eventually(cond: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> None:
@@ -77,37 +81,51 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def model_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The bundled demo model; `big`: one large f32 tensor, slow to load as bf16; `broken`: a
-    truncated safetensors file."""
+def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled demo model; `broken`: a truncated safetensors file."""
     root = tmp_path_factory.mktemp("models")
     shutil.copytree(REPO / "models" / "demo" / "tiny-sd", root / "demo" / "tiny-sd")
-    big = root / "big"
-    big.mkdir()
-    (big / "config.json").write_text('{"model_type": "test"}')
-    weights = np.random.default_rng(7).standard_normal(BIG_BYTES // 4, dtype=np.float32)
-    save_file({"w": weights.reshape(-1, 1024)}, str(big / "model.safetensors"))
     # `broken`: a safetensors header that promises more bytes than the file holds.
     broken = root / "broken"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "test"}')
     header = b'{"w":{"dtype":"F32","shape":[1024],"data_offsets":[0,4096]}}'
     (broken / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
-    yield root
-    # pytest keeps the last runs' temporary folders: not this one's large file.
-    (big / "model.safetensors").unlink()
+    return root
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The tests' local Hub (tests/src/bin/test_hub.rs) serving `org/big` slowly; its URL."""
+    assert HUB_BINARY.exists(), "build it first: cargo build --locked -p tests --bin test-hub"
+    big = tmp_path_factory.mktemp("hub") / "big"
+    big.mkdir()
+    (big / "config.json").write_text('{"model_type": "test"}')
+    weights = np.random.default_rng(7).standard_normal(BIG_BYTES // 4, dtype=np.float32)
+    save_file({"w": weights.reshape(-1, 1024)}, str(big / "model.safetensors"))
+    process = subprocess.Popen(
+        [str(HUB_BINARY), "--slow", str(SLOW_BYTES_PER_SEC), f"{BIG}={big}"], stdout=subprocess.PIPE
+    )
+    assert process.stdout is not None
+    url = process.stdout.readline().decode().strip()
+    assert url.startswith("http://"), f"the hub printed {url!r}"
+    # It holds the files in memory: none is needed on disk any more.
+    shutil.rmtree(big)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
 
 
 @pytest.fixture
-def start_server(model_root: Path, tmp_path: Path) -> Iterator[Callable[..., Server]]:
+def start_server(model_root: Path, hub: str, tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Starts servers on free ports (with extra flags), stopped at the test's end."""
     assert BINARY.exists(), "build the server first: cargo build --locked -p server --bin model-loader"
     started: list[Server] = []
 
     def start(*extra: str) -> Server:
         port = free_port()
-        # One read thread: the big load takes long enough to be cancelled by a click.
-        args = ["--listen", f"127.0.0.1:{port}", "--model-root", str(model_root), "--read-threads", "1", *extra]
+        args = ["--listen", f"127.0.0.1:{port}", "--model-root", str(model_root)]
+        args += ["--hf-endpoint", hub, "--hf-cache", str(tmp_path / "hf-cache"), *extra]
         s = Server(url=f"http://127.0.0.1:{port}/", model_root=model_root, args=args, log=tmp_path / f"server-{port}.log")
         started.append(s)
         s.start()
