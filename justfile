@@ -26,6 +26,8 @@ test:
     # the attach tests, against the server.
     python3 -c "import model_loader, pytest" || { echo 'pip install "./clients/python[grpc,tqdm,test]"' >&2; exit 1; }
     python3 -m pytest -q clients/python/tests
+    # The KServe v2 protocol, driven by NVIDIA's tritonclient.
+    python3 -m pytest -q -p no:cacheprovider tests/python
     # The dashboard: its committed bundle against its sources, then the page in headless Chromium.
     just web-check
     just web-test

@@ -15,9 +15,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .codec_path("crate::codec::RequestCodec")
         .file_descriptor_set_path(&descriptor)
-        .compile_with_config(config, &[file], &[root])?;
+        .compile_with_config(config, &[file], std::slice::from_ref(&root))?;
     // serde impls in the proto's canonical JSON mapping (as grpcurl prints), from the same
     // descriptors: a hand-written mapping would drift from the proto.
     pbjson_build::Builder::new().register_descriptors(&std::fs::read(&descriptor)?)?.build(&[".modelloader.v1"])?;
+
+    // Triton's v2 protocol (package `inference`, vendored unchanged under proto/triton): the
+    // methods the server does not answer are UNIMPLEMENTED by default.
+    let triton = root.join("triton");
+    let service = triton.join("grpc_service.proto");
+    for file in [&service, &triton.join("model_config.proto")] {
+        println!("cargo:rerun-if-changed={}", file.display());
+    }
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    tonic_prost_build::configure()
+        .codec_path("crate::codec::RequestCodec")
+        .generate_default_stubs(true)
+        .file_descriptor_set_path(PathBuf::from(env::var("OUT_DIR")?).join("inference_descriptor.bin"))
+        .compile_with_config(config, &[service], &[triton])?;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Generated gRPC code for `modelloader.v1`: messages (with serde impls in the proto's canonical
 //! JSON mapping), the client and the server stubs, and the encoded file descriptor set that
-//! reflection serves.
+//! reflection serves; and the same (without serde) for Triton's `inference` package, the KServe
+//! v2 protocol the server also speaks.
 //!
 //! Generated code, and the one codec it uses; conversions to domain types happen in the server.
 
@@ -16,6 +17,15 @@ pub mod v1 {
 
 /// The encoded `FileDescriptorSet` of the proto, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("model_loader_descriptor");
+
+/// `inference`: the KServe v2 / Triton protocol (`GRPCInferenceService`), generated from Triton's
+/// own `grpc_service.proto` and `model_config.proto`, vendored unchanged under `proto/triton`.
+pub mod inference {
+    tonic::include_proto!("inference");
+}
+
+/// The encoded `FileDescriptorSet` of the `inference` protos, for server reflection.
+pub const INFERENCE_FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("inference_descriptor");
 
 /// The codec of the `ModelLoader` service.
 pub mod codec {

@@ -1,8 +1,9 @@
-//! Bearer-token auth for the `modelloader.v1.ModelLoader` service (`--auth-token-file`): one
-//! `role:token` per line, roles `read` (every RPC that changes nothing) and `admin` (also
-//! LoadModel, CancelLoad, UnloadModel). A request without a known token is UNAUTHENTICATED; a
-//! `read` token on a mutating RPC is PERMISSION_DENIED. Health and reflection stay open for
-//! probes. The file is read again on SIGHUP (a bad file keeps the tokens in force, with a
+//! Bearer-token auth for the `modelloader.v1.ModelLoader` and `inference.GRPCInferenceService`
+//! services (`--auth-token-file`): one `role:token` per line, roles `read` (every RPC that changes
+//! nothing) and `admin` (also LoadModel, CancelLoad, UnloadModel, RepositoryModelLoad and
+//! RepositoryModelUnload). A request without a known token is UNAUTHENTICATED; a `read` token on a
+//! mutating RPC is PERMISSION_DENIED. Health, reflection and the v2 ServerLive and ServerReady
+//! stay open for probes. The file is read again on SIGHUP (a bad file keeps the tokens in force, with a
 //! warning). Tokens are compared by their SHA-256 in constant time and never logged.
 
 use std::{
@@ -18,11 +19,15 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::Status;
 
-/// The service the tokens guard; health and reflection are not under it.
-const GUARDED: &str = "/modelloader.v1.ModelLoader/";
+/// The services the tokens guard, each with its RPCs that change what the server holds; health
+/// and reflection are not under them.
+const GUARDED: [(&str, &[&str]); 2] = [
+    ("/modelloader.v1.ModelLoader/", &["LoadModel", "CancelLoad", "UnloadModel"]),
+    ("/inference.GRPCInferenceService/", &["RepositoryModelLoad", "RepositoryModelUnload"]),
+];
 
-/// The RPCs that change what the server holds.
-const MUTATING: [&str; 3] = ["LoadModel", "CancelLoad", "UnloadModel"];
+/// The v2 probes, open like gRPC health (KServe and Triton's own probes ask them).
+const OPEN: [&str; 2] = ["/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady"];
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, strum::EnumString, strum::Display)]
@@ -79,14 +84,21 @@ impl Tokens {
 
     /// Whether the request (`path`, the `authorization` header) may go on.
     fn check(&self, path: &str, authorization: Option<&[u8]>) -> Result<(), Status> {
-        let Some(method) = path.strip_prefix(GUARDED) else { return Ok(()) };
+        let Some((method, mutating)) =
+            GUARDED.iter().find_map(|(service, mutating)| Some((path.strip_prefix(service)?, *mutating)))
+        else {
+            return Ok(());
+        };
+        if OPEN.contains(&path) {
+            return Ok(());
+        }
         let token = authorization
             .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .map(str::trim)
             .ok_or_else(|| Status::unauthenticated("missing credentials: send `authorization: Bearer <token>`"))?;
         let role = self.role(token).ok_or_else(|| Status::unauthenticated("unknown token"))?;
-        if role < Role::Admin && MUTATING.contains(&method) {
+        if role < Role::Admin && mutating.contains(&method) {
             return Err(Status::permission_denied(format!("{method} needs an admin token; this one is {role}")));
         }
         Ok(())
@@ -206,6 +218,24 @@ mod tests {
         assert_eq!(t.check(get, Some(b"s3cret")).map_err(|s| s.code()), Err(tonic::Code::Unauthenticated));
         assert!(t.check("/grpc.health.v1.Health/Check", None).is_ok(), "health stays open");
         assert!(t.check("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", None).is_ok());
+    }
+
+    #[test]
+    fn the_v2_protocol_is_guarded_the_same_way_except_its_probes() {
+        let t = tokens("admin:s3cret\nread:viewer\n").expect("tokens");
+        let v2 = |method: &str| format!("/inference.GRPCInferenceService/{method}");
+        for method in ["RepositoryModelLoad", "RepositoryModelUnload"] {
+            assert!(t.check(&v2(method), Some(b"Bearer s3cret")).is_ok(), "{method} with an admin token");
+            let refused = t.check(&v2(method), Some(b"Bearer viewer")).map_err(|s| s.code());
+            assert_eq!(refused, Err(tonic::Code::PermissionDenied), "{method} with a read token");
+        }
+        for method in ["RepositoryIndex", "ModelReady", "ModelMetadata", "ServerMetadata", "ModelInfer"] {
+            assert!(t.check(&v2(method), Some(b"Bearer viewer")).is_ok(), "{method} with a read token");
+            assert_eq!(t.check(&v2(method), None).map_err(|s| s.code()), Err(tonic::Code::Unauthenticated), "{method}");
+        }
+        for probe in ["ServerLive", "ServerReady"] {
+            assert!(t.check(&v2(probe), None).is_ok(), "{probe} stays open");
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The `model-loader` server: the tonic service over the [`ModelManager`] facade (gRPC, and
-//! gRPC-web for browsers on the same port), gRPC health and reflection, configuration from flags,
-//! logs, and graceful shutdown.
+//! gRPC-web for browsers on the same port), the KServe v2 model-repository protocol beside it,
+//! gRPC health and reflection, configuration from flags, logs, and graceful shutdown.
 //!
 //! This is the only crate that knows tonic's server side or parses flags. It holds no model
 //! logic: every request is converted, handed to the facade, and its answer converted back.
@@ -12,6 +12,7 @@ pub mod connections;
 mod convert;
 mod dashboard;
 mod health;
+mod kserve;
 mod logs;
 pub mod metrics;
 mod service;
@@ -24,7 +25,9 @@ use std::{future::Future, sync::Arc};
 
 use anyhow::Context;
 use model_manager::ModelManager;
-use proto::v1::model_loader_server::ModelLoaderServer;
+use proto::{
+    inference::grpc_inference_service_server::GrpcInferenceServiceServer, v1::model_loader_server::ModelLoaderServer,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
@@ -116,6 +119,7 @@ pub async fn run(
         connections::incoming(listener, security.connections, tls.clone(), connections.clone(), root.child_token());
     let service = ModelLoaderServer::new(ModelLoaderService::new(manager.clone(), security.max_watchers))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let inference = inference_service(&manager, &health);
     let server = Server::builder()
         // gRPC-web from browsers comes over HTTP/1.1 as often as HTTP/2.
         .accept_http1(true)
@@ -129,6 +133,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
+        .add_service(inference)
         .serve_with_incoming_shutdown(incoming, root.clone().cancelled_owned());
     let mut server = tokio::spawn(server);
     log_memory(&manager, &config);
@@ -138,7 +143,7 @@ pub async fn run(
         mtls = security.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
         auth = tokens.is_some(),
         max_connections = security.connections.max_connections,
-        "serving modelloader.v1.ModelLoader"
+        "serving modelloader.v1.ModelLoader and inference.GRPCInferenceService"
     );
     // Stops serving /metrics however `run` ends.
     let _metrics = serve_metrics(&config, &manager).await?.map(AbortOnDrop);
@@ -177,6 +182,16 @@ pub async fn run(
     Ok(())
 }
 
+/// The KServe v2 service over the same facade, its readiness that of `modelloader.v1`.
+fn inference_service(
+    manager: &Arc<ModelManager>,
+    health: &HealthReporter,
+) -> GrpcInferenceServiceServer<kserve::InferenceService> {
+    let health = tonic_health::server::HealthService::from_health_reporter(health.clone());
+    GrpcInferenceServiceServer::new(kserve::InferenceService::new(manager.clone(), health))
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+}
+
 /// The layers in front of every service, outermost first.
 type Layers = tower::ServiceBuilder<
     Stack<
@@ -212,6 +227,7 @@ fn reflection() -> anyhow::Result<(
     let builder = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(proto::INFERENCE_FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)

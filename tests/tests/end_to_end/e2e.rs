@@ -113,72 +113,91 @@ async fn readme_grpcurl_commands_work() {
         // WatchModels never ends by itself: give it two seconds and read what it printed.
         let out = sh(&if is_watch { format!("timeout 2 {line}") } else { line.clone() }).await;
         assert!(out.success || is_watch, "{line}\nfailed: {}{}", out.stdout, out.stderr);
-        let text = &out.stdout;
-        match method.rsplit('/').next().expect("name") {
-            "LoadModel" => {
-                let messages = out.messages();
-                assert_eq!(steps_of(&messages), (1..=8).collect::<Vec<_>>(), "{text}");
-                assert!(messages.iter().all(|m| m["total"] == 8));
-                let bytes: Vec<_> = messages.iter().filter(|m| m["bytesTotal"].is_string()).collect();
-                assert!(!bytes.is_empty(), "byte progress inside step 4");
-                assert!(bytes.iter().all(|m| m["step"] == 4));
-                assert_eq!(bytes.last().map(|m| m["bytesDone"].clone()), bytes.last().map(|m| m["bytesTotal"].clone()));
-            }
-            "GetModel" => {
-                let status = &out.messages()[0];
-                assert_eq!(status["state"], "MODEL_STATE_LOADED", "{text}");
-                assert_eq!(status["sampleSize"], 32, "{text}");
-            }
-            "ListTensors" => {
-                let tensors = out.messages()[0]["tensors"].as_array().expect("tensors").clone();
-                assert_eq!(tensors.len(), 18, "{text}");
-                assert!(tensors.iter().all(|t| t["sha256"].as_str().is_some_and(|s| s.len() == 64)));
-            }
-            "GetModelFiles" => {
-                let files = out.messages()[0]["files"].as_array().expect("files").clone();
-                let paths: Vec<&str> = files.iter().filter_map(|f| f["path"].as_str()).collect();
-                let want =
-                    ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json"];
-                assert_eq!(paths, want, "{text}");
-                assert!(files.iter().all(|f| f["sha256"].as_str().is_some_and(|s| s.len() == 64)), "{text}");
-            }
-            "GetResources" => {
-                let cpu = &out.messages()[0]["devices"][0];
-                assert_eq!(cpu["name"], "cpu");
-                assert_eq!(cpu["usedBytes"], demo.booked().to_string(), "{text}");
-            }
-            "ListModels" => assert!(text.contains("\"demo/tiny-sd\""), "{text}"),
-            "UnloadModel" => assert_eq!(out.messages()[0]["wasLoaded"], true, "{text}"),
-            "list" => {
-                for service in [
-                    "modelloader.v1.ModelLoader",
-                    "grpc.health.v1.Health",
-                    "grpc.reflection.v1.ServerReflection",
-                    "grpc.reflection.v1alpha.ServerReflection",
-                ] {
-                    assert!(text.lines().any(|l| l == service), "{service} missing from:\n{text}");
-                }
-            }
-            "Check" => assert_eq!(out.messages()[0]["status"], "SERVING", "{text}"),
-            "WatchModels" => {
-                let first = &out.messages()[0];
-                assert!(first["status"]["modelId"].is_string(), "a snapshot comes first: {text}");
-            }
-            "CancelLoad" => assert!(out.messages()[0].get("wasLoading").is_none_or(|v| v == false), "{text}"),
-            _ if line.contains(" describe ") => {
-                assert!(text.contains("// Loads, watches, cancels and unloads models"), "proto comments: {text}");
-                assert!(text.contains("rpc LoadModel"), "{text}");
-            }
-            other => panic!("the README shows a grpcurl command this test does not check: {other}"),
-        }
+        check_readme_output(&line, &method, &out, &demo);
     }
 
-    // One step line per step, in the exact format.
+    // One step line per step and load (each load line runs after the demo was unloaded), in the
+    // exact format.
+    let loads = lines.iter().filter(|l| l.ends_with("/LoadModel") || l.ends_with("/RepositoryModelLoad")).count();
     let log = server.log();
     for (n, msg, phase) in tests::STEPS {
         let line = format!("demo/tiny-sd step={n}/8 phase={} msg=\"{msg}\"", tests::phase_name(phase));
         let count = log.iter().filter(|l| l.ends_with(&line)).count();
-        assert_eq!(count, 1, "{line:?} appears {count} times in:\n{}", log.join("\n"));
+        assert_eq!(count, loads, "{line:?} appears {count} times in:\n{}", log.join("\n"));
+    }
+}
+
+/// What the README's grpcurl `line` calling `method` printed, checked for that method.
+fn check_readme_output(line: &str, method: &str, out: &tests::binary::GrpcurlOutput, demo: &fixture::Expected) {
+    let text = &out.stdout;
+    match method.rsplit('/').next().expect("name") {
+        "LoadModel" => {
+            let messages = out.messages();
+            assert_eq!(steps_of(&messages), (1..=8).collect::<Vec<_>>(), "{text}");
+            assert!(messages.iter().all(|m| m["total"] == 8));
+            let bytes: Vec<_> = messages.iter().filter(|m| m["bytesTotal"].is_string()).collect();
+            assert!(!bytes.is_empty(), "byte progress inside step 4");
+            assert!(bytes.iter().all(|m| m["step"] == 4));
+            assert_eq!(bytes.last().map(|m| m["bytesDone"].clone()), bytes.last().map(|m| m["bytesTotal"].clone()));
+        }
+        "GetModel" => {
+            let status = &out.messages()[0];
+            assert_eq!(status["state"], "MODEL_STATE_LOADED", "{text}");
+            assert_eq!(status["sampleSize"], 32, "{text}");
+        }
+        "ListTensors" => {
+            let tensors = out.messages()[0]["tensors"].as_array().expect("tensors").clone();
+            assert_eq!(tensors.len(), 18, "{text}");
+            assert!(tensors.iter().all(|t| t["sha256"].as_str().is_some_and(|s| s.len() == 64)));
+        }
+        "GetModelFiles" => {
+            let files = out.messages()[0]["files"].as_array().expect("files").clone();
+            let paths: Vec<&str> = files.iter().filter_map(|f| f["path"].as_str()).collect();
+            let want = ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json"];
+            assert_eq!(paths, want, "{text}");
+            assert!(files.iter().all(|f| f["sha256"].as_str().is_some_and(|s| s.len() == 64)), "{text}");
+        }
+        "GetResources" => {
+            let cpu = &out.messages()[0]["devices"][0];
+            assert_eq!(cpu["name"], "cpu");
+            assert_eq!(cpu["usedBytes"], demo.booked().to_string(), "{text}");
+        }
+        "ListModels" => assert!(text.contains("\"demo/tiny-sd\""), "{text}"),
+        "UnloadModel" => assert_eq!(out.messages()[0]["wasLoaded"], true, "{text}"),
+        // The KServe v2 protocol: the load returns once the model is loaded, and the index
+        // then lists it READY.
+        "RepositoryModelLoad" => assert_eq!(out.messages(), [serde_json::json!({})], "{text}"),
+        "RepositoryIndex" => {
+            let models = out.messages()[0]["models"].as_array().cloned().unwrap_or_default();
+            let demo = models.iter().find(|m| m["name"] == "demo/tiny-sd");
+            assert_eq!(
+                demo.map(|m| (m["state"].clone(), m["version"].clone())),
+                Some(("READY".into(), "1".into())),
+                "{text}"
+            );
+        }
+        "list" => {
+            for service in [
+                "modelloader.v1.ModelLoader",
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection",
+                "inference.GRPCInferenceService",
+            ] {
+                assert!(text.lines().any(|l| l == service), "{service} missing from:\n{text}");
+            }
+        }
+        "Check" => assert_eq!(out.messages()[0]["status"], "SERVING", "{text}"),
+        "WatchModels" => {
+            let first = &out.messages()[0];
+            assert!(first["status"]["modelId"].is_string(), "a snapshot comes first: {text}");
+        }
+        "CancelLoad" => assert!(out.messages()[0].get("wasLoading").is_none_or(|v| v == false), "{text}"),
+        _ if line.contains(" describe ") => {
+            assert!(text.contains("// Loads, watches, cancels and unloads models"), "proto comments: {text}");
+            assert!(text.contains("rpc LoadModel"), "{text}");
+        }
+        other => panic!("the README shows a grpcurl command this test does not check: {other}"),
     }
 }
 

@@ -62,6 +62,14 @@ async fn tokens_gate_the_service_and_reload_on_sighup() {
     assert_eq!(out.messages()[0]["status"], "SERVING", "health is open: {}", out.stderr);
     let out = call(&server, None, &["list"]).await;
     assert!(out.stdout.contains("modelloader.v1.ModelLoader"), "reflection is open: {}", out.stderr);
+    // The v2 protocol: the same tokens, its probes open.
+    let v2_load = ["-d", r#"{"model_name":"small"}"#, "inference.GRPCInferenceService/RepositoryModelLoad"];
+    let out = call(&server, Some("authorization: Bearer reader-secret-1"), &v2_load).await;
+    assert!(out.stderr.contains("Code: PermissionDenied"), "a read token may not load through v2: {}", out.stderr);
+    let out = call(&server, None, &["inference.GRPCInferenceService/RepositoryIndex"]).await;
+    assert!(out.stderr.contains("Code: Unauthenticated"), "the v2 index needs a token: {}", out.stderr);
+    let out = call(&server, None, &["inference.GRPCInferenceService/ServerLive"]).await;
+    assert_eq!(out.messages()[0]["live"], true, "ServerLive is open: {}", out.stderr);
 
     std::fs::write(&tokens, "admin:admin-secret-2\n").expect("new tokens");
     let status = std::process::Command::new("kill").args(["-HUP", &server.pid().to_string()]).status().expect("kill");

@@ -12,6 +12,7 @@ mod error_kind;
 mod facade;
 mod fanout;
 mod hub_load;
+mod kserve;
 mod load;
 mod model_files;
 mod refusals;
