@@ -74,14 +74,17 @@ web-test:
     cargo build --locked -p server --bin model-loader -p tests --bin test-hub
     python3 -m pytest -q -p no:cacheprovider web/tests
 
-# Render both Kubernetes overlays (kubectl kustomize) and check them against the Kubernetes
-# schemas, each other and the server's flags (deploy/check.py).
+# Render the Kubernetes overlays (kubectl kustomize) and the Helm chart (helm lint and template:
+# its defaults and deploy/helm/model-loader/ci/*-values.yaml), check them against the Kubernetes
+# schemas, each other and the server's flags (deploy/check.py), then the check's own tests (values
+# that break a rule fail it).
 deploy-check:
     # kubectl renders the overlays; a fresh Debian machine gets Debian's (its kustomize reads them too).
     command -v kubectl >/dev/null || { apt-get update -qq && apt-get install -y -qq kubernetes-client >/dev/null; } || { echo "kubectl is missing: install kubectl (Debian: kubernetes-client)" >&2; exit 1; }
-    python3 -c "import kubernetes_validate" || { echo "pip install kubernetes-validate" >&2; exit 1; }
+    python3 -c "import kubernetes_validate, pytest" || { echo "pip install -r requirements-test.txt (kubernetes-validate, pytest)" >&2; exit 1; }
     cargo build --locked -p server --bin model-loader
-    python3 deploy/check.py --server target/debug/model-loader
+    # helm, pinned, once per machine (scripts/helm-bin says where it comes from).
+    helm=$(scripts/helm-bin) && python3 deploy/check.py --helm "$helm" --server target/debug/model-loader && HELM="$helm" python3 -m pytest -q -p no:cacheprovider deploy/tests
 
 # The inner loop, a few minutes after a change: every crate's unit tests, the loader's seam tests
 # and the in-process integration tests (no real binary, Python, object store or release build).

@@ -1,26 +1,41 @@
 """`just deploy-check`: renders every kustomize overlay under deploy/k8s/overlays with
-`kubectl kustomize`, validates every object against the Kubernetes schemas (kubernetes-validate,
-offline, strict), and checks that the pieces agree with each other and with the server:
+`kubectl kustomize` and the Helm chart deploy/helm/model-loader with `helm template` (its defaults
+and each ci/*-values.yaml, after `helm lint --strict`), validates every object against the
+Kubernetes schemas (kubernetes-validate, offline, strict), and checks that the pieces of each render
+agree with each other and with the server:
 
 - every probe is a native gRPC probe on the gRPC container port; liveness asks the empty service,
   readiness and start-up ask modelloader.v1.ModelLoader;
 - the container ports are the ports of MODEL_LOADER_LISTEN and MODEL_LOADER_METRICS_LISTEN in the
   ConfigMap the container reads, and the Service targets them;
 - every MODEL_LOADER_* key of the ConfigMap is a flag of the server (its --help lists the variable);
+- no credential (a token, secret, password or access key) is a ConfigMap key or a literal env value;
 - terminationGracePeriodSeconds is above MODEL_LOADER_SHUTDOWN_GRACE;
 - the attach socket (MODEL_LOADER_ATTACH_SOCKET) lies on an emptyDir the server mounts, and every
   other container of the pod (a consumer) mounts that same volume at the same path;
 - the auth token file (MODEL_LOADER_AUTH_TOKEN_FILE) lies on a Secret volume the server mounts
-  read-only, and a NetworkPolicy selects the pod and admits only the gRPC and metrics ports;
-- object-store credentials come from a Secret the overlay renders (envFrom), shipped without values;
+  read-only, and a NetworkPolicy selects the pod and admits only the gRPC and metrics ports, each
+  from named sources;
+- object-store credentials come from a Secret the render includes (envFrom), shipped without values;
 - every container runs as non-root with a read-only root filesystem, no privilege escalation and
   every capability dropped;
-- the gpu overlay asks for one nvidia.com/gpu and loads to cuda.
+- a cuda device (cuda:N) has nvidia.com/gpu enough for it (N + 1); the gpu overlay and the chart's
+  ci/gpu-values.yaml ask for one nvidia.com/gpu and load to cuda.
 
-Usage: python3 deploy/check.py [--k8s DIR] [--server PATH-TO-model-loader]
+The chart's renders must also deploy what the overlays do: its defaults the cpu overlay, and
+ci/NAME-values.yaml the overlay NAME: the same objects (kinds and names), ConfigMap, containers,
+volumes and ports, leaving out what differs by design (labels and selectors, annotations, Secrets'
+placeholder contents).
+
+With --values or --set, only the chart is checked, rendered with those on top of its defaults (the
+overlays, the ci values files and the comparison are left out): deploy/tests break a value that way.
+
+Usage: python3 deploy/check.py [--k8s DIR] [--chart DIR] [--helm PATH] [--server PATH-TO-model-loader]
+                               [--values FILE]... [--set KEY=VALUE]...
 """
 
 import argparse
+import copy
 import pathlib
 import re
 import subprocess
@@ -31,12 +46,40 @@ import yaml
 
 KUBERNETES_VERSION = "1.33.0"
 READY_SERVICE = "modelloader.v1.ModelLoader"
+# The release name that gives the chart's objects the overlays' names.
+RELEASE = "model-loader"
+# Names of credentials (HF_TOKEN, AWS_SECRET_ACCESS_KEY); a *_FILE variable names a file instead.
+CREDENTIAL = re.compile(r"^(?!.*_FILE$).*(TOKEN|SECRET|PASSWORD|ACCESS_KEY)")
+
+
+class RenderError(Exception):
+    pass
 
 
 def render(overlay):
     out = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True)
     if out.returncode != 0:
-        raise SystemExit(f"kubectl kustomize {overlay} failed:\n{out.stderr}")
+        raise RenderError(f"kubectl kustomize {overlay} failed:\n{out.stderr}")
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def render_chart(helm, chart, values=(), sets=()):
+    """`helm lint --strict`, then `helm template`, with the same values; both read the values
+    schema."""
+    args = [f"--kube-version={KUBERNETES_VERSION}"]
+    for file in values:
+        args += ["--values", str(file)]
+    for item in sets:
+        args += ["--set", item]
+    try:
+        lint = subprocess.run([helm, "lint", "--strict", str(chart), *args], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise RenderError(f"no helm at {helm!r}: scripts/helm-bin installs the pinned one and prints its path") from None
+    if lint.returncode != 0:
+        raise RenderError(f"helm lint failed:\n{lint.stdout}{lint.stderr}")
+    out = subprocess.run([helm, "template", RELEASE, str(chart), *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RenderError(f"helm template failed:\n{out.stderr}")
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
@@ -53,7 +96,9 @@ def seconds_of(duration):
     return {"ms": value / 1000, "s": value, "m": value * 60}[unit]
 
 
-def check_overlay(name, docs, server_env):
+def check_render(docs, server_env, gpu=False):
+    """Every rule of the module's docstring on one render; `gpu` for the renders meant for GPU
+    nodes (one nvidia.com/gpu, loads to cuda)."""
     errors = []
     for doc in docs:
         try:
@@ -76,7 +121,7 @@ def check_overlay(name, docs, server_env):
     config_names = [s["configMapRef"]["name"] for s in container.get("envFrom", []) if "configMapRef" in s]
     configs = [c for c in by_kind["ConfigMap"] if c["metadata"]["name"] in config_names]
     if not configs:
-        return [f"the container reads no ConfigMap of the overlay ({config_names})"]
+        return [f"the container reads no ConfigMap of the render ({config_names})"]
     env = {}
     for config in configs:
         env.update(config.get("data", {}))
@@ -108,6 +153,12 @@ def check_overlay(name, docs, server_env):
     for key in env:
         if key.startswith("MODEL_LOADER_") and server_env is not None and key not in server_env:
             errors.append(f"ConfigMap key {key} is no flag of the server")
+        if CREDENTIAL.search(key):
+            errors.append(f"ConfigMap key {key} is a credential: ConfigMaps are not secret, use a Secret")
+    for c in pod["containers"]:
+        for var in c.get("env", []):
+            if CREDENTIAL.search(var["name"]) and "value" in var:
+                errors.append(f"container {c['name']}: env {var['name']} is a credential set as a literal value, not from a Secret")
 
     errors += check_attach(pod, container, env)
     errors += check_auth(pod, container, env, deployment, by_kind["NetworkPolicy"])
@@ -124,12 +175,16 @@ def check_overlay(name, docs, server_env):
         if "ALL" not in security.get("capabilities", {}).get("drop", []):
             errors.append(f"container {c['name']}: capabilities are not all dropped")
 
-    if name == "gpu":
-        limits = container.get("resources", {}).get("limits", {})
-        if str(limits.get("nvidia.com/gpu")) != "1":
-            errors.append("the gpu overlay does not ask for one nvidia.com/gpu")
-        if not env.get("MODEL_LOADER_DEVICE", "").startswith("cuda"):
-            errors.append("the gpu overlay does not load to cuda")
+    limits = container.get("resources", {}).get("limits", {})
+    gpus = int(limits.get("nvidia.com/gpu", 0))
+    device = re.fullmatch(r"cuda(?::(\d+))?", env.get("MODEL_LOADER_DEVICE", "cpu"))
+    if device and gpus <= int(device.group(1) or 0):
+        errors.append(f"MODEL_LOADER_DEVICE {env['MODEL_LOADER_DEVICE']} needs {int(device.group(1) or 0) + 1} nvidia.com/gpu, the limits give {gpus}")
+    if gpu:
+        if gpus != 1:
+            errors.append("the gpu render does not ask for one nvidia.com/gpu")
+        if not device:
+            errors.append("the gpu render does not load to cuda")
     return errors
 
 
@@ -180,6 +235,9 @@ def check_auth(pod, server, env, deployment, policies):
     allowed = {"grpc", "metrics"} | {p["containerPort"] for p in server.get("ports", []) if p["name"] in ("grpc", "metrics")}
     for policy in selecting:
         for rule in policy["spec"].get("ingress", []):
+            # No `from` (or an empty one) admits every source.
+            if not rule.get("from"):
+                errors.append(f"NetworkPolicy {policy['metadata']['name']} admits every source to {[p.get('port') for p in rule.get('ports', [])]}")
             for port in rule.get("ports", [{"port": "any"}]):
                 if port.get("port") not in allowed:
                     errors.append(f"NetworkPolicy {policy['metadata']['name']} admits port {port.get('port')}")
@@ -187,15 +245,69 @@ def check_auth(pod, server, env, deployment, policies):
 
 
 def check_object_store(server, secrets):
-    """Object-store credentials come from a Secret the overlay renders, which ships no values."""
+    """Object-store credentials come from a Secret the render includes, which ships no values."""
     names = [s["secretRef"]["name"] for s in server.get("envFrom", []) if "secretRef" in s]
     rendered = {s["metadata"]["name"]: s for s in secrets}
-    errors = [f"envFrom names the Secret {n}, which the overlay does not render" for n in names if n not in rendered]
+    errors = [f"envFrom names the Secret {n}, which the render does not include" for n in names if n not in rendered]
     if not names:
         errors.append("no Secret gives the container its object-store credentials (envFrom secretRef)")
     for name in names:
         if rendered.get(name, {}).get("stringData") or rendered.get(name, {}).get("data"):
             errors.append(f"the Secret {name} ships credentials")
+    return errors
+
+
+def deployed(docs):
+    """A render less what differs by design between the overlays and the chart: labels, selectors
+    and annotations (Helm's own labels, the config checksum), Secrets' placeholder contents (the
+    Secret rules check those); a container's runAsNonRoot counts whether it or its pod sets it."""
+    out = {}
+    for doc in docs:
+        kind, name = doc["kind"], doc["metadata"]["name"]
+        doc = copy.deepcopy(doc)
+        doc.pop("metadata")
+        spec = doc.get("spec", {})
+        if kind == "Secret":
+            doc = {"type": doc.get("type", "Opaque")}
+        elif kind in ("Deployment", "PodDisruptionBudget", "Service"):
+            spec.pop("selector", None)
+        elif kind == "NetworkPolicy":
+            spec.pop("podSelector", None)
+        if kind == "Service":
+            spec.setdefault("type", "ClusterIP")
+        if kind == "Deployment":
+            spec["template"].pop("metadata", None)
+            pod = spec["template"]["spec"]
+            non_root = pod.get("securityContext", {}).get("runAsNonRoot")
+            for c in pod["containers"]:
+                if non_root is not None:
+                    c.setdefault("securityContext", {}).setdefault("runAsNonRoot", non_root)
+            # By name, so that order does not count.
+            pod["containers"] = {c["name"]: c for c in pod["containers"]}
+            pod["volumes"] = {v["name"]: v for v in pod.get("volumes", [])}
+        out[f"{kind}/{name}"] = doc
+    return out
+
+
+def differences(path, ours, theirs):
+    """Where two parsed YAML trees differ, as `path: ours != theirs` lines."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        return [line for key in sorted(set(ours) | set(theirs), key=str)
+                for line in differences(f"{path}.{key}", ours.get(key), theirs.get(key))]
+    if ours != theirs:
+        return [f"{path}: {ours!r} != {theirs!r}"]
+    return []
+
+
+def compare(chart_docs, overlay_docs, overlay):
+    """The chart's render against the overlay it stands for."""
+    ours, theirs = deployed(chart_docs), deployed(overlay_docs)
+    errors = []
+    if set(ours) != set(theirs):
+        errors.append(f"objects differ from overlay {overlay}: only the chart {sorted(set(ours) - set(theirs))}, "
+                      f"only the overlay {sorted(set(theirs) - set(ours))}")
+    for key in sorted(set(ours) & set(theirs)):
+        errors += [f"differs from overlay {overlay} at {line}" for line in differences(key, ours[key], theirs[key])]
     return errors
 
 
@@ -207,21 +319,51 @@ def server_env_names(server):
 
 
 def main():
+    here = pathlib.Path(__file__).parent
     parser = argparse.ArgumentParser()
-    parser.add_argument("--k8s", default=str(pathlib.Path(__file__).parent / "k8s"))
+    parser.add_argument("--k8s", default=str(here / "k8s"))
+    parser.add_argument("--chart", default=str(here / "helm" / "model-loader"))
+    parser.add_argument("--helm", default="helm", help="the helm binary (scripts/helm-bin prints the pinned one)")
     parser.add_argument("--server", help="the model-loader binary, to check the ConfigMap's flags")
+    parser.add_argument("--values", action="append", default=[], help="check only the chart, with this values file")
+    parser.add_argument("--set", action="append", default=[], help="check only the chart, with this KEY=VALUE")
     args = parser.parse_args()
     server_env = server_env_names(args.server)
-    overlays = sorted(p for p in (pathlib.Path(args.k8s) / "overlays").iterdir() if p.is_dir())
+    chart = pathlib.Path(args.chart)
+
+    renders = []  # (name, render function, gpu rules?, overlay it stands for)
+    if args.values or args.set:
+        renders.append(("chart", lambda: render_chart(args.helm, chart, args.values, args.set), False, None))
+    else:
+        overlays = sorted(p for p in (pathlib.Path(args.k8s) / "overlays").iterdir() if p.is_dir())
+        for overlay in overlays:
+            renders.append((overlay.name, lambda o=overlay: render(o), overlay.name == "gpu", None))
+        renders.append(("chart", lambda: render_chart(args.helm, chart), False, "cpu"))
+        for values in sorted((chart / "ci").glob("*-values.yaml")):
+            stem = values.name.removesuffix("-values.yaml")
+            renders.append((f"chart {stem}", lambda v=values: render_chart(args.helm, chart, [v]), stem == "gpu", stem))
+
     failed = False
-    for overlay in overlays:
-        docs = render(overlay)
-        errors = check_overlay(overlay.name, docs, server_env)
+    rendered = {}
+    for name, make, gpu, overlay in renders:
+        try:
+            docs = rendered[name] = make()
+        except RenderError as e:
+            print(f"{name}: {e}", file=sys.stderr)
+            failed = True
+            continue
+        errors = check_render(docs, server_env, gpu)
+        if overlay is not None:
+            if overlay not in rendered:
+                errors.append(f"no overlay {overlay} to compare with")
+            else:
+                errors += compare(docs, rendered[overlay], overlay)
         for error in errors:
-            print(f"{overlay.name}: {error}", file=sys.stderr)
+            print(f"{name}: {error}", file=sys.stderr)
         failed |= bool(errors)
         if not errors:
-            print(f"{overlay.name}: {len(docs)} objects valid for Kubernetes {KUBERNETES_VERSION}, probes, ports and flags agree")
+            same = f", deploys what overlay {overlay} does" if overlay else ""
+            print(f"{name}: {len(docs)} objects valid for Kubernetes {KUBERNETES_VERSION}, probes, ports and flags agree{same}")
     sys.exit(1 if failed else 0)
 
 
