@@ -16,6 +16,7 @@ mod object_store;
 mod ops;
 mod security;
 mod shutdown;
+mod traces;
 mod web;
 
 /// A model root with one small model, `small`.
