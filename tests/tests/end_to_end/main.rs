@@ -8,6 +8,7 @@ mod attach_python;
 mod cli;
 mod deploy;
 mod e2e;
+mod grafana;
 mod hub_protocol;
 mod hub_python;
 mod manifest;
