@@ -46,14 +46,15 @@ async fn traced_load(addr: std::net::SocketAddr, id: &str) -> u64 {
 /// is made far longer than the test), one LoadModel server span in the caller's trace with the
 /// caller's span as parent, one load span under it with the load's facts, and exactly the eight
 /// steps under that, in order and one after another, step 4 with its bytes; health checks make
-/// no span, a refused call records its code; the JSON log lines are as without traces.
+/// no span, a refused call records its code, a failed load says why; the JSON log lines are as
+/// without traces.
 #[tokio::test]
 async fn a_load_continues_the_callers_trace_with_eight_steps() {
     let receiver = otlp::Receiver::start().await;
     let endpoint = receiver.endpoint();
     let models = models_arg();
     let mut server = Binary::start(
-        &["--model-root", &models, "--otlp-endpoint", &endpoint, "--log-format", "json"],
+        &["--model-root", &models, "--offline", "--otlp-endpoint", &endpoint, "--log-format", "json"],
         &[("OTEL_BSP_SCHEDULE_DELAY", "600000")],
     )
     .await;
@@ -64,6 +65,8 @@ async fn a_load_continues_the_callers_trace_with_eight_steps() {
     let mut client = connect(server.addr).await;
     let missing = client.get_model(proto::v1::GetModelRequest { model_id: "no/such".into() }).await;
     assert_eq!(missing.expect_err("unknown model").code(), Code::NotFound);
+    let (_, failed) = tests::load_all(&mut client, load("no/such")).await;
+    assert_eq!(failed.expect_err("no such model").code(), Code::NotFound);
     assert_eq!(receiver.exports(), 0, "nothing is exported before the batch is due or the server stops");
     server.sigterm();
     assert!(server.wait_exit(WAIT).await.success(), "exit 0");
@@ -77,8 +80,10 @@ async fn a_load_continues_the_callers_trace_with_eight_steps() {
     assert!(!names.iter().any(|n| n.contains("Health")), "no span for health checks: {names:?}");
     let named = |name: &str| spans.iter().filter(|s| s.span.name == name).collect::<Vec<_>>();
 
-    let [rpc] = named("modelloader.v1.ModelLoader/LoadModel")[..] else { panic!("one LoadModel span: {names:?}") };
-    assert_eq!(hex::encode(&rpc.span.trace_id), TRACE_ID, "the caller's trace");
+    let calls = named("modelloader.v1.ModelLoader/LoadModel");
+    assert_eq!(calls.len(), 2, "a span per LoadModel: {names:?}");
+    let traced: Vec<_> = calls.into_iter().filter(|c| hex::encode(&c.span.trace_id) == TRACE_ID).collect();
+    let [rpc] = traced[..] else { panic!("one LoadModel span in the caller's trace: {names:?}") };
     assert_eq!(hex::encode(&rpc.span.parent_span_id), PARENT_SPAN_ID, "the caller's span is the parent");
     assert_eq!(rpc.span.trace_state, TRACESTATE);
     assert_eq!(rpc.span.kind, SpanKind::Server as i32);
@@ -87,7 +92,10 @@ async fn a_load_continues_the_callers_trace_with_eight_steps() {
     assert_eq!(rpc.str("rpc.method"), Some("LoadModel"));
     assert_eq!(rpc.int("rpc.grpc.status_code"), Some(0));
 
-    let [load] = named("load")[..] else { panic!("one load span: {names:?}") };
+    let loads = named("load");
+    let of = |id: &str| loads.iter().copied().filter(|l| l.str("model_id") == Some(id)).collect::<Vec<_>>();
+    check_failed_load(&spans, &of("no/such"));
+    let [load] = of("demo/tiny-sd")[..] else { panic!("one load span of the demo: {names:?}") };
     assert_eq!(load.span.trace_id, rpc.span.trace_id);
     assert_eq!(load.span.parent_span_id, rpc.span.span_id, "the load is a child of the call that started it");
     assert_eq!(load.str("model_id"), Some("demo/tiny-sd"));
@@ -135,17 +143,44 @@ fn check_steps(spans: &[otlp::ReceivedSpan], load: &otlp::ReceivedSpan, step4_by
     assert_eq!(steps[0].int("bytes.total"), None, "a step without bytes says none");
 }
 
-/// The JSON log lines with traces on: the load's still carry `model_id` and `step`, and none shows
-/// the spans that are for traces only.
+/// The load of a model that is nowhere: its span says it failed and why (an error status), under a
+/// LoadModel span whose code is NOT_FOUND; its steps end at step 2, which failed.
+fn check_failed_load(spans: &[otlp::ReceivedSpan], loads: &[&otlp::ReceivedSpan]) {
+    let [load] = loads[..] else { panic!("one load span of the missing model: {loads:#?}") };
+    assert_eq!(load.str("outcome"), Some("failed"));
+    assert_eq!(load.str("error.kind"), Some("not_found"));
+    let status = load.span.status.as_ref().expect("a status");
+    assert_eq!(status.code, StatusCode::Error as i32);
+    assert!(status.message.contains("no/such"), "{status:?}");
+    let rpc = spans.iter().find(|s| s.span.span_id == load.span.parent_span_id).expect("under its call");
+    assert_eq!(rpc.span.name, "modelloader.v1.ModelLoader/LoadModel");
+    assert_eq!(rpc.int("rpc.grpc.status_code"), Some(Code::NotFound as i64), "from the trailers after the stream");
+    let mut steps: Vec<_> = spans.iter().filter(|s| s.span.parent_span_id == load.span.span_id).collect();
+    steps.sort_by_key(|s| s.int("step.number"));
+    let outcomes: Vec<_> = steps.iter().map(|s| (s.int("step.number"), s.str("outcome"))).collect();
+    assert_eq!(outcomes, [(Some(1), Some("done")), (Some(2), Some("failed"))]);
+}
+
+/// The JSON log lines with traces on: the step lines (`{model_id} step=N/8 …`) still carry
+/// `model_id` and `step` as fields and nothing else of a span, and no line shows the spans that are
+/// for traces only.
 fn check_json_log(lines: &[String]) {
     let records: Vec<Value> = lines.iter().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
-    let steps_logged = records.iter().filter(|r| r["message"].as_str().is_some_and(|m| m.contains(" step="))).count();
-    assert!(steps_logged >= 8, "{lines:#?}");
-    for record in records.iter().filter(|r| r["message"].as_str().is_some_and(|m| m.contains(" step="))) {
-        assert_eq!(record["model_id"], "demo/tiny-sd", "{record}");
-        assert!(record["step"].is_u64(), "{record}");
+    let step_lines: Vec<&Value> =
+        records.iter().filter(|r| r["message"].as_str().is_some_and(|m| m.contains(" step="))).collect();
+    assert!(step_lines.len() >= 10, "the demo's eight and the missing model's two: {lines:#?}");
+    for record in step_lines {
+        let (id, step) = record["message"].as_str().and_then(|m| m.split_once(" step=")).expect("a step line");
+        assert_eq!(record["model_id"], id, "{record}");
+        assert_eq!(
+            record["step"].as_u64().map(|n| n.to_string()),
+            step.split('/').next().map(str::to_owned),
+            "{record}"
+        );
+        let fields: Vec<&str> = record.as_object().expect("an object").keys().map(String::as_str).collect();
+        assert_eq!(fields, ["level", "message", "model_id", "name", "step", "target", "timestamp"], "{record}");
     }
-    assert!(!lines.iter().any(|l| l.contains("rpc.method") || l.contains("otel.")), "{lines:#?}");
+    assert!(!lines.iter().any(|l| l.contains("rpc.") || l.contains("otel.")), "{lines:#?}");
 }
 
 /// With the flag and OpenTelemetry's endpoint variables unset (empty counts as unset) traces are
