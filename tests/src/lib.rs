@@ -5,6 +5,7 @@
 //! The tests themselves live in `tests/tests/`; nothing here downloads anything.
 
 pub mod hub;
+pub mod otlp;
 pub mod tls;
 
 pub use fixtures::{POLL, WAIT, binary, eventually, fixture, peak_rss_bytes, rss_bytes, stores};
@@ -29,6 +30,7 @@ pub fn config(model_root: &Path) -> ServerConfig {
         preload: Vec::new(),
         shutdown_grace: Duration::from_secs(10),
         log_format: LogFormat::Text,
+        otlp: None,
         metrics_listen: None,
         attach: None,
         security: server::SecurityConfig::default(),

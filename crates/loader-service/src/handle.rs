@@ -14,7 +14,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use weights::{Placed, PlacedTensor};
 
-use crate::{LoadError, ModelId, TargetDtype};
+use crate::{Kind, LoadError, ModelId, TargetDtype};
 
 /// How many progress messages a LoadModel caller may fall behind before it is resynchronised.
 const LOAD_STREAM_CAPACITY: usize = 256;
@@ -111,21 +111,57 @@ impl Drop for Held<'_> {
 struct LoadStream {
     /// The step the load is in and since when (the step-duration histogram).
     step_since: Option<(ModelLoadStep, std::time::Instant)>,
+    /// The load's span for traces until the load ends: taken then, so that the span ends with
+    /// the load and not with the last stream that still holds this handle.
+    trace: Option<tracing::Span>,
+    /// The span for traces of the step in flight; replaced (so ended) when the next step begins.
+    step_span: tracing::Span,
+    /// The step's latest byte progress (done, total), recorded on its span as it ends: a span's
+    /// attribute recorded again is added again, not replaced.
+    step_bytes: Option<(u64, u64)>,
     latest: Option<ModelLoadProgress>,
     outcome: Option<LoadOutcome>,
     tx: broadcast::Sender<LoadUpdate>,
 }
 
+impl LoadStream {
+    /// Takes the step's span for traces out, its bytes recorded: it ends when the caller drops it.
+    fn end_step_span(&mut self) -> tracing::Span {
+        let span = std::mem::replace(&mut self.step_span, tracing::Span::none());
+        if let Some((done, total)) = self.step_bytes.take() {
+            span.record("bytes.done", signed(done));
+            span.record("bytes.total", signed(total));
+        }
+        span
+    }
+}
+
 impl LoadHandle {
-    pub(crate) fn new(model_id: ModelId, wants: Wants, cancel: CancellationToken, state: Arc<StateManager>) -> Self {
+    /// `trace`: the load's span for traces (disabled when traces are off).
+    pub(crate) fn new(
+        model_id: ModelId,
+        wants: Wants,
+        cancel: CancellationToken,
+        state: Arc<StateManager>,
+        trace: tracing::Span,
+    ) -> Self {
         let (tx, _) = broadcast::channel(LOAD_STREAM_CAPACITY);
-        Self {
-            model_id,
-            wants,
-            cancel,
-            state,
-            stream: Mutex::new(LoadStream { step_since: None, latest: None, outcome: None, tx }),
-            set_aside: Mutex::new(None),
+        let stream = LoadStream {
+            step_since: None,
+            trace: Some(trace),
+            step_span: tracing::Span::none(),
+            step_bytes: None,
+            latest: None,
+            outcome: None,
+            tx,
+        };
+        Self { model_id, wants, cancel, state, stream: Mutex::new(stream), set_aside: Mutex::new(None) }
+    }
+
+    /// Records `field` on the load's span for traces, while the load runs.
+    pub(crate) fn record_trace(&self, field: &str, value: impl tracing::Value) {
+        if let Some(trace) = &self.stream().trace {
+            trace.record(field, value);
         }
     }
 
@@ -181,8 +217,35 @@ impl LoadHandle {
         if let Some((step, since)) = stream.step_since.take() {
             record_step(step, since);
         }
+        let step_span = stream.end_step_span();
+        end_trace(&outcome, &step_span, stream.trace.take().as_ref());
         stream.outcome = Some(outcome.clone());
         let _ = stream.tx.send(LoadUpdate::Done(outcome));
+    }
+}
+
+/// A count for a span for traces: OTLP's integers are signed, and the trace layer would send an
+/// unsigned one as text.
+pub(crate) fn signed(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Records how the load ended on its span for traces and on the span of the step it ended in.
+fn end_trace(outcome: &LoadOutcome, step: &tracing::Span, load: Option<&tracing::Span>) {
+    let label = match outcome {
+        Ok(()) => "succeeded",
+        Err(e) if matches!(e.kind(), Kind::Cancelled | Kind::ShuttingDown) => "cancelled",
+        Err(_) => "failed",
+    };
+    for span in std::iter::once(step).chain(load) {
+        span.record("outcome", label);
+        if let (Err(e), "failed") = (outcome, label) {
+            span.record("otel.status_code", "error");
+            span.record("otel.status_description", e.to_string());
+        }
+    }
+    if let (Some(load), Err(e)) = (load, outcome) {
+        load.record("error.kind", e.kind().name());
     }
 }
 
@@ -202,7 +265,14 @@ impl ProgressSink for LoadHandle {
                     record_step(step, since);
                 }
                 stream.step_since = Some((progress.step, std::time::Instant::now()));
+                // The previous step's span ends (dropped) before the next one begins.
+                stream.end_step_span().record("outcome", "done");
+                stream.step_span =
+                    steps::step_span(stream.trace.as_ref().unwrap_or(&tracing::Span::none()), progress.step);
             }
+        }
+        if progress.bytes_total > 0 {
+            stream.step_bytes = Some((progress.bytes_done, progress.bytes_total));
         }
         stream.latest = Some(progress.clone());
         // No receiver is fine: the load does not depend on anyone listening.

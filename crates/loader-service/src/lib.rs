@@ -43,6 +43,33 @@ pub use crate::{
 };
 use crate::{handle::Wants, queue::LoadQueue};
 
+/// A new load's two spans. For traces (target [`steps::TRACES`]): a child of the caller's span
+/// (the LoadModel call, whose trace it continues) with the load's facts, its steps' spans under it
+/// ([`steps::step_span`]). For logs: a child of that one carrying only `model_id` and `step`
+/// (recorded as the load moves on, so every line says where it was); the load runs in it.
+fn load_spans(id: &ModelId, wants: &Wants) -> (tracing::Span, tracing::Span) {
+    use tracing::field::Empty;
+    let dtype = wants.dtype.map_or_else(|| "as stored".to_owned(), |d| d.to_string());
+    let trace = tracing::info_span!(
+        target: steps::TRACES,
+        "load",
+        model_id = %id,
+        device = %wants.device,
+        dtype,
+        source = Empty,
+        outcome = Empty,
+        bytes = Empty,
+        error.kind = Empty,
+        otel.status_code = Empty,
+        otel.status_description = Empty,
+    );
+    // With no trace layer `trace` is disabled: the log span then takes the current span as parent,
+    // as it would without traces.
+    let parent = trace.id().or_else(|| tracing::Span::current().id());
+    let log = tracing::info_span!(parent: parent, "load", model_id = %id, step = Empty);
+    (trace, log)
+}
+
 /// Why [`LoaderService::unload_loaded`] unloaded nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NotUnloaded {
@@ -164,21 +191,24 @@ impl LoaderService {
                         let dtype = theirs.dtype.map_or("as stored".into(), |d| d.to_string());
                         format!("loading on {} ({dtype})", theirs.device)
                     })?;
+                    // On the caller's span (its RPC) in traces: the load's own span is the first
+                    // caller's.
+                    tracing::info!(target: steps::TRACES, model_id = %id, "joined the load in flight");
                     return Ok(load.subscribe());
                 }
                 Entry::Vacant(slot) => {
                     match self.state.apply(&id, Transition::StartLoad { device: device.to_string() }) {
                         Ok(_) => {
+                            let (trace, span) = load_spans(&id, &wants);
                             let handle = Arc::new(LoadHandle::new(
                                 id.clone(),
                                 wants,
                                 self.root.child_token(),
                                 self.state.clone(),
+                                trace,
                             ));
                             let subscription = handle.subscribe();
                             slot.insert(handle.clone());
-                            // `step` is recorded as the load moves on, so every line of a load says where it was.
-                            let span = tracing::info_span!("load", model_id = %id, step = tracing::field::Empty);
                             self.tracker.spawn(self.clone().run(handle, request.clone(), device).instrument(span));
                             return Ok(subscription);
                         }
@@ -191,6 +221,7 @@ impl LoaderService {
                             }
                             // Asked for again: a use, for eviction's least-recently-used order.
                             self.pipelines.touch(&id);
+                            tracing::info!(target: steps::TRACES, model_id = %id, "already loaded");
                             return Ok(LoadSubscription::already_loaded(&id));
                         }
                         // Unloading (or a load that is just ending): wait for the state to change.

@@ -66,6 +66,7 @@ impl LoaderService {
         let (transition, outcome) = match self.steps(&handle, request, device, &mut slot).await {
             Ok(facts) => {
                 metrics::counter!("model_loader_loaded_bytes_total").increment(facts.weight_bytes);
+                handle.record_trace("bytes", crate::handle::signed(facts.weight_bytes));
                 (Transition::LoadSucceeded(facts), Ok(()))
             }
             Err(e) => {
@@ -139,6 +140,7 @@ impl LoaderService {
         let variant = target.and_then(TargetDtype::variant);
         let wanted = Wanted { id: id.clone(), revision: request.revision, variant, cancel: handle.cancel.clone() };
         let located = self.sources.locate(&wanted).await.map_err(|e| LoadError::model(&id, e))?;
+        handle.record_trace("source", tracing::field::display(located.source));
         handle.note(ModelLoadStep::CacheCheck, located.description.clone());
 
         handle.step(ModelLoadStep::BuildStrategies)?;

@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use crate::{attach::AttachConfig, connections::ConnectionLimits, tls::TlsFiles, web::CorsOrigin};
+use crate::{attach::AttachConfig, connections::ConnectionLimits, tls::TlsFiles, traces::OtlpConfig, web::CorsOrigin};
 
 use clap::{Parser, ValueEnum, builder::PossibleValuesParser, builder::TypedValueParser as _};
 use model_manager::{
@@ -196,6 +196,13 @@ pub struct Cli {
     #[arg(long, env = "MODEL_LOADER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Export traces (gRPC calls, loads, their steps) over OTLP/gRPC to this collector, e.g.
+    /// `http://127.0.0.1:4317` [default: $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else
+    /// $OTEL_EXPORTER_OTLP_ENDPOINT, else off]. The service name is $OTEL_SERVICE_NAME, else
+    /// `model-loader`.
+    #[arg(long, env = "MODEL_LOADER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
     /// How long shutdown may take before remaining connections are dropped.
     #[arg(long, env = "MODEL_LOADER_SHUTDOWN_GRACE", default_value = DEFAULT_SHUTDOWN_GRACE, value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -245,6 +252,8 @@ pub struct ServerConfig {
     pub preload: Vec<model_manager::ModelId>,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
+    /// Where traces go; `None`: nowhere.
+    pub otlp: Option<OtlpConfig>,
     /// Where `/metrics` is served; `None`: nowhere.
     pub metrics_listen: Option<SocketAddr>,
     /// The attach socket; `None`: off.
@@ -320,6 +329,17 @@ impl Cli {
         }
         manager.loader.evict = self.evict;
         manager.loader.exportable = self.attach_socket.is_some();
+        let otlp = self
+            .otlp_endpoint
+            .or_else(|| env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+            .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+            .filter(|e| !e.is_empty())
+            .map(|endpoint| OtlpConfig {
+                endpoint,
+                service_name: env("OTEL_SERVICE_NAME")
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| crate::traces::SERVICE_NAME.to_owned()),
+            });
         let attach = self.attach_socket.map(|path| AttachConfig {
             path,
             mode: self.attach_socket_mode,
@@ -332,6 +352,7 @@ impl Cli {
             preload,
             shutdown_grace: self.shutdown_grace,
             log_format: self.log_format,
+            otlp,
             metrics_listen: self.metrics_listen,
             attach,
             security: SecurityConfig {
@@ -446,6 +467,30 @@ mod tests {
         assert!(!web.security.dashboard);
         assert!(parse(&[]).expect("valid").security.dashboard);
         assert!(parse(&["--cors-origin", "a.example"]).expect_err("bad origin").contains("--cors-origin"));
+    }
+
+    /// Traces are off unless `--otlp-endpoint` or one of OpenTelemetry's endpoint variables names a
+    /// collector (the flag first, then the traces variable, then the general one); the service name
+    /// is `OTEL_SERVICE_NAME`'s, else `model-loader`.
+    #[test]
+    fn otlp_endpoint_from_the_flag_or_opentelemetry_variables() {
+        let otlp = |args: &[&str], vars: &[(&str, &str)]| {
+            let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
+            let cli = Cli::try_parse_from(std::iter::once("model-loader").chain(args.iter().copied())).expect("flags");
+            cli.into_config(move |name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+                .expect("valid")
+                .otlp
+        };
+        assert_eq!(otlp(&[], &[]), None);
+        assert_eq!(otlp(&[], &[("OTEL_EXPORTER_OTLP_ENDPOINT", "")]), None);
+        let flag = otlp(&["--otlp-endpoint", "http://a:4317"], &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://b:4317")]);
+        assert_eq!(flag, Some(OtlpConfig { endpoint: "http://a:4317".into(), service_name: "model-loader".into() }));
+        let general =
+            otlp(&[], &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://b:4317"), ("OTEL_SERVICE_NAME", "ml")]).expect("on");
+        assert_eq!((general.endpoint.as_str(), general.service_name.as_str()), ("http://b:4317", "ml"));
+        let vars =
+            [("OTEL_EXPORTER_OTLP_ENDPOINT", "http://b:4317"), ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c:4317")];
+        assert_eq!(otlp(&[], &vars).expect("on").endpoint, "http://c:4317");
     }
 
     /// Flags are validated into typed values; bad ones are refused with the flag's name.

@@ -1,6 +1,7 @@
 //! The `model-loader` server: the tonic service over the [`ModelManager`] facade (gRPC, and
 //! gRPC-web for browsers on the same port), the KServe v2 model-repository protocol beside it,
-//! gRPC health and reflection, configuration from flags, logs, and graceful shutdown.
+//! gRPC health and reflection, configuration from flags, logs, traces over OTLP, and graceful
+//! shutdown.
 //!
 //! This is the only crate that knows tonic's server side or parses flags. It holds no model
 //! logic: every request is converted, handed to the facade, and its answer converted back.
@@ -19,6 +20,7 @@ mod service;
 mod status;
 mod throttle;
 mod tls;
+pub mod traces;
 pub mod web;
 
 use std::{future::Future, sync::Arc};
@@ -197,17 +199,21 @@ type Layers = tower::ServiceBuilder<
     Stack<
         auth::RequireToken,
         Stack<
-            tonic_web::GrpcWebLayer,
+            traces::RpcSpans,
             Stack<
-                tower_http::cors::CorsLayer,
-                Stack<web::RequireOrigin, Stack<dashboard::ServePage, Stack<connections::CountRequests, Identity>>>,
+                tonic_web::GrpcWebLayer,
+                Stack<
+                    tower_http::cors::CorsLayer,
+                    Stack<web::RequireOrigin, Stack<dashboard::ServePage, Stack<connections::CountRequests, Identity>>>,
+                >,
             >,
         >,
     >,
 >;
 
 /// The layers in front of every service: connection accounting, the dashboard page (GET), then
-/// the browser's origin checks, gRPC-web's translation, and auth inside it (so a refusal reaches a browser as a
+/// the browser's origin checks, gRPC-web's translation, each call's span for traces (every call
+/// as gRPC, refusals included), and auth inside it (so a refusal reaches a browser as a
 /// gRPC-web status).
 fn layers(tokens: Option<auth::Tokens>, origins: &web::Origins, dashboard: bool) -> Layers {
     tower::ServiceBuilder::new()
@@ -216,6 +222,7 @@ fn layers(tokens: Option<auth::Tokens>, origins: &web::Origins, dashboard: bool)
         .layer(web::RequireOrigin(origins.clone()))
         .layer(origins.cors())
         .layer(tonic_web::GrpcWebLayer::new())
+        .layer(traces::rpc_spans())
         .layer(auth::RequireToken(tokens))
 }
 

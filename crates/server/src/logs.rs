@@ -1,36 +1,54 @@
-//! The log subscriber: text for terminals, JSON for clusters, a load's span fields on every line.
+//! The log subscriber: text for terminals, JSON for clusters, a load's span fields on every line;
+//! and beside it, with `--otlp-endpoint`, the layer that exports traces (`traces`).
 
 use std::fmt;
 
 use tracing::field::{Field, Visit};
 use tracing_subscriber::{
-    EnvFilter,
+    EnvFilter, Layer as _,
     field::RecordFields,
+    filter::{FilterExt as _, FilterFn},
     fmt::{
         FormatFields, FormattedFields,
         format::{DefaultFields, Writer},
     },
+    layer::SubscriberExt as _,
+    util::SubscriberInitExt as _,
 };
 
-use crate::cli::LogFormat;
+use crate::{
+    cli::LogFormat,
+    traces::{self, OtlpConfig, Traces},
+};
 
-/// Installs the global log subscriber: `RUST_LOG` filters (default `info`); JSON for clusters.
-pub fn init_tracing(format: LogFormat) {
+/// Installs the global subscriber: logs filtered by `RUST_LOG` (default `info`), JSON for
+/// clusters; with `otlp`, traces exported there too (then call it within the tokio runtime, and
+/// [`Traces::shutdown`] at the end). Spans for traces only never reach the logs.
+pub fn init_tracing(format: LogFormat, otlp: Option<&OtlpConfig>) -> anyhow::Result<Option<Traces>> {
     use tracing_subscriber::fmt;
-    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = || {
+        let env = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+        env.and(FilterFn::new(|meta| meta.target() != traces::TRACES))
+    };
+    let (trace_layer, traces) = match otlp {
+        Some(config) => {
+            let (layer, traces) = traces::layer::<tracing_subscriber::Registry>(config)?;
+            (Some(layer), Some(traces))
+        }
+        None => (None, None),
+    };
+    let registry = tracing_subscriber::registry().with(trace_layer);
     match format {
         LogFormat::Text => {
             use std::io::IsTerminal;
-            fmt()
-                .with_env_filter(filter())
+            let text = fmt::layer()
                 .with_writer(std::io::stderr)
                 .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
                 .fmt_fields(SpanFields)
-                .init()
+                .with_filter(filter());
+            registry.with(text).init();
         }
         LogFormat::Json => {
-            use tracing_subscriber::layer::SubscriberExt as _;
-            use tracing_subscriber::util::SubscriberInitExt as _;
             let mut json = json_subscriber::JsonLayer::stderr();
             json.with_timer("timestamp", fmt::time::SystemTime);
             json.with_level("level");
@@ -39,9 +57,13 @@ pub fn init_tracing(format: LogFormat) {
             // The fields of the spans a line is in (a load's `model_id` and `step`) become
             // top-level fields, as log pipelines index them.
             json.with_top_level_flattened_span_list();
-            tracing_subscriber::registry().with(filter()).with(json).init();
+            registry.with(json.with_filter(filter())).init();
         }
     }
+    if let Some(config) = otlp {
+        tracing::info!(endpoint = %config.endpoint, service = %config.service_name, "exporting traces over OTLP/gRPC");
+    }
+    Ok(traces)
 }
 
 /// The text format's fields: tracing-subscriber's `DefaultFields` (without ANSI styling, so the

@@ -67,14 +67,19 @@ fn parse(args: Vec<OsString>) -> Top {
 
 fn serve(flags: Cli) -> anyhow::Result<()> {
     let config = flags.into_config(|name| std::env::var(name).ok())?;
-    init_tracing(config.log_format);
-    server::raise_open_files_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    // Within the runtime: the trace exporter's gRPC channel is spawned on it.
+    let traces = runtime.block_on(async { init_tracing(config.log_format, config.otlp.as_ref()) })?;
+    server::raise_open_files_limit();
     let result = runtime.block_on(async {
         let listener =
             tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
         run(config, listener, shutdown_signal()).await
     });
+    // The last spans (the loads that shutdown ended) go out while the runtime still runs.
+    if let Some(traces) = traces {
+        traces.shutdown();
+    }
     runtime.shutdown_timeout(BLOCKING_THREADS_GRACE);
     result
 }

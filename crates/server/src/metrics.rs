@@ -1,11 +1,12 @@
 //! `--metrics-listen`: Prometheus text at `/metrics`. The loads record counters and histograms
 //! through the `metrics` facade (loader-service); this module installs the exporter, keeps the
-//! watcher gauge, and reads the gauges of models and devices from the manager at each scrape.
+//! watcher gauge, and reads the gauges of models and devices from the manager, and the process's
+//! own (`process_*`, as Prometheus' client libraries name them), at each scrape.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 
 use anyhow::Context;
-use metrics::{describe_counter, describe_gauge, describe_histogram, gauge};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use model_manager::{ModelManager, state_manager::ModelState};
 use tokio::net::TcpListener;
@@ -13,6 +14,14 @@ use tokio::net::TcpListener;
 /// Seconds: from a 10 ms step to a 10-minute download.
 const BUCKETS: &[f64] =
     &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
+
+/// The process's CPU time, memory, file descriptors, threads and start time, read at each scrape.
+static PROCESS: LazyLock<metrics_process::Collector> = LazyLock::new(metrics_process::Collector::default);
+
+/// The commit the binary was built from, where the build had a git checkout (not in the image's
+/// build, whose context leaves `.git` out): empty otherwise.
+const GIT_SHA: &str =
+    git_version::git_version!(args = ["--always", "--dirty=-modified", "--abbrev=12", "--exclude=*"], fallback = "");
 
 /// Installs the process-wide recorder once (a second server in the same process shares it).
 pub fn install() -> anyhow::Result<PrometheusHandle> {
@@ -59,6 +68,37 @@ fn describe() {
     );
     describe_counter!("model_loader_watchers_refused_total", "WatchModels refused past --max-watchers.");
     describe_counter!("model_loader_auth_refused_total", "Requests refused by auth, by gRPC code.");
+    describe_gauge!(
+        "model_loader_build_info",
+        "Always 1: the version, the commit (git_sha, where the build knew it) and whether it was built with CUDA."
+    );
+    PROCESS.describe();
+    build_info();
+    // Shown from the first scrape, at zero until something happens: a dashboard's query then
+    // finds a value rather than no data. (Registering leaves a value set before alone.)
+    for name in [
+        "model_loader_loads_started_total",
+        "model_loader_loaded_bytes_total",
+        "model_loader_download_bytes_total",
+        "model_loader_connections_refused_total",
+        "model_loader_watchers_refused_total",
+    ] {
+        counter!(name).increment(0);
+    }
+    for name in ["model_loader_watchers", "model_loader_attached_clients", "model_loader_connections"] {
+        gauge!(name).increment(0.0);
+    }
+}
+
+/// `model_loader_build_info{version, git_sha, cuda} 1`, the convention for joining a version to
+/// other series.
+fn build_info() {
+    let mut labels = vec![metrics::Label::new("version", env!("CARGO_PKG_VERSION"))];
+    if !GIT_SHA.is_empty() {
+        labels.push(metrics::Label::new("git_sha", GIT_SHA));
+    }
+    labels.push(metrics::Label::new("cuda", if cfg!(feature = "cuda") { "true" } else { "false" }));
+    gauge!("model_loader_build_info", labels).set(1.0);
 }
 
 /// The open gRPC connections gauge.
@@ -81,8 +121,9 @@ pub async fn serve(listener: TcpListener, manager: Arc<ModelManager>, handle: Pr
     axum::serve(listener, app).await.context("serving /metrics")
 }
 
-/// The gauges that are the manager's state now.
+/// The gauges that are the manager's state now, and the process's.
 fn refresh(manager: &ModelManager) {
+    PROCESS.collect();
     let statuses = manager.list();
     for state in
         [ModelState::Unloaded, ModelState::Loading, ModelState::Loaded, ModelState::Unloading, ModelState::Failed]

@@ -3,7 +3,8 @@
 //!
 //! Every other crate refers to steps through this crate; none spells a step number, message or
 //! phase itself. This crate depends on nothing of ours and knows nothing of gRPC: it hands
-//! [`ModelLoadProgress`] values to a [`ProgressSink`] its caller provides.
+//! [`ModelLoadProgress`] values to a [`ProgressSink`] its caller provides. For traces it makes
+//! each step's span ([`step_span`]), under the target [`TRACES`] that the log output leaves out.
 
 use std::time::{Duration, Instant};
 
@@ -158,6 +159,34 @@ pub fn emit(progress: ModelLoadProgress, cancel: &CancellationToken, sink: &dyn 
     );
     sink.send(progress);
     Ok(())
+}
+
+/// The `tracing` target of the spans (and events) that are for traces only: a load's facts, its
+/// steps, the gRPC calls. The server's log layers leave this target out, so the log lines are the
+/// same with traces on or off, and its trace layer takes only this target's spans.
+pub const TRACES: &str = "traces";
+
+/// The span of one step for traces, a child of the load's span `load`: the step's number, name
+/// and phase; the caller records `bytes.done`/`bytes.total` for a step that moves bytes and its
+/// `outcome` (`done` when the next step began, else the load's) before dropping it, which ends it.
+/// Disabled (free) when no trace layer is installed.
+pub fn step_span(load: &tracing::Span, step: ModelLoadStep) -> tracing::Span {
+    let name: &'static str = step.into();
+    tracing::info_span!(
+        target: TRACES,
+        parent: load,
+        "step",
+        otel.name = name,
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+        // Signed: OTLP's integers are, and the trace layer sends an unsigned one as text.
+        step.number = i64::from(step.number()),
+        step.name = name,
+        step.phase = %step.phase(),
+        bytes.done = tracing::field::Empty,
+        bytes.total = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+    )
 }
 
 /// Byte progress inside a step, throttled to at most one message per [`BYTE_PROGRESS_INTERVAL`],

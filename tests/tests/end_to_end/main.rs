@@ -8,6 +8,7 @@ mod attach_python;
 mod cli;
 mod deploy;
 mod e2e;
+mod grafana;
 mod hub_protocol;
 mod hub_python;
 mod manifest;
@@ -16,6 +17,7 @@ mod object_store;
 mod ops;
 mod security;
 mod shutdown;
+mod traces;
 mod web;
 
 /// A model root with one small model, `small`.

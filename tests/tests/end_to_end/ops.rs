@@ -103,7 +103,7 @@ async fn text_logs_carry_the_span_with_one_step() {
 }
 
 /// `GET /metrics` over plain HTTP/1.0, as Prometheus scrapes it: sample → value.
-async fn scrape(addr: &str) -> BTreeMap<String, f64> {
+pub(crate) async fn scrape(addr: &str) -> BTreeMap<String, f64> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to /metrics");
     stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n").await.expect("send the request");
     let mut response = String::new();
@@ -126,7 +126,7 @@ fn value(metrics: &BTreeMap<String, f64>, sample: &str) -> f64 {
 
 /// After a load, a failed load and a cancelled one, `/metrics` of the real binary counts each by
 /// outcome and error kind, times them and their steps, and shows the models, the memory and the
-/// watchers as they are.
+/// watchers as they are, its build, and the process's CPU, memory and file descriptors.
 #[tokio::test]
 async fn metrics_count_loads_failures_and_cancels() {
     let root = tempfile::tempdir().expect("temp dir");
@@ -183,7 +183,24 @@ async fn metrics_count_loads_failures_and_cancels() {
     assert_eq!(value(&m, r#"model_loader_models{state="failed"}"#), 1.0);
     assert!(value(&m, r#"model_loader_device_budget_bytes{device="cpu"}"#) > 0.0);
     assert_eq!(value(&m, "model_loader_watchers"), 1.0);
-    assert_eq!(m.get("model_loader_download_bytes_total").copied().unwrap_or(0.0), 0.0, "nothing was downloaded");
+    assert_eq!(value(&m, "model_loader_download_bytes_total"), 0.0, "shown from the start, and nothing was downloaded");
+    assert_eq!(value(&m, "model_loader_attached_clients"), 0.0, "shown without an attach socket");
+
+    // The conventions operators' dashboards join on: the build, and the process's own metrics.
+    let build: Vec<_> = m.iter().filter(|(k, _)| k.starts_with("model_loader_build_info{")).collect();
+    let [(labels, one)] = build[..] else { panic!("one build_info series: {build:?}") };
+    assert_eq!(*one, 1.0);
+    assert!(labels.contains(&format!(r#"version="{}""#, env!("CARGO_PKG_VERSION"))), "{labels}");
+    assert!(labels.contains(r#"cuda="false""#) || labels.contains(r#"cuda="true""#), "{labels}");
+    let rss = value(&m, "process_resident_memory_bytes");
+    assert!(rss > (1 << 20) as f64 && rss < (64u64 << 30) as f64, "RSS {rss}");
+    let open_fds = value(&m, "process_open_fds");
+    assert!(open_fds >= 3.0 && open_fds <= value(&m, "process_max_fds"), "open fds {open_fds}");
+    assert!(value(&m, "process_cpu_seconds_total") >= 0.0);
+    let started = value(&m, "process_start_time_seconds");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_secs_f64();
+    assert!(started <= now + 1.0 && started > now - 3600.0, "started at {started}, now {now}");
+    assert!(value(&m, "process_threads") >= 2.0);
 
     // The cancelled load's memory is freed just after its stream ended; then only `good` is held.
     drop(watch);
