@@ -36,6 +36,7 @@ Usage: python3 deploy/check.py [--k8s DIR] [--chart DIR] [--helm PATH] [--server
 
 import argparse
 import copy
+import os
 import pathlib
 import re
 import subprocess
@@ -318,18 +319,30 @@ def server_env_names(server):
     return set(re.findall(r"env: (MODEL_LOADER_[A-Z_]+)", out.stdout))
 
 
+def pinned_helm(repo):
+    """$HELM, else the pinned helm scripts/helm-bin installs once per machine and prints."""
+    if os.environ.get("HELM"):
+        return os.environ["HELM"]
+    out = subprocess.run([str(repo / "scripts" / "helm-bin")], capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"scripts/helm-bin could not install helm:\n{out.stderr}")
+    return out.stdout.strip()
+
+
 def main():
     here = pathlib.Path(__file__).parent
     parser = argparse.ArgumentParser()
     parser.add_argument("--k8s", default=str(here / "k8s"))
     parser.add_argument("--chart", default=str(here / "helm" / "model-loader"))
-    parser.add_argument("--helm", default="helm", help="the helm binary (scripts/helm-bin prints the pinned one)")
+    parser.add_argument("--helm", help="the helm binary (default: $HELM, else the pinned one scripts/helm-bin installs)")
     parser.add_argument("--server", help="the model-loader binary, to check the ConfigMap's flags")
     parser.add_argument("--values", action="append", default=[], help="check only the chart, with this values file")
     parser.add_argument("--set", action="append", default=[], help="check only the chart, with this KEY=VALUE")
     args = parser.parse_args()
     server_env = server_env_names(args.server)
     chart = pathlib.Path(args.chart)
+    if args.helm is None:
+        args.helm = pinned_helm(here.parent)
 
     renders = []  # (name, render function, gpu rules?, overlay it stands for)
     if args.values or args.set:
