@@ -148,7 +148,7 @@ impl LoadError {
         use weights::Error as W;
         match self {
             Self::InvalidRequest(_) => Kind::InvalidRequest,
-            Self::Resource(ResourceError::InvalidDevice(_)) => Kind::InvalidDevice,
+            Self::Resource(ResourceError::InvalidDevice(_) | ResourceError::InvalidPlacement(_)) => Kind::InvalidDevice,
             Self::Resource(ResourceError::DeviceUnavailable { .. }) => Kind::DeviceUnavailable,
             Self::Resource(
                 ResourceError::OverBudget { .. }

@@ -15,6 +15,7 @@ pub mod gpu;
 pub mod host;
 pub mod staging;
 pub mod sync;
+mod target;
 #[cfg(feature = "cuda")]
 pub mod vmm;
 
@@ -30,7 +31,10 @@ use tokio::sync::watch;
 
 pub use model_id::ModelId;
 
-pub use crate::device::{DeviceId, DeviceRequest, InvalidBudget, MemoryBudget};
+pub use crate::{
+    device::{DeviceId, DeviceRequest, InvalidBudget, MemoryBudget},
+    target::{Layout, Target},
+};
 
 /// The share of a device's capacity models may hold when no budget is configured.
 pub const DEFAULT_BUDGET_PERCENT: f64 = 80.0;
@@ -40,6 +44,8 @@ pub const DEFAULT_BUDGET_PERCENT: f64 = 80.0;
 pub enum ResourceError {
     #[error("invalid device {0:?}: expected \"cpu\", \"cuda\" or \"cuda:N\"")]
     InvalidDevice(String),
+    #[error("invalid placement {0:?}: expected \"split\" or \"replicate\"")]
+    InvalidPlacement(String),
     #[error("device {device} is not available: {reason}")]
     DeviceUnavailable { device: String, reason: String },
     #[error(

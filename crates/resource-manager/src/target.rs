@@ -1,0 +1,146 @@
+//! Where one load's tensors go: a set of devices and how the model is laid over them. A load to
+//! one device is a set of one; several GPUs either split the model (each tensor on one of them)
+//! or hold a replica each.
+
+use std::fmt;
+
+use crate::{DeviceId, ResourceError};
+
+/// How a model is laid over the devices of its [`Target`]. With one device both mean the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Layout {
+    /// Each tensor on one of the devices: whole layers or components, balanced by bytes unless an
+    /// explicit map says where.
+    #[default]
+    Split,
+    /// Every tensor on every device.
+    Replicate,
+}
+
+impl Layout {
+    /// The name a request spells it with.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Split => "split",
+            Self::Replicate => "replicate",
+        }
+    }
+}
+
+impl std::str::FromStr for Layout {
+    type Err = ResourceError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "split" => Ok(Self::Split),
+            "replicate" => Ok(Self::Replicate),
+            _ => Err(ResourceError::InvalidPlacement(s.chars().take(40).collect())),
+        }
+    }
+}
+
+/// The devices of one load, in the order the request named them (the first holds what is not
+/// assigned elsewhere), distinct and never empty, and its [`Layout`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    devices: Vec<DeviceId>,
+    layout: Layout,
+}
+
+impl Target {
+    /// One device.
+    pub fn one(device: DeviceId) -> Self {
+        Self { devices: vec![device], layout: Layout::default() }
+    }
+
+    /// Several devices: distinct GPUs, or the CPU alone (host memory is one device).
+    pub fn new(devices: Vec<DeviceId>, layout: Layout) -> Result<Self, ResourceError> {
+        let invalid = |why: &str| {
+            let named = devices.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+            ResourceError::InvalidDevice(format!("{named}: {why}"))
+        };
+        if devices.is_empty() {
+            return Err(invalid("no device"));
+        }
+        if devices.len() > 1 && devices.contains(&DeviceId::Cpu) {
+            return Err(invalid("several devices must all be GPUs"));
+        }
+        if devices.iter().enumerate().any(|(i, d)| devices[..i].contains(d)) {
+            return Err(invalid("a device is named twice"));
+        }
+        Ok(Self { devices, layout })
+    }
+
+    pub fn devices(&self) -> &[DeviceId] {
+        &self.devices
+    }
+
+    /// The first device named: a single-device load's only one.
+    pub fn first(&self) -> DeviceId {
+        self.devices[0]
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Whether it is one device.
+    pub fn is_single(&self) -> bool {
+        self.devices.len() == 1
+    }
+
+    /// Whether `device` is one of its devices.
+    pub fn contains(&self, device: DeviceId) -> bool {
+        self.devices.contains(&device)
+    }
+}
+
+impl fmt::Display for Target {
+    /// `cuda:0`, or `cuda:0,cuda:1` and its layout for several devices.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.devices.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{d}")?;
+        }
+        if !self.is_single() {
+            write!(f, " ({})", self.layout.name())?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_device_and_several_gpus() {
+        let one = Target::one(DeviceId::Cpu);
+        assert_eq!((one.devices(), one.first(), one.is_single()), (&[DeviceId::Cpu][..], DeviceId::Cpu, true));
+        assert_eq!(one.to_string(), "cpu");
+        let two = Target::new(vec![DeviceId::Cuda(1), DeviceId::Cuda(0)], Layout::Replicate).expect("two GPUs");
+        assert_eq!((two.first(), two.is_single(), two.contains(DeviceId::Cuda(0))), (DeviceId::Cuda(1), false, true));
+        assert_eq!(two.to_string(), "cuda:1,cuda:0 (replicate)");
+    }
+
+    #[test]
+    fn empty_repeated_and_mixed_sets_are_refused() {
+        for (devices, why) in [
+            (vec![], "no device"),
+            (vec![DeviceId::Cuda(0), DeviceId::Cuda(0)], "named twice"),
+            (vec![DeviceId::Cpu, DeviceId::Cuda(0)], "must all be GPUs"),
+        ] {
+            let e = Target::new(devices, Layout::Split).expect_err(why);
+            assert!(e.to_string().contains(why), "{e}");
+        }
+    }
+
+    #[test]
+    fn layouts_parse_by_name() {
+        assert_eq!("split".parse::<Layout>(), Ok(Layout::Split));
+        assert_eq!("replicate".parse::<Layout>(), Ok(Layout::Replicate));
+        assert!("mirror".parse::<Layout>().expect_err("unknown").to_string().contains("mirror"));
+    }
+}
