@@ -25,12 +25,15 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     Error, ReadAt,
     host::{CHUNK_BYTES, HostDestination, HostMemory, HostView, split},
-    placement::{Chunk, Chunking, Group, Placed, PlacedTensor, Placement, converted_layout, converts_to},
+    placement::{
+        Chunk, Chunking, Group, Placed, PlacedTensor, Placement, TENSOR_ALIGN, converted_layout, converts_to,
+    },
     plan::LoadPlan,
 };
 
-/// Where each group starts: aligned for any element type and for vector loads in clients.
-const ALIGN: u64 = 64;
+/// Where each group starts, so every tensor starts there too (the groups are cut for it): aligned
+/// for any element type, vector loads and a GPU library's kernel choice in clients.
+const ALIGN: u64 = TENSOR_ALIGN;
 
 /// The longest memfd name the kernel takes: `NAME_MAX` less the `memfd:` it puts in front.
 const MAX_NAME_BYTES: usize = 255 - "memfd:".len();
@@ -135,6 +138,10 @@ fn layout(groups: &[Group]) -> (Vec<u64>, u64) {
 impl Placement for SharedHostPlacement {
     fn chunking(&self, _total: u64, _threads: usize) -> Chunking {
         Chunking { chunk: CHUNK_BYTES, edge_chunk: CHUNK_BYTES, edge: 0 }
+    }
+
+    fn tensor_align(&self) -> u64 {
+        ALIGN
     }
 
     fn place(
@@ -421,8 +428,38 @@ mod tests {
         assert_eq!(shown, format!("/memfd:model-loader:{} (deleted)", "a".repeat(235)));
     }
 
+    /// Tensors of one dtype at odd offsets in their file (a 640-byte bias, then others) each start
+    /// 256-byte aligned in the memfd, with their file's bytes: what a GPU library's kernel choice
+    /// sees in a client is the alignment `from_pretrained`'s own tensors have.
+    #[test]
+    fn every_tensor_starts_aligned() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data: Vec<u8> = (0..4000u32).map(|i| (i * 13 % 251) as u8).collect();
+        let path = dir.path().join("model.safetensors");
+        std::fs::write(&path, &data).expect("write");
+        let tensors = vec![
+            tensor("bias", DType::F16, 8, 640),
+            tensor("weight", DType::F16, 648, 1024),
+            tensor("scale", DType::F16, 1672, 2),
+            tensor("next", DType::F16, 1674, 2048),
+        ];
+        let plan = plan_of(&tensors);
+        let files: Vec<Arc<dyn ReadAt>> = vec![Arc::new(Remote(File::open(&path).expect("open")))];
+        let cancel = CancellationToken::new();
+        let options =
+            ReadOptions { threads: 2, cancel: &cancel, interval: Duration::from_millis(1), chunk_bytes: None };
+        let placed = read(&SharedHostPlacement::new("model-loader:test"), &plan, &files, options, |_, _| {})
+            .expect("read");
+        let (placed, _) = placed.finish(0, Duration::ZERO).expect("finish");
+        for (t, p) in placed.iter().zip(&tensors) {
+            assert_eq!(t.data.bytes().expect("bytes").as_ref(), &data[p.offset as usize..][..p.len as usize]);
+            let region = t.data.region().expect("in shared memory");
+            assert_eq!(region.offset % 256, 0, "{} at {}", p.name, region.offset);
+        }
+    }
+
     /// Tensors of three dtypes (three groups) read into one memfd: every view holds its file's
-    /// bytes at a 64-byte aligned group start, all in the one sealed memfd, which no one can
+    /// bytes at a 256-byte aligned group start, all in the one sealed memfd, which no one can
     /// write, grow or shrink any more.
     #[test]
     fn reads_into_one_sealed_memfd() {
@@ -453,7 +490,7 @@ mod tests {
             fds.push(region.memory.fd().as_fd().try_clone_to_owned().expect("dup"));
         }
         let region = placed[0].data.region().expect("shared");
-        assert_eq!(region.memory.size(), 3072, "three groups, each 64-byte aligned");
+        assert_eq!(region.memory.size(), 3072, "three groups, each 256-byte aligned");
         let memfd = File::from(fds.pop().expect("an fd"));
         let seals = rustix::fs::fcntl_get_seals(&memfd).expect("seals");
         assert!(seals.contains(SealFlags::FUTURE_WRITE | SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL));

@@ -25,6 +25,13 @@ use crate::{Error, files::ReadAt, header, plan::LoadPlan};
 /// a dtype conversion holds twice.
 pub const GROUP_BYTES: u64 = 256 * 1024 * 1024;
 
+/// Where a placement that gives tensors aligned starts puts each: a multiple of 256 bytes, as
+/// every tensor PyTorch allocates on a GPU has. GPU libraries choose kernels by a pointer's
+/// alignment (cuBLASLt and cuDNN look at up to 256 bytes), so a tensor attached at an odd file
+/// offset can run another kernel than the same tensor loaded by `from_pretrained`, and sum in
+/// another order: the results differ in their last bits.
+pub const TENSOR_ALIGN: u64 = 256;
+
 /// Tensors back to back in one file with one dtype: one allocation at the destination.
 #[derive(Debug, Clone)]
 pub struct Group {
@@ -104,6 +111,12 @@ pub trait Placement: Send + Sync {
     /// The largest chunk it can take (a staging buffer's size); any, for memory of its own.
     fn max_chunk(&self) -> usize {
         usize::MAX
+    }
+    /// The alignment each tensor's first byte gets, given that every group's allocation starts
+    /// at a multiple of it: the groups are cut so that each member starts at a multiple of it
+    /// from its group's start. 1: wherever the file puts it.
+    fn tensor_align(&self) -> u64 {
+        1
     }
     /// Allocates every group, runs `readers` (which fill every chunk through the destination,
     /// then return) beside whatever the placement runs itself, and returns what was placed
@@ -198,8 +211,11 @@ pub trait Placed: Send {
     fn finish(self: Box<Self>, total: u64, reading: Duration) -> Result<(Vec<PlacedTensor>, String), Error>;
 }
 
-/// The plan's tensors in groups of at most `max_bytes`, in file order.
-pub fn groups(plan: &LoadPlan, max_bytes: u64) -> Vec<Group> {
+/// The plan's tensors in groups of at most `max_bytes`, in file order, each member at a multiple
+/// of `align` from its group's start (a tensor after one whose end is not aligned starts a group of
+/// its own: a checkpoint's large tensors are multiples of 256 bytes, so only the odd small ones
+/// add groups).
+pub fn groups(plan: &LoadPlan, max_bytes: u64, align: u64) -> Vec<Group> {
     let mut groups: Vec<Group> = Vec::new();
     let files =
         plan.components.iter().enumerate().flat_map(|(c, component)| component.files.iter().map(move |f| (c, f)));
@@ -207,7 +223,10 @@ pub fn groups(plan: &LoadPlan, max_bytes: u64) -> Vec<Group> {
         let first_of_file = groups.len();
         for tensor in &plan.tensors {
             let joins = groups[first_of_file..].last().is_some_and(|g: &Group| {
-                g.dtype == tensor.dtype && g.start + g.len == tensor.offset && g.len + tensor.len <= max_bytes
+                g.dtype == tensor.dtype
+                    && g.start + g.len == tensor.offset
+                    && g.len + tensor.len <= max_bytes
+                    && g.len.is_multiple_of(align)
             });
             if !joins {
                 groups.push(Group { file, dtype: tensor.dtype, start: tensor.offset, len: 0, members: Vec::new() });

@@ -34,7 +34,7 @@ use resource_manager::{
 
 use crate::{
     Error,
-    placement::{Chunk, Chunking, Destination, Group, Placed, PlacedTensor, Placement},
+    placement::{Chunk, Chunking, Destination, Group, Placed, PlacedTensor, Placement, TENSOR_ALIGN},
 };
 
 /// Loads onto a device through a pool of staging buffers.
@@ -88,6 +88,11 @@ where
     /// short, so the link starts early and is not left with one long copy at the end.
     fn max_chunk(&self) -> usize {
         self.pool.buffer_bytes()
+    }
+
+    /// CUDA's allocations start at multiples of 256 bytes; the groups' cut keeps every tensor there.
+    fn tensor_align(&self) -> u64 {
+        TENSOR_ALIGN
     }
 
     fn chunking(&self, total: u64, threads: usize) -> Chunking {
@@ -630,7 +635,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let (f32, bf16) = (DType::F32, DType::BF16);
         let (plan, _, _) = fixture(dir.path(), &[f32, f32, bf16, bf16, bf16, f32], &[4, 4, 8, 8, 8, 2], Some(3));
-        let g = groups(&plan, 40);
+        let g = groups(&plan, 40, 1);
         let summary: Vec<(DType, u64, u64, Vec<&str>)> =
             g.iter().map(|g| (g.dtype, g.start, g.len, g.members.iter().map(|m| m.name.as_str()).collect())).collect();
         assert_eq!(
@@ -643,16 +648,39 @@ mod tests {
             ]
         );
         // The cap splits a long run.
-        let capped = groups(&plan, 16);
+        let capped = groups(&plan, 16, 1);
         assert_eq!(capped.iter().map(|g| g.members.len()).collect::<Vec<_>>(), vec![1, 1, 1, 1, 1, 1]);
         assert_eq!(g[1].members[1].at, 16);
+    }
+
+    /// With an alignment, a tensor after one whose end is not aligned starts a group of its own,
+    /// so every member starts aligned from its group's start; aligned runs stay one group.
+    #[test]
+    fn groups_keep_every_member_aligned() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // F16 elements: 640 B (a 320-channel bias), 256 B, 512 B, 2 B, 256 B.
+        let (plan, _, _) = fixture(dir.path(), &[DType::F16; 5], &[320, 128, 256, 1, 128], None);
+        let g = groups(&plan, GROUP_BYTES, 256);
+        let members: Vec<Vec<(&str, u64)>> =
+            g.iter().map(|g| g.members.iter().map(|m| (m.name.as_str(), m.at)).collect()).collect();
+        assert_eq!(
+            members,
+            vec![
+                vec![("t0000", 0)],             // 640 B: the next tensor would be at 640
+                vec![("t0001", 0), ("t0002", 256), ("t0003", 768)],
+                vec![("t0004", 0)],             // after 770 B
+            ]
+        );
+        assert!(g.iter().flat_map(|g| &g.members).all(|m| m.at.is_multiple_of(256)));
+        // Without one, the same tensors are one run.
+        assert_eq!(groups(&plan, GROUP_BYTES, 1).len(), 1);
     }
 
     #[test]
     fn chunks_cover_every_byte_once_and_never_cross_a_group() {
         let dir = tempfile::tempdir().expect("temp dir");
         let (plan, _, _) = fixture(dir.path(), &[DType::U8, DType::F32, DType::U8], &[100, 7, 33], None);
-        let g = groups(&plan, GROUP_BYTES);
+        let g = groups(&plan, GROUP_BYTES, 1);
         // Each chunk as (its first byte in the load, its length), checked to tile every group.
         let tiles = |c: &[Chunk]| -> Vec<(u64, usize)> {
             let mut out = Vec::new();

@@ -19,7 +19,10 @@ use resource_manager::{
 
 use crate::{
     Error,
-    placement::{Chunk, Chunking, Destination, Group, Placed, PlacedTensor, Placement, converted_layout, converts_to},
+    placement::{
+        Chunk, Chunking, Destination, Group, Placed, PlacedTensor, Placement, TENSOR_ALIGN, converted_layout,
+        converts_to,
+    },
     staged::{GroupViews, StagedPlacement, device_elems},
 };
 
@@ -200,6 +203,12 @@ impl VmmPlacement {
 impl Placement for VmmPlacement {
     fn max_chunk(&self) -> usize {
         self.pool.buffer_bytes()
+    }
+
+    /// Every group's region starts at a multiple of [`VMM_ALIGN`], as large as the tensors need.
+    fn tensor_align(&self) -> u64 {
+        const { assert!(VMM_ALIGN as u64 >= TENSOR_ALIGN) };
+        TENSOR_ALIGN
     }
 
     fn chunking(&self, total: u64, threads: usize) -> Chunking {
