@@ -12,6 +12,7 @@
 //! does) and never names the model it reads: its errors say what failed, the loader says where.
 
 pub mod choice;
+pub mod device_map;
 mod error;
 pub mod files;
 pub mod header;

@@ -25,9 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     Error, ReadAt,
     host::{CHUNK_BYTES, HostDestination, HostMemory, HostView, split},
-    placement::{
-        Chunk, Chunking, Group, Placed, PlacedTensor, Placement, TENSOR_ALIGN, converted_layout, converts_to,
-    },
+    placement::{Chunk, Chunking, Group, Placed, PlacedTensor, Placement, TENSOR_ALIGN, converted_layout, converts_to},
     plan::LoadPlan,
 };
 
@@ -448,8 +446,8 @@ mod tests {
         let cancel = CancellationToken::new();
         let options =
             ReadOptions { threads: 2, cancel: &cancel, interval: Duration::from_millis(1), chunk_bytes: None };
-        let placed = read(&SharedHostPlacement::new("model-loader:test"), &plan, &files, options, |_, _| {})
-            .expect("read");
+        let placed =
+            read(&SharedHostPlacement::new("model-loader:test"), &plan, &files, options, |_, _| {}).expect("read");
         let (placed, _) = placed.finish(0, Duration::ZERO).expect("finish");
         for (t, p) in placed.iter().zip(&tensors) {
             assert_eq!(t.data.bytes().expect("bytes").as_ref(), &data[p.offset as usize..][..p.len as usize]);

@@ -666,9 +666,9 @@ mod tests {
         assert_eq!(
             members,
             vec![
-                vec![("t0000", 0)],             // 640 B: the next tensor would be at 640
+                vec![("t0000", 0)], // 640 B: the next tensor would be at 640
                 vec![("t0001", 0), ("t0002", 256), ("t0003", 768)],
-                vec![("t0004", 0)],             // after 770 B
+                vec![("t0004", 0)], // after 770 B
             ]
         );
         assert!(g.iter().flat_map(|g| &g.members).all(|m| m.at.is_multiple_of(256)));
