@@ -74,6 +74,11 @@ impl DeviceMap {
         self.devices.iter().copied().zip(self.bytes.iter().copied())
     }
 
+    /// How many tensors it places (the plan's).
+    pub fn tensors(&self) -> usize {
+        self.assigned.len()
+    }
+
     /// The devices of tensor `index` (in plan order): one for a split load, all for a replica.
     pub fn devices_of(&self, index: usize) -> &[DeviceId] {
         match self.assigned.get(index).copied().flatten() {

@@ -23,6 +23,7 @@ pub mod placement;
 pub mod plan;
 pub mod read;
 pub mod small_files;
+mod split;
 // The GPU's placement; its scheduling is built and tested in every build.
 mod staged;
 #[cfg(feature = "cuda")]
@@ -39,5 +40,6 @@ pub use crate::{
     memfd::{Memfd, SharedHostPlacement},
     placement::{Placed, PlacedTensor, Placement},
     plan::{Layout, LoadPlan},
+    split::SplitPlacement,
     staged::StagedPlacement,
 };

@@ -37,6 +37,8 @@ pub const TENSOR_ALIGN: u64 = 256;
 pub struct Group {
     /// The file, numbered as [`LoadPlan::files`] yields them.
     pub file: usize,
+    /// The device it goes to, numbered as its placement's devices (0 but for a split load).
+    pub device: usize,
     pub dtype: DType,
     /// Its first byte in the file.
     pub start: u64,
@@ -117,6 +119,10 @@ pub trait Placement: Send + Sync {
     /// from its group's start. 1: wherever the file puts it.
     fn tensor_align(&self) -> u64 {
         1
+    }
+    /// Which of its devices the tensor `index` (in plan order) goes to: groups never span two.
+    fn device_of(&self, _index: usize) -> usize {
+        0
     }
     /// Allocates every group, runs `readers` (which fill every chunk through the destination,
     /// then return) beside whatever the placement runs itself, and returns what was placed
@@ -214,22 +220,33 @@ pub trait Placed: Send {
 /// The plan's tensors in groups of at most `max_bytes`, in file order, each member at a multiple
 /// of `align` from its group's start (a tensor after one whose end is not aligned starts a group of
 /// its own: a checkpoint's large tensors are multiples of 256 bytes, so only the odd small ones
-/// add groups).
-pub fn groups(plan: &LoadPlan, max_bytes: u64, align: u64) -> Vec<Group> {
+/// add groups), and on the device `device_of` gives each tensor (by its index in plan order).
+pub fn groups(plan: &LoadPlan, max_bytes: u64, align: u64, device_of: impl Fn(usize) -> usize) -> Vec<Group> {
     let mut groups: Vec<Group> = Vec::new();
     let files =
         plan.components.iter().enumerate().flat_map(|(c, component)| component.files.iter().map(move |f| (c, f)));
+    let mut index = 0;
     for (file, (component, plan)) in files.enumerate() {
         let first_of_file = groups.len();
         for tensor in &plan.tensors {
+            let device = device_of(index);
+            index += 1;
             let joins = groups[first_of_file..].last().is_some_and(|g: &Group| {
                 g.dtype == tensor.dtype
+                    && g.device == device
                     && g.start + g.len == tensor.offset
                     && g.len + tensor.len <= max_bytes
                     && g.len.is_multiple_of(align)
             });
             if !joins {
-                groups.push(Group { file, dtype: tensor.dtype, start: tensor.offset, len: 0, members: Vec::new() });
+                groups.push(Group {
+                    file,
+                    device,
+                    dtype: tensor.dtype,
+                    start: tensor.offset,
+                    len: 0,
+                    members: Vec::new(),
+                });
             }
             let Some(group) = groups.last_mut() else { continue };
             group.members.push(Member {

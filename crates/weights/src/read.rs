@@ -73,7 +73,7 @@ pub fn read(
         on_progress(plan.read_bytes(), names.last().copied().unwrap_or(""));
         return mapped.map_err(ReadFailed::from);
     }
-    let groups = placement::groups(plan, GROUP_BYTES, placement.tensor_align());
+    let groups = placement::groups(plan, GROUP_BYTES, placement.tensor_align(), |i| placement.device_of(i));
     if let Some(g) = groups.iter().find(|g| !supported(g.dtype)) {
         let tensor = g.members.first().map_or("", |m| m.name.as_str());
         return Err(unsupported_dtype(names[g.file], tensor, g.dtype).into());

@@ -429,6 +429,8 @@ mod tests {
         queue: mpsc::Sender<Copy>,
         in_flight: Arc<AtomicUsize>,
         copies: Arc<AtomicUsize>,
+        /// The bytes copied to this device.
+        copied: Arc<AtomicUsize>,
         /// The threads that queued copies or waited for them.
         callers: Arc<Mutex<HashSet<ThreadId>>>,
     }
@@ -488,7 +490,7 @@ mod tests {
                     let _ = done.send(());
                 }
             });
-            Self { queue, in_flight, copies: Arc::default(), callers: Arc::default() }
+            Self { queue, in_flight, copies: Arc::default(), copied: Arc::default(), callers: Arc::default() }
         }
 
         fn called(&self) {
@@ -524,6 +526,7 @@ mod tests {
             self.called();
             self.in_flight.fetch_add(1, Ordering::SeqCst);
             self.copies.fetch_add(1, Ordering::Relaxed);
+            self.copied.fetch_add(len, Ordering::Relaxed);
             let (done, fence) = mpsc::channel();
             let copy = Copy { from: from.0.clone(), len, to: to.clone(), offset, done };
             self.queue.send(copy).map_err(|e| DeviceError::Refused(e.to_string()))?;
@@ -635,7 +638,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let (f32, bf16) = (DType::F32, DType::BF16);
         let (plan, _, _) = fixture(dir.path(), &[f32, f32, bf16, bf16, bf16, f32], &[4, 4, 8, 8, 8, 2], Some(3));
-        let g = groups(&plan, 40, 1);
+        let g = groups(&plan, 40, 1, |_| 0);
         let summary: Vec<(DType, u64, u64, Vec<&str>)> =
             g.iter().map(|g| (g.dtype, g.start, g.len, g.members.iter().map(|m| m.name.as_str()).collect())).collect();
         assert_eq!(
@@ -648,7 +651,7 @@ mod tests {
             ]
         );
         // The cap splits a long run.
-        let capped = groups(&plan, 16, 1);
+        let capped = groups(&plan, 16, 1, |_| 0);
         assert_eq!(capped.iter().map(|g| g.members.len()).collect::<Vec<_>>(), vec![1, 1, 1, 1, 1, 1]);
         assert_eq!(g[1].members[1].at, 16);
     }
@@ -660,7 +663,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         // F16 elements: 640 B (a 320-channel bias), 256 B, 512 B, 2 B, 256 B.
         let (plan, _, _) = fixture(dir.path(), &[DType::F16; 5], &[320, 128, 256, 1, 128], None);
-        let g = groups(&plan, GROUP_BYTES, 256);
+        let g = groups(&plan, GROUP_BYTES, 256, |_| 0);
         let members: Vec<Vec<(&str, u64)>> =
             g.iter().map(|g| g.members.iter().map(|m| (m.name.as_str(), m.at)).collect()).collect();
         assert_eq!(
@@ -673,14 +676,14 @@ mod tests {
         );
         assert!(g.iter().flat_map(|g| &g.members).all(|m| m.at.is_multiple_of(256)));
         // Without one, the same tensors are one run.
-        assert_eq!(groups(&plan, GROUP_BYTES, 1).len(), 1);
+        assert_eq!(groups(&plan, GROUP_BYTES, 1, |_| 0).len(), 1);
     }
 
     #[test]
     fn chunks_cover_every_byte_once_and_never_cross_a_group() {
         let dir = tempfile::tempdir().expect("temp dir");
         let (plan, _, _) = fixture(dir.path(), &[DType::U8, DType::F32, DType::U8], &[100, 7, 33], None);
-        let g = groups(&plan, GROUP_BYTES, 1);
+        let g = groups(&plan, GROUP_BYTES, 1, |_| 0);
         // Each chunk as (its first byte in the load, its length), checked to tile every group.
         let tiles = |c: &[Chunk]| -> Vec<(u64, usize)> {
             let mut out = Vec::new();
@@ -754,6 +757,124 @@ mod tests {
         }
     }
 
+    /// A device with no room: every allocation fails.
+    #[derive(Clone)]
+    struct NoRoom(LateCopies);
+    impl CopyEngine for NoRoom {
+        type Buffer = Buffer;
+        type Fence = mpsc::Receiver<()>;
+        type Allocation = Tensor;
+        fn allocate(&self, _: DType, _: usize) -> Result<Self::Allocation, DeviceError> {
+            Err(DeviceError::Refused("out of memory".into()))
+        }
+        fn copy(&self, f: &Buffer, l: usize, t: &Self::Allocation, o: usize) -> Result<Self::Fence, DeviceError> {
+            self.0.copy(f, l, t, o)
+        }
+        fn wait(&self, f: Self::Fence) -> Result<(), DeviceError> {
+            self.0.wait(f)
+        }
+        fn is_done(&self, f: &Self::Fence) -> Result<bool, DeviceError> {
+            self.0.is_done(f)
+        }
+        fn synchronize(&self) -> Result<(), DeviceError> {
+            self.0.synchronize()
+        }
+        fn tensor_of(&self, a: &Self::Allocation, d: DType, e: usize) -> Result<Tensor, DeviceError> {
+            self.0.tensor_of(a, d, e)
+        }
+    }
+    impl GroupViews for NoRoom {
+        fn views(&self, a: &Tensor, g: &Group, into: &mut Vec<PlacedTensor>) -> Result<(), DeviceError> {
+            candle_views(self, a, g, into)
+        }
+    }
+
+    /// A load split over two fake GPUs, each its own engine, pool and placement: one pass over
+    /// the file fills both, every tensor has its file bytes and comes back in the load's order,
+    /// and each device received exactly the bytes its share of the map says (balanced, or as an
+    /// explicit map puts them).
+    #[test]
+    fn a_split_load_fills_two_devices_from_one_pass() {
+        use resource_manager::{DeviceId, Layout, Target};
+
+        use crate::{device_map::DeviceMap, split::SplitPlacement};
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let dtypes: Vec<DType> = (0..120).map(|i| [DType::F32, DType::BF16, DType::U8][i % 5 % 3]).collect();
+        let sizes: Vec<usize> = (0..120).map(|i| 1 + (i * 53) % 900).collect();
+        let (plan, files, data) = fixture(dir.path(), &dtypes, &sizes, Some(60));
+        let target = Target::new(vec![DeviceId::Cuda(0), DeviceId::Cuda(1)], Layout::Split).expect("target");
+        let explicit = vec![("t0007".to_string(), DeviceId::Cuda(1)), (String::new(), DeviceId::Cuda(0))];
+        for (seed, map) in [(3, None), (11, Some(explicit.as_slice()))] {
+            let map = DeviceMap::new(&plan, &target, None, map).expect("map");
+            let engines = [LateCopies::new(seed), LateCopies::new(seed + 1)];
+            let pools = [engines[0].pool(3, 512), engines[1].pool(2, 256)];
+            let devices = (0..2)
+                .map(|d| {
+                    let placement =
+                        StagedPlacement::new(Arc::new(engines[d].clone()), pools[d].clone(), format!("fake:{d}"));
+                    (target.devices()[d], Arc::new(placement) as Arc<dyn Placement>)
+                })
+                .collect();
+            let split = SplitPlacement::new(devices, &map).expect("split placement");
+            let cancel = CancellationToken::new();
+            let options =
+                ReadOptions { threads: 3, cancel: &cancel, interval: Duration::from_millis(1), chunk_bytes: None };
+            let placed = read_into(&split, &plan, &files, options, |_, _| {}).map_err(|e| e.error).expect("split read");
+            let (tensors, detail) = placed.finish(plan.read_bytes(), Duration::from_millis(1)).expect("finish");
+            assert!(detail.starts_with("cuda:0: ") && detail.contains("; cuda:1: "), "{detail}");
+            let planned = &plan.components[0].files[0].tensors;
+            assert_eq!(
+                tensors.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+                planned.iter().map(|p| p.name.as_str()).collect::<Vec<_>>()
+            );
+            for (t, p) in tensors.iter().zip(planned) {
+                let file_bytes = &data[p.offset as usize..(p.offset + p.len) as usize];
+                assert!(t.data.bytes().expect("bytes").as_ref() == file_bytes, "{} differs (seed {seed})", t.name);
+            }
+            let shares: Vec<u64> = map.bytes().map(|(_, b)| b).collect();
+            let copied: Vec<u64> = engines.iter().map(|e| e.copied.load(Ordering::Relaxed) as u64).collect();
+            assert_eq!(copied, shares, "each device got its share (seed {seed})");
+            assert!(shares.iter().all(|&b| b > 0), "{shares:?}");
+            assert_eq!((pools[0].idle(), pools[1].idle()), (3, 2), "every buffer came back");
+        }
+
+        // The second device has no room: the load fails with its error, nothing hangs, and the
+        // first device's buffers come back.
+        let map = DeviceMap::new(&plan, &target, None, None).expect("map");
+        let (first, full) = (LateCopies::new(5), NoRoom(LateCopies::new(6)));
+        let pools = [first.pool(2, 512), full.0.pool(2, 512)];
+        let devices: Vec<(DeviceId, Arc<dyn Placement>)> = vec![
+            (
+                DeviceId::Cuda(0),
+                Arc::new(StagedPlacement::new(Arc::new(first.clone()), pools[0].clone(), "fake:0".into())),
+            ),
+            (DeviceId::Cuda(1), Arc::new(StagedPlacement::new(Arc::new(full), pools[1].clone(), "fake:1".into()))),
+        ];
+        let split = SplitPlacement::new(devices, &map).expect("split placement");
+        let cancel = CancellationToken::new();
+        let options =
+            ReadOptions { threads: 3, cancel: &cancel, interval: Duration::from_millis(1), chunk_bytes: None };
+        let failed = read_into(&split, &plan, &files, options, |_, _| {}).map(|_| ()).expect_err("no room on fake:1");
+        assert!(
+            failed.error.to_string().contains("fake:1") && failed.error.to_string().contains("out of memory"),
+            "{}",
+            failed.error
+        );
+        first.synchronize().expect("synchronize");
+        assert_eq!((pools[0].idle(), pools[1].idle()), (2, 2), "every buffer came back");
+    }
+
+    /// Groups never span two devices.
+    #[test]
+    fn groups_end_where_the_device_changes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (plan, _, _) = fixture(dir.path(), &[DType::F32; 6], &[4; 6], None);
+        let g = groups(&plan, GROUP_BYTES, 1, |i| usize::from((2..5).contains(&i)));
+        let summary: Vec<(usize, usize)> = g.iter().map(|g| (g.device, g.members.len())).collect();
+        assert_eq!(summary, vec![(0, 2), (1, 3), (0, 1)]);
+    }
+
     #[test]
     fn a_cancel_stops_between_chunks_and_returns_every_buffer() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -804,36 +925,6 @@ mod tests {
         engine.synchronize().expect("synchronize");
         assert_eq!(pool.idle(), 2);
 
-        #[derive(Clone)]
-        struct NoRoom(LateCopies);
-        impl CopyEngine for NoRoom {
-            type Buffer = Buffer;
-            type Fence = mpsc::Receiver<()>;
-            type Allocation = Tensor;
-            fn allocate(&self, _: DType, _: usize) -> Result<Self::Allocation, DeviceError> {
-                Err(DeviceError::Refused("out of memory".into()))
-            }
-            fn copy(&self, f: &Buffer, l: usize, t: &Self::Allocation, o: usize) -> Result<Self::Fence, DeviceError> {
-                self.0.copy(f, l, t, o)
-            }
-            fn wait(&self, f: Self::Fence) -> Result<(), DeviceError> {
-                self.0.wait(f)
-            }
-            fn is_done(&self, f: &Self::Fence) -> Result<bool, DeviceError> {
-                self.0.is_done(f)
-            }
-            fn synchronize(&self) -> Result<(), DeviceError> {
-                self.0.synchronize()
-            }
-            fn tensor_of(&self, a: &Self::Allocation, d: DType, e: usize) -> Result<Tensor, DeviceError> {
-                self.0.tensor_of(a, d, e)
-            }
-        }
-        impl GroupViews for NoRoom {
-            fn views(&self, a: &Tensor, g: &Group, into: &mut Vec<PlacedTensor>) -> Result<(), DeviceError> {
-                candle_views(self, a, g, into)
-            }
-        }
         let engine = NoRoom(LateCopies::new(6));
         let pool = engine.0.pool(2, 4096);
         let result = read(&engine, &pool, &plan, &files, (&cancel, 2), |_, _| {});

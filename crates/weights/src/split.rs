@@ -1,0 +1,205 @@
+//! A load split over several devices: each device's own placement takes the groups of the
+//! tensors a [`DeviceMap`] gives it, and the readers fill every device's chunks in one pass over
+//! the files (one read per byte, in file order, whatever device it goes to).
+//!
+//! Each device's [`Placement::place`] lends its memory only for the time its `readers` run, so
+//! the devices' placements are nested: device 0's readers start device 1's placement, and so on;
+//! the innermost runs the real readers over a [`Destination`] that routes each chunk to its
+//! device's. Every device's threads (a GPU's allocating and copying threads) run side by side.
+
+use std::{sync::Mutex, time::Duration};
+
+use candle_core::DType;
+use resource_manager::DeviceId;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Error,
+    device_map::DeviceMap,
+    placement::{Chunk, Chunking, Destination, Group, Placed, PlacedTensor, Placement},
+};
+
+/// Several devices' placements as one, each tensor on the device its map says.
+pub struct SplitPlacement {
+    devices: Vec<(DeviceId, std::sync::Arc<dyn Placement>)>,
+    /// The index in `devices` of each tensor, in plan order.
+    device_of: Vec<usize>,
+}
+
+impl SplitPlacement {
+    /// `devices`: a placement for each of the map's devices, in the map's order.
+    pub fn new(devices: Vec<(DeviceId, std::sync::Arc<dyn Placement>)>, map: &DeviceMap) -> Result<Self, Error> {
+        let named: Vec<DeviceId> = devices.iter().map(|(d, _)| *d).collect();
+        if named != map.devices() {
+            return Err(Error::Internal(format!("placements for {named:?}, a map over {:?}", map.devices())));
+        }
+        let device_of = (0..map.tensors())
+            .map(|i| match map.devices_of(i) {
+                [one] => Ok(named.iter().position(|d| d == one).unwrap_or(0)),
+                _ => Err(Error::Internal("a split load's map holds a replicated tensor".into())),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { devices, device_of })
+    }
+}
+
+impl Placement for SplitPlacement {
+    /// The first device's, in chunks every device can take.
+    fn chunking(&self, total: u64, threads: usize) -> Chunking {
+        let cut = self.devices[0].1.chunking(total, threads);
+        let most = self.max_chunk();
+        Chunking { chunk: cut.chunk.min(most), edge_chunk: cut.edge_chunk.min(most), ..cut }
+    }
+
+    fn max_chunk(&self) -> usize {
+        self.devices.iter().map(|(_, p)| p.max_chunk()).min().unwrap_or(usize::MAX)
+    }
+
+    fn tensor_align(&self) -> u64 {
+        self.devices.iter().map(|(_, p)| p.tensor_align()).max().unwrap_or(1)
+    }
+
+    fn device_of(&self, index: usize) -> usize {
+        self.device_of.get(index).copied().unwrap_or(0)
+    }
+
+    fn place(
+        &self,
+        groups: &[Group],
+        chunks: &[Chunk],
+        readers: &(dyn Fn(&dyn Destination) + Sync),
+    ) -> Result<Box<dyn Placed>, Error> {
+        let n = self.devices.len();
+        // Each device's groups and chunks, renumbered as its own; each chunk's (device, index).
+        let mut parts: Vec<(Vec<Group>, Vec<Chunk>)> = vec![(Vec::new(), Vec::new()); n];
+        let mut local_group = Vec::with_capacity(groups.len());
+        for group in groups {
+            let d = group.device.min(n - 1);
+            local_group.push((d, parts[d].0.len()));
+            parts[d].0.push(group.clone());
+        }
+        let mut route = Vec::with_capacity(chunks.len());
+        for chunk in chunks {
+            let &(d, group) =
+                local_group.get(chunk.group).ok_or_else(|| Error::Internal(format!("chunk {chunk:?} of no group")))?;
+            route.push((d, parts[d].1.len()));
+            parts[d].1.push(Chunk { group, ..*chunk });
+        }
+        let placed: Vec<Slot> = (0..n).map(|_| Mutex::new(None)).collect();
+        let nest = Nest { devices: &self.devices, parts: &parts, route: &route, readers, placed: &placed };
+        nest.level(0, &[]);
+
+        let mut done = Vec::with_capacity(n);
+        for (d, slot) in placed.into_iter().enumerate() {
+            let bytes = parts[d].0.iter().map(|g| g.len).sum();
+            match resource_manager::sync::into_inner(slot) {
+                Some(Ok(p)) => done.push((self.devices[d].0, bytes, p)),
+                Some(Err(e)) => return Err(e),
+                // A device's placement failed before it lent its memory: its error is above.
+                None => return Err(Error::Internal(format!("{} was never placed", self.devices[d].0))),
+            }
+        }
+        let order = groups.iter().map(|g| (g.device.min(n - 1), g.members.len())).collect();
+        Ok(Box::new(SplitPlaced { parts: done, order }))
+    }
+
+    /// Each tensor converts on its own device (a placement's own conversion, which keeps
+    /// converted tensors in exportable memory, is one device's: not used across several).
+    fn convert(
+        &self,
+        tensors: &mut Vec<PlacedTensor>,
+        dtype: DType,
+        cancel: &CancellationToken,
+        _device: &str,
+    ) -> Result<usize, Error> {
+        let devices = self.devices.iter().map(|(d, _)| d.to_string()).collect::<Vec<_>>().join(",");
+        crate::placement::convert_each(tensors, dtype, cancel, |e| {
+            Error::place(&devices, resource_manager::staging::DeviceError::from(e))
+        })
+    }
+}
+
+/// What one device's placement returned, once it has.
+type Slot = Mutex<Option<Result<Box<dyn Placed>, Error>>>;
+
+/// The nesting of the devices' placements (see the module's comment).
+struct Nest<'a> {
+    devices: &'a [(DeviceId, std::sync::Arc<dyn Placement>)],
+    parts: &'a [(Vec<Group>, Vec<Chunk>)],
+    route: &'a [(usize, usize)],
+    readers: &'a (dyn Fn(&dyn Destination) + Sync),
+    placed: &'a [Slot],
+}
+
+impl Nest<'_> {
+    /// Places device `level` and, while it lends its memory, the devices after it; the last
+    /// runs the readers over every device's memory (`lent`, one per device before it).
+    fn level(&self, level: usize, lent: &[&dyn Destination]) {
+        if level == self.devices.len() {
+            (self.readers)(&Route { devices: lent, route: self.route });
+            return;
+        }
+        let (groups, chunks) = &self.parts[level];
+        let placed = self.devices[level].1.place(groups, chunks, &|memory| {
+            let mut lent = lent.to_vec();
+            lent.push(memory);
+            self.level(level + 1, &lent);
+        });
+        *resource_manager::sync::lock(&self.placed[level]) = Some(placed);
+    }
+}
+
+/// Every device's memory as one: a chunk goes to its device's, by its number there.
+struct Route<'r> {
+    devices: &'r [&'r dyn Destination],
+    /// Each chunk's (device, index on it).
+    route: &'r [(usize, usize)],
+}
+
+impl Destination for Route<'_> {
+    fn fill(
+        &self,
+        index: usize,
+        stop: &dyn Fn() -> bool,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<(), Error>,
+    ) -> Result<bool, Error> {
+        let &(device, local) = self.route.get(index).ok_or_else(|| Error::Internal(format!("no chunk {index}")))?;
+        let memory = self.devices.get(device).ok_or_else(|| Error::Internal(format!("no device {device}")))?;
+        memory.fill(local, stop, fill)
+    }
+}
+
+/// Every device's placed groups, until step 6.
+struct SplitPlaced {
+    /// Each device, the bytes of its groups, and what it placed.
+    parts: Vec<(DeviceId, u64, Box<dyn Placed>)>,
+    /// Each group of the load, in order: its device and its tensors' count.
+    order: Vec<(usize, usize)>,
+}
+
+impl Placed for SplitPlaced {
+    fn read_detail(&self, _total: u64, reading: Duration, threads: usize) -> String {
+        let each = self.parts.iter().map(|(d, bytes, p)| format!("{d}: {}", p.read_detail(*bytes, reading, threads)));
+        each.collect::<Vec<_>>().join("; ")
+    }
+
+    /// Every device's tensors, back in the load's group order.
+    fn finish(self: Box<Self>, _total: u64, reading: Duration) -> Result<(Vec<PlacedTensor>, String), Error> {
+        let mut details = Vec::with_capacity(self.parts.len());
+        let mut each = Vec::with_capacity(self.parts.len());
+        for (device, bytes, placed) in self.parts {
+            let (tensors, detail) = placed.finish(bytes, reading)?;
+            details.push(format!("{device}: {detail}"));
+            each.push(tensors.into_iter());
+        }
+        let mut tensors = Vec::with_capacity(self.order.iter().map(|(_, n)| n).sum());
+        for (device, count) in self.order {
+            let before = tensors.len();
+            tensors.extend(each[device].by_ref().take(count));
+            if tensors.len() != before + count {
+                return Err(Error::Internal(format!("device {device} placed fewer tensors than its groups hold")));
+            }
+        }
+        Ok((tensors, details.join("; ")))
+    }
+}
