@@ -33,7 +33,7 @@ pub use model_id::ModelId;
 
 pub use crate::{
     device::{DeviceId, DeviceRequest, InvalidBudget, MemoryBudget},
-    target::{Layout, Target},
+    target::{Layout, MAX_TARGET_DEVICES, Target, TargetRequest},
 };
 
 /// The share of a device's capacity models may hold when no budget is configured.

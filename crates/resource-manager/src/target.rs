@@ -4,7 +4,65 @@
 
 use std::fmt;
 
-use crate::{DeviceId, ResourceError};
+use crate::{DeviceId, DeviceRequest, ResourceError, ResourceManager};
+
+/// The most devices a request may list: more than any machine has, a bound on what a request
+/// makes the server parse.
+pub const MAX_TARGET_DEVICES: usize = 64;
+
+/// Devices as a request names them: one (`cuda:1`), a list (`cuda:0,cuda:1`), or every GPU of
+/// the machine (`cuda:*`); not yet checked against the build and the machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetRequest {
+    Devices(Vec<DeviceRequest>),
+    AllGpus,
+}
+
+impl std::str::FromStr for TargetRequest {
+    type Err = ResourceError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "cuda:*" {
+            return Ok(Self::AllGpus);
+        }
+        let parts: Vec<&str> = s.split(',').collect();
+        if parts.len() > MAX_TARGET_DEVICES {
+            let shown = s.chars().take(40).collect::<String>();
+            return Err(ResourceError::InvalidDevice(format!("{shown}…: more than {MAX_TARGET_DEVICES} devices")));
+        }
+        parts.into_iter().map(str::parse).collect::<Result<_, _>>().map(Self::Devices)
+    }
+}
+
+impl ResourceManager {
+    /// The devices a request names (none: the server's default device), as a [`Target`] laid out
+    /// as `layout` asks (a list defaults to [`Layout::Split`]), if this build and machine have
+    /// every one of them.
+    pub fn resolve_target(
+        &self,
+        request: Option<&TargetRequest>,
+        layout: Option<Layout>,
+    ) -> Result<Target, ResourceError> {
+        let devices = match request {
+            None => vec![self.resolve(None)?],
+            Some(TargetRequest::Devices(devices)) => {
+                devices.iter().map(|d| self.resolve(Some(*d))).collect::<Result<Vec<_>, _>>()?
+            }
+            Some(TargetRequest::AllGpus) => {
+                let gpus: Vec<DeviceId> =
+                    self.devices.iter().map(|d| d.id).filter(|d| matches!(d, DeviceId::Cuda(_))).collect();
+                if gpus.is_empty() {
+                    return Err(ResourceError::DeviceUnavailable {
+                        device: "cuda:*".into(),
+                        reason: "this server has no CUDA device".into(),
+                    });
+                }
+                gpus
+            }
+        };
+        Target::new(devices, layout.unwrap_or_default())
+    }
+}
 
 /// How a model is laid over the devices of its [`Target`]. With one device both mean the same.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -62,11 +120,11 @@ impl Target {
         if devices.is_empty() {
             return Err(invalid("no device"));
         }
-        if devices.len() > 1 && devices.contains(&DeviceId::Cpu) {
-            return Err(invalid("several devices must all be GPUs"));
-        }
         if devices.iter().enumerate().any(|(i, d)| devices[..i].contains(d)) {
             return Err(invalid("a device is named twice"));
+        }
+        if devices.len() > 1 && devices.contains(&DeviceId::Cpu) {
+            return Err(invalid("several devices must all be GPUs"));
         }
         Ok(Self { devices, layout })
     }
@@ -134,6 +192,47 @@ mod tests {
         ] {
             let e = Target::new(devices, Layout::Split).expect_err(why);
             assert!(e.to_string().contains(why), "{e}");
+        }
+    }
+
+    #[test]
+    fn requests_name_one_device_a_list_or_every_gpu() {
+        let parse = |s: &str| s.parse::<TargetRequest>();
+        assert_eq!(parse("cpu"), Ok(TargetRequest::Devices(vec![DeviceRequest::Cpu])));
+        assert_eq!(
+            parse("cuda:0,cuda:1"),
+            Ok(TargetRequest::Devices(vec![DeviceRequest::Cuda(Some(0)), DeviceRequest::Cuda(Some(1))]))
+        );
+        assert_eq!(parse("cuda:*"), Ok(TargetRequest::AllGpus));
+        for bad in ["", "cuda:0,", "cuda:0, cuda:1", "cuda:*,cuda:1", "gpu0"] {
+            assert!(matches!(parse(bad), Err(ResourceError::InvalidDevice(_))), "{bad:?}");
+        }
+        let long = vec!["cuda:1"; MAX_TARGET_DEVICES + 1].join(",");
+        let e = parse(&long).expect_err("too many");
+        assert!(e.to_string().contains("more than 64 devices") && e.to_string().len() < 200, "{e}");
+    }
+
+    /// Resolved against this process's devices: the CPU alone here; GPUs only in a CUDA build
+    /// on a machine that has them.
+    #[test]
+    fn requests_resolve_against_the_machine() {
+        let resources =
+            ResourceManager::with_cpu_capacity(1 << 30, crate::MemoryBudget::Percent(50.0), DeviceRequest::Cpu)
+                .expect("resources");
+        assert_eq!(resources.resolve_target(None, None), Ok(Target::one(DeviceId::Cpu)));
+        let cpu = "cpu".parse().expect("cpu");
+        assert_eq!(
+            resources.resolve_target(Some(&cpu), Some(Layout::Replicate)).map(|t| t.devices().to_vec()),
+            Ok(vec![DeviceId::Cpu])
+        );
+        let cpu_twice = "cpu,cpu".parse().expect("parses");
+        assert!(
+            resources.resolve_target(Some(&cpu_twice), None).expect_err("twice").to_string().contains("named twice")
+        );
+        #[cfg(not(feature = "cuda"))]
+        for request in ["cuda:0,cuda:1", "cuda:*"] {
+            let e = resources.resolve_target(Some(&request.parse().expect("parses")), None).expect_err(request);
+            assert!(matches!(e, ResourceError::DeviceUnavailable { .. }), "{request}: {e}");
         }
     }
 
