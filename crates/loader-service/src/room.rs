@@ -3,8 +3,6 @@
 //! it fits. Never a model that is loading, and nothing at all when evicting every loaded model
 //! could still not make it fit.
 
-use std::collections::BTreeMap;
-
 use futures::future::select_all;
 use pipeline_manager::Resident;
 use resource_manager::{DeviceId, DeviceUsage, Reservations, ResourceError};
@@ -45,13 +43,16 @@ impl LoaderService {
     ) -> Result<Reservations, LoadError> {
         let id = handle.model_id();
         let cancelled = || LoadError::cancelled(handle.model_id());
-        // A device named twice needs the sum, as `reserve_all` books it.
-        let mut per_device: BTreeMap<DeviceId, u64> = BTreeMap::new();
+        // A device named twice needs the sum, as `reserve_all` books it. The caller's order is
+        // kept: the first device short of room is the one a wait or a refusal speaks of.
+        let mut summed: Vec<(DeviceId, u64)> = Vec::with_capacity(needs.len());
         for &(device, bytes) in needs {
-            let sum = per_device.entry(device).or_default();
-            *sum = sum.saturating_add(bytes);
+            match summed.iter_mut().find(|(d, _)| *d == device) {
+                Some((_, sum)) => *sum = sum.saturating_add(bytes),
+                None => summed.push((device, bytes)),
+            }
         }
-        let needs: Vec<(DeviceId, u64)> = per_device.into_iter().collect();
+        let needs = summed;
         let mut books =
             needs.iter().map(|&(device, _)| self.resources.changes(device)).collect::<Result<Vec<_>, _>>()?;
         let mut states = self.state.changes();
