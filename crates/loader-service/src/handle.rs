@@ -7,7 +7,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use resource_manager::{DeviceId, ModelAllocation, Reservation, sync};
+use resource_manager::{Allocations, Reservations, Target, sync};
 use state_manager::StateManager;
 use steps::{ModelLoadProgress, ModelLoadStep, ProgressSink, emit_step};
 use tokio::sync::broadcast;
@@ -47,21 +47,20 @@ pub struct LoadHandle {
     pub(crate) set_aside: Mutex<Option<SetAside>>,
 }
 
-/// The device and the target dtype (`None`: as stored) of a load.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The devices and the target dtype (`None`: as stored) of a load.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Wants {
-    pub device: DeviceId,
+    pub target: Target,
     pub dtype: Option<TargetDtype>,
 }
 
 /// What a failed load still holds: what it had placed, then the bytes they were booked under
-/// (dropped in this order, so the books show the memory until it is back).
+/// on each device, the host's for a GPU load's tensor metadata among them (dropped in this
+/// order, so the books show the memory until it is back).
 pub(crate) struct SetAside {
     _placed: Option<Box<dyn Placed>>,
     _tensors: Vec<PlacedTensor>,
-    /// The host bytes of a device load's tensor metadata.
-    _host: Option<ModelAllocation>,
-    booked: ModelAllocation,
+    booked: Allocations,
 }
 
 impl Drop for SetAside {
@@ -82,26 +81,24 @@ pub(crate) struct Held<'h> {
     /// Step 4's placement until step 6 hands out its tensors.
     pub placed: Option<Box<dyn Placed>>,
     pub tensors: Vec<PlacedTensor>,
-    pub reservation: Option<Reservation>,
-    /// For a load to a GPU: the host bytes of its tensors' metadata (a CPU load's are part of
-    /// `reservation`).
-    pub host_reservation: Option<Reservation>,
+    /// One per device: the weights' devices, and for a load to a GPU the host bytes of its
+    /// tensors' metadata (a CPU load's are part of its one reservation).
+    pub reservations: Option<Reservations>,
 }
 
 impl<'h> Held<'h> {
-    pub fn new(handle: &'h LoadHandle, reservation: Reservation, host_reservation: Option<Reservation>) -> Self {
-        Self { handle, placed: None, tensors: Vec::new(), reservation: Some(reservation), host_reservation }
+    pub fn new(handle: &'h LoadHandle, reservations: Reservations) -> Self {
+        Self { handle, placed: None, tensors: Vec::new(), reservations: Some(reservations) }
     }
 }
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        if let Some(reservation) = self.reservation.take() {
+        if let Some(reservations) = self.reservations.take() {
             let aside = SetAside {
                 _placed: self.placed.take(),
                 _tensors: std::mem::take(&mut self.tensors),
-                _host: self.host_reservation.take().map(Reservation::into_leaving),
-                booked: reservation.into_leaving(),
+                booked: reservations.into_leaving(),
             };
             *sync::lock(&self.handle.set_aside) = Some(aside);
         }

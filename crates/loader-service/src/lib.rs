@@ -28,7 +28,7 @@ pub use model_source::{
     SourceConfig, Sources,
 };
 use pipeline_manager::{Pipeline, PipelineManager};
-use resource_manager::ResourceManager;
+use resource_manager::{ResourceManager, Target};
 use state_manager::{InvalidTransition, ModelState, StateManager, Transition};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
@@ -54,7 +54,7 @@ fn load_spans(id: &ModelId, wants: &Wants) -> (tracing::Span, tracing::Span) {
         target: steps::TRACES,
         "load",
         model_id = %id,
-        device = %wants.device,
+        device = %wants.target,
         dtype,
         source = Empty,
         outcome = Empty,
@@ -176,9 +176,9 @@ impl LoaderService {
     /// Starts a load, or joins the one in flight, or answers "already loaded"; waits for an
     /// unload in progress first. Errors here are about the request itself (nothing began).
     pub async fn load(self: &Arc<Self>, request: LoadRequest) -> Result<LoadSubscription, LoadError> {
-        let device = self.resources.resolve(request.device)?;
+        let target = Target::one(self.resources.resolve(request.device)?);
         let id = request.model_id.clone();
-        let wants = Wants { device, dtype: request.dtype.or(self.config.default_dtype) };
+        let wants = Wants { target, dtype: request.dtype.or(self.config.default_dtype) };
         loop {
             if self.is_shutting_down() {
                 return Err(LoadError::ShuttingDown);
@@ -186,10 +186,10 @@ impl LoaderService {
             let wait_for = match self.inflight.entry(id.clone()) {
                 Entry::Occupied(load) => {
                     let load = load.get();
-                    let theirs = load.wants;
-                    conflict(&request, &wants, theirs.device == wants.device, theirs.dtype == wants.dtype, || {
+                    let theirs = &load.wants;
+                    conflict(&request, &wants, theirs.target == wants.target, theirs.dtype == wants.dtype, || {
                         let dtype = theirs.dtype.map_or("as stored".into(), |d| d.to_string());
-                        format!("loading on {} ({dtype})", theirs.device)
+                        format!("loading on {} ({dtype})", theirs.target)
                     })?;
                     // On the caller's span (its RPC) in traces: the load's own span is the first
                     // caller's.
@@ -197,9 +197,10 @@ impl LoaderService {
                     return Ok(load.subscribe());
                 }
                 Entry::Vacant(slot) => {
-                    match self.state.apply(&id, Transition::StartLoad { device: device.to_string() }) {
+                    match self.state.apply(&id, Transition::StartLoad { target: wants.target.clone() }) {
                         Ok(_) => {
                             let (trace, span) = load_spans(&id, &wants);
+                            let target = wants.target.clone();
                             let handle = Arc::new(LoadHandle::new(
                                 id.clone(),
                                 wants,
@@ -209,14 +210,14 @@ impl LoaderService {
                             ));
                             let subscription = handle.subscribe();
                             slot.insert(handle.clone());
-                            self.tracker.spawn(self.clone().run(handle, request.clone(), device).instrument(span));
+                            self.tracker.spawn(self.clone().run(handle, request.clone(), target).instrument(span));
                             return Ok(subscription);
                         }
                         Err(InvalidTransition { current: ModelState::Loaded, .. }) => {
                             if let Some(resident) = self.pipelines.get(&id) {
                                 let same_dtype = wants.dtype.is_none_or(|t| holds_floats_as(&resident, t));
-                                conflict(&request, &wants, resident.device == wants.device, same_dtype, || {
-                                    format!("loaded on {} as {}", resident.device, resident.dtype_summary())
+                                conflict(&request, &wants, resident.target == wants.target, same_dtype, || {
+                                    format!("loaded on {} as {}", resident.target, resident.dtype_summary())
                                 })?;
                             }
                             // Asked for again: a use, for eviction's least-recently-used order.
@@ -263,12 +264,9 @@ impl LoaderService {
         self.pipelines.close(model_id, force).map_err(NotUnloaded::Attached)?;
         self.state.apply(model_id, Transition::StartUnload { reason }).map_err(|e| NotUnloaded::State(e.current))?;
         let freed_bytes = self.pipelines.remove(model_id).map_or(0, |pipeline| {
-            pipeline.allocation.leave();
-            if let Some(host) = &pipeline.host_allocation {
-                host.leave();
-            }
-            // What its device's books get back (on the CPU, with the tensors' metadata).
-            pipeline.allocation.bytes()
+            pipeline.allocations.leave();
+            // What its devices' books get back (on the CPU, with the tensors' metadata).
+            pipeline.target.devices().iter().map(|&d| pipeline.allocations.bytes(d)).sum()
         });
         // Only this caller can end the UNLOADING it began: a refusal is a bug, not a race.
         if let Err(e) = self.state.apply(model_id, end) {
@@ -326,7 +324,7 @@ fn conflict(
     }
     let mut asked = Vec::new();
     if other_device {
-        asked.push(wants.device.to_string());
+        asked.push(wants.target.to_string());
     }
     if let Some(dtype) = request.dtype.filter(|_| other_dtype) {
         asked.push(dtype.to_string());

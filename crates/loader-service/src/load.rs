@@ -10,7 +10,7 @@ use std::{
 use dashmap::mapref::entry::Entry;
 use model_source::{Fetch, FetchProgress, Located, ModelSource, Wanted};
 use pipeline_manager::{Component, ModelFile, Pipeline, ResidentTensor};
-use resource_manager::{DeviceId, Reservation, host, sync};
+use resource_manager::{DeviceId, Reservations, Target, host, sync};
 use state_manager::{LoadFacts, Transition};
 use steps::{BYTE_PROGRESS_INTERVAL, ByteProgress, ModelLoadStep};
 use weights::{
@@ -28,13 +28,6 @@ use crate::{
 /// shards) before the load gives up on the filesystem.
 const PLAN_IO_BOUND: Duration = Duration::from_secs(120);
 
-/// What step 3 reserved: the device's bytes (on the CPU with the tensors' metadata), and for a
-/// GPU the host bytes of the metadata.
-struct Reservations {
-    device: Reservation,
-    host: Option<Reservation>,
-}
-
 /// Step 3's reading of the model's files: the plan of its weights and its small files.
 struct Planning {
     plan: LoadPlan,
@@ -43,7 +36,7 @@ struct Planning {
 
 /// A planned load, from step 4 on.
 struct Planned {
-    device: DeviceId,
+    devices: Target,
     target: Option<TargetDtype>,
     plan: LoadPlan,
     small_files: Vec<Arc<ModelFile>>,
@@ -55,7 +48,7 @@ struct Planned {
 
 impl LoaderService {
     /// The spawned task of one load: runs the steps, records the outcome, ends every stream.
-    pub(crate) async fn run(self: Arc<Self>, handle: Arc<LoadHandle>, request: LoadRequest, device: DeviceId) {
+    pub(crate) async fn run(self: Arc<Self>, handle: Arc<LoadHandle>, request: LoadRequest, target: Target) {
         let id = request.model_id.clone();
         let started = std::time::Instant::now();
         metrics::counter!("model_loader_loads_started_total").increment(1);
@@ -63,7 +56,7 @@ impl LoaderService {
         // starts while this one still shows LOADING.
         let mut slot = None;
         let mut labels = ("succeeded", "none");
-        let (transition, outcome) = match self.steps(&handle, request, device, &mut slot).await {
+        let (transition, outcome) = match self.steps(&handle, request, target, &mut slot).await {
             Ok(facts) => {
                 metrics::counter!("model_loader_loaded_bytes_total").increment(facts.weight_bytes);
                 handle.record_trace("bytes", crate::handle::signed(facts.weight_bytes));
@@ -125,7 +118,7 @@ impl LoaderService {
         self: &Arc<Self>,
         handle: &Arc<LoadHandle>,
         request: LoadRequest,
-        device: DeviceId,
+        devices: Target,
         slot: &mut Option<queue::Slot>,
     ) -> Result<LoadFacts, LoadError> {
         let id = request.model_id.clone();
@@ -153,13 +146,13 @@ impl LoaderService {
             None => located.files.clone(),
         };
         let (Planning { plan, small_files }, reservations) =
-            self.plan_and_reserve(handle, device, target, plan_files).await?;
+            self.plan_and_reserve(handle, &devices, target, plan_files).await?;
         if let Some(fetch) = &located.fetch {
             self.fetch(handle, fetch.as_ref()).await?;
         }
-        let placement = self.placements.placement(device, &id)?;
+        let placement = self.placements.placement(&devices, &id)?;
         let Located { files, source, revision, .. } = located;
-        let planned = Planned { device, target, plan, small_files, files, source, revision, placement };
+        let planned = Planned { devices, target, plan, small_files, files, source, revision, placement };
         let (this, handle, span) = (self.clone(), handle.clone(), tracing::Span::current());
         blocking(&id, move || span.in_scope(|| this.read_and_register(&handle, planned, reservations))).await
     }
@@ -167,11 +160,11 @@ impl LoaderService {
     /// Step 3: the plan from the files' headers and the small files read, then the exact bytes
     /// reserved before step 4 moves any byte of weights (for a source that fetches, the files as
     /// they will be): the weights on the device, the tensors' metadata and the small files on
-    /// the host.
+    /// the host, all in one reservation (one wait) over those devices.
     async fn plan_and_reserve(
         &self,
         handle: &LoadHandle,
-        device: DeviceId,
+        devices: &Target,
         target: Option<TargetDtype>,
         files: Arc<dyn ModelFiles>,
     ) -> Result<(Planning, Reservations), LoadError> {
@@ -181,18 +174,17 @@ impl LoaderService {
         // The peak, not the end state: converted tensors are read whole as stored first.
         let needed = plan.peak_bytes(target);
         let metadata = host_bytes(&planning);
-        let (reservations, detail) = if device == DeviceId::Cpu {
+        let device = single(handle.model_id(), devices)?;
+        let (needs, detail) = if device == DeviceId::Cpu {
             let total = needed.saturating_add(metadata);
-            let reserved = self.make_room(handle, device, total, step).await?;
-            (Reservations { device: reserved, host: None }, format!("{total} bytes reserved on {device}"))
+            (vec![(device, total)], format!("{total} bytes reserved on {device}"))
         } else {
-            let reserved = self.make_room(handle, device, needed, step).await?;
-            let host = self.make_room(handle, DeviceId::Cpu, metadata, step).await?;
             let detail = format!(
                 "{needed} bytes reserved on {device}, {metadata} on cpu for the tensors' metadata and small files"
             );
-            (Reservations { device: reserved, host: Some(host) }, detail)
+            (vec![(device, needed), (DeviceId::Cpu, metadata)], detail)
         };
+        let reservations = self.make_room(handle, &needs, step).await?;
         let small = weights::small_files::describe(&planning.small_files);
         handle.note(step, format!("{}, {small}; {detail}", plan.describe()));
         handle.step(ModelLoadStep::LoadWeights)?;
@@ -231,7 +223,7 @@ impl LoaderService {
         planned: Planned,
         reservations: Reservations,
     ) -> Result<LoadFacts, LoadError> {
-        let mut held = Held::new(handle, reservations.device, reservations.host);
+        let mut held = Held::new(handle, reservations);
         self.read(handle, &planned, &mut held)?;
         convert(handle, &planned, &mut held)?;
         let facts = self.register(handle, planned, held)?;
@@ -319,24 +311,26 @@ impl LoaderService {
             component.tensors.push(ResidentTensor { name: t.name, data: t.data, is_bool, file: source });
         }
         let weight_bytes: u64 = components.values().flat_map(|c| &c.tensors).map(ResidentTensor::size_bytes).sum();
-        let reservation = held.reservation.take().ok_or_else(|| LoadError::internal(id, "reservation gone"))?;
-        // What the plan's metadata estimate booked stays booked: the resident tensors hold it.
-        let (allocation, host_allocation) = match held.host_reservation.take() {
-            Some(host) => (reservation.commit(weight_bytes), Some(host.commit(metadata_bytes))),
-            None => (reservation.commit(weight_bytes.saturating_add(metadata_bytes)), None),
-        };
+        let device = single(id, &planned.devices)?;
+        let reservations = held.reservations.take().ok_or_else(|| LoadError::internal(id, "reservation gone"))?;
+        // What the plan's metadata estimate booked stays booked on the host: the resident tensors
+        // hold it.
+        let allocations = reservations.commit(|d| {
+            let weights = if d == device { weight_bytes } else { 0 };
+            let metadata = if d == DeviceId::Cpu { metadata_bytes } else { 0 };
+            weights.saturating_add(metadata)
+        });
         let pipeline = Pipeline {
             model_id: id.clone(),
             components,
             files: planned.small_files,
             weight_files,
-            device: planned.device,
+            target: planned.devices.clone(),
             revision: planned.revision.clone(),
-            host_allocation,
-            allocation,
+            allocations,
         };
         let facts = LoadFacts {
-            device: planned.device.to_string(),
+            target: Some(planned.devices),
             dtype: pipeline.dtype_summary(),
             revision: planned.revision,
             weight_bytes,
@@ -376,6 +370,15 @@ async fn plan(
             what: "reading the model's configs and safetensors headers",
             after: PLAN_IO_BOUND,
         })),
+    }
+}
+
+/// The one device of a load. Nothing builds a target of several yet (the placements refuse one
+/// too): how their bytes are shared out comes with them.
+fn single(id: &ModelId, devices: &Target) -> Result<DeviceId, LoadError> {
+    match devices.devices() {
+        [device] => Ok(*device),
+        _ => Err(LoadError::internal(id, format!("a load onto several devices ({devices}) is not supported yet"))),
     }
 }
 
@@ -419,7 +422,7 @@ fn convert(handle: &LoadHandle, planned: &Planned, held: &mut Held) -> Result<()
     let converted = match planned.target {
         Some(target) => planned
             .placement
-            .convert(&mut held.tensors, target.candle(), &handle.cancel, &planned.device.to_string())
+            .convert(&mut held.tensors, target.candle(), &handle.cancel, &planned.devices.to_string())
             .map_err(|e| LoadError::model(id, e))?,
         None => 0,
     };

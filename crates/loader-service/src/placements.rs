@@ -1,18 +1,18 @@
-//! Which placement a load's bytes go to, chosen once per load from its device: host memory for
+//! Which placement a load's bytes go to, chosen once per load from its target: host memory for
 //! the CPU (when loads are exportable, for attach: the files mapped, or a sealed memfd), pinned staging → CUDA for a
 //! GPU (into one exportable CUDA VMM allocation when loads are exportable).
 
 use std::sync::Arc;
 
-use resource_manager::{DeviceId, ResourceManager};
+use resource_manager::{DeviceId, ResourceError, ResourceManager, Target};
 use weights::{HostPlacement, Placement, SharedHostPlacement};
 
 use crate::{LoadError, ModelId};
 
 /// Chooses where a load's bytes land.
 pub trait Placements: Send + Sync {
-    /// The placement of a load of `model` onto `device`.
-    fn placement(&self, device: DeviceId, model: &ModelId) -> Result<Arc<dyn Placement>, LoadError>;
+    /// The placement of a load of `model` onto the devices of `target`.
+    fn placement(&self, target: &Target, model: &ModelId) -> Result<Arc<dyn Placement>, LoadError>;
 }
 
 /// The devices' own placements.
@@ -32,7 +32,15 @@ impl DevicePlacements {
 }
 
 impl Placements for DevicePlacements {
-    fn placement(&self, device: DeviceId, model: &ModelId) -> Result<Arc<dyn Placement>, LoadError> {
+    fn placement(&self, target: &Target, model: &ModelId) -> Result<Arc<dyn Placement>, LoadError> {
+        if !target.is_single() {
+            return Err(ResourceError::DeviceUnavailable {
+                device: target.to_string(),
+                reason: "loads onto several devices are not supported yet".into(),
+            }
+            .into());
+        }
+        let device = target.first();
         match device {
             DeviceId::Cpu if self.exportable => Ok(Arc::new(SharedHostPlacement::new(format!("model-loader:{model}")))),
             DeviceId::Cpu => Ok(Arc::new(HostPlacement)),
@@ -48,7 +56,7 @@ impl Placements for DevicePlacements {
             }
             // `resolve` refuses CUDA devices in this build; a load never gets here with one.
             #[cfg(not(feature = "cuda"))]
-            DeviceId::Cuda(_) => Err(resource_manager::ResourceError::DeviceUnavailable {
+            DeviceId::Cuda(_) => Err(ResourceError::DeviceUnavailable {
                 device: device.to_string(),
                 reason: "this build has no CUDA support".into(),
             }

@@ -21,7 +21,7 @@ use loader_service::{
     },
 };
 use pipeline_manager::PipelineManager;
-use resource_manager::{DeviceId, DeviceRequest, MemoryBudget, ResourceManager};
+use resource_manager::{DeviceRequest, MemoryBudget, ResourceManager, Target};
 use sha2::{Digest, Sha256};
 use state_manager::StateManager;
 use tokio_util::sync::CancellationToken;
@@ -141,7 +141,7 @@ impl Placement for CountingPlacement {
 struct Toy(Arc<CountingPlacement>);
 
 impl Placements for Toy {
-    fn placement(&self, _: DeviceId, _: &ModelId) -> Result<Arc<dyn Placement>, LoadError> {
+    fn placement(&self, _: &Target, _: &ModelId) -> Result<Arc<dyn Placement>, LoadError> {
         Ok(self.0.clone())
     }
 }

@@ -2,7 +2,7 @@
 //! the facts read from their configs (`sample_size`), and the model's small files ([`ModelFile`]:
 //! configs, tokenizer, scheduler) as plain bytes, served to clients that share no filesystem.
 //!
-//! A [`Pipeline`] owns its tensors and its [`ModelAllocation`]: removing it from the store drops
+//! A [`Pipeline`] owns its tensors and its [`Allocations`]: removing it from the store drops
 //! both at once, which is what gives the memory back. A resident tensor is [`TensorData`]: a view
 //! into memory its load's placement owns (a host buffer, a device allocation), or a candle tensor.
 //! Resident tensors may live in [`SharedMemory`] that other processes map; a [`Lease`] is one
@@ -25,7 +25,7 @@ use std::{
 use candle_core::{DType, Tensor};
 use dashmap::DashMap;
 pub use model_id::ModelId;
-use resource_manager::{DeviceId, ModelAllocation};
+use resource_manager::{Allocations, DeviceId, Target};
 use sha2::{Digest, Sha256};
 
 use crate::leases::Clients;
@@ -164,21 +164,21 @@ pub struct Pipeline {
     /// Its checkpoint files, relative to the model's folder, in plan order
     /// (`unet/diffusion_pytorch_model.safetensors`); [`ResidentTensor::file`] indexes them.
     pub weight_files: Vec<String>,
-    pub device: DeviceId,
+    /// The devices its tensors are resident on.
+    pub target: Target,
     pub revision: String,
-    /// For a model on a GPU, the host bytes of its tensors' metadata (names, shapes, views); a
-    /// model on the CPU books them in `allocation`.
-    pub host_allocation: Option<ModelAllocation>,
-    /// The accounting of its bytes. Declared last: fields drop in order, so the tensors are freed
-    /// before the allocation gives their bytes back to the budget (and the heap to the OS).
-    pub allocation: ModelAllocation,
+    /// The accounting of its bytes, per device: its target's, and for a model on a GPU the
+    /// host's for its tensors' metadata (names, shapes, views; a model on the CPU books them with
+    /// its weights). Declared last: fields drop in order, so the tensors are freed before the
+    /// allocations give their bytes back to the budget (and the heap to the OS).
+    pub allocations: Allocations,
 }
 
 impl Drop for Pipeline {
     // Runs before the fields drop: the thread that frees the tensors must be able to (a GPU's
     // context current on it).
     fn drop(&mut self) {
-        self.allocation.prepare_free();
+        self.allocations.prepare_free();
     }
 }
 
@@ -440,15 +440,16 @@ impl PipelineManager {
         Ok(())
     }
 
-    /// The pipelines on `device` without clients, least recently used first.
+    /// The pipelines on `device` (one of their target's) without clients, least recently used
+    /// first, with the bytes they hold there.
     pub fn least_recently_used(&self, device: DeviceId) -> Vec<Resident> {
         let mut resident: Vec<Resident> = self
             .pipelines
             .iter()
-            .filter(|p| p.pipeline.device == device && !p.closed && p.clients.count() == 0)
+            .filter(|p| p.pipeline.target.contains(device) && !p.closed && p.clients.count() == 0)
             .map(|p| Resident {
                 model_id: p.key().clone(),
-                bytes: p.pipeline.allocation.bytes(),
+                bytes: p.pipeline.allocations.bytes(device),
                 last_used: p.last_used,
             })
             .collect();
@@ -486,16 +487,15 @@ mod tests {
     fn pipeline(components: Vec<Component>) -> (ResourceManager, Pipeline) {
         let rm =
             ResourceManager::with_cpu_capacity(1 << 30, MemoryBudget::Bytes(1 << 20), DeviceRequest::Cpu).expect("cpu");
-        let allocation = rm.reserve(DeviceId::Cpu, &id("m"), 0).expect("fits").commit(64);
+        let allocations = rm.reserve_all(&[(DeviceId::Cpu, 0)], &id("m")).expect("fits").commit(|_| 64);
         let pipeline = Pipeline {
             model_id: id("m"),
             components: components.into_iter().map(|c| (c.name.clone(), c)).collect(),
             files: Vec::new(),
             weight_files: Vec::new(),
-            device: DeviceId::Cpu,
+            target: Target::one(DeviceId::Cpu),
             revision: String::new(),
-            host_allocation: None,
-            allocation,
+            allocations,
         };
         (rm, pipeline)
     }
@@ -595,10 +595,9 @@ mod tests {
                 components: BTreeMap::new(),
                 files: Vec::new(),
                 weight_files: Vec::new(),
-                device: DeviceId::Cpu,
+                target: Target::one(DeviceId::Cpu),
                 revision: String::new(),
-                host_allocation: None,
-                allocation: rm.reserve(DeviceId::Cpu, &id, bytes).expect("fits").commit(bytes),
+                allocations: rm.reserve_all(&[(DeviceId::Cpu, bytes)], &id).expect("fits").commit(|_| bytes),
             });
         }
         let order = |store: &PipelineManager| -> Vec<(String, u64)> {

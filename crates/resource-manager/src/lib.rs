@@ -216,6 +216,25 @@ impl ResourceManager {
         Ok(this)
     }
 
+    /// Books alone, for tests: the CPU and fake GPUs `cuda:0..` of the given capacities, each with
+    /// `budget` of it, whatever this build and machine have. Nothing is allocated on them (no
+    /// placement, no staging pool). A feature rather than `cfg(test)`: other crates' tests need
+    /// several GPUs' books too, and no other build can make a device that is not there.
+    #[cfg(any(test, feature = "test-devices"))]
+    pub fn with_test_devices(cpu_capacity: u64, gpu_capacities: &[u64], budget: MemoryBudget) -> Self {
+        let cpu = DeviceMemory::new(DeviceId::Cpu, cpu_capacity, budget.of(cpu_capacity));
+        let gpus = gpu_capacities
+            .iter()
+            .enumerate()
+            .map(|(ordinal, &capacity)| DeviceMemory::new(DeviceId::Cuda(ordinal), capacity, budget.of(capacity)));
+        Self {
+            devices: Arc::new(std::iter::once(cpu).chain(gpus).map(Arc::new).collect()),
+            default_device: DeviceId::Cpu,
+            #[cfg(feature = "cuda")]
+            staging: None,
+        }
+    }
+
     /// The device a request names (or the server's default), if this build and machine have it.
     pub fn resolve(&self, request: Option<DeviceRequest>) -> Result<DeviceId, ResourceError> {
         match request {
@@ -284,21 +303,56 @@ impl ResourceManager {
 
     /// Reserves `bytes` on `device` for a load of `model_id`, or says how far over budget it is.
     pub fn reserve(&self, device: DeviceId, model_id: &ModelId, bytes: u64) -> Result<Reservation, ResourceError> {
-        let memory = self.memory(device)?;
-        memory.book(|ledger| {
+        let mut reservations = self.reserve_all(&[(device, bytes)], model_id)?;
+        reservations.take(device).ok_or_else(|| ResourceError::DeviceUnavailable {
+            device: device.to_string(),
+            reason: "no reservation was made on it".into(),
+        })
+    }
+
+    /// Reserves bytes on several devices for a load of `model_id`, all or none: if one device
+    /// lacks room, nothing is booked anywhere and the error names that device. A load thus never
+    /// holds one device while it waits for another (two loads doing so would wait for each other
+    /// for ever). Every ledger is locked before anything is checked, always in `DeviceId` order,
+    /// so two such calls cannot deadlock. A device named twice needs the sum of its bytes.
+    pub fn reserve_all(&self, needs: &[(DeviceId, u64)], model_id: &ModelId) -> Result<Reservations, ResourceError> {
+        let mut wanted: BTreeMap<DeviceId, u64> = BTreeMap::new();
+        for &(device, bytes) in needs {
+            let sum = wanted.entry(device).or_default();
+            *sum = sum.saturating_add(bytes);
+        }
+        let memories = wanted
+            .into_iter()
+            .map(|(device, bytes)| Ok((self.memory(device)?, bytes)))
+            .collect::<Result<Vec<_>, _>>()?;
+        // In the map's order: `DeviceId` order.
+        let mut ledgers: Vec<MutexGuard<'_, Ledger>> = memories.iter().map(|(memory, _)| memory.ledger()).collect();
+        for ((memory, bytes), ledger) in memories.iter().zip(&ledgers) {
             let free = memory.budget.saturating_sub(ledger.committed());
-            if bytes > free {
+            if *bytes > free {
                 return Err(ResourceError::OverBudget {
-                    device,
+                    device: memory.id,
                     model_id: model_id.to_string(),
-                    needed: bytes,
+                    needed: *bytes,
                     free,
                     budget: memory.budget,
                 });
             }
+        }
+        let mut reservations = BTreeMap::new();
+        for ((memory, bytes), ledger) in memories.iter().zip(ledgers.iter_mut()) {
             *ledger.reserved.entry(model_id.clone()).or_default() += bytes;
-            Ok(Reservation { memory: memory.clone(), model_id: model_id.clone(), bytes })
-        })
+            ledger.peak = ledger.peak.max(ledger.committed());
+            let reservation = Reservation { memory: Arc::clone(memory), model_id: model_id.clone(), bytes: *bytes };
+            reservations.insert(memory.id, reservation);
+        }
+        drop(ledgers);
+        // Only a booking is announced: a refusal changed nothing (waiters woken by it would only
+        // try again and be refused again).
+        for (memory, _) in &memories {
+            memory.changed.send_replace(());
+        }
+        Ok(Reservations(reservations))
     }
 
     /// Memory figures of every device.
@@ -401,6 +455,74 @@ impl Drop for Reservation {
         if self.bytes > 0 {
             self.memory.book(|ledger| release(&mut ledger.reserved, &self.model_id, self.bytes));
         }
+    }
+}
+
+/// One load's reservations, one per device, made together by [`ResourceManager::reserve_all`].
+#[derive(Debug, Default)]
+pub struct Reservations(BTreeMap<DeviceId, Reservation>);
+
+impl Reservations {
+    pub fn get(&self, device: DeviceId) -> Option<&Reservation> {
+        self.0.get(&device)
+    }
+
+    /// The bytes reserved on `device` (0 where none are).
+    pub fn bytes(&self, device: DeviceId) -> u64 {
+        self.get(device).map_or(0, Reservation::bytes)
+    }
+
+    /// Its devices, in `DeviceId` order.
+    pub fn devices(&self) -> impl Iterator<Item = DeviceId> + '_ {
+        self.0.keys().copied()
+    }
+
+    /// Takes the reservation on `device` out of the set.
+    pub fn take(&mut self, device: DeviceId) -> Option<Reservation> {
+        self.0.remove(&device)
+    }
+
+    /// Each reservation replaced by the bytes the model really holds on its device (`actual`).
+    pub fn commit(self, mut actual: impl FnMut(DeviceId) -> u64) -> Allocations {
+        Allocations(self.0.into_iter().map(|(device, r)| (device, r.commit(actual(device)))).collect())
+    }
+
+    /// Every reservation booked as on its way out (see [`Reservation::into_leaving`]).
+    pub fn into_leaving(self) -> Allocations {
+        Allocations(self.0.into_iter().map(|(device, r)| (device, r.into_leaving())).collect())
+    }
+}
+
+/// The bytes a loaded model holds, one [`ModelAllocation`] per device: its weights' devices and,
+/// for a model on a GPU, the host's for its tensors' metadata. Dropped in `DeviceId` order (the
+/// host's first).
+#[derive(Debug, Default)]
+pub struct Allocations(BTreeMap<DeviceId, ModelAllocation>);
+
+impl Allocations {
+    pub fn get(&self, device: DeviceId) -> Option<&ModelAllocation> {
+        self.0.get(&device)
+    }
+
+    /// The bytes held on `device` (0 where none are).
+    pub fn bytes(&self, device: DeviceId) -> u64 {
+        self.get(device).map_or(0, ModelAllocation::bytes)
+    }
+
+    /// Every device's allocation, in `DeviceId` order.
+    pub fn iter(&self) -> impl Iterator<Item = (DeviceId, &ModelAllocation)> {
+        self.0.iter().map(|(&device, a)| (device, a))
+    }
+
+    /// See [`ModelAllocation::prepare_free`], for each device: only a GPU's does anything (a model
+    /// over several GPUs will need each one's context current where its own tensors are freed).
+    pub fn prepare_free(&self) {
+        self.0.values().for_each(ModelAllocation::prepare_free);
+    }
+
+    /// See [`ModelAllocation::leave`]: every device's bytes on their way out.
+    pub fn leave(&self) {
+        self.0.values().for_each(ModelAllocation::leave);
     }
 }
 
@@ -589,5 +711,75 @@ mod tests {
         drop(leaving);
         let usage = m.usage_of(DeviceId::Cpu).expect("cpu");
         assert_eq!((usage.reserved_bytes, usage.used_bytes, usage.leaving_bytes), (0, 0, 0));
+    }
+
+    /// A set of needs is booked whole or not at all: the device short of room is named and the
+    /// others are left untouched; a device named twice needs the sum; the set commits per device.
+    #[test]
+    fn reserve_all_is_all_or_nothing() {
+        let m = ResourceManager::with_test_devices(1000, &[1000, 1000], MemoryBudget::Percent(100.0));
+        let (gpu0, gpu1) = (DeviceId::Cuda(0), DeviceId::Cuda(1));
+        let reserved = |d| m.usage_of(d).expect("device").reserved_bytes;
+        let a = m.reserve_all(&[(gpu1, 600), (gpu0, 600), (DeviceId::Cpu, 10)], &id("a")).expect("fits");
+        assert_eq!(a.devices().collect::<Vec<_>>(), [DeviceId::Cpu, gpu0, gpu1]);
+        let err = m.reserve_all(&[(gpu1, 300), (gpu0, 500)], &id("b")).expect_err("cuda:0 is short");
+        assert_eq!(
+            err,
+            ResourceError::OverBudget { device: gpu0, model_id: "b".into(), needed: 500, free: 400, budget: 1000 }
+        );
+        let err = m.reserve_all(&[(gpu0, 300), (gpu1, 500)], &id("b")).expect_err("cuda:1 is short");
+        assert!(matches!(err, ResourceError::OverBudget { device, .. } if device == gpu1), "{err}");
+        let err = m.reserve_all(&[(DeviceId::Cpu, 5), (DeviceId::Cuda(7), 1)], &id("b")).expect_err("no cuda:7");
+        assert!(matches!(err, ResourceError::DeviceUnavailable { .. }), "{err}");
+        assert_eq!((reserved(DeviceId::Cpu), reserved(gpu0), reserved(gpu1)), (10, 600, 600), "b booked nothing");
+        let twice = m.reserve_all(&[(gpu0, 200), (gpu0, 200)], &id("c")).expect("400 fits on cuda:0");
+        assert_eq!((twice.bytes(gpu0), reserved(gpu0)), (400, 1000));
+        drop(twice);
+        let held = a.commit(|d| if d == DeviceId::Cpu { 8 } else { 500 });
+        assert_eq!((held.bytes(DeviceId::Cpu), held.bytes(gpu0), held.bytes(gpu1)), (8, 500, 500));
+        assert_eq!((reserved(gpu0), m.usage_of(gpu1).expect("cuda:1").used_bytes), (0, 500));
+        held.leave();
+        assert_eq!(m.usage_of(gpu0).expect("cuda:0").leaving_bytes, 500);
+        drop(held);
+        for usage in m.usage() {
+            assert_eq!((usage.used_bytes, usage.reserved_bytes), (0, 0), "{}", usage.device);
+        }
+    }
+
+    /// Two callers that each need more than half of the same two devices, naming them in opposite
+    /// orders, take turns: the ledgers' locks are taken in one order whatever the caller's, so
+    /// the two never wait for each other's second lock. A hang fails the test after a bound.
+    #[test]
+    fn opposite_orders_take_turns() {
+        const ROUNDS: usize = 2000;
+        let m = ResourceManager::with_test_devices(1000, &[1000, 1000], MemoryBudget::Percent(100.0));
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        for (name, order) in
+            [("a", [DeviceId::Cuda(0), DeviceId::Cuda(1)]), ("b", [DeviceId::Cuda(1), DeviceId::Cuda(0)])]
+        {
+            let (m, done, barrier) = (m.clone(), done_tx.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let mut got = 0;
+                while got < ROUNDS {
+                    match m.reserve_all(&[(order[0], 600), (order[1], 600)], &id(name)) {
+                        Ok(both) => {
+                            assert_eq!((both.bytes(order[0]), both.bytes(order[1])), (600, 600));
+                            got += 1;
+                        }
+                        Err(ResourceError::OverBudget { .. }) => {}
+                        Err(e) => panic!("{e}"),
+                    }
+                    std::thread::yield_now();
+                }
+                let _ = done.send(got);
+            });
+        }
+        for _ in 0..2 {
+            let got = done_rx.recv_timeout(std::time::Duration::from_secs(60)).expect("both callers finish");
+            assert_eq!(got, ROUNDS);
+        }
+        assert!(m.usage().iter().all(|u| u.reserved_bytes == 0));
     }
 }

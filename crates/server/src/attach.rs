@@ -381,8 +381,8 @@ async fn lease(manager: &ModelManager, request: &pb::AttachRequest) -> Result<Le
     let load = request.load_if_needed.then_some(asked);
     let lease = manager.attach(&id, load).await.map_err(|e| status::from_manager(&e))?;
     let pipeline = lease.pipeline();
-    if let Some(device) = device.map(DeviceRequest::id).filter(|&d| d != pipeline.device) {
-        let resident = pipeline.device;
+    if let Some(device) = device.map(DeviceRequest::id).filter(|&d| !pipeline.target.contains(d)) {
+        let resident = &pipeline.target;
         return Err(Status::failed_precondition(format!("model {id} is resident on {resident}, not {device}")));
     }
     if let Some(dtype) = dtype {
@@ -435,7 +435,8 @@ fn answer<'a>(
         });
     }
     tensors.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-    let device = pipeline.device.to_string();
+    // One device per load so far: every buffer is on its first.
+    let device = pipeline.target.first().to_string();
     let buffers = memories
         .iter()
         .map(|m| pb::AttachedBuffer {

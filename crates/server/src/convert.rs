@@ -79,7 +79,7 @@ pub fn status(s: ModelStatus) -> pb::ModelStatus {
         model_id: s.model_id.to_string(),
         state: state as i32,
         last_progress: s.last_progress.map(progress),
-        device: s.facts.device,
+        device: s.facts.target.map(|t| t.to_string()).unwrap_or_default(),
         dtype: s.facts.dtype,
         revision: s.facts.revision,
         weight_bytes: s.facts.weight_bytes,

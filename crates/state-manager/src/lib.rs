@@ -15,6 +15,7 @@ use std::{
 };
 
 use dashmap::DashMap;
+use resource_manager::Target;
 use steps::ModelLoadProgress;
 use tokio::sync::{broadcast, watch};
 
@@ -34,8 +35,9 @@ pub use model_id::{ModelId, ModelSource};
 /// Facts about a model's current or last load, shown in its status.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LoadFacts {
-    /// The device name ("cpu", "cuda:0").
-    pub device: String,
+    /// The devices of its current or last load; `None` before one, and once it left (an unload,
+    /// a cancel).
+    pub target: Option<Target>,
     /// The dtype of the resident floating-point tensors ("F32", "BF16", "mixed").
     pub dtype: String,
     /// The resolved revision (a commit for the HF cache; empty for the model root).
@@ -90,8 +92,8 @@ impl ModelStatus {
 /// Something that happened to a model; the table decides whether it may happen now.
 #[derive(Debug, Clone)]
 pub enum Transition {
-    /// A load begins on `device` (from UNLOADED or FAILED).
-    StartLoad { device: String },
+    /// A load begins onto `target`'s devices (from UNLOADED or FAILED).
+    StartLoad { target: Target },
     /// The load finished: the model is resident.
     LoadSucceeded(LoadFacts),
     /// The load failed; the reason and its stable kind are kept for GetModel.
@@ -231,12 +233,12 @@ impl StateManager {
         record.state = next;
         *record_rest = rest;
         match transition {
-            Transition::StartLoad { device } => {
+            Transition::StartLoad { target } => {
                 record.error = None;
                 record.error_kind = None;
                 record.unload_reason = None;
                 record.last_progress = None;
-                record.facts = LoadFacts { device, ..LoadFacts::default() };
+                record.facts = LoadFacts { target: Some(target), ..LoadFacts::default() };
             }
             Transition::LoadSucceeded(facts) => record.facts = facts,
             Transition::LoadFailed { reason, kind } => {
@@ -344,6 +346,10 @@ mod tests {
 
     use super::*;
 
+    fn cpu() -> Target {
+        Target::one(resource_manager::DeviceId::Cpu)
+    }
+
     fn all_states() -> [ModelState; 5] {
         use ModelState as S;
         [S::Unloaded, S::Loading, S::Loaded, S::Unloading, S::Failed]
@@ -351,7 +357,7 @@ mod tests {
 
     fn all_transitions() -> Vec<Transition> {
         vec![
-            Transition::StartLoad { device: "cpu".into() },
+            Transition::StartLoad { target: cpu() },
             Transition::LoadSucceeded(LoadFacts::default()),
             Transition::LoadFailed { reason: "x".into(), kind: "internal" },
             Transition::LoadCancelled,
@@ -381,10 +387,10 @@ mod tests {
     fn models_at_rest_are_forgotten_oldest_first_past_the_bound() {
         let m = StateManager::new(16).with_max_resting(3);
         let fail = |name: &str| {
-            m.apply(&id(name), Transition::StartLoad { device: "cpu".into() }).expect("start");
+            m.apply(&id(name), Transition::StartLoad { target: cpu() }).expect("start");
             m.apply(&id(name), Transition::LoadFailed { reason: "not found".into(), kind: "not_found" }).expect("fail");
         };
-        m.apply(&id("loaded"), Transition::StartLoad { device: "cpu".into() }).expect("start");
+        m.apply(&id("loaded"), Transition::StartLoad { target: cpu() }).expect("start");
         m.apply(&id("loaded"), Transition::LoadSucceeded(LoadFacts::default())).expect("loaded");
         for name in ["a", "b", "c"] {
             fail(name);
@@ -404,8 +410,8 @@ mod tests {
     #[test]
     fn second_start_load_is_refused() {
         let m = StateManager::new(16);
-        m.apply(&id("a"), Transition::StartLoad { device: "cpu".into() }).expect("first load starts");
-        let err = m.apply(&id("a"), Transition::StartLoad { device: "cpu".into() }).expect_err("second is refused");
+        m.apply(&id("a"), Transition::StartLoad { target: cpu() }).expect("first load starts");
+        let err = m.apply(&id("a"), Transition::StartLoad { target: cpu() }).expect_err("second is refused");
         assert_eq!(err.current, ModelState::Loading);
     }
 
@@ -414,18 +420,18 @@ mod tests {
     fn life_cycle_and_failure() {
         let m = StateManager::new(16);
         let mut rx = m.subscribe();
-        m.apply(&id("a"), Transition::StartLoad { device: "cpu".into() }).expect("start");
+        m.apply(&id("a"), Transition::StartLoad { target: cpu() }).expect("start");
         m.record_progress(ModelLoadProgress::new("a", steps::ModelLoadStep::Init));
         let facts = LoadFacts { weight_bytes: 10, ..LoadFacts::default() };
         assert_eq!(m.apply(&id("a"), Transition::LoadSucceeded(facts)).expect("ok").facts.weight_bytes, 10);
         m.apply(&id("a"), Transition::StartUnload { reason: None }).expect("unload");
         assert_eq!(m.apply(&id("a"), Transition::UnloadFinished).expect("done").facts, LoadFacts::default());
-        m.apply(&id("a"), Transition::StartLoad { device: "cpu".into() }).expect("start again");
+        m.apply(&id("a"), Transition::StartLoad { target: cpu() }).expect("start again");
         let failed =
             m.apply(&id("a"), Transition::LoadFailed { reason: "bad file".into(), kind: "corrupt" }).expect("fail");
         assert_eq!(failed.error.as_deref(), Some("bad file"));
         assert_eq!(failed.error_kind, Some("corrupt"));
-        let retried = m.apply(&id("a"), Transition::StartLoad { device: "cpu".into() }).expect("retry");
+        let retried = m.apply(&id("a"), Transition::StartLoad { target: cpu() }).expect("retry");
         assert_eq!((retried.error, retried.error_kind), (None, None));
 
         let mut states = Vec::new();
@@ -442,7 +448,7 @@ mod tests {
     #[test]
     fn unload_reason_lasts_until_the_next_load() {
         let m = StateManager::new(16);
-        m.apply(&id("a"), Transition::StartLoad { device: "cpu".into() }).expect("start");
+        m.apply(&id("a"), Transition::StartLoad { target: cpu() }).expect("start");
         m.apply(&id("a"), Transition::LoadSucceeded(LoadFacts::default())).expect("ok");
         let reason = Some("evicted".to_owned());
         assert_eq!(
@@ -450,17 +456,14 @@ mod tests {
             reason
         );
         assert_eq!(m.apply(&id("a"), Transition::UnloadFinished).expect("done").unload_reason, reason);
-        assert_eq!(
-            m.apply(&id("a"), Transition::StartLoad { device: "cpu".into() }).expect("again").unload_reason,
-            None
-        );
+        assert_eq!(m.apply(&id("a"), Transition::StartLoad { target: cpu() }).expect("again").unload_reason, None);
     }
 
     /// Progress of a model that is not loading is dropped.
     #[test]
     fn late_progress_is_dropped() {
         let m = StateManager::new(16);
-        m.apply(&id("a"), Transition::StartLoad { device: "cpu".into() }).expect("start");
+        m.apply(&id("a"), Transition::StartLoad { target: cpu() }).expect("start");
         m.apply(&id("a"), Transition::LoadCancelled).expect("cancel");
         let mut rx = m.subscribe();
         m.record_progress(ModelLoadProgress::new("a", steps::ModelLoadStep::LoadWeights));
@@ -472,7 +475,7 @@ mod tests {
     #[tokio::test]
     async fn wait_while_wakes_on_change() {
         let m = std::sync::Arc::new(StateManager::new(16));
-        m.apply(&id("a"), Transition::StartLoad { device: "cpu".into() }).expect("start");
+        m.apply(&id("a"), Transition::StartLoad { target: cpu() }).expect("start");
         m.apply(&id("a"), Transition::LoadSucceeded(LoadFacts::default())).expect("ok");
         m.apply(&id("a"), Transition::StartUnload { reason: None }).expect("unload");
         let waiter = tokio::spawn({
