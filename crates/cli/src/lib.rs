@@ -82,12 +82,21 @@ pub enum Command {
         /// Branch, tag or commit [default: main].
         #[arg(long)]
         revision: Option<String>,
-        /// `cpu`, `cuda` or `cuda:N` [default: the server's --device].
+        /// `cpu`, `cuda` or `cuda:N`; several GPUs as `cuda:0,cuda:1` or `cuda:*` [default: the
+        /// server's --device].
         #[arg(long)]
         device: Option<String>,
         /// `f32`, `f16` or `bf16` [default: as stored, or the server's --dtype].
         #[arg(long)]
         dtype: Option<String>,
+        /// Over several GPUs: `split` (each tensor on one, balanced by bytes) or `replicate` (the
+        /// whole model on each) [default: split].
+        #[arg(long)]
+        placement: Option<String>,
+        /// For a split load, where a module goes: `PREFIX=DEVICE` (`model.layers.0=cuda:1`; an
+        /// empty prefix, `=cuda:0`, for the rest); repeatable.
+        #[arg(long = "device-map", value_name = "PREFIX=DEVICE", value_parser = map_entry)]
+        device_map: Vec<(String, String)>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -202,6 +211,14 @@ pub fn run(command: Command, app: impl FnOnce() -> clap::Command) -> ExitCode {
     }
 }
 
+/// One `--device-map` entry, `PREFIX=DEVICE`; the server checks the device.
+fn map_entry(entry: &str) -> Result<(String, String), String> {
+    entry
+        .rsplit_once('=')
+        .map(|(prefix, device)| (prefix.to_owned(), device.to_owned()))
+        .ok_or_else(|| format!("{entry:?} is not PREFIX=DEVICE"))
+}
+
 /// Prints an error for people (or as JSON with `--json`) on stderr.
 fn report(e: &client::Error, output: Output) {
     if output == Output::Json {
@@ -237,8 +254,8 @@ fn options(args: &ClientArgs) -> Result<ConnectOptions, client::Error> {
 async fn execute(command: Command, args: &ClientArgs, output: Output) -> Result<u8, client::Error> {
     let client = Client::connect(&options(args)?).await?;
     match command {
-        Command::Load { model_id, revision, device, dtype, .. } => {
-            let request = LoadRequest { model_id, revision, device, dtype };
+        Command::Load { model_id, revision, device, dtype, placement, device_map, .. } => {
+            let request = LoadRequest { model_id, revision, device, dtype, placement, device_map };
             load::run(&client, request, output).await
         }
         Command::Ps { all, .. } => {

@@ -34,13 +34,18 @@ pub struct Client {
     page_size: u32,
 }
 
-/// What to load: a model id and, optionally, a revision, a device and a dtype.
+/// What to load: a model id and, optionally, a revision, a device (or several GPUs, with their
+/// placement and an explicit device map) and a dtype.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LoadRequest {
     pub model_id: String,
     pub revision: Option<String>,
     pub device: Option<String>,
     pub dtype: Option<String>,
+    /// `split` or `replicate`, for several GPUs.
+    pub placement: Option<String>,
+    /// Module prefixes to devices, for a split load.
+    pub device_map: Vec<(String, String)>,
 }
 
 impl LoadRequest {
@@ -97,8 +102,9 @@ impl Client {
 
     /// Starts (or joins) a load: typed progress, then one [`LoadUpdate::Finished`].
     pub async fn load(&self, request: LoadRequest) -> Result<LoadStream, Error> {
-        let LoadRequest { model_id, revision, device, dtype } = request;
-        let request = pb::LoadModelRequest { model_id, revision, device, dtype };
+        let LoadRequest { model_id, revision, device, dtype, placement, device_map } = request;
+        let device_map = device_map.into_iter().collect();
+        let request = pb::LoadModelRequest { model_id, revision, device, dtype, placement, device_map };
         let stream = self.inner.clone().load_model(request).await?.into_inner();
         Ok(LoadStream::new(stream))
     }
