@@ -13,6 +13,12 @@ pub enum LoadError {
     InvalidRequest(#[from] InvalidRequest),
     #[error(transparent)]
     Resource(#[from] ResourceError),
+    /// A request's device map that does not place the model (checked against its tensors).
+    #[error(transparent)]
+    DeviceMap(#[from] weights::device_map::DeviceMapError),
+    /// Something the request asks that this server does not do (yet).
+    #[error("{0}")]
+    Unsupported(String),
     #[error("the server is shutting down")]
     ShuttingDown,
     /// The sources could not be set up (the hub client); no model is involved.
@@ -89,6 +95,8 @@ pub enum Kind {
     Object(ObjectFailure),
     Cancelled,
     ShuttingDown,
+    /// Asked of the server, which does not do it.
+    Unsupported,
     Internal,
 }
 
@@ -116,6 +124,7 @@ impl Kind {
             Self::Object(failure) => failure.kind(),
             Self::Cancelled => "cancelled",
             Self::ShuttingDown => "shutting_down",
+            Self::Unsupported => "unsupported",
             Self::Internal => "internal",
         }
     }
@@ -148,7 +157,9 @@ impl LoadError {
         use weights::Error as W;
         match self {
             Self::InvalidRequest(_) => Kind::InvalidRequest,
-            Self::Resource(ResourceError::InvalidDevice(_) | ResourceError::InvalidPlacement(_)) => Kind::InvalidDevice,
+            Self::Resource(ResourceError::InvalidDevice(_) | ResourceError::InvalidPlacement(_))
+            | Self::DeviceMap(_) => Kind::InvalidDevice,
+            Self::Unsupported(_) => Kind::Unsupported,
             Self::Resource(ResourceError::DeviceUnavailable { .. }) => Kind::DeviceUnavailable,
             Self::Resource(
                 ResourceError::OverBudget { .. }

@@ -28,7 +28,7 @@ pub use model_source::{
     SourceConfig, Sources,
 };
 use pipeline_manager::{Pipeline, PipelineManager};
-use resource_manager::{ResourceManager, Target};
+use resource_manager::ResourceManager;
 use state_manager::{InvalidTransition, ModelState, StateManager, Transition};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
@@ -37,7 +37,7 @@ pub use weights::{self, CHUNK_BYTES, Layout, MAX_HEADER_BYTES};
 pub use crate::{
     error::{Failure, Kind, LoadError},
     handle::{LoadHandle, LoadOutcome, LoadSubscription, LoadUpdate},
-    placements::{DevicePlacements, Placements},
+    placements::{DevicePlacements, Placements, split_placement},
     request::{DEFAULT_REVISION, InvalidRequest, LoadRequest, ModelId, Revision, TargetDtype},
     room::EvictPolicy,
 };
@@ -176,7 +176,13 @@ impl LoaderService {
     /// Starts a load, or joins the one in flight, or answers "already loaded"; waits for an
     /// unload in progress first. Errors here are about the request itself (nothing began).
     pub async fn load(self: &Arc<Self>, request: LoadRequest) -> Result<LoadSubscription, LoadError> {
-        let target = Target::one(self.resources.resolve(request.device)?);
+        let target = self.resources.resolve_target(request.device.as_ref(), request.placement)?;
+        if !target.is_single() && target.layout() == resource_manager::Layout::Replicate {
+            return Err(placements::replicas_unsupported(&target));
+        }
+        if target.is_single() && !request.device_map.is_empty() {
+            return Err(weights::device_map::DeviceMapError::OneDevice { device: target.first() }.into());
+        }
         let id = request.model_id.clone();
         let wants = Wants { target, dtype: request.dtype.or(self.config.default_dtype) };
         loop {

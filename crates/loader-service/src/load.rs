@@ -15,6 +15,7 @@ use state_manager::{LoadFacts, Transition};
 use steps::{BYTE_PROGRESS_INTERVAL, ByteProgress, ModelLoadStep};
 use weights::{
     LoadPlan, ModelFiles, PlacedTensor, Placement,
+    device_map::DeviceMap,
     read::{ReadFailed, ReadOptions},
 };
 
@@ -145,12 +146,12 @@ impl LoaderService {
             }
             None => located.files.clone(),
         };
-        let (Planning { plan, small_files }, reservations) =
-            self.plan_and_reserve(handle, &devices, target, plan_files).await?;
+        let (Planning { plan, small_files }, map, reservations) =
+            self.plan_and_reserve(handle, &devices, target, &request.device_map, plan_files).await?;
         if let Some(fetch) = &located.fetch {
             self.fetch(handle, fetch.as_ref()).await?;
         }
-        let placement = self.placements.placement(&devices, &id)?;
+        let placement = self.placements.placement(&devices, map.as_ref(), &id)?;
         let Located { files, source, revision, .. } = located;
         let planned = Planned { devices, target, plan, small_files, files, source, revision, placement };
         let (this, handle, span) = (self.clone(), handle.clone(), tracing::Span::current());
@@ -166,29 +167,34 @@ impl LoaderService {
         handle: &LoadHandle,
         devices: &Target,
         target: Option<TargetDtype>,
+        device_map: &[(String, DeviceId)],
         files: Arc<dyn ModelFiles>,
-    ) -> Result<(Planning, Reservations), LoadError> {
+    ) -> Result<(Planning, Option<DeviceMap>, Reservations), LoadError> {
         let planning = plan(handle, files, target).await?;
         let plan = &planning.plan;
         let step = ModelLoadStep::BuildStrategies;
-        // The peak, not the end state: converted tensors are read whole as stored first.
-        let needed = plan.peak_bytes(target);
         let metadata = host_bytes(&planning);
-        let device = single(handle.model_id(), devices)?;
-        let (needs, detail) = if device == DeviceId::Cpu {
-            let total = needed.saturating_add(metadata);
-            (vec![(device, total)], format!("{total} bytes reserved on {device}"))
+        let (needs, map) = if devices.is_single() {
+            // The peak, not the end state: converted tensors are read whole as stored first.
+            (vec![(devices.first(), plan.peak_bytes(target))], None)
         } else {
-            let detail = format!(
-                "{needed} bytes reserved on {device}, {metadata} on cpu for the tensors' metadata and small files"
-            );
-            (vec![(device, needed), (DeviceId::Cpu, metadata)], detail)
+            let explicit = (!device_map.is_empty()).then_some(device_map);
+            let map = DeviceMap::new(plan, devices, target, explicit)?;
+            (map.peak_bytes().collect(), Some(map))
+        };
+        let (needs, detail) = if needs == [(DeviceId::Cpu, needs[0].1)] {
+            let total = needs[0].1.saturating_add(metadata);
+            (vec![(DeviceId::Cpu, total)], format!("{total} bytes reserved on cpu"))
+        } else {
+            let each = needs.iter().map(|(d, bytes)| format!("{bytes} bytes reserved on {d}")).collect::<Vec<_>>();
+            let detail = format!("{}, {metadata} on cpu for the tensors' metadata and small files", each.join(", "));
+            (needs.into_iter().chain([(DeviceId::Cpu, metadata)]).collect(), detail)
         };
         let reservations = self.make_room(handle, &needs, step).await?;
         let small = weights::small_files::describe(&planning.small_files);
         handle.note(step, format!("{}, {small}; {detail}", plan.describe()));
         handle.step(ModelLoadStep::LoadWeights)?;
-        Ok((planning, reservations))
+        Ok((planning, map, reservations))
     }
 
     /// Fetches the missing files with byte progress over all of them (step 4).
@@ -308,15 +314,22 @@ impl LoaderService {
             };
             let source = u32::try_from(t.file).ok().filter(|&f| (f as usize) < weight_files.len());
             let source = source.ok_or_else(|| LoadError::internal(id, "tensor of an unknown file"))?;
-            component.tensors.push(ResidentTensor { name: t.name, data: t.data, is_bool, file: source });
+            let device = u8::try_from(t.device).map_err(|_| LoadError::internal(id, "a tensor's device past 255"))?;
+            component.tensors.push(ResidentTensor { name: t.name, data: t.data, is_bool, file: source, device });
         }
-        let weight_bytes: u64 = components.values().flat_map(|c| &c.tensors).map(ResidentTensor::size_bytes).sum();
-        let device = single(id, &planned.devices)?;
+        // Each device's weights, numbered as the target's devices.
+        let mut on_device = vec![0u64; planned.devices.devices().len()];
+        for t in components.values().flat_map(|c| &c.tensors) {
+            let bytes = on_device.get_mut(usize::from(t.device));
+            *bytes.ok_or_else(|| LoadError::internal(id, "a tensor on none of the load's devices"))? += t.size_bytes();
+        }
+        let weight_bytes: u64 = on_device.iter().sum();
         let reservations = held.reservations.take().ok_or_else(|| LoadError::internal(id, "reservation gone"))?;
         // What the plan's metadata estimate booked stays booked on the host: the resident tensors
         // hold it.
         let allocations = reservations.commit(|d| {
-            let weights = if d == device { weight_bytes } else { 0 };
+            let position = planned.devices.devices().iter().position(|&x| x == d);
+            let weights = position.map_or(0, |i| on_device[i]);
             let metadata = if d == DeviceId::Cpu { metadata_bytes } else { 0 };
             weights.saturating_add(metadata)
         });
@@ -370,15 +383,6 @@ async fn plan(
             what: "reading the model's configs and safetensors headers",
             after: PLAN_IO_BOUND,
         })),
-    }
-}
-
-/// The one device of a load. Nothing builds a target of several yet (the placements refuse one
-/// too): how their bytes are shared out comes with them.
-fn single(id: &ModelId, devices: &Target) -> Result<DeviceId, LoadError> {
-    match devices.devices() {
-        [device] => Ok(*device),
-        _ => Err(LoadError::internal(id, format!("a load onto several devices ({devices}) is not supported yet"))),
     }
 }
 

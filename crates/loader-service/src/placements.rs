@@ -1,18 +1,49 @@
 //! Which placement a load's bytes go to, chosen once per load from its target: host memory for
 //! the CPU (when loads are exportable, for attach: the files mapped, or a sealed memfd), pinned staging → CUDA for a
-//! GPU (into one exportable CUDA VMM allocation when loads are exportable).
+//! GPU (into one exportable CUDA VMM allocation when loads are exportable); over several GPUs,
+//! each GPU's own placement for the tensors its device map gives it ([`split_placement`]).
 
 use std::sync::Arc;
 
-use resource_manager::{DeviceId, ResourceError, ResourceManager, Target};
-use weights::{HostPlacement, Placement, SharedHostPlacement};
+use resource_manager::{DeviceId, Layout, ResourceError, ResourceManager, Target};
+use weights::{HostPlacement, Placement, SharedHostPlacement, SplitPlacement, device_map::DeviceMap};
 
 use crate::{LoadError, ModelId};
 
 /// Chooses where a load's bytes land.
 pub trait Placements: Send + Sync {
-    /// The placement of a load of `model` onto the devices of `target`.
-    fn placement(&self, target: &Target, model: &ModelId) -> Result<Arc<dyn Placement>, LoadError>;
+    /// The placement of a load of `model` onto the devices of `target`; `map` says which device
+    /// each tensor goes to when there are several.
+    fn placement(
+        &self,
+        target: &Target,
+        map: Option<&DeviceMap>,
+        model: &ModelId,
+    ) -> Result<Arc<dyn Placement>, LoadError>;
+}
+
+/// A load over several devices of `target`, each tensor where `map` puts it, through each device's
+/// own placement (`one`): what every [`Placements`] does with several devices.
+pub fn split_placement(
+    target: &Target,
+    map: Option<&DeviceMap>,
+    one: impl Fn(DeviceId) -> Result<Arc<dyn Placement>, LoadError>,
+) -> Result<Arc<dyn Placement>, LoadError> {
+    if target.layout() == Layout::Replicate {
+        return Err(replicas_unsupported(target));
+    }
+    let map = map.ok_or_else(|| LoadError::Unsupported(format!("a load over {target} without a device map")))?;
+    let devices = target.devices().iter().map(|&d| Ok((d, one(d)?))).collect::<Result<Vec<_>, LoadError>>()?;
+    let split = SplitPlacement::new(devices, map).map_err(|e| LoadError::Unsupported(e.to_string()))?;
+    Ok(Arc::new(split))
+}
+
+/// What a replicated load over several devices is answered, until replicas are built.
+pub(crate) fn replicas_unsupported(target: &Target) -> LoadError {
+    LoadError::Unsupported(format!(
+        "placement replicate (a whole copy on each of {target}) is not built yet; placement split loads one \
+         model over several GPUs"
+    ))
 }
 
 /// The devices' own placements.
@@ -32,13 +63,14 @@ impl DevicePlacements {
 }
 
 impl Placements for DevicePlacements {
-    fn placement(&self, target: &Target, model: &ModelId) -> Result<Arc<dyn Placement>, LoadError> {
+    fn placement(
+        &self,
+        target: &Target,
+        map: Option<&DeviceMap>,
+        model: &ModelId,
+    ) -> Result<Arc<dyn Placement>, LoadError> {
         if !target.is_single() {
-            return Err(ResourceError::DeviceUnavailable {
-                device: target.to_string(),
-                reason: "loads onto several devices are not supported yet".into(),
-            }
-            .into());
+            return split_placement(target, map, |d| self.placement(&Target::one(d), None, model));
         }
         let device = target.first();
         match device {

@@ -17,11 +17,12 @@ use loader_service::{
     model_source::{Error, Located, ModelSource, Revision, Source, Wanted},
     weights::{
         self, HostPlacement, ModelFiles, Placed, Placement, ReadAt,
+        device_map::DeviceMap,
         placement::{Chunk, Chunking, Destination, Group},
     },
 };
 use pipeline_manager::PipelineManager;
-use resource_manager::{DeviceRequest, MemoryBudget, ResourceManager, Target};
+use resource_manager::{DeviceId, DeviceRequest, MemoryBudget, ResourceManager, Target, TargetRequest};
 use sha2::{Digest, Sha256};
 use state_manager::StateManager;
 use tokio_util::sync::CancellationToken;
@@ -141,7 +142,7 @@ impl Placement for CountingPlacement {
 struct Toy(Arc<CountingPlacement>);
 
 impl Placements for Toy {
-    fn placement(&self, _: &Target, _: &ModelId) -> Result<Arc<dyn Placement>, LoadError> {
+    fn placement(&self, _: &Target, _: Option<&DeviceMap>, _: &ModelId) -> Result<Arc<dyn Placement>, LoadError> {
         Ok(self.0.clone())
     }
 }
@@ -334,4 +335,163 @@ fn a_load_stalled_in_its_files_is_cancelled_and_frees_its_slot() {
         }
     });
     gate.send(()).expect("the blocked thread is still waiting");
+}
+
+/// Two fake GPUs (books alone), each tensor's bytes in host memory that counts what its device
+/// was given: the devices' placements of a load over several, through the same
+/// `split_placement` the server's own placements use.
+struct FakeGpus(Vec<Arc<CountingPlacement>>);
+
+impl FakeGpus {
+    fn one(&self, device: DeviceId) -> Result<Arc<dyn Placement>, LoadError> {
+        match device {
+            DeviceId::Cuda(n) => Ok(self.0[n].clone()),
+            DeviceId::Cpu => Ok(Arc::new(HostPlacement)),
+        }
+    }
+}
+
+impl Placements for FakeGpus {
+    fn placement(
+        &self,
+        target: &Target,
+        map: Option<&DeviceMap>,
+        _: &ModelId,
+    ) -> Result<Arc<dyn Placement>, LoadError> {
+        if !target.is_single() {
+            return loader_service::split_placement(target, map, |d| self.one(d));
+        }
+        self.one(target.first())
+    }
+}
+
+/// A Llama-like checkpoint: an embedding, `layers` layers of two F32 tensors and a head.
+fn layered(layers: usize) -> (Files, u64) {
+    use safetensors::{Dtype, tensor::TensorView};
+    let mut named: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
+    let mut push = |name: String, rows: usize| {
+        let bytes: Vec<u8> = (0..rows * 16).flat_map(|i| ((i * 31 % 97) as f32).to_le_bytes()).collect();
+        named.push((name, bytes, vec![rows, 16]));
+    };
+    push("model.embed_tokens.weight".into(), 64);
+    for l in 0..layers {
+        push(format!("model.layers.{l}.mlp.weight"), 40 + l * 3);
+        push(format!("model.layers.{l}.attn.weight"), 24);
+    }
+    push("lm_head.weight".into(), 64);
+    let total = named.iter().map(|(_, b, _)| b.len() as u64).sum();
+    let views = named.iter().map(|(n, b, s)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).expect("view")));
+    let file = safetensors::serialize(views, None).expect("serialize");
+    let files = BTreeMap::from([
+        ("config.json".to_owned(), Arc::new(b"{}".to_vec())),
+        ("model.safetensors".to_owned(), Arc::new(file)),
+    ]);
+    (files, total)
+}
+
+/// The end of a load's stream.
+async fn outcome(loader: &Arc<LoaderService>, request: LoadRequest) -> Result<(), String> {
+    let mut stream = loader.load(request).await.map_err(|e| format!("[{}] {e}", e.kind().name()))?;
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(60), stream.next()).await {
+            Ok(Some(LoadUpdate::Done(outcome))) => {
+                break outcome.map_err(|e| format!("[{}] {e}", e.kind().name()));
+            }
+            Ok(Some(LoadUpdate::Progress(_))) => {}
+            Ok(None) => panic!("the stream ended without an outcome"),
+            Err(_) => panic!("no outcome within 60 s"),
+        }
+    }
+}
+
+/// A load over two (fake) GPUs: step 3 reserves each GPU's share, every tensor lands on the GPU
+/// its device map gives it (balanced, or an explicit map) and nowhere else, each GPU's books
+/// hold its tensors' bytes, and removing the model frees every GPU. Bad maps, a GPU short of
+/// room and replicas are refused, naming what is wrong.
+#[test]
+fn a_model_split_over_two_gpus_is_booked_and_placed_per_gpu() {
+    let id = ModelId::parse("toy/layers").expect("id");
+    let (files, total) = layered(6);
+    let source =
+        Arc::new(MemorySource { id: id.clone(), files: Arc::new(MemoryFiles(files)), asked: AtomicUsize::new(0) });
+    let gpus = vec![Arc::new(CountingPlacement::default()), Arc::new(CountingPlacement::default())];
+    // cuda:1 is small enough that the whole model does not fit it alone.
+    let resources =
+        ResourceManager::with_test_devices(1 << 30, &[1 << 20, total * 3 / 4], MemoryBudget::Percent(100.0));
+    let pipelines = Arc::new(PipelineManager::new());
+    let seams = Seams {
+        sources: Sources::new(vec![source], "nothing else is asked"),
+        placements: Arc::new(FakeGpus(gpus.clone())),
+    };
+    let parts = LoaderParts {
+        config: LoaderConfig::default(),
+        state: Arc::new(StateManager::new(64)),
+        resources: resources.clone(),
+        pipelines: pipelines.clone(),
+        cancel: CancellationToken::new(),
+    };
+    let loader = LoaderService::with_seams(parts, seams);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let (gpu0, gpu1) = (DeviceId::Cuda(0), DeviceId::Cuda(1));
+    let used = |d: DeviceId| resources.usage_of(d).expect("device").used_bytes;
+    let request = |device: &str| LoadRequest {
+        device: Some(device.parse::<TargetRequest>().expect("devices")),
+        ..LoadRequest::new(id.clone())
+    };
+
+    // Balanced: each GPU holds about half, whole layers; every byte lands once.
+    runtime.block_on(outcome(&loader, request("cuda:0,cuda:1"))).expect("split load");
+    let pipeline = pipelines.get(&id).expect("registered");
+    assert_eq!(pipeline.target.to_string(), "cuda:0,cuda:1");
+    let infos = pipeline.tensor_infos(false).expect("infos");
+    let on = |d: DeviceId| infos.iter().filter(|t| t.device == d).map(|t| t.size_bytes).sum::<u64>();
+    assert_eq!((on(gpu0) + on(gpu1), used(gpu0), used(gpu1)), (total, on(gpu0), on(gpu1)));
+    let counted = |g: usize| gpus[g].bytes.load(Ordering::SeqCst);
+    assert_eq!((counted(0), counted(1)), (on(gpu0), on(gpu1)), "each GPU's placement got its own tensors' bytes");
+    assert!(on(gpu0).abs_diff(on(gpu1)) <= 64 * 16 * 4, "balanced within one block: {} vs {}", on(gpu0), on(gpu1));
+    for l in 0..6 {
+        let device =
+            |part: &str| infos.iter().find(|t| t.name == format!("model.layers.{l}.{part}.weight")).expect("t").device;
+        assert_eq!(device("mlp"), device("attn"), "layer {l} is whole on one GPU");
+    }
+    drop(pipeline);
+    let freed = loader.unload_loaded(&id, None, false).expect("unloaded");
+    assert!(freed >= total, "{freed} of the weights' {total} bytes");
+    assert_eq!((used(gpu0), used(gpu1)), (0, 0), "unloading frees every GPU");
+
+    // An explicit map: the head on cuda:1, everything else on cuda:0.
+    let explicit =
+        LoadRequest { device_map: vec![(String::new(), gpu0), ("lm_head".into(), gpu1)], ..request("cuda:0,cuda:1") };
+    runtime.block_on(outcome(&loader, explicit)).expect("explicit map");
+    assert_eq!(used(gpu1), 64 * 16 * 4, "only the head on cuda:1");
+    loader.unload_loaded(&id, None, false).expect("unloaded");
+
+    // Refused, each naming what is wrong.
+    let map = |entries: Vec<(&str, DeviceId)>| LoadRequest {
+        device_map: entries.into_iter().map(|(p, d)| (p.to_owned(), d)).collect(),
+        ..request("cuda:0,cuda:1")
+    };
+    let cases = [
+        (
+            map(vec![("", gpu0), ("lm_head", DeviceId::Cuda(3))]),
+            "[invalid_device] the device map sends \"lm_head\" to cuda:3",
+        ),
+        (map(vec![("model.layers", gpu0)]), "[invalid_device] the device map places no device for 2 tensor(s)"),
+        (map(vec![("", gpu0), ("model.layerz", gpu1)]), "[invalid_device] the device map's entry \"model.layerz\""),
+        (map(vec![("", gpu1)]), "[over_budget] not enough memory on cuda:1"),
+        (
+            LoadRequest { placement: Some(resource_manager::Layout::Replicate), ..request("cuda:0,cuda:1") },
+            "[unsupported] placement replicate",
+        ),
+        (
+            LoadRequest { device_map: vec![(String::new(), gpu0)], ..request("cuda:0") },
+            "[invalid_device] a device map places a model over several devices",
+        ),
+        (request("cuda:0,cuda:2"), "[device_unavailable] device cuda:2 is not available"),
+    ];
+    for (request, expected) in cases {
+        let error = runtime.block_on(outcome(&loader, request)).expect_err(expected);
+        assert!(error.starts_with(expected), "{error}\nexpected: {expected}");
+        assert_eq!((used(gpu0), used(gpu1), resources.usage_of(gpu0).expect("d").reserved_bytes), (0, 0, 0));
+    }
 }

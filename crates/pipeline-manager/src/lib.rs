@@ -82,6 +82,9 @@ pub struct ResidentTensor {
     /// The checkpoint file it was read from: an index into [`Pipeline::weight_files`] (a u32
     /// sits in the padding after `is_bool`: a tensor's metadata does not grow).
     pub file: u32,
+    /// Its device: an index into [`Pipeline::target`]'s devices (at most 64 of them; a u8 in the
+    /// same padding).
+    pub device: u8,
 }
 
 impl ResidentTensor {
@@ -187,6 +190,8 @@ impl Drop for Pipeline {
 pub struct TensorInfo {
     /// Prefixed with the component (`unet/conv.weight`) for pipelines.
     pub name: String,
+    /// The device it is resident on.
+    pub device: DeviceId,
     pub dtype: &'static str,
     pub shape: Vec<u64>,
     pub size_bytes: u64,
@@ -231,6 +236,11 @@ impl Pipeline {
     /// The small file at `path`, if the model has it.
     pub fn file(&self, path: &str) -> Option<&Arc<ModelFile>> {
         self.files.binary_search_by(|f| f.path.as_str().cmp(path)).ok().and_then(|i| self.files.get(i))
+    }
+
+    /// The device `tensor` is resident on.
+    pub fn device_of(&self, tensor: &ResidentTensor) -> DeviceId {
+        self.target.devices().get(usize::from(tensor.device)).copied().unwrap_or(self.target.first())
     }
 
     /// The checkpoint file `tensor` was read from ("" if the index is not one of its files).
@@ -292,6 +302,7 @@ impl Pipeline {
                     None
                 };
                 Ok(TensorInfo {
+                    device: self.device_of(t),
                     dtype: t.dtype_name(),
                     shape: t.data.shape().iter().map(|&d| d as u64).collect(),
                     size_bytes: t.size_bytes(),
@@ -500,10 +511,10 @@ mod tests {
         (rm, pipeline)
     }
 
-    /// The file index sits in padding: a resident tensor is as large as before it named its
-    /// file (the budget's per-tensor metadata figure was measured at this size).
+    /// The file and device indexes sit in padding: a resident tensor is as large as before it
+    /// named them (the budget's per-tensor metadata figure was measured at this size).
     #[test]
-    fn naming_the_file_does_not_grow_a_tensor() {
+    fn naming_the_file_and_device_does_not_grow_a_tensor() {
         assert_eq!(std::mem::size_of::<ResidentTensor>(), 48);
     }
 
@@ -514,6 +525,7 @@ mod tests {
             data: Box::new(Tensor::from_vec(values, n, &Device::Cpu).expect("tensor")),
             is_bool: false,
             file: 0,
+            device: 0,
         }
     }
 
@@ -550,6 +562,7 @@ mod tests {
             infos,
             vec![TensorInfo {
                 name: "unet/w".into(),
+                device: DeviceId::Cpu,
                 dtype: "F32",
                 shape: vec![2],
                 size_bytes: 8,

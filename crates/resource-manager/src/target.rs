@@ -126,6 +126,8 @@ impl Target {
         if devices.len() > 1 && devices.contains(&DeviceId::Cpu) {
             return Err(invalid("several devices must all be GPUs"));
         }
+        // One device holds everything either way: one spelling, so equal targets compare equal.
+        let layout = if devices.len() == 1 { Layout::default() } else { layout };
         Ok(Self { devices, layout })
     }
 
@@ -154,16 +156,13 @@ impl Target {
 }
 
 impl fmt::Display for Target {
-    /// `cuda:0`, or `cuda:0,cuda:1` and its layout for several devices.
+    /// `cuda:0`, or `cuda:0,cuda:1` for several devices: the devices as a request lists them.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, d) in self.devices.iter().enumerate() {
             if i > 0 {
                 f.write_str(",")?;
             }
             write!(f, "{d}")?;
-        }
-        if !self.is_single() {
-            write!(f, " ({})", self.layout.name())?;
         }
         Ok(())
     }
@@ -180,7 +179,9 @@ mod tests {
         assert_eq!(one.to_string(), "cpu");
         let two = Target::new(vec![DeviceId::Cuda(1), DeviceId::Cuda(0)], Layout::Replicate).expect("two GPUs");
         assert_eq!((two.first(), two.is_single(), two.contains(DeviceId::Cuda(0))), (DeviceId::Cuda(1), false, true));
-        assert_eq!(two.to_string(), "cuda:1,cuda:0 (replicate)");
+        assert_eq!((two.to_string(), two.layout()), ("cuda:1,cuda:0".into(), Layout::Replicate));
+        let one_replica = Target::new(vec![DeviceId::Cuda(0)], Layout::Replicate).expect("one GPU");
+        assert_eq!(one_replica, Target::one(DeviceId::Cuda(0)), "one device is one target whatever its layout");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::Context;
 use attach::wire;
-use model_manager::{ModelManager, TargetDtype, pipeline_manager::Lease, resource_manager::DeviceRequest};
+use model_manager::{ModelManager, TargetDtype, pipeline_manager::Lease, resource_manager::TargetRequest};
 use pipeline_manager::MemoryKind;
 use prost::Message;
 use proto::v1 as pb;
@@ -376,12 +376,18 @@ async fn lease(manager: &ModelManager, request: &pb::AttachRequest) -> Result<Le
         revision: request.revision.clone(),
         device: request.device.clone(),
         dtype: request.dtype.clone(),
+        ..Default::default()
     })?;
-    let (id, device, dtype) = (asked.model_id.clone(), asked.device, asked.dtype);
+    let (id, device, dtype) = (asked.model_id.clone(), asked.device.clone(), asked.dtype);
     let load = request.load_if_needed.then_some(asked);
     let lease = manager.attach(&id, load).await.map_err(|e| status::from_manager(&e))?;
     let pipeline = lease.pipeline();
-    if let Some(device) = device.map(DeviceRequest::id).filter(|&d| !pipeline.target.contains(d)) {
+    // Every device the request lists must hold the model (`cuda:*`: any GPUs do).
+    let listed = match &device {
+        Some(TargetRequest::Devices(devices)) => devices.iter().map(|d| d.id()).collect(),
+        Some(TargetRequest::AllGpus) | None => Vec::new(),
+    };
+    if let Some(device) = listed.into_iter().find(|&d| !pipeline.target.contains(d)) {
         let resident = &pipeline.target;
         return Err(Status::failed_precondition(format!("model {id} is resident on {resident}, not {device}")));
     }

@@ -4,7 +4,7 @@
 use model_manager::{
     LoadRequest, ModelId, ModelSource, ModelStatus, Revision, TargetDtype,
     pipeline_manager::{ModelFile, TensorInfo},
-    resource_manager::{DeviceRequest, DeviceUsage},
+    resource_manager::{DeviceId, DeviceRequest, DeviceUsage, Layout, TargetRequest},
     state_manager::{ModelState, StateEvent},
     steps::{ModelLoadPhase, ModelLoadProgress},
 };
@@ -28,13 +28,42 @@ pub fn load_request(r: pb::LoadModelRequest) -> Result<LoadRequest, Status> {
         },
         device: match r.device.as_deref() {
             None | Some("") => None,
-            Some(d) => Some(d.parse::<DeviceRequest>().map_err(invalid)?),
+            Some(d) => Some(d.parse::<TargetRequest>().map_err(invalid)?),
         },
+        placement: match r.placement.as_deref() {
+            None | Some("") => None,
+            Some(p) => Some(p.parse::<Layout>().map_err(invalid)?),
+        },
+        device_map: device_map(r.device_map)?,
         dtype: match r.dtype.as_deref() {
             None | Some("") => None,
             Some(d) => Some(d.parse::<TargetDtype>().map_err(invalid)?),
         },
     })
+}
+
+/// The most entries a device map may have: one per module of the largest models (a 100-layer
+/// model has a few hundred), a bound on what a request makes the server hold.
+const MAX_DEVICE_MAP_ENTRIES: usize = 4096;
+
+/// A request's device map, its devices parsed, in prefix order (errors name the same entry
+/// every time).
+fn device_map(map: std::collections::HashMap<String, String>) -> Result<Vec<(String, DeviceId)>, Status> {
+    if map.len() > MAX_DEVICE_MAP_ENTRIES {
+        return Err(invalid(format!("device_map has {} entries, more than {MAX_DEVICE_MAP_ENTRIES}", map.len())));
+    }
+    let mut entries = map
+        .into_iter()
+        .map(|(prefix, device)| {
+            let device = device.parse::<DeviceRequest>().map_err(|e| {
+                let shown: String = prefix.chars().take(64).collect();
+                invalid(format!("device_map[{shown:?}]: {e}"))
+            })?;
+            Ok((prefix, device.id()))
+        })
+        .collect::<Result<Vec<_>, Status>>()?;
+    entries.sort();
+    Ok(entries)
 }
 
 pub fn progress(p: ModelLoadProgress) -> pb::ModelLoadProgress {
@@ -127,6 +156,7 @@ pub fn tensor(t: TensorInfo) -> pb::TensorInfo {
         shape: t.shape,
         size_bytes: t.size_bytes,
         sha256: t.sha256.unwrap_or_default(),
+        device: t.device.to_string(),
     }
 }
 

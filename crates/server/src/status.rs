@@ -46,6 +46,7 @@ pub fn from_load(e: &LoadError) -> Status {
         | Kind::Stalled => Code::Unavailable,
         Kind::Object(ObjectFailure::Changed) => Code::Aborted,
         Kind::Cancelled => Code::Cancelled,
+        Kind::Unsupported => Code::Unimplemented,
         Kind::ReadWeights
         | Kind::PlaceOnDevice
         | Kind::Hub(HubFailure::Other)

@@ -19,7 +19,10 @@ use std::{cmp::Ordering, collections::BTreeMap};
 use model_id::TargetDtype;
 use resource_manager::{DeviceId, Layout, Target};
 
-use crate::plan::{self, LoadPlan};
+use crate::{
+    header,
+    plan::{self, LoadPlan},
+};
 
 /// Why a requested map cannot place the plan: the request's fault (INVALID_ARGUMENT).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -32,6 +35,8 @@ pub enum DeviceMapError {
     Unused { prefix: String },
     #[error("a device map applies to a split load; a replicated one holds every tensor on every device")]
     MapWithReplicate,
+    #[error("a device map places a model over several devices; this load is onto {device} alone")]
+    OneDevice { device: DeviceId },
 }
 
 /// Where each tensor of a plan goes, and what that comes to on each device.
@@ -43,6 +48,9 @@ pub struct DeviceMap {
     assigned: Vec<Option<usize>>,
     /// Resident bytes per device, in the order of `devices`.
     bytes: Vec<u64>,
+    /// The most bytes per device while loading: a tensor converted to another dtype is read
+    /// whole as stored first (as [`LoadPlan::peak_bytes`] counts for one device).
+    peak: Vec<u64>,
 }
 
 impl DeviceMap {
@@ -69,9 +77,14 @@ impl DeviceMap {
         &self.devices
     }
 
-    /// The resident bytes each device holds: what step 3 reserves there.
+    /// The resident bytes each device holds once loaded.
     pub fn bytes(&self) -> impl Iterator<Item = (DeviceId, u64)> + '_ {
         self.devices.iter().copied().zip(self.bytes.iter().copied())
+    }
+
+    /// The most bytes each device holds while loading: what step 3 reserves there.
+    pub fn peak_bytes(&self) -> impl Iterator<Item = (DeviceId, u64)> + '_ {
+        self.devices.iter().copied().zip(self.peak.iter().copied())
     }
 
     /// How many tensors it places (the plan's).
@@ -89,14 +102,18 @@ impl DeviceMap {
 
     fn on(devices: &[DeviceId], tensors: &[Tensor], device: impl Fn(usize) -> Option<usize>) -> Self {
         let assigned: Vec<_> = (0..tensors.len()).map(device).collect();
-        let mut bytes = vec![0u64; devices.len()];
+        let (mut bytes, mut peak) = (vec![0u64; devices.len()], vec![0u64; devices.len()]);
         for (t, a) in tensors.iter().zip(&assigned) {
-            match a {
-                Some(d) => bytes[*d] = bytes[*d].saturating_add(t.bytes),
-                None => bytes.iter_mut().for_each(|b| *b = b.saturating_add(t.bytes)),
+            let on = match a {
+                Some(d) => *d..*d + 1,
+                None => 0..devices.len(),
+            };
+            for d in on {
+                bytes[d] = bytes[d].saturating_add(t.bytes);
+                peak[d] = peak[d].saturating_add(t.peak);
             }
         }
-        Self { devices: devices.to_vec(), assigned, bytes }
+        Self { devices: devices.to_vec(), assigned, bytes, peak }
     }
 
     /// Balanced: the blocks in layer order, each on the device whose equal share of the bytes
@@ -172,6 +189,7 @@ struct Tensor {
     name: String,
     component: usize,
     bytes: u64,
+    peak: u64,
 }
 
 fn tensors(plan: &LoadPlan, dtype: Option<TargetDtype>) -> Vec<Tensor> {
@@ -180,7 +198,10 @@ fn tensors(plan: &LoadPlan, dtype: Option<TargetDtype>) -> Vec<Tensor> {
         for t in component.files.iter().flat_map(|f| &f.tensors) {
             let name =
                 if component.name.is_empty() { t.name.clone() } else { format!("{}/{}", component.name, t.name) };
-            out.push(Tensor { name, component: c, bytes: t.resident_bytes(dtype) });
+            let bytes = t.resident_bytes(dtype);
+            let converted = dtype.is_some_and(|d| header::converts(t.dtype) && t.dtype != d.candle());
+            let peak = bytes.saturating_add(if converted { t.len } else { 0 });
+            out.push(Tensor { name, component: c, bytes, peak });
         }
     }
     out
@@ -445,6 +466,11 @@ mod tests {
         let target = Target::new(gpus(2), Layout::Split).expect("target");
         let as_f32 = DeviceMap::new(&plan, &target, Some(TargetDtype::F32), None).expect("split");
         assert_eq!(as_f32.bytes().map(|(_, b)| b).sum::<u64>(), 2 * plan.resident_bytes(None));
+        // While loading, each device also holds its tensors as stored: the plan's peak, shared out.
+        let peak: u64 = as_f32.peak_bytes().map(|(_, b)| b).sum();
+        assert_eq!(peak, plan.peak_bytes(Some(TargetDtype::F32)));
+        let as_stored = DeviceMap::new(&plan, &target, None, None).expect("split");
+        assert!(as_stored.peak_bytes().eq(as_stored.bytes()), "nothing converted: the peak is the end state");
     }
 
     #[test]

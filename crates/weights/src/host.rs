@@ -167,6 +167,7 @@ impl Placement for HostPlacement {
                 })?;
                 tensors.push(PlacedTensor {
                     component: m.component,
+                    device: 0,
                     file: group.file,
                     name: m.name.clone(),
                     data: Box::new(view),

@@ -175,7 +175,13 @@ fn map_local(plan: &LoadPlan, files: &[&File], identities: &[Identity]) -> Resul
                     file: file_plan.path.clone(),
                     reason: format!("tensor {} lies past the end of the file: truncated while loading?", t.name),
                 })?;
-            tensors.push(PlacedTensor { component, file: index, name: t.name.clone(), data: Box::new(view) });
+            tensors.push(PlacedTensor {
+                component,
+                device: 0,
+                file: index,
+                name: t.name.clone(),
+                data: Box::new(view),
+            });
         }
     }
     Ok(Box::new(Mapped { tensors }))

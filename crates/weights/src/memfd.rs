@@ -170,6 +170,7 @@ impl Placement for SharedHostPlacement {
                     .ok_or_else(|| Error::Internal(format!("tensor {}: its shape does not fit its bytes", m.name)))?;
                 tensors.push(PlacedTensor {
                     component: m.component,
+                    device: 0,
                     file: group.file,
                     name: m.name.clone(),
                     data: Box::new(view),

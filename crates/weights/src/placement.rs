@@ -87,6 +87,8 @@ pub struct Chunking {
 /// destination.
 pub struct PlacedTensor {
     pub component: usize,
+    /// Its device, numbered as the load's (0 but for a load over several devices).
+    pub device: usize,
     /// Numbered as [`LoadPlan::files`] yields them.
     pub file: usize,
     pub name: String,

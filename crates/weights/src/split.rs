@@ -195,7 +195,7 @@ impl Placed for SplitPlaced {
         let mut tensors = Vec::with_capacity(self.order.iter().map(|(_, n)| n).sum());
         for (device, count) in self.order {
             let before = tensors.len();
-            tensors.extend(each[device].by_ref().take(count));
+            tensors.extend(each[device].by_ref().take(count).map(|t| PlacedTensor { device, ..t }));
             if tensors.len() != before + count {
                 return Err(Error::Internal(format!("device {device} placed fewer tensors than its groups hold")));
             }

@@ -299,6 +299,7 @@ pub fn candle_views<E: CopyEngine>(
             .map_err(|e| DeviceError::Tensor { tensor: m.name.clone(), source: e })?;
         into.push(PlacedTensor {
             component: m.component,
+            device: 0,
             file: group.file,
             name: m.name.clone(),
             data: Box::new(view),
@@ -828,9 +829,10 @@ mod tests {
                 tensors.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
                 planned.iter().map(|p| p.name.as_str()).collect::<Vec<_>>()
             );
-            for (t, p) in tensors.iter().zip(planned) {
+            for (i, (t, p)) in tensors.iter().zip(planned).enumerate() {
                 let file_bytes = &data[p.offset as usize..(p.offset + p.len) as usize];
                 assert!(t.data.bytes().expect("bytes").as_ref() == file_bytes, "{} differs (seed {seed})", t.name);
+                assert_eq!(map.devices_of(i), &[target.devices()[t.device]], "{} on its device", t.name);
             }
             let shares: Vec<u64> = map.bytes().map(|(_, b)| b).collect();
             let copied: Vec<u64> = engines.iter().map(|e| e.copied.load(Ordering::Relaxed) as u64).collect();

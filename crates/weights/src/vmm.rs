@@ -132,6 +132,7 @@ impl GroupViews for Engine {
             };
             into.push(PlacedTensor {
                 component: m.component,
+                device: 0,
                 file: group.file,
                 name: m.name.clone(),
                 data: Box::new(view),
