@@ -21,7 +21,8 @@ pub fn manager_on(
     model_root: &Path,
     device: model_manager::resource_manager::DeviceRequest,
 ) -> anyhow::Result<Arc<ModelManager>> {
-    let mut config = ManagerConfig { default_device: device, ..ManagerConfig::default() };
+    let default_device = model_manager::resource_manager::TargetRequest::Devices(vec![device]);
+    let mut config = ManagerConfig { default_device, ..ManagerConfig::default() };
     config.loader.sources.model_root = Some(model_root.to_owned());
     config.loader.sources.offline = true;
     Ok(Arc::new(ModelManager::new(config, &Default::default()).map_err(|e| anyhow!("{e}"))?))

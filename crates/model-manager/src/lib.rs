@@ -12,7 +12,9 @@ use loader_service::{LoaderConfig, LoaderParts, LoaderService, NotUnloaded};
 use pipeline_manager::{
     Attached, FileChanged, Lease, ModelFile, Pipeline, PipelineManager, ReadBackError, TensorInfo, TensorsError,
 };
-use resource_manager::{DeviceRequest, DeviceUsage, MemoryBudget, ResourceError, ResourceManager};
+use resource_manager::{
+    DeviceRequest, DeviceUsage, Layout, MemoryBudget, ResourceError, ResourceManager, TargetRequest,
+};
 use state_manager::{ModelState, StateEvent, StateManager, Transition};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -43,7 +45,10 @@ pub const DEFAULT_PINNED_POOL_BYTES: u64 = 96 << 20;
 pub struct ManagerConfig {
     pub loader: LoaderConfig,
     pub budget: MemoryBudget,
-    pub default_device: DeviceRequest,
+    /// Where loads that name no device go: one device, or several GPUs laid out as
+    /// `default_placement` says.
+    pub default_device: TargetRequest,
+    pub default_placement: Option<Layout>,
     /// See [`DEFAULT_EVENT_CAPACITY`].
     pub event_capacity: usize,
     /// Overrides the CPU capacity read from the machine (tests).
@@ -57,7 +62,8 @@ impl Default for ManagerConfig {
         Self {
             loader: LoaderConfig::default(),
             budget: MemoryBudget::default(),
-            default_device: DeviceRequest::Cpu,
+            default_device: TargetRequest::Devices(vec![DeviceRequest::Cpu]),
+            default_placement: None,
             event_capacity: DEFAULT_EVENT_CAPACITY,
             cpu_capacity: None,
             pinned_pool_bytes: DEFAULT_PINNED_POOL_BYTES,
@@ -147,9 +153,10 @@ impl ModelManager {
         resource_manager::host::configure_allocator();
         let state = Arc::new(StateManager::new(config.event_capacity));
         let mut resources = match config.cpu_capacity {
-            Some(capacity) => ResourceManager::with_cpu_capacity(capacity, config.budget, config.default_device),
-            None => ResourceManager::new(config.budget, config.default_device),
+            Some(capacity) => ResourceManager::with_cpu_capacity(capacity, config.budget, DeviceRequest::Cpu),
+            None => ResourceManager::new(config.budget, DeviceRequest::Cpu),
         }?;
+        resources.set_default_target(&config.default_device, config.default_placement)?;
         resources.allocate_staging(config.pinned_pool_bytes)?;
         let pipelines = Arc::new(PipelineManager::new());
         let loader = LoaderService::new(LoaderParts {

@@ -179,6 +179,9 @@ impl DeviceMemory {
 pub struct ResourceManager {
     devices: Arc<Vec<Arc<DeviceMemory>>>,
     default_device: DeviceId,
+    /// Loads that name no device go here: `default_device` alone unless set to several GPUs
+    /// ([`Self::set_default_target`]).
+    default_target: Option<Target>,
     /// Pinned buffers every GPU load reads through, allocated once ([`Self::allocate_staging`]).
     #[cfg(feature = "cuda")]
     staging: Option<Arc<gpu::PinnedPool>>,
@@ -209,6 +212,7 @@ impl ResourceManager {
         let mut this = Self {
             devices: Arc::new(devices),
             default_device: DeviceId::Cpu,
+            default_target: None,
             #[cfg(feature = "cuda")]
             staging: None,
         };
@@ -230,6 +234,7 @@ impl ResourceManager {
         Self {
             devices: Arc::new(std::iter::once(cpu).chain(gpus).map(Arc::new).collect()),
             default_device: DeviceId::Cpu,
+            default_target: None,
             #[cfg(feature = "cuda")]
             staging: None,
         }

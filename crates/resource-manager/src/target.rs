@@ -44,8 +44,13 @@ impl ResourceManager {
         layout: Option<Layout>,
     ) -> Result<Target, ResourceError> {
         let devices = match request {
-            None => vec![self.resolve(None)?],
+            None => match &self.default_target {
+                Some(default) => default.devices().to_vec(),
+                None => vec![self.resolve(None)?],
+            },
             Some(TargetRequest::Devices(devices)) => {
+                // The list's shape first (invalid whatever the machine), then each device in it.
+                Target::new(devices.iter().map(|d| d.id()).collect(), Layout::default())?;
                 devices.iter().map(|d| self.resolve(Some(*d))).collect::<Result<Vec<_>, _>>()?
             }
             Some(TargetRequest::AllGpus) => {
@@ -60,7 +65,18 @@ impl ResourceManager {
                 gpus
             }
         };
+        let layout =
+            layout.or_else(|| request.is_none().then(|| self.default_target.as_ref().map(Target::layout)).flatten());
         Target::new(devices, layout.unwrap_or_default())
+    }
+
+    /// Where loads that name no device go (`--device`, `--placement`): one device, or several
+    /// GPUs; checked against this build and machine now.
+    pub fn set_default_target(&mut self, request: &TargetRequest, layout: Option<Layout>) -> Result<(), ResourceError> {
+        let target = self.resolve_target(Some(request), layout)?;
+        self.default_device = target.first();
+        self.default_target = Some(target);
+        Ok(())
     }
 }
 
@@ -235,6 +251,24 @@ mod tests {
             let e = resources.resolve_target(Some(&request.parse().expect("parses")), None).expect_err(request);
             assert!(matches!(e, ResourceError::DeviceUnavailable { .. }), "{request}: {e}");
         }
+    }
+
+    /// A default of several GPUs (on fake GPUs' books): loads that name none go there, with its
+    /// layout unless they ask another; a default the machine lacks is refused when set.
+    #[test]
+    fn a_default_target_applies_to_loads_that_name_none() {
+        let mut resources =
+            ResourceManager::with_test_devices(1 << 30, &[1 << 30, 1 << 30], crate::MemoryBudget::Percent(50.0));
+        let both = "cuda:*".parse().expect("every GPU");
+        resources.set_default_target(&both, Some(Layout::Replicate)).expect("two fake GPUs");
+        let gpus = [DeviceId::Cuda(0), DeviceId::Cuda(1)];
+        let default = resources.resolve_target(None, None).expect("default");
+        assert_eq!((default.devices(), default.layout()), (&gpus[..], Layout::Replicate));
+        assert_eq!(resources.resolve_target(None, Some(Layout::Split)).map(|t| t.layout()), Ok(Layout::Split));
+        let cpu = "cpu".parse().expect("cpu");
+        assert_eq!(resources.resolve_target(Some(&cpu), None), Ok(Target::one(DeviceId::Cpu)));
+        let missing = "cuda:0,cuda:5".parse().expect("parses");
+        assert!(matches!(resources.set_default_target(&missing, None), Err(ResourceError::DeviceUnavailable { .. })));
     }
 
     #[test]

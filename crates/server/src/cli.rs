@@ -8,7 +8,7 @@ use crate::{attach::AttachConfig, connections::ConnectionLimits, tls::TlsFiles, 
 use clap::{Parser, ValueEnum, builder::PossibleValuesParser, builder::TypedValueParser as _};
 use model_manager::{
     DEFAULT_EVENT_CAPACITY, EvictPolicy, HubConfig, ManagerConfig, ObjectConfig, SourceConfig, TargetDtype,
-    resource_manager::{DeviceRequest, MemoryBudget},
+    resource_manager::{Layout, MemoryBudget, TargetRequest},
 };
 
 /// Where the server listens unless told otherwise.
@@ -78,9 +78,15 @@ pub struct Cli {
     #[arg(long, env = "MODEL_LOADER_OFFLINE")]
     pub offline: bool,
 
-    /// Device loads go to unless a request names one: "cpu", "cuda" or "cuda:N".
-    #[arg(long, env = "MODEL_LOADER_DEVICE", default_value = "cpu", value_parser = clap::value_parser!(DeviceRequest))]
-    pub device: DeviceRequest,
+    /// Device loads go to unless a request names one: "cpu", "cuda" or "cuda:N"; several GPUs as
+    /// "cuda:0,cuda:1" or "cuda:*" (every GPU).
+    #[arg(long, env = "MODEL_LOADER_DEVICE", default_value = "cpu", value_parser = clap::value_parser!(TargetRequest))]
+    pub device: TargetRequest,
+
+    /// How a model goes over several GPUs unless a request says: "split" (each tensor on one GPU,
+    /// balanced by bytes) or "replicate" (a whole copy on each) [default: split].
+    #[arg(long, env = "MODEL_LOADER_PLACEMENT", value_parser = clap::value_parser!(Layout))]
+    pub placement: Option<Layout>,
 
     /// Convert floating-point tensors to this dtype unless a request names one [default: as stored].
     #[arg(long, env = "MODEL_LOADER_DTYPE", value_parser = clap::value_parser!(TargetDtype))]
@@ -305,6 +311,7 @@ impl Cli {
         let mut manager = ManagerConfig {
             budget: self.memory_budget.unwrap_or_default(),
             default_device: self.device,
+            default_placement: self.placement,
             pinned_pool_bytes: self.pinned_pool.as_u64(),
             event_capacity: DEFAULT_EVENT_CAPACITY,
             ..ManagerConfig::default()
@@ -506,6 +513,13 @@ mod tests {
         assert_eq!(parse(&["--evict", "lru"]).expect("valid").manager.loader.evict, EvictPolicy::Lru);
         assert!(parse(&["--evict", "fifo"]).is_err());
         assert!(parse(&["--device", "gpu"]).expect_err("bad device").contains("--device"));
+        // Several GPUs parse here; whether the machine has them is the start-up's to say.
+        let gpus = parse(&["--device", "cuda:0,cuda:1", "--placement", "replicate"]).expect("valid");
+        assert_eq!(
+            (gpus.manager.default_device, gpus.manager.default_placement),
+            ("cuda:0,cuda:1".parse().expect("two GPUs"), Some(model_manager::resource_manager::Layout::Replicate))
+        );
+        assert!(parse(&["--placement", "mirror"]).expect_err("bad placement").contains("--placement"));
         assert!(parse(&["--dtype", "int4"]).expect_err("bad dtype").contains("--dtype"));
         assert!(parse(&["--preload", "../x"]).expect_err("bad id").contains("--preload"));
         assert!(parse(&["--memory-budget", "lots"]).is_err());

@@ -42,6 +42,7 @@ async fn assert_healthy(client: &mut Client) {
         .into_inner()
         .tensors;
     assert_eq!(tensors.len(), 4);
+    assert!(tensors.iter().all(|t| t.device == "cpu"), "each tensor names its device: {tensors:?}");
     let unloaded = client
         .unload_model(pb::UnloadModelRequest { model_id: GOOD.into(), force: false })
         .await
@@ -187,6 +188,35 @@ async fn bad_dtype_is_invalid_argument() {
 async fn cuda_without_cuda_is_failed_precondition() {
     let requests = ["cuda:0", "cuda"].map(|d| pb::LoadModelRequest { device: Some(d.into()), ..tests::load(GOOD) });
     assert_refused_before_loading(requests.into(), Code::FailedPrecondition, "cuda").await;
+}
+
+/// Several GPUs in a build without CUDA are FAILED_PRECONDITION too, however they are named.
+#[tokio::test]
+async fn several_gpus_without_cuda_are_failed_precondition() {
+    let requests =
+        ["cuda:0,cuda:1", "cuda:*"].map(|d| pb::LoadModelRequest { device: Some(d.into()), ..tests::load(GOOD) });
+    assert_refused_before_loading(requests.into(), Code::FailedPrecondition, "cuda").await;
+}
+
+/// Malformed device lists, placements and device maps are INVALID_ARGUMENT and start no load; so
+/// is a device map for a load onto one device.
+#[tokio::test]
+async fn bad_device_lists_placements_and_maps_are_invalid_argument() {
+    let lists = ["cuda:0,", "cuda:0, cuda:1", "cuda:*,cuda:1", "cpu,cpu", "cpu,cuda:0"]
+        .map(|d| pb::LoadModelRequest { device: Some(d.into()), ..tests::load(GOOD) });
+    assert_refused_before_loading(lists.into(), Code::InvalidArgument, "device").await;
+    let placement = pb::LoadModelRequest { placement: Some("mirror".into()), ..tests::load(GOOD) };
+    assert_refused_before_loading(vec![placement], Code::InvalidArgument, "placement").await;
+    let map = |entries: &[(&str, &str)], device: &str| pb::LoadModelRequest {
+        device: Some(device.into()),
+        device_map: entries.iter().map(|(p, d)| ((*p).to_owned(), (*d).to_owned())).collect(),
+        ..tests::load(GOOD)
+    };
+    // Past the server's cap on entries, within its 64 KiB message limit.
+    let too_many: Vec<(String, String)> = (0..4097).map(|i| (i.to_string(), "cpu".to_owned())).collect();
+    let too_many: Vec<(&str, &str)> = too_many.iter().map(|(p, d)| (p.as_str(), d.as_str())).collect();
+    let maps = vec![map(&[("lm_head", "gpu1")], "cpu"), map(&[("", "cpu")], "cpu"), map(&too_many, "cpu")];
+    assert_refused_before_loading(maps, Code::InvalidArgument, "device").await;
 }
 
 /// Loading an unknown model is NOT_FOUND, after the steps it reached, and leaves it FAILED.
