@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from ._errors import UNKNOWN, LoadError
 from ._proto import model_loader_pb2 as pb2
@@ -66,11 +66,17 @@ def load(
     revision: Optional[str] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    placement: Optional[str] = None,
+    device_map: Optional[Mapping[str, str]] = None,
     progress: bool = True,
     timeout: Optional[float] = None,
     on_progress: Optional[Callable[[pb2.ModelLoadProgress], None]] = None,
 ) -> pb2.ModelLoadProgress:
     """Load a model with LoadModel and follow its progress to the end; returns the last message.
+
+    device: "cpu", "cuda:N", or several GPUs ("cuda:0,cuda:1", "cuda:*"); placement: "split" or
+    "replicate" over several; device_map: for a split load, module prefixes to devices
+    ({"lm_head": "cuda:1", "": "cuda:0"}).
 
     A model that is loading already is joined; a loaded one answers at once (step 8, detail
     "already loaded"). progress: show a tqdm bar (a plain line a step without tqdm). timeout:
@@ -91,6 +97,9 @@ def load(
         request.device = device
     if dtype is not None:
         request.dtype = dtype
+    if placement is not None:
+        request.placement = placement
+    request.device_map.update(device_map or {})
 
     last: Optional[pb2.ModelLoadProgress] = None
     bar = _Progress(model_id, progress)

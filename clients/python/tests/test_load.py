@@ -62,11 +62,21 @@ def test_load_returns_the_last_message(server: tuple[str, Loader]) -> None:
         "org/model", "main", "cpu", "bf16")
 
 
+def test_several_gpus_their_placement_and_device_map_are_sent(server: tuple[str, Loader]) -> None:
+    address, loader = server
+    load("org/model", address, device="cuda:0,cuda:1", placement="split",
+         device_map={"lm_head": "cuda:1", "": "cuda:0"}, progress=False)
+    (request,) = loader.requests
+    assert (request.device, request.placement) == ("cuda:0,cuda:1", "split")
+    assert dict(request.device_map) == {"lm_head": "cuda:1", "": "cuda:0"}
+
+
 def test_optional_fields_stay_unset(server: tuple[str, Loader]) -> None:
     address, loader = server
     load("org/model", address, progress=False)
     (request,) = loader.requests
-    assert not any(request.HasField(f) for f in ("revision", "device", "dtype"))
+    assert not any(request.HasField(f) for f in ("revision", "device", "dtype", "placement"))
+    assert not request.device_map
 
 
 @pytest.mark.parametrize("model_id, code, name", [

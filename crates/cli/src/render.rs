@@ -157,14 +157,20 @@ pub fn resources(devices: &[pb::DeviceResources]) -> Vec<String> {
 
 /// The `tensors` table; the checksum column only when asked for.
 pub fn tensors(tensors: &[pb::TensorInfo], checksums: bool) -> Vec<String> {
-    let mut header = vec!["NAME", "DTYPE", "SHAPE", "SIZE"];
+    let mut header = vec!["NAME", "DTYPE", "SHAPE", "SIZE", "DEVICE"];
     if checksums {
         header.push("SHA256");
     }
     let mut t = table(&header);
     for tensor in tensors {
         let shape = tensor.shape.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
-        let mut row = vec![tensor.name.clone(), tensor.dtype.clone(), format!("[{shape}]"), size(tensor.size_bytes)];
+        let mut row = vec![
+            tensor.name.clone(),
+            tensor.dtype.clone(),
+            format!("[{shape}]"),
+            size(tensor.size_bytes),
+            tensor.device.clone(),
+        ];
         if checksums {
             row.push(tensor.sha256.clone());
         }

@@ -106,6 +106,7 @@ async fn subcommands_print_tables_and_exit_zero() {
     for row in rows {
         let sha = row.split_whitespace().last().expect("a sha256");
         assert!(sha.len() == 64 && sha.chars().all(|c| c.is_ascii_hexdigit()), "{row}");
+        assert_eq!(row.split_whitespace().rev().nth(1), Some("cpu"), "the device before the checksum: {row}");
     }
 
     let resources = cli(&server, &["resources"]).await;
@@ -169,6 +170,7 @@ async fn json_is_one_proto_object_per_line() {
     let tensors = cli(&server, &["tensors", DEMO, "--json", "--checksums"]).await.json();
     assert_eq!(tensors.len(), 18);
     assert!(tensors.iter().all(|t| t["sha256"].as_str().is_some_and(|s| s.len() == 64) && t["shape"].is_array()));
+    assert!(tensors.iter().all(|t| t["device"] == "cpu"), "{tensors:?}");
     let resources = cli(&server, &["resources", "--json"]).await.json();
     assert_eq!(resources[0]["name"], "cpu", "{resources:?}");
     let unload = cli(&server, &["unload", DEMO, "--json"]).await.json();
@@ -302,6 +304,24 @@ async fn server_variables_do_not_reach_client_subcommands() {
     assert!(ps.row(DEMO).contains(&"UNLOADED".to_owned()), "{ps:?}");
     server.sigterm();
     assert!(server.wait_exit(WAIT).await.success());
+}
+
+/// `load` sends a device list, a placement and `--device-map` entries as the server takes them:
+/// here, a server without CUDA refuses the GPUs (exit 4) and a device map for one device (exit 4),
+/// each naming why; an entry that is not `PREFIX=DEVICE` is a usage error (exit 2).
+#[tokio::test]
+async fn load_takes_several_gpus_and_a_device_map() {
+    let server = demo_server().await;
+    let gpus = cli(&server, &["load", DEMO, "--device", "cuda:0,cuda:1", "--placement", "split"]).await;
+    assert_eq!(gpus.code, 4, "{gpus:?}");
+    assert!(gpus.stderr.contains("cuda:0 is not available"), "{gpus:?}");
+    let one =
+        cli(&server, &["load", DEMO, "--device", "cpu", "--device-map", "lm_head=cpu", "--device-map", "=cpu"]).await;
+    assert_eq!(one.code, 4, "{one:?}");
+    assert!(one.stderr.contains("a device map places a model over several devices"), "{one:?}");
+    let usage = cli(&server, &["load", DEMO, "--device-map", "lm_head"]).await;
+    assert_eq!(usage.code, 2, "{usage:?}");
+    assert!(usage.stderr.contains("\"lm_head\" is not PREFIX=DEVICE"), "{usage:?}");
 }
 
 /// A model of one F32 tensor of 2^27 elements (512 MiB): converting it to BF16 in step 7 holds

@@ -82,16 +82,27 @@ class ModelLoadProgress(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., step: _Optional[int] = ..., total: _Optional[int] = ..., phase: _Optional[_Union[ModelLoadPhase, str]] = ..., message: _Optional[str] = ..., detail: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
-    __slots__ = ("model_id", "revision", "device", "dtype")
+    __slots__ = ("model_id", "revision", "device", "dtype", "placement", "device_map")
+    class DeviceMapEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MAP_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     revision: str
     device: str
     dtype: str
-    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
+    placement: str
+    device_map: _containers.ScalarMap[str, str]
+    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., placement: _Optional[str] = ..., device_map: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class WatchModelsRequest(_message.Message):
     __slots__ = ("model_id",)
@@ -244,18 +255,20 @@ class ListTensorsResponse(_message.Message):
     def __init__(self, tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "size_bytes", "sha256")
+    __slots__ = ("name", "dtype", "shape", "size_bytes", "sha256", "device")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     size_bytes: int
     sha256: str
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+    device: str
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class GetModelFilesRequest(_message.Message):
     __slots__ = ("model_id",)
