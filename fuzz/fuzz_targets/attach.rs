@@ -20,7 +20,7 @@ use attach::{AttachRequest, wire};
 use libfuzzer_sys::fuzz_target;
 use model_id::{ModelId, Revision};
 use prost::Message;
-use resource_manager::DeviceRequest;
+use resource_manager::TargetRequest;
 
 /// Past the longest frame a server reads, more bytes change nothing; within it, they fit a
 /// socket's buffer, so one thread can write them all before reading.
@@ -58,6 +58,6 @@ fuzz_target!(|data: &[u8]| {
         let _ = Revision::parse(rev);
     }
     if let Some(device) = request.device.as_deref().filter(|d| !d.is_empty()) {
-        let _ = device.parse::<DeviceRequest>();
+        let _ = device.parse::<TargetRequest>();
     }
 });

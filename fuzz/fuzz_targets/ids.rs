@@ -1,5 +1,6 @@
 //! What a request names, parsed where it enters: the model id (`ModelId::parse`), the revision
-//! (`Revision::parse`), the target dtype and the device (`DeviceRequest`), and the memory budget
+//! (`Revision::parse`), the target dtype and the device (`DeviceRequest`; lists of them,
+//! `TargetRequest`; a placement, `Layout`), and the memory budget
 //! as a flag gives it (`MemoryBudget`). The input, as UTF-8 (request fields are protobuf
 //! strings), goes through each.
 //!
@@ -11,7 +12,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use model_id::{InvalidRequest, ModelId, Revision, TargetDtype};
-use resource_manager::{DeviceRequest, MemoryBudget, ResourceError};
+use resource_manager::{DeviceRequest, Layout, MAX_TARGET_DEVICES, MemoryBudget, ResourceError, TargetRequest};
 
 /// `echo` is the start of `input`, at most `max` characters.
 fn assert_echoes(input: &str, echo: &str, max: usize) {
@@ -62,6 +63,25 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(ResourceError::InvalidDevice(echo)) => assert_echoes(s, &echo, 40),
         Err(e) => panic!("a device is refused as invalid, not {e:?}"),
+    }
+    // Several devices: each comma-separated part a device, at most MAX_TARGET_DEVICES of them, or
+    // `cuda:*`; a refusal echoes at most a bounded prefix.
+    match s.parse::<TargetRequest>() {
+        Ok(TargetRequest::AllGpus) => assert_eq!(s, "cuda:*"),
+        Ok(TargetRequest::Devices(devices)) => {
+            let parts: Vec<&str> = s.split(',').collect();
+            assert!(devices.len() == parts.len() && devices.len() <= MAX_TARGET_DEVICES, "{s:?}");
+            for (device, part) in devices.iter().zip(parts) {
+                assert_eq!(part.parse::<DeviceRequest>().as_ref(), Ok(device), "{part:?} of {s:?}");
+            }
+        }
+        Err(ResourceError::InvalidDevice(echo)) => assert!(echo.chars().count() <= 80, "{echo:?}"),
+        Err(e) => panic!("a device list is refused as invalid, not {e:?}"),
+    }
+    match s.parse::<Layout>() {
+        Ok(layout) => assert_eq!(layout.name(), s),
+        Err(ResourceError::InvalidPlacement(echo)) => assert_echoes(s, &echo, 40),
+        Err(e) => panic!("a placement is refused as invalid, not {e:?}"),
     }
     if let Ok(MemoryBudget::Percent(p)) = s.parse::<MemoryBudget>() {
         assert!(p > 0.0 && p <= 100.0, "{p}% accepted");

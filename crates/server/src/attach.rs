@@ -415,6 +415,9 @@ fn answer<'a>(
 ) -> Result<(pb::AttachResponse, Vec<&'a dyn pipeline_manager::SharedMemory>), Status> {
     let pipeline = lease.pipeline();
     let mut memories: Vec<&dyn pipeline_manager::SharedMemory> = Vec::new();
+    // Each buffer's device: the device of the tensors in it (a model split over GPUs has some
+    // on each).
+    let mut devices = Vec::new();
     let mut index: HashMap<i32, u32> = HashMap::new();
     let mut tensors = Vec::new();
     for (component, t) in pipeline.tensors() {
@@ -428,6 +431,7 @@ fn answer<'a>(
         })?;
         let buffer = *index.entry(region.memory.fd().as_raw_fd()).or_insert_with(|| {
             memories.push(region.memory);
+            devices.push(pipeline.device_of(t));
             (memories.len() - 1) as u32
         });
         tensors.push(pb::AttachedTensor {
@@ -441,17 +445,16 @@ fn answer<'a>(
         });
     }
     tensors.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-    // One device per load so far: every buffer is on its first.
-    let device = pipeline.target.first().to_string();
     let buffers = memories
         .iter()
-        .map(|m| pb::AttachedBuffer {
+        .zip(&devices)
+        .map(|(m, device)| pb::AttachedBuffer {
             kind: match m.kind() {
                 MemoryKind::HostMemfd => pb::BufferKind::HostMemfd,
                 MemoryKind::HostFile => pb::BufferKind::HostFile,
                 MemoryKind::CudaVmm => pb::BufferKind::CudaVmm,
             } as i32,
-            device: device.clone(),
+            device: device.to_string(),
             size_bytes: m.size(),
         })
         .collect();
