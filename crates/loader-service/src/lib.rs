@@ -37,7 +37,7 @@ pub use weights::{self, CHUNK_BYTES, Layout, MAX_HEADER_BYTES};
 pub use crate::{
     error::{Failure, Kind, LoadError},
     handle::{LoadHandle, LoadOutcome, LoadSubscription, LoadUpdate},
-    placements::{DevicePlacements, Placements, split_placement},
+    placements::{DevicePlacements, Placements, placement_over_devices},
     request::{DEFAULT_REVISION, InvalidRequest, LoadRequest, ModelId, Revision, TargetDtype},
     room::EvictPolicy,
 };
@@ -177,9 +177,6 @@ impl LoaderService {
     /// unload in progress first. Errors here are about the request itself (nothing began).
     pub async fn load(self: &Arc<Self>, request: LoadRequest) -> Result<LoadSubscription, LoadError> {
         let target = self.resources.resolve_target(request.device.as_ref(), request.placement)?;
-        if !target.is_single() && target.layout() == resource_manager::Layout::Replicate {
-            return Err(placements::replicas_unsupported(&target));
-        }
         if target.is_single() && !request.device_map.is_empty() {
             return Err(weights::device_map::DeviceMapError::OneDevice { device: target.first() }.into());
         }

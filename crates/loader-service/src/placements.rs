@@ -1,12 +1,15 @@
 //! Which placement a load's bytes go to, chosen once per load from its target: host memory for
 //! the CPU (when loads are exportable, for attach: the files mapped, or a sealed memfd), pinned staging → CUDA for a
 //! GPU (into one exportable CUDA VMM allocation when loads are exportable); over several GPUs,
-//! each GPU's own placement for the tensors its device map gives it ([`split_placement`]).
+//! each GPU's own placement for the tensors its device map gives it, or for a replica
+//! ([`placement_over_devices`]).
 
 use std::sync::Arc;
 
 use resource_manager::{DeviceId, Layout, ResourceError, ResourceManager, Target};
-use weights::{HostPlacement, Placement, SharedHostPlacement, SplitPlacement, device_map::DeviceMap};
+use weights::{
+    HostPlacement, Placement, ReplicatePlacement, SharedHostPlacement, SplitPlacement, device_map::DeviceMap,
+};
 
 use crate::{LoadError, ModelId};
 
@@ -22,28 +25,23 @@ pub trait Placements: Send + Sync {
     ) -> Result<Arc<dyn Placement>, LoadError>;
 }
 
-/// A load over several devices of `target`, each tensor where `map` puts it, through each device's
-/// own placement (`one`): what every [`Placements`] does with several devices.
-pub fn split_placement(
+/// A load over several devices of `target` through each device's own placement (`one`): split,
+/// each tensor where `map` puts it, or a replica on each. What every [`Placements`] does with
+/// several devices.
+pub fn placement_over_devices(
     target: &Target,
     map: Option<&DeviceMap>,
     one: impl Fn(DeviceId) -> Result<Arc<dyn Placement>, LoadError>,
 ) -> Result<Arc<dyn Placement>, LoadError> {
-    if target.layout() == Layout::Replicate {
-        return Err(replicas_unsupported(target));
-    }
-    let map = map.ok_or_else(|| LoadError::Unsupported(format!("a load over {target} without a device map")))?;
     let devices = target.devices().iter().map(|&d| Ok((d, one(d)?))).collect::<Result<Vec<_>, LoadError>>()?;
-    let split = SplitPlacement::new(devices, map).map_err(|e| LoadError::Unsupported(e.to_string()))?;
-    Ok(Arc::new(split))
-}
-
-/// What a replicated load over several devices is answered, until replicas are built.
-pub(crate) fn replicas_unsupported(target: &Target) -> LoadError {
-    LoadError::Unsupported(format!(
-        "placement replicate (a whole copy on each of {target}) is not built yet; placement split loads one \
-         model over several GPUs"
-    ))
+    let unsupported = |e: weights::Error| LoadError::Unsupported(e.to_string());
+    match target.layout() {
+        Layout::Replicate => Ok(Arc::new(ReplicatePlacement::new(devices).map_err(unsupported)?)),
+        Layout::Split => {
+            let map = map.ok_or_else(|| LoadError::Unsupported(format!("a split load over {target} without a map")))?;
+            Ok(Arc::new(SplitPlacement::new(devices, map).map_err(unsupported)?))
+        }
+    }
 }
 
 /// The devices' own placements.
@@ -70,7 +68,7 @@ impl Placements for DevicePlacements {
         model: &ModelId,
     ) -> Result<Arc<dyn Placement>, LoadError> {
         if !target.is_single() {
-            return split_placement(target, map, |d| self.placement(&Target::one(d), None, model));
+            return placement_over_devices(target, map, |d| self.placement(&Target::one(d), None, model));
         }
         let device = target.first();
         match device {

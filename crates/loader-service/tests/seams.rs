@@ -22,7 +22,7 @@ use loader_service::{
     },
 };
 use pipeline_manager::PipelineManager;
-use resource_manager::{DeviceId, DeviceRequest, MemoryBudget, ResourceManager, Target, TargetRequest};
+use resource_manager::{DeviceId, DeviceRequest, Layout, MemoryBudget, ResourceManager, Target, TargetRequest};
 use sha2::{Digest, Sha256};
 use state_manager::StateManager;
 use tokio_util::sync::CancellationToken;
@@ -339,7 +339,7 @@ fn a_load_stalled_in_its_files_is_cancelled_and_frees_its_slot() {
 
 /// Two fake GPUs (books alone), each tensor's bytes in host memory that counts what its device
 /// was given: the devices' placements of a load over several, through the same
-/// `split_placement` the server's own placements use.
+/// `placement_over_devices` the server's own placements use.
 struct FakeGpus(Vec<Arc<CountingPlacement>>);
 
 impl FakeGpus {
@@ -359,7 +359,7 @@ impl Placements for FakeGpus {
         _: &ModelId,
     ) -> Result<Arc<dyn Placement>, LoadError> {
         if !target.is_single() {
-            return loader_service::split_placement(target, map, |d| self.one(d));
+            return loader_service::placement_over_devices(target, map, |d| self.one(d));
         }
         self.one(target.first())
     }
@@ -404,50 +404,81 @@ async fn outcome(loader: &Arc<LoaderService>, request: LoadRequest) -> Result<()
     }
 }
 
-/// A load over two (fake) GPUs: step 3 reserves each GPU's share, every tensor lands on the GPU
-/// its device map gives it (balanced, or an explicit map) and nowhere else, each GPU's books
-/// hold its tensors' bytes, and removing the model frees every GPU. Bad maps, a GPU short of
-/// room and replicas are refused, naming what is wrong.
+/// A loader over three fake GPUs (books alone) loading `toy/layers` from memory: cuda:0 and
+/// cuda:2 of 1 MiB, cuda:1 too small for the whole model.
+struct Gpus {
+    id: ModelId,
+    total: u64,
+    gpus: Vec<Arc<CountingPlacement>>,
+    resources: ResourceManager,
+    pipelines: Arc<PipelineManager>,
+    loader: Arc<LoaderService>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Gpus {
+    fn new() -> Self {
+        let id = ModelId::parse("toy/layers").expect("id");
+        let (files, total) = layered(6);
+        let source =
+            Arc::new(MemorySource { id: id.clone(), files: Arc::new(MemoryFiles(files)), asked: AtomicUsize::new(0) });
+        let gpus: Vec<_> = (0..3).map(|_| Arc::new(CountingPlacement::default())).collect();
+        let capacities = [1 << 20, total * 3 / 4, 1 << 20];
+        let resources = ResourceManager::with_test_devices(1 << 30, &capacities, MemoryBudget::Percent(100.0));
+        let pipelines = Arc::new(PipelineManager::new());
+        let seams = Seams {
+            sources: Sources::new(vec![source], "nothing else is asked"),
+            placements: Arc::new(FakeGpus(gpus.clone())),
+        };
+        let parts = LoaderParts {
+            config: LoaderConfig::default(),
+            state: Arc::new(StateManager::new(64)),
+            resources: resources.clone(),
+            pipelines: pipelines.clone(),
+            cancel: CancellationToken::new(),
+        };
+        let loader = LoaderService::with_seams(parts, seams);
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+        Self { id, total, gpus, resources, pipelines, loader, runtime }
+    }
+
+    fn request(&self, device: &str) -> LoadRequest {
+        LoadRequest {
+            device: Some(device.parse::<TargetRequest>().expect("devices")),
+            ..LoadRequest::new(self.id.clone())
+        }
+    }
+
+    fn load(&self, request: LoadRequest) -> Result<(), String> {
+        self.runtime.block_on(outcome(&self.loader, request))
+    }
+
+    fn used(&self, device: DeviceId) -> u64 {
+        self.resources.usage_of(device).expect("device").used_bytes
+    }
+
+    /// Bytes the placement of cuda:`gpu` was given.
+    fn counted(&self, gpu: usize) -> u64 {
+        self.gpus[gpu].bytes.load(Ordering::SeqCst)
+    }
+}
+
+/// A load split over two (fake) GPUs: step 3 reserves each GPU's share, every tensor lands on the
+/// GPU its device map gives it (balanced, or an explicit map) and nowhere else, each GPU's books
+/// hold its tensors' bytes, and unloading frees every GPU.
 #[test]
 fn a_model_split_over_two_gpus_is_booked_and_placed_per_gpu() {
-    let id = ModelId::parse("toy/layers").expect("id");
-    let (files, total) = layered(6);
-    let source =
-        Arc::new(MemorySource { id: id.clone(), files: Arc::new(MemoryFiles(files)), asked: AtomicUsize::new(0) });
-    let gpus = vec![Arc::new(CountingPlacement::default()), Arc::new(CountingPlacement::default())];
-    // cuda:1 is small enough that the whole model does not fit it alone.
-    let resources =
-        ResourceManager::with_test_devices(1 << 30, &[1 << 20, total * 3 / 4], MemoryBudget::Percent(100.0));
-    let pipelines = Arc::new(PipelineManager::new());
-    let seams = Seams {
-        sources: Sources::new(vec![source], "nothing else is asked"),
-        placements: Arc::new(FakeGpus(gpus.clone())),
-    };
-    let parts = LoaderParts {
-        config: LoaderConfig::default(),
-        state: Arc::new(StateManager::new(64)),
-        resources: resources.clone(),
-        pipelines: pipelines.clone(),
-        cancel: CancellationToken::new(),
-    };
-    let loader = LoaderService::with_seams(parts, seams);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let g = Gpus::new();
     let (gpu0, gpu1) = (DeviceId::Cuda(0), DeviceId::Cuda(1));
-    let used = |d: DeviceId| resources.usage_of(d).expect("device").used_bytes;
-    let request = |device: &str| LoadRequest {
-        device: Some(device.parse::<TargetRequest>().expect("devices")),
-        ..LoadRequest::new(id.clone())
-    };
 
     // Balanced: each GPU holds about half, whole layers; every byte lands once.
-    runtime.block_on(outcome(&loader, request("cuda:0,cuda:1"))).expect("split load");
-    let pipeline = pipelines.get(&id).expect("registered");
+    g.load(g.request("cuda:0,cuda:1")).expect("split load");
+    let pipeline = g.pipelines.get(&g.id).expect("registered");
     assert_eq!(pipeline.target.to_string(), "cuda:0,cuda:1");
     let infos = pipeline.tensor_infos(false).expect("infos");
     let on = |d: DeviceId| infos.iter().filter(|t| t.device == d).map(|t| t.size_bytes).sum::<u64>();
-    assert_eq!((on(gpu0) + on(gpu1), used(gpu0), used(gpu1)), (total, on(gpu0), on(gpu1)));
-    let counted = |g: usize| gpus[g].bytes.load(Ordering::SeqCst);
-    assert_eq!((counted(0), counted(1)), (on(gpu0), on(gpu1)), "each GPU's placement got its own tensors' bytes");
+    assert_eq!((on(gpu0) + on(gpu1), g.used(gpu0), g.used(gpu1)), (g.total, on(gpu0), on(gpu1)));
+    assert_eq!((g.counted(0), g.counted(1)), (on(gpu0), on(gpu1)), "each GPU's placement got its own tensors' bytes");
     assert!(on(gpu0).abs_diff(on(gpu1)) <= 64 * 16 * 4, "balanced within one block: {} vs {}", on(gpu0), on(gpu1));
     for l in 0..6 {
         let device =
@@ -455,21 +486,47 @@ fn a_model_split_over_two_gpus_is_booked_and_placed_per_gpu() {
         assert_eq!(device("mlp"), device("attn"), "layer {l} is whole on one GPU");
     }
     drop(pipeline);
-    let freed = loader.unload_loaded(&id, None, false).expect("unloaded");
-    assert!(freed >= total, "{freed} of the weights' {total} bytes");
-    assert_eq!((used(gpu0), used(gpu1)), (0, 0), "unloading frees every GPU");
+    let freed = g.loader.unload_loaded(&g.id, None, false).expect("unloaded");
+    assert!(freed >= g.total, "{freed} of the weights' {} bytes", g.total);
+    assert_eq!((g.used(gpu0), g.used(gpu1)), (0, 0), "unloading frees every GPU");
 
     // An explicit map: the head on cuda:1, everything else on cuda:0.
-    let explicit =
-        LoadRequest { device_map: vec![(String::new(), gpu0), ("lm_head".into(), gpu1)], ..request("cuda:0,cuda:1") };
-    runtime.block_on(outcome(&loader, explicit)).expect("explicit map");
-    assert_eq!(used(gpu1), 64 * 16 * 4, "only the head on cuda:1");
-    loader.unload_loaded(&id, None, false).expect("unloaded");
+    let map = vec![(String::new(), gpu0), ("lm_head".into(), gpu1)];
+    g.load(LoadRequest { device_map: map, ..g.request("cuda:0,cuda:1") }).expect("explicit map");
+    assert_eq!(g.used(gpu1), 64 * 16 * 4, "only the head on cuda:1");
+    g.loader.unload_loaded(&g.id, None, false).expect("unloaded");
+}
 
-    // Refused, each naming what is wrong.
+/// Replicas: the whole model booked and placed on each of two GPUs, each tensor listed once per
+/// GPU with the same bytes, and an unload frees both.
+#[test]
+fn a_model_replicated_on_two_gpus_is_whole_on_each() {
+    let g = Gpus::new();
+    let (gpu0, gpu1, gpu2) = (DeviceId::Cuda(0), DeviceId::Cuda(1), DeviceId::Cuda(2));
+    g.load(LoadRequest { placement: Some(Layout::Replicate), ..g.request("cuda:0,cuda:2") }).expect("replicas");
+    assert_eq!((g.used(gpu0), g.used(gpu1), g.used(gpu2)), (g.total, 0, g.total));
+    assert_eq!([g.counted(0), g.counted(2)], [g.total, g.total], "each GPU's placement got it all");
+    let pipeline = g.pipelines.get(&g.id).expect("registered");
+    let infos = pipeline.tensor_infos(true).expect("infos");
+    assert_eq!(infos.len(), 2 * 14);
+    for pair in infos.chunks(2) {
+        assert_eq!((&pair[0].name, pair[0].device, pair[1].device), (&pair[1].name, gpu0, gpu2));
+        assert_eq!(pair[0].sha256, pair[1].sha256, "{}: the same bytes on both", pair[0].name);
+    }
+    drop(pipeline);
+    g.loader.unload_loaded(&g.id, None, false).expect("unloaded");
+    assert_eq!((g.used(gpu0), g.used(gpu2)), (0, 0), "unloading frees every replica");
+}
+
+/// Bad maps, a GPU short of room (split or replicated) and a GPU the machine lacks are refused,
+/// each naming what is wrong, with nothing left booked.
+#[test]
+fn loads_over_several_gpus_are_refused_by_name() {
+    let g = Gpus::new();
+    let (gpu0, gpu1) = (DeviceId::Cuda(0), DeviceId::Cuda(1));
     let map = |entries: Vec<(&str, DeviceId)>| LoadRequest {
         device_map: entries.into_iter().map(|(p, d)| (p.to_owned(), d)).collect(),
-        ..request("cuda:0,cuda:1")
+        ..g.request("cuda:0,cuda:1")
     };
     let cases = [
         (
@@ -480,18 +537,19 @@ fn a_model_split_over_two_gpus_is_booked_and_placed_per_gpu() {
         (map(vec![("", gpu0), ("model.layerz", gpu1)]), "[invalid_device] the device map's entry \"model.layerz\""),
         (map(vec![("", gpu1)]), "[over_budget] not enough memory on cuda:1"),
         (
-            LoadRequest { placement: Some(resource_manager::Layout::Replicate), ..request("cuda:0,cuda:1") },
-            "[unsupported] placement replicate",
+            LoadRequest { placement: Some(Layout::Replicate), ..g.request("cuda:0,cuda:1") },
+            "[over_budget] not enough memory on cuda:1",
         ),
         (
-            LoadRequest { device_map: vec![(String::new(), gpu0)], ..request("cuda:0") },
+            LoadRequest { device_map: vec![(String::new(), gpu0)], ..g.request("cuda:0") },
             "[invalid_device] a device map places a model over several devices",
         ),
-        (request("cuda:0,cuda:2"), "[device_unavailable] device cuda:2 is not available"),
+        (g.request("cuda:0,cuda:5"), "[device_unavailable] device cuda:5 is not available"),
     ];
     for (request, expected) in cases {
-        let error = runtime.block_on(outcome(&loader, request)).expect_err(expected);
+        let error = g.load(request).expect_err(expected);
         assert!(error.starts_with(expected), "{error}\nexpected: {expected}");
-        assert_eq!((used(gpu0), used(gpu1), resources.usage_of(gpu0).expect("d").reserved_bytes), (0, 0, 0));
+        let reserved = g.resources.usage_of(gpu0).expect("cuda:0").reserved_bytes;
+        assert_eq!((g.used(gpu0), g.used(gpu1), reserved), (0, 0, 0));
     }
 }

@@ -238,6 +238,11 @@ impl Pipeline {
         self.files.binary_search_by(|f| f.path.as_str().cmp(path)).ok().and_then(|i| self.files.get(i))
     }
 
+    /// Whether it holds a whole copy on each of several devices.
+    pub fn is_replicated(&self) -> bool {
+        !self.target.is_single() && self.target.layout() == resource_manager::Layout::Replicate
+    }
+
     /// The device `tensor` is resident on.
     pub fn device_of(&self, tensor: &ResidentTensor) -> DeviceId {
         self.target.devices().get(usize::from(tensor.device)).copied().unwrap_or(self.target.first())
@@ -315,8 +320,9 @@ impl Pipeline {
             self.check_files()?;
         }
         let mut infos = infos?;
-        // Names are unique: an unstable sort gives the one order.
-        infos.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        // Names are unique on a device (a replicated model has each once per device): an unstable
+        // sort gives the one order.
+        infos.sort_unstable_by(|a, b| a.name.cmp(&b.name).then(a.device.cmp(&b.device)));
         Ok(infos)
     }
 }

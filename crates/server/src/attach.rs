@@ -20,7 +20,11 @@ use std::{
 
 use anyhow::Context;
 use attach::wire;
-use model_manager::{ModelManager, TargetDtype, pipeline_manager::Lease, resource_manager::TargetRequest};
+use model_manager::{
+    ModelManager, TargetDtype,
+    pipeline_manager::Lease,
+    resource_manager::{DeviceId, TargetRequest},
+};
 use pipeline_manager::MemoryKind;
 use prost::Message;
 use proto::v1 as pb;
@@ -309,7 +313,7 @@ async fn connection(
         }
     };
     place.requested();
-    let lease = match lease(manager, &request).await {
+    let (lease, replica) = match lease(manager, &request).await {
         Ok(lease) => lease,
         Err(refusal) => {
             tracing::info!(pid, uid, model_id = %request.model_id, reason = %refusal.message(), "attach refused");
@@ -317,7 +321,7 @@ async fn connection(
             return;
         }
     };
-    let (response, memories) = match answer(manager, &lease, request.include_files) {
+    let (response, memories) = match answer(manager, &lease, request.include_files, replica) {
         Ok(answer) => answer,
         Err(refusal) => {
             let _ = respond(&stream, &error_response(&refusal), &[]).await;
@@ -369,7 +373,9 @@ async fn read_request(stream: &mut UnixStream) -> Result<pb::AttachRequest, Stat
 /// The lease the request asks for, loading the model first where asked to. A device or dtype
 /// the request names must be the resident model's, compared parsed ("cuda" is "cuda:0", "bf16"
 /// is "BF16"), never as strings; an unparsable one is INVALID_ARGUMENT before anything loads.
-async fn lease(manager: &ModelManager, request: &pb::AttachRequest) -> Result<Lease, Status> {
+/// For a model replicated on several GPUs, also the one replica the request names (a consumer
+/// attaches the copy on its own GPU).
+async fn lease(manager: &ModelManager, request: &pb::AttachRequest) -> Result<(Lease, Option<DeviceId>), Status> {
     // LoadModel's own conversion: the same checks and the same errors for the same fields.
     let asked = convert::load_request(pb::LoadModelRequest {
         model_id: request.model_id.clone(),
@@ -383,14 +389,25 @@ async fn lease(manager: &ModelManager, request: &pb::AttachRequest) -> Result<Le
     let lease = manager.attach(&id, load).await.map_err(|e| status::from_manager(&e))?;
     let pipeline = lease.pipeline();
     // Every device the request lists must hold the model (`cuda:*`: any GPUs do).
-    let listed = match &device {
+    let listed: Vec<DeviceId> = match &device {
         Some(TargetRequest::Devices(devices)) => devices.iter().map(|d| d.id()).collect(),
         Some(TargetRequest::AllGpus) | None => Vec::new(),
     };
-    if let Some(device) = listed.into_iter().find(|&d| !pipeline.target.contains(d)) {
+    if let Some(device) = listed.iter().copied().find(|&d| !pipeline.target.contains(d)) {
         let resident = &pipeline.target;
         return Err(Status::failed_precondition(format!("model {id} is resident on {resident}, not {device}")));
     }
+    let replica = match listed.as_slice() {
+        _ if !pipeline.is_replicated() => None,
+        [one] => Some(*one),
+        _ => {
+            let target = &pipeline.target;
+            return Err(Status::failed_precondition(format!(
+                "model {id} has a copy on each of {target}: name the one device to attach ({})",
+                target.first()
+            )));
+        }
+    };
     if let Some(dtype) = dtype {
         let resident = pipeline.dtype_summary();
         if resident.parse::<TargetDtype>().ok() != Some(dtype) {
@@ -400,7 +417,7 @@ async fn lease(manager: &ModelManager, request: &pb::AttachRequest) -> Result<Le
             )));
         }
     }
-    Ok(lease)
+    Ok((lease, replica))
 }
 
 /// The answer for a lease: the model's status, its buffers, its tensors and its small files
@@ -412,6 +429,7 @@ fn answer<'a>(
     manager: &ModelManager,
     lease: &'a Lease,
     include_files: bool,
+    replica: Option<DeviceId>,
 ) -> Result<(pb::AttachResponse, Vec<&'a dyn pipeline_manager::SharedMemory>), Status> {
     let pipeline = lease.pipeline();
     let mut memories: Vec<&dyn pipeline_manager::SharedMemory> = Vec::new();
@@ -420,7 +438,7 @@ fn answer<'a>(
     let mut devices = Vec::new();
     let mut index: HashMap<i32, u32> = HashMap::new();
     let mut tensors = Vec::new();
-    for (component, t) in pipeline.tensors() {
+    for (component, t) in pipeline.tensors().filter(|(_, t)| replica.is_none_or(|d| pipeline.device_of(t) == d)) {
         let name = if component.name.is_empty() { t.name.clone() } else { format!("{}/{}", component.name, t.name) };
         let region = t.data.region().ok_or_else(|| {
             Status::failed_precondition(format!(

@@ -1,6 +1,8 @@
-//! A load split over several devices: each device's own placement takes the groups of the
-//! tensors a [`DeviceMap`] gives it, and the readers fill every device's chunks in one pass over
-//! the files (one read per byte, in file order, whatever device it goes to).
+//! A load over several devices, in one pass over the files (one read per byte, in file order):
+//! split ([`SplitPlacement`]), each device's own placement taking the groups of the tensors a
+//! [`DeviceMap`] gives it; or replicated ([`ReplicatePlacement`]), every device's placement taking
+//! every group, each chunk read once into the first device's memory and copied from there into
+//! the others' (host to host, before each device's own copy to it).
 //!
 //! Each device's [`Placement::place`] lends its memory only for the time its `readers` run, so
 //! the devices' placements are nested: device 0's readers start device 1's placement, and so on;
@@ -86,25 +88,13 @@ impl Placement for SplitPlacement {
             parts[d].1.push(Chunk { group, ..*chunk });
         }
         let placed: Vec<Slot> = (0..n).map(|_| Mutex::new(None)).collect();
-        let nest = Nest { devices: &self.devices, parts: &parts, route: &route, readers, placed: &placed };
+        let nest = Nest { devices: &self.devices, parts: &parts, route: Some(&route), readers, placed: &placed };
         nest.level(0, &[]);
-
-        let mut done = Vec::with_capacity(n);
-        for (d, slot) in placed.into_iter().enumerate() {
-            let bytes = parts[d].0.iter().map(|g| g.len).sum();
-            match resource_manager::sync::into_inner(slot) {
-                Some(Ok(p)) => done.push((self.devices[d].0, bytes, p)),
-                Some(Err(e)) => return Err(e),
-                // A device's placement failed before it lent its memory: its error is above.
-                None => return Err(Error::Internal(format!("{} was never placed", self.devices[d].0))),
-            }
-        }
+        let done = collect(&self.devices, &parts, placed)?;
         let order = groups.iter().map(|g| (g.device.min(n - 1), g.members.len())).collect();
-        Ok(Box::new(SplitPlaced { parts: done, order }))
+        Ok(Box::new(SplitPlaced { parts: done, order: Some(order) }))
     }
 
-    /// Each tensor converts on its own device (a placement's own conversion, which keeps
-    /// converted tensors in exportable memory, is one device's: not used across several).
     fn convert(
         &self,
         tensors: &mut Vec<PlacedTensor>,
@@ -112,12 +102,135 @@ impl Placement for SplitPlacement {
         cancel: &CancellationToken,
         _device: &str,
     ) -> Result<usize, Error> {
-        let devices = self.devices.iter().map(|(d, _)| d.to_string()).collect::<Vec<_>>().join(",");
-        crate::placement::convert_each(tensors, dtype, cancel, |e| {
-            Error::place(&devices, resource_manager::staging::DeviceError::from(e))
+        convert_each_on_its_device(&self.devices, tensors, dtype, cancel)
+    }
+}
+
+/// Each device's placement as it returned, with its bytes; the first error if one failed.
+fn collect(
+    devices: &[(DeviceId, std::sync::Arc<dyn Placement>)],
+    parts: &[(Vec<Group>, Vec<Chunk>)],
+    placed: Vec<Slot>,
+) -> Result<Vec<DevicePlaced>, Error> {
+    let mut done = Vec::with_capacity(devices.len());
+    for (d, slot) in placed.into_iter().enumerate() {
+        let bytes = parts[d].0.iter().map(|g| g.len).sum();
+        match resource_manager::sync::into_inner(slot) {
+            Some(Ok(p)) => done.push((devices[d].0, bytes, p)),
+            Some(Err(e)) => return Err(e),
+            // A device's placement failed before it lent its memory: its error is above.
+            None => return Err(Error::Internal(format!("{} was never placed", devices[d].0))),
+        }
+    }
+    Ok(done)
+}
+
+/// Each tensor converts on its own device (a placement's own conversion, which keeps converted
+/// tensors in exportable memory, is one device's: not used across several).
+fn convert_each_on_its_device(
+    devices: &[(DeviceId, std::sync::Arc<dyn Placement>)],
+    tensors: &mut [PlacedTensor],
+    dtype: DType,
+    cancel: &CancellationToken,
+) -> Result<usize, Error> {
+    let named = devices.iter().map(|(d, _)| d.to_string()).collect::<Vec<_>>().join(",");
+    crate::placement::convert_each(tensors, dtype, cancel, |e| {
+        Error::place(&named, resource_manager::staging::DeviceError::from(e))
+    })
+}
+
+/// Every device's placements holding every tensor: a whole copy of the model on each.
+pub struct ReplicatePlacement {
+    devices: Vec<(DeviceId, std::sync::Arc<dyn Placement>)>,
+}
+
+impl ReplicatePlacement {
+    /// `devices`: a placement for each device, the first read into.
+    pub fn new(devices: Vec<(DeviceId, std::sync::Arc<dyn Placement>)>) -> Result<Self, Error> {
+        if devices.is_empty() {
+            return Err(Error::Internal("a replicated load onto no device".into()));
+        }
+        Ok(Self { devices })
+    }
+}
+
+impl Placement for ReplicatePlacement {
+    /// The first device's, in chunks every device can take.
+    fn chunking(&self, total: u64, threads: usize) -> Chunking {
+        let cut = self.devices[0].1.chunking(total, threads);
+        let most = self.max_chunk();
+        Chunking { chunk: cut.chunk.min(most), edge_chunk: cut.edge_chunk.min(most), ..cut }
+    }
+
+    fn max_chunk(&self) -> usize {
+        self.devices.iter().map(|(_, p)| p.max_chunk()).min().unwrap_or(usize::MAX)
+    }
+
+    fn tensor_align(&self) -> u64 {
+        self.devices.iter().map(|(_, p)| p.tensor_align()).max().unwrap_or(1)
+    }
+
+    fn place(
+        &self,
+        groups: &[Group],
+        chunks: &[Chunk],
+        readers: &(dyn Fn(&dyn Destination) + Sync),
+    ) -> Result<Box<dyn Placed>, Error> {
+        let parts: Vec<(Vec<Group>, Vec<Chunk>)> =
+            self.devices.iter().map(|_| (groups.to_vec(), chunks.to_vec())).collect();
+        let placed: Vec<Slot> = self.devices.iter().map(|_| Mutex::new(None)).collect();
+        let nest = Nest { devices: &self.devices, parts: &parts, route: None, readers, placed: &placed };
+        nest.level(0, &[]);
+        Ok(Box::new(SplitPlaced { parts: collect(&self.devices, &parts, placed)?, order: None }))
+    }
+
+    fn convert(
+        &self,
+        tensors: &mut Vec<PlacedTensor>,
+        dtype: DType,
+        cancel: &CancellationToken,
+        _device: &str,
+    ) -> Result<usize, Error> {
+        convert_each_on_its_device(&self.devices, tensors, dtype, cancel)
+    }
+}
+
+/// Every device's memory for every chunk: read into the first's, copied from there into the
+/// others' (each device's placement then copies it on to its device as for a load of its own).
+struct FanOut<'r> {
+    devices: &'r [&'r dyn Destination],
+}
+
+impl Destination for FanOut<'_> {
+    fn fill(
+        &self,
+        index: usize,
+        stop: &dyn Fn() -> bool,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<(), Error>,
+    ) -> Result<bool, Error> {
+        let Some((first, rest)) = self.devices.split_first() else {
+            return Err(Error::Internal("a fan-out to no device".into()));
+        };
+        first.fill(index, stop, &mut |read| {
+            fill(read)?;
+            for other in rest {
+                // The others wait for a buffer as the first did; a stop while waiting ends the
+                // load (the first device holds bytes the others never got).
+                let copied = other.fill(index, stop, &mut |copy| {
+                    copy.copy_from_slice(read);
+                    Ok(())
+                })?;
+                if !copied {
+                    return Err(Error::Cancelled);
+                }
+            }
+            Ok(())
         })
     }
 }
+
+/// A device, the bytes of its groups, and what its placement placed.
+type DevicePlaced = (DeviceId, u64, Box<dyn Placed>);
 
 /// What one device's placement returned, once it has.
 type Slot = Mutex<Option<Result<Box<dyn Placed>, Error>>>;
@@ -126,7 +239,8 @@ type Slot = Mutex<Option<Result<Box<dyn Placed>, Error>>>;
 struct Nest<'a> {
     devices: &'a [(DeviceId, std::sync::Arc<dyn Placement>)],
     parts: &'a [(Vec<Group>, Vec<Chunk>)],
-    route: &'a [(usize, usize)],
+    /// Each chunk's (device, index on it); `None`: every chunk goes to every device.
+    route: Option<&'a [(usize, usize)]>,
     readers: &'a (dyn Fn(&dyn Destination) + Sync),
     placed: &'a [Slot],
 }
@@ -136,7 +250,10 @@ impl Nest<'_> {
     /// runs the readers over every device's memory (`lent`, one per device before it).
     fn level(&self, level: usize, lent: &[&dyn Destination]) {
         if level == self.devices.len() {
-            (self.readers)(&Route { devices: lent, route: self.route });
+            match self.route {
+                Some(route) => (self.readers)(&Route { devices: lent, route }),
+                None => (self.readers)(&FanOut { devices: lent }),
+            }
             return;
         }
         let (groups, chunks) = &self.parts[level];
@@ -172,9 +289,10 @@ impl Destination for Route<'_> {
 /// Every device's placed groups, until step 6.
 struct SplitPlaced {
     /// Each device, the bytes of its groups, and what it placed.
-    parts: Vec<(DeviceId, u64, Box<dyn Placed>)>,
-    /// Each group of the load, in order: its device and its tensors' count.
-    order: Vec<(usize, usize)>,
+    parts: Vec<DevicePlaced>,
+    /// Each group of a split load, in order: its device and its tensors' count; `None` for
+    /// replicas: every device's tensors, the first device's then the next's.
+    order: Option<Vec<(usize, usize)>>,
 }
 
 impl Placed for SplitPlaced {
@@ -192,8 +310,13 @@ impl Placed for SplitPlaced {
             details.push(format!("{device}: {detail}"));
             each.push(tensors.into_iter());
         }
-        let mut tensors = Vec::with_capacity(self.order.iter().map(|(_, n)| n).sum());
-        for (device, count) in self.order {
+        let Some(order) = self.order else {
+            let tensors =
+                each.into_iter().enumerate().flat_map(|(device, t)| t.map(move |t| PlacedTensor { device, ..t }));
+            return Ok((tensors.collect(), details.join("; ")));
+        };
+        let mut tensors = Vec::with_capacity(order.iter().map(|(_, n)| n).sum());
+        for (device, count) in order {
             let before = tensors.len();
             tensors.extend(each[device].by_ref().take(count).map(|t| PlacedTensor { device, ..t }));
             if tensors.len() != before + count {

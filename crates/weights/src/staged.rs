@@ -867,6 +867,64 @@ mod tests {
         assert_eq!((pools[0].idle(), pools[1].idle()), (2, 2), "every buffer came back");
     }
 
+    /// A file that counts the bytes read from it.
+    struct CountedReads(Arc<dyn ReadAt>, AtomicUsize);
+
+    impl ReadAt for CountedReads {
+        fn size(&self) -> std::io::Result<u64> {
+            self.0.size()
+        }
+
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.1.fetch_add(buf.len(), Ordering::SeqCst);
+            self.0.read_exact_at(buf, offset)
+        }
+    }
+
+    /// Replicas on two fake GPUs: every byte is read from the file once and lands on both, each
+    /// device gets the whole model through its own engine, every tensor comes back once per
+    /// device with its file's bytes, and every buffer of both pools returns.
+    #[test]
+    fn replicas_read_each_byte_once_and_fill_every_device() {
+        use resource_manager::DeviceId;
+
+        use crate::split::ReplicatePlacement;
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let dtypes: Vec<DType> = (0..90).map(|i| [DType::F32, DType::BF16, DType::U8][i % 4 % 3]).collect();
+        let sizes: Vec<usize> = (0..90).map(|i| 1 + (i * 71) % 800).collect();
+        let (plan, files, data) = fixture(dir.path(), &dtypes, &sizes, Some(30));
+        let counted = Arc::new(CountedReads(files[0].clone(), AtomicUsize::new(0)));
+        let files: Vec<Arc<dyn ReadAt>> = vec![counted.clone()];
+        let engines = [LateCopies::new(21), LateCopies::new(22)];
+        let pools = [engines[0].pool(3, 512), engines[1].pool(2, 512)];
+        let devices = (0..2)
+            .map(|d| {
+                let placement =
+                    StagedPlacement::new(Arc::new(engines[d].clone()), pools[d].clone(), format!("fake:{d}"));
+                (DeviceId::Cuda(d), Arc::new(placement) as Arc<dyn Placement>)
+            })
+            .collect();
+        let replicas = ReplicatePlacement::new(devices).expect("replicas");
+        let cancel = CancellationToken::new();
+        let options =
+            ReadOptions { threads: 3, cancel: &cancel, interval: Duration::from_millis(1), chunk_bytes: None };
+        let placed = read_into(&replicas, &plan, &files, options, |_, _| {}).map_err(|e| e.error).expect("replicas");
+        let (tensors, _) = placed.finish(plan.read_bytes(), Duration::from_millis(1)).expect("finish");
+        assert_eq!(counted.1.load(Ordering::SeqCst) as u64, plan.read_bytes(), "each byte read once");
+        let copied: Vec<u64> = engines.iter().map(|e| e.copied.load(Ordering::Relaxed) as u64).collect();
+        assert_eq!(copied, [plan.read_bytes(); 2], "each device got the whole model");
+        let planned = &plan.components[0].files[0].tensors;
+        assert_eq!(tensors.len(), 2 * planned.len());
+        for (i, t) in tensors.iter().enumerate() {
+            let p = &planned[i % planned.len()];
+            assert_eq!((t.name.as_str(), t.device), (p.name.as_str(), i / planned.len()));
+            let file_bytes = &data[p.offset as usize..(p.offset + p.len) as usize];
+            assert!(t.data.bytes().expect("bytes").as_ref() == file_bytes, "{} on device {}", t.name, t.device);
+        }
+        assert_eq!((pools[0].idle(), pools[1].idle()), (3, 2), "every buffer came back");
+    }
+
     /// Groups never span two devices.
     #[test]
     fn groups_end_where_the_device_changes() {

@@ -435,7 +435,8 @@ export type ModelStatus = Message<"modelloader.v1.ModelStatus"> & {
    * device_unavailable, over_budget, not_found, path_escapes, pickle_only, unsupported_dtype,
    * corrupt, bad_config, over_limit (a file past a limit of the server: a JSON side file, a small
    * file or a model's small files in all, the tensors of a model), not_a_file, read_weights,
-   * stalled, place_on_device, cancelled, shutting_down, internal; from the Hugging Face Hub:
+   * stalled, place_on_device, cancelled, shutting_down, unsupported (asked of the server, which
+   * does not do it: UNIMPLEMENTED), internal; from the Hugging Face Hub:
    * hub_not_found, hub_unauthenticated, hub_permission_denied, hub_unavailable, hub_other; from an
    * object store: object_not_found, object_unauthenticated, object_permission_denied,
    * object_unavailable, object_changed, object_other; and for calls on a model rather than a
