@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use resource_manager::{DeviceId, Layout, ResourceError, ResourceManager, Target};
+use resource_manager::{DeviceId, Layout, ResourceManager, Target};
 use weights::{
     HostPlacement, Placement, ReplicatePlacement, SharedHostPlacement, SplitPlacement, device_map::DeviceMap,
 };
@@ -86,7 +86,7 @@ impl Placements for DevicePlacements {
             }
             // `resolve` refuses CUDA devices in this build; a load never gets here with one.
             #[cfg(not(feature = "cuda"))]
-            DeviceId::Cuda(_) => Err(ResourceError::DeviceUnavailable {
+            DeviceId::Cuda(_) => Err(resource_manager::ResourceError::DeviceUnavailable {
                 device: device.to_string(),
                 reason: "this build has no CUDA support".into(),
             }
