@@ -182,7 +182,8 @@ impl LoaderService {
             let map = DeviceMap::new(plan, devices, target, explicit)?;
             (map.peak_bytes().collect(), Some(map))
         };
-        let (needs, detail) = if needs == [(DeviceId::Cpu, needs[0].1)] {
+        // On the CPU alone, the weights and the host's bytes are one reservation on one device.
+        let (needs, detail) = if devices.devices() == [DeviceId::Cpu] {
             let total = needs[0].1.saturating_add(metadata);
             (vec![(DeviceId::Cpu, total)], format!("{total} bytes reserved on cpu"))
         } else {

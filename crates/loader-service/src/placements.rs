@@ -7,9 +7,7 @@
 use std::sync::Arc;
 
 use resource_manager::{DeviceId, Layout, ResourceManager, Target};
-use weights::{
-    HostPlacement, Placement, ReplicatePlacement, SharedHostPlacement, SplitPlacement, device_map::DeviceMap,
-};
+use weights::{DevicesPlacement, HostPlacement, Placement, SharedHostPlacement, device_map::DeviceMap};
 
 use crate::{LoadError, ModelId};
 
@@ -36,10 +34,10 @@ pub fn placement_over_devices(
     let devices = target.devices().iter().map(|&d| Ok((d, one(d)?))).collect::<Result<Vec<_>, LoadError>>()?;
     let unsupported = |e: weights::Error| LoadError::Unsupported(e.to_string());
     match target.layout() {
-        Layout::Replicate => Ok(Arc::new(ReplicatePlacement::new(devices).map_err(unsupported)?)),
+        Layout::Replicate => Ok(Arc::new(DevicesPlacement::replicate(devices).map_err(unsupported)?)),
         Layout::Split => {
             let map = map.ok_or_else(|| LoadError::Unsupported(format!("a split load over {target} without a map")))?;
-            Ok(Arc::new(SplitPlacement::new(devices, map).map_err(unsupported)?))
+            Ok(Arc::new(DevicesPlacement::split(devices, map).map_err(unsupported)?))
         }
     }
 }

@@ -222,7 +222,8 @@ mod tests {
         ModelId::parse(s).expect("id")
     }
 
-    /// A loader over `resources` that loads nothing itself (an empty model root).
+    /// A loader over `resources` whose model root is the returned folder (empty until a test
+    /// writes a model there).
     fn service(resources: &ResourceManager, evict: EvictPolicy) -> (tempfile::TempDir, Arc<LoaderService>) {
         let root = tempfile::tempdir().expect("temp dir");
         let mut config = LoaderConfig { evict, ..LoaderConfig::default() };
@@ -350,27 +351,15 @@ mod tests {
     /// (saying so) instead of being refused, and loads when it comes.
     #[tokio::test]
     async fn a_load_waits_for_memory_on_its_way_back() {
-        let root = tempfile::tempdir().expect("temp dir");
+        let resources =
+            ResourceManager::with_cpu_capacity(1 << 30, MemoryBudget::Bytes(10_000), DeviceRequest::Cpu).expect("cpu");
+        let (root, service) = service(&resources, EvictPolicy::None);
         let dir = root.path().join("m");
         std::fs::create_dir_all(&dir).expect("model folder");
         std::fs::write(dir.join("config.json"), "{}").expect("config");
         let data = vec![0u8; 4000];
         let view = TensorView::new(Dtype::F32, vec![1000], &data).expect("view");
         safetensors::serialize_to_file([("w", view)], None, &dir.join("model.safetensors")).expect("weights");
-
-        let resources =
-            ResourceManager::with_cpu_capacity(1 << 30, MemoryBudget::Bytes(10_000), DeviceRequest::Cpu).expect("cpu");
-        let mut config = LoaderConfig::default();
-        config.sources.model_root = Some(root.path().to_owned());
-        config.sources.offline = true;
-        let service = LoaderService::new(crate::LoaderParts {
-            config,
-            state: Arc::new(StateManager::new(64)),
-            resources: resources.clone(),
-            pipelines: Arc::new(PipelineManager::new()),
-            cancel: Default::default(),
-        })
-        .expect("service");
         // Another model's 8,000 bytes are on their way out: 2,000 free, 4,000 needed, the
         // tensor's metadata and the config's 2 bytes (a small file kept with the model).
         let leaving = resources

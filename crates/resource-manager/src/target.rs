@@ -65,9 +65,9 @@ impl ResourceManager {
                 gpus
             }
         };
-        let layout =
-            layout.or_else(|| request.is_none().then(|| self.default_target.as_ref().map(Target::layout)).flatten());
-        Target::new(devices, layout.unwrap_or_default())
+        // A load that names no device takes the default's layout too, unless it asks another.
+        let default_layout = self.default_target.as_ref().filter(|_| request.is_none()).map(Target::layout);
+        Target::new(devices, layout.or(default_layout).unwrap_or_default())
     }
 
     /// Where loads that name no device go (`--device`, `--placement`): one device, or several

@@ -40,6 +40,6 @@ pub use crate::{
     memfd::{Memfd, SharedHostPlacement},
     placement::{Placed, PlacedTensor, Placement},
     plan::{Layout, LoadPlan},
-    split::{ReplicatePlacement, SplitPlacement},
+    split::DevicesPlacement,
     staged::StagedPlacement,
 };

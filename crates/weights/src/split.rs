@@ -1,6 +1,7 @@
 //! A load over several devices, in one pass over the files (one read per byte, in file order):
-//! split ([`SplitPlacement`]), each device's own placement taking the groups of the tensors a
-//! [`DeviceMap`] gives it; or replicated ([`ReplicatePlacement`]), every device's placement taking
+//! split ([`DevicesPlacement::split`]), each device's own placement taking the groups of the
+//! tensors a [`DeviceMap`] gives it; or replicated ([`DevicesPlacement::replicate`]), every device's
+//! placement taking
 //! every group, each chunk read once into the first device's memory and copied from there into
 //! the others' (host to host, before each device's own copy to it).
 //!
@@ -21,16 +22,17 @@ use crate::{
     placement::{Chunk, Chunking, Destination, Group, Placed, PlacedTensor, Placement},
 };
 
-/// Several devices' placements as one, each tensor on the device its map says.
-pub struct SplitPlacement {
+/// Several devices' placements as one: each tensor on the device its map says (split), or every
+/// tensor on every device (replicas).
+pub struct DevicesPlacement {
     devices: Vec<(DeviceId, std::sync::Arc<dyn Placement>)>,
-    /// The index in `devices` of each tensor, in plan order.
-    device_of: Vec<usize>,
+    /// The index in `devices` of each tensor, in plan order; `None`: replicas.
+    device_of: Option<Vec<usize>>,
 }
 
-impl SplitPlacement {
-    /// `devices`: a placement for each of the map's devices, in the map's order.
-    pub fn new(devices: Vec<(DeviceId, std::sync::Arc<dyn Placement>)>, map: &DeviceMap) -> Result<Self, Error> {
+impl DevicesPlacement {
+    /// Split: `devices`, a placement for each of the map's devices, in the map's order.
+    pub fn split(devices: Vec<(DeviceId, std::sync::Arc<dyn Placement>)>, map: &DeviceMap) -> Result<Self, Error> {
         let named: Vec<DeviceId> = devices.iter().map(|(d, _)| *d).collect();
         if named != map.devices() {
             return Err(Error::Internal(format!("placements for {named:?}, a map over {:?}", map.devices())));
@@ -41,11 +43,19 @@ impl SplitPlacement {
                 _ => Err(Error::Internal("a split load's map holds a replicated tensor".into())),
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { devices, device_of })
+        Ok(Self { devices, device_of: Some(device_of) })
+    }
+
+    /// Replicas: a placement for each device, the first read into.
+    pub fn replicate(devices: Vec<(DeviceId, std::sync::Arc<dyn Placement>)>) -> Result<Self, Error> {
+        if devices.is_empty() {
+            return Err(Error::Internal("a replicated load onto no device".into()));
+        }
+        Ok(Self { devices, device_of: None })
     }
 }
 
-impl Placement for SplitPlacement {
+impl Placement for DevicesPlacement {
     /// The first device's, in chunks every device can take.
     fn chunking(&self, total: u64, threads: usize) -> Chunking {
         let cut = self.devices[0].1.chunking(total, threads);
@@ -62,7 +72,7 @@ impl Placement for SplitPlacement {
     }
 
     fn device_of(&self, index: usize) -> usize {
-        self.device_of.get(index).copied().unwrap_or(0)
+        self.device_of.as_ref().and_then(|d| d.get(index)).copied().unwrap_or(0)
     }
 
     fn place(
@@ -72,29 +82,32 @@ impl Placement for SplitPlacement {
         readers: &(dyn Fn(&dyn Destination) + Sync),
     ) -> Result<Box<dyn Placed>, Error> {
         let n = self.devices.len();
-        // Each device's groups and chunks, renumbered as its own; each chunk's (device, index).
-        let mut parts: Vec<(Vec<Group>, Vec<Chunk>)> = vec![(Vec::new(), Vec::new()); n];
-        let mut local_group = Vec::with_capacity(groups.len());
-        for group in groups {
-            let d = group.device.min(n - 1);
-            local_group.push((d, parts[d].0.len()));
-            parts[d].0.push(group.clone());
-        }
-        let mut route = Vec::with_capacity(chunks.len());
-        for chunk in chunks {
-            let &(d, group) =
-                local_group.get(chunk.group).ok_or_else(|| Error::Internal(format!("chunk {chunk:?} of no group")))?;
-            route.push((d, parts[d].1.len()));
-            parts[d].1.push(Chunk { group, ..*chunk });
-        }
+        let (parts, route, order) = match self.device_of {
+            None => (vec![(groups.to_vec(), chunks.to_vec()); n], None, None),
+            Some(_) => {
+                let (parts, route) = split_up(groups, chunks, n)?;
+                let order = groups.iter().map(|g| (g.device.min(n - 1), g.members.len())).collect();
+                (parts, Some(route), Some(order))
+            }
+        };
         let placed: Vec<Slot> = (0..n).map(|_| Mutex::new(None)).collect();
-        let nest = Nest { devices: &self.devices, parts: &parts, route: Some(&route), readers, placed: &placed };
+        let nest = Nest { devices: &self.devices, parts: &parts, route: route.as_deref(), readers, placed: &placed };
         nest.level(0, &[]);
-        let done = collect(&self.devices, &parts, placed)?;
-        let order = groups.iter().map(|g| (g.device.min(n - 1), g.members.len())).collect();
-        Ok(Box::new(SplitPlaced { parts: done, order: Some(order) }))
+        let mut done = Vec::with_capacity(n);
+        for (d, slot) in placed.into_iter().enumerate() {
+            let bytes = parts[d].0.iter().map(|g| g.len).sum();
+            match resource_manager::sync::into_inner(slot) {
+                Some(Ok(p)) => done.push((self.devices[d].0, bytes, p)),
+                Some(Err(e)) => return Err(e),
+                // A device's placement failed before it lent its memory: its error is above.
+                None => return Err(Error::Internal(format!("{} was never placed", self.devices[d].0))),
+            }
+        }
+        Ok(Box::new(DevicesPlaced { parts: done, order }))
     }
 
+    /// Each tensor converts on its own device (a placement's own conversion, which keeps
+    /// converted tensors in exportable memory, is one device's: not used across several).
     fn convert(
         &self,
         tensors: &mut Vec<PlacedTensor>,
@@ -102,97 +115,36 @@ impl Placement for SplitPlacement {
         cancel: &CancellationToken,
         _device: &str,
     ) -> Result<usize, Error> {
-        convert_each_on_its_device(&self.devices, tensors, dtype, cancel)
+        let named = self.devices.iter().map(|(d, _)| d.to_string()).collect::<Vec<_>>().join(",");
+        crate::placement::convert_each(tensors, dtype, cancel, |e| {
+            Error::place(&named, resource_manager::staging::DeviceError::from(e))
+        })
     }
 }
 
-/// Each device's placement as it returned, with its bytes; the first error if one failed.
-fn collect(
-    devices: &[(DeviceId, std::sync::Arc<dyn Placement>)],
-    parts: &[(Vec<Group>, Vec<Chunk>)],
-    placed: Vec<Slot>,
-) -> Result<Vec<DevicePlaced>, Error> {
-    let mut done = Vec::with_capacity(devices.len());
-    for (d, slot) in placed.into_iter().enumerate() {
-        let bytes = parts[d].0.iter().map(|g| g.len).sum();
-        match resource_manager::sync::into_inner(slot) {
-            Some(Ok(p)) => done.push((devices[d].0, bytes, p)),
-            Some(Err(e)) => return Err(e),
-            // A device's placement failed before it lent its memory: its error is above.
-            None => return Err(Error::Internal(format!("{} was never placed", devices[d].0))),
-        }
+/// A split load's groups and chunks per device, renumbered as each device's own, and each chunk's
+/// (device, index on it).
+#[allow(clippy::type_complexity)] // two plain lists, named by the comment
+fn split_up(
+    groups: &[Group],
+    chunks: &[Chunk],
+    n: usize,
+) -> Result<(Vec<(Vec<Group>, Vec<Chunk>)>, Vec<(usize, usize)>), Error> {
+    let mut parts: Vec<(Vec<Group>, Vec<Chunk>)> = vec![(Vec::new(), Vec::new()); n];
+    let mut local_group = Vec::with_capacity(groups.len());
+    for group in groups {
+        let d = group.device.min(n - 1);
+        local_group.push((d, parts[d].0.len()));
+        parts[d].0.push(group.clone());
     }
-    Ok(done)
-}
-
-/// Each tensor converts on its own device (a placement's own conversion, which keeps converted
-/// tensors in exportable memory, is one device's: not used across several).
-fn convert_each_on_its_device(
-    devices: &[(DeviceId, std::sync::Arc<dyn Placement>)],
-    tensors: &mut [PlacedTensor],
-    dtype: DType,
-    cancel: &CancellationToken,
-) -> Result<usize, Error> {
-    let named = devices.iter().map(|(d, _)| d.to_string()).collect::<Vec<_>>().join(",");
-    crate::placement::convert_each(tensors, dtype, cancel, |e| {
-        Error::place(&named, resource_manager::staging::DeviceError::from(e))
-    })
-}
-
-/// Every device's placements holding every tensor: a whole copy of the model on each.
-pub struct ReplicatePlacement {
-    devices: Vec<(DeviceId, std::sync::Arc<dyn Placement>)>,
-}
-
-impl ReplicatePlacement {
-    /// `devices`: a placement for each device, the first read into.
-    pub fn new(devices: Vec<(DeviceId, std::sync::Arc<dyn Placement>)>) -> Result<Self, Error> {
-        if devices.is_empty() {
-            return Err(Error::Internal("a replicated load onto no device".into()));
-        }
-        Ok(Self { devices })
+    let mut route = Vec::with_capacity(chunks.len());
+    for chunk in chunks {
+        let &(d, group) =
+            local_group.get(chunk.group).ok_or_else(|| Error::Internal(format!("chunk {chunk:?} of no group")))?;
+        route.push((d, parts[d].1.len()));
+        parts[d].1.push(Chunk { group, ..*chunk });
     }
-}
-
-impl Placement for ReplicatePlacement {
-    /// The first device's, in chunks every device can take.
-    fn chunking(&self, total: u64, threads: usize) -> Chunking {
-        let cut = self.devices[0].1.chunking(total, threads);
-        let most = self.max_chunk();
-        Chunking { chunk: cut.chunk.min(most), edge_chunk: cut.edge_chunk.min(most), ..cut }
-    }
-
-    fn max_chunk(&self) -> usize {
-        self.devices.iter().map(|(_, p)| p.max_chunk()).min().unwrap_or(usize::MAX)
-    }
-
-    fn tensor_align(&self) -> u64 {
-        self.devices.iter().map(|(_, p)| p.tensor_align()).max().unwrap_or(1)
-    }
-
-    fn place(
-        &self,
-        groups: &[Group],
-        chunks: &[Chunk],
-        readers: &(dyn Fn(&dyn Destination) + Sync),
-    ) -> Result<Box<dyn Placed>, Error> {
-        let parts: Vec<(Vec<Group>, Vec<Chunk>)> =
-            self.devices.iter().map(|_| (groups.to_vec(), chunks.to_vec())).collect();
-        let placed: Vec<Slot> = self.devices.iter().map(|_| Mutex::new(None)).collect();
-        let nest = Nest { devices: &self.devices, parts: &parts, route: None, readers, placed: &placed };
-        nest.level(0, &[]);
-        Ok(Box::new(SplitPlaced { parts: collect(&self.devices, &parts, placed)?, order: None }))
-    }
-
-    fn convert(
-        &self,
-        tensors: &mut Vec<PlacedTensor>,
-        dtype: DType,
-        cancel: &CancellationToken,
-        _device: &str,
-    ) -> Result<usize, Error> {
-        convert_each_on_its_device(&self.devices, tensors, dtype, cancel)
-    }
+    Ok((parts, route))
 }
 
 /// Every device's memory for every chunk: read into the first's, copied from there into the
@@ -287,7 +239,7 @@ impl Destination for Route<'_> {
 }
 
 /// Every device's placed groups, until step 6.
-struct SplitPlaced {
+struct DevicesPlaced {
     /// Each device, the bytes of its groups, and what it placed.
     parts: Vec<DevicePlaced>,
     /// Each group of a split load, in order: its device and its tensors' count; `None` for
@@ -295,7 +247,7 @@ struct SplitPlaced {
     order: Option<Vec<(usize, usize)>>,
 }
 
-impl Placed for SplitPlaced {
+impl Placed for DevicesPlaced {
     fn read_detail(&self, _total: u64, reading: Duration, threads: usize) -> String {
         let each = self.parts.iter().map(|(d, bytes, p)| format!("{d}: {}", p.read_detail(*bytes, reading, threads)));
         each.collect::<Vec<_>>().join("; ")

@@ -798,7 +798,7 @@ mod tests {
     fn a_split_load_fills_two_devices_from_one_pass() {
         use resource_manager::{DeviceId, Layout, Target};
 
-        use crate::{device_map::DeviceMap, split::SplitPlacement};
+        use crate::{device_map::DeviceMap, split::DevicesPlacement};
 
         let dir = tempfile::tempdir().expect("temp dir");
         let dtypes: Vec<DType> = (0..120).map(|i| [DType::F32, DType::BF16, DType::U8][i % 5 % 3]).collect();
@@ -817,7 +817,7 @@ mod tests {
                     (target.devices()[d], Arc::new(placement) as Arc<dyn Placement>)
                 })
                 .collect();
-            let split = SplitPlacement::new(devices, &map).expect("split placement");
+            let split = DevicesPlacement::split(devices, &map).expect("split placement");
             let cancel = CancellationToken::new();
             let options =
                 ReadOptions { threads: 3, cancel: &cancel, interval: Duration::from_millis(1), chunk_bytes: None };
@@ -853,7 +853,7 @@ mod tests {
             ),
             (DeviceId::Cuda(1), Arc::new(StagedPlacement::new(Arc::new(full), pools[1].clone(), "fake:1".into()))),
         ];
-        let split = SplitPlacement::new(devices, &map).expect("split placement");
+        let split = DevicesPlacement::split(devices, &map).expect("split placement");
         let cancel = CancellationToken::new();
         let options =
             ReadOptions { threads: 3, cancel: &cancel, interval: Duration::from_millis(1), chunk_bytes: None };
@@ -888,7 +888,7 @@ mod tests {
     fn replicas_read_each_byte_once_and_fill_every_device() {
         use resource_manager::DeviceId;
 
-        use crate::split::ReplicatePlacement;
+        use crate::split::DevicesPlacement;
 
         let dir = tempfile::tempdir().expect("temp dir");
         let dtypes: Vec<DType> = (0..90).map(|i| [DType::F32, DType::BF16, DType::U8][i % 4 % 3]).collect();
@@ -905,7 +905,7 @@ mod tests {
                 (DeviceId::Cuda(d), Arc::new(placement) as Arc<dyn Placement>)
             })
             .collect();
-        let replicas = ReplicatePlacement::new(devices).expect("replicas");
+        let replicas = DevicesPlacement::replicate(devices).expect("replicas");
         let cancel = CancellationToken::new();
         let options =
             ReadOptions { threads: 3, cancel: &cancel, interval: Duration::from_millis(1), chunk_bytes: None };
