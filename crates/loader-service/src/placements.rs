@@ -58,6 +58,40 @@ impl DevicePlacements {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl DevicePlacements {
+    /// Replicas read into the first GPU and copied on device to device, each GPU from the one
+    /// before it, where every such pair has a peer path; `None` where one lacks it (the replicas
+    /// then fan out through host memory, [`placement_over_devices`]).
+    fn peer_replicas(&self, target: &Target) -> Result<Option<Arc<dyn Placement>>, LoadError> {
+        let gpus = target.devices().iter().map(|&d| self.resources.gpu_staging(d)).collect::<Result<Vec<_>, _>>()?;
+        for pair in gpus.windows(2) {
+            let [(before, _), (after, _)] = pair else { continue };
+            match after.reach_peer(before) {
+                Ok(true) => {}
+                Ok(false) => {
+                    let (from, to) = (before.ordinal, after.ordinal);
+                    tracing::info!(from, to, "no peer path between the GPUs: replicas fan out through host memory");
+                    return Ok(None);
+                }
+                Err(e) => {
+                    let device = DeviceId::Cuda(after.ordinal).to_string();
+                    let reason = format!("enabling copies from cuda:{}: {e}", before.ordinal);
+                    return Err(resource_manager::ResourceError::DeviceUnavailable { device, reason }.into());
+                }
+            }
+        }
+        let name = |gpu: &resource_manager::gpu::Gpu| DeviceId::Cuda(gpu.ordinal).to_string();
+        let (first, pool) = gpus[0].clone();
+        let replicas = gpus[1..].iter().map(|(gpu, _)| (gpu.clone(), name(gpu))).collect();
+        Ok(Some(if self.exportable {
+            Arc::new(weights::VmmPlacement::new(first.clone(), pool, name(&first)).with_replicas(replicas))
+        } else {
+            Arc::new(weights::StagedPlacement::new(first.clone(), pool, name(&first)).with_replicas(replicas))
+        }))
+    }
+}
+
 impl Placements for DevicePlacements {
     fn placement(
         &self,
@@ -65,6 +99,13 @@ impl Placements for DevicePlacements {
         map: Option<&DeviceMap>,
         model: &ModelId,
     ) -> Result<Arc<dyn Placement>, LoadError> {
+        #[cfg(feature = "cuda")]
+        if target.layout() == Layout::Replicate
+            && !target.is_single()
+            && let Some(replicas) = self.peer_replicas(target)?
+        {
+            return Ok(replicas);
+        }
         if !target.is_single() {
             return placement_over_devices(target, map, |d| self.placement(&Target::one(d), None, model));
         }

@@ -179,9 +179,21 @@ pub struct Pipeline {
 
 impl Drop for Pipeline {
     // Runs before the fields drop: the thread that frees the tensors must be able to (a GPU's
-    // context current on it).
+    // context current on it), so each device's tensors are dropped here, one device at a time,
+    // with that device made ready first (a thread has one current context).
     fn drop(&mut self) {
-        self.allocations.prepare_free();
+        if self.target.is_single() {
+            self.allocations.prepare_free();
+            return;
+        }
+        for (index, &device) in self.target.devices().iter().enumerate() {
+            if let Some(allocation) = self.allocations.get(device) {
+                allocation.prepare_free();
+            }
+            for component in self.components.values_mut() {
+                component.tensors.retain(|t| usize::from(t.device) != index);
+            }
+        }
     }
 }
 
@@ -533,6 +545,51 @@ mod tests {
             file: 0,
             device: 0,
         }
+    }
+
+    /// A tensor that notes its device when it is dropped.
+    #[derive(Debug)]
+    struct NotesDrop(Tensor, u8, Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl TensorData for NotesDrop {
+        fn dtype(&self) -> DType {
+            self.0.dtype()
+        }
+        fn shape(&self) -> &[usize] {
+            self.0.dims()
+        }
+        fn bytes(&self) -> candle_core::Result<Cow<'_, [u8]>> {
+            self.0.bytes()
+        }
+        fn to_dtype(&self, dtype: DType) -> candle_core::Result<Box<dyn TensorData>> {
+            Ok(Box::new(self.0.to_dtype(dtype)?))
+        }
+    }
+
+    impl Drop for NotesDrop {
+        fn drop(&mut self) {
+            self.2.lock().expect("log").push(self.1);
+        }
+    }
+
+    /// A model over two GPUs frees one GPU's tensors, then the other's (each with its own context
+    /// made current first, which only a GPU shows), however its components interleave them.
+    #[test]
+    fn a_model_over_several_devices_is_freed_device_by_device() {
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let on = |device: u8| ResidentTensor {
+            data: Box::new(NotesDrop(Tensor::zeros(2, DType::F32, &Device::Cpu).expect("zeros"), device, log.clone())),
+            device,
+            ..tensor("t", vec![0.0])
+        };
+        let (_rm, mut p) = pipeline(vec![
+            Component { name: "a".into(), sample_size: None, tensors: vec![on(0), on(1), on(0), on(1)] },
+            Component { name: "b".into(), sample_size: None, tensors: vec![on(1), on(0)] },
+        ]);
+        p.target =
+            Target::new(vec![DeviceId::Cuda(0), DeviceId::Cuda(1)], resource_manager::Layout::Split).expect("two");
+        drop(p);
+        assert_eq!(*log.lock().expect("log"), vec![0, 0, 0, 1, 1, 1]);
     }
 
     /// One float dtype names the model; two make it "mixed"; integers count only without floats.

@@ -97,6 +97,48 @@ impl Gpu {
         }
     }
 
+    /// Lets this GPU read `peer`'s memory directly (NVLink or PCIe peer-to-peer), so copies from
+    /// it go device to device; `false` where the hardware has no such path. Once per pair is
+    /// enough: enabling it again is not an error.
+    #[allow(unsafe_code)] // the driver's peer API
+    pub fn reach_peer(&self, peer: &Gpu) -> Result<bool, DeviceError> {
+        let mut can = 0;
+        // SAFETY: the driver writes an int through the pointer; both devices are open.
+        unsafe { sys::cuDeviceCanAccessPeer(&mut can, self.context.cu_device(), peer.context.cu_device()) }.result()?;
+        if can == 0 {
+            return Ok(false);
+        }
+        self.context.bind_to_thread()?;
+        // SAFETY: the current context is this GPU's; the peer's context lives as long as `peer`.
+        match unsafe { sys::cuCtxEnablePeerAccess(peer.context.cu_ctx(), 0) } {
+            sys::CUresult::CUDA_SUCCESS | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => Ok(true),
+            other => Err(other.result().map_err(DeviceError::from).err().unwrap_or_else(|| {
+                DeviceError::Refused(format!("enabling peer access from GPU {} to {}", self.ordinal, peer.ordinal))
+            })),
+        }
+    }
+
+    /// Queues a copy of `len` bytes from `peer`'s memory at `from` to this GPU's at `to` on this
+    /// GPU's stream, and returns its completion.
+    #[allow(unsafe_code)] // the driver's peer copy
+    pub(crate) fn copy_from_peer_at(
+        &self,
+        peer: &Gpu,
+        from: sys::CUdeviceptr,
+        to: sys::CUdeviceptr,
+        len: usize,
+    ) -> Result<CudaEvent, DeviceError> {
+        let stream = self.stream()?;
+        self.context.bind_to_thread()?;
+        // SAFETY: the callers check both ranges against their allocations, which they keep alive
+        // until the returned event completes.
+        unsafe {
+            sys::cuMemcpyPeerAsync(to, self.context.cu_ctx(), from, peer.context.cu_ctx(), len, stream.cu_stream())
+        }
+        .result()?;
+        Ok(stream.record_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))?)
+    }
+
     pub(crate) fn stream(&self) -> Result<Arc<CudaStream>, DeviceError> {
         Ok(self.device.as_cuda_device()?.cuda_stream())
     }
@@ -205,6 +247,23 @@ impl CopyEngine for Gpu {
         // returned event completes.
         unsafe { result::memcpy_htod_async(to.ptr + offset as u64, src, stream.cu_stream()) }?;
         Ok(stream.record_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))?)
+    }
+
+    fn copy_from_peer(
+        &self,
+        source: &Gpu,
+        from: &DeviceBuffer,
+        to: &DeviceBuffer,
+        offset: usize,
+        len: usize,
+    ) -> Result<CudaEvent, DeviceError> {
+        if offset.checked_add(len).is_none_or(|end| end > to.bytes.min(from.bytes)) {
+            return Err(DeviceError::Refused(format!(
+                "peer copy of {len} bytes at {offset} past the end of {} or {} bytes",
+                from.bytes, to.bytes
+            )));
+        }
+        self.copy_from_peer_at(source, from.ptr + offset as u64, to.ptr + offset as u64, len)
     }
 
     fn wait(&self, fence: CudaEvent) -> Result<(), DeviceError> {

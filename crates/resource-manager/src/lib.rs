@@ -517,7 +517,7 @@ impl Allocations {
     }
 
     /// See [`ModelAllocation::prepare_free`], for each device: only a GPU's does anything (a model
-    /// over several GPUs will need each one's context current where its own tensors are freed).
+    /// over several GPUs frees each one's tensors after its own `prepare_free`).
     pub fn prepare_free(&self) {
         self.0.values().for_each(ModelAllocation::prepare_free);
     }

@@ -86,6 +86,24 @@ pub trait CopyEngine: Send + Sync {
         to: &Self::Allocation,
         offset: usize,
     ) -> Result<Self::Fence, DeviceError>;
+    /// Queues a copy of `len` bytes at byte `offset` of `from`, an allocation of `source` (another
+    /// device's engine), to the same offset of `to`, one of this engine's, and returns at once:
+    /// device to device, never through the host (replicas fan out this way). `from`'s bytes there
+    /// must be complete when it is queued. Engines without peer copies refuse.
+    fn copy_from_peer(
+        &self,
+        source: &Self,
+        from: &Self::Allocation,
+        to: &Self::Allocation,
+        offset: usize,
+        len: usize,
+    ) -> Result<Self::Fence, DeviceError>
+    where
+        Self: Sized,
+    {
+        let _ = (source, from, to, offset, len);
+        Err(DeviceError::Refused("this device makes no peer copies".into()))
+    }
     /// Blocks until the copy behind `fence` completed.
     fn wait(&self, fence: Self::Fence) -> Result<(), DeviceError>;
     /// Whether the copy behind `fence` completed, without blocking.

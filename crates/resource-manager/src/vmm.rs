@@ -108,6 +108,20 @@ impl VmmMemory {
         self.size
     }
 
+    /// Lets `peer` read this allocation (it was mapped for its own GPU only), so that `peer`'s
+    /// stream can copy from it device to device. Needs [`Gpu::reach_peer`] to hold for the pair.
+    #[allow(unsafe_code)] // the driver's VMM API
+    pub fn let_read(&self, peer: &Gpu) -> Result<(), DeviceError> {
+        let access = sys::CUmemAccessDesc {
+            location: properties(peer.ordinal).location,
+            flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READ,
+        };
+        self.gpu.bind_to_thread();
+        // SAFETY: the range is this value's mapped allocation; one access descriptor.
+        unsafe { sys::cuMemSetAccess(self.ptr, self.size, &access, 1) }.result()?;
+        Ok(())
+    }
+
     /// Copies `bytes` from the host to `offset`, synchronously.
     pub fn write(&self, offset: usize, bytes: &[u8]) -> Result<(), DeviceError> {
         if offset.checked_add(bytes.len()).is_none_or(|end| end > self.size) {
@@ -237,6 +251,24 @@ impl CopyEngine for VmmEngine {
         // leaves untouched until the returned event completes.
         unsafe { result::memcpy_htod_async(at, src, stream.cu_stream()) }?;
         Ok(stream.record_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))?)
+    }
+
+    fn copy_from_peer(
+        &self,
+        source: &VmmEngine,
+        from: &VmmRegion,
+        to: &VmmRegion,
+        offset: usize,
+        len: usize,
+    ) -> Result<CudaEvent, DeviceError> {
+        if offset.checked_add(len).is_none_or(|end| end > to.bytes.min(from.bytes)) {
+            return Err(DeviceError::Refused(format!(
+                "peer copy of {len} bytes at {offset} past the end of {} or {} bytes",
+                from.bytes, to.bytes
+            )));
+        }
+        let at = |region: &VmmRegion| region.memory.ptr + (region.offset + offset) as u64;
+        self.memory.gpu.copy_from_peer_at(&source.memory.gpu, at(from), at(to), len)
     }
 
     fn wait(&self, fence: CudaEvent) -> Result<(), DeviceError> {

@@ -37,21 +37,60 @@ use crate::{
     placement::{Chunk, Chunking, Destination, Group, Placed, PlacedTensor, Placement, TENSOR_ALIGN},
 };
 
-/// Loads onto a device through a pool of staging buffers.
+/// Loads onto a device through a pool of staging buffers; with replicas, onto several devices,
+/// each byte read once.
 pub struct StagedPlacement<E: GroupViews> {
     engine: Arc<E>,
     pool: Arc<StagingPool<E::Buffer, E::Fence>>,
     /// The device's name, for messages.
     device: String,
+    /// Replicas: every group again on each of these devices, copied device to device from the
+    /// device before it in the list (the first from `engine`'s), a chunk as soon as its copy there
+    /// completed. A chain rather than a star: every device sends and receives each byte once, so
+    /// no one link carries it several times (PCIe peers share their links; NVSwitch does not mind).
+    replicas: Vec<(Arc<E>, String)>,
 }
 
 impl<E: GroupViews> StagedPlacement<E> {
     pub fn new(engine: Arc<E>, pool: Arc<StagingPool<E::Buffer, E::Fence>>, device: String) -> Self {
-        Self { engine, pool, device }
+        Self { engine, pool, device, replicas: Vec::new() }
+    }
+
+    /// The same load replicated on `replicas` too, each filled by peer copies
+    /// ([`CopyEngine::copy_from_peer`]) rather than from the host.
+    pub fn with_replicas(mut self, replicas: Vec<(Arc<E>, String)>) -> Self {
+        self.replicas = replicas;
+        self
+    }
+
+    /// The devices it fills: its own, then each replica's.
+    fn devices(&self) -> usize {
+        1 + self.replicas.len()
+    }
+
+    fn engine(&self, device: usize) -> &E {
+        device.checked_sub(1).and_then(|r| self.replicas.get(r)).map_or(self.engine.as_ref(), |(e, _)| e.as_ref())
+    }
+
+    fn name(&self, device: usize) -> &str {
+        device.checked_sub(1).and_then(|r| self.replicas.get(r)).map_or(self.device.as_str(), |(_, n)| n.as_str())
     }
 
     fn error(&self, source: DeviceError) -> Error {
         Error::place(&self.device, source)
+    }
+
+    fn error_on(&self, device: usize, source: DeviceError) -> Error {
+        Error::place(self.name(device), source)
+    }
+
+    /// Drops each device's part of `per_device` with that device ready to free it (a GPU's
+    /// context current on this thread).
+    fn free_each<T>(&self, per_device: Vec<T>) {
+        for (device, part) in per_device.into_iter().enumerate() {
+            self.engine(device).prepare_free();
+            drop(part);
+        }
     }
 }
 
@@ -60,8 +99,8 @@ struct Shared<'a, E: GroupViews> {
     placement: &'a StagedPlacement<E>,
     groups: &'a [Group],
     chunks: &'a [Chunk],
-    /// Filled in order by the allocating thread.
-    allocations: Vec<OnceLock<E::Allocation>>,
+    /// Per device (its own, then each replica's), filled in group order by the allocating thread.
+    allocations: Vec<Vec<OnceLock<E::Allocation>>>,
     allocated: (Mutex<()>, Condvar),
     /// The placement failed (a copy or an allocation): the readers stop.
     failed: AtomicBool,
@@ -76,6 +115,11 @@ impl<E: GroupViews> Shared<'_, E> {
 
     fn failed(&self) -> bool {
         self.failed.load(Ordering::Relaxed)
+    }
+
+    /// `device`'s allocation of `group`, once made; `None` if the load failed first.
+    fn allocation(&self, device: usize, group: usize) -> Option<&E::Allocation> {
+        wait_for(&self.allocations[device][group], &self.allocated, &self.failed)
     }
 }
 
@@ -110,13 +154,11 @@ where
         chunks: &[Chunk],
         readers: &(dyn Fn(&dyn Destination) + Sync),
     ) -> Result<Box<dyn Placed>, Error> {
-        // Whatever is allocated is dropped on this thread if the load fails.
-        self.engine.prepare_free();
         let shared = Shared {
             placement: self,
             groups,
             chunks,
-            allocations: groups.iter().map(|_| OnceLock::new()).collect(),
+            allocations: (0..self.devices()).map(|_| groups.iter().map(|_| OnceLock::new()).collect()).collect(),
             allocated: (Mutex::new(()), Condvar::new()),
             failed: AtomicBool::new(false),
             first_error: Mutex::new(None),
@@ -132,17 +174,28 @@ where
             drop(destination);
             (allocator.join(), copier.join())
         });
-        copier.map_err(|_| Error::Internal("the copying thread panicked".into()))?;
-        let (allocated_in, tensors) =
-            allocator.map_err(|_| Error::Internal("the allocating thread panicked".into()))?;
-        if let Some(e) = sync::into_inner(shared.first_error) {
-            return Err(e);
+        let Shared { allocations, first_error, .. } = shared;
+        // Whatever was allocated is freed on this thread if the load fails.
+        let failed = |e: Error, allocations| {
+            self.free_each(allocations);
+            Err(e)
+        };
+        if copier.is_err() {
+            return failed(Error::Internal("the copying thread panicked".into()), allocations);
         }
-        let allocations = shared.allocations.into_iter().map(OnceLock::into_inner).collect::<Option<Vec<_>>>();
+        let Ok((allocated_in, tensors)) = allocator else {
+            return failed(Error::Internal("the allocating thread panicked".into()), allocations);
+        };
+        if let Some(e) = sync::into_inner(first_error) {
+            return failed(e, allocations);
+        }
+        let allocations = allocations
+            .into_iter()
+            .map(|each| each.into_iter().map(OnceLock::into_inner).collect::<Option<Vec<_>>>())
+            .collect::<Option<Vec<_>>>();
         let allocations = allocations.ok_or_else(|| Error::Internal("a group was never allocated".into()))?;
         Ok(Box::new(Staged {
-            engine: self.engine.clone(),
-            device: self.device.clone(),
+            engines: std::iter::once((self.engine.clone(), self.device.clone())).chain(self.replicas.clone()).collect(),
             allocations,
             tensors,
             allocated_in,
@@ -180,29 +233,37 @@ impl<E: GroupViews> Destination for StagedDestination<'_, '_, E> {
     }
 }
 
-/// The allocating thread: every group's memory in order, then every tensor's view.
+/// The allocating thread: every group's memory in order (on every device, for replicas), then
+/// every tensor's view, device by device.
 fn allocate<E: GroupViews>(shared: &Shared<'_, E>) -> (Duration, Vec<PlacedTensor>) {
     let placement = shared.placement;
     let started = Instant::now();
-    for (g, slot) in shared.groups.iter().zip(&shared.allocations) {
-        if shared.failed() {
-            break;
-        }
-        match placement.engine.allocate(g.dtype, device_elems(g)) {
-            Ok(allocation) => {
-                let _ = slot.set(allocation);
+    'groups: for (g, group) in shared.groups.iter().enumerate() {
+        for (device, slots) in shared.allocations.iter().enumerate() {
+            if shared.failed() {
+                break 'groups;
             }
-            Err(e) => shared.fail(placement.error(e)),
+            match placement.engine(device).allocate(group.dtype, device_elems(group)) {
+                Ok(allocation) => {
+                    let _ = slots[g].set(allocation);
+                }
+                Err(e) => shared.fail(placement.error_on(device, e)),
+            }
         }
         let _guard = sync::lock(&shared.allocated.0);
         shared.allocated.1.notify_all();
     }
     let allocated_in = started.elapsed();
-    let mut tensors = Vec::with_capacity(shared.groups.iter().map(|g| g.members.len()).sum());
-    for (group, slot) in shared.groups.iter().zip(&shared.allocations) {
-        let Some(allocation) = slot.get().filter(|_| !shared.failed()) else { break };
-        if let Err(e) = views(placement, allocation, group, &mut tensors) {
-            shared.fail(e);
+    let per_device = shared.groups.iter().map(|g| g.members.len()).sum::<usize>();
+    let mut tensors = Vec::with_capacity(per_device * shared.allocations.len());
+    for (device, slots) in shared.allocations.iter().enumerate() {
+        for (group, slot) in shared.groups.iter().zip(slots) {
+            let Some(allocation) = slot.get().filter(|_| !shared.failed()) else { break };
+            let first = tensors.len();
+            if let Err(e) = placement.engine(device).views(allocation, group, &mut tensors) {
+                shared.fail(placement.error_on(device, e));
+            }
+            tensors[first..].iter_mut().for_each(|t| t.device = device);
         }
     }
     (allocated_in, tensors)
@@ -211,10 +272,13 @@ fn allocate<E: GroupViews>(shared: &Shared<'_, E>) -> (Duration, Vec<PlacedTenso
 /// The copying thread: queues each filled buffer's copy as soon as it arrives and gives a buffer
 /// back to the pool as soon as its copy completed, polling both while copies are in flight
 /// (blocking on either would leave a filled buffer unqueued, and the link idle, for up to a
-/// copy's time); it sleeps only while nothing is in flight.
+/// copy's time); it sleeps only while nothing is in flight. With replicas, a chunk whose copy
+/// completed on one device is copied on from there to the next.
 fn copy<E: GroupViews>(shared: &Shared<'_, E>, to_copy: mpsc::Receiver<Filled<'_, E>>) {
-    let engine = shared.placement.engine.as_ref();
+    let placement = shared.placement;
+    let engine = placement.engine.as_ref();
     let mut in_flight = VecDeque::new();
+    let mut peers = PeerCopies { shared, in_flight: Vec::new() };
     let (mut received, mut readers_done) = (None, false);
     loop {
         let next = received.take().or_else(|| match to_copy.try_recv() {
@@ -230,32 +294,34 @@ fn copy<E: GroupViews>(shared: &Shared<'_, E>, to_copy: mpsc::Receiver<Filled<'_
             if shared.failed() {
                 continue;
             }
-            let Some(to) = wait_for(&shared.allocations[chunk.group], &shared.allocated, &shared.failed) else {
-                continue;
-            };
+            let Some(to) = shared.allocation(0, chunk.group) else { continue };
             match lease.copy_to(engine, chunk.len, to, chunk.offset as usize) {
-                Ok(()) => in_flight.push_back(lease),
-                Err(e) => shared.fail(shared.placement.error(e)),
+                Ok(()) => in_flight.push_back((lease, index)),
+                Err(e) => shared.fail(placement.error(e)),
             }
             continue;
         }
         // Copies complete in the order they were queued.
         let before = in_flight.len();
-        while let Some(oldest) = in_flight.front_mut() {
+        while let Some((oldest, index)) = in_flight.front_mut() {
             match oldest.copied(engine) {
                 Ok(false) => break,
-                Ok(true) => drop(in_flight.pop_front()),
+                Ok(true) => {
+                    let index = *index;
+                    drop(in_flight.pop_front());
+                    peers.queue(1, index);
+                }
                 // Back to the pool with its fence, which the next borrower waits for.
                 Err(e) => {
-                    shared.fail(shared.placement.error(e));
+                    shared.fail(placement.error(e));
                     drop(in_flight.pop_front());
                 }
             }
         }
-        if in_flight.len() < before {
+        if in_flight.len() < before || peers.poll() {
             continue;
         }
-        if !in_flight.is_empty() {
+        if !in_flight.is_empty() || !peers.in_flight.is_empty() {
             std::hint::spin_loop();
         } else if readers_done {
             return;
@@ -266,6 +332,58 @@ fn copy<E: GroupViews>(shared: &Shared<'_, E>, to_copy: mpsc::Receiver<Filled<'_
                 Err(mpsc::RecvError) => readers_done = true,
             }
         }
+    }
+}
+
+/// The replicas' copies in flight, each chunk's passed on from device to device.
+struct PeerCopies<'s, 'a, E: GroupViews> {
+    shared: &'s Shared<'a, E>,
+    /// (device, chunk, fence), in no order: each device's stream completes its own in order.
+    in_flight: Vec<(usize, usize, E::Fence)>,
+}
+
+impl<E: GroupViews> PeerCopies<'_, '_, E> {
+    /// Copies chunk `index` from device `device - 1` to `device`, if there is one and the load
+    /// has not failed.
+    fn queue(&mut self, device: usize, index: usize) {
+        let shared = self.shared;
+        let placement = shared.placement;
+        if device >= placement.devices() || shared.failed() {
+            return;
+        }
+        let chunk = shared.chunks[index];
+        let (Some(from), Some(to)) =
+            (shared.allocation(device - 1, chunk.group), shared.allocation(device, chunk.group))
+        else {
+            return;
+        };
+        let (source, engine) = (placement.engine(device - 1), placement.engine(device));
+        match engine.copy_from_peer(source, from, to, chunk.offset as usize, chunk.len) {
+            Ok(fence) => self.in_flight.push((device, index, fence)),
+            Err(e) => shared.fail(placement.error_on(device, e)),
+        }
+    }
+
+    /// Passes every completed copy on to the next device; whether any completed.
+    fn poll(&mut self) -> bool {
+        let shared = self.shared;
+        let mut completed = Vec::new();
+        self.in_flight.retain(|(device, index, fence)| match shared.placement.engine(*device).is_done(fence) {
+            Ok(false) => true,
+            Ok(true) => {
+                completed.push((*device, *index));
+                false
+            }
+            Err(e) => {
+                shared.fail(shared.placement.error_on(*device, e));
+                false
+            }
+        });
+        let any = !completed.is_empty();
+        for (device, index) in completed {
+            self.queue(device + 1, index);
+        }
+        any
     }
 }
 
@@ -320,16 +438,6 @@ impl GroupViews for resource_manager::gpu::Gpu {
     }
 }
 
-/// Every member of `group` as a view into its allocation.
-fn views<E: GroupViews>(
-    placement: &StagedPlacement<E>,
-    allocation: &E::Allocation,
-    group: &Group,
-    into: &mut Vec<PlacedTensor>,
-) -> Result<(), Error> {
-    placement.engine.views(allocation, group, into).map_err(|e| placement.error(e))
-}
-
 /// The group's allocation once the allocating thread made it; `None` if the load failed first.
 fn wait_for<'a, A>(slot: &'a OnceLock<A>, allocated: &(Mutex<()>, Condvar), failed: &AtomicBool) -> Option<&'a A> {
     let mut guard = sync::lock(&allocated.0);
@@ -351,13 +459,14 @@ pub(crate) fn device_elems(g: &Group) -> usize {
     g.elems().max(1)
 }
 
-/// A staged load once every chunk was handed to the copying thread: the groups' allocations, their
-/// copies possibly still in flight, and every tensor as a view into its group (not to be read
-/// before [`Placed::finish`]).
+/// A staged load once every chunk was handed to the copying thread: the groups' allocations on
+/// each device, their copies possibly still in flight, and every tensor as a view into its group
+/// (not to be read before [`Placed::finish`]).
 struct Staged<E: CopyEngine> {
-    engine: Arc<E>,
-    device: String,
-    allocations: Vec<E::Allocation>,
+    /// Each device's engine and name: the load's own, then each replica's.
+    engines: Vec<(Arc<E>, String)>,
+    /// Per device, as `engines`.
+    allocations: Vec<Vec<E::Allocation>>,
     tensors: Vec<PlacedTensor>,
     /// How long the device allocations took (while the first chunks were read).
     allocated_in: Duration,
@@ -369,12 +478,19 @@ where
     E::Allocation: 'static,
 {
     fn read_detail(&self, total: u64, reading: Duration, threads: usize) -> String {
+        let replicas = match &self.engines[1..] {
+            [] => String::new(),
+            rest => {
+                let names = rest.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>().join(", ");
+                format!(", copied on device to device to {names}")
+            }
+        };
         format!(
-            "{total} bytes read into {} MiB of pinned buffers and queued to {} in {} device allocations \
+            "{total} bytes read into {} MiB of pinned buffers and queued to {} in {} device allocations{replicas} \
              (allocated in {} ms, read in {} ms, {threads} threads)",
             self.pinned_bytes >> 20,
-            self.device,
-            self.allocations.len(),
+            self.engines[0].1,
+            self.allocations[0].len(),
             self.allocated_in.as_millis(),
             reading.as_millis(),
         )
@@ -383,16 +499,21 @@ where
     /// Waits for the copies still in flight and hands out the tensors.
     fn finish(self: Box<Self>, total: u64, reading: Duration) -> Result<(Vec<PlacedTensor>, String), Error> {
         let waiting = Instant::now();
-        self.engine.synchronize().map_err(|source| Error::place(&self.device, source))?;
+        for (engine, device) in &self.engines {
+            engine.synchronize().map_err(|source| Error::place(device, source))?;
+        }
+        let names = self.engines.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>().join(", ");
         let detail = format!(
-            "{}: copied while reading ({:.1} GB/s); the last copies took {} ms more",
-            self.device,
+            "{names}: copied while reading ({:.1} GB/s); the last copies took {} ms more",
             total as f64 / reading.as_secs_f64().max(1e-9) / 1e9,
             waiting.elapsed().as_millis()
         );
         // The views share the allocations' memory: it lives as long as they do.
-        let Staged { allocations, tensors, .. } = *self;
-        drop(allocations);
+        let Staged { engines, allocations, tensors, .. } = *self;
+        for ((engine, _), each) in engines.iter().zip(allocations) {
+            engine.prepare_free();
+            drop(each);
+        }
         Ok((tensors, detail))
     }
 }
@@ -430,18 +551,29 @@ mod tests {
         queue: mpsc::Sender<Copy>,
         in_flight: Arc<AtomicUsize>,
         copies: Arc<AtomicUsize>,
-        /// The bytes copied to this device.
+        /// The bytes copied to this device from the host.
         copied: Arc<AtomicUsize>,
+        /// The bytes copied to this device from another.
+        from_peers: Arc<AtomicUsize>,
         /// The threads that queued copies or waited for them.
         callers: Arc<Mutex<HashSet<ThreadId>>>,
+        /// Refuses copies from other devices (a link that fails).
+        no_peer_link: bool,
     }
 
     struct Copy {
-        from: Arc<Vec<u8>>,
+        from: Source,
         len: usize,
         to: Tensor,
         offset: usize,
         done: mpsc::Sender<()>,
+    }
+
+    /// Where a copy reads: a staging buffer, or another device's memory (from a byte offset),
+    /// read when the copy completes, as DMA reads it.
+    enum Source {
+        Buffer(Arc<Vec<u8>>),
+        Peer(Tensor, usize),
     }
 
     struct Buffer(Arc<Vec<u8>>);
@@ -484,14 +616,21 @@ mod tests {
                     std::thread::sleep(Duration::from_micros(rng % 300));
                     let Copy { from, len, to, offset, done } = copy;
                     let size = to.dtype().size_in_bytes();
-                    let bytes = Tensor::from_raw_buffer(&from[..len], to.dtype(), &[len / size], &Device::Cpu);
+                    let bytes = match &from {
+                        Source::Buffer(from) => {
+                            Tensor::from_raw_buffer(&from[..len], to.dtype(), &[len / size], &Device::Cpu)
+                        }
+                        // A copy of the peer's bytes as they are now.
+                        Source::Peer(peer, at) => peer.narrow(0, at / size, len / size).and_then(|t| t.copy()),
+                    };
                     bytes.and_then(|b| to.slice_set(&b, 0, offset / size)).expect("a copy into device memory");
                     drop(from);
                     marks.fetch_sub(1, Ordering::SeqCst);
                     let _ = done.send(());
                 }
             });
-            Self { queue, in_flight, copies: Arc::default(), copied: Arc::default(), callers: Arc::default() }
+            let (copies, copied, from_peers, callers) = Default::default();
+            Self { queue, in_flight, copies, copied, from_peers, callers, no_peer_link: false }
         }
 
         fn called(&self) {
@@ -529,7 +668,33 @@ mod tests {
             self.copies.fetch_add(1, Ordering::Relaxed);
             self.copied.fetch_add(len, Ordering::Relaxed);
             let (done, fence) = mpsc::channel();
-            let copy = Copy { from: from.0.clone(), len, to: to.clone(), offset, done };
+            let copy = Copy { from: Source::Buffer(from.0.clone()), len, to: to.clone(), offset, done };
+            self.queue.send(copy).map_err(|e| DeviceError::Refused(e.to_string()))?;
+            Ok(fence)
+        }
+
+        /// Queued on this device, like a pull over the link: the source's bytes are read when the
+        /// copy completes, so a copy queued before they landed there copies the wrong bytes.
+        fn copy_from_peer(
+            &self,
+            source: &Self,
+            from: &Tensor,
+            to: &Tensor,
+            offset: usize,
+            len: usize,
+        ) -> Result<Self::Fence, DeviceError> {
+            let size = to.dtype().size_in_bytes();
+            assert_eq!((from.dtype(), from.elem_count()), (to.dtype(), to.elem_count()), "replicas differ");
+            assert!(offset + len <= to.elem_count() * size, "copy past the end of its allocation");
+            assert!(!Arc::ptr_eq(&self.in_flight, &source.in_flight), "a peer copy from the device itself");
+            self.called();
+            if self.no_peer_link {
+                return Err(DeviceError::Refused("no link to the peer".into()));
+            }
+            self.in_flight.fetch_add(1, Ordering::SeqCst);
+            self.from_peers.fetch_add(len, Ordering::Relaxed);
+            let (done, fence) = mpsc::channel();
+            let copy = Copy { from: Source::Peer(from.clone(), offset), len, to: to.clone(), offset, done };
             self.queue.send(copy).map_err(|e| DeviceError::Refused(e.to_string()))?;
             Ok(fence)
         }
@@ -923,6 +1088,70 @@ mod tests {
             assert!(t.data.bytes().expect("bytes").as_ref() == file_bytes, "{} on device {}", t.name, t.device);
         }
         assert_eq!((pools[0].idle(), pools[1].idle()), (3, 2), "every buffer came back");
+    }
+
+    /// Replicas on three fake GPUs through one staged placement: each byte is read from the
+    /// file once and copied from the host once, to the first device; the others get every byte
+    /// from the device before them (a copy queued before its bytes landed there would copy
+    /// unwritten bytes, and the comparison below would fail); every tensor comes back once per
+    /// device with its file's bytes, and every buffer returns. A failing link fails the load with
+    /// the device's name, and nothing hangs.
+    #[test]
+    fn replicas_fan_out_device_to_device_after_one_host_copy() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let dtypes: Vec<DType> = (0..90).map(|i| [DType::F32, DType::BF16, DType::U8][i % 4 % 3]).collect();
+        let sizes: Vec<usize> = (0..90).map(|i| 1 + (i * 71) % 800).collect();
+        let (plan, files, data) = fixture(dir.path(), &dtypes, &sizes, Some(30));
+        let counted = Arc::new(CountedReads(files[0].clone(), AtomicUsize::new(0)));
+        let files: Vec<Arc<dyn ReadAt>> = vec![counted.clone()];
+        let planned = &plan.components[0].files[0].tensors;
+        for (seed, buffers, threads) in [(31, 3, 3), (32, 1, 2), (33, 8, 4)] {
+            counted.1.store(0, Ordering::SeqCst);
+            let engines = [LateCopies::new(seed), LateCopies::new(seed + 100), LateCopies::new(seed + 200)];
+            let pool = engines[0].pool(buffers, 512);
+            let replicas = (1..3).map(|d| (Arc::new(engines[d].clone()), format!("fake:{d}"))).collect();
+            let placement = StagedPlacement::new(Arc::new(engines[0].clone()), pool.clone(), "fake:0".into())
+                .with_replicas(replicas);
+            let cancel = CancellationToken::new();
+            let options =
+                ReadOptions { threads, cancel: &cancel, interval: Duration::from_millis(1), chunk_bytes: None };
+            let placed =
+                read_into(&placement, &plan, &files, options, |_, _| {}).map_err(|e| e.error).expect("replicas");
+            let detail = placed.read_detail(plan.read_bytes(), Duration::from_millis(1), threads);
+            assert!(detail.contains("device to device to fake:1, fake:2"), "{detail}");
+            let (tensors, _) = placed.finish(plan.read_bytes(), Duration::from_millis(1)).expect("finish");
+            let total = plan.read_bytes() as usize;
+            assert_eq!(counted.1.load(Ordering::SeqCst), total, "each byte read once");
+            let from_host: Vec<usize> = engines.iter().map(|e| e.copied.load(Ordering::Relaxed)).collect();
+            let from_peers: Vec<usize> = engines.iter().map(|e| e.from_peers.load(Ordering::Relaxed)).collect();
+            assert_eq!((from_host, from_peers), (vec![total, 0, 0], vec![0, total, total]), "seed {seed}");
+            assert_eq!(tensors.len(), 3 * planned.len());
+            for (i, t) in tensors.iter().enumerate() {
+                let p = &planned[i % planned.len()];
+                assert_eq!((t.name.as_str(), t.device), (p.name.as_str(), i / planned.len()));
+                let file_bytes = &data[p.offset as usize..(p.offset + p.len) as usize];
+                assert!(t.data.bytes().expect("bytes").as_ref() == file_bytes, "{} on device {}", t.name, t.device);
+            }
+            assert_eq!(pool.idle(), buffers, "every buffer came back");
+        }
+
+        let mut broken = LateCopies::new(40);
+        broken.no_peer_link = true;
+        let (first, second) = (LateCopies::new(41), LateCopies::new(42));
+        let pool = first.pool(2, 512);
+        let replicas = vec![(Arc::new(second.clone()), "fake:1".to_string()), (Arc::new(broken), "fake:2".into())];
+        let placement =
+            StagedPlacement::new(Arc::new(first.clone()), pool.clone(), "fake:0".into()).with_replicas(replicas);
+        let cancel = CancellationToken::new();
+        let options =
+            ReadOptions { threads: 3, cancel: &cancel, interval: Duration::from_millis(1), chunk_bytes: None };
+        let failed = read_into(&placement, &plan, &files, options, |_, _| {}).map(|_| ()).expect_err("no link");
+        let message = failed.error.to_string();
+        assert!(message.contains("fake:2") && message.contains("no link to the peer"), "{message}");
+        for engine in [&first, &second] {
+            engine.synchronize().expect("synchronize");
+        }
+        assert_eq!(pool.idle(), 2, "every buffer came back");
     }
 
     /// Groups never span two devices.

@@ -99,6 +99,17 @@ impl resource_manager::staging::CopyEngine for Engine {
         self.engine.copy(from, len, to, offset)
     }
 
+    fn copy_from_peer(
+        &self,
+        source: &Engine,
+        from: &VmmRegion,
+        to: &VmmRegion,
+        offset: usize,
+        len: usize,
+    ) -> Result<Self::Fence, DeviceError> {
+        self.engine.copy_from_peer(&source.engine, from, to, offset, len)
+    }
+
     fn wait(&self, fence: Self::Fence) -> Result<(), DeviceError> {
         self.engine.wait(fence)
     }
@@ -142,26 +153,45 @@ impl GroupViews for Engine {
     }
 }
 
-/// Loads onto a GPU into one exportable VMM allocation per load, through the staging pool.
+/// Loads onto a GPU into one exportable VMM allocation per load, through the staging pool; with
+/// replicas, into one on each of their GPUs too, filled by peer copies (see [`StagedPlacement`]).
 pub struct VmmPlacement {
     gpu: Arc<Gpu>,
     pool: Arc<PinnedPool>,
     device: String,
+    /// Each replica's GPU and name, in the order the copies pass from one to the next.
+    replicas: Vec<(Arc<Gpu>, String)>,
 }
 
 impl VmmPlacement {
     pub fn new(gpu: Arc<Gpu>, pool: Arc<PinnedPool>, device: String) -> Self {
-        Self { gpu, pool, device }
+        Self { gpu, pool, device, replicas: Vec::new() }
     }
 
-    /// The staged placement of one load, into an allocation that holds every group.
+    /// The same load on `replicas` too; each must reach the GPU before it ([`Gpu::reach_peer`]).
+    pub fn with_replicas(mut self, replicas: Vec<(Arc<Gpu>, String)>) -> Self {
+        self.replicas = replicas;
+        self
+    }
+
+    /// The staged placement of one load, into an allocation that holds every group (one per GPU,
+    /// each readable by the next GPU for the peer copies).
     fn staged(&self, groups: &[Group]) -> Result<StagedPlacement<Engine>, Error> {
         let bytes = groups
             .iter()
             .fold(0usize, |end, g| end.next_multiple_of(VMM_ALIGN) + device_elems(g) * g.dtype.size_in_bytes());
-        let memory = Arc::new(VmmMemory::new(self.gpu.clone(), bytes).map_err(|e| Error::place(&self.device, e))?);
-        let engine = Engine { engine: VmmEngine::new(memory.clone()), exported: Arc::new(Exported(memory)) };
-        Ok(StagedPlacement::new(Arc::new(engine), self.pool.clone(), self.device.clone()))
+        let engine = |gpu: &Arc<Gpu>, device: &str| {
+            let memory = Arc::new(VmmMemory::new(gpu.clone(), bytes).map_err(|e| Error::place(device, e))?);
+            Ok::<_, Error>(Engine { engine: VmmEngine::new(memory.clone()), exported: Arc::new(Exported(memory)) })
+        };
+        let first = engine(&self.gpu, &self.device)?;
+        let mut replicas: Vec<(Arc<Engine>, String)> = Vec::with_capacity(self.replicas.len());
+        for (gpu, device) in &self.replicas {
+            let before = replicas.last().map_or(&first, |(e, _)| e.as_ref());
+            before.engine.memory().let_read(gpu).map_err(|e| Error::place(device, e))?;
+            replicas.push((Arc::new(engine(gpu, device)?), device.clone()));
+        }
+        Ok(StagedPlacement::new(Arc::new(first), self.pool.clone(), self.device.clone()).with_replicas(replicas))
     }
 }
 
@@ -172,15 +202,15 @@ impl VmmPlacement {
     /// driver's VMM memory, so each tensor goes there and back (a slow path, for loads that ask
     /// for another dtype).
     fn convert_into_vmm(
-        &self,
+        (gpu, device): (&Arc<Gpu>, &str),
         tensors: &mut [PlacedTensor],
         dtype: DType,
         cancel: &tokio_util::sync::CancellationToken,
     ) -> Result<usize, Error> {
-        let place = |e: DeviceError| Error::place(&self.device, e);
+        let place = |e: DeviceError| Error::place(device, e);
         let candle = |e: candle_core::Error| place(DeviceError::from(e));
         let (layout, end) = converted_layout(tensors, dtype, VMM_ALIGN);
-        let memory = Arc::new(VmmMemory::new(self.gpu.clone(), end).map_err(place)?);
+        let memory = Arc::new(VmmMemory::new(gpu.clone(), end).map_err(place)?);
         let exported = Arc::new(Exported(memory.clone()));
         let mut converted = 0;
         for (t, at) in tensors.iter_mut().zip(&layout) {
@@ -236,6 +266,17 @@ impl Placement for VmmPlacement {
         if !tensors.iter().any(|t| converts_to(t.data.as_ref(), dtype)) {
             return Ok(0);
         }
-        self.convert_into_vmm(tensors, dtype, cancel)
+        // Each replica's tensors into new memory on its own GPU.
+        let gpus = std::iter::once((&self.gpu, self.device.as_str()))
+            .chain(self.replicas.iter().map(|(gpu, device)| (gpu, device.as_str())));
+        let mut converted = 0;
+        let mut rest = std::mem::take(tensors);
+        for (index, gpu) in gpus.enumerate() {
+            let (mut mine, others): (Vec<_>, Vec<_>) = rest.into_iter().partition(|t| t.device == index);
+            converted += Self::convert_into_vmm(gpu, &mut mine, dtype, cancel)?;
+            tensors.extend(mine);
+            rest = others;
+        }
+        Ok(converted)
     }
 }
