@@ -47,10 +47,12 @@ pub struct LoadHandle {
     pub(crate) set_aside: Mutex<Option<SetAside>>,
 }
 
-/// The devices and the target dtype (`None`: as stored) of a load.
+/// The devices, the explicit device map (empty: balanced, or one device) and the target dtype
+/// (`None`: as stored) of a load.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Wants {
     pub target: Target,
+    pub device_map: Vec<(String, resource_manager::DeviceId)>,
     pub dtype: Option<TargetDtype>,
 }
 

@@ -181,7 +181,11 @@ impl LoaderService {
             return Err(weights::device_map::DeviceMapError::OneDevice { device: target.first() }.into());
         }
         let id = request.model_id.clone();
-        let wants = Wants { target, dtype: request.dtype.or(self.config.default_dtype) };
+        let wants = Wants {
+            target,
+            device_map: request.device_map.clone(),
+            dtype: request.dtype.or(self.config.default_dtype),
+        };
         loop {
             if self.is_shutting_down() {
                 return Err(LoadError::ShuttingDown);
@@ -190,9 +194,12 @@ impl LoaderService {
                 Entry::Occupied(load) => {
                     let load = load.get();
                     let theirs = &load.wants;
-                    conflict(&request, &wants, theirs.target == wants.target, theirs.dtype == wants.dtype, || {
+                    // A map asked for must be the one in flight (its balanced split is not known yet).
+                    let same_devices = theirs.target == wants.target
+                        && (wants.device_map.is_empty() || theirs.device_map == wants.device_map);
+                    conflict(&request, &wants, same_devices, theirs.dtype == wants.dtype, || {
                         let dtype = theirs.dtype.map_or("as stored".into(), |d| d.to_string());
-                        format!("loading on {} ({dtype})", theirs.target)
+                        format!("loading on {}{} ({dtype})", theirs.target, map_text(&theirs.device_map))
                     })?;
                     // On the caller's span (its RPC) in traces: the load's own span is the first
                     // caller's.
@@ -219,7 +226,9 @@ impl LoaderService {
                         Err(InvalidTransition { current: ModelState::Loaded, .. }) => {
                             if let Some(resident) = self.pipelines.get(&id) {
                                 let same_dtype = wants.dtype.is_none_or(|t| holds_floats_as(&resident, t));
-                                conflict(&request, &wants, resident.target == wants.target, same_dtype, || {
+                                let same_devices =
+                                    resident.target == wants.target && placed_as(&resident, &wants.device_map);
+                                conflict(&request, &wants, same_devices, same_dtype, || {
                                     format!("loaded on {} as {}", resident.target, resident.dtype_summary())
                                 })?;
                             }
@@ -327,12 +336,32 @@ fn conflict(
     }
     let mut asked = Vec::new();
     if other_device {
-        asked.push(wants.target.to_string());
+        asked.push(format!("{}{}", wants.target, map_text(&wants.device_map)));
     }
     if let Some(dtype) = request.dtype.filter(|_| other_dtype) {
         asked.push(dtype.to_string());
     }
     Err(LoadError::Conflict { model_id: request.model_id.clone(), current: what(), asked: asked.join(" ") })
+}
+
+/// ` with map PREFIX=DEVICE,...` for an explicit device map; nothing for none.
+fn map_text(map: &[(String, resource_manager::DeviceId)]) -> String {
+    if map.is_empty() {
+        return String::new();
+    }
+    let entries = map.iter().map(|(prefix, device)| format!("{prefix}={device}")).collect::<Vec<_>>();
+    format!(" with map {}", entries.join(","))
+}
+
+/// Whether every tensor of `pipeline` is on the device `map` puts it on (any placement, for an
+/// empty map).
+fn placed_as(pipeline: &Pipeline, map: &[(String, resource_manager::DeviceId)]) -> bool {
+    map.is_empty()
+        || pipeline.tensors().all(|(component, t)| {
+            let name =
+                if component.name.is_empty() { t.name.clone() } else { format!("{}/{}", component.name, t.name) };
+            weights::device_map::device_for(map, &name) == Some(pipeline.device_of(t))
+        })
 }
 
 /// Whether every float tensor of `pipeline` (those a target dtype converts) is resident as `target`.

@@ -243,7 +243,7 @@ mod tests {
     /// The handle of a load of `name` onto both fake GPUs.
     fn handle(service: &LoaderService, name: &str) -> Arc<LoadHandle> {
         let target = resource_manager::Target::new(vec![GPU0, GPU1], resource_manager::Layout::Split).expect("2 GPUs");
-        let wants = Wants { target, dtype: None };
+        let wants = Wants { target, device_map: Vec::new(), dtype: None };
         Arc::new(LoadHandle::new(id(name), wants, Default::default(), service.state.clone(), tracing::Span::none()))
     }
 

@@ -553,3 +553,24 @@ fn loads_over_several_gpus_are_refused_by_name() {
         assert_eq!((g.used(gpu0), g.used(gpu1), reserved), (0, 0, 0));
     }
 }
+
+/// A second load of a split model with an explicit device map joins it only where the model's
+/// tensors are where that map puts them; another map is a conflict naming both, and a request
+/// naming no map takes the model as it is.
+#[test]
+fn a_resident_split_model_is_joined_only_by_its_own_map() {
+    let g = Gpus::new();
+    let (gpu0, gpu1) = (DeviceId::Cuda(0), DeviceId::Cuda(2));
+    let with = |map: Vec<(&str, DeviceId)>| LoadRequest {
+        device_map: map.into_iter().map(|(p, d)| (p.to_owned(), d)).collect(),
+        ..g.request("cuda:0,cuda:2")
+    };
+    g.load(with(vec![("", gpu0), ("lm_head", gpu1)])).expect("explicit map");
+    g.load(with(vec![("", gpu0), ("lm_head", gpu1)])).expect("the same map joins");
+    g.load(with(vec![("model", gpu0), ("lm_head", gpu1)])).expect("another map placing the same: joins");
+    g.load(g.request("cuda:0,cuda:2")).expect("no map: the model as it is");
+    let error = g.load(with(vec![("", gpu1), ("lm_head", gpu0)])).expect_err("another placement");
+    let expected = "[conflict] model toy/layers is loaded on cuda:0,cuda:2 as F32; asked for cuda:0,cuda:2 with map =cuda:2,lm_head=cuda:0";
+    assert!(error.starts_with(expected), "{error}\nexpected: {expected}");
+    assert_eq!(g.used(gpu1), 64 * 16 * 4, "the model stayed as it was");
+}

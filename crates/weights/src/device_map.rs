@@ -156,13 +156,8 @@ impl DeviceMap {
         let mut unmapped = Vec::new();
         let mut assigned = Vec::with_capacity(tensors.len());
         for t in tensors {
-            let best = map
-                .iter()
-                .enumerate()
-                .filter(|(_, (prefix, _))| matches(prefix, &t.name))
-                .max_by_key(|(_, (prefix, _))| prefix.len());
-            match best {
-                Some((entry, _)) => {
+            match entry_for(map, &t.name) {
+                Some(entry) => {
                     used[entry] = true;
                     assigned.push(index[entry]);
                 }
@@ -205,6 +200,18 @@ fn tensors(plan: &LoadPlan, dtype: Option<TargetDtype>) -> Vec<Tensor> {
         }
     }
     out
+}
+
+/// The device an explicit map puts the tensor `name` on (`component/name` in a pipeline): its
+/// longest prefix's; `None` where none names it.
+pub fn device_for(map: &[(String, DeviceId)], name: &str) -> Option<DeviceId> {
+    entry_for(map, name).map(|entry| map[entry].1)
+}
+
+/// The entry of `map` that places `name`: the longest prefix naming it.
+fn entry_for(map: &[(String, DeviceId)], name: &str) -> Option<usize> {
+    let named = map.iter().enumerate().filter(|(_, (prefix, _))| matches(prefix, name));
+    named.max_by_key(|(_, (prefix, _))| prefix.len()).map(|(entry, _)| entry)
 }
 
 /// Whether `prefix` names `name` or a module above it.

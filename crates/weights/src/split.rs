@@ -1,9 +1,10 @@
 //! A load over several devices, in one pass over the files (one read per byte, in file order):
 //! split ([`DevicesPlacement::split`]), each device's own placement taking the groups of the
 //! tensors a [`DeviceMap`] gives it; or replicated ([`DevicesPlacement::replicate`]), every device's
-//! placement taking
-//! every group, each chunk read once into the first device's memory and copied from there into
-//! the others' (host to host, before each device's own copy to it).
+//! placement taking every group, each chunk read once into the first device's memory and copied
+//! from there into the others' (host to host, before each device's own copy to it). Replicas on
+//! GPUs that reach each other go device to device instead (`StagedPlacement::with_replicas`);
+//! this host fan-out is for those that do not.
 //!
 //! Each device's [`Placement::place`] lends its memory only for the time its `readers` run, so
 //! the devices' placements are nested: device 0's readers start device 1's placement, and so on;
@@ -106,8 +107,9 @@ impl Placement for DevicesPlacement {
         Ok(Box::new(DevicesPlaced { parts: done, order }))
     }
 
-    /// Each tensor converts on its own device (a placement's own conversion, which keeps
-    /// converted tensors in exportable memory, is one device's: not used across several).
+    /// Each device's placement converts its own tensors, as for a load of its own (a VMM
+    /// placement into new exportable memory on its GPU, so attach still hands them out); the
+    /// tensors keep their order.
     fn convert(
         &self,
         tensors: &mut Vec<PlacedTensor>,
@@ -115,10 +117,24 @@ impl Placement for DevicesPlacement {
         cancel: &CancellationToken,
         _device: &str,
     ) -> Result<usize, Error> {
-        let named = self.devices.iter().map(|(d, _)| d.to_string()).collect::<Vec<_>>().join(",");
-        crate::placement::convert_each(tensors, dtype, cancel, |e| {
-            Error::place(&named, resource_manager::staging::DeviceError::from(e))
-        })
+        let mut slots: Vec<Option<PlacedTensor>> = std::mem::take(tensors).into_iter().map(Some).collect();
+        let mut converted = 0;
+        for (index, (device, placement)) in self.devices.iter().enumerate() {
+            let at: Vec<usize> =
+                (0..slots.len()).filter(|&i| slots[i].as_ref().is_some_and(|t| t.device == index)).collect();
+            // Each placement sees its tensors as on its only device.
+            let mut mine: Vec<PlacedTensor> =
+                at.iter().filter_map(|&i| slots[i].take()).map(|t| PlacedTensor { device: 0, ..t }).collect();
+            converted += placement.convert(&mut mine, dtype, cancel, &device.to_string())?;
+            for (i, t) in at.into_iter().zip(mine) {
+                slots[i] = Some(PlacedTensor { device: index, ..t });
+            }
+        }
+        *tensors = slots
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| Error::Internal("a tensor on no device of the load, or lost in a conversion".into()))?;
+        Ok(converted)
     }
 }
 

@@ -999,6 +999,16 @@ mod tests {
                 assert!(t.data.bytes().expect("bytes").as_ref() == file_bytes, "{} differs (seed {seed})", t.name);
                 assert_eq!(map.devices_of(i), &[target.devices()[t.device]], "{} on its device", t.name);
             }
+            // Step 7 over both devices: each converts its own floats; order and devices stay.
+            let mut converted = tensors;
+            let floats = converted.iter().filter(|t| t.data.dtype() == DType::F32).count();
+            let n = split.convert(&mut converted, DType::BF16, &cancel, "cuda:0,cuda:1").expect("convert");
+            assert_eq!(n, floats);
+            for (i, (t, p)) in converted.iter().zip(planned).enumerate() {
+                assert_eq!((t.name.as_str(), map.devices_of(i)), (p.name.as_str(), &[target.devices()[t.device]][..]));
+                let want = if p.dtype == DType::F32 { DType::BF16 } else { p.dtype };
+                assert_eq!(t.data.dtype(), want, "{}", t.name);
+            }
             let shares: Vec<u64> = map.bytes().map(|(_, b)| b).collect();
             let copied: Vec<u64> = engines.iter().map(|e| e.copied.load(Ordering::Relaxed) as u64).collect();
             assert_eq!(copied, shares, "each device got its share (seed {seed})");
