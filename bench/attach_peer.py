@@ -3,7 +3,8 @@ client (clients/python), `--runs` times after an untimed one whose tensors it ha
 
 Usage: attach_peer.py --runs N [--torch] SOCKET MODEL_ID
 With --torch, usable tensors are torch tensors (CUDA ones for a model on a GPU, synchronized).
-Prints one JSON object: {"seconds": [...], "tensors": {name: [dtype, shape, sha256]}}.
+Prints one JSON object: {"seconds": [...], "tensors": {name: [dtype, shape, sha256]},
+"devices": {name: device}} (each tensor's torch device with --torch, else empty).
 """
 
 import argparse
@@ -40,7 +41,10 @@ def main():
 
     with model_loader.attach(args.model_id, socket=args.socket) as model:
         specs = model.tensor_specs
-        tensors = {name: [specs[name].dtype, list(specs[name].shape), digest(a)] for name, a in usable(model).items()}
+        first = usable(model)
+        tensors = {name: [specs[name].dtype, list(specs[name].shape), digest(a)] for name, a in first.items()}
+        devices = {name: str(a.device) for name, a in first.items()} if args.torch else {}
+        del first
     seconds = []
     for _ in range(args.runs):
         start = time.perf_counter()
@@ -50,7 +54,7 @@ def main():
         assert len(arrays) == len(tensors)
         del arrays
         model.close()
-    print(json.dumps({"seconds": seconds, "tensors": tensors}))
+    print(json.dumps({"seconds": seconds, "tensors": tensors, "devices": devices}))
 
 
 if __name__ == "__main__":

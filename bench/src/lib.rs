@@ -16,6 +16,8 @@ pub mod fanout;
 pub mod gpu;
 #[cfg(feature = "cuda")]
 pub mod gpu_attach;
+#[cfg(feature = "cuda")]
+pub mod gpu_multi;
 pub mod gpu_report;
 pub mod in_process;
 pub mod limit;
@@ -86,6 +88,11 @@ pub struct Options {
     /// attached from Python against the Python GPU peers' reloads; `attach-bench.json` in `--out`.
     #[arg(long)]
     pub gpu_attach: bool,
+    /// Run several GPUs instead (a `cuda` build, on a machine of two GPUs or more): replicas on
+    /// every GPU against one, a split under a per-device budget below the model, attach of the
+    /// split model, free memory after; `multi-gpu.json` and `multi-gpu.md` in `--out`.
+    #[arg(long)]
+    pub gpu_multi: bool,
     /// GPU mode: size of the dense BF16 model, in MiB (16 tensors per shard).
     #[arg(long, default_value_t = 8192)]
     pub gpu_dense_mib: usize,

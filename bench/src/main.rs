@@ -23,7 +23,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let targets = if options.object {
         bench::object::run(&options).await?.targets
-    } else if options.gpu || options.gpu_candle_peer || options.gpu_attach {
+    } else if options.gpu || options.gpu_candle_peer || options.gpu_attach || options.gpu_multi {
         gpu(&options).await?
     } else {
         bench::run(&options).await?.targets
@@ -48,6 +48,13 @@ async fn gpu(options: &bench::Options) -> anyhow::Result<Vec<bench::report::Targ
     }
     if options.gpu_attach {
         bench::gpu_attach::run(options).await?;
+        return Ok(Vec::new());
+    }
+    if options.gpu_multi {
+        let report = bench::gpu_multi::run(options).await?;
+        let goal = bench::gpu_multi::REPLICA_GOAL;
+        let ratio = report.replica_ratio;
+        eprintln!("[bench] replicas on {} GPUs: {ratio:.2}× one GPU's load (goal ≤ {goal}×)", report.gpus);
         return Ok(Vec::new());
     }
     Ok(bench::gpu::run(options).await?.targets)

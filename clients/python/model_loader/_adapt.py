@@ -69,6 +69,21 @@ def torch_dtype(torch: Any, dtype: Optional[str], state: Dict[str, Any]) -> Any:
     return max(by_dtype, key=lambda d: by_dtype[d]) if by_dtype else None
 
 
+def device_map_of(state: Dict[str, Any]) -> Optional[Dict[str, str]]:
+    """For a model split over several devices, each module on its tensors' device (a
+    ``device_map`` for ``from_pretrained``, which then leaves every tensor where it is); None for
+    tensors on one device."""
+    if len({str(t.device) for t in state.values()}) <= 1:
+        return None
+    modules: Dict[str, str] = {}
+    for name, t in state.items():
+        module, device = name.rpartition(".")[0], str(t.device)
+        if modules.setdefault(module, device) != device:
+            raise AdapterError(f"module {module!r} has tensors on {modules[module]} and {device}: "
+                               "the server splits whole modules, so this model was not split by it")
+    return modules
+
+
 def safe_path(root: Path, path: str) -> Path:
     """root/path for a path the server sent, refused when it would leave root."""
     parts = path.split("/")

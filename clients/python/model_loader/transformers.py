@@ -69,7 +69,11 @@ def build(transformers: Any, cls: Any, config: Any, state: Dict[str, Any], dtype
     import torch
 
     kwargs: Dict[str, Any] = {} if dtype is None else {"dtype": dtype}
-    if device is not None:
+    split = _adapt.device_map_of(state) if device is None else None
+    if split is not None:
+        # Split over several GPUs by the server: each module where its tensors are.
+        kwargs["device_map"] = split
+    elif device is not None:
         # Without a device map from_pretrained places every tensor on the CPU: GPU tensors would
         # be copied there. One device: no dispatch hooks, the tensors stay where they are.
         kwargs["device_map"] = {"": device}
@@ -82,7 +86,9 @@ def build(transformers: Any, cls: Any, config: Any, state: Dict[str, Any], dtype
 
 
 def _device(att: Attached, device: Optional[str]) -> Optional[str]:
-    return device or (att.buffers[0].device if att.buffers else None)
+    """The one device the model is on; None for a model split over several (see build)."""
+    on = {b.device for b in att.buffers}
+    return device or (on.pop() if len(on) == 1 else None)
 
 
 def from_server(

@@ -101,3 +101,14 @@ def test_a_sentence_module_with_weights_of_its_own_is_refused(
         assert server.hangups.acquire(timeout=10)
     finally:
         server.stop()
+
+
+def test_a_split_state_gives_each_module_its_device() -> None:
+    """Tensors on two devices map each module to its tensors' device; one device maps nothing;
+    a module across two devices is refused by name."""
+    cpu, meta = torch.zeros(1), torch.empty(1, device="meta")
+    state = {"model.layers.0.w": cpu, "model.layers.0.b": cpu, "model.layers.1.w": meta, "lm_head.weight": meta}
+    assert _adapt.device_map_of(state) == {"model.layers.0": "cpu", "model.layers.1": "meta", "lm_head": "meta"}
+    assert _adapt.device_map_of({"a.w": cpu, "b.w": cpu}) is None
+    with pytest.raises(model_loader.AdapterError, match="'a' has tensors on cpu and meta"):
+        _adapt.device_map_of({"a.w": cpu, "a.b": meta})
