@@ -418,10 +418,14 @@ struct Gpus {
 
 impl Gpus {
     fn new() -> Self {
-        let id = ModelId::parse("toy/layers").expect("id");
         let (files, total) = layered(6);
-        let source =
-            Arc::new(MemorySource { id: id.clone(), files: Arc::new(MemoryFiles(files)), asked: AtomicUsize::new(0) });
+        Self::serving(Arc::new(MemoryFiles(files)), total)
+    }
+
+    /// The same loader, `toy/layers` being `files` of `total` tensor bytes.
+    fn serving(files: Arc<dyn ModelFiles>, total: u64) -> Self {
+        let id = ModelId::parse("toy/layers").expect("id");
+        let source = Arc::new(MemorySource { id: id.clone(), files, asked: AtomicUsize::new(0) });
         let gpus: Vec<_> = (0..3).map(|_| Arc::new(CountingPlacement::default())).collect();
         let capacities = [1 << 20, total * 3 / 4, 1 << 20];
         let resources = ResourceManager::with_test_devices(1 << 30, &capacities, MemoryBudget::Percent(100.0));
@@ -573,4 +577,33 @@ fn a_resident_split_model_is_joined_only_by_its_own_map() {
     let expected = "[conflict] model toy/layers is loaded on cuda:0,cuda:2 as F32; asked for cuda:0,cuda:2 with map =cuda:2,lm_head=cuda:0";
     assert!(error.starts_with(expected), "{error}\nexpected: {expected}");
     assert_eq!(g.used(gpu1), 64 * 16 * 4, "the model stayed as it was");
+}
+
+/// While a split load with an explicit map is in flight, a second load asking for another map is
+/// refused at once naming both, one asking for the same map joins it, and one naming no map takes
+/// it as it is.
+#[test]
+fn a_split_load_in_flight_is_joined_only_by_its_own_map() {
+    let (gate, stalled) = std::sync::mpsc::channel();
+    let g = Gpus::serving(Arc::new(StalledFiles(std::sync::Mutex::new(stalled))), 0);
+    // Bound after the loader, so dropped before it: a failed assertion drops the gate, which frees
+    // the blocked thread the runtime's drop waits for.
+    let gate = gate;
+    let (gpu0, gpu2) = (DeviceId::Cuda(0), DeviceId::Cuda(2));
+    let with = |map: Vec<(&str, DeviceId)>| LoadRequest {
+        device_map: map.into_iter().map(|(p, d)| (p.to_owned(), d)).collect(),
+        ..g.request("cuda:0,cuda:2")
+    };
+    g.runtime.block_on(async {
+        let first = g.loader.load(with(vec![("", gpu0), ("lm_head", gpu2)])).await.expect("the load starts");
+        let other = g.loader.load(with(vec![("", gpu2)])).await.map(|_| ()).expect_err("another map");
+        let expected = "model toy/layers is loading on cuda:0,cuda:2 with map =cuda:0,lm_head=cuda:2 (as stored); \
+                        asked for cuda:0,cuda:2 with map =cuda:2";
+        assert!(other.to_string().starts_with(expected), "{other}\nexpected: {expected}");
+        g.loader.load(with(vec![("", gpu0), ("lm_head", gpu2)])).await.expect("the same map joins");
+        g.loader.load(g.request("cuda:0,cuda:2")).await.expect("no map joins");
+        assert!(g.loader.cancel(&g.id), "the load was in flight");
+        drop(first);
+    });
+    gate.send(()).expect("the blocked thread is still waiting");
 }
