@@ -111,11 +111,23 @@ impl Gpu {
         self.context.bind_to_thread()?;
         // SAFETY: the current context is this GPU's; the peer's context lives as long as `peer`.
         match unsafe { sys::cuCtxEnablePeerAccess(peer.context.cu_ctx(), 0) } {
-            sys::CUresult::CUDA_SUCCESS | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => Ok(true),
-            other => Err(other.result().map_err(DeviceError::from).err().unwrap_or_else(|| {
-                DeviceError::Refused(format!("enabling peer access from GPU {} to {}", self.ordinal, peer.ordinal))
-            })),
+            sys::CUresult::CUDA_SUCCESS | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => {}
+            other => other.result()?,
         }
+        // candle allocates from the peer's stream-ordered pool, whose memory other GPUs reach only
+        // by the pool's own grant (peer access covers `cuMemAlloc`'s): without it the copies
+        // would still be right, staged through the host by the driver, but slower.
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: the driver writes the pool's handle through the pointer.
+        if unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, peer.context.cu_device()) }.result().is_ok() {
+            let access = sys::CUmemAccessDesc {
+                location: crate::vmm::device_location(self.ordinal),
+                flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+            };
+            // SAFETY: the pool is the peer's default one; one access descriptor.
+            unsafe { sys::cuMemPoolSetAccess(pool, &access, 1) }.result()?;
+        }
+        Ok(true)
     }
 
     /// Queues a copy of `len` bytes from `peer`'s memory at `from` to this GPU's at `to` on this

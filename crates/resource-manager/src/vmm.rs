@@ -44,6 +44,16 @@ unsafe impl Send for VmmMemory {}
 #[allow(unsafe_code)] // the driver's VMM API
 unsafe impl Sync for VmmMemory {}
 
+/// GPU `ordinal` as the driver's memory calls name a place.
+#[allow(unsafe_code)] // a plain C struct, zeroed as the driver's docs ask
+pub(crate) fn device_location(ordinal: usize) -> sys::CUmemLocation {
+    // SAFETY: an enum whose zero is valid and an integer.
+    let mut location: sys::CUmemLocation = unsafe { MaybeUninit::zeroed().assume_init() };
+    location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+    location.id = ordinal as i32;
+    location
+}
+
 /// What `cuMemCreate` and the granularity query are asked for: pinned memory on `ordinal`,
 /// exportable as a POSIX file descriptor.
 #[allow(unsafe_code)] // a plain C struct, zeroed as the driver's docs ask
@@ -53,8 +63,7 @@ fn properties(ordinal: usize) -> sys::CUmemAllocationProp {
     let mut prop: sys::CUmemAllocationProp = unsafe { MaybeUninit::zeroed().assume_init() };
     prop.type_ = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
     prop.requestedHandleTypes = sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
-    prop.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
-    prop.location.id = ordinal as i32;
+    prop.location = device_location(ordinal);
     prop
 }
 
@@ -113,7 +122,7 @@ impl VmmMemory {
     #[allow(unsafe_code)] // the driver's VMM API
     pub fn let_read(&self, peer: &Gpu) -> Result<(), DeviceError> {
         let access = sys::CUmemAccessDesc {
-            location: properties(peer.ordinal).location,
+            location: device_location(peer.ordinal),
             flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READ,
         };
         self.gpu.bind_to_thread();
