@@ -130,22 +130,30 @@ impl Gpu {
         Ok(true)
     }
 
-    /// Queues a copy of `len` bytes from `peer`'s memory at `from` to this GPU's at `to` on this
-    /// GPU's stream, and returns its completion.
+    /// Queues a copy of `len` bytes at `offset` of `from`, memory of `peer` (its address and
+    /// length), to the same offset of `to`, memory of this GPU, on this GPU's stream, and returns
+    /// its completion.
     #[allow(unsafe_code)] // the driver's peer copy
     pub(crate) fn copy_from_peer_at(
         &self,
         peer: &Gpu,
-        from: sys::CUdeviceptr,
-        to: sys::CUdeviceptr,
-        len: usize,
+        (from, from_bytes): (sys::CUdeviceptr, usize),
+        (to, to_bytes): (sys::CUdeviceptr, usize),
+        (offset, len): (usize, usize),
     ) -> Result<CudaEvent, DeviceError> {
+        if offset.checked_add(len).is_none_or(|end| end > to_bytes.min(from_bytes)) {
+            return Err(DeviceError::Refused(format!(
+                "peer copy of {len} bytes at {offset} past the end of {from_bytes} or {to_bytes} bytes"
+            )));
+        }
         let stream = self.stream()?;
         self.context.bind_to_thread()?;
-        // SAFETY: the callers check both ranges against their allocations, which they keep alive
-        // until the returned event completes.
+        let at = offset as u64;
+        // SAFETY: both ranges are inside their memory (checked above), which the callers keep
+        // alive until the returned event completes.
         unsafe {
-            sys::cuMemcpyPeerAsync(to, self.context.cu_ctx(), from, peer.context.cu_ctx(), len, stream.cu_stream())
+            let (dst, src) = (self.context.cu_ctx(), peer.context.cu_ctx());
+            sys::cuMemcpyPeerAsync(to + at, dst, from + at, src, len, stream.cu_stream())
         }
         .result()?;
         Ok(stream.record_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))?)
@@ -269,13 +277,7 @@ impl CopyEngine for Gpu {
         offset: usize,
         len: usize,
     ) -> Result<CudaEvent, DeviceError> {
-        if offset.checked_add(len).is_none_or(|end| end > to.bytes.min(from.bytes)) {
-            return Err(DeviceError::Refused(format!(
-                "peer copy of {len} bytes at {offset} past the end of {} or {} bytes",
-                from.bytes, to.bytes
-            )));
-        }
-        self.copy_from_peer_at(source, from.ptr + offset as u64, to.ptr + offset as u64, len)
+        self.copy_from_peer_at(source, (from.ptr, from.bytes), (to.ptr, to.bytes), (offset, len))
     }
 
     fn wait(&self, fence: CudaEvent) -> Result<(), DeviceError> {

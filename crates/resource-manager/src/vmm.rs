@@ -270,14 +270,8 @@ impl CopyEngine for VmmEngine {
         offset: usize,
         len: usize,
     ) -> Result<CudaEvent, DeviceError> {
-        if offset.checked_add(len).is_none_or(|end| end > to.bytes.min(from.bytes)) {
-            return Err(DeviceError::Refused(format!(
-                "peer copy of {len} bytes at {offset} past the end of {} or {} bytes",
-                from.bytes, to.bytes
-            )));
-        }
-        let at = |region: &VmmRegion| region.memory.ptr + (region.offset + offset) as u64;
-        self.memory.gpu.copy_from_peer_at(&source.memory.gpu, at(from), at(to), len)
+        let region = |r: &VmmRegion| (r.memory.ptr + r.offset as u64, r.bytes);
+        self.memory.gpu.copy_from_peer_at(&source.memory.gpu, region(from), region(to), (offset, len))
     }
 
     fn wait(&self, fence: CudaEvent) -> Result<(), DeviceError> {

@@ -1056,6 +1056,14 @@ mod tests {
         }
     }
 
+    /// 90 tensors of three dtypes in a file that counts the bytes read from it.
+    fn counted_fixture(dir: &std::path::Path) -> (LoadPlan, Arc<CountedReads>, Vec<u8>) {
+        let dtypes: Vec<DType> = (0..90).map(|i| [DType::F32, DType::BF16, DType::U8][i % 4 % 3]).collect();
+        let sizes: Vec<usize> = (0..90).map(|i| 1 + (i * 71) % 800).collect();
+        let (plan, files, data) = fixture(dir, &dtypes, &sizes, Some(30));
+        (plan, Arc::new(CountedReads(files[0].clone(), AtomicUsize::new(0))), data)
+    }
+
     /// Replicas on two fake GPUs: every byte is read from the file once and lands on both, each
     /// device gets the whole model through its own engine, every tensor comes back once per
     /// device with its file's bytes, and every buffer of both pools returns.
@@ -1066,10 +1074,7 @@ mod tests {
         use crate::split::DevicesPlacement;
 
         let dir = tempfile::tempdir().expect("temp dir");
-        let dtypes: Vec<DType> = (0..90).map(|i| [DType::F32, DType::BF16, DType::U8][i % 4 % 3]).collect();
-        let sizes: Vec<usize> = (0..90).map(|i| 1 + (i * 71) % 800).collect();
-        let (plan, files, data) = fixture(dir.path(), &dtypes, &sizes, Some(30));
-        let counted = Arc::new(CountedReads(files[0].clone(), AtomicUsize::new(0)));
+        let (plan, counted, data) = counted_fixture(dir.path());
         let files: Vec<Arc<dyn ReadAt>> = vec![counted.clone()];
         let engines = [LateCopies::new(21), LateCopies::new(22)];
         let pools = [engines[0].pool(3, 512), engines[1].pool(2, 512)];
@@ -1109,10 +1114,7 @@ mod tests {
     #[test]
     fn replicas_fan_out_device_to_device_after_one_host_copy() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let dtypes: Vec<DType> = (0..90).map(|i| [DType::F32, DType::BF16, DType::U8][i % 4 % 3]).collect();
-        let sizes: Vec<usize> = (0..90).map(|i| 1 + (i * 71) % 800).collect();
-        let (plan, files, data) = fixture(dir.path(), &dtypes, &sizes, Some(30));
-        let counted = Arc::new(CountedReads(files[0].clone(), AtomicUsize::new(0)));
+        let (plan, counted, data) = counted_fixture(dir.path());
         let files: Vec<Arc<dyn ReadAt>> = vec![counted.clone()];
         let planned = &plan.components[0].files[0].tensors;
         for (seed, buffers, threads) in [(31, 3, 3), (32, 1, 2), (33, 8, 4)] {
