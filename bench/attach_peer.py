@@ -1,8 +1,9 @@
 """Times attach() to usable tensors (numpy views over the server's memory) through the Python
 client (clients/python), `--runs` times after an untimed one whose tensors it hashes.
 
-Usage: attach_peer.py --runs N [--torch] SOCKET MODEL_ID
+Usage: attach_peer.py --runs N [--torch] [--device DEVICE] SOCKET MODEL_ID
 With --torch, usable tensors are torch tensors (CUDA ones for a model on a GPU, synchronized).
+--device names the replica to attach, for a model replicated on several GPUs.
 Prints one JSON object: {"seconds": [...], "tensors": {name: [dtype, shape, sha256]},
 "devices": {name: device}} (each tensor's torch device with --torch, else empty).
 """
@@ -21,6 +22,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--torch", action="store_true")
+    parser.add_argument("--device")
     parser.add_argument("socket")
     parser.add_argument("model_id")
     args = parser.parse_args()
@@ -39,7 +41,7 @@ def main():
             a = a.contiguous().view(-1).view(__import__("torch").uint8).cpu().numpy()
         return hashlib.sha256(memoryview(a.view(np.uint8))).hexdigest()
 
-    with model_loader.attach(args.model_id, socket=args.socket) as model:
+    with model_loader.attach(args.model_id, socket=args.socket, device=args.device) as model:
         specs = model.tensor_specs
         first = usable(model)
         tensors = {name: [specs[name].dtype, list(specs[name].shape), digest(a)] for name, a in first.items()}
@@ -48,7 +50,7 @@ def main():
     seconds = []
     for _ in range(args.runs):
         start = time.perf_counter()
-        model = model_loader.attach(args.model_id, socket=args.socket)
+        model = model_loader.attach(args.model_id, socket=args.socket, device=args.device)
         arrays = usable(model)
         seconds.append(time.perf_counter() - start)
         assert len(arrays) == len(tensors)

@@ -3,6 +3,9 @@
 //!
 //! - Replicas: the dense BF16 model on every GPU (`cuda:*`, `replicate`) against the same model
 //!   on `cuda:0` alone, alternating, warm; each replica's tensors checked against the files.
+//! - Replicas for attach: the same on a server with the attach socket (each replica its own VMM
+//!   allocation), and the last GPU's replica attached from Python (torch), every tensor on that
+//!   GPU with the files' bytes.
 //! - Split: a server whose per-device budget is below the model, so `cuda:0` alone refuses it;
 //!   the model split over `cuda:0,cuda:1`, every tensor checked against the files, each GPU's
 //!   share; attached from Python (torch), each tensor on the GPU ListTensors names, with the
@@ -47,6 +50,10 @@ pub struct GpuMulti {
     pub replicas_s: Vec<f64>,
     /// Median replicas / median one GPU.
     pub replica_ratio: f64,
+    /// Replicas on every GPU with the attach socket on (VMM allocations), seconds.
+    pub exportable_replicas_s: Vec<f64>,
+    /// The last GPU's replica attached: every tensor on that GPU.
+    pub replica_attach_on_its_gpu: bool,
     /// The per-device budget of the split server, bytes.
     pub split_budget: u64,
     /// What the split server answered a load onto `cuda:0` alone.
@@ -96,6 +103,7 @@ pub async fn run(options: &Options) -> anyhow::Result<GpuMulti> {
     }
     drop(server);
 
+    let exportable = exportable_replicas(options, &exe, &root, &dense, &mut checks).await?;
     let split = split(options, &exe, &root, &dense, &mut checks).await?;
     let free_after: Vec<u64> = gpus.iter().map(Gpu::free).collect();
     let report = GpuMulti {
@@ -107,6 +115,8 @@ pub async fn run(options: &Options) -> anyhow::Result<GpuMulti> {
         replica_ratio: stats::median(&replicas_s) / stats::median(&one_gpu_s).max(1e-9),
         one_gpu_s,
         replicas_s,
+        exportable_replicas_s: exportable.0,
+        replica_attach_on_its_gpu: exportable.1,
         split_budget: split.budget,
         one_gpu_refusal: split.refusal,
         split_s: split.seconds,
@@ -118,6 +128,49 @@ pub async fn run(options: &Options) -> anyhow::Result<GpuMulti> {
     write(&options.out, &report)?;
     ensure!(report.checks.iter().all(|c| c.same_tensors), "tensors that differ from the files: {:?}", report.checks);
     Ok(report)
+}
+
+/// Replicas on a server with the attach socket: their load times, and whether the last GPU's
+/// replica, attached, has every tensor there.
+async fn exportable_replicas(
+    options: &Options,
+    exe: &Path,
+    root: &Path,
+    dense: &Model,
+    checks: &mut Vec<Check>,
+) -> anyhow::Result<(Vec<f64>, bool)> {
+    let socket = std::path::absolute(options.work.join("attach-replicas.sock"))?;
+    let server = server::start(exe, root, &["--attach-socket", socket.to_str().context("UTF-8")?]).await;
+    let client = server::connect(server.addr).await?;
+    let every = request(&dense.id, "cuda:*", Some("replicate"));
+    let mut seconds = Vec::new();
+    for _ in 0..options.gpu_runs {
+        seconds.push(timed(&client, every.clone()).await?);
+        server::unload(&client, &dense.id).await?;
+    }
+    timed(&client, every).await?;
+    let by_device = by_device(&client, &dense.id).await?;
+    for (device, tensors) in &by_device {
+        checks.push(Check::compare(
+            &format!("replica on {device}, attach on"),
+            dense,
+            &Expected::observed(tensors.clone()),
+        ));
+    }
+    let last = by_device.keys().next_back().context("no replica listed")?.clone();
+    let attached = attach(&socket, &dense.id, Some(&last))?;
+    checks.push(Check::compare(
+        &format!("replica on {last}, attached (torch)"),
+        dense,
+        &Expected::observed(attached.tensors),
+    ));
+    let on_its_gpu = !attached.devices.is_empty() && attached.devices.values().all(|d| *d == last);
+    server::unload(&client, &dense.id).await?;
+    say(format!(
+        "  replicas for attach: {:.3} s (median); {last}'s replica attached there: {on_its_gpu}",
+        stats::median(&seconds)
+    ));
+    Ok((seconds, on_its_gpu))
 }
 
 /// The split part's figures.
@@ -162,7 +215,7 @@ async fn split(
     }
     let files = listed.iter().map(|t| (t.name.clone(), (t.dtype.clone(), t.shape.clone(), t.sha256.clone())));
     checks.push(Check::compare("split over cuda:0,cuda:1", dense, &Expected::observed(files.collect())));
-    let attached = attach(&socket, &dense.id)?;
+    let attached = attach(&socket, &dense.id, None)?;
     checks.push(Check::compare("split, attached (torch)", dense, &Expected::observed(attached.tensors)));
     let on_their_gpus = listed.iter().all(|t| attached.devices.get(&t.name) == Some(&t.device));
     server::unload(&client, &dense.id).await?;
@@ -177,12 +230,15 @@ struct Attached {
     devices: BTreeMap<String, String>,
 }
 
-fn attach(socket: &Path, id: &str) -> anyhow::Result<Attached> {
+/// `id` attached from Python as torch tensors (the replica on `device`, if named).
+fn attach(socket: &Path, id: &str, device: Option<&str>) -> anyhow::Result<Attached> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("attach_peer.py");
-    json_of(
-        Command::new("python3").arg(&script).args(["--torch", "--runs", "1"]).arg(socket).arg(id),
-        "the attach script",
-    )
+    let mut command = Command::new("python3");
+    command.arg(&script).args(["--torch", "--runs", "1"]);
+    if let Some(device) = device {
+        command.args(["--device", device]);
+    }
+    json_of(command.arg(socket).arg(id), "the attach script")
 }
 
 fn request(id: &str, device: &str, placement: Option<&str>) -> LoadRequest {
@@ -237,6 +293,7 @@ fn write(out: &Path, report: &GpuMulti) -> anyhow::Result<()> {
     for (what, s) in [
         ("cuda:0 alone".to_owned(), &report.one_gpu_s),
         (format!("replicas on all {} GPUs", report.gpus), &report.replicas_s),
+        (format!("replicas on all {} GPUs, attach socket on", report.gpus), &report.exportable_replicas_s),
         ("split over cuda:0,cuda:1".to_owned(), &report.split_s),
     ] {
         let (lo, hi) = (s.iter().copied().fold(f64::MAX, f64::min), s.iter().copied().fold(0.0, f64::max));
@@ -265,6 +322,11 @@ fn write(out: &Path, report: &GpuMulti) -> anyhow::Result<()> {
         "| attached split tensors on their GPUs | all | {} | {} |\n",
         report.attach_on_their_gpus,
         met(report.attach_on_their_gpus)
+    );
+    md += &format!(
+        "| an attached replica's tensors on its GPU | all | {} | {} |\n",
+        report.replica_attach_on_its_gpu,
+        met(report.replica_attach_on_its_gpu)
     );
     let shares = report.split_shares.iter().map(|(d, b)| format!("{d} {b} bytes")).collect::<Vec<_>>().join(", ");
     md += &format!(
