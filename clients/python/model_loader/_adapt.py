@@ -72,12 +72,15 @@ def torch_dtype(torch: Any, dtype: Optional[str], state: Dict[str, Any]) -> Any:
 def device_map_of(state: Dict[str, Any]) -> Optional[Dict[str, str]]:
     """For a model split over several devices, each module on its tensors' device (a
     ``device_map`` for ``from_pretrained``, which then leaves every tensor where it is); None for
-    tensors on one device."""
-    if len({str(t.device) for t in state.values()}) <= 1:
+    tensors on one device. Its first entry, ``""``, puts what the state does not hold (buffers the
+    model computes, such as rotary frequencies) on the first tensor's device: transformers gives
+    each parameter the last entry that names it, and accelerate wants every one named."""
+    devices = [str(t.device) for t in state.values()]
+    if len(set(devices)) <= 1:
         return None
-    modules: Dict[str, str] = {}
+    modules: Dict[str, str] = {"": devices[0]}
     for name, t in state.items():
-        module, device = name.rpartition(".")[0], str(t.device)
+        module, device = name.rpartition(".")[0] or name, str(t.device)
         if modules.setdefault(module, device) != device:
             raise AdapterError(f"module {module!r} has tensors on {modules[module]} and {device}: "
                                "the server splits whole modules, so this model was not split by it")

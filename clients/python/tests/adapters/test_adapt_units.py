@@ -108,7 +108,32 @@ def test_a_split_state_gives_each_module_its_device() -> None:
     a module across two devices is refused by name."""
     cpu, meta = torch.zeros(1), torch.empty(1, device="meta")
     state = {"model.layers.0.w": cpu, "model.layers.0.b": cpu, "model.layers.1.w": meta, "lm_head.weight": meta}
-    assert _adapt.device_map_of(state) == {"model.layers.0": "cpu", "model.layers.1": "meta", "lm_head": "meta"}
+    split = _adapt.device_map_of(state)
+    assert split == {"": "cpu", "model.layers.0": "cpu", "model.layers.1": "meta", "lm_head": "meta"}
+    assert next(iter(split)) == "", "the catch-all comes first, so the modules' entries win"
     assert _adapt.device_map_of({"a.w": cpu, "b.w": cpu}) is None
     with pytest.raises(model_loader.AdapterError, match="'a' has tensors on cpu and meta"):
         _adapt.device_map_of({"a.w": cpu, "a.b": meta})
+
+
+def test_transformers_takes_the_module_map_and_keeps_the_tensors() -> None:
+    """The map's form is one from_pretrained takes: with a state split in two (here meta stands
+    for the second GPU, mapped back to the CPU to build), the model equals the reference and
+    its parameters are the given tensors, not copies."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    reference = transformers.LlamaForCausalLM(config).eval()
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    second = ("model.layers.1.", "lm_head.")
+    split = _adapt.device_map_of({k: torch.empty(1, device="meta") if k.startswith(second) else v
+                                  for k, v in state.items()})
+    assert split is not None and split["model.layers.1.mlp.up_proj"] == "meta"
+    model = transformers.LlamaForCausalLM.from_pretrained(
+        None, config=config, state_dict=state, device_map={k: "cpu" for k in split}).eval()
+    tokens = torch.tensor([[1, 2, 3]])
+    assert torch.equal(model(tokens).logits, reference(tokens).logits)
+    weight = "model.layers.1.mlp.up_proj.weight"
+    assert model.get_parameter(weight).data_ptr() == state[weight].data_ptr()
