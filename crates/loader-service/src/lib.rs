@@ -358,8 +358,7 @@ fn map_text(map: &[(String, resource_manager::DeviceId)]) -> String {
 fn placed_as(pipeline: &Pipeline, map: &[(String, resource_manager::DeviceId)]) -> bool {
     map.is_empty()
         || pipeline.tensors().all(|(component, t)| {
-            let name =
-                if component.name.is_empty() { t.name.clone() } else { format!("{}/{}", component.name, t.name) };
+            let name = pipeline_manager::tensor_name(&component.name, &t.name);
             weights::device_map::device_for(map, &name) == Some(pipeline.device_of(t))
         })
 }

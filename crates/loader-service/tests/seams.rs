@@ -30,6 +30,25 @@ use tokio_util::sync::CancellationToken;
 /// Files' bytes by path.
 type Files = BTreeMap<String, Arc<Vec<u8>>>;
 
+/// A loader over `sources` and `placements`, booking on `resources` and keeping its models in
+/// `pipelines`.
+fn loader(
+    sources: Vec<Arc<dyn Source>>,
+    placements: Arc<dyn Placements>,
+    (resources, pipelines): (&ResourceManager, &Arc<PipelineManager>),
+    config: LoaderConfig,
+) -> Arc<LoaderService> {
+    let seams = Seams { sources: Sources::new(sources, "nothing else is asked"), placements };
+    let parts = LoaderParts {
+        config,
+        state: Arc::new(StateManager::new(64)),
+        resources: resources.clone(),
+        pipelines: pipelines.clone(),
+        cancel: CancellationToken::new(),
+    };
+    LoaderService::with_seams(parts, seams)
+}
+
 /// Files held in memory.
 struct MemoryFiles(Files);
 
@@ -174,18 +193,8 @@ fn a_toy_source_and_a_toy_placement_load_a_model_through_every_step() {
     let resources =
         ResourceManager::with_cpu_capacity(1 << 30, MemoryBudget::Bytes(1 << 20), DeviceRequest::Cpu).expect("cpu");
     let pipelines = Arc::new(PipelineManager::new());
-    let seams = Seams {
-        sources: Sources::new(vec![source.clone()], "nothing else is asked"),
-        placements: Arc::new(Toy(placement.clone())),
-    };
-    let parts = LoaderParts {
-        config: LoaderConfig::default(),
-        state: Arc::new(StateManager::new(64)),
-        resources: resources.clone(),
-        pipelines: pipelines.clone(),
-        cancel: CancellationToken::new(),
-    };
-    let loader = LoaderService::with_seams(parts, seams);
+    let placements = Arc::new(Toy(placement.clone()));
+    let loader = loader(vec![source.clone()], placements, (&resources, &pipelines), LoaderConfig::default());
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     let (mut steps, outcome) = runtime.block_on(async {
@@ -276,18 +285,9 @@ fn a_load_stalled_in_its_files_is_cancelled_and_frees_its_slot() {
     });
     let resources =
         ResourceManager::with_cpu_capacity(1 << 30, MemoryBudget::Bytes(1 << 20), DeviceRequest::Cpu).expect("cpu");
-    let seams = Seams {
-        sources: Sources::new(vec![stalled, good], "nothing else is asked"),
-        placements: Arc::new(Toy(Arc::new(CountingPlacement::default()))),
-    };
-    let parts = LoaderParts {
-        config: LoaderConfig { max_concurrent_loads: 1, ..LoaderConfig::default() },
-        state: Arc::new(StateManager::new(64)),
-        resources,
-        pipelines: Arc::new(PipelineManager::new()),
-        cancel: CancellationToken::new(),
-    };
-    let loader = LoaderService::with_seams(parts, seams);
+    let placements = Arc::new(Toy(Arc::new(CountingPlacement::default())));
+    let one_slot = LoaderConfig { max_concurrent_loads: 1, ..LoaderConfig::default() };
+    let loader = loader(vec![stalled, good], placements, (&resources, &Arc::new(PipelineManager::new())), one_slot);
     runtime.block_on(async {
         let wait = std::time::Duration::from_secs(30);
         let mut stream = loader.load(LoadRequest::new(stalled_id.clone())).await.expect("the load starts");
@@ -430,18 +430,8 @@ impl Gpus {
         let capacities = [1 << 20, total * 3 / 4, 1 << 20];
         let resources = ResourceManager::with_test_devices(1 << 30, &capacities, MemoryBudget::Percent(100.0));
         let pipelines = Arc::new(PipelineManager::new());
-        let seams = Seams {
-            sources: Sources::new(vec![source], "nothing else is asked"),
-            placements: Arc::new(FakeGpus(gpus.clone())),
-        };
-        let parts = LoaderParts {
-            config: LoaderConfig::default(),
-            state: Arc::new(StateManager::new(64)),
-            resources: resources.clone(),
-            pipelines: pipelines.clone(),
-            cancel: CancellationToken::new(),
-        };
-        let loader = LoaderService::with_seams(parts, seams);
+        let placements = Arc::new(FakeGpus(gpus.clone()));
+        let loader = loader(vec![source], placements, (&resources, &pipelines), LoaderConfig::default());
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
         Self { id, total, gpus, resources, pipelines, loader, runtime }
     }

@@ -120,6 +120,12 @@ pub fn dtype_name(dtype: DType) -> &'static str {
     }
 }
 
+/// A tensor's name as clients see it: `component/name` in a pipeline, `name` in a plain model
+/// (whose one component's name is empty).
+pub fn tensor_name(component: &str, name: &str) -> String {
+    if component.is_empty() { name.to_owned() } else { format!("{component}/{name}") }
+}
+
 /// One component of a pipeline (`unet`, `vae`, ...), or the whole model for a plain repo.
 #[derive(Debug)]
 pub struct Component {
@@ -310,8 +316,7 @@ impl Pipeline {
         let infos = self
             .tensors()
             .map(|(component, t)| {
-                let name =
-                    if component.name.is_empty() { t.name.clone() } else { format!("{}/{}", component.name, t.name) };
+                let name = tensor_name(&component.name, &t.name);
                 let sha256 = if with_checksums {
                     let bytes = t.data.bytes().map_err(|source| ReadBackError { name: name.clone(), source })?;
                     Some(hex::encode(Sha256::digest(&bytes)))

@@ -439,7 +439,7 @@ fn answer<'a>(
     let mut index: HashMap<i32, u32> = HashMap::new();
     let mut tensors = Vec::new();
     for (component, t) in pipeline.tensors().filter(|(_, t)| replica.is_none_or(|d| pipeline.device_of(t) == d)) {
-        let name = if component.name.is_empty() { t.name.clone() } else { format!("{}/{}", component.name, t.name) };
+        let name = pipeline_manager::tensor_name(&component.name, &t.name);
         let region = t.data.region().ok_or_else(|| {
             Status::failed_precondition(format!(
                 "tensor {name} of {} is not in memory another process can map: it was loaded without the attach \

@@ -191,8 +191,7 @@ fn tensors(plan: &LoadPlan, dtype: Option<TargetDtype>) -> Vec<Tensor> {
     let mut out = Vec::new();
     for (c, component) in plan.components.iter().enumerate() {
         for t in component.files.iter().flat_map(|f| &f.tensors) {
-            let name =
-                if component.name.is_empty() { t.name.clone() } else { format!("{}/{}", component.name, t.name) };
+            let name = pipeline_manager::tensor_name(&component.name, &t.name);
             let bytes = t.resident_bytes(dtype);
             let converted = dtype.is_some_and(|d| header::converts(t.dtype) && t.dtype != d.candle());
             let peak = bytes.saturating_add(if converted { t.len } else { 0 });

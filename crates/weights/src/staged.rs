@@ -47,7 +47,8 @@ pub struct StagedPlacement<E: GroupViews> {
     /// Replicas: every group again on each of these devices, copied device to device from the
     /// device before it in the list (the first from `engine`'s), a chunk as soon as its copy there
     /// completed. A chain rather than a star: every device sends and receives each byte once, so
-    /// no one link carries it several times (PCIe peers share their links; NVSwitch does not mind).
+    /// no one link carries it several times (PCIe peers share links; behind NVSwitch, where every
+    /// pair has its own, a chain should cost no more than a star).
     replicas: Vec<(Arc<E>, String)>,
 }
 
